@@ -1,0 +1,23 @@
+"""lsa-rewrite: Lookahead Sparse Attention for any traced decoder, by FX graph rewriting.
+
+Public API:
+- ``LSAConfig``: what stays resident and how it is chosen.
+- ``convert(model, config, *, indexer=None)``: rewrite a decoder's decode step to attend over a
+  budget-sized resident set of KV chunks (full history in a CPU mirror).
+- ``footprint(model)``: resident KV bytes against a dense cache.
+
+Example::
+
+    >>> import lsa_rewrite
+    >>> model = lsa_rewrite.convert(model, lsa_rewrite.LSAConfig(budget=0.25))
+    >>> out = model.generate(ids, max_new_tokens=64)
+    >>> lsa_rewrite.footprint(model)["ratio"] <= 0.25
+"""
+
+from . import kernels  # noqa: F401  (registers the lsa:: custom ops)
+from .config import LSAConfig
+from .convert import LSARuntime, convert, footprint
+from .runtime.store import KVStore, StoreError
+
+__all__ = ["KVStore", "LSAConfig", "LSARuntime", "StoreError", "convert", "footprint"]
+__version__ = "0.1.0"

@@ -1,0 +1,118 @@
+"""``LSAConfig``: what a conversion keeps resident, and how it chooses.
+
+A frozen dataclass with checks in ``__post_init__`` and a stable JSON form
+(``{"_type": "LSAConfig", "_version": 1, "_data": {...}}``). It holds no model-specific knowledge.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+MODES = ("offload", "evict", "dense")
+SELECTORS = ("query-aware", "recency", "random", "indexer")
+CAPTURE_CACHES = ("static", "dynamic")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class LSAConfig:
+    """How much KV stays resident during decode and how the resident set is chosen.
+
+    Args:
+        budget: resident KV per sequence and layer. A float in (0, 1] is a fraction of the context
+            (pool + chunk index + tables <= budget x the dense cache); an int >= 1 is a number of
+            resident tokens (the pool alone).
+        chunk_size: tokens per chunk, a positive power of two; selection and recall move whole chunks.
+        interval: decode steps between selections (the lookahead window).
+        sink_tokens: first tokens of each sequence that are always resident (attention sinks).
+        recent_tokens: most recent tokens that are always resident, on top of the chunks the next
+            window writes.
+        mode: ``"offload"`` keeps the full history in a CPU mirror (lossless recall); ``"evict"``
+            drops chunks that leave the pool; ``"dense"`` keeps everything resident (for checking).
+        selector: ``"query-aware"`` (training-free: current queries against chunk key bounds),
+            ``"recency"`` or ``"random"`` (baselines), ``"indexer"`` (a trained indexer; needs one).
+        max_context: tokens per sequence the store is sized for. ``None``: taken from ``generate()``
+            (prompt + ``max_new_tokens``), else from the model's ``max_position_embeddings``.
+        capture_cache: the HF cache the decode step is traced with: ``"static"`` or ``"dynamic"``.
+        seed: seed of the ``"random"`` selector.
+
+    Example::
+
+        >>> cfg = LSAConfig(budget=0.135, chunk_size=64)
+        >>> LSAConfig.from_json(cfg.to_json()) == cfg
+        True
+    """
+
+    budget: float | int = 0.135
+    chunk_size: int = 64
+    interval: int = 64
+    sink_tokens: int = 64
+    recent_tokens: int = 128
+    mode: str = "offload"
+    selector: str = "query-aware"
+    max_context: int | None = None
+    capture_cache: str = "static"
+    seed: int = 0
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        budget = self.budget
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+            raise ValueError(f"budget must be a fraction in (0, 1] or a token count >= 1, got {budget!r}")
+        if isinstance(budget, float) and not (0.0 < budget <= 1.0):
+            raise ValueError(
+                f"budget={budget} is out of range: a float budget is a fraction of the context in (0, 1]; "
+                "pass an int for an absolute number of resident tokens"
+            )
+        if _is_int(budget) and budget < 1:
+            raise ValueError(f"budget={budget} is out of range: an int budget counts resident tokens and must be >= 1")
+        size = self.chunk_size
+        if not _is_int(size) or size < 1 or size & (size - 1):
+            raise ValueError(f"chunk_size must be a positive power of two (e.g. 16, 64), got {size!r}")
+        if not _is_int(self.interval) or self.interval < 1:
+            raise ValueError(f"interval must be an int >= 1 (decode steps between selections), got {self.interval!r}")
+        for name in ("sink_tokens", "recent_tokens"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.selector not in SELECTORS:
+            raise ValueError(f"selector must be one of {SELECTORS}, got {self.selector!r}")
+        if self.max_context is not None and (not _is_int(self.max_context) or self.max_context < 1):
+            raise ValueError(f"max_context must be None or an int >= 1, got {self.max_context!r}")
+        if self.capture_cache not in CAPTURE_CACHES:
+            raise ValueError(f"capture_cache must be one of {CAPTURE_CACHES}, got {self.capture_cache!r}")
+        if self.version != 1:
+            raise ValueError(f"LSAConfig version {self.version} is not supported by this lsa-rewrite (knows version 1)")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Stable, versioned dict form (``_type``, ``_version``, ``_data``)."""
+        data = dataclasses.asdict(self)
+        version = data.pop("version")
+        return {"_type": "LSAConfig", "_version": version, "_data": data}
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> "LSAConfig":
+        """Inverse of :meth:`to_dict`; unknown fields are an error, not silently dropped."""
+        if not isinstance(obj, dict) or obj.get("_type") != "LSAConfig" or "_data" not in obj:
+            raise ValueError(f"not an LSAConfig dict (expected keys _type='LSAConfig', _version, _data): {obj!r}")
+        data = dict(obj["_data"])
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown LSAConfig fields {unknown}; known fields are {sorted(known - {'version'})}")
+        return cls(**data, version=obj.get("_version", 1))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "LSAConfig":
+        return cls.from_dict(json.loads(text))

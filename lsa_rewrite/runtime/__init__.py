@@ -1,0 +1,5 @@
+"""Runtime of a converted model: the KV store and the memory manager that fills it between steps."""
+
+from .store import ChunkLayer, KVStore, LayerSpec, RingLayer, StoreError
+
+__all__ = ["ChunkLayer", "KVStore", "LayerSpec", "RingLayer", "StoreError"]

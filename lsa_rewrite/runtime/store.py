@@ -1,0 +1,420 @@
+"""The LSA KV store and its memory manager.
+
+Per rewritten layer (``ChunkLayer``):
+- resident pool ``k_pool``/``v_pool`` ``[B * S, C, Hkv, D]``: S slots per sequence, sized from the
+  budget, never from the full context;
+- chunk table ``chunk_slot`` ``[B, N]`` (logical chunk -> slot, -1 when not resident) and its
+  inverse ``slot_chunk`` ``[B, S]``, which the decode attention reads;
+- chunk index ``kmin``/``kmax`` ``[B, N, Hkv, D]``: per-chunk key bounds, what selectors score;
+- ``q_tap`` ``[B, Hq, D]``: the latest query, written by the decode step;
+- CPU mirror ``[B, N, C, Hkv, D]`` (pinned when CUDA is present) holding the full history in offload
+  mode. In evict mode it only stages the prompt until the first selection; afterwards a chunk that
+  leaves the pool is gone and counted in ``dropped_chunks``.
+Sliding-window layers (``RingLayer``) keep an exact ring of their last ``W`` tokens.
+
+The manager side (``begin``/``ingest``/``before_step``/``after_step``) runs outside the decode step:
+every ``interval`` steps it writes the chunks decoded since the last selection back to the mirror,
+scores every chunk, keeps sink + recent tail + the chunks the next window writes + the top-scoring
+rest, recalls newly chosen chunks into free slots and updates the tables in place. Each sequence of a
+batch has its own resident set. Nothing here allocates per decode step except at selection time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..config import LSAConfig
+from ..selectors import SELECTORS
+
+_INDEX = torch.long
+
+
+class StoreError(RuntimeError):
+    """A store cannot hold what was asked of it (capacity, budget, unsupported call order)."""
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What the store needs to know about one rewritten attention layer."""
+
+    layer: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    window: int | None = None  # sliding-window layers keep an exact ring of this many tokens
+
+
+def _nbytes(t: Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+def _host_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    pin = device.type == "cuda" and torch.cuda.is_available()
+    return torch.zeros(shape, dtype=dtype, device="cpu", pin_memory=pin)
+
+
+class ChunkLayer:
+    """Resident pool, tables, chunk index and mirror of one sparsely attended layer."""
+
+    graph_tensors = ("k_pool", "v_pool", "slot_chunk", "chunk_slot", "kmin", "kmax", "q_tap")
+
+    def __init__(self, spec: LayerSpec, *, batch: int, slots: int, num_chunks: int, chunk: int, mirrored: bool, device: torch.device):
+        h, d, dt = spec.kv_heads, spec.head_dim, spec.dtype
+        self.spec, self.batch, self.slots, self.num_chunks, self.chunk = spec, batch, slots, num_chunks, chunk
+        self.k_pool = torch.zeros(batch * slots, chunk, h, d, dtype=dt, device=device)  # [B*S, C, Hkv, D]
+        self.v_pool = torch.zeros_like(self.k_pool)
+        self.slot_chunk = torch.full((batch, slots), -1, dtype=_INDEX, device=device)  # [B, S]
+        self.chunk_slot = torch.full((batch, num_chunks), -1, dtype=_INDEX, device=device)  # [B, N]
+        self.kmin = torch.zeros(batch, num_chunks, h, d, dtype=dt, device=device)  # [B, N, Hkv, D]
+        self.kmax = torch.zeros_like(self.kmin)
+        self.q_tap = torch.zeros(batch, spec.q_heads, d, dtype=dt, device=device)  # [B, Hq, D]
+        self.mirror_k = _host_buffer((batch, num_chunks, chunk, h, d), dt, device) if mirrored else None
+        self.mirror_v = _host_buffer((batch, num_chunks, chunk, h, d), dt, device) if mirrored else None
+        # Host-side copy of the tables: the manager decides on the host and never reads the device back.
+        self.host_slot_chunk = [[-1] * slots for _ in range(batch)]
+        self.available = torch.zeros(batch, num_chunks, dtype=torch.bool)  # chunk held in pool or mirror
+        self.dropped_chunks = 0
+
+    # -- accounting ---------------------------------------------------------------------------
+    def device_tensors(self) -> dict[str, Tensor]:
+        return {name: getattr(self, name) for name in self.graph_tensors}
+
+    @property
+    def index_bytes(self) -> int:
+        return _nbytes(self.kmin) + _nbytes(self.kmax)
+
+    @property
+    def mirror_bytes(self) -> int:
+        return _nbytes(self.mirror_k) + _nbytes(self.mirror_v)
+
+    # -- placement ----------------------------------------------------------------------------
+    def _pool_rows(self, b: int, slot: int) -> int:
+        return b * self.slots + slot
+
+    def place(self, b: int, keep: list[int], *, evict_drops: bool) -> None:
+        """Make ``keep`` (logical chunks, at most S) the resident set of sequence ``b``."""
+        current = self.host_slot_chunk[b]
+        keep_set = set(keep)
+        resident = {c: s for s, c in enumerate(current) if c >= 0}
+        free = [s for s, c in enumerate(current) if c < 0 or c not in keep_set]
+        for s in free:
+            c = current[s]
+            if c >= 0:
+                if evict_drops:
+                    self.available[b, c] = False
+                    self.dropped_chunks += 1
+                current[s] = -1
+        incoming = [c for c in keep if c not in resident]
+        for c, s in zip(incoming, free):
+            current[s] = c
+            if self.mirror_k is not None and self.available[b, c]:
+                row = self._pool_rows(b, s)
+                self.k_pool[row].copy_(self.mirror_k[b, c], non_blocking=True)
+                self.v_pool[row].copy_(self.mirror_v[b, c], non_blocking=True)
+            self.available[b, c] = True
+        row = torch.tensor(current, dtype=_INDEX)
+        table = torch.full((self.num_chunks,), -1, dtype=_INDEX)
+        filled = row >= 0
+        table[row[filled]] = torch.arange(self.slots, dtype=_INDEX)[filled]
+        self.slot_chunk[b].copy_(row, non_blocking=True)
+        self.chunk_slot[b].copy_(table, non_blocking=True)
+
+    def write_back(self, b: int, chunks: range) -> None:
+        """Copy resident chunks decoded since the last selection from the pool to the mirror."""
+        if self.mirror_k is None:
+            return
+        current = self.host_slot_chunk[b]
+        for s, c in enumerate(current):
+            if c in chunks:
+                row = self._pool_rows(b, s)
+                self.mirror_k[b, c].copy_(self.k_pool[row])
+                self.mirror_v[b, c].copy_(self.v_pool[row])
+
+
+    def drop_staging(self) -> None:
+        """Evict mode, first selection: staged prompt chunks left out of the pool are gone."""
+        for b in range(self.batch):
+            resident = torch.zeros(self.num_chunks, dtype=torch.bool)
+            held = [c for c in self.host_slot_chunk[b] if c >= 0]
+            resident[held] = True
+            lost = self.available[b] & ~resident
+            self.dropped_chunks += int(lost.sum())
+            self.available[b] &= resident
+        self.mirror_k = self.mirror_v = None
+
+
+class RingLayer:
+    """Exact sliding-window KV: a ring of the last ``window`` tokens per sequence."""
+
+    graph_tensors = ("k_ring", "v_ring")
+
+    def __init__(self, spec: LayerSpec, *, batch: int, device: torch.device):
+        assert spec.window is not None
+        self.spec = spec
+        self.k_ring = torch.zeros(batch, spec.window, spec.kv_heads, spec.head_dim, dtype=spec.dtype, device=device)  # [B, W, Hkv, D]
+        self.v_ring = torch.zeros_like(self.k_ring)
+
+    def device_tensors(self) -> dict[str, Tensor]:
+        return {name: getattr(self, name) for name in self.graph_tensors}
+
+
+class KVStore:
+    """All rewritten layers' KV for one batch of sequences, plus the manager that fills it.
+
+    Life cycle: ``KVStore(...)`` sizes and allocates; ``ingest(layer, k, v)`` takes each layer's
+    prompt KV during the dense prefill; ``finish_prefill()`` places the first resident set; then for
+    every decode token ``before_step()`` (selection when due, position update), the compiled step,
+    and ``after_step()``.
+    """
+
+    def __init__(
+        self,
+        specs: list[LayerSpec],
+        config: LSAConfig,
+        *,
+        batch: int,
+        capacity: int,
+        valid_start: list[int] | None = None,
+        device: torch.device | str = "cpu",
+    ):
+        device = torch.device(device)
+        if capacity < 1:
+            raise StoreError(f"store capacity must be >= 1 token, got {capacity}")
+        self.config, self.batch, self.capacity, self.device = config, batch, capacity, device
+        self.chunk = config.chunk_size
+        self.num_chunks = math.ceil(capacity / self.chunk)
+        self.valid_start_host = list(valid_start) if valid_start is not None else [0] * batch
+        if len(self.valid_start_host) != batch:
+            raise StoreError(f"valid_start has {len(self.valid_start_host)} entries for a batch of {batch}")
+        self.pos = torch.zeros(1, dtype=_INDEX, device=device)  # [1] physical position being decoded
+        self.valid_start = torch.tensor(self.valid_start_host, dtype=_INDEX, device=device)  # [B]
+        chunk_specs = [s for s in specs if s.window is None]
+        self.slots = self._plan_slots(chunk_specs)
+        self.all_resident = self.slots >= self.num_chunks
+        mirrored = not self.all_resident
+        self.layers: dict[int, ChunkLayer | RingLayer] = {}
+        for spec in specs:
+            if spec.window is None:
+                self.layers[spec.layer] = ChunkLayer(
+                    spec, batch=batch, slots=self.slots, num_chunks=self.num_chunks, chunk=self.chunk, mirrored=mirrored, device=device
+                )
+            else:
+                self.layers[spec.layer] = RingLayer(spec, batch=batch, device=device)
+        self.length = 0  # tokens held per sequence (physical, left padding included)
+        self.steps = 0  # decode steps since the prefill
+        self.synced = 0  # positions below this are in the mirror
+        self.selections = 0
+        self.generator = torch.Generator().manual_seed(config.seed)
+
+    # -- sizing -------------------------------------------------------------------------------
+    def _min_slots(self) -> int:
+        c, cfg = self.chunk, self.config
+        sink = math.ceil(cfg.sink_tokens / c) + 1 if cfg.sink_tokens else 0
+        return sink + math.ceil((cfg.recent_tokens + cfg.interval) / c) + 1
+
+    def _plan_slots(self, chunk_specs: list[LayerSpec]) -> int:
+        cfg, n, c = self.config, self.num_chunks, self.chunk
+        if cfg.mode == "dense" or not chunk_specs:
+            return n
+        if isinstance(cfg.budget, int):
+            slots = math.ceil(cfg.budget / c)
+        else:
+            # Byte budget per sequence: pool + index + tables + query tap <= budget x dense, summed over layers.
+            allowed = pool_chunk = fixed = 0.0
+            for s in chunk_specs:
+                es = torch.empty((), dtype=s.dtype).element_size()
+                kv_token = 2 * s.kv_heads * s.head_dim * es
+                allowed += cfg.budget * self.capacity * kv_token
+                fixed += n * kv_token + n * 8 + s.q_heads * s.head_dim * es
+                pool_chunk += c * kv_token + 8
+            slots = math.floor((allowed - fixed) / pool_chunk)
+        if slots >= n:
+            return n
+        need = self._min_slots()
+        if slots < need:
+            raise StoreError(
+                f"budget {cfg.budget!r} leaves {max(slots, 0)} resident chunks of {c} tokens per sequence for a "
+                f"{self.capacity}-token context, but sink_tokens={cfg.sink_tokens}, recent_tokens={cfg.recent_tokens} "
+                f"and interval={cfg.interval} need {need}; raise the budget, or lower sink_tokens/recent_tokens/interval"
+            )
+        return slots
+
+    # -- prefill ------------------------------------------------------------------------------
+    def ingest(self, layer: int, k: Tensor, v: Tensor) -> None:
+        """Take one layer's prompt KV ``[B, Hkv, T, D]`` (positions 0..T-1) during prefill."""
+        if self.steps or self.length:
+            raise StoreError("the store takes one prefill per sequence batch; start a new generation for a new prompt")
+        store = self.layers.get(layer)
+        if store is None:
+            return
+        batch, heads, length, dim = k.shape
+        if length > self.capacity:
+            raise StoreError(f"prompt of {length} tokens exceeds the store capacity of {self.capacity}; raise LSAConfig.max_context")
+        k = k.detach().transpose(1, 2)  # [B, T, Hkv, D]
+        v = v.detach().transpose(1, 2)
+        if isinstance(store, RingLayer):
+            w = store.spec.window
+            lo = max(0, length - w)
+            slots = torch.arange(lo, length, device=k.device) % w
+            store.k_ring[:, slots] = k[:, lo:].to(store.k_ring.dtype)
+            store.v_ring[:, slots] = v[:, lo:].to(store.v_ring.dtype)
+            return
+        c = self.chunk
+        chunks = math.ceil(length / c)
+        padded = chunks * c
+        kp = torch.nn.functional.pad(k, (0, 0, 0, 0, 0, padded - length)).view(batch, chunks, c, heads, dim)
+        vp = torch.nn.functional.pad(v, (0, 0, 0, 0, 0, padded - length)).view(batch, chunks, c, heads, dim)
+        # Key bounds over the real tokens only (left padding and the unfilled tail are excluded).
+        position = torch.arange(padded, device=k.device).view(1, chunks, c, 1, 1)
+        start = torch.tensor(self.valid_start_host, device=k.device).view(batch, 1, 1, 1, 1)
+        real = (position >= start) & (position < length)
+        kf = kp.float()
+        lo = torch.where(real, kf, torch.inf).amin(2)
+        hi = torch.where(real, kf, -torch.inf).amax(2)
+        empty = ~real.any(2)
+        store.kmin[:, :chunks] = lo.masked_fill(empty, 0).to(store.kmin.dtype)
+        store.kmax[:, :chunks] = hi.masked_fill(empty, 0).to(store.kmax.dtype)
+        if self.all_resident:
+            # Identity placement: chunk i lives in slot i of its sequence.
+            pool_k = store.k_pool.view(batch, self.slots, c, heads, dim)
+            pool_v = store.v_pool.view(batch, self.slots, c, heads, dim)
+            pool_k[:, :chunks] = kp.to(pool_k.dtype)
+            pool_v[:, :chunks] = vp.to(pool_v.dtype)
+        else:
+            store.mirror_k[:, :chunks] = kp.to(device="cpu", dtype=store.mirror_k.dtype)
+            store.mirror_v[:, :chunks] = vp.to(device="cpu", dtype=store.mirror_v.dtype)
+        store.available[:, :chunks] = True
+
+    def finish_prefill(self, length: int) -> None:
+        """Record the prompt length and place the first resident set (sink + newest chunks)."""
+        if length >= self.capacity:
+            raise StoreError(f"prompt of {length} tokens leaves no room to decode in a store of {self.capacity}; raise LSAConfig.max_context")
+        self.length = self.synced = length
+        for store in self._chunk_layers():
+            if self.all_resident:
+                for b in range(self.batch):
+                    store.host_slot_chunk[b] = list(range(self.slots))
+                ids = torch.arange(self.slots, dtype=_INDEX, device=self.device)
+                store.slot_chunk.copy_(ids.expand(self.batch, -1))
+                store.chunk_slot.copy_(ids.expand(self.batch, -1))
+                store.available[:] = True
+                continue
+            for b in range(self.batch):
+                must = self._must_keep(b, length)
+                rest = [c for c in range(math.ceil(length / self.chunk) - 1, -1, -1) if c not in must]
+                store.place(b, self._fill(must, rest), evict_drops=False)
+
+    # -- decode -------------------------------------------------------------------------------
+    def before_step(self) -> None:
+        """Run between decode steps: selection when due, then set the position being decoded."""
+        if self.length >= self.capacity:
+            raise StoreError(
+                f"sequence reached the store capacity of {self.capacity} tokens; raise LSAConfig.max_context "
+                "or pass max_new_tokens to generate() so the store is sized for it"
+            )
+        if not self.all_resident and self.steps >= 1 and (self.steps - 1) % self.config.interval == 0:
+            self.select()
+        self.pos.fill_(self.length)
+
+    def after_step(self) -> None:
+        self.length += 1
+        self.steps += 1
+
+    def select(self) -> None:
+        """Choose and load the resident set for the next ``interval`` tokens, for every layer and sequence."""
+        pos, c = self.length, self.chunk
+        written = range(self.synced // c, math.ceil(pos / c))
+        score_fn = SELECTORS[self.config.selector]
+        evict = self.config.mode == "evict"
+        for store in self._chunk_layers():
+            for b in range(self.batch):
+                store.write_back(b, written)
+            scores = score_fn(store.q_tap, store.kmin, store.kmax, generator=self.generator).cpu()  # [B, N]
+            for b in range(self.batch):
+                must = self._must_keep(b, pos)
+                candidates = scores[b].clone()
+                candidates[math.ceil(pos / c):] = -torch.inf  # not yet written
+                candidates[~store.available[b]] = -torch.inf  # dropped in evict mode
+                order = [int(i) for i in torch.argsort(candidates, descending=True, stable=True) if candidates[i] > -torch.inf]
+                store.place(b, self._fill(must, order), evict_drops=evict)
+            if evict and store.mirror_k is not None:
+                store.drop_staging()
+        self.synced = pos
+        self.selections += 1
+
+    def _must_keep(self, b: int, pos: int) -> list[int]:
+        """Sink chunks, recent tail, and every chunk written during the next window."""
+        cfg, c = self.config, self.chunk
+        start = self.valid_start_host[b]
+        keep: list[int] = []
+        if cfg.sink_tokens:
+            keep += range(start // c, (min(start + cfg.sink_tokens, pos) - 1) // c + 1)
+        last = min(pos + cfg.interval - 1, self.capacity - 1) // c
+        keep += range(max(0, pos - cfg.recent_tokens) // c, last + 1)
+        return list(dict.fromkeys(keep))
+
+    def _fill(self, must: list[int], ranked: list[int]) -> list[int]:
+        keep = list(must)
+        chosen = set(keep)
+        for ch in ranked:
+            if len(keep) >= self.slots:
+                break
+            if ch not in chosen:
+                keep.append(ch)
+                chosen.add(ch)
+        return keep[: self.slots]
+
+    def _chunk_layers(self) -> list[ChunkLayer]:
+        return [s for s in self.layers.values() if isinstance(s, ChunkLayer)]
+
+    # -- graph binding ------------------------------------------------------------------------
+    def tensor(self, layer: int | None, name: str) -> Tensor:
+        """The device tensor a rewritten graph binds to placeholder ``(layer, name)``."""
+        if layer is None:
+            return getattr(self, name)
+        return getattr(self.layers[layer], name)
+
+    def device_tensors(self) -> list[Tensor]:
+        out = [self.pos, self.valid_start]
+        for store in self.layers.values():
+            out.extend(store.device_tensors().values())
+        return out
+
+    # -- accounting ---------------------------------------------------------------------------
+    def footprint(self) -> dict[str, float | int]:
+        """Accelerator-side bytes held against what a dense cache holds for the same sequences."""
+        resident = sum(_nbytes(t) for t in self.device_tensors())
+        dense = pools = index = mirror = 0
+        tokens = max(self.length, 1)
+        dropped = 0
+        for store in self.layers.values():
+            s = store.spec
+            es = torch.empty((), dtype=s.dtype).element_size()
+            held = tokens if s.window is None else min(tokens, s.window)
+            dense += self.batch * held * 2 * s.kv_heads * s.head_dim * es
+            if isinstance(store, ChunkLayer):
+                pools += _nbytes(store.k_pool) + _nbytes(store.v_pool)
+                index += store.index_bytes
+                mirror += store.mirror_bytes
+                dropped += store.dropped_chunks
+            else:
+                pools += _nbytes(store.k_ring) + _nbytes(store.v_ring)
+        return {
+            "resident_kv_bytes": resident,
+            "dense_kv_bytes": dense,
+            "ratio": resident / dense if dense else 0.0,
+            "pool_bytes": pools,
+            "index_bytes": index,
+            "table_bytes": resident - pools - index,
+            "mirror_bytes": mirror,
+            "dropped_chunks": dropped,
+            "tokens": self.length,
+            "capacity_tokens": self.capacity,
+            "slots_per_sequence": self.slots,
+            "selections": self.selections,
+        }

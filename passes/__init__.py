@@ -1,0 +1,28 @@
+"""FX passes of lsa-rewrite: capture a decode step, locate attention + KV-cache writes, rewrite, verify.
+
+Installed as ``lsa_rewrite.passes``. One pass per file; ``pipeline.py`` holds the explicit order.
+"""
+
+from .capture import Binding, CapturedStep, CaptureError, capture_step
+from .locate import AttentionSite, LocateAttentionPass, LocateError
+from .pipeline import DecodeProgram, build_decode_program, clone_program, locate
+from .rewrite import RewriteAttentionPass
+from .verify import VerifyError, VerifyRewritePass, count_targets
+
+__all__ = [
+    "AttentionSite",
+    "Binding",
+    "CaptureError",
+    "CapturedStep",
+    "DecodeProgram",
+    "LocateAttentionPass",
+    "LocateError",
+    "RewriteAttentionPass",
+    "VerifyError",
+    "VerifyRewritePass",
+    "build_decode_program",
+    "capture_step",
+    "clone_program",
+    "count_targets",
+    "locate",
+]

@@ -1,0 +1,92 @@
+"""The ordered pass pipeline: captured step -> verified, bound decode program.
+
+``LocateAttentionPass`` -> ``RewriteAttentionPass`` -> ``VerifyRewritePass`` -> bind. Binding turns
+parameter placeholders into ``get_attr`` of ``model.<name>`` (no copies: the program shares the
+model's parameters) and leaves as inputs only the step inputs and the store tensors.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from .capture import CapturedStep
+from .locate import AttentionSite, LocateAttentionPass
+from .rewrite import RewriteAttentionPass
+from .verify import VerifyRewritePass
+
+
+@dataclass
+class DecodeProgram:
+    """A rewritten decode step: ``module(*step_inputs, *store tensors) -> logits``."""
+
+    module: fx.GraphModule
+    input_names: list[str]
+    store_keys: list[tuple[int | None, str]]
+    sites: list[AttentionSite]
+    batch: int
+
+    def __call__(self, inputs: dict[str, torch.Tensor], store) -> torch.Tensor:
+        args = [inputs[name] for name in self.input_names]
+        args += [store.tensor(layer, name) for layer, name in self.store_keys]
+        return self.module(*args)
+
+
+def locate(step: CapturedStep, *, layer_windows: dict[int, int] | None = None) -> list[AttentionSite]:
+    """Run ``LocateAttentionPass`` only (what ``inspect`` reports); the graph is not changed."""
+    return LocateAttentionPass(layer_windows)(step)
+
+
+def build_decode_program(
+    step: CapturedStep, model: torch.nn.Module, *, chunk_size: int, layer_windows: dict[int, int] | None = None
+) -> DecodeProgram:
+    """Locate, rewrite, verify and bind ``step`` (its graph is modified in place)."""
+    sites = LocateAttentionPass(layer_windows)(step)
+    store_keys = RewriteAttentionPass(chunk_size)(step, sites)
+    VerifyRewritePass()(step, sites)
+    module, input_names = _bind(step, model)
+    batch = sites[0].batch
+    return DecodeProgram(module, input_names, store_keys, sites, batch)
+
+
+def _bind(step: CapturedStep, model: torch.nn.Module) -> tuple[fx.GraphModule, list[str]]:
+    gm = step.graph_module
+    graph = gm.graph
+    # The rewritten graph reads parameters through ``model.<name>``; attach the model to the traced
+    # module so get_attr nodes resolve, build the final module, then detach it again.
+    gm.add_submodule("model", model)
+    input_names: list[str] = []
+    try:
+        for node in list(graph.nodes):
+            if node.op != "placeholder" or node.name.startswith("lsa_"):
+                continue
+            binding = step.bindings.get(node.name)
+            if binding is None:
+                raise RuntimeError(f"unbound graph input {node.name}")
+            if binding.kind == "input":
+                input_names.append(binding.name)
+                continue
+            if binding.kind == "param":
+                target = f"model.{binding.name}"
+            else:  # constants seen at capture are kept by value
+                target = f"lsa_const_{node.name}"
+                gm.register_buffer(target, step.examples[node.name], persistent=False)
+            with graph.inserting_before(node):
+                attr = graph.get_attr(target)
+            attr.meta = dict(node.meta)
+            node.replace_all_uses_with(attr)
+            graph.erase_node(node)
+        graph.lint()
+        module = fx.GraphModule(gm, graph, class_name="LSADecodeStep")
+    finally:
+        del gm._modules["model"]
+    return module, input_names
+
+
+def clone_program(program: DecodeProgram) -> DecodeProgram:
+    """A deep copy of the graph (parameters shared), for handing to a compiler."""
+    module = fx.GraphModule(program.module, copy.deepcopy(program.module.graph), class_name="LSADecodeStep")
+    return DecodeProgram(module, list(program.input_names), list(program.store_keys), program.sites, program.batch)

@@ -1,0 +1,143 @@
+"""``RewriteAttentionPass``: splice the LSA store ops into a located decode graph.
+
+For every ``AttentionSite``:
+
+Before::
+
+    index_copy_(k_cache, 2, idx, k_new)            # or setitem / index_put_ / cat((past, k_new))
+    out = attention(q, k_cache..., v_cache...)      # SDPA or the eager matmul-softmax-matmul chain
+
+After (``action="rewrite"``)::
+
+    lsa.append_kv(k_pool, v_pool, k_new.select(seq, 0), v_new.select(seq, 0), pos, chunk_slot)
+    lsa.update_chunk_index(kmin, kmax, k_new.select(seq, 0), pos, C)
+    lsa.tap(q_tap, q.select(2, 0))
+    out = lsa.sparse_decode_attention(q.select(2, 0), k_pool, v_pool, slot_chunk, pos, valid_start, scale, softcap).unsqueeze(2)
+
+After (``action="ring"``, sliding-window layers)::
+
+    lsa.ring_append_kv(k_ring, v_ring, k_new.select(seq, 0), v_new.select(seq, 0), pos)
+    out = lsa.ring_decode_attention(q.select(2, 0), k_ring, v_ring, pos, valid_start, scale, softcap).unsqueeze(2)
+
+The store's tensors become new placeholders after the step's own inputs, named
+``lsa_<layer>_<tensor>`` (plus ``lsa_pos`` and ``lsa_valid_start``); ``store_keys`` lists their
+``(layer, tensor)`` in order. The original cache writes, the cache placeholders, everything only
+they fed (mask construction, repeat_kv) and the cache outputs are removed; the graph returns the
+logits alone. Parameters become ``get_attr`` of ``model.<name>``.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+
+import torch
+import torch.fx as fx
+
+from lsa_rewrite.kernels import append_kv, ring_append_kv, ring_decode_attention, sparse_decode_attention, tap, update_chunk_index  # noqa: F401
+
+from .capture import CapturedStep
+from .locate import AttentionSite, GraphPass
+
+log = logging.getLogger("lsa_rewrite.passes")
+
+OPS = torch.ops.lsa
+
+
+class RewriteAttentionPass(GraphPass):
+    """Replace cache writes and dense attention with LSA store ops (see module docstring)."""
+
+    def __init__(self, chunk_size: int):
+        self.chunk_size = chunk_size
+
+    def __call__(self, step: CapturedStep, sites: list[AttentionSite]) -> list[tuple[int | None, str]]:
+        graph = step.graph_module.graph
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        store_keys: list[tuple[int | None, str]] = []
+        anchor = placeholders[-1]
+
+        def new_input(layer: int | None, name: str) -> fx.Node:
+            nonlocal anchor
+            with graph.inserting_after(anchor):
+                node = graph.placeholder(f"lsa_{name}" if layer is None else f"lsa_{layer}_{name}")
+            anchor = node
+            store_keys.append((layer, name))
+            return node
+
+        pos = new_input(None, "pos")
+        valid_start = new_input(None, "valid_start")
+        for site in sites:
+            if site.action == "ring":
+                tensors = {n: new_input(site.layer, n) for n in ("k_ring", "v_ring")}
+            else:
+                tensors = {n: new_input(site.layer, n) for n in ("k_pool", "v_pool", "slot_chunk", "chunk_slot", "kmin", "kmax", "q_tap")}
+            with graph.inserting_before(site.attn):
+                k_tok = graph.call_method("select", (site.k_new, site.seq_dim, 0))  # [B, Hkv, D]
+                v_tok = graph.call_method("select", (site.v_new, site.seq_dim, 0))
+                q_tok = graph.call_method("select", (site.q, 2, 0))  # [B, Hq, D]
+                if site.action == "ring":
+                    graph.call_function(OPS.ring_append_kv.default, (tensors["k_ring"], tensors["v_ring"], k_tok, v_tok, pos))
+                    out = graph.call_function(
+                        OPS.ring_decode_attention.default,
+                        (q_tok, tensors["k_ring"], tensors["v_ring"], pos, valid_start, site.scale, site.softcap),
+                    )
+                else:
+                    graph.call_function(OPS.append_kv.default, (tensors["k_pool"], tensors["v_pool"], k_tok, v_tok, pos, tensors["chunk_slot"]))
+                    graph.call_function(OPS.update_chunk_index.default, (tensors["kmin"], tensors["kmax"], k_tok, pos, self.chunk_size))
+                    graph.call_function(OPS.tap.default, (tensors["q_tap"], q_tok))
+                    out = graph.call_function(
+                        OPS.sparse_decode_attention.default,
+                        (q_tok, tensors["k_pool"], tensors["v_pool"], tensors["slot_chunk"], pos, valid_start, site.scale, site.softcap),
+                    )
+                out4 = graph.call_method("unsqueeze", (out, 2))  # [B, Hq, 1, D]
+            site.attn.replace_all_uses_with(out4)
+            out4.meta["lsa_site"] = site.layer
+
+        # The graph now returns only the logits; cache outputs (dynamic caches) go with it.
+        output = next(n for n in graph.nodes if n.op == "output")
+        results = output.args[0]
+        results = results if isinstance(results, (tuple, list)) else (results,)
+        output.args = (results[step.logits_index],)
+
+        removable = [n for site in sites for n in site.removable]
+        for node in reversed(removable):
+            if node in graph.nodes and not node.users:
+                graph.erase_node(node)
+        _erase_dead(graph, keep=set(n for n in graph.nodes if n.op == "placeholder" and n.name.startswith("lsa_")))
+        log.info("RewriteAttentionPass: rewrote %d sites (%d sparse, %d ring)", len(sites), sum(s.action == "rewrite" for s in sites), sum(s.action == "ring" for s in sites))
+        return store_keys
+
+
+def _is_inplace(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("__")
+    if node.op == "call_function":
+        if node.target is operator.setitem:
+            return True
+        schema = getattr(node.target, "_schema", None)
+        return bool(schema is not None and schema.is_mutable)
+    return False
+
+
+def _erase_dead(graph: fx.Graph, keep: set[fx.Node]) -> None:
+    """Remove nodes whose results nobody reads, and in-place updates of tensors nobody reads.
+
+    ``lsa`` ops are kept. An in-place update with no users is removed only when its target has no
+    reader left other than in-place updates: such a target is cache bookkeeping (e.g. a length
+    counter of the capture cache), not part of the computation. Unused placeholders not in ``keep``
+    are removed.
+    """
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(list(graph.nodes)):
+            if node.op == "output" or node in keep or node.users:
+                continue
+            if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "lsa":
+                continue
+            if _is_inplace(node):
+                target = node.args[0]
+                if isinstance(target, fx.Node) and any(u is not node and not _is_inplace(u) for u in target.users):
+                    continue
+            graph.erase_node(node)
+            changed = True
