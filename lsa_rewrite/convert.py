@@ -27,7 +27,7 @@ import torch
 
 from .config import LSAConfig
 from .hf_cache import LSACache
-from .passes import AttentionSite, Binding, CapturedStep, DecodeProgram, build_decode_program, capture_step, locate
+from .passes import AttentionSite, Binding, CapturedStep, CaptureError, DecodeProgram, LocateError, build_decode_program, capture_step, locate
 from .runtime.store import KVStore, LayerSpec, StoreError
 
 log = logging.getLogger("lsa_rewrite")
@@ -72,6 +72,7 @@ class HFAdapter:
 
     def __init__(self, model: torch.nn.Module, config: LSAConfig):
         self.model, self.config = model, config
+        self.forward = model.forward  # the model's own forward, also after convert() wraps it
         params = inspect.signature(model.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
         if self.cache_kw not in params or "position_ids" not in params:
@@ -93,8 +94,9 @@ class HFAdapter:
             cache = DynamicCache(config=model.config)
         warm = torch.zeros(batch, _CAPTURE_PREFILL, dtype=torch.long, device=device)
         warm_pos = torch.arange(_CAPTURE_PREFILL, device=device).expand(batch, -1)
+        forward = self.forward
         with torch.no_grad():
-            model(input_ids=warm, position_ids=warm_pos, use_cache=True, **{self.cache_kw: cache})
+            forward(input_ids=warm, position_ids=warm_pos, use_cache=True, **{self.cache_kw: cache})
         cache_tensors: dict[int, Binding] = {}
         for i, layer in enumerate(cache.layers):
             for attr, value in vars(layer).items():
@@ -106,7 +108,7 @@ class HFAdapter:
         kw = self.cache_kw
 
         def step(input_ids, position_ids):
-            return model(input_ids=input_ids, position_ids=position_ids, use_cache=True, **{kw: cache}).logits
+            return forward(input_ids=input_ids, position_ids=position_ids, use_cache=True, **{kw: cache}).logits
 
         return capture_step(step, (ids, pos), input_names=self.input_names, model=model, cache_tensors=cache_tensors)
 
@@ -122,6 +124,7 @@ class BufferAdapter:
 
     def __init__(self, model: torch.nn.Module, config: LSAConfig):
         self.model, self.config = model, config
+        self.forward = model.forward
         params = [p for p in inspect.signature(model.forward).parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         if len(params) < 2:
             raise ValueError(
@@ -138,7 +141,24 @@ class BufferAdapter:
         device, _ = _model_device_dtype(model)
         ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         pos = torch.tensor([_CAPTURE_PREFILL], dtype=torch.long, device=device)
-        return capture_step(lambda a, b: model(a, b), (ids, pos), input_names=self.input_names, model=model)
+        forward = self.forward
+        return capture_step(lambda a, b: forward(a, b), (ids, pos), input_names=self.input_names, model=model)
+
+    def capture_and_locate(self) -> tuple[CapturedStep, list[AttentionSite]]:
+        """Trace with the batch the cache buffers were set up for (found by trying batch 1, then theirs)."""
+        batches = [1] + sorted({b.shape[0] for b in self.model.buffers() if b.dim() == 4 and b.is_floating_point()} - {1})
+        error: Exception | None = None
+        for batch in batches:
+            try:
+                step = self.capture(batch)
+                sites = locate(step)
+            except (CaptureError, LocateError) as exc:
+                error = error or exc
+                continue
+            if all(step.examples[s.k_source.name].shape[0] == batch for s in sites):
+                return step, sites
+        assert error is not None
+        raise error
 
     def default_capacity(self) -> int:
         lengths = {shape[seq] for shape, seq in self._layouts()}
@@ -340,17 +360,11 @@ def convert(model: torch.nn.Module, config: LSAConfig | None = None, *, indexer:
     adapter = HFAdapter(model, config) if _is_hf(model) else BufferAdapter(model, config)
     snapshot = {name: b.clone() for name, b in model.named_buffers()} if adapter.kind == "buffer" else {}
     try:
-        step = adapter.capture(1)
         if adapter.kind == "buffer":
-            sites = locate(step)
-            batch = sites[0].batch
-            for site in sites:
-                if site.batch != step.examples[site.k_source.name].shape[0]:
-                    batch = step.examples[site.k_source.name].shape[0]
-            if batch != 1:  # the cache buffers fix the batch: trace again with it
-                step = adapter.capture(batch)
-            sites = locate(step)
+            step, sites = adapter.capture_and_locate()
             adapter.remember(step, sites)
+        else:
+            step = adapter.capture(1)
         program = build_decode_program(step, model, chunk_size=config.chunk_size, layer_windows=adapter.windows)
     except BaseException:
         for name, value in snapshot.items():  # the trace wrote into the model's cache buffers

