@@ -16,8 +16,8 @@ Example::
 
 from . import kernels  # noqa: F401  (registers the lsa:: custom ops)
 from .config import LSAConfig
-from .convert import LSARuntime, convert, footprint
+from .convert import LSARuntime, convert, footprint, inspect_model
 from .runtime.store import KVStore, StoreError
 
-__all__ = ["KVStore", "LSAConfig", "LSARuntime", "StoreError", "convert", "footprint"]
+__all__ = ["KVStore", "LSAConfig", "LSARuntime", "StoreError", "convert", "footprint", "inspect_model"]
 __version__ = "0.1.0"

@@ -18,6 +18,7 @@ model is left as it was and the error says what was found and what to do.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -355,33 +356,65 @@ def convert(model: torch.nn.Module, config: LSAConfig | None = None, *, indexer:
             "selector='indexer' needs a trained LSA indexer, which this version cannot load yet; "
             "use selector='query-aware' (the training-free default)"
         )
-    if model.training:
-        raise ValueError("convert a model in eval mode (call model.eval() first): decode runs without dropout or gradients")
-    adapter = HFAdapter(model, config) if _is_hf(model) else BufferAdapter(model, config)
-    snapshot = {name: b.clone() for name, b in model.named_buffers()} if adapter.kind == "buffer" else {}
-    try:
-        if adapter.kind == "buffer":
-            step, sites = adapter.capture_and_locate()
-            adapter.remember(step, sites)
-        else:
-            step = adapter.capture(1)
+    adapter = _adapter(model, config)
+    with _restoring_buffers(model, adapter):
+        step, _ = _trace(adapter)
         program = build_decode_program(step, model, chunk_size=config.chunk_size, layer_windows=adapter.windows)
-    except BaseException:
-        for name, value in snapshot.items():  # the trace wrote into the model's cache buffers
-            _restore_buffer(model, name, value)
-        raise
-    for name, value in snapshot.items():
-        if name not in adapter.__dict__.get("cache_buffers", {}):
-            _restore_buffer(model, name, value)
     runtime = LSARuntime(model, config, adapter, program)
     log.info("converted %s: %s", type(model).__name__, ", ".join(f"L{s.layer}:{s.action}" for s in program.sites))
     _install(model, runtime)
     return model
 
 
-def _restore_buffer(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
-    module_name, _, leaf = name.rpartition(".")
-    model.get_submodule(module_name)._buffers[leaf] = value
+def _adapter(model: torch.nn.Module, config: LSAConfig):
+    if model.training:
+        raise ValueError("convert a model in eval mode (call model.eval() first): decode runs without dropout or gradients")
+    return HFAdapter(model, config) if _is_hf(model) else BufferAdapter(model, config)
+
+
+def _trace(adapter) -> tuple[CapturedStep, list[AttentionSite]]:
+    """Capture one decode step and locate its attention sites (the graph is not changed)."""
+    if adapter.kind == "buffer":
+        step, sites = adapter.capture_and_locate()
+        adapter.remember(step, sites)
+        return step, sites
+    step = adapter.capture(1)
+    return step, locate(step, layer_windows=adapter.windows)
+
+
+@contextlib.contextmanager
+def _restoring_buffers(model: torch.nn.Module, adapter):
+    """Tracing a plain decoder writes into its cache buffers: put every buffer back afterwards."""
+    if adapter.kind != "buffer":
+        yield
+        return
+    snapshot = {name: b.clone() for name, b in model.named_buffers()}
+    try:
+        yield
+    finally:
+        for name, value in snapshot.items():
+            module_name, _, leaf = name.rpartition(".")
+            model.get_submodule(module_name)._buffers[leaf] = value
+
+
+def inspect_model(model: torch.nn.Module, config: LSAConfig | None = None) -> list[dict[str, Any]]:
+    """Trace ``model``'s decode step and report every attention site, without converting anything.
+
+    Returns one dict per site: layer, attention form (sdpa/eager), cache write op, q/kv heads, head
+    dim, GQA form, scale, softcap, sliding window, action (``rewrite`` or ``ring``) and the reason.
+    Raises the same errors as :func:`convert` when the model cannot be converted.
+
+    Example::
+
+        >>> rows = lsa_rewrite.inspect_model(model)
+        >>> sum(r["action"] == "rewrite" for r in rows)
+        30
+    """
+    config = config or LSAConfig()
+    adapter = _adapter(model, config)
+    with _restoring_buffers(model, adapter):
+        _, sites = _trace(adapter)
+    return [s.describe() for s in sites]
 
 
 def _install(model: torch.nn.Module, runtime: LSARuntime) -> None:

@@ -315,9 +315,9 @@ class LocateAttentionPass(GraphPass):
             gqa=gqa, window=window, dtype=cache_val.dtype,
         )
         if window is not None:
-            site.action, site.reason = "ring", f"sliding window {window} already bounds this layer's KV; kept exact over its window"
+            site.action, site.reason = "ring", f"sliding window {window} already bounds its KV"
         else:
-            site.reason = "full attention over the cache: sparse over resident chunks"
+            site.reason = "full attention over the whole cache"
         return site
 
     def _eager_chain(self, score: fx.Node, placeholders, writes):

@@ -33,7 +33,7 @@ from ..selectors import SELECTORS
 _INDEX = torch.long
 
 
-class StoreError(RuntimeError):
+class StoreError(ValueError):
     """A store cannot hold what was asked of it (capacity, budget, unsupported call order)."""
 
 
