@@ -306,7 +306,8 @@ class KVStore:
                 continue
             for b in range(self.batch):
                 must = self._must_keep(b, length)
-                rest = [c for c in range(math.ceil(length / self.chunk) - 1, -1, -1) if c not in must]
+                first = self.valid_start_host[b] // self.chunk  # chunks before it are all left padding
+                rest = [c for c in range(math.ceil(length / self.chunk) - 1, first - 1, -1) if c not in must]
                 store.place(b, self._fill(must, rest), evict_drops=False)
 
     # -- decode -------------------------------------------------------------------------------
@@ -339,6 +340,7 @@ class KVStore:
                 must = self._must_keep(b, pos)
                 candidates = scores[b].clone()
                 candidates[math.ceil(pos / c):] = -torch.inf  # not yet written
+                candidates[: self.valid_start_host[b] // c] = -torch.inf  # left padding only
                 candidates[~store.available[b]] = -torch.inf  # dropped in evict mode
                 order = [int(i) for i in torch.argsort(candidates, descending=True, stable=True) if candidates[i] > -torch.inf]
                 store.place(b, self._fill(must, order), evict_drops=evict)

@@ -113,6 +113,10 @@ def check_resident_set(store: KVStore, hist) -> None:
             window = {p // C for p in range(pos, min(pos + cfg.interval, store.capacity))}
             missing = (sink | recent | window) - set(held)
             assert not missing, f"layer {layer} seq {b} at pos {pos}: chunks {sorted(missing)} must be resident"
+            # under a budget, no slot goes to a chunk that holds nothing yet and is not written in the
+            # coming window (when everything fits, chunk i simply lives in slot i)
+            unwritten = {c for c in held if c * C >= pos} - window
+            assert store.all_resident or not unwritten, f"layer {layer} seq {b} at pos {pos}: unwritten chunks {sorted(unwritten)} are resident"
             # every resident chunk holds exactly what was written at its positions so far
             for slot, c in enumerate(row):
                 written = min(C, pos - c * C)
@@ -163,7 +167,8 @@ def test_float_budget_bounds_the_resident_bytes(budget, specs):
 
     fp = store.footprint()
     assert fp["resident_kv_bytes"] == sum(t.numel() * t.element_size() for t in store.device_tensors())
-    pools = sum(t.numel() * t.element_size() for s in store.layers.values() for name, t in s.device_tensors().items() if name in ("k_pool", "v_pool", "k_ring", "v_ring"))
+    pool_names = ("k_pool", "v_pool", "k_ring", "v_ring")
+    pools = sum(t.numel() * t.element_size() for s in store.layers.values() for n, t in s.device_tensors().items() if n in pool_names)
     assert fp["pool_bytes"] == pools
     dense = sum(batch * (capacity - 1 if s.window is None else s.window) * kv_token_bytes(s) for s in specs)
     assert fp["dense_kv_bytes"] == dense
@@ -172,6 +177,22 @@ def test_float_budget_bounds_the_resident_bytes(budget, specs):
     assert budget - one_chunk <= fp["ratio"] <= budget + one_chunk
     assert C * store.slots < capacity, "a fraction of the context must not keep everything resident"
     assert fp["mirror_bytes"] > 0
+
+
+@pytest.mark.parametrize("specs", [[FULL], [FULL, FULL_BF16], SPECS], ids=["one-layer", "two-dtypes", "mixed"])
+@pytest.mark.parametrize("capacity", [512, 1000])
+@pytest.mark.parametrize("budget", [0.3, 0.37, 0.5, 0.77])
+def test_float_budget_takes_as_many_slots_as_fit(budget, capacity, specs):
+    """Per sequence, pool + chunk index + tables + query tap of the chunk layers fit in budget x their
+    dense cache at full capacity, and one more slot would not."""
+    batch = 2
+    store = KVStore(specs, config(budget=budget), batch=batch, capacity=capacity)
+    layers = chunk_layers(store).values()
+    held = sum(t.numel() * t.element_size() for s in layers for t in s.device_tensors().values())
+    one_more_slot = batch * sum(C * kv_token_bytes(s.spec) + 8 for s in layers)  # pool chunk + slot_chunk entry
+    allowed = budget * batch * capacity * sum(kv_token_bytes(s.spec) for s in layers)
+    assert held <= allowed < held + one_more_slot
+    assert store.slots < store.num_chunks
 
 
 @pytest.mark.parametrize("budget, slots", [(48, 6), (50, 7), (41, 6), (64, 8)])
@@ -257,9 +278,10 @@ def test_second_prefill_is_refused():
 # -- offload: lossless eviction and recall -----------------------------------------------------
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_offload_recall_is_lossless(seed):
-    batch, capacity, prompt, steps = 2, 128, 43, 80
+# two prompt lengths so that selections land on every position modulo the chunk size
+@pytest.mark.parametrize("seed, prompt", [(0, 43), (1, 46)])
+def test_offload_recall_is_lossless(seed, prompt):
+    batch, capacity, steps = 2, 128, 80
     gen = torch.Generator().manual_seed(100 + seed)
     store = KVStore(SPECS, config(seed=seed), batch=batch, capacity=capacity, valid_start=[0, 5])
     hist = draw_history(SPECS, batch=batch, capacity=capacity, gen=gen)
@@ -343,7 +365,7 @@ def test_query_aware_selection_follows_the_query_per_sequence():
 
 
 def test_evict_mode_drops_for_good():
-    batch, capacity, prompt, steps = 2, 128, 43, 80
+    batch, capacity, prompt, steps = 2, 128, 75, 50  # more prompt chunks than slots: some stay staged
     gen = torch.Generator().manual_seed(7)
     store = KVStore(SPECS, config(mode="evict", seed=3), batch=batch, capacity=capacity, valid_start=[0, 5])
     hist = draw_history(SPECS, batch=batch, capacity=capacity, gen=gen)
@@ -353,6 +375,7 @@ def test_evict_mode_drops_for_good():
     assert store.footprint()["dropped_chunks"] == 0
 
     prompt_chunks = set(range(math.ceil(prompt / C)))
+    assert all(prompt_chunks - held for held in resident_sets(store).values())
     ever = {key: prompt_chunks | held for key, held in resident_sets(store).items()}
     gone = {key: set() for key in ever}
 
@@ -397,3 +420,24 @@ def test_ring_holds_the_last_window(prompt):
     check(prompt)
     decode(store, hist, 13)
     check(prompt + 13)
+
+
+# -- left padding ------------------------------------------------------------------------------
+
+
+def test_selection_never_spends_a_slot_on_a_padding_only_chunk():
+    spec = LayerSpec(layer=0, q_heads=2, kv_heads=1, head_dim=16, dtype=torch.float32)
+    batch, capacity, prompt, padding = 2, 128, 64, 30  # sequence 1: chunks 0..2 are all padding
+    store = KVStore([spec], config(selector="query-aware"), batch=batch, capacity=capacity, valid_start=[0, padding])
+    gen = torch.Generator().manual_seed(4)
+    k = torch.rand(batch, 1, capacity, 16, generator=gen) + 0.5  # every real key positive ...
+    v = torch.randn(batch, 1, capacity, 16, generator=gen)
+    hist = {spec.layer: (k, v)}
+    prefill(store, hist, prompt)
+    layer = store.layers[spec.layer]
+    decode(store, hist, 1)
+    layer.q_tap.fill_(-1.0)  # ... so every real chunk's bound is negative; a padding chunk's is 0
+    decode(store, hist, 1)
+    assert store.selections == 1
+    held = set(layer.slot_chunk[1].tolist())
+    assert not held & set(range(padding // C)), f"padding-only chunks resident: {sorted(held & set(range(padding // C)))}"

