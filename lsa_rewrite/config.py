@@ -41,6 +41,8 @@ class LSAConfig:
             (prompt + ``max_new_tokens``), else from the model's ``max_position_embeddings``.
         capture_cache: the HF cache the decode step is traced with: ``"static"`` or ``"dynamic"``.
         seed: seed of the ``"random"`` selector.
+        compile: on CUDA, compile the decode step with Inductor and replay it as a CUDA graph
+            (on the CPU the rewritten graph always runs as a ``GraphModule``).
 
     Example::
 
@@ -59,6 +61,7 @@ class LSAConfig:
     max_context: int | None = None
     capture_cache: str = "static"
     seed: int = 0
+    compile: bool = True
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -89,6 +92,8 @@ class LSAConfig:
             raise ValueError(f"max_context must be None or an int >= 1, got {self.max_context!r}")
         if self.capture_cache not in CAPTURE_CACHES:
             raise ValueError(f"capture_cache must be one of {CAPTURE_CACHES}, got {self.capture_cache!r}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be True or False, got {self.compile!r}")
         if self.version != 1:
             raise ValueError(f"LSAConfig version {self.version} is not supported by this lsa-rewrite (knows version 1)")
 

@@ -29,6 +29,7 @@ import torch
 from .config import LSAConfig
 from .hf_cache import LSACache
 from .passes import AttentionSite, Binding, CapturedStep, CaptureError, DecodeProgram, LocateError, build_decode_program, capture_step, locate
+from .runtime.compiled import CompiledStep
 from .runtime.store import KVStore, LayerSpec, StoreError
 
 log = logging.getLogger("lsa_rewrite")
@@ -205,6 +206,7 @@ class LSARuntime:
         self.programs: dict[int, DecodeProgram] = {program.batch: program}
         self.sites: list[AttentionSite] = program.sites
         self.store: KVStore | None = None
+        self.compiled: CompiledStep | None = None  # CUDA: the current store's compiled step
         self.pending_capacity: int | None = None
         self.output_type: type | None = None
         self.cache_field: str | None = None
@@ -238,7 +240,12 @@ class LSARuntime:
         program = self.program(store.batch)
         store.before_step()
         with torch.no_grad():
-            logits = program(inputs, store)
+            if store.device.type == "cuda" and self.config.compile:
+                if self.compiled is None or self.compiled.store is not store:
+                    self.compiled = CompiledStep(program, store)
+                logits = self.compiled(inputs).clone()  # the graph's output buffer is reused by the next step
+            else:
+                logits = program(inputs, store)
         store.after_step()
         return logits
 

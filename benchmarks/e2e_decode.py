@@ -1,0 +1,201 @@
+"""Benchmark: end-to-end decode of a Llama-3-8B-shaped model (random bf16 weights), LSA vs dense HF.
+
+Per prompt length (32K, 128K), batch 1, 256 decode steps, in one run on one GPU:
+
+- dense: transformers ``StaticCache`` sized prompt + steps, prefill eager, decode through
+  ``torch.compile(mode="reduce-overhead")`` (HF's own compiled static-cache path);
+- LSA: ``lsa_rewrite.convert(model, LSAConfig(budget=0.135))``; prefill is the model's own attention,
+  decode runs the Inductor-compiled, CUDA-graph-replayed rewritten step; selection + recall every 64
+  steps are included in the timing and also reported per window.
+
+Reports decode tokens/s, peak GPU memory, KV bytes on the GPU (dense cache vs ``footprint()``), and
+how many 128K-token sequences' KV fit beside the weights (from the measured per-sequence bytes).
+Writes JSON with GPU, versions and date.
+
+    python benchmarks/e2e_decode.py --contexts 32768,131072 --out benchmarks/results/e2e_decode.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, write_json  # noqa: E402
+
+import lsa_rewrite  # noqa: E402
+from lsa_rewrite import LSAConfig  # noqa: E402
+
+
+def llama3_8b_config(layers: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=262144, rope_theta=500000.0,
+    )
+
+
+def build_model(layers: int):
+    from transformers import LlamaForCausalLM
+
+    config = llama3_8b_config(layers)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM._from_config(config, torch_dtype=torch.bfloat16, attn_implementation="sdpa")
+    return model.eval()
+
+
+def cache_kw(model) -> str:
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def dense_run(model, prompt: torch.Tensor, steps: int) -> dict:
+    from transformers import StaticCache
+
+    kw = cache_kw(model)
+    length = prompt.shape[1]
+    torch.cuda.reset_peak_memory_stats()
+    cache = StaticCache(config=model.config, max_cache_len=length + steps)
+    t0 = time.perf_counter()
+    out = model(input_ids=prompt, use_cache=True, **{kw: cache})
+    token = out.logits[:, -1:].argmax(-1)
+    torch.cuda.synchronize()
+    prefill_s = time.perf_counter() - t0
+    del out
+    step = torch.compile(lambda ids, pos: model(input_ids=ids, position_ids=pos, use_cache=True, **{kw: cache}).logits, mode="reduce-overhead", fullgraph=True)
+    pos = torch.full((1, 1), length, device="cuda", dtype=torch.long)
+    t0 = time.perf_counter()
+    for warm in range(3):  # compile + cudagraph record; positions advance as in real decoding
+        token = step(token, pos).argmax(-1)
+        pos += 1
+    torch.cuda.synchronize()
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(steps - 3):
+        token = step(token, pos)[:, -1:].argmax(-1)
+        pos += 1
+    torch.cuda.synchronize()
+    decode_s = time.perf_counter() - t0
+    kv_bytes = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
+    result = {
+        "prefill_s": round(prefill_s, 2), "compile_s": round(compile_s, 1),
+        "ms_per_token": round(decode_s / (steps - 3) * 1e3, 3), "tokens_per_s": round((steps - 3) / decode_s, 2),
+        "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2), "kv_gpu_bytes": kv_bytes,
+    }
+    del cache, step
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
+@torch.no_grad()
+def lsa_run(model, prompt: torch.Tensor, steps: int, config: LSAConfig) -> dict:
+    kw = cache_kw(model)
+    length = prompt.shape[1]
+    runtime = model.lsa
+    runtime.pending_capacity = length + steps
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    out = model(input_ids=prompt, use_cache=True)
+    cache = out[runtime.cache_field]
+    token = out.logits[:, -1:].argmax(-1)
+    torch.cuda.synchronize()
+    prefill_s = time.perf_counter() - t0
+    del out
+    store = cache.store
+    select_times: list[float] = []
+    original_select = store.select
+
+    def timed_select():
+        torch.cuda.synchronize()
+        s = time.perf_counter()
+        original_select()
+        torch.cuda.synchronize()
+        select_times.append(time.perf_counter() - s)
+
+    store.select = timed_select
+    t0 = time.perf_counter()
+    for _ in range(3):
+        token = model(input_ids=token, **{kw: cache}).logits[:, -1:].argmax(-1)
+    torch.cuda.synchronize()
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(steps - 3):
+        token = model(input_ids=token, **{kw: cache}).logits[:, -1:].argmax(-1)
+    torch.cuda.synchronize()
+    decode_s = time.perf_counter() - t0
+    fp = lsa_rewrite.footprint(model)
+    runtime.pending_capacity = None
+    result = {
+        "prefill_s": round(prefill_s, 2), "compile_s": round(compile_s, 1),
+        "ms_per_token": round(decode_s / (steps - 3) * 1e3, 3), "tokens_per_s": round((steps - 3) / decode_s, 2),
+        "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
+        "kv_gpu_bytes": fp["resident_kv_bytes"], "footprint": fp,
+        "select_ms_per_window": [round(t * 1e3, 2) for t in select_times],
+    }
+    runtime.store = None
+    runtime.compiled = None
+    del cache, store
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--contexts", default="32768,131072")
+    parser.add_argument("--steps", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--skip-dense", action="store_true")
+    parser.add_argument("--out", default="benchmarks/results/e2e_decode.json")
+    args = parser.parse_args()
+    env = environment()
+    model = build_model(args.layers)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    payload = {"benchmark": "e2e_decode", "environment": env, "layers": args.layers, "weights_bytes": weights, "steps": args.steps, "results": {}}
+    contexts = [int(c) for c in args.contexts.split(",")]
+    dense = {}
+    if not args.skip_dense:
+        for ctx in contexts:
+            prompt = torch.randint(0, 128000, (1, ctx), device="cuda")
+            dense[ctx] = dense_run(model, prompt, args.steps)
+            print("dense", ctx, dense[ctx], flush=True)
+            payload["results"][f"dense_{ctx}"] = dense[ctx]
+            write_json(args.out, payload)
+    config = LSAConfig(budget=0.135, chunk_size=64, interval=64, sink_tokens=64, recent_tokens=128)
+    lsa_rewrite.convert(model, config)
+    for ctx in contexts:
+        prompt = torch.randint(0, 128000, (1, ctx), device="cuda")
+        res = lsa_run(model, prompt, args.steps, config)
+        if ctx in dense:
+            res["speedup_vs_dense"] = round(res["tokens_per_s"] / dense[ctx]["tokens_per_s"], 2)
+            res["kv_gpu_fraction_of_dense"] = round(res["kv_gpu_bytes"] / dense[ctx]["kv_gpu_bytes"], 4)
+        print("lsa", ctx, res, flush=True)
+        payload["results"][f"lsa_{ctx}"] = res
+        write_json(args.out, payload)
+    # Concurrency at 128K: how many sequences' KV fit beside the weights (from the bytes measured above).
+    total = torch.cuda.get_device_properties(0).total_memory
+    headroom = 0.9 * total - weights
+    for ctx in contexts:
+        if f"lsa_{ctx}" in payload["results"] and f"dense_{ctx}" in payload["results"]:
+            lsa_seq = payload["results"][f"lsa_{ctx}"]["kv_gpu_bytes"]
+            dense_seq = payload["results"][f"dense_{ctx}"]["kv_gpu_bytes"]
+            payload["results"][f"concurrency_{ctx}"] = {
+                "dense_sequences": int(headroom // dense_seq), "lsa_sequences": int(headroom // lsa_seq),
+                "note": "KV bytes per sequence from this run; 90% of GPU memory minus weights; host mirror not counted",
+            }
+    write_json(args.out, payload)
+
+
+if __name__ == "__main__":
+    main()
