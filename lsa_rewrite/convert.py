@@ -207,6 +207,7 @@ class LSARuntime:
         self.sites: list[AttentionSite] = program.sites
         self.store: KVStore | None = None
         self.compiled: CompiledStep | None = None  # CUDA: the current store's compiled step
+        self.compiled_modules: dict[int, Any] = {}  # batch -> torch.compile'd decode module
         self.pending_capacity: int | None = None
         self.output_type: type | None = None
         self.cache_field: str | None = None
@@ -242,7 +243,9 @@ class LSARuntime:
         with torch.no_grad():
             if store.device.type == "cuda" and self.config.compile:
                 if self.compiled is None or self.compiled.store is not store:
-                    self.compiled = CompiledStep(program, store)
+                    module = self.compiled_modules.get(store.batch)
+                    self.compiled = CompiledStep(program, store, compiled=module)
+                    self.compiled_modules[store.batch] = self.compiled.compiled
                 logits = self.compiled(inputs).clone()  # the graph's output buffer is reused by the next step
             else:
                 logits = program(inputs, store)

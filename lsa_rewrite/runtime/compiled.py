@@ -20,13 +20,19 @@ import torch
 from ..passes import DecodeProgram, clone_program
 
 
+def compile_program(program: DecodeProgram, *, backend: str = "inductor"):
+    """``torch.compile`` a deep copy of the rewritten graph (static shapes, one graph)."""
+    return torch.compile(clone_program(program).module, backend=backend, fullgraph=True, dynamic=False)
+
+
 class CompiledStep:
     """One store's compiled, graph-captured decode step: ``step(inputs) -> logits`` (a static buffer)."""
 
-    def __init__(self, program: DecodeProgram, store, *, cuda_graph: bool = True, backend: str = "inductor"):
+    def __init__(self, program: DecodeProgram, store, *, compiled=None, cuda_graph: bool = True, backend: str = "inductor"):
         self.program = program
         self.store = store
-        self.compiled = torch.compile(clone_program(program).module, backend=backend, fullgraph=True, dynamic=False)
+        # A compiled module is reused across stores of the same shapes (Dynamo guards on shapes).
+        self.compiled = compiled if compiled is not None else compile_program(program, backend=backend)
         self.cuda_graph = cuda_graph
         self.static_inputs: dict[str, torch.Tensor] | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
