@@ -33,7 +33,7 @@ def environment() -> dict[str, Any]:
     }
 
 
-def time_cuda_graph(fn: Callable[[], Any], *, iters: int = 200, warmup: int = 10, repeats: int = 5) -> float:
+def time_cuda_graph(fn: Callable[[], Any], *, iters: int = 50, warmup: int = 5, repeats: int = 3) -> float:
     """Median milliseconds per call of ``fn`` replayed from a CUDA graph of ``iters`` calls.
 
     Replaying a graph removes launch overhead from the measurement, as in a CUDA-graph decode step.

@@ -31,23 +31,42 @@ from common import environment, write_json  # noqa: E402
 import lsa_rewrite  # noqa: E402
 from lsa_rewrite import LSAConfig  # noqa: E402
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-def llama3_8b_config(layers: int):
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_gb() -> float:
+    return round(torch.cuda.max_memory_allocated() / 1e9, 2) if DEVICE == "cuda" else 0.0
+
+
+def reset_peak() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def llama3_8b_config(layers: int, *, tiny: bool = False):
     from transformers import LlamaConfig
 
+    if tiny:  # a script check on the CPU, not a measurement
+        return LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=262144)
     return LlamaConfig(
         vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=262144, rope_theta=500000.0,
     )
 
 
-def build_model(layers: int):
+def build_model(layers: int, *, tiny: bool = False):
     from transformers import LlamaForCausalLM
 
-    config = llama3_8b_config(layers)
+    config = llama3_8b_config(layers, tiny=tiny)
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM._from_config(config, torch_dtype=torch.bfloat16, attn_implementation="sdpa")
+    with torch.device(DEVICE):
+        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
     return model.eval()
 
 
@@ -63,38 +82,39 @@ def dense_run(model, prompt: torch.Tensor, steps: int) -> dict:
 
     kw = cache_kw(model)
     length = prompt.shape[1]
-    torch.cuda.reset_peak_memory_stats()
+    reset_peak()
     cache = StaticCache(config=model.config, max_cache_len=length + steps)
     t0 = time.perf_counter()
-    out = model(input_ids=prompt, use_cache=True, **{kw: cache})
+    out = model(input_ids=prompt, use_cache=True, logits_to_keep=1, **{kw: cache})
     token = out.logits[:, -1:].argmax(-1)
-    torch.cuda.synchronize()
+    sync()
     prefill_s = time.perf_counter() - t0
     del out
-    step = torch.compile(lambda ids, pos: model(input_ids=ids, position_ids=pos, use_cache=True, **{kw: cache}).logits, mode="reduce-overhead", fullgraph=True)
-    pos = torch.full((1, 1), length, device="cuda", dtype=torch.long)
+    step = torch.compile(lambda ids, pos: model(input_ids=ids, position_ids=pos, use_cache=True, **{kw: cache}).logits, mode="reduce-overhead" if DEVICE == "cuda" else None, fullgraph=True)
+    pos = torch.full((1, 1), length, device=DEVICE, dtype=torch.long)
     t0 = time.perf_counter()
     for warm in range(3):  # compile + cudagraph record; positions advance as in real decoding
         token = step(token, pos).argmax(-1)
         pos += 1
-    torch.cuda.synchronize()
+    sync()
     compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(steps - 3):
         token = step(token, pos)[:, -1:].argmax(-1)
         pos += 1
-    torch.cuda.synchronize()
+    sync()
     decode_s = time.perf_counter() - t0
     kv_bytes = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
     result = {
         "prefill_s": round(prefill_s, 2), "compile_s": round(compile_s, 1),
         "ms_per_token": round(decode_s / (steps - 3) * 1e3, 3), "tokens_per_s": round((steps - 3) / decode_s, 2),
-        "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2), "kv_gpu_bytes": kv_bytes,
+        "peak_gpu_gb": peak_gb(), "kv_gpu_bytes": kv_bytes,
     }
     del cache, step
     torch._dynamo.reset()
     gc.collect()
-    torch.cuda.empty_cache()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
     return result
 
 
@@ -104,12 +124,12 @@ def lsa_run(model, prompt: torch.Tensor, steps: int, config: LSAConfig) -> dict:
     length = prompt.shape[1]
     runtime = model.lsa
     runtime.pending_capacity = length + steps
-    torch.cuda.reset_peak_memory_stats()
+    reset_peak()
     t0 = time.perf_counter()
-    out = model(input_ids=prompt, use_cache=True)
+    out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
     cache = out[runtime.cache_field]
     token = out.logits[:, -1:].argmax(-1)
-    torch.cuda.synchronize()
+    sync()
     prefill_s = time.perf_counter() - t0
     del out
     store = cache.store
@@ -117,29 +137,29 @@ def lsa_run(model, prompt: torch.Tensor, steps: int, config: LSAConfig) -> dict:
     original_select = store.select
 
     def timed_select():
-        torch.cuda.synchronize()
+        sync()
         s = time.perf_counter()
         original_select()
-        torch.cuda.synchronize()
+        sync()
         select_times.append(time.perf_counter() - s)
 
     store.select = timed_select
     t0 = time.perf_counter()
     for _ in range(3):
         token = model(input_ids=token, **{kw: cache}).logits[:, -1:].argmax(-1)
-    torch.cuda.synchronize()
+    sync()
     compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(steps - 3):
         token = model(input_ids=token, **{kw: cache}).logits[:, -1:].argmax(-1)
-    torch.cuda.synchronize()
+    sync()
     decode_s = time.perf_counter() - t0
     fp = lsa_rewrite.footprint(model)
     runtime.pending_capacity = None
     result = {
         "prefill_s": round(prefill_s, 2), "compile_s": round(compile_s, 1),
         "ms_per_token": round(decode_s / (steps - 3) * 1e3, 3), "tokens_per_s": round((steps - 3) / decode_s, 2),
-        "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
+        "peak_gpu_gb": peak_gb(),
         "kv_gpu_bytes": fp["resident_kv_bytes"], "footprint": fp,
         "select_ms_per_window": [round(t * 1e3, 2) for t in select_times],
     }
@@ -147,7 +167,8 @@ def lsa_run(model, prompt: torch.Tensor, steps: int, config: LSAConfig) -> dict:
     runtime.compiled = None
     del cache, store
     gc.collect()
-    torch.cuda.empty_cache()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
     return result
 
 
@@ -157,17 +178,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=256)
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--skip-dense", action="store_true")
+    parser.add_argument("--tiny", action="store_true", help="tiny model: checks the script itself (CPU works)")
     parser.add_argument("--out", default="benchmarks/results/e2e_decode.json")
     args = parser.parse_args()
     env = environment()
-    model = build_model(args.layers)
+    model = build_model(args.layers, tiny=args.tiny)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     payload = {"benchmark": "e2e_decode", "environment": env, "layers": args.layers, "weights_bytes": weights, "steps": args.steps, "results": {}}
     contexts = [int(c) for c in args.contexts.split(",")]
     dense = {}
     if not args.skip_dense:
         for ctx in contexts:
-            prompt = torch.randint(0, 128000, (1, ctx), device="cuda")
+            prompt = torch.randint(0, model.config.vocab_size, (1, ctx), device=DEVICE)
             dense[ctx] = dense_run(model, prompt, args.steps)
             print("dense", ctx, dense[ctx], flush=True)
             payload["results"][f"dense_{ctx}"] = dense[ctx]
@@ -175,7 +197,7 @@ def main() -> None:
     config = LSAConfig(budget=0.135, chunk_size=64, interval=64, sink_tokens=64, recent_tokens=128)
     lsa_rewrite.convert(model, config)
     for ctx in contexts:
-        prompt = torch.randint(0, 128000, (1, ctx), device="cuda")
+        prompt = torch.randint(0, model.config.vocab_size, (1, ctx), device=DEVICE)
         res = lsa_run(model, prompt, args.steps, config)
         if ctx in dense:
             res["speedup_vs_dense"] = round(res["tokens_per_s"] / dense[ctx]["tokens_per_s"], 2)
@@ -184,7 +206,7 @@ def main() -> None:
         payload["results"][f"lsa_{ctx}"] = res
         write_json(args.out, payload)
     # Concurrency at 128K: how many sequences' KV fit beside the weights (from the bytes measured above).
-    total = torch.cuda.get_device_properties(0).total_memory
+    total = torch.cuda.get_device_properties(0).total_memory if DEVICE == "cuda" else 0
     headroom = 0.9 * total - weights
     for ctx in contexts:
         if f"lsa_{ctx}" in payload["results"] and f"dense_{ctx}" in payload["results"]:

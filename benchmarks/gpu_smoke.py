@@ -35,9 +35,10 @@ def greedy(model, ids, new, **kw):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/gpu_smoke.json")
+    parser.add_argument("--families", default=",".join(HF_FAMILIES))
     args = parser.parse_args()
     rows, failed = [], []
-    for family in HF_FAMILIES:
+    for family in args.families.split(","):
         model = make_model(family).cuda()
         model.generation_config.eos_token_id = None
         ids = torch.randint(3, 250, (2, 40), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))

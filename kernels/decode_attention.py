@@ -14,13 +14,34 @@ Scores are computed in float32; optional tanh soft-capping (``softcap > 0``) mat
 Shapes: ``q`` ``[B, Hq, D]``; pool ``[B * S, C, Hkv, D]``; ``slot_chunk`` ``[B, S]`` int64;
 ``pos`` ``[1]`` int64; ``valid_start`` ``[B]`` int64; ring ``[B, W, Hkv, D]``; output ``[B, Hq, D]``.
 
+Triton (CUDA tensors): split-K flash decoding. One program serves one kv head and its whole query
+group (GQA: K/V are read once per kv head), over a contiguous range of slots (ring: of ``BLOCK_N``-token
+blocks), with an fp32 online softmax; a second kernel merges the splits. Supported there: q and K/V of
+one dtype among fp16/bf16/fp32, head_dim and chunk size powers of two (16..256 and 16..128). Anything
+else on CUDA runs the reference (with a one-time warning); CPU tensors always run the reference.
+Where no position takes part at all, the kernels return zeros (the reference returns NaN).
+
+Per call on CUDA: two launches, no host sync (``pos`` and ``valid_start`` are read on the device), a
+grid fixed by shapes alone (so CUDA graphs replay it), one allocation (the output, which a custom op
+must return fresh; a graph replay reuses its address), and a float32 workspace cached per shape and
+device, shared by every layer of that shape: safe in stream order, not across concurrent streams.
+
 Not here: prefill attention (the model's own), choosing the resident chunks (the memory manager).
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import torch
 from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # Triton ships for Linux only; every op then runs its reference.
+    triton = None
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, *, scale: float, softcap: float) -> Tensor:
@@ -34,7 +55,9 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, *, scale: float, sof
         scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    out = torch.einsum("bhgn,bnhd->bhgd", probs, v.float())  # [B, Hkv, G, D]
+    # Masked entries get probability 0, but 0 * NaN is NaN: clear them so stale slots cannot leak.
+    v = v.float().masked_fill(~valid[:, :, None, None], 0.0)
+    out = torch.einsum("bhgn,bnhd->bhgd", probs, v)  # [B, Hkv, G, D]
     return out.reshape(batch, q_heads, head_dim).to(q.dtype)
 
 
@@ -73,13 +96,391 @@ def ring_decode_attention_ref(
     return _attend(q, k_ring, v_ring, valid, scale=scale, softcap=softcap)
 
 
-def _check_query(name: str, q: Tensor, k: Tensor) -> None:
+# -- Triton kernels ------------------------------------------------------------------------------
+
+if triton is not None:
+    _LOG2E = tl.constexpr(1.4426950408889634)
+    # Finite floor for the running max: a split that attends to nothing keeps exp2(m_i - m_new) = 1
+    # instead of exp2(-inf - -inf) = NaN, and its weight in the merge is exp2(-1e30 - M) = 0.
+    _MAX_FLOOR = tl.constexpr(-1.0e30)
+
+    @triton.jit
+    def _decode_split_kernel(
+        q_ptr, k_ptr, v_ptr, table_ptr, pos_ptr, valid_start_ptr, ws_ptr,
+        num_blocks, blocks_per_split, group, window, scale, softcap,
+        stride_q_b, stride_q_h, stride_q_d,
+        stride_k_b, stride_k_slot, stride_k_n, stride_k_h, stride_k_d,
+        stride_v_b, stride_v_slot, stride_v_n, stride_v_h, stride_v_d,
+        stride_table_b, stride_table_s,
+        stride_ws_b, stride_ws_h, stride_ws_s,
+        IS_RING: tl.constexpr,
+        USE_SOFTCAP: tl.constexpr,
+        CHUNK: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
+        """One (sequence, kv head, split): partial attention of the kv head's query group.
+
+        Blocks of ``BLOCK_N`` tokens are the unit of work: a chunk of the pool is ``CHUNK // BLOCK_N``
+        blocks (one, unless the tile would not fit), the ring is ``cdiv(W, BLOCK_N)`` blocks. Writes
+        the unnormalised accumulator, the running max (log2 domain) and the sum of exponentials of
+        each query head to the workspace ``[B, Hq, splits, HEAD_DIM + 2]``.
+        """
+        tl.static_assert(BLOCK_G >= 16, "tl.dot needs at least 16 rows: pad the query group")
+        tl.static_assert(BLOCK_N >= 16)
+        tl.static_assert(HEAD_DIM >= 16)
+        tl.static_assert(CHUNK % BLOCK_N == 0)
+        SUBS: tl.constexpr = CHUNK // BLOCK_N
+
+        pid_b = tl.program_id(0).to(tl.int64)
+        pid_kv = tl.program_id(1).to(tl.int64)
+        pid_s = tl.program_id(2)
+
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        mask_g = offs_g < group
+        heads = pid_kv * group + offs_g  # int64 query-head ids of the group
+
+        q_ptrs = q_ptr + pid_b * stride_q_b + heads[:, None] * stride_q_h + offs_d[None, :] * stride_q_d
+        q = tl.load(q_ptrs, mask=mask_g[:, None], other=0.0)  # [BLOCK_G, HEAD_DIM]; padded rows are 0
+
+        pos = tl.load(pos_ptr)
+        valid_start = tl.load(valid_start_ptr + pid_b)
+        k_base = k_ptr + pid_b * stride_k_b + pid_kv * stride_k_h + offs_d[None, :] * stride_k_d
+        v_base = v_ptr + pid_b * stride_v_b + pid_kv * stride_v_h + offs_d[None, :] * stride_v_d
+
+        if IS_RING:
+            # slot i holds pos - ((pos - i) mod W) = ring_base + i - (W if i > pos mod W else 0): one
+            # int64 modulo per program instead of one per token
+            ring_head = pos % window
+            ring_base = pos - ring_head
+
+        m_i = tl.full([BLOCK_G], _MAX_FLOOR, tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+
+        blk_start = pid_s.to(tl.int64) * blocks_per_split  # int64 bounds: an int64 induction variable
+        blk_end = tl.minimum(blk_start + blocks_per_split, num_blocks)
+        for blk in range(blk_start, blk_end):
+            if IS_RING:
+                token = blk * BLOCK_N + offs_n
+                position = ring_base + token - tl.where(token > ring_head, window, 0)
+                mask_n = (token < window) & (position >= 0) & (position >= valid_start)
+                k_offs = token * stride_k_n
+                v_offs = token * stride_v_n
+            else:
+                slot = blk // SUBS
+                token = (blk % SUBS) * BLOCK_N + offs_n
+                chunk = tl.load(table_ptr + pid_b * stride_table_b + slot * stride_table_s)
+                position = chunk * CHUNK + token
+                # an empty slot (chunk -1) has only negative positions: position >= 0 tests fill
+                mask_n = (position >= 0) & (position <= pos) & (position >= valid_start)
+                k_offs = slot * stride_k_slot + token * stride_k_n
+                v_offs = slot * stride_v_slot + token * stride_v_n
+            # masked rows are never read: empty slots and stale tokens cost no bandwidth and cannot
+            # leak non-finite values into the output
+            k = tl.load(k_base + k_offs[:, None], mask=mask_n[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
+            v = tl.load(v_base + v_offs[:, None], mask=mask_n[:, None], other=0.0)
+
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_G, BLOCK_N] fp32
+            if USE_SOFTCAP:
+                # tanh(x) = sign(x) (1 - e^{-2|x|}) / (1 + e^{-2|x|}): no overflow, no tl tanh needed
+                x = qk * (scale / softcap)
+                t = tl.exp2(tl.abs(x) * (-2.0 * _LOG2E))
+                tanh_x = (1.0 - t) / (1.0 + t)
+                s = tl.where(x < 0.0, -tanh_x, tanh_x) * (softcap * _LOG2E)
+            else:
+                s = qk * (scale * _LOG2E)
+            s = tl.where(mask_n[None, :], s, float("-inf"))
+
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+        ws_ptrs = ws_ptr + pid_b * stride_ws_b + heads * stride_ws_h + pid_s.to(tl.int64) * stride_ws_s
+        tl.store(ws_ptrs[:, None] + offs_d[None, :], acc, mask=mask_g[:, None])
+        tl.store(ws_ptrs + HEAD_DIM, m_i, mask=mask_g)
+        tl.store(ws_ptrs + HEAD_DIM + 1, l_i, mask=mask_g)
+
+    @triton.jit
+    def _decode_merge_kernel(
+        ws_ptr, out_ptr, num_splits,
+        stride_ws_b, stride_ws_h, stride_ws_s,
+        stride_out_b, stride_out_h, stride_out_d,
+        BLOCK_SPLITS: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+    ):
+        """One (sequence, query head): merge the splits' partials into the output row."""
+        pid_b = tl.program_id(0).to(tl.int64)
+        pid_h = tl.program_id(1).to(tl.int64)
+        offs_s = tl.arange(0, BLOCK_SPLITS)
+        offs_d = tl.arange(0, HEAD_DIM)
+        mask_s = offs_s < num_splits
+
+        ws_ptrs = ws_ptr + pid_b * stride_ws_b + pid_h * stride_ws_h + offs_s.to(tl.int64) * stride_ws_s
+        m = tl.load(ws_ptrs + HEAD_DIM, mask=mask_s, other=float("-inf"))
+        l = tl.load(ws_ptrs + HEAD_DIM + 1, mask=mask_s, other=0.0)
+        acc = tl.load(ws_ptrs[:, None] + offs_d[None, :], mask=mask_s[:, None], other=0.0)
+
+        weight = tl.exp2(m - tl.max(m, 0))  # [BLOCK_SPLITS]; padding splits weigh 0
+        total = tl.sum(weight * l, 0)
+        # nothing attended at all (total 0, acc 0): write zeros rather than 0/0
+        out = tl.sum(weight[:, None] * acc, 0) / tl.where(total > 0.0, total, 1.0)
+        out_ptrs = out_ptr + pid_b * stride_out_b + pid_h * stride_out_h + offs_d * stride_out_d
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty))
+
+
+# -- launch configuration ----------------------------------------------------------------------
+# Fixed heuristics instead of triton.autotune: autotuning benchmarks on the first call of each
+# shape (host syncs, impossible while a CUDA graph is being captured). The numbers were chosen
+# with benchmarks/check_kernels_gpu.py --sweep on an H200.
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_SPLITS = 64
+_KV_TILE_BYTES = 64 * 1024  # K + V bytes of one block: 2-3 pipeline stages stay inside shared memory
+_SPLIT_WAVES = 2  # aim for about this many programs per SM in the split kernel
+_INTERPRETER_SPLITS = 2
+
+
+def _decode_block_n(tokens: int, head_dim: int, elem_size: int) -> int:
+    """Tokens per block: a whole chunk (or ring window) unless its K+V tile exceeds _KV_TILE_BYTES."""
+    cap = max(16, _KV_TILE_BYTES // (2 * head_dim * elem_size))
+    return max(16, min(triton.next_power_of_2(tokens), cap))
+
+
+def _decode_config(head_dim: int, block_n: int, elem_size: int) -> dict:
+    # H200, bf16, D=128, C=64 (sweep over warps 2/4/8, stages 1-4, 1-8 programs per SM): 4 warps and
+    # 3 stages were best or within 4% of best at batch 1 and 8; a third stage only where it fits.
+    kv_tile = 2 * block_n * head_dim * elem_size
+    return dict(num_warps=4, num_stages=3 if 3 * kv_tile <= 160 * 1024 else 2)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _decode_num_splits(device: torch.device, programs: int, num_blocks: int, requested: int | None) -> tuple[int, int]:
+    """(splits, blocks per split) for ``programs`` (sequence, kv head) pairs over ``num_blocks`` blocks.
+
+    Shapes alone decide (never data), so a captured CUDA graph replays the same grid.
+    """
+    if requested is not None:
+        splits = requested
+    elif device.type == "cuda":
+        splits = triton.cdiv(_SPLIT_WAVES * _sm_count(device.index), programs)
+    else:
+        splits = _INTERPRETER_SPLITS
+    splits = max(1, min(splits, _MAX_SPLITS, num_blocks))
+    blocks_per_split = max(1, triton.cdiv(num_blocks, splits))
+    return max(1, triton.cdiv(num_blocks, blocks_per_split)), blocks_per_split
+
+
+# Split partials, reused across calls of the same shape. Not allocated while a CUDA graph is being
+# captured (a buffer from the graph's private pool must not outlive the call in a global cache): a
+# step captured before any eager call of its shape allocates per call, which the graph replays free.
+_WORKSPACES: dict[tuple, Tensor] = {}
+
+
+def _workspace(device: torch.device, batch: int, q_heads: int, splits: int, head_dim: int) -> Tensor:
+    key = (device, batch, q_heads, splits, head_dim)
+    ws = _WORKSPACES.get(key)
+    if ws is None:
+        ws = torch.empty(batch, q_heads, splits, head_dim + 2, dtype=torch.float32, device=device)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _WORKSPACES[key] = ws
+    return ws
+
+
+# -- launchers ---------------------------------------------------------------------------------
+
+
+def _is_pow2_in(n: int, lo: int, hi: int) -> bool:
+    return lo <= n <= hi and n & (n - 1) == 0
+
+
+def _decode_problem(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, valid_start: Tensor) -> str | None:
+    """Why the Triton kernels cannot take these operands (None: they can)."""
+    if triton is None:
+        return "Triton is not installed"
+    if q.dim() != 3 or k.dim() != 4 or k.shape != v.shape:
+        return f"q must be [B, Hq, D] and K/V equal [., ., Hkv, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+    if k.shape[3] != q.shape[2] or k.shape[2] == 0 or q.shape[1] % k.shape[2]:
+        return f"q {tuple(q.shape)} and K/V {tuple(k.shape)} disagree on heads or head_dim"
+    if q.dtype not in _SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"q/K/V dtypes {q.dtype}/{k.dtype}/{v.dtype}: need one of fp16, bf16, fp32 for all three"
+    if not _is_pow2_in(q.shape[2], 16, 256):
+        return f"head_dim {q.shape[2]} is not a power of two in 16..256"
+    if pos.numel() != 1 or pos.dtype != torch.int64:
+        return f"pos must be one int64, got {pos.dtype} of shape {tuple(pos.shape)}"
+    if valid_start.shape != (q.shape[0],) or valid_start.dtype != torch.int64:
+        return f"valid_start must be [B] int64, got {valid_start.dtype} of shape {tuple(valid_start.shape)}"
+    if len({t.device for t in (q, k, v, pos, valid_start)}) != 1:
+        return "operands live on different devices"
+    return None
+
+
+def _sparse_problem(q, k_pool, v_pool, slot_chunk, pos, valid_start) -> str | None:
+    problem = _decode_problem(q, k_pool, v_pool, pos, valid_start)
+    if problem is not None:
+        return problem
+    if slot_chunk.dim() != 2 or slot_chunk.dtype != torch.int64 or slot_chunk.device != q.device:
+        return f"slot_chunk must be [B, S] int64 on q's device, got {slot_chunk.dtype} {tuple(slot_chunk.shape)}"
+    if slot_chunk.shape[0] != q.shape[0] or k_pool.shape[0] != slot_chunk.numel():
+        return f"pool {tuple(k_pool.shape)} and slot table {tuple(slot_chunk.shape)} do not match batch {q.shape[0]}"
+    if not _is_pow2_in(k_pool.shape[1], 16, 128):
+        return f"chunk size {k_pool.shape[1]} is not a power of two in 16..128"
+    return None
+
+
+def _ring_problem(q, k_ring, v_ring, pos, valid_start) -> str | None:
+    problem = _decode_problem(q, k_ring, v_ring, pos, valid_start)
+    if problem is None and k_ring.shape[0] != q.shape[0]:
+        problem = f"ring {tuple(k_ring.shape)} does not match batch {q.shape[0]}"
+    return problem
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_reference_fallback(op: str, problem: str) -> None:
+    warnings.warn(f"lsa::{op} runs its PyTorch reference on CUDA: {problem}", RuntimeWarning, stacklevel=3)
+
+
+def _launch_decode(
+    q: Tensor, k: Tensor, v: Tensor, table: Tensor, pos: Tensor, valid_start: Tensor, *,
+    is_ring: bool, chunk: int, block_n: int, num_blocks: int, window: int,
+    k_strides: tuple[int, int, int], v_strides: tuple[int, int, int],
+    scale: float, softcap: float, num_splits: int | None, out: Tensor | None,
+) -> Tensor:
+    """Shared by both launchers. ``*_strides``: (sequence, slot, token) strides of K/V."""
+    batch, q_heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    group = q_heads // kv_heads
+    if out is None:
+        out = torch.empty_like(q)  # strides as the fake implementation's empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+        raise ValueError(f"out must be like q {tuple(q.shape)} {q.dtype}, got {tuple(out.shape)} {out.dtype} on {out.device}")
+    if out.numel() == 0:
+        return out
+    splits, blocks_per_split = _decode_num_splits(q.device, batch * kv_heads, num_blocks, num_splits)
+    ws = _workspace(q.device, batch, q_heads, splits, head_dim)
+    config = _decode_config(head_dim, block_n, q.element_size())
+
+    _decode_split_kernel[(batch, kv_heads, splits)](
+        q, k, v, table, pos, valid_start, ws,
+        num_blocks, blocks_per_split, group, window, float(scale), float(softcap),
+        q.stride(0), q.stride(1), q.stride(2),
+        *k_strides, k.stride(2), k.stride(3),
+        *v_strides, v.stride(2), v.stride(3),
+        table.stride(0) if table.dim() == 2 else 0, table.stride(1) if table.dim() == 2 else 0,
+        ws.stride(0), ws.stride(1), ws.stride(2),
+        IS_RING=is_ring,
+        USE_SOFTCAP=softcap > 0.0,
+        CHUNK=chunk,
+        BLOCK_N=block_n,
+        BLOCK_G=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        **config,
+    )
+    _decode_merge_kernel[(batch, q_heads)](
+        ws, out, splits,
+        ws.stride(0), ws.stride(1), ws.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        BLOCK_SPLITS=max(2, triton.next_power_of_2(splits)),
+        HEAD_DIM=head_dim,
+        num_warps=4,
+    )
+    return out
+
+
+def sparse_decode_attention_triton(
+    q: Tensor,
+    k_pool: Tensor,
+    v_pool: Tensor,
+    slot_chunk: Tensor,
+    pos: Tensor,
+    valid_start: Tensor,
+    *,
+    scale: float,
+    softcap: float = 0.0,
+    num_splits: int | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
+    """Triton launcher of ``lsa::sparse_decode_attention`` (CUDA; CPU tensors under ``TRITON_INTERPRET=1``).
+
+    Two launches, no host sync: the split kernel on grid ``(B, Hkv, splits)`` and the merge kernel on
+    ``(B, Hq)``. ``num_splits`` overrides the split count (default: about two programs per SM).
+    Writes ``out`` (like ``q``) when given, else allocates it; the fp32 workspace
+    ``[B, Hq, splits, D + 2]`` is cached per shape (see ``_workspace``).
+    """
+    problem = _sparse_problem(q, k_pool, v_pool, slot_chunk, pos, valid_start)
+    if problem is not None:
+        raise ValueError(f"sparse_decode_attention (Triton): {problem}")
+    slots = slot_chunk.shape[1]
+    chunk, _, head_dim = k_pool.shape[1:]
+    block_n = _decode_block_n(chunk, head_dim, k_pool.element_size())
+    return _launch_decode(
+        q, k_pool, v_pool, slot_chunk, pos, valid_start,
+        is_ring=False, chunk=chunk, block_n=block_n, num_blocks=slots * (chunk // block_n), window=1,
+        k_strides=(slots * k_pool.stride(0), k_pool.stride(0), k_pool.stride(1)),
+        v_strides=(slots * v_pool.stride(0), v_pool.stride(0), v_pool.stride(1)),
+        scale=scale, softcap=softcap, num_splits=num_splits, out=out,
+    )
+
+
+def ring_decode_attention_triton(
+    q: Tensor,
+    k_ring: Tensor,
+    v_ring: Tensor,
+    pos: Tensor,
+    valid_start: Tensor,
+    *,
+    scale: float,
+    softcap: float = 0.0,
+    num_splits: int | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
+    """Triton launcher of ``lsa::ring_decode_attention``: the sparse kernel with ring positions.
+
+    The ring ``[B, W, Hkv, D]`` is cut into blocks of ``BLOCK_N`` tokens (any ``W``; the last block is
+    masked); otherwise as ``sparse_decode_attention_triton``.
+    """
+    problem = _ring_problem(q, k_ring, v_ring, pos, valid_start)
+    if problem is not None:
+        raise ValueError(f"ring_decode_attention (Triton): {problem}")
+    window, _, head_dim = k_ring.shape[1:]
+    block_n = _decode_block_n(window, head_dim, k_ring.element_size())
+    return _launch_decode(
+        q, k_ring, v_ring, pos, pos, valid_start,
+        is_ring=True, chunk=block_n, block_n=block_n, num_blocks=triton.cdiv(window, block_n), window=max(window, 1),
+        k_strides=(k_ring.stride(0), 0, k_ring.stride(1)),
+        v_strides=(v_ring.stride(0), 0, v_ring.stride(1)),
+        scale=scale, softcap=softcap, num_splits=num_splits, out=out,
+    )
+
+
+# -- op registration ---------------------------------------------------------------------------
+
+
+def _check_query(name: str, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, valid_start: Tensor) -> None:
     if q.dim() != 3:
         raise ValueError(f"{name}: q must be [B, Hq, D], got {tuple(q.shape)}")
     if k.dim() != 4 or k.shape[-1] != q.shape[-1]:
         raise ValueError(f"{name}: keys {tuple(k.shape)} do not match q {tuple(q.shape)} (head_dim)")
+    if v.shape != k.shape:
+        raise ValueError(f"{name}: values {tuple(v.shape)} and keys {tuple(k.shape)} differ in shape")
     if q.shape[1] % k.shape[2]:
         raise ValueError(f"{name}: {q.shape[1]} query heads are not a multiple of {k.shape[2]} kv heads")
+    if pos.numel() != 1:
+        raise ValueError(f"{name}: pos must hold one position, got shape {tuple(pos.shape)}")
+    if tuple(valid_start.shape) != (q.shape[0],):
+        raise ValueError(f"{name}: valid_start must be [B] = [{q.shape[0]}], got {tuple(valid_start.shape)}")
 
 
 @torch.library.custom_op("lsa::sparse_decode_attention", mutates_args=())
@@ -104,11 +505,18 @@ def sparse_decode_attention(
         >>> out.shape
         torch.Size([1, 4, 8])
     """
-    _check_query("sparse_decode_attention", q, k_pool)
+    _check_query("sparse_decode_attention", q, k_pool, v_pool, pos, valid_start)
     if slot_chunk.dim() != 2 or k_pool.shape[0] != slot_chunk.shape[0] * slot_chunk.shape[1] or slot_chunk.shape[0] != q.shape[0]:
         raise ValueError(
             f"sparse_decode_attention: pool {tuple(k_pool.shape)} and slot table {tuple(slot_chunk.shape)} do not match batch {q.shape[0]}"
         )
+    if q.is_cuda:
+        problem = _sparse_problem(q, k_pool, v_pool, slot_chunk, pos, valid_start)
+        if problem is None:
+            return sparse_decode_attention_triton(
+                q, k_pool, v_pool, slot_chunk, pos, valid_start, scale=scale, softcap=softcap
+            )
+        _warn_reference_fallback("sparse_decode_attention", problem)
     return sparse_decode_attention_ref(q, k_pool, v_pool, slot_chunk, pos, valid_start, scale=scale, softcap=softcap)
 
 
@@ -122,7 +530,14 @@ def ring_decode_attention(
     q: Tensor, k_ring: Tensor, v_ring: Tensor, pos: Tensor, valid_start: Tensor, scale: float, softcap: float = 0.0
 ) -> Tensor:
     """Exact attention of one query token per sequence over a sliding-window ring ``[B, W, Hkv, D]``."""
-    _check_query("ring_decode_attention", q, k_ring)
+    _check_query("ring_decode_attention", q, k_ring, v_ring, pos, valid_start)
+    if k_ring.shape[0] != q.shape[0]:
+        raise ValueError(f"ring_decode_attention: ring batch {k_ring.shape[0]} differs from the query's {q.shape[0]}")
+    if q.is_cuda:
+        problem = _ring_problem(q, k_ring, v_ring, pos, valid_start)
+        if problem is None:
+            return ring_decode_attention_triton(q, k_ring, v_ring, pos, valid_start, scale=scale, softcap=softcap)
+        _warn_reference_fallback("ring_decode_attention", problem)
     return ring_decode_attention_ref(q, k_ring, v_ring, pos, valid_start, scale=scale, softcap=softcap)
 
 

@@ -342,7 +342,8 @@ class KVStore:
                 candidates[math.ceil(pos / c):] = -torch.inf  # not yet written
                 candidates[: self.valid_start_host[b] // c] = -torch.inf  # left padding only
                 candidates[~store.available[b]] = -torch.inf  # dropped in evict mode
-                order = [int(i) for i in torch.argsort(candidates, descending=True, stable=True) if candidates[i] > -torch.inf]
+                order = torch.argsort(candidates, descending=True, stable=True)
+                order = order[candidates[order] > -torch.inf].tolist()
                 store.place(b, self._fill(must, order), evict_drops=evict)
             if evict and store.mirror_k is not None:
                 store.drop_staging()

@@ -293,25 +293,21 @@ def test_ring_bad_shapes_raise_value_error(index, value, match):
 
 # Known gaps (reported, not fixed): these shapes are not checked up front and fail later inside the
 # reference with a RuntimeError from view/einsum (or, for the Triton kernels to come, possibly not at all).
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="BUG: sparse_decode_attention does not check v_pool's shape")
 def test_sparse_v_pool_shape_mismatch_raises_value_error():
     with pytest.raises(ValueError):
         OPS.sparse_decode_attention(*_replace(_sparse_args(), 2, torch.randn(2 * 3, 4, 2, 9)))
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="BUG: sparse_decode_attention does not check valid_start's shape")
 def test_sparse_valid_start_shape_mismatch_raises_value_error():
     with pytest.raises(ValueError):
         OPS.sparse_decode_attention(*_replace(_sparse_args(), 5, torch.tensor([0, 1, 2])))
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="BUG: ring_decode_attention does not check the ring's batch")
 def test_ring_batch_mismatch_raises_value_error():
     with pytest.raises(ValueError):
         OPS.ring_decode_attention(*_replace(_ring_args(), 1, torch.randn(3, 4, 2, 8)))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: masked-out V entries are multiplied by 0, so a non-finite value in an empty slot leaks as NaN")
 def test_sparse_empty_slot_contents_cannot_reach_the_output():
     q, k_pool, v_pool, slot_chunk, pos, valid_start, scale, softcap = _sparse_args()
     out = OPS.sparse_decode_attention(q, k_pool, v_pool, slot_chunk, pos, valid_start, scale, softcap)
