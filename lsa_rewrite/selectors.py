@@ -17,18 +17,18 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from . import kernels  # noqa: F401  (registers lsa::chunk_scores)
+
 Selector = Callable[..., Tensor]
 
 
 def query_aware_scores(q: Tensor, kmin: Tensor, kmax: Tensor, **_: object) -> Tensor:
-    """q [B, Hq, D], kmin/kmax [B, N, Hkv, D] -> [B, N] upper bound of q . k per chunk (max over heads)."""
-    batch, q_heads, head_dim = q.shape
-    kv_heads = kmin.shape[2]
-    qg = q.float().view(batch, 1, kv_heads, q_heads // kv_heads, head_dim)  # [B, 1, Hkv, G, D]
-    lo = kmin.float().unsqueeze(3)  # [B, N, Hkv, 1, D]
-    hi = kmax.float().unsqueeze(3)
-    bound = torch.maximum(qg * lo, qg * hi).sum(-1)  # [B, N, Hkv, G]
-    return bound.flatten(2).amax(-1)
+    """q [B, Hq, D], kmin/kmax [B, N, Hkv, D] -> [B, N] upper bound of q . k per chunk (max over heads).
+
+    Runs ``lsa::chunk_scores``: one bandwidth-bound Triton pass over the chunk index on CUDA, its
+    PyTorch reference elsewhere.
+    """
+    return torch.ops.lsa.chunk_scores(q, kmin, kmax)
 
 
 def recency_scores(q: Tensor, kmin: Tensor, kmax: Tensor, **_: object) -> Tensor:

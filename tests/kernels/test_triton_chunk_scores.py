@@ -75,11 +75,16 @@ def test_chunk_scores_with_mixed_dtypes_multiply_in_fp32():
     torch.testing.assert_close(out, chunk_scores_ref(q, kmin, kmax), atol=1e-5, rtol=1e-5)
 
 
-def test_reference_is_the_selectors_math():
+def test_reference_is_the_quest_bound():
+    """The selector's score is the per-channel upper bound sum_d max(q_d * lo_d, q_d * hi_d), maxed over heads."""
     gen = torch.Generator().manual_seed(1)
     q = torch.randn(2, 8, 32, generator=gen).bfloat16()
     kmin, kmax = bounds(2, 11, 2, 32, torch.bfloat16, gen)
-    assert torch.equal(chunk_scores_ref(q, kmin, kmax), query_aware_scores(q, kmin, kmax))
+    qg = q.float().view(2, 1, 2, 4, 32)  # [B, 1, Hkv, G, D]
+    lo, hi = kmin.float().unsqueeze(3), kmax.float().unsqueeze(3)  # [B, N, Hkv, 1, D]
+    expected = torch.maximum(qg * lo, qg * hi).sum(-1).flatten(2).amax(-1)
+    torch.testing.assert_close(query_aware_scores(q, kmin, kmax), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(chunk_scores_ref(q, kmin, kmax), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_chunk_scores_read_strided_bounds():
