@@ -40,6 +40,8 @@ def main() -> None:
     parser.add_argument("--filler", type=int, default=40, help="filler sentences (about 21 tokens each)")
     parser.add_argument("--key", type=int, default=68213)
     parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--interval", type=int, default=16, help="decode steps between selections")
+    parser.add_argument("--chunk-size", type=int, default=16)
     args = parser.parse_args()
 
     path = find_smollm2_gguf()
@@ -48,7 +50,7 @@ def main() -> None:
     model, tokenizer = load_model(path)
     ids = passkey_prompt(tokenizer, filler=args.filler, key=args.key)
 
-    config = LSAConfig(budget=args.budget, chunk_size=16, interval=16, sink_tokens=16, recent_tokens=64)
+    config = LSAConfig(budget=args.budget, chunk_size=args.chunk_size, interval=args.interval, sink_tokens=16, recent_tokens=64)
     converted = lsa_rewrite.convert(copy.deepcopy(model), config)
 
     results = {"prompt_tokens": ids.shape[1], "budget": args.budget, "key": args.key}

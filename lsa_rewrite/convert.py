@@ -238,19 +238,26 @@ class LSARuntime:
         return self.store
 
     def decode(self, inputs: dict[str, torch.Tensor], store: KVStore) -> torch.Tensor:
-        program = self.program(store.batch)
         store.before_step()
+        logits = self._step(inputs, store)
+        store.after_step()
+        return logits
+
+    def _step(self, inputs: dict[str, torch.Tensor], store: KVStore) -> torch.Tensor:
+        """One run of the rewritten decode step at ``store.pos`` (compiled + CUDA graph on CUDA)."""
+        program = self.program(store.batch)
         with torch.no_grad():
             if store.device.type == "cuda" and self.config.compile:
                 if self.compiled is None or self.compiled.store is not store:
                     module = self.compiled_modules.get(store.batch)
                     self.compiled = CompiledStep(program, store, compiled=module)
                     self.compiled_modules[store.batch] = self.compiled.compiled
-                logits = self.compiled(inputs).clone()  # the graph's output buffer is reused by the next step
-            else:
-                logits = program(inputs, store)
-        store.after_step()
-        return logits
+                return self.compiled(inputs).clone()  # the graph's output buffer is reused by the next step
+            return program(inputs, store)
+
+    def _finish_prefill(self, store: KVStore, length: int, last_token: dict[str, torch.Tensor]) -> None:
+        store.finish_prefill(length)
+        store.probe(lambda: self._step(last_token, store))
 
     # -- HF forward ---------------------------------------------------------------------------
     def hf_forward(self, original, signature: inspect.Signature, *args, **kwargs):
@@ -282,7 +289,10 @@ class LSARuntime:
         kwargs["use_cache"] = True
         with torch.no_grad():
             out = original(**kwargs)
-        store.finish_prefill(length)
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:
+            position_ids = (length - 1 - store.valid_start).view(-1, 1)
+        self._finish_prefill(store, length, {"input_ids": input_ids[:, -1:], "position_ids": position_ids[:, -1:]})
         self.output_type = type(out)
         self.cache_field = next((k for k, v in out.items() if v is lsa_cache), cache_kw)
         out[self.cache_field] = lsa_cache
@@ -312,7 +322,7 @@ class LSARuntime:
                     store.ingest(site.layer, k, v)
         finally:
             self.adapter.set_cache_buffers(materialize=False)
-        store.finish_prefill(length)
+        self._finish_prefill(store, length, {"input_ids": input_ids[:, -1:], "input_pos": input_pos[-1:]})
         return logits
 
 

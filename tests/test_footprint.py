@@ -101,3 +101,27 @@ def test_query_aware_keeps_what_attention_needs(llama, prompt):
         errors[selector] = (torch.stack(step_logits) - dense_logits[1:]).abs().mean().item()
     assert errors["query-aware"] < errors["recency"], errors
     assert errors["query-aware"] < errors["random"], errors
+
+
+def test_first_selection_uses_the_last_prompt_tokens_queries(llama, prompt):
+    """Right after the prefill, the first resident set is chosen with real queries, and the probe
+    that produced them leaves the prefill's K/V and chunk bounds exactly as they were."""
+    converted = no_eos(converted_copy(llama, _config("offload")))
+    kw = converted.lsa.adapter.cache_kw
+    dense_cache = DynamicCache(config=llama.config)
+    with torch.no_grad():
+        llama(input_ids=prompt, use_cache=True, **{kw: dense_cache})
+        out = converted(input_ids=prompt, use_cache=True)
+    store = out[converted.lsa.cache_field].store
+    assert store.selections == 1 and store.steps == 0
+    last = (PROMPT - 1) // CHUNK
+    for site in converted.lsa.sites:
+        layer = store.layers[site.layer]
+        assert layer.q_tap.abs().sum() > 0, "the probe did not record queries"
+        keys = dense_cache.layers[site.layer].keys.transpose(1, 2)  # [B, T, Hkv, D]
+        for b in range(store.batch):
+            row = b * store.slots + layer.host_slot_chunk[b].index(last)
+            assert torch.equal(layer.k_pool[row], keys[b, last * CHUNK:(last + 1) * CHUNK])
+            chunk_keys = keys[b, last * CHUNK:(last + 1) * CHUNK]
+            assert torch.equal(layer.kmin[b, last], chunk_keys.amin(0))
+            assert torch.equal(layer.kmax[b, last], chunk_keys.amax(0))

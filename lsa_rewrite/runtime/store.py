@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -209,6 +210,7 @@ class KVStore:
         self.steps = 0  # decode steps since the prefill
         self.synced = 0  # positions below this are in the mirror
         self.selections = 0
+        self.next_selection = 1  # decode step before which the next selection runs
         self.generator = torch.Generator().manual_seed(config.seed)
 
     # -- sizing -------------------------------------------------------------------------------
@@ -295,6 +297,7 @@ class KVStore:
         if length >= self.capacity:
             raise StoreError(f"prompt of {length} tokens leaves no room to decode in a store of {self.capacity}; raise LSAConfig.max_context")
         self.length = self.synced = length
+        self.next_selection = 1
         for store in self._chunk_layers():
             if self.all_resident:
                 for b in range(self.batch):
@@ -318,9 +321,39 @@ class KVStore:
                 f"sequence reached the store capacity of {self.capacity} tokens; raise LSAConfig.max_context "
                 "or pass max_new_tokens to generate() so the store is sized for it"
             )
-        if not self.all_resident and self.steps >= 1 and (self.steps - 1) % self.config.interval == 0:
+        if not self.all_resident and self.steps == self.next_selection:
             self.select()
+            self.next_selection += self.config.interval
         self.pos.fill_(self.length)
+
+    def probe(self, run_step: Callable[[], object]) -> None:
+        """Choose the first window's resident set with the real queries of the last prompt token.
+
+        The prefill (the model's own attention) leaves no queries behind, so right after it
+        ``run_step`` re-runs the decode step on the last prompt token (position T-1) over the
+        initial resident set (sink + newest chunks). That fills every layer's ``q_tap``; what the step
+        wrote at T-1 (K/V from approximate deeper layers, chunk bounds) is put back exactly as the
+        prefill left it, and the first selection runs with those queries. The regular schedule then
+        selects again before decode step 1 (with the first generated token's queries) and every
+        ``interval`` steps after that.
+        """
+        if self.all_resident or not self._chunk_layers() or self.steps or not self.length:
+            return
+        pos = self.length - 1
+        chunk = pos // self.chunk
+        saved = []
+        for store in self._chunk_layers():
+            rows = [b * self.slots + store.host_slot_chunk[b].index(chunk) for b in range(self.batch)]
+            saved.append((store, rows, store.k_pool[rows].clone(), store.v_pool[rows].clone(), store.kmin[:, chunk].clone(), store.kmax[:, chunk].clone()))
+        self.pos.fill_(pos)
+        run_step()
+        for store, rows, k, v, lo, hi in saved:
+            store.k_pool[rows] = k
+            store.v_pool[rows] = v
+            store.kmin[:, chunk] = lo
+            store.kmax[:, chunk] = hi
+        self.select()
+        self.next_selection = 1  # and again once the first generated token has its own queries
 
     def after_step(self) -> None:
         self.length += 1
@@ -358,7 +391,7 @@ class KVStore:
         if cfg.sink_tokens:
             keep += range(start // c, (min(start + cfg.sink_tokens, pos) - 1) // c + 1)
         last = min(pos + cfg.interval - 1, self.capacity - 1) // c
-        keep += range(max(0, pos - cfg.recent_tokens) // c, last + 1)
+        keep += range(max(0, pos - max(cfg.recent_tokens, 1)) // c, last + 1)  # the last token's chunk at least
         return list(dict.fromkeys(keep))
 
     def _fill(self, must: list[int], ranked: list[int]) -> list[int]:
