@@ -199,7 +199,15 @@ class BufferAdapter:
 
 
 class LSARuntime:
-    """What a converted model carries (``model.lsa``): config, decode programs, the current store."""
+    """What a converted model carries (``model.lsa``): config, decode programs, the current store.
+
+    Example::
+
+        >>> model = lsa_rewrite.convert(model, LSAConfig(budget=0.25))
+        >>> [row["action"] for row in model.lsa.report()]    # one row per attention site
+        ['rewrite', 'rewrite', ...]
+        >>> model.generate(ids, max_new_tokens=32); model.lsa.store.selections
+    """
 
     def __init__(self, model: torch.nn.Module, config: LSAConfig, adapter, program: DecodeProgram):
         self.model, self.config, self.adapter = model, config, adapter

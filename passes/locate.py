@@ -151,20 +151,20 @@ def _walk_back(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
     return node, passed
 
 
-def _const(value: Any, graph_nodes: dict[str, Any]) -> float | None:
+def _const(value: Any) -> float | None:
     """A Python number, or a node that builds a 0-d constant (torch.full([], c), torch.tensor(c))."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, fx.Node) and value.op == "call_function":
         if value.target is torch.full and len(value.args) >= 2 and list(value.args[0]) == []:
-            return _const(value.args[1], graph_nodes)
+            return _const(value.args[1])
         if value.target is torch.tensor and value.args:
-            return _const(value.args[0], graph_nodes)
+            return _const(value.args[0])
         if value.target in (math.sqrt,) and value.args:
-            inner = _const(value.args[0], graph_nodes)
+            inner = _const(value.args[0])
             return None if inner is None else math.sqrt(inner)
     if isinstance(value, fx.Node) and _method(value) in ("to", "type_as"):
-        return _const(value.args[0], graph_nodes)
+        return _const(value.args[0])
     return None
 
 
@@ -194,7 +194,6 @@ class LocateAttentionPass(GraphPass):
 
     def __call__(self, step: CapturedStep) -> list[AttentionSite]:
         graph = step.graph_module.graph
-        nodes = {n.name: n for n in graph.nodes}
         placeholders = {n for n in graph.nodes if n.op == "placeholder"}
         writes: dict[fx.Node, list[fx.Node]] = {}
         for node in graph.nodes:
@@ -215,7 +214,7 @@ class LocateAttentionPass(GraphPass):
         for node in sorted(attentions, key=order.__getitem__):
             if node in consumed:
                 continue
-            site = self._site(node, step, placeholders, writes, nodes, len(sites))
+            site = self._site(node, step, placeholders, writes, len(sites))
             if site is not None:
                 sites.append(site)
                 consumed.add(site.attn)
@@ -264,7 +263,7 @@ class LocateAttentionPass(GraphPass):
                 return src, write.args[2], dims[0], "index_put_", list(writes[src])
         return None
 
-    def _site(self, node, step, placeholders, writes, nodes, index) -> AttentionSite | None:
+    def _site(self, node, step, placeholders, writes, index) -> AttentionSite | None:
         if node.op == "call_function" and node.target in SDPA_TARGETS:
             form = "sdpa"
             q, k, v = node.args[:3]
@@ -338,7 +337,7 @@ class LocateAttentionPass(GraphPass):
                 saw_softmax = True
             elif nxt.op == "call_function" and nxt.target in (operator.mul, torch.mul, operator.truediv, torch.div) or _method(nxt) in ("mul", "div", "__mul__", "__truediv__"):
                 other = nxt.args[1] if nxt.args[0] is node else nxt.args[0]
-                value = _const(other, {})
+                value = _const(other)
                 if value is None:
                     raise LocateError(f"eager attention at {score.name}: {nxt.name} scales scores by a non-constant; cannot read the scale")
                 divides = nxt.target in (operator.truediv, torch.div) or _method(nxt) in ("div", "__truediv__")

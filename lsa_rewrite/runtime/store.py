@@ -171,6 +171,15 @@ class KVStore:
     prompt KV during the dense prefill; ``finish_prefill()`` places the first resident set; then for
     every decode token ``before_step()`` (selection when due, position update), the compiled step,
     and ``after_step()``.
+
+    Example::
+
+        >>> spec = LayerSpec(layer=0, q_heads=4, kv_heads=2, head_dim=16, dtype=torch.float32)
+        >>> store = KVStore([spec], LSAConfig(budget=0.25, chunk_size=16, interval=16, sink_tokens=16,
+        ...                 recent_tokens=16), batch=1, capacity=1024)
+        >>> store.ingest(0, torch.randn(1, 2, 900, 16), torch.randn(1, 2, 900, 16)); store.finish_prefill(900)
+        >>> store.footprint()["ratio"] <= 0.25 * 1024 / 900
+        True
     """
 
     def __init__(
