@@ -48,8 +48,11 @@ def append_kv_ref(k_pool: Tensor, v_pool: Tensor, k_new: Tensor, v_new: Tensor, 
     offset = pos - logical * chunk  # [1]
     slot = chunk_slot.gather(1, logical.expand(batch, 1)).squeeze(1)  # [B]
     rows = torch.arange(batch, device=k_pool.device) * slots_per_seq + slot.clamp_min(0)  # [B]
-    k_pool[rows, offset.expand(batch)] = k_new.to(k_pool.dtype)
-    v_pool[rows, offset.expand(batch)] = v_new.to(v_pool.dtype)
+    cols = offset.expand(batch)
+    # A token whose chunk has no slot is dropped (as the Triton kernel does), never written elsewhere.
+    held = (slot >= 0).view(batch, 1, 1)
+    k_pool[rows, cols] = torch.where(held, k_new.to(k_pool.dtype), k_pool[rows, cols])
+    v_pool[rows, cols] = torch.where(held, v_new.to(v_pool.dtype), v_pool[rows, cols])
 
 
 def update_chunk_index_ref(kmin: Tensor, kmax: Tensor, k_new: Tensor, pos: Tensor, chunk_size: int) -> None:

@@ -111,13 +111,22 @@ class ChunkLayer:
                     self.dropped_chunks += 1
                 current[s] = -1
         incoming = [c for c in keep if c not in resident]
-        for c, s in zip(incoming, free):
+        slots_in = free[: len(incoming)]
+        for c, s in zip(incoming, slots_in):
             current[s] = c
-            if self.mirror_k is not None and self.available[b, c]:
-                row = self._pool_rows(b, s)
-                self.k_pool[row].copy_(self.mirror_k[b, c], non_blocking=True)
-                self.v_pool[row].copy_(self.mirror_v[b, c], non_blocking=True)
-            self.available[b, c] = True
+        if incoming:
+            chunks = torch.tensor(incoming, dtype=_INDEX)
+            if self.mirror_k is not None:
+                # One gather + one host-to-device copy per tensor, not one copy per chunk. Chunks not
+                # yet written (the coming window's) are not in the mirror and are not copied.
+                recall = self.available[b, chunks]
+                if bool(recall.any()):
+                    device = self.k_pool.device
+                    rows = (b * self.slots + torch.tensor(slots_in, dtype=_INDEX))[recall].to(device)
+                    src = chunks[recall]
+                    self.k_pool.index_copy_(0, rows, self.mirror_k[b].index_select(0, src).to(device))
+                    self.v_pool.index_copy_(0, rows, self.mirror_v[b].index_select(0, src).to(device))
+            self.available[b, chunks] = True
         row = torch.tensor(current, dtype=_INDEX)
         table = torch.full((self.num_chunks,), -1, dtype=_INDEX)
         filled = row >= 0

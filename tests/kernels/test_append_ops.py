@@ -274,3 +274,17 @@ def _opcheck_cases():
 @pytest.mark.parametrize("op", ["append_kv", "update_chunk_index", "ring_append_kv", "tap"])
 def test_opcheck(op):
     torch.library.opcheck(getattr(OPS, op).default, _opcheck_cases()[op])
+
+
+def test_append_to_a_chunk_without_a_slot_writes_nothing():
+    """The store guarantees a slot for every chunk written in a window; if one is missing, nothing is corrupted."""
+    gen = torch.Generator().manual_seed(11)
+    k_pool = torch.randn(2 * 3, 8, 2, 4, generator=gen)
+    v_pool = torch.randn(2 * 3, 8, 2, 4, generator=gen)
+    before_k, before_v = k_pool.clone(), v_pool.clone()
+    table = torch.full((2, 5), -1, dtype=torch.long)
+    table[0, 2] = 1  # sequence 0 holds chunk 2 in slot 1; sequence 1 does not hold it
+    k_new, v_new = torch.randn(2, 2, 4, generator=gen), torch.randn(2, 2, 4, generator=gen)
+    torch.ops.lsa.append_kv(k_pool, v_pool, k_new, v_new, torch.tensor([19]), table)  # chunk 2, offset 3
+    before_k[1, 3], before_v[1, 3] = k_new[0], v_new[0]
+    assert torch.equal(k_pool, before_k) and torch.equal(v_pool, before_v)
