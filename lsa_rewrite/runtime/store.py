@@ -55,8 +55,9 @@ def _nbytes(t: Tensor | None) -> int:
 
 
 def _host_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    # Not zero-filled: a mirror chunk is read only after it was written (ingest or write-back).
     pin = device.type == "cuda" and torch.cuda.is_available()
-    return torch.zeros(shape, dtype=dtype, device="cpu", pin_memory=pin)
+    return torch.empty(shape, dtype=dtype, device="cpu", pin_memory=pin)
 
 
 class ChunkLayer:
@@ -306,8 +307,9 @@ class KVStore:
             pool_k[:, :chunks] = kp.to(pool_k.dtype)
             pool_v[:, :chunks] = vp.to(pool_v.dtype)
         else:
-            store.mirror_k[:, :chunks] = kp.to(device="cpu", dtype=store.mirror_k.dtype)
-            store.mirror_v[:, :chunks] = vp.to(device="cpu", dtype=store.mirror_v.dtype)
+            # Straight into the (pinned) mirror; finish_prefill waits for these copies before reading it.
+            store.mirror_k[:, :chunks].copy_(kp, non_blocking=True)
+            store.mirror_v[:, :chunks].copy_(vp, non_blocking=True)
         store.available[:, :chunks] = True
 
     def finish_prefill(self, length: int) -> None:
@@ -316,6 +318,8 @@ class KVStore:
             raise StoreError(f"prompt of {length} tokens leaves no room to decode in a store of {self.capacity}; raise LSAConfig.max_context")
         self.length = self.synced = length
         self.next_selection = 1
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # the prompt's copies into the mirror
         for store in self._chunk_layers():
             if self.all_resident:
                 for b in range(self.batch):
