@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--interval", type=int, default=16, help="decode steps between selections")
     parser.add_argument("--chunk-size", type=int, default=16)
+    parser.add_argument("--out", help="also append the result, with versions and date, to this JSON list")
     args = parser.parse_args()
 
     path = find_smollm2_gguf()
@@ -61,7 +62,23 @@ def main() -> None:
         results[f"{name}_seconds"] = round(time.perf_counter() - start, 2)
     fp = lsa_rewrite.footprint(converted)
     results.update({k: fp[k] for k in ("resident_kv_bytes", "dense_kv_bytes", "ratio", "mirror_bytes", "selections")})
+    results.update(interval=args.interval, chunk_size=args.chunk_size)
     print(json.dumps(results, indent=2))
+    if args.out:
+        import datetime
+        import platform
+        from pathlib import Path
+
+        import transformers
+
+        results["environment"] = {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        }
+        path = Path(args.out)
+        runs = json.loads(path.read_text()) if path.exists() else []
+        path.write_text(json.dumps(runs + [results], indent=2) + "\n")
 
 
 if __name__ == "__main__":
