@@ -168,10 +168,11 @@ class BufferAdapter:
 
     def _layouts(self):
         for site in self.sites:
-            shape = self.cache_buffers[self._name(site.k_source)][0]
+            shape = self.cache_buffers[self.buffer_name(site.k_source)][0]
             yield shape, site.seq_dim
 
-    def _name(self, node) -> str:
+    def buffer_name(self, node) -> str:
+        """The module-buffer name of a cache placeholder found by the passes."""
         return self._bindings[node.name].name
 
     def remember(self, step: CapturedStep, sites: list[AttentionSite]) -> None:
@@ -323,8 +324,8 @@ class LSARuntime:
             with torch.no_grad():
                 logits = original(input_ids, input_pos, *args, **kwargs)
                 for site in self.adapter.sites:
-                    k = buffers[self.adapter._name(site.k_source)].narrow(site.seq_dim, 0, length)
-                    v = buffers[self.adapter._name(site.v_source)].narrow(site.seq_dim, 0, length)
+                    k = buffers[self.adapter.buffer_name(site.k_source)].narrow(site.seq_dim, 0, length)
+                    v = buffers[self.adapter.buffer_name(site.v_source)].narrow(site.seq_dim, 0, length)
                     if site.seq_dim == 1:  # [B, T, H, D] -> [B, H, T, D]
                         k, v = k.transpose(1, 2), v.transpose(1, 2)
                     store.ingest(site.layer, k, v)

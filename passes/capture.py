@@ -11,7 +11,7 @@ Not here: deciding what is a KV cache (``LocateAttentionPass``), changing the gr
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -44,10 +44,6 @@ class CapturedStep:
     bindings: dict[str, Binding]  # placeholder node name -> binding
     examples: dict[str, Any]  # placeholder node name -> the real tensor seen at capture
     logits_index: int
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def placeholders(self) -> list[fx.Node]:
-        return [n for n in self.graph_module.graph.nodes if n.op == "placeholder"]
 
 
 def _fresh(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -122,9 +118,8 @@ def capture_step(
             raise CaptureError(f"graph input {node.name} is not a tensor ({type(example).__name__}); capture with static shapes")
         bindings[node.name] = by_id.get(id(example), Binding("constant", node.name))
         examples[node.name] = example
-    missing = [n for n in input_names if not any(b.kind == "input" and b.name == n for b in bindings.values())]
-    # An input the graph does not read (e.g. positions of a model without RoPE) is fine; record it.
-    return CapturedStep(gm, bindings, examples, logits_index, meta={"unused_inputs": missing, "input_names": input_names})
+    # An input the graph does not read (e.g. positions of a model without RoPE) is fine: binding skips it.
+    return CapturedStep(gm, bindings, examples, logits_index)
 
 
 def example_value(node: fx.Node) -> Any:

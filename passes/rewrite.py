@@ -34,7 +34,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from lsa_rewrite.kernels import append_kv, ring_append_kv, ring_decode_attention, sparse_decode_attention, tap, update_chunk_index  # noqa: F401
+from lsa_rewrite import kernels  # noqa: F401  (registers the lsa:: ops used below)
 
 from .capture import CapturedStep
 from .locate import AttentionSite, GraphPass

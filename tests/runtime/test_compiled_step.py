@@ -14,7 +14,6 @@ from lsa_rewrite.runtime.compiled import CompiledStep
 def test_compiled_step_does_not_recompile_as_the_context_grows():
     model = make_model("llama")
     converted = lsa_rewrite.convert(model, LSAConfig(budget=0.5, chunk_size=16, interval=8, sink_tokens=16, recent_tokens=16, max_context=256))
-    kw = converted.lsa.adapter.cache_kw
     prompt = torch.randint(3, 250, (1, 100), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         out = converted(input_ids=prompt, use_cache=True)
