@@ -22,6 +22,7 @@ from .append_kv import (
     update_chunk_index_triton,
 )
 from .chunk_scores import chunk_scores, chunk_scores_ref, chunk_scores_triton
+from .copy_chunks import copy_chunks, copy_chunks_ref, copy_chunks_triton
 from .decode_attention import (
     ring_decode_attention,
     ring_decode_attention_ref,
@@ -39,6 +40,9 @@ __all__ = [
     "chunk_scores",
     "chunk_scores_ref",
     "chunk_scores_triton",
+    "copy_chunks",
+    "copy_chunks_ref",
+    "copy_chunks_triton",
     "ring_append_kv",
     "ring_append_kv_ref",
     "ring_append_kv_triton",
