@@ -105,7 +105,7 @@ def _reachable(t: Tensor) -> bool:
     return t.is_cuda or (t.device.type == "cpu" and t.is_pinned())
 
 
-def _copy_problem(tensors: tuple[Tensor, ...]) -> str | None:
+def copy_chunks_problem(tensors: tuple[Tensor, ...]) -> str | None:
     """Why the Triton kernel cannot take these operands on the GPU (None: it can)."""
     if triton is None:
         return "Triton is not installed"
@@ -157,7 +157,7 @@ def copy_chunks(dst_k: Tensor, dst_v: Tensor, src_k: Tensor, src_v: Tensor, dst_
     """
     tensors = (dst_k, dst_v, src_k, src_v, dst_rows, src_rows)
     if any(t.is_cuda for t in tensors):
-        problem = _copy_problem(tensors)
+        problem = copy_chunks_problem(tensors)
         if problem is None:
             return copy_chunks_triton(*tensors)
         _warn_reference_fallback(problem)

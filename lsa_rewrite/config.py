@@ -40,6 +40,12 @@ class LSAConfig:
         max_context: tokens per sequence the store is sized for. ``None``: taken from ``generate()``
             (prompt + ``max_new_tokens``), else from the model's ``max_position_embeddings``.
         capture_cache: the HF cache the decode step is traced with: ``"static"`` or ``"dynamic"``.
+        recall_lag: decode steps between a selection and the moment its recalled chunks join the
+            chunk table. Chunks the selection drops leave at once; the chunks it recalls are copied
+            from the CPU mirror on a side stream while decode goes on, and the table takes them
+            only ``recall_lag`` steps later, after the copy is done. 0 waits for the copies at the
+            selection. ``None``: ``interval // 16`` (4 for the default interval of 64). Must be
+            below ``interval``; the chunks kept resident cover ``interval + recall_lag`` tokens ahead.
         seed: seed of the ``"random"`` selector.
         compile: on CUDA, compile the decode step with Inductor and replay it as a CUDA graph
             (on the CPU the rewritten graph always runs as a ``GraphModule``).
@@ -60,6 +66,7 @@ class LSAConfig:
     selector: str = "query-aware"
     max_context: int | None = None
     capture_cache: str = "static"
+    recall_lag: int | None = None
     seed: int = 0
     compile: bool = True
     version: int = 1
@@ -90,12 +97,22 @@ class LSAConfig:
             raise ValueError(f"selector must be one of {SELECTORS}, got {self.selector!r}")
         if self.max_context is not None and (not _is_int(self.max_context) or self.max_context < 1):
             raise ValueError(f"max_context must be None or an int >= 1, got {self.max_context!r}")
+        if self.recall_lag is not None and (not _is_int(self.recall_lag) or not 0 <= self.recall_lag < self.interval):
+            raise ValueError(
+                f"recall_lag must be None or an int in [0, interval={self.interval}) (decode steps a recall may take "
+                f"before its chunks join the table), got {self.recall_lag!r}"
+            )
         if self.capture_cache not in CAPTURE_CACHES:
             raise ValueError(f"capture_cache must be one of {CAPTURE_CACHES}, got {self.capture_cache!r}")
         if not isinstance(self.compile, bool):
             raise ValueError(f"compile must be True or False, got {self.compile!r}")
         if self.version != 1:
             raise ValueError(f"LSAConfig version {self.version} is not supported by this lsa-rewrite (knows version 1)")
+
+    @property
+    def lag(self) -> int:
+        """The recall lag in effect: ``recall_lag``, or ``interval // 16`` when it is ``None``."""
+        return self.interval // 16 if self.recall_lag is None else self.recall_lag
 
     def to_dict(self) -> dict[str, Any]:
         """Stable, versioned dict form (``_type``, ``_version``, ``_data``)."""

@@ -243,6 +243,8 @@ class LSARuntime:
         device, _ = _model_device_dtype(self.model)
         specs = [LayerSpec(s.layer, s.q_heads, s.kv_heads, s.head_dim, s.dtype, s.window if s.action == "ring" else None) for s in self.sites]
         self.program(batch)  # trace before allocating, so a failure leaves nothing behind
+        if self.store is not None:
+            self.store.synchronize()  # its side-stream copies must not outlive its buffers
         self.store = KVStore(specs, self.config, batch=batch, capacity=capacity, valid_start=valid_start, device=device)
         return self.store
 

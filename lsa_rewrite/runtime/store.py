@@ -21,6 +21,7 @@ batch has its own resident set. Nothing here allocates per decode step except at
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -29,9 +30,27 @@ import torch
 from torch import Tensor
 
 from ..config import LSAConfig
+from ..kernels.copy_chunks import copy_chunks_problem, copy_chunks_ref, copy_chunks_triton
 from ..selectors import SELECTORS
 
 _INDEX = torch.long
+
+
+def _upload(dst: Tensor, host: Tensor) -> None:
+    """Host table -> device table without blocking the host (pinned staging on CUDA)."""
+    if dst.is_cuda:
+        dst.copy_(host.pin_memory(), non_blocking=True)
+    else:
+        dst.copy_(host)
+
+
+def _copy(dst_k: Tensor, dst_v: Tensor, src_k: Tensor, src_v: Tensor, dst_rows: Tensor, src_rows: Tensor) -> None:
+    """Chunk rows ``src`` -> ``dst`` (pool <-> mirror): one Triton launch on the current stream on CUDA."""
+    operands = (dst_k, dst_v, src_k, src_v, dst_rows, src_rows)
+    if (dst_k.is_cuda or src_k.is_cuda) and copy_chunks_problem(operands) is None:
+        copy_chunks_triton(*operands)
+    else:
+        copy_chunks_ref(*operands)
 
 
 class StoreError(ValueError):
@@ -98,54 +117,54 @@ class ChunkLayer:
     def _pool_rows(self, b: int, slot: int) -> int:
         return b * self.slots + slot
 
-    def place(self, b: int, keep: list[int], *, evict_drops: bool) -> None:
-        """Make ``keep`` (logical chunks, at most S) the resident set of sequence ``b``."""
+    def plan(self, b: int, keep: list[int], *, evict_drops: bool) -> tuple[list[int], list[int], list[tuple[int, int]]]:
+        """Make ``keep`` (logical chunks, at most S) the planned resident set of sequence ``b``.
+
+        Chunks left out of ``keep`` give up their slots; chunks coming in take free slots, in
+        ``keep``'s order. Returns ``(now, after, recalls)``: the slot -> chunk row to install at once
+        (kept chunks, plus incoming chunks with nothing to copy: those the coming window writes),
+        the row once the recall copies are done, and the copies as (pool row, mirror row) pairs.
+        """
         current = self.host_slot_chunk[b]
         keep_set = set(keep)
-        resident = {c: s for s, c in enumerate(current) if c >= 0}
-        free = [s for s, c in enumerate(current) if c < 0 or c not in keep_set]
-        for s in free:
-            c = current[s]
-            if c >= 0:
-                if evict_drops:
-                    self.available[b, c] = False
-                    self.dropped_chunks += 1
-                current[s] = -1
+        now = [c if c in keep_set else -1 for c in current]
+        for c in current:
+            if c >= 0 and c not in keep_set and evict_drops:
+                self.available[b, c] = False
+                self.dropped_chunks += 1
+        resident = set(current)
+        free = [s for s, c in enumerate(now) if c < 0]
         incoming = [c for c in keep if c not in resident]
-        slots_in = free[: len(incoming)]
-        for c, s in zip(incoming, slots_in):
-            current[s] = c
-        if incoming:
-            chunks = torch.tensor(incoming, dtype=_INDEX)
-            if self.mirror_k is not None:
-                # One gather + one host-to-device copy per tensor, not one copy per chunk. Chunks not
-                # yet written (the coming window's) are not in the mirror and are not copied.
-                recall = self.available[b, chunks]
-                if bool(recall.any()):
-                    device = self.k_pool.device
-                    rows = (b * self.slots + torch.tensor(slots_in, dtype=_INDEX))[recall].to(device)
-                    src = chunks[recall]
-                    self.k_pool.index_copy_(0, rows, self.mirror_k[b].index_select(0, src).to(device))
-                    self.v_pool.index_copy_(0, rows, self.mirror_v[b].index_select(0, src).to(device))
-            self.available[b, chunks] = True
-        row = torch.tensor(current, dtype=_INDEX)
-        table = torch.full((self.num_chunks,), -1, dtype=_INDEX)
-        filled = row >= 0
-        table[row[filled]] = torch.arange(self.slots, dtype=_INDEX)[filled]
-        self.slot_chunk[b].copy_(row, non_blocking=True)
-        self.chunk_slot[b].copy_(table, non_blocking=True)
+        after = list(now)
+        recalls = []
+        for c, s in zip(incoming, free):  # len(incoming) <= len(free): keep holds at most S chunks
+            after[s] = c
+            if self.mirror_k is not None and bool(self.available[b, c]):
+                recalls.append((self._pool_rows(b, s), b * self.num_chunks + c))
+            else:
+                now[s] = c  # not written yet (the coming window's): nothing to copy, mapped at once
+            self.available[b, c] = True
+        self.host_slot_chunk[b] = after
+        return now, after, recalls
 
-    def write_back(self, b: int, chunks: range) -> None:
-        """Copy resident chunks decoded since the last selection from the pool to the mirror."""
+    def inverse(self, slot_chunk: Tensor) -> Tensor:
+        """Host ``[B, S]`` slot -> chunk rows to the ``[B, N]`` chunk -> slot table (-1: not resident)."""
+        idx = slot_chunk.clone()
+        idx[idx < 0] = self.num_chunks  # a spare column, dropped below
+        table = torch.full((self.batch, self.num_chunks + 1), -1, dtype=_INDEX)
+        table.scatter_(1, idx, torch.arange(self.slots, dtype=_INDEX).expand(self.batch, -1).contiguous())
+        return table[:, : self.num_chunks]
+
+    def written_rows(self, chunks: range) -> list[tuple[int, int]]:
+        """(mirror row, pool row) of every resident chunk in ``chunks``: what a write-back copies."""
         if self.mirror_k is None:
-            return
-        current = self.host_slot_chunk[b]
-        for s, c in enumerate(current):
-            if c in chunks:
-                row = self._pool_rows(b, s)
-                self.mirror_k[b, c].copy_(self.k_pool[row])
-                self.mirror_v[b, c].copy_(self.v_pool[row])
-
+            return []
+        return [
+            (b * self.num_chunks + c, self._pool_rows(b, s))
+            for b in range(self.batch)
+            for s, c in enumerate(self.host_slot_chunk[b])
+            if c in chunks
+        ]
 
     def drop_staging(self) -> None:
         """Evict mode, first selection: staged prompt chunks left out of the pool are gone."""
@@ -231,12 +250,21 @@ class KVStore:
         self.selections = 0
         self.next_selection = 1  # decode step before which the next selection runs
         self.generator = torch.Generator().manual_seed(config.seed)
+        self.lag = config.lag
+        # Recall copies run on a side stream (CUDA); the tables they complete wait in _pending until
+        # decode step _swap_at, when the main stream waits for them and installs the tables.
+        self._side = torch.cuda.Stream(device) if device.type == "cuda" and not self.all_resident else None
+        self._pending: tuple[list[tuple[ChunkLayer, Tensor, Tensor]], object] | None = None
+        self._swap_at = -1
+        self._inflight: list[Tensor] = []  # host index tensors the side stream may still read
+        self.recalled_chunks = 0  # chunk copies mirror -> pool (summed over layers and sequences)
+        self.written_back_chunks = 0
 
     # -- sizing -------------------------------------------------------------------------------
     def _min_slots(self) -> int:
         c, cfg = self.chunk, self.config
         sink = math.ceil(cfg.sink_tokens / c) + 1 if cfg.sink_tokens else 0
-        return sink + math.ceil((cfg.recent_tokens + cfg.interval) / c) + 1
+        return sink + math.ceil((cfg.recent_tokens + cfg.interval + cfg.lag) / c) + 1
 
     def _plan_slots(self, chunk_specs: list[LayerSpec]) -> int:
         cfg, n, c = self.config, self.num_chunks, self.chunk
@@ -320,20 +348,22 @@ class KVStore:
         self.next_selection = 1
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()  # the prompt's copies into the mirror
-        for store in self._chunk_layers():
-            if self.all_resident:
+        if self.all_resident:
+            for store in self._chunk_layers():
                 for b in range(self.batch):
                     store.host_slot_chunk[b] = list(range(self.slots))
                 ids = torch.arange(self.slots, dtype=_INDEX, device=self.device)
                 store.slot_chunk.copy_(ids.expand(self.batch, -1))
                 store.chunk_slot.copy_(ids.expand(self.batch, -1))
                 store.available[:] = True
-                continue
-            for b in range(self.batch):
-                must = self._must_keep(b, length)
-                first = self.valid_start_host[b] // self.chunk  # chunks before it are all left padding
-                rest = [c for c in range(math.ceil(length / self.chunk) - 1, first - 1, -1) if c not in must]
-                store.place(b, self._fill(must, rest), evict_drops=False)
+            return
+        keeps = []
+        for b in range(self.batch):
+            must = self._must_keep(b, length)
+            first = self.valid_start_host[b] // self.chunk  # chunks before it are all left padding
+            rest = [c for c in range(math.ceil(length / self.chunk) - 1, first - 1, -1) if c not in must]
+            keeps.append(self._fill(must, rest))
+        self._apply({store: keeps for store in self._chunk_layers()}, written=range(0), lag=0, evict=False)
 
     # -- decode -------------------------------------------------------------------------------
     def before_step(self) -> None:
@@ -343,6 +373,8 @@ class KVStore:
                 f"sequence reached the store capacity of {self.capacity} tokens; raise LSAConfig.max_context "
                 "or pass max_new_tokens to generate() so the store is sized for it"
             )
+        if self._pending is not None and self.steps >= self._swap_at:
+            self._swap()
         if not self.all_resident and self.steps == self.next_selection:
             self.select()
             self.next_selection += self.config.interval
@@ -374,36 +406,120 @@ class KVStore:
             store.v_pool[rows] = v
             store.kmin[:, chunk] = lo
             store.kmax[:, chunk] = hi
-        self.select()
+        self.select(lag=0)
         self.next_selection = 1  # and again once the first generated token has its own queries
 
     def after_step(self) -> None:
         self.length += 1
         self.steps += 1
 
-    def select(self) -> None:
-        """Choose and load the resident set for the next ``interval`` tokens, for every layer and sequence."""
+    def select(self, lag: int | None = None) -> None:
+        """Choose and load the resident set for the next ``interval`` tokens, for every layer and sequence.
+
+        Scoring, masking and the top-k run on the device for every layer; the chosen chunk ids come
+        back to the host in one transfer (the one host sync of a selection). Chunks that leave
+        the pool leave the tables at once; recalled chunks are copied in on the side stream and join
+        the tables ``lag`` decode steps later (``LSAConfig.recall_lag``; 0: right here).
+        """
+        lag = self.lag if lag is None else lag
+        if self._pending is not None:
+            self._swap()
+        layers = self._chunk_layers()
+        if not layers:
+            return
         pos, c = self.length, self.chunk
         written = range(self.synced // c, math.ceil(pos / c))
-        score_fn = SELECTORS[self.config.selector]
-        evict = self.config.mode == "evict"
-        for store in self._chunk_layers():
-            for b in range(self.batch):
-                store.write_back(b, written)
-            scores = score_fn(store.q_tap, store.kmin, store.kmax, generator=self.generator).cpu()  # [B, N]
-            for b in range(self.batch):
-                must = self._must_keep(b, pos)
-                candidates = scores[b].clone()
-                candidates[math.ceil(pos / c):] = -torch.inf  # not yet written
-                candidates[: self.valid_start_host[b] // c] = -torch.inf  # left padding only
-                candidates[~store.available[b]] = -torch.inf  # dropped in evict mode
-                order = torch.argsort(candidates, descending=True, stable=True)
-                order = order[candidates[order] > -torch.inf].tolist()
-                store.place(b, self._fill(must, order), evict_drops=evict)
-            if evict and store.mirror_k is not None:
-                store.drop_staging()
+        chosen = self._choose(layers, pos)  # [L, B, k] chunk ids, -1 past the valid ones
+        self._inflight.clear()  # the transfer above waited for the main stream, which waited for the last recall
+        keeps = {store: [[ch for ch in row if ch >= 0] for row in chosen[i]] for i, store in enumerate(layers)}
+        self._apply(keeps, written=written, lag=lag, evict=self.config.mode == "evict")
         self.synced = pos
         self.selections += 1
+
+    def _choose(self, layers: list[ChunkLayer], pos: int) -> list[list[list[int]]]:
+        """Per layer and sequence, the chunks to keep, must-keep first, then by descending score."""
+        c, n, device = self.chunk, self.num_chunks, self.device
+        must = torch.zeros(self.batch, n, dtype=torch.bool)
+        blocked = torch.zeros(self.batch, n, dtype=torch.bool)
+        for b in range(self.batch):
+            must[b, self._must_keep(b, pos)] = True
+            blocked[b, math.ceil(pos / c) :] = True  # not yet written
+            blocked[b, : self.valid_start_host[b] // c] = True  # left padding only
+        must, blocked = must.to(device), blocked.to(device)
+        score_fn = SELECTORS[self.config.selector]
+        k = min(self.slots, n)
+        picks = []
+        for store in layers:
+            scores = score_fn(store.q_tap, store.kmin, store.kmax, generator=self.generator).float()  # [B, N]
+            gone = blocked if self.config.mode != "evict" else blocked | ~store.available.to(device)  # dropped chunks
+            scores = scores.nan_to_num(nan=-torch.finfo(torch.float32).max).masked_fill(gone, -torch.inf)
+            values, ids = scores.masked_fill(must, torch.inf).topk(k, dim=1)  # sorted: must-keep first
+            picks.append(ids.masked_fill(values == -torch.inf, -1))
+        return torch.stack(picks).cpu().tolist()
+
+    def _apply(self, keeps: dict[ChunkLayer, list[list[int]]], *, written: range, lag: int, evict: bool) -> None:
+        """Install new resident sets: drops now, write-back + recall on the side stream, the rest after ``lag`` steps."""
+        side = self._side
+        main = torch.cuda.current_stream(self.device) if side is not None else None
+        tables, copies = [], []
+        for store, rows in keeps.items():
+            write_back = store.written_rows(written)
+            plans = [store.plan(b, keep, evict_drops=evict) for b, keep in enumerate(rows)]
+            now = torch.tensor([p[0] for p in plans], dtype=_INDEX)
+            after = torch.tensor([p[1] for p in plans], dtype=_INDEX)
+            recalls = [r for p in plans for r in p[2]]
+            _upload(store.slot_chunk, now)
+            _upload(store.chunk_slot, store.inverse(now))
+            tables.append((store, after, store.inverse(after)))
+            copies.append((store, write_back, recalls))
+        if side is not None:
+            side.wait_stream(main)  # every step so far (their writes, their reads of the freed slots) comes first
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            for store, write_back, recalls in copies:
+                if write_back:
+                    dst, src = self._rows(write_back)
+                    _copy(store.mirror_k, store.mirror_v, store.k_pool, store.v_pool, dst, src)
+                    self.written_back_chunks += len(write_back)
+                if recalls:
+                    dst, src = self._rows(recalls)
+                    _copy(store.k_pool, store.v_pool, store.mirror_k, store.mirror_v, dst, src)
+                    self.recalled_chunks += len(recalls)
+            done = torch.cuda.Event() if side is not None else None
+            if done is not None:
+                done.record(side)
+        self._pending = (tables, done)
+        self._swap_at = self.steps + lag
+        if evict:
+            for store in keeps:
+                if store.mirror_k is not None:
+                    if done is not None:
+                        done.synchronize()  # the staged prompt is read by the recall above
+                    store.drop_staging()
+        if lag == 0:
+            self._swap()
+
+    def _rows(self, pairs: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
+        rows = torch.tensor(pairs, dtype=_INDEX).t().contiguous()  # [2, M]
+        if self._side is not None:
+            rows = rows.pin_memory()  # read by the copy kernel through unified addressing
+            self._inflight.append(rows)
+        return rows[0], rows[1]
+
+    def _swap(self) -> None:
+        """Install the tables of the last selection once its recall copies are done (on the main stream)."""
+        assert self._pending is not None
+        tables, done = self._pending
+        self._pending = None
+        if done is not None:
+            torch.cuda.current_stream(self.device).wait_event(done)  # the GPU waits; the host does not
+        for store, slot_chunk, chunk_slot in tables:
+            _upload(store.slot_chunk, slot_chunk)
+            _upload(store.chunk_slot, chunk_slot)
+
+    def synchronize(self) -> None:
+        """Wait for outstanding recall and write-back copies (e.g. before reading the mirror)."""
+        if self._side is not None:
+            self._side.synchronize()
 
     def _must_keep(self, b: int, pos: int) -> list[int]:
         """Sink chunks, recent tail, and every chunk written during the next window."""
@@ -412,7 +528,7 @@ class KVStore:
         keep: list[int] = []
         if cfg.sink_tokens:
             keep += range(start // c, (min(start + cfg.sink_tokens, pos) - 1) // c + 1)
-        last = min(pos + cfg.interval - 1, self.capacity - 1) // c
+        last = min(pos + cfg.interval + self.lag - 1, self.capacity - 1) // c
         keep += range(max(0, pos - max(cfg.recent_tokens, 1)) // c, last + 1)  # the last token's chunk at least
         return list(dict.fromkeys(keep))
 

@@ -90,9 +90,13 @@ def resident_sets(store: KVStore) -> dict[tuple[int, int], set[int]]:
     return {(layer, b): {c for c in s.slot_chunk[b].tolist() if c >= 0} for layer, s in chunk_layers(store).items() for b in range(store.batch)}
 
 
-def check_resident_set(store: KVStore, hist) -> None:
-    """Invariants that hold after finish_prefill() and after every selection, for every layer and sequence."""
+def check_resident_set(store: KVStore, hist, *, ahead_to: int | None = None) -> None:
+    """Invariants that hold after finish_prefill() and after every selection, for every layer and sequence.
+
+    ``ahead_to``: the end of the positions that must have slots (default: the coming window and the lag).
+    """
     cfg, pos = store.config, store.length
+    ahead_to = pos + cfg.interval + cfg.lag if ahead_to is None else ahead_to
     for layer, s in chunk_layers(store).items():
         k_hist, v_hist = hist[layer]
         assert s.slot_chunk.shape == (store.batch, store.slots) and s.chunk_slot.shape == (store.batch, store.num_chunks)
@@ -110,7 +114,7 @@ def check_resident_set(store: KVStore, hist) -> None:
             start = store.valid_start_host[b]
             sink = {p // C for p in range(start, min(start + cfg.sink_tokens, pos))}
             recent = {p // C for p in range(max(0, pos - cfg.recent_tokens), pos)}
-            window = {p // C for p in range(pos, min(pos + cfg.interval, store.capacity))}
+            window = {p // C for p in range(pos, min(ahead_to, store.capacity))}
             missing = (sink | recent | window) - set(held)
             assert not missing, f"layer {layer} seq {b} at pos {pos}: chunks {sorted(missing)} must be resident"
             # under a budget, no slot goes to a chunk that holds nothing yet and is not written in the
@@ -312,6 +316,72 @@ def test_offload_recall_is_lossless(seed, prompt):
     assert store.synced == prompt + selecting_steps[-1]
     check_chunk_index(store, hist)
     assert store.footprint()["dropped_chunks"] == 0
+
+
+@pytest.mark.parametrize("lag", [1, 3, 7])
+def test_recall_lag_drops_at_once_and_adds_recalled_chunks_lag_steps_later(lag):
+    """With ``recall_lag``, a selection removes the chunks it drops from the live table at once and
+    installs the chunks it recalls exactly ``lag`` steps later, bit-identical to their history; the
+    chunk being written always has a slot, and nothing is lost."""
+    batch, capacity, prompt, steps, interval = 2, 160, 51, 90, 8
+    gen = torch.Generator().manual_seed(40 + lag)
+    store = KVStore(SPECS, config(budget=64, interval=interval, recall_lag=lag, seed=lag), batch=batch, capacity=capacity, valid_start=[0, 3])
+    hist = draw_history(SPECS, batch=batch, capacity=capacity, gen=gen)
+    prefill(store, hist, prompt)
+    check_resident_set(store, hist)
+    live = resident_sets(store)
+    waiting: dict = {}  # (layer, b) -> chunks planned but not yet in the live table
+    selected_at = None
+    recalled = 0
+
+    def on_step(store):
+        nonlocal live, waiting, selected_at, recalled
+        now = resident_sets(store)
+        for layer, s in chunk_layers(store).items():  # the token about to be written has a slot
+            for b in range(batch):
+                assert int(s.chunk_slot[b, store.length // C]) >= 0, (layer, b, store.length)
+        if store.steps == selected_at:  # selection just ran: drops only, plus unwritten incoming chunks
+            for key, held in now.items():
+                planned = set(chunk_layers(store)[key[0]].host_slot_chunk[key[1]]) - {-1}
+                assert held <= planned
+                assert held - live[key] <= {c for c in planned if c * C >= store.length}, "a recalled chunk joined before its copy"
+                waiting[key] = planned - held
+            recalled += sum(len(w) for w in waiting.values())
+        elif selected_at is not None and store.steps == selected_at + lag:  # the swap
+            for key, held in now.items():
+                assert waiting[key] <= held, f"{key}: recalled chunks {sorted(waiting[key] - held)} missing after the lag"
+            check_resident_set(store, hist, ahead_to=store.length - lag + interval + lag)
+        elif selected_at is not None and store.steps < selected_at + lag:
+            for key, held in now.items():
+                assert not (waiting[key] & held), "the table changed between the selection and the swap"
+        live = now
+
+    for _ in range(steps):
+        if store.steps == store.next_selection:
+            selected_at = store.steps
+        store.before_step()
+        on_step(store)
+        p = store.length
+        for layer, layer_store in store.layers.items():
+            k, v = hist[layer]
+            if isinstance(layer_store, ChunkLayer):
+                OPS.append_kv(layer_store.k_pool, layer_store.v_pool, k[:, :, p], v[:, :, p], store.pos, layer_store.chunk_slot)
+                OPS.update_chunk_index(layer_store.kmin, layer_store.kmax, k[:, :, p], store.pos, store.chunk)
+            else:
+                OPS.ring_append_kv(layer_store.k_ring, layer_store.v_ring, k[:, :, p], v[:, :, p], store.pos)
+        store.after_step()
+
+    assert recalled > 0 and store.recalled_chunks > 0
+    check_mirror(store, hist, store.synced)
+    check_chunk_index(store, hist)
+
+
+def test_recall_lag_is_checked_against_the_interval():
+    assert LSAConfig(interval=64).lag == 4 and LSAConfig(interval=8).lag == 0
+    assert LSAConfig(interval=8, recall_lag=7).lag == 7
+    for bad in (8, -1, 1.5, True):
+        with pytest.raises(ValueError, match="recall_lag must be None or an int in \\[0, interval=8\\)"):
+            LSAConfig(interval=8, recall_lag=bad)
 
 
 def test_query_aware_selection_follows_the_query_per_sequence():
