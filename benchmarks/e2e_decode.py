@@ -18,6 +18,7 @@ Writes JSON with GPU, versions and date.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import sys
 import time
@@ -123,7 +124,7 @@ def lsa_run(model, prompt: torch.Tensor, steps: int, config: LSAConfig) -> dict:
     kw = cache_kw(model)
     length = prompt.shape[1]
     runtime = model.lsa
-    runtime.pending_capacity = length + steps
+    runtime.pending_capacity = length + steps + 2 * config.interval + 1
     reset_peak()
     t0 = time.perf_counter()
     out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
@@ -133,15 +134,23 @@ def lsa_run(model, prompt: torch.Tensor, steps: int, config: LSAConfig) -> dict:
     prefill_s = time.perf_counter() - t0
     del out
     store = cache.store
-    select_times: list[float] = []
+    windows: list[dict] = []
     original_select = store.select
+    layers = max(1, sum(1 for s in store.layers.values() if hasattr(s, "k_pool")))
 
-    def timed_select():
+    def timed_select(*args, **kwargs):
+        # host: the selection's own time, GPU idle before it (its one transfer waits for nothing);
+        # wall: until its recall copies are done too (they normally overlap the next decode steps)
         sync()
+        recalled = store.recalled_chunks
         s = time.perf_counter()
-        original_select()
+        original_select(*args, **kwargs)
+        host = time.perf_counter() - s
+        store.synchronize()
         sync()
-        select_times.append(time.perf_counter() - s)
+        wall = time.perf_counter() - s
+        windows.append({"host_ms": round(host * 1e3, 2), "wall_ms": round(wall * 1e3, 2),
+                        "recalled_chunks_per_layer": round((store.recalled_chunks - recalled) / layers / store.batch, 1)})
 
     store.select = timed_select
     t0 = time.perf_counter()
@@ -149,19 +158,32 @@ def lsa_run(model, prompt: torch.Tensor, steps: int, config: LSAConfig) -> dict:
         token = model(input_ids=token, **{kw: cache}).logits[:, -1:].argmax(-1)
     sync()
     compile_s = time.perf_counter() - t0
+    from torch._dynamo.utils import counters
+
+    graphs_before = counters["stats"]["unique_graphs"]
+    store.select = original_select  # the timed loop runs selections untimed: their copies overlap decode
+    selections_before = store.selections
     t0 = time.perf_counter()
     for _ in range(steps - 3):
         token = model(input_ids=token, **{kw: cache}).logits[:, -1:].argmax(-1)
     sync()
     decode_s = time.perf_counter() - t0
+    recompiles = counters["stats"]["unique_graphs"] - graphs_before
+    timed_selections = store.selections - selections_before
+    # the per-window breakdown: a few more selections, each measured on its own (after the timed loop)
+    store.select = timed_select
+    for _ in range(2 * config.interval):
+        token = model(input_ids=token, **{kw: cache}).logits[:, -1:].argmax(-1)
+    sync()
     fp = lsa_rewrite.footprint(model)
     runtime.pending_capacity = None
     result = {
         "prefill_s": round(prefill_s, 2), "compile_s": round(compile_s, 1),
         "ms_per_token": round(decode_s / (steps - 3) * 1e3, 3), "tokens_per_s": round((steps - 3) / decode_s, 2),
         "peak_gpu_gb": peak_gb(),
-        "kv_gpu_bytes": fp["resident_kv_bytes"], "footprint": fp,
-        "select_ms_per_window": [round(t * 1e3, 2) for t in select_times],
+        "kv_gpu_bytes": fp["resident_kv_bytes"], "footprint": fp, "recall_lag": store.lag,
+        "selections_in_timed_loop": timed_selections, "recompiles_in_timed_loop": recompiles,
+        "windows": windows,
     }
     runtime.store = None
     runtime.compiled = None
@@ -178,6 +200,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=256)
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--skip-dense", action="store_true")
+    parser.add_argument("--lags", default="4,0", help="recall_lag values run side by side at the largest context (first: all contexts)")
     parser.add_argument("--tiny", action="store_true", help="tiny model: checks the script itself (CPU works)")
     parser.add_argument("--out", default="benchmarks/results/e2e_decode.json")
     args = parser.parse_args()
@@ -194,16 +217,20 @@ def main() -> None:
             print("dense", ctx, dense[ctx], flush=True)
             payload["results"][f"dense_{ctx}"] = dense[ctx]
             write_json(args.out, payload)
-    config = LSAConfig(budget=0.135, chunk_size=64, interval=64, sink_tokens=64, recent_tokens=128)
+    lags = [int(x) for x in args.lags.split(",")]
+    config = LSAConfig(budget=0.135, chunk_size=64, interval=64, sink_tokens=64, recent_tokens=128, recall_lag=lags[0])
     lsa_rewrite.convert(model, config)
-    for ctx in contexts:
+    runs = [(ctx, lags[0]) for ctx in contexts] + [(max(contexts), lag) for lag in lags[1:]]
+    for ctx, lag in runs:
+        # same conversion, another recall lag: the store reads it from the runtime's config
+        model.lsa.config = dataclasses.replace(config, recall_lag=lag)
         prompt = torch.randint(0, model.config.vocab_size, (1, ctx), device=DEVICE)
-        res = lsa_run(model, prompt, args.steps, config)
+        res = lsa_run(model, prompt, args.steps, model.lsa.config)
         if ctx in dense:
             res["speedup_vs_dense"] = round(res["tokens_per_s"] / dense[ctx]["tokens_per_s"], 2)
             res["kv_gpu_fraction_of_dense"] = round(res["kv_gpu_bytes"] / dense[ctx]["kv_gpu_bytes"], 4)
-        print("lsa", ctx, res, flush=True)
-        payload["results"][f"lsa_{ctx}"] = res
+        print("lsa", ctx, "lag", lag, res, flush=True)
+        payload["results"][f"lsa_{ctx}" if lag == lags[0] else f"lsa_{ctx}_lag{lag}"] = res
         write_json(args.out, payload)
     # Concurrency at 128K: how many sequences' KV fit beside the weights (from the bytes measured above).
     total = torch.cuda.get_device_properties(0).total_memory if DEVICE == "cuda" else 0

@@ -36,8 +36,9 @@ def layer(num_chunks: int, slots: int, *, seed: int):
     gen = torch.Generator().manual_seed(seed)
     mirror_k = torch.empty(1, num_chunks, CHUNK, HKV, D, dtype=DT, pin_memory=True)
     mirror_v = torch.empty_like(mirror_k, pin_memory=True)
-    mirror_k.copy_(torch.randn(mirror_k.shape, generator=gen).to(DT))
-    mirror_v.copy_(torch.randn(mirror_v.shape, generator=gen).to(DT))
+    torch.manual_seed(seed)
+    mirror_k.copy_(torch.randn(mirror_k.shape, device="cuda", dtype=DT))
+    mirror_v.copy_(torch.randn(mirror_v.shape, device="cuda", dtype=DT))
     pool_k = torch.empty(slots, CHUNK, HKV, D, dtype=DT, device="cuda")
     pool_v = torch.empty_like(pool_k)
     return mirror_k, mirror_v, pool_k, pool_v, gen

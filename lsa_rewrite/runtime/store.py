@@ -288,8 +288,9 @@ class KVStore:
         if slots < need:
             raise StoreError(
                 f"budget {cfg.budget!r} leaves {max(slots, 0)} resident chunks of {c} tokens per sequence for a "
-                f"{self.capacity}-token context, but sink_tokens={cfg.sink_tokens}, recent_tokens={cfg.recent_tokens} "
-                f"and interval={cfg.interval} need {need}; raise the budget, or lower sink_tokens/recent_tokens/interval"
+                f"{self.capacity}-token context, but sink_tokens={cfg.sink_tokens}, recent_tokens={cfg.recent_tokens}, "
+                f"interval={cfg.interval} and recall_lag={cfg.lag} need {need}; raise the budget, or lower "
+                "sink_tokens/recent_tokens/interval/recall_lag"
             )
         return slots
 
