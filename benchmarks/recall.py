@@ -8,8 +8,9 @@ the mirror ``[1, 2048, 64, 8, 128]`` is pinned host memory, the pool holds 13.5%
 2. Recall bandwidth for a whole pool's worth of chunks (K and V): the kernel, one ``copy_`` per chunk
    (``cudaMemcpyAsync`` each; host time reported too), and one contiguous pinned -> device copy of
    the same bytes (the link's ceiling).
-3. Overlap: a bandwidth-bound decode stand-in (sparse decode attention at 128K, 32 q / 8 kv heads)
-   alone, then with 32 layers' recall running on a side stream: how long each takes together.
+3. Overlap: a bandwidth-bound decode stand-in (sparse decode attention at 128K, 32 q / 8 kv heads,
+   replayed from a CUDA graph) alone, then with 32 layers' recall running on a side stream, for
+   several program counts of the copy kernel: how much of the shorter one hides under the other.
 
     python benchmarks/recall.py --out benchmarks/results/recall.json
 """
@@ -30,6 +31,8 @@ from lsa_rewrite.kernels import copy_chunks_ref, copy_chunks_triton, sparse_deco
 from lsa_rewrite.kernels.copy_chunks import copy_chunks_problem  # noqa: E402
 
 CHUNK, HKV, HQ, D, DT = 64, 8, 32, 128, torch.bfloat16
+PROGRAMS = (4, 8, 16, 32, 64, None)  # persistent copy programs (None: one per block)
+REPLAYS = 10  # of a 200-call attention graph
 
 
 def layer(num_chunks: int, slots: int, *, seed: int):
@@ -95,11 +98,14 @@ def main() -> None:
         print(where, "recall exact:", recall_ok, "write-back exact:", write_back_ok, flush=True)
         del back_k, back_v
 
-    # 2. bandwidth of one layer's full-pool recall (K and V)
+    # 2. bandwidth of one layer's full-pool recall (K and V): the kernel at several program counts
     dst = torch.randperm(slots, generator=gen).pin_memory()
     src = torch.randperm(num_chunks, generator=gen)[:slots].pin_memory()
     nbytes = 2 * slots * pool_k[0].numel() * pool_k.element_size()
-    kernel_ms = gpu_ms(lambda: copy_chunks_triton(pool_k, pool_v, mirror_k, mirror_v, dst, src))
+    sweep = {}
+    for programs in PROGRAMS:
+        ms = gpu_ms(lambda: copy_chunks_triton(pool_k, pool_v, mirror_k, mirror_v, dst, src, programs=programs))
+        sweep[str(programs)] = {"ms": round(ms, 3), "gb_s": round(nbytes / ms / 1e6, 1)}
     flat_k, flat_v = mirror_k.view(num_chunks, CHUNK, HKV, D), mirror_v.view(num_chunks, CHUNK, HKV, D)
     pairs = list(zip(dst.tolist(), src.tolist()))
 
@@ -122,55 +128,68 @@ def main() -> None:
 
     contiguous_ms = gpu_ms(contiguous)
     res["one_layer_full_pool"] = {
-        "bytes": nbytes, "chunks": slots,
-        "kernel_ms": round(kernel_ms, 3), "kernel_gb_s": round(nbytes / kernel_ms / 1e6, 1),
+        "bytes": nbytes, "chunks": slots, "kernel_by_programs": sweep,
         "per_chunk_copy_ms": round(per_chunk_ms, 3), "per_chunk_copy_gb_s": round(nbytes / per_chunk_ms / 1e6, 1),
         "per_chunk_copy_host_ms": round(host_ms, 2),
         "contiguous_copy_ms": round(contiguous_ms, 3), "contiguous_copy_gb_s": round(nbytes / contiguous_ms / 1e6, 1),
     }
     print(res["one_layer_full_pool"], flush=True)
 
-    # 3. overlap: decode attention on the main stream while 32 layers' recall runs on a side stream
+    # 3. overlap: decode attention replayed from a CUDA graph (GPU-bound, as the compiled step is) on
+    # the main stream while 32 layers' recall runs on a side stream
     q = torch.randn(1, HQ, D, dtype=DT, device="cuda")
     attn_pool_k = torch.randn(slots, CHUNK, HKV, D, dtype=DT, device="cuda")
     attn_pool_v = torch.randn_like(attn_pool_k)
     slot_chunk = torch.randperm(num_chunks, device="cuda")[:slots].view(1, slots)
     pos = torch.tensor([args.context - 1], device="cuda")
     valid_start = torch.zeros(1, dtype=torch.long, device="cuda")
+    out = torch.empty_like(q)
 
-    def attention(n: int = 2000):
-        for _ in range(n):
-            sparse_decode_attention_triton(q, attn_pool_k, attn_pool_v, slot_chunk, pos, valid_start, scale=D**-0.5)
+    def call():
+        sparse_decode_attention_triton(q, attn_pool_k, attn_pool_v, slot_chunk, pos, valid_start, scale=D**-0.5, out=out)
+
+    warm = torch.cuda.Stream()
+    warm.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(warm):
+        for _ in range(3):
+            call()
+    torch.cuda.current_stream().wait_stream(warm)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(200):
+            call()
+
+    def attention():
+        for _ in range(REPLAYS):
+            graph.replay()
 
     layers = [layer(num_chunks, slots, seed=1 + i)[:4] for i in range(min(args.layers, 4))]  # 4 distinct mirrors, reused
-
-    def recall_all():
-        for i in range(args.layers):
-            mk, mv, pk, pv = layers[i % len(layers)]
-            copy_chunks_triton(pk, pv, mk, mv, dst, src)
-
-    attention()
-    recall_all()
-    torch.cuda.synchronize()
-    attention_ms = gpu_ms(attention)
-    recall_ms = gpu_ms(recall_all)
     side = torch.cuda.Stream()
+    attention_ms = gpu_ms(attention)
+    overlap = {"attention_calls": 200 * REPLAYS, "attention_alone_ms": round(attention_ms, 3), "recall_layers": args.layers,
+               "recall_bytes": nbytes * args.layers, "by_programs": {}}
+    for programs in PROGRAMS:
+        def recall_all():
+            for i in range(args.layers):
+                mk, mv, pk, pv = layers[i % len(layers)]
+                copy_chunks_triton(pk, pv, mk, mv, dst, src, programs=programs)
 
-    def both():
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            recall_all()
-        attention()
-        torch.cuda.current_stream().wait_stream(side)
+        def both():
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                recall_all()
+            attention()
+            torch.cuda.current_stream().wait_stream(side)
 
-    both_ms = gpu_ms(both)
-    res["overlap"] = {
-        "attention_calls": 2000, "recall_layers": args.layers, "recall_bytes": nbytes * args.layers,
-        "attention_alone_ms": round(attention_ms, 3), "recall_alone_ms": round(recall_ms, 3),
-        "recall_gb_s": round(nbytes * args.layers / recall_ms / 1e6, 1),
-        "together_ms": round(both_ms, 3), "serial_ms": round(attention_ms + recall_ms, 3),
-    }
-    print(res["overlap"], flush=True)
+        recall_ms = gpu_ms(recall_all)
+        both_ms = gpu_ms(both)
+        overlap["by_programs"][str(programs)] = {
+            "recall_alone_ms": round(recall_ms, 3), "recall_gb_s": round(nbytes * args.layers / recall_ms / 1e6, 1),
+            "together_ms": round(both_ms, 3), "serial_ms": round(attention_ms + recall_ms, 3),
+            "hidden_fraction": round((attention_ms + recall_ms - both_ms) / min(attention_ms, recall_ms), 3),
+        }
+        print(programs, overlap["by_programs"][str(programs)], flush=True)
+    res["overlap"] = overlap
     write_json(args.out, payload)
 
 

@@ -15,8 +15,10 @@ is current: the memory manager issues it on a side stream and lets decode go on.
 
 Shapes and checks: both sides contiguous, the same dtype and the same row size; ``dst_rows`` and
 ``src_rows`` int64 ``[M]`` with values in range (checked on the host by the reference; the kernel
-trusts them, as it runs without syncing). Triton (grid ``(M, cdiv(row, BLOCK))``): operands may be
-CUDA tensors or pinned CPU tensors (any mix); everything else runs the reference.
+trusts them, as it runs without syncing). Triton: a persistent grid of ``programs`` (default 16)
+looping over ``M * cdiv(row, BLOCK)`` blocks, so that a copy running beside the decode step leaves
+it most of the SMs; operands may be CUDA tensors or pinned CPU tensors (any mix); everything else
+runs the reference.
 
 Not here: which chunks to move (``lsa_rewrite.runtime``).
 """
@@ -86,18 +88,32 @@ def copy_chunks_ref(dst_k: Tensor, dst_v: Tensor, src_k: Tensor, src_v: Tensor, 
 if triton is not None:
 
     @triton.jit
-    def _copy_chunks_kernel(dst_k_ptr, dst_v_ptr, src_k_ptr, src_v_ptr, dst_rows_ptr, src_rows_ptr, row_elems, BLOCK: tl.constexpr):
-        """Program (i, j): elements ``j*BLOCK ..`` of chunk row ``src_rows[i]`` -> row ``dst_rows[i]``, K and V."""
-        i = tl.program_id(0)
-        j = tl.program_id(1).to(tl.int64)
-        dst = tl.load(dst_rows_ptr + i).to(tl.int64) * row_elems
-        src = tl.load(src_rows_ptr + i).to(tl.int64) * row_elems
-        offs = j * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < row_elems
-        k = tl.load(src_k_ptr + src + offs, mask=mask)
-        v = tl.load(src_v_ptr + src + offs, mask=mask)
-        tl.store(dst_k_ptr + dst + offs, k, mask=mask)
-        tl.store(dst_v_ptr + dst + offs, v, mask=mask)
+    def _copy_chunks_kernel(dst_k_ptr, dst_v_ptr, src_k_ptr, src_v_ptr, dst_rows_ptr, src_rows_ptr, count, row_elems, blocks_per_row, BLOCK: tl.constexpr):
+        """Persistent: program p moves blocks p, p + P, p + 2P, ... of the ``count * blocks_per_row`` work items.
+
+        Work item t: elements ``(t % blocks_per_row) * BLOCK ..`` of chunk row ``src_rows[t // blocks_per_row]``
+        -> row ``dst_rows[...]``, K and V.
+        """
+        pid = tl.program_id(0)
+        programs = tl.num_programs(0)
+        for t in range(pid, count * blocks_per_row, programs):
+            i = t // blocks_per_row
+            j = (t - i * blocks_per_row).to(tl.int64)
+            dst = tl.load(dst_rows_ptr + i).to(tl.int64) * row_elems
+            src = tl.load(src_rows_ptr + i).to(tl.int64) * row_elems
+            offs = j * BLOCK + tl.arange(0, BLOCK)
+            mask = offs < row_elems
+            k = tl.load(src_k_ptr + src + offs, mask=mask)
+            v = tl.load(src_v_ptr + src + offs, mask=mask)
+            tl.store(dst_k_ptr + dst + offs, k, mask=mask)
+            tl.store(dst_v_ptr + dst + offs, v, mask=mask)
+
+
+# Programs of the copy kernel by default: a reader of host memory spends most of its time waiting on
+# the link, so a few programs with a block each in flight keep PCIe busy while leaving the other SMs
+# to the decode step the copy overlaps (one program per block would occupy every SM until the copy
+# ends). Measured on the H200: benchmarks/recall.py.
+DEFAULT_PROGRAMS = 16
 
 
 def _reachable(t: Tensor) -> bool:
@@ -122,11 +138,14 @@ def _warn_reference_fallback(problem: str) -> None:
     warnings.warn(f"lsa::copy_chunks runs its PyTorch reference: {problem}", RuntimeWarning, stacklevel=3)
 
 
-def copy_chunks_triton(dst_k: Tensor, dst_v: Tensor, src_k: Tensor, src_v: Tensor, dst_rows: Tensor, src_rows: Tensor, *, block: int = 4096) -> None:
+def copy_chunks_triton(
+    dst_k: Tensor, dst_v: Tensor, src_k: Tensor, src_v: Tensor, dst_rows: Tensor, src_rows: Tensor, *, block: int = 4096, programs: int | None = DEFAULT_PROGRAMS
+) -> None:
     """Triton launcher of ``lsa::copy_chunks``: one launch on the current stream, no host sync.
 
     Operands: CUDA or pinned CPU tensors (CPU tensors under ``TRITON_INTERPRET=1``). Row indices are
     not range-checked here (that would sync); the memory manager builds them from its own tables.
+    ``programs``: how many persistent programs share the work (``None``: one per block).
     """
     row = _check_copy(dst_k, dst_v, src_k, src_v, dst_rows, src_rows)
     if triton is None:
@@ -135,7 +154,10 @@ def copy_chunks_triton(dst_k: Tensor, dst_v: Tensor, src_k: Tensor, src_v: Tenso
     if count == 0 or row == 0:
         return
     block = min(block, triton.next_power_of_2(row))
-    _copy_chunks_kernel[(count, triton.cdiv(row, block))](dst_k, dst_v, src_k, src_v, dst_rows, src_rows, row, BLOCK=block, num_warps=4)
+    blocks_per_row = triton.cdiv(row, block)
+    work = count * blocks_per_row
+    grid = work if programs is None else max(1, min(programs, work))
+    _copy_chunks_kernel[(grid,)](dst_k, dst_v, src_k, src_v, dst_rows, src_rows, count, row, blocks_per_row, BLOCK=block, num_warps=4)
 
 
 # -- op registration ---------------------------------------------------------------------------

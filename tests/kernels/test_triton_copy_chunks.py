@@ -17,19 +17,21 @@ from lsa_rewrite.kernels import copy_chunks, copy_chunks_ref, copy_chunks_triton
 
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 
-# (batch, slots, num_chunks, chunk, kv_heads, head_dim, copies, dtype, block): a row smaller than a
-# block, rows spanning several blocks with a partial last one, one copy, none.
+# (batch, slots, num_chunks, chunk, kv_heads, head_dim, copies, dtype, block, programs): a row smaller
+# than a block, rows spanning several blocks with a partial last one, one copy, none; persistent
+# programs that each loop over several blocks (3, 1), the default, and one program per block (None).
 CASES = [
-    (1, 4, 9, 4, 2, 8, 3, "f32", 4096),
-    (2, 5, 11, 8, 2, 16, 7, "bf16", 64),
-    (3, 3, 6, 4, 1, 24, 5, "f16", 128),
-    (1, 2, 3, 2, 1, 4, 1, "f32", 4096),
-    (2, 3, 4, 2, 1, 4, 0, "f32", 4096),
+    (1, 4, 9, 4, 2, 8, 3, "f32", 4096, 16),
+    (2, 5, 11, 8, 2, 16, 7, "bf16", 64, 3),
+    (3, 3, 6, 4, 1, 24, 5, "f16", 128, None),
+    (1, 2, 3, 2, 1, 4, 1, "f32", 4096, 1),
+    (2, 3, 4, 2, 1, 4, 0, "f32", 4096, 16),
+    (2, 4, 7, 8, 2, 8, 6, "f32", 32, 1),
 ]
 
 
 def problem(case, gen):
-    batch, slots, num_chunks, chunk, heads, dim, copies, dtype_id, _ = case
+    batch, slots, num_chunks, chunk, heads, dim, copies, dtype_id, _, _ = case
     dtype = DTYPES[dtype_id]
     pool_k = torch.randn(batch * slots, chunk, heads, dim, generator=gen).to(dtype)
     pool_v = torch.randn(batch * slots, chunk, heads, dim, generator=gen).to(dtype)
@@ -40,7 +42,7 @@ def problem(case, gen):
     return pool_k, pool_v, mirror_k, mirror_v, pool_rows, mirror_rows
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"b{c[0]}-s{c[1]}-n{c[2]}-c{c[3]}-h{c[4]}-d{c[5]}-m{c[6]}-{c[7]}-blk{c[8]}")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"b{c[0]}-s{c[1]}-n{c[2]}-c{c[3]}-h{c[4]}-d{c[5]}-m{c[6]}-{c[7]}-blk{c[8]}-p{c[9]}")
 def test_recall_matches_reference(case):
     gen = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
     pool_k, pool_v, mirror_k, mirror_v, pool_rows, mirror_rows = problem(case, gen)
@@ -52,7 +54,7 @@ def test_recall_matches_reference(case):
     got_k[pool_rows] = float("nan")
     got_v[pool_rows] = float("nan")
 
-    copy_chunks_triton(got_k, got_v, mirror_k, mirror_v, pool_rows, mirror_rows, block=case[-1])
+    copy_chunks_triton(got_k, got_v, mirror_k, mirror_v, pool_rows, mirror_rows, block=case[8], programs=case[9])
 
     assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)  # bit-exact, NaN poison gone
     assert torch.equal(got_k[untouched], pool_k[untouched]) and torch.equal(got_v[untouched], pool_v[untouched])
@@ -74,7 +76,7 @@ def test_write_back_matches_reference(case):
     got_k, got_v = mirror_k.clone(), mirror_v.clone()
     got_k.view(-1, *got_k.shape[2:])[mirror_rows] = float("nan")
 
-    copy_chunks_triton(got_k, got_v, pool_k, pool_v, mirror_rows, pool_rows, block=64)
+    copy_chunks_triton(got_k, got_v, pool_k, pool_v, mirror_rows, pool_rows, block=64, programs=case[9])
 
     assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
 
