@@ -18,6 +18,7 @@ Writes JSON with GPU, versions and date.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import sys
@@ -119,6 +120,39 @@ def dense_run(model, prompt: torch.Tensor, steps: int) -> dict:
     return result
 
 
+@contextlib.contextmanager
+def timed_store_methods(into: dict[str, float]):
+    """Time the store's prefill-side methods (GPU synced around each): where LSA prefill time goes.
+
+    ``store_init``: allocation (pool, tables, the pinned mirror); ``ingest``: chunk bounds + copies
+    into the mirror, summed over layers; ``finish_prefill``: first placement; ``probe``: the decode
+    step on the last prompt token (its first call compiles and captures the step) + first selection.
+    """
+    from lsa_rewrite.runtime.store import KVStore
+
+    names = {"__init__": "store_init", "ingest": "ingest", "finish_prefill": "finish_prefill", "probe": "probe"}
+    originals = {name: getattr(KVStore, name) for name in names}
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            sync()
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                sync()
+                into[names[name]] = into.get(names[name], 0.0) + time.perf_counter() - t
+        return wrapper
+
+    for name, fn in originals.items():
+        setattr(KVStore, name, timed(name, fn))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(KVStore, name, fn)
+
+
 @torch.no_grad()
 def lsa_run(model, prompt: torch.Tensor, steps: int, config: LSAConfig) -> dict:
     kw = cache_kw(model)
@@ -126,12 +160,14 @@ def lsa_run(model, prompt: torch.Tensor, steps: int, config: LSAConfig) -> dict:
     runtime = model.lsa
     runtime.pending_capacity = length + steps + 2 * config.interval + 1
     reset_peak()
-    t0 = time.perf_counter()
-    out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-    cache = out[runtime.cache_field]
-    token = out.logits[:, -1:].argmax(-1)
-    sync()
-    prefill_s = time.perf_counter() - t0
+    breakdown: dict[str, float] = {}
+    with timed_store_methods(breakdown):
+        t0 = time.perf_counter()
+        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+        cache = out[runtime.cache_field]
+        token = out.logits[:, -1:].argmax(-1)
+        sync()
+        prefill_s = time.perf_counter() - t0
     del out
     store = cache.store
     windows: list[dict] = []
@@ -178,7 +214,8 @@ def lsa_run(model, prompt: torch.Tensor, steps: int, config: LSAConfig) -> dict:
     fp = lsa_rewrite.footprint(model)
     runtime.pending_capacity = None
     result = {
-        "prefill_s": round(prefill_s, 2), "compile_s": round(compile_s, 1),
+        "prefill_s": round(prefill_s, 2), "prefill_breakdown_s": {k: round(v, 2) for k, v in breakdown.items()},
+        "compile_s": round(compile_s, 1),
         "ms_per_token": round(decode_s / (steps - 3) * 1e3, 3), "tokens_per_s": round((steps - 3) / decode_s, 2),
         "peak_gpu_gb": peak_gb(),
         "kv_gpu_bytes": fp["resident_kv_bytes"], "footprint": fp, "recall_lag": store.lag,

@@ -37,11 +37,8 @@ _INDEX = torch.long
 
 
 def _upload(dst: Tensor, host: Tensor) -> None:
-    """Host table -> device table without blocking the host (pinned staging on CUDA)."""
-    if dst.is_cuda:
-        dst.copy_(host.pin_memory(), non_blocking=True)
-    else:
-        dst.copy_(host)
+    """Host table -> device table; from pinned memory on CUDA, so the host does not wait."""
+    dst.copy_(host, non_blocking=dst.is_cuda)
 
 
 def _copy(dst_k: Tensor, dst_v: Tensor, src_k: Tensor, src_v: Tensor, dst_rows: Tensor, src_rows: Tensor) -> None:
@@ -128,32 +125,25 @@ class ChunkLayer:
         current = self.host_slot_chunk[b]
         keep_set = set(keep)
         now = [c if c in keep_set else -1 for c in current]
-        for c in current:
-            if c >= 0 and c not in keep_set and evict_drops:
-                self.available[b, c] = False
-                self.dropped_chunks += 1
+        if evict_drops:
+            dropped = [c for c in current if c >= 0 and c not in keep_set]
+            self.available[b, dropped] = False
+            self.dropped_chunks += len(dropped)
         resident = set(current)
         free = [s for s, c in enumerate(now) if c < 0]
         incoming = [c for c in keep if c not in resident]
+        held = self.available[b].tolist() if self.mirror_k is not None else None  # one conversion, not one per chunk
         after = list(now)
         recalls = []
         for c, s in zip(incoming, free):  # len(incoming) <= len(free): keep holds at most S chunks
             after[s] = c
-            if self.mirror_k is not None and bool(self.available[b, c]):
+            if held is not None and held[c]:
                 recalls.append((self._pool_rows(b, s), b * self.num_chunks + c))
             else:
                 now[s] = c  # not written yet (the coming window's): nothing to copy, mapped at once
-            self.available[b, c] = True
+        self.available[b, incoming] = True
         self.host_slot_chunk[b] = after
         return now, after, recalls
-
-    def inverse(self, slot_chunk: Tensor) -> Tensor:
-        """Host ``[B, S]`` slot -> chunk rows to the ``[B, N]`` chunk -> slot table (-1: not resident)."""
-        idx = slot_chunk.clone()
-        idx[idx < 0] = self.num_chunks  # a spare column, dropped below
-        table = torch.full((self.batch, self.num_chunks + 1), -1, dtype=_INDEX)
-        table.scatter_(1, idx, torch.arange(self.slots, dtype=_INDEX).expand(self.batch, -1).contiguous())
-        return table[:, : self.num_chunks]
 
     def written_rows(self, chunks: range) -> list[tuple[int, int]]:
         """(mirror row, pool row) of every resident chunk in ``chunks``: what a write-back copies."""
@@ -462,36 +452,48 @@ class KVStore:
         """Install new resident sets: drops now, write-back + recall on the side stream, the rest after ``lag`` steps."""
         side = self._side
         main = torch.cuda.current_stream(self.device) if side is not None else None
-        tables, copies = [], []
-        for store, rows in keeps.items():
+        layers = list(keeps)
+        nows, afters, moves = [], [], []  # moves: (layer, recall?, [(dst row, src row), ...])
+        for store in layers:
             write_back = store.written_rows(written)
-            plans = [store.plan(b, keep, evict_drops=evict) for b, keep in enumerate(rows)]
-            now = torch.tensor([p[0] for p in plans], dtype=_INDEX)
-            after = torch.tensor([p[1] for p in plans], dtype=_INDEX)
+            plans = [store.plan(b, keep, evict_drops=evict) for b, keep in enumerate(keeps[store])]
+            nows.append([p[0] for p in plans])
+            afters.append([p[1] for p in plans])
+            if write_back:
+                moves.append((store, False, write_back))
             recalls = [r for p in plans for r in p[2]]
-            _upload(store.slot_chunk, now)
-            _upload(store.chunk_slot, store.inverse(now))
-            tables.append((store, after, store.inverse(after)))
-            copies.append((store, write_back, recalls))
+            if recalls:
+                moves.append((store, True, recalls))
+        # All layers' tables and copy rows in a few host tensors (pinned once on CUDA, not per layer).
+        now = self._staged(torch.tensor(nows, dtype=_INDEX))  # [L, B, S]
+        after = self._staged(torch.tensor(afters, dtype=_INDEX))
+        now_inv, after_inv = self._staged(self._inverse(now)), self._staged(self._inverse(after))  # [L, B, N]
+        for i, store in enumerate(layers):
+            _upload(store.slot_chunk, now[i])
+            _upload(store.chunk_slot, now_inv[i])
+        rows = self._staged(torch.tensor([pair for _, _, pairs in moves for pair in pairs], dtype=_INDEX).view(-1, 2).t().contiguous())
+        if rows.is_pinned():
+            self._inflight.append(rows)  # read by the copy kernel through unified addressing
         if side is not None:
             side.wait_stream(main)  # every step so far (their writes, their reads of the freed slots) comes first
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            for store, write_back, recalls in copies:
-                if write_back:
-                    dst, src = self._rows(write_back)
-                    _copy(store.mirror_k, store.mirror_v, store.k_pool, store.v_pool, dst, src)
-                    self.written_back_chunks += len(write_back)
-                if recalls:
-                    dst, src = self._rows(recalls)
+            start = 0
+            for store, recall, pairs in moves:
+                dst, src = rows[0, start : start + len(pairs)], rows[1, start : start + len(pairs)]
+                start += len(pairs)
+                if recall:
                     _copy(store.k_pool, store.v_pool, store.mirror_k, store.mirror_v, dst, src)
-                    self.recalled_chunks += len(recalls)
+                    self.recalled_chunks += len(pairs)
+                else:
+                    _copy(store.mirror_k, store.mirror_v, store.k_pool, store.v_pool, dst, src)
+                    self.written_back_chunks += len(pairs)
             done = torch.cuda.Event() if side is not None else None
             if done is not None:
                 done.record(side)
-        self._pending = (tables, done)
+        self._pending = ([(store, after[i], after_inv[i]) for i, store in enumerate(layers)], done)
         self._swap_at = self.steps + lag
         if evict:
-            for store in keeps:
+            for store in layers:
                 if store.mirror_k is not None:
                     if done is not None:
                         done.synchronize()  # the staged prompt is read by the recall above
@@ -499,12 +501,18 @@ class KVStore:
         if lag == 0:
             self._swap()
 
-    def _rows(self, pairs: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
-        rows = torch.tensor(pairs, dtype=_INDEX).t().contiguous()  # [2, M]
-        if self._side is not None:
-            rows = rows.pin_memory()  # read by the copy kernel through unified addressing
-            self._inflight.append(rows)
-        return rows[0], rows[1]
+    def _staged(self, host: Tensor) -> Tensor:
+        """A host tensor the GPU reads asynchronously: pinned on CUDA."""
+        return host.pin_memory() if self._side is not None and host.numel() else host
+
+    def _inverse(self, slot_chunk: Tensor) -> Tensor:
+        """Host ``[L, B, S]`` slot -> chunk tables to ``[L, B, N]`` chunk -> slot tables (-1: not resident)."""
+        layers, batch, slots = slot_chunk.shape
+        idx = slot_chunk.clone()
+        idx[idx < 0] = self.num_chunks  # a spare column, dropped below
+        table = torch.full((layers, batch, self.num_chunks + 1), -1, dtype=_INDEX)
+        table.scatter_(2, idx, torch.arange(slots, dtype=_INDEX).expand(layers, batch, -1).contiguous())
+        return table[..., : self.num_chunks].contiguous()  # contiguous per layer: copied as is
 
     def _swap(self) -> None:
         """Install the tables of the last selection once its recall copies are done (on the main stream)."""
