@@ -222,8 +222,7 @@ def lsa_run(model, prompt: torch.Tensor, steps: int, config: LSAConfig) -> dict:
         "selections_in_timed_loop": timed_selections, "recompiles_in_timed_loop": recompiles,
         "windows": windows,
     }
-    runtime.store = None
-    runtime.compiled = None
+    runtime.compiled = None  # the store stays: the next run of the same shape takes over its pinned mirror
     del cache, store
     gc.collect()
     if DEVICE == "cuda":

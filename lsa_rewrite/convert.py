@@ -245,7 +245,9 @@ class LSARuntime:
         self.program(batch)  # trace before allocating, so a failure leaves nothing behind
         if self.store is not None:
             self.store.synchronize()  # its side-stream copies must not outlive its buffers
-        self.store = KVStore(specs, self.config, batch=batch, capacity=capacity, valid_start=valid_start, device=device)
+        # A store of the same shape hands over its CPU mirror (pinning tens of GB takes seconds per
+        # generation); the old store is retired and refuses further use.
+        self.store = KVStore(specs, self.config, batch=batch, capacity=capacity, valid_start=valid_start, device=device, reuse=self.store)
         return self.store
 
     def decode(self, inputs: dict[str, torch.Tensor], store: KVStore) -> torch.Tensor:

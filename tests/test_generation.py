@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from helpers import converted_copy, hf_greedy, no_eos
 from zoo import make_model
 
 from lsa_rewrite import LSAConfig
+from lsa_rewrite.runtime.store import StoreError
 
 COVERING = LSAConfig(budget=4096, chunk_size=16, interval=16, sink_tokens=16, recent_tokens=16)
 
@@ -92,3 +94,26 @@ def test_batch_sequences_choose_their_own_resident_sets():
         assert rows[0] != rows[1], "both sequences hold the same chunks"
         # the first real chunk (sink) of each sequence is resident: sequence 0 starts after 120 pads
         assert 120 // 16 in rows[0] and 0 in rows[1]
+
+
+def test_next_generation_takes_over_the_mirror_and_retires_the_old_store():
+    """A second generate() of the same shape reuses the first store's CPU mirror (no new pinning) and
+    gives the tokens a fresh conversion gives; the first generation's cache then refuses to decode."""
+    model = no_eos(make_model("llama"))
+    config = LSAConfig(budget=0.3, chunk_size=16, interval=16, sink_tokens=16, recent_tokens=16, max_context=512, recall_lag=3)
+    converted = no_eos(converted_copy(model, config))
+    first = converted(input_ids=_prompt(300, 6), use_cache=True)
+    old_cache = first[converted.lsa.cache_field]
+    old_store = converted.lsa.store
+    mirror = old_store._chunk_layers()[0].mirror_k
+    assert mirror is not None and not old_store.all_resident
+
+    ids = _prompt(280, 7)
+    ours, _ = hf_greedy(converted, ids, 40)
+    store = converted.lsa.store
+    assert store is not old_store and store._chunk_layers()[0].mirror_k is mirror
+    assert store.selections >= 2
+    fresh, _ = hf_greedy(no_eos(converted_copy(model, config)), ids, 40)
+    assert torch.equal(ours, fresh)
+    with pytest.raises(StoreError, match="retired: a newer prefill took over"):
+        converted(input_ids=ours[:, -1:], **{converted.lsa.adapter.cache_kw: old_cache})

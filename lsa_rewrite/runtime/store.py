@@ -81,7 +81,10 @@ class ChunkLayer:
 
     graph_tensors = ("k_pool", "v_pool", "slot_chunk", "chunk_slot", "kmin", "kmax", "q_tap")
 
-    def __init__(self, spec: LayerSpec, *, batch: int, slots: int, num_chunks: int, chunk: int, mirrored: bool, device: torch.device):
+    def __init__(
+        self, spec: LayerSpec, *, batch: int, slots: int, num_chunks: int, chunk: int, mirrored: bool, device: torch.device,
+        mirror: tuple[Tensor, Tensor] | None = None,
+    ):
         h, d, dt = spec.kv_heads, spec.head_dim, spec.dtype
         self.spec, self.batch, self.slots, self.num_chunks, self.chunk = spec, batch, slots, num_chunks, chunk
         self.k_pool = torch.zeros(batch * slots, chunk, h, d, dtype=dt, device=device)  # [B*S, C, Hkv, D]
@@ -91,8 +94,11 @@ class ChunkLayer:
         self.kmin = torch.zeros(batch, num_chunks, h, d, dtype=dt, device=device)  # [B, N, Hkv, D]
         self.kmax = torch.zeros_like(self.kmin)
         self.q_tap = torch.zeros(batch, spec.q_heads, d, dtype=dt, device=device)  # [B, Hq, D]
-        self.mirror_k = _host_buffer((batch, num_chunks, chunk, h, d), dt, device) if mirrored else None
-        self.mirror_v = _host_buffer((batch, num_chunks, chunk, h, d), dt, device) if mirrored else None
+        if mirrored and mirror is not None:
+            self.mirror_k, self.mirror_v = mirror  # an earlier store's, same shape: pinning 2 x N chunks again is slow
+        else:
+            self.mirror_k = _host_buffer((batch, num_chunks, chunk, h, d), dt, device) if mirrored else None
+            self.mirror_v = _host_buffer((batch, num_chunks, chunk, h, d), dt, device) if mirrored else None
         # Host-side copy of the tables: the manager decides on the host and never reads the device back.
         self.host_slot_chunk = [[-1] * slots for _ in range(batch)]
         self.available = torch.zeros(batch, num_chunks, dtype=torch.bool)  # chunk held in pool or mirror
@@ -210,8 +216,10 @@ class KVStore:
         capacity: int,
         valid_start: list[int] | None = None,
         device: torch.device | str = "cpu",
+        reuse: "KVStore | None" = None,
     ):
         device = torch.device(device)
+        self.retired: str | None = None  # why this store may no longer be used (its mirror went to a newer one)
         if capacity < 1:
             raise StoreError(f"store capacity must be >= 1 token, got {capacity}")
         self.config, self.batch, self.capacity, self.device = config, batch, capacity, device
@@ -227,10 +235,14 @@ class KVStore:
         self.all_resident = self.slots >= self.num_chunks
         mirrored = not self.all_resident
         self.layers: dict[int, ChunkLayer | RingLayer] = {}
+        mirrors = self._mirrors_of(reuse, specs, batch) if mirrored else {}
+        if mirrors:
+            reuse._retire("a newer prefill took over this store's CPU mirror; decode with the cache that prefill returned")
         for spec in specs:
             if spec.window is None:
                 self.layers[spec.layer] = ChunkLayer(
-                    spec, batch=batch, slots=self.slots, num_chunks=self.num_chunks, chunk=self.chunk, mirrored=mirrored, device=device
+                    spec, batch=batch, slots=self.slots, num_chunks=self.num_chunks, chunk=self.chunk, mirrored=mirrored, device=device,
+                    mirror=mirrors.get(spec.layer),
                 )
             else:
                 self.layers[spec.layer] = RingLayer(spec, batch=batch, device=device)
@@ -249,6 +261,40 @@ class KVStore:
         self._inflight: list[Tensor] = []  # host index tensors the side stream may still read
         self.recalled_chunks = 0  # chunk copies mirror -> pool (summed over layers and sequences)
         self.written_back_chunks = 0
+
+    def _mirrors_of(self, other: "KVStore | None", specs: list[LayerSpec], batch: int) -> dict[int, tuple[Tensor, Tensor]]:
+        """Every chunk layer's mirror of ``other`` when all have exactly the shapes this store needs, else none."""
+        if other is None or other.retired or other.device != self.device:
+            return {}
+        shape = (batch, self.num_chunks, self.chunk)
+        found = {}
+        for spec in specs:
+            if spec.window is not None:
+                continue
+            layer = other.layers.get(spec.layer)
+            if not isinstance(layer, ChunkLayer) or layer.mirror_k is None:
+                return {}
+            want = (*shape, spec.kv_heads, spec.head_dim)
+            if layer.mirror_k.shape != want or layer.mirror_k.dtype != spec.dtype:
+                return {}
+            found[spec.layer] = (layer.mirror_k, layer.mirror_v)
+        return found
+
+    def _retire(self, reason: str) -> None:
+        """Give up this store: wait for its copies, drop its device buffers, refuse further use."""
+        self.synchronize()
+        self.retired = reason
+        self._pending = None
+        self._inflight.clear()
+        for layer in self.layers.values():
+            for name in layer.graph_tensors:
+                setattr(layer, name, None)
+            if isinstance(layer, ChunkLayer):
+                layer.mirror_k = layer.mirror_v = None
+
+    def _check_live(self) -> None:
+        if self.retired:
+            raise StoreError(f"this store is retired: {self.retired}")
 
     # -- sizing -------------------------------------------------------------------------------
     def _min_slots(self) -> int:
@@ -287,6 +333,7 @@ class KVStore:
     # -- prefill ------------------------------------------------------------------------------
     def ingest(self, layer: int, k: Tensor, v: Tensor) -> None:
         """Take one layer's prompt KV ``[B, Hkv, T, D]`` (positions 0..T-1) during prefill."""
+        self._check_live()
         if self.steps or self.length:
             raise StoreError("the store takes one prefill per sequence batch; start a new generation for a new prompt")
         store = self.layers.get(layer)
@@ -359,6 +406,7 @@ class KVStore:
     # -- decode -------------------------------------------------------------------------------
     def before_step(self) -> None:
         """Run between decode steps: selection when due, then set the position being decoded."""
+        self._check_live()
         if self.length >= self.capacity:
             raise StoreError(
                 f"sequence reached the store capacity of {self.capacity} tokens; raise LSAConfig.max_context "
