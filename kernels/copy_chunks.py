@@ -3,7 +3,9 @@
 Op (namespace ``lsa``):
 - ``copy_chunks(dst_k, dst_v, src_k, src_v, dst_rows, src_rows)``: for every ``i``, chunk row
   ``src_rows[i]`` of ``src_k``/``src_v`` is copied over chunk row ``dst_rows[i]`` of ``dst_k``/``dst_v``,
-  bit for bit. A chunk row is everything after the leading dimension(s) that number chunks: the pool
+  bit for bit; a pair with a negative index is skipped (so a caller on the GPU can pass fixed-size
+  index tensors without learning on the host how many rows move). A chunk row is everything after
+  the leading dimension(s) that number chunks: the pool
   ``[B * S, C, Hkv, D]`` has ``B * S`` rows, the mirror ``[B, N, C, Hkv, D]`` has ``B * N`` rows
   (row ``b * N + n``). Recall is mirror -> pool, write-back is pool -> mirror.
 
@@ -68,14 +70,17 @@ def _check_copy(dst_k: Tensor, dst_v: Tensor, src_k: Tensor, src_v: Tensor, dst_
 
 
 def copy_chunks_ref(dst_k: Tensor, dst_v: Tensor, src_k: Tensor, src_v: Tensor, dst_rows: Tensor, src_rows: Tensor) -> None:
-    """Reference for ``lsa::copy_chunks`` (pure PyTorch, in place): ``dst[dst_rows[i]] = src[src_rows[i]]``."""
+    """Reference for ``lsa::copy_chunks`` (pure PyTorch, in place): ``dst[dst_rows[i]] = src[src_rows[i]]``
+    for every ``i`` where both are >= 0."""
     row = _check_copy(dst_k, dst_v, src_k, src_v, dst_rows, src_rows)
+    moving = (dst_rows >= 0) & (src_rows >= 0)
+    dst_rows, src_rows = dst_rows[moving], src_rows[moving]
     if dst_rows.numel() == 0:
         return
     dk, dv, sk, sv = (_rows(t, row) for t in (dst_k, dst_v, src_k, src_v))
     for rows, limit, side in ((dst_rows, dk.shape[0], "dst_rows"), (src_rows, sk.shape[0], "src_rows")):
         lo, hi = int(rows.min()), int(rows.max())
-        if lo < 0 or hi >= limit:
+        if hi >= limit:
             raise IndexError(f"copy_chunks: {side} holds rows {lo}..{hi}, but that side has {limit} chunk rows")
     dst_idx = dst_rows.to(dk.device)
     src_idx = src_rows.to(sk.device)
@@ -99,10 +104,13 @@ if triton is not None:
         for t in range(pid, count * blocks_per_row, programs):
             i = t // blocks_per_row
             j = (t - i * blocks_per_row).to(tl.int64)
-            dst = tl.load(dst_rows_ptr + i).to(tl.int64) * row_elems
-            src = tl.load(src_rows_ptr + i).to(tl.int64) * row_elems
+            dst_row = tl.load(dst_rows_ptr + i).to(tl.int64)
+            src_row = tl.load(src_rows_ptr + i).to(tl.int64)
+            dst = dst_row * row_elems
+            src = src_row * row_elems
             offs = j * BLOCK + tl.arange(0, BLOCK)
-            mask = offs < row_elems
+            # a negative index: nothing moves (vector form of the scalar tests, as the interpreter needs)
+            mask = (offs < row_elems) & ((offs * 0 + dst_row) >= 0) & ((offs * 0 + src_row) >= 0)
             k = tl.load(src_k_ptr + src + offs, mask=mask)
             v = tl.load(src_v_ptr + src + offs, mask=mask)
             tl.store(dst_k_ptr + dst + offs, k, mask=mask)

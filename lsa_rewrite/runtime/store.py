@@ -36,11 +36,6 @@ from ..selectors import SELECTORS
 _INDEX = torch.long
 
 
-def _upload(dst: Tensor, host: Tensor) -> None:
-    """Host table -> device table; from pinned memory on CUDA, so the host does not wait."""
-    dst.copy_(host, non_blocking=dst.is_cuda)
-
-
 def _copy(dst_k: Tensor, dst_v: Tensor, src_k: Tensor, src_v: Tensor, dst_rows: Tensor, src_rows: Tensor) -> None:
     """Chunk rows ``src`` -> ``dst`` (pool <-> mirror): one Triton launch on the current stream on CUDA."""
     operands = (dst_k, dst_v, src_k, src_v, dst_rows, src_rows)
@@ -99,10 +94,12 @@ class ChunkLayer:
         else:
             self.mirror_k = _host_buffer((batch, num_chunks, chunk, h, d), dt, device) if mirrored else None
             self.mirror_v = _host_buffer((batch, num_chunks, chunk, h, d), dt, device) if mirrored else None
-        # Host-side copy of the tables: the manager decides on the host and never reads the device back.
-        self.host_slot_chunk = [[-1] * slots for _ in range(batch)]
-        self.available = torch.zeros(batch, num_chunks, dtype=torch.bool)  # chunk held in pool or mirror
-        self.dropped_chunks = 0
+        # Manager state, all on the device (a selection never waits for the GPU):
+        self.planned = torch.full((batch, slots), -1, dtype=_INDEX, device=device)  # [B, S] the table once a pending swap is in
+        self.available = torch.zeros(batch, num_chunks, dtype=torch.bool, device=device)  # [B, N] held in pool or mirror
+        self.dropped = torch.zeros((), dtype=_INDEX, device=device)  # evict mode: chunks gone for good
+        self._seq = torch.arange(batch, device=device).view(batch, 1)  # [B, 1]
+        self._slot_ids = torch.arange(slots, device=device).expand(batch, slots)  # [B, S]
 
     # -- accounting ---------------------------------------------------------------------------
     def device_tensors(self) -> dict[str, Tensor]:
@@ -116,61 +113,82 @@ class ChunkLayer:
     def mirror_bytes(self) -> int:
         return _nbytes(self.mirror_k) + _nbytes(self.mirror_v)
 
-    # -- placement ----------------------------------------------------------------------------
-    def _pool_rows(self, b: int, slot: int) -> int:
-        return b * self.slots + slot
+    @property
+    def dropped_chunks(self) -> int:
+        return int(self.dropped)
 
-    def plan(self, b: int, keep: list[int], *, evict_drops: bool) -> tuple[list[int], list[int], list[tuple[int, int]]]:
-        """Make ``keep`` (logical chunks, at most S) the planned resident set of sequence ``b``.
+    @property
+    def host_slot_chunk(self) -> list[list[int]]:
+        """The planned slot -> chunk table per sequence, on the host (reads the device: for checks, not the manager)."""
+        return self.planned.tolist()
 
-        Chunks left out of ``keep`` give up their slots; chunks coming in take free slots, in
-        ``keep``'s order. Returns ``(now, after, recalls)``: the slot -> chunk row to install at once
-        (kept chunks, plus incoming chunks with nothing to copy: those the coming window writes),
-        the row once the recall copies are done, and the copies as (pool row, mirror row) pairs.
+    # -- placement (device tensors only: no host sync) ------------------------------------------
+    def plan(self, chosen: Tensor, *, evict_drops: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Make ``chosen`` ``[B, K]`` (chunk ids, must-keep first, then by score; -1: none) the planned resident set.
+
+        Chunks left out give up their slots; chunks coming in take free slots in ``chosen``'s order
+        (at most S are chosen, so they always fit). Returns device tensors ``(now, after, dst, src,
+        count)``: the slot -> chunk table to install at once (kept chunks, plus incoming chunks with
+        nothing to copy: those the coming window writes), the table once the recall copies are done,
+        the copies as pool rows / mirror rows ``[B * K]`` (-1: no copy), and how many copies.
         """
-        current = self.host_slot_chunk[b]
-        keep_set = set(keep)
-        now = [c if c in keep_set else -1 for c in current]
+        batch, slots, n = self.batch, self.slots, self.num_chunks
+        valid = chosen >= 0
+        ids = chosen.clamp_min(0)
+        keep = torch.zeros(batch, n + 1, dtype=torch.bool, device=chosen.device)
+        keep.scatter_(1, torch.where(valid, chosen, n), True)
+        current = self.planned  # == the live table: select() installs any pending swap first
+        held = current >= 0
+        stays = held & keep.gather(1, current.clamp_min(0))
+        now = torch.where(stays, current, -1)
         if evict_drops:
-            dropped = [c for c in current if c >= 0 and c not in keep_set]
-            self.available[b, dropped] = False
-            self.dropped_chunks += len(dropped)
-        resident = set(current)
-        free = [s for s, c in enumerate(now) if c < 0]
-        incoming = [c for c in keep if c not in resident]
-        held = self.available[b].tolist() if self.mirror_k is not None else None  # one conversion, not one per chunk
-        after = list(now)
-        recalls = []
-        for c, s in zip(incoming, free):  # len(incoming) <= len(free): keep holds at most S chunks
-            after[s] = c
-            if held is not None and held[c]:
-                recalls.append((self._pool_rows(b, s), b * self.num_chunks + c))
-            else:
-                now[s] = c  # not written yet (the coming window's): nothing to copy, mapped at once
-        self.available[b, incoming] = True
-        self.host_slot_chunk[b] = after
-        return now, after, recalls
+            gone = held & ~stays
+            lost = torch.ones(batch, n + 1, dtype=torch.bool, device=chosen.device)
+            lost.scatter_(1, torch.where(gone, current, n), False)
+            self.available &= lost[:, :n]
+            self.dropped += gone.sum()
+        resident = torch.zeros(batch, n + 1, dtype=torch.bool, device=chosen.device)
+        resident.scatter_(1, torch.where(held, current, n), True)
+        incoming = valid & ~resident.gather(1, ids)  # [B, K]
+        # the j-th incoming chunk takes the j-th free slot (free slots in slot order)
+        free_first = torch.sort((now >= 0).to(torch.int8), dim=1, stable=True).indices  # [B, S]
+        rank = (incoming.cumsum(1) - 1).clamp_min(0).clamp_max(slots - 1)
+        target = torch.where(incoming, free_first.gather(1, rank), slots)  # [B, K]; `slots`: the spare column
+        copy = incoming & self.available.gather(1, ids) if self.mirror_k is not None else torch.zeros_like(incoming)
+        after = torch.cat([now, now.new_full((batch, 1), -1)], 1).scatter_(1, target, chosen)[:, :slots]
+        # incoming chunks with nothing to copy (not written yet) are mapped at once
+        now = torch.cat([now, now.new_full((batch, 1), -1)], 1).scatter_(1, torch.where(copy, slots, target), chosen)[:, :slots]
+        avail = torch.cat([self.available, self.available.new_zeros(batch, 1)], 1)
+        self.available.copy_(avail.scatter_(1, torch.where(incoming, ids, n), True)[:, :n])
+        self.planned.copy_(after)
+        dst = torch.where(copy, self._seq * slots + target, -1).flatten()
+        src = torch.where(copy, self._seq * n + ids, -1).flatten()
+        return now, after, dst, src, copy.sum()
 
-    def written_rows(self, chunks: range) -> list[tuple[int, int]]:
-        """(mirror row, pool row) of every resident chunk in ``chunks``: what a write-back copies."""
-        if self.mirror_k is None:
-            return []
-        return [
-            (b * self.num_chunks + c, self._pool_rows(b, s))
-            for b in range(self.batch)
-            for s, c in enumerate(self.host_slot_chunk[b])
-            if c in chunks
-        ]
+    def inverse(self, slot_chunk: Tensor) -> Tensor:
+        """``[B, S]`` slot -> chunk table to the ``[B, N]`` chunk -> slot table (-1: not resident)."""
+        n = self.num_chunks
+        table = torch.full((self.batch, n + 1), -1, dtype=_INDEX, device=slot_chunk.device)
+        table.scatter_(1, torch.where(slot_chunk >= 0, slot_chunk, n), self._slot_ids)
+        return table[:, :n]
+
+    def written_rows(self, chunks: range) -> tuple[Tensor, Tensor, Tensor]:
+        """Mirror rows, pool rows ``[B * len(chunks)]`` (-1: not resident) and count: what a write-back copies."""
+        ids = torch.arange(chunks.start, chunks.stop, device=self.chunk_slot.device).expand(self.batch, -1)  # [B, W]
+        slot = self.inverse(self.planned).gather(1, ids)
+        there = slot >= 0
+        dst = torch.where(there, self._seq * self.num_chunks + ids, -1).flatten()
+        src = torch.where(there, self._seq * self.slots + slot, -1).flatten()
+        return dst, src, there.sum()
 
     def drop_staging(self) -> None:
         """Evict mode, first selection: staged prompt chunks left out of the pool are gone."""
-        for b in range(self.batch):
-            resident = torch.zeros(self.num_chunks, dtype=torch.bool)
-            held = [c for c in self.host_slot_chunk[b] if c >= 0]
-            resident[held] = True
-            lost = self.available[b] & ~resident
-            self.dropped_chunks += int(lost.sum())
-            self.available[b] &= resident
+        n = self.num_chunks
+        resident = torch.zeros(self.batch, n + 1, dtype=torch.bool, device=self.planned.device)
+        resident.scatter_(1, torch.where(self.planned >= 0, self.planned, n), True)
+        lost = self.available & ~resident[:, :n]
+        self.dropped += lost.sum()
+        self.available &= resident[:, :n]
         self.mirror_k = self.mirror_v = None
 
 
@@ -258,9 +276,9 @@ class KVStore:
         self._side = torch.cuda.Stream(device) if device.type == "cuda" and not self.all_resident else None
         self._pending: tuple[list[tuple[ChunkLayer, Tensor, Tensor]], object] | None = None
         self._swap_at = -1
-        self._inflight: list[Tensor] = []  # host index tensors the side stream may still read
-        self.recalled_chunks = 0  # chunk copies mirror -> pool (summed over layers and sequences)
-        self.written_back_chunks = 0
+        # chunk copies mirror -> pool and pool -> mirror (summed over layers and sequences), on the device
+        self._recalled = torch.zeros((), dtype=_INDEX, device=device)
+        self._written_back = torch.zeros((), dtype=_INDEX, device=device)
 
     def _mirrors_of(self, other: "KVStore | None", specs: list[LayerSpec], batch: int) -> dict[int, tuple[Tensor, Tensor]]:
         """Every chunk layer's mirror of ``other`` when all have exactly the shapes this store needs, else none."""
@@ -280,12 +298,20 @@ class KVStore:
             found[spec.layer] = (layer.mirror_k, layer.mirror_v)
         return found
 
+    @property
+    def recalled_chunks(self) -> int:
+        """Chunks copied from the mirror into the pool so far (reads the device)."""
+        return int(self._recalled)
+
+    @property
+    def written_back_chunks(self) -> int:
+        return int(self._written_back)
+
     def _retire(self, reason: str) -> None:
         """Give up this store: wait for its copies, drop its device buffers, refuse further use."""
         self.synchronize()
         self.retired = reason
         self._pending = None
-        self._inflight.clear()
         for layer in self.layers.values():
             for name in layer.graph_tensors:
                 setattr(layer, name, None)
@@ -388,19 +414,19 @@ class KVStore:
             torch.cuda.current_stream(self.device).synchronize()  # the prompt's copies into the mirror
         if self.all_resident:
             for store in self._chunk_layers():
-                for b in range(self.batch):
-                    store.host_slot_chunk[b] = list(range(self.slots))
                 ids = torch.arange(self.slots, dtype=_INDEX, device=self.device)
-                store.slot_chunk.copy_(ids.expand(self.batch, -1))
-                store.chunk_slot.copy_(ids.expand(self.batch, -1))
-                store.available[:] = True
+                for table in (store.planned, store.slot_chunk, store.chunk_slot):
+                    table.copy_(ids.expand(self.batch, -1))
+                store.available.fill_(True)
             return
-        keeps = []
+        keeps = torch.full((self.batch, self.slots), -1, dtype=_INDEX)
         for b in range(self.batch):
             must = self._must_keep(b, length)
             first = self.valid_start_host[b] // self.chunk  # chunks before it are all left padding
             rest = [c for c in range(math.ceil(length / self.chunk) - 1, first - 1, -1) if c not in must]
-            keeps.append(self._fill(must, rest))
+            keep = self._fill(must, rest)
+            keeps[b, : len(keep)] = torch.tensor(keep, dtype=_INDEX)
+        keeps = keeps.to(self.device)
         self._apply({store: keeps for store in self._chunk_layers()}, written=range(0), lag=0, evict=False)
 
     # -- decode -------------------------------------------------------------------------------
@@ -436,7 +462,7 @@ class KVStore:
         chunk = pos // self.chunk
         saved = []
         for store in self._chunk_layers():
-            rows = [b * self.slots + store.host_slot_chunk[b].index(chunk) for b in range(self.batch)]
+            rows = store._seq.flatten() * self.slots + store.chunk_slot[:, chunk]  # the last chunk is always resident
             saved.append((store, rows, store.k_pool[rows].clone(), store.v_pool[rows].clone(), store.kmin[:, chunk].clone(), store.kmax[:, chunk].clone()))
         self.pos.fill_(pos)
         run_step()
@@ -455,10 +481,12 @@ class KVStore:
     def select(self, lag: int | None = None) -> None:
         """Choose and load the resident set for the next ``interval`` tokens, for every layer and sequence.
 
-        Scoring, masking and the top-k run on the device for every layer; the chosen chunk ids come
-        back to the host in one transfer (the one host sync of a selection). Chunks that leave
-        the pool leave the tables at once; recalled chunks are copied in on the side stream and join
-        the tables ``lag`` decode steps later (``LSAConfig.recall_lag``; 0: right here).
+        Everything runs as device work queued on the current stream, with no host sync: scoring,
+        masking and top-k, then the slot assignment (chunks that leave the pool leave the tables at
+        once; incoming chunks take free slots). Write-back of the chunks decoded since the last
+        selection and the recall copies run on a side stream (CUDA); the recalled chunks join the
+        tables ``lag`` decode steps later (``LSAConfig.recall_lag``; 0: right here), after the main
+        stream waits for the copies.
         """
         lag = self.lag if lag is None else lag
         if self._pending is not None:
@@ -468,99 +496,78 @@ class KVStore:
             return
         pos, c = self.length, self.chunk
         written = range(self.synced // c, math.ceil(pos / c))
-        chosen = self._choose(layers, pos)  # [L, B, k] chunk ids, -1 past the valid ones
-        self._inflight.clear()  # the transfer above waited for the main stream, which waited for the last recall
-        keeps = {store: [[ch for ch in row if ch >= 0] for row in chosen[i]] for i, store in enumerate(layers)}
-        self._apply(keeps, written=written, lag=lag, evict=self.config.mode == "evict")
+        chosen = self._choose(layers, pos)
+        self._apply(dict(zip(layers, chosen)), written=written, lag=lag, evict=self.config.mode == "evict")
         self.synced = pos
         self.selections += 1
 
-    def _choose(self, layers: list[ChunkLayer], pos: int) -> list[list[list[int]]]:
-        """Per layer and sequence, the chunks to keep, must-keep first, then by descending score."""
-        c, n, device = self.chunk, self.num_chunks, self.device
+    def _choose(self, layers: list[ChunkLayer], pos: int) -> list[Tensor]:
+        """Per layer, ``[B, k]`` chunk ids to keep (must-keep first, then by descending score; -1: none)."""
+        c, n = self.chunk, self.num_chunks
         must = torch.zeros(self.batch, n, dtype=torch.bool)
         blocked = torch.zeros(self.batch, n, dtype=torch.bool)
         for b in range(self.batch):
             must[b, self._must_keep(b, pos)] = True
             blocked[b, math.ceil(pos / c) :] = True  # not yet written
             blocked[b, : self.valid_start_host[b] // c] = True  # left padding only
-        must, blocked = must.to(device), blocked.to(device)
+        must, blocked = self._to_device(must), self._to_device(blocked)
         score_fn = SELECTORS[self.config.selector]
         k = min(self.slots, n)
         picks = []
         for store in layers:
             scores = score_fn(store.q_tap, store.kmin, store.kmax, generator=self.generator).float()  # [B, N]
-            gone = blocked if self.config.mode != "evict" else blocked | ~store.available.to(device)  # dropped chunks
+            gone = blocked if self.config.mode != "evict" else blocked | ~store.available  # dropped chunks
             scores = scores.nan_to_num(nan=-torch.finfo(torch.float32).max).masked_fill(gone, -torch.inf)
             values, ids = scores.masked_fill(must, torch.inf).topk(k, dim=1)  # sorted: must-keep first
             picks.append(ids.masked_fill(values == -torch.inf, -1))
-        return torch.stack(picks).cpu().tolist()
+        return picks
 
-    def _apply(self, keeps: dict[ChunkLayer, list[list[int]]], *, written: range, lag: int, evict: bool) -> None:
+    def _to_device(self, host: Tensor) -> Tensor:
+        """A small host tensor on the store's device without making the host wait (pinned on CUDA)."""
+        if self.device.type != "cuda":
+            return host.to(self.device)
+        return host.pin_memory().to(self.device, non_blocking=True)
+
+    def _apply(self, chosen: dict[ChunkLayer, Tensor], *, written: range, lag: int, evict: bool) -> None:
         """Install new resident sets: drops now, write-back + recall on the side stream, the rest after ``lag`` steps."""
         side = self._side
         main = torch.cuda.current_stream(self.device) if side is not None else None
-        layers = list(keeps)
-        nows, afters, moves = [], [], []  # moves: (layer, recall?, [(dst row, src row), ...])
-        for store in layers:
-            write_back = store.written_rows(written)
-            plans = [store.plan(b, keep, evict_drops=evict) for b, keep in enumerate(keeps[store])]
-            nows.append([p[0] for p in plans])
-            afters.append([p[1] for p in plans])
-            if write_back:
-                moves.append((store, False, write_back))
-            recalls = [r for p in plans for r in p[2]]
-            if recalls:
-                moves.append((store, True, recalls))
-        # All layers' tables and copy rows in a few host tensors (pinned once on CUDA, not per layer).
-        now = self._staged(torch.tensor(nows, dtype=_INDEX))  # [L, B, S]
-        after = self._staged(torch.tensor(afters, dtype=_INDEX))
-        now_inv, after_inv = self._staged(self._inverse(now)), self._staged(self._inverse(after))  # [L, B, N]
-        for i, store in enumerate(layers):
-            _upload(store.slot_chunk, now[i])
-            _upload(store.chunk_slot, now_inv[i])
-        rows = self._staged(torch.tensor([pair for _, _, pairs in moves for pair in pairs], dtype=_INDEX).view(-1, 2).t().contiguous())
-        if rows.is_pinned():
-            self._inflight.append(rows)  # read by the copy kernel through unified addressing
+        tables, moves = [], []
+        for store, ids in chosen.items():
+            if store.mirror_k is not None and len(written):
+                dst, src, count = store.written_rows(written)  # before plan(): the chunks' current slots
+                moves.append((store, False, dst, src, count))
+            now, after, dst, src, count = store.plan(ids, evict_drops=evict)
+            moves.append((store, True, dst, src, count))
+            store.slot_chunk.copy_(now)
+            store.chunk_slot.copy_(store.inverse(now))
+            tables.append((store, after, store.inverse(after)))
         if side is not None:
-            side.wait_stream(main)  # every step so far (their writes, their reads of the freed slots) comes first
+            side.wait_stream(main)  # every step so far (their writes, their reads of the freed slots) and the plan
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            start = 0
-            for store, recall, pairs in moves:
-                dst, src = rows[0, start : start + len(pairs)], rows[1, start : start + len(pairs)]
-                start += len(pairs)
-                if recall:
+            for store, recall, dst, src, count in moves:
+                if side is not None:
+                    for t in (dst, src):
+                        t.record_stream(side)  # made on the main stream, read here
+                if recall and store.mirror_k is not None:
                     _copy(store.k_pool, store.v_pool, store.mirror_k, store.mirror_v, dst, src)
-                    self.recalled_chunks += len(pairs)
-                else:
+                    self._recalled += count
+                elif not recall:
                     _copy(store.mirror_k, store.mirror_v, store.k_pool, store.v_pool, dst, src)
-                    self.written_back_chunks += len(pairs)
+                    self._written_back += count
             done = torch.cuda.Event() if side is not None else None
             if done is not None:
                 done.record(side)
-        self._pending = ([(store, after[i], after_inv[i]) for i, store in enumerate(layers)], done)
+        self._pending = (tables, done)
         self._swap_at = self.steps + lag
         if evict:
-            for store in layers:
+            for store in chosen:
                 if store.mirror_k is not None:
                     if done is not None:
                         done.synchronize()  # the staged prompt is read by the recall above
                     store.drop_staging()
         if lag == 0:
             self._swap()
-
-    def _staged(self, host: Tensor) -> Tensor:
-        """A host tensor the GPU reads asynchronously: pinned on CUDA."""
-        return host.pin_memory() if self._side is not None and host.numel() else host
-
-    def _inverse(self, slot_chunk: Tensor) -> Tensor:
-        """Host ``[L, B, S]`` slot -> chunk tables to ``[L, B, N]`` chunk -> slot tables (-1: not resident)."""
-        layers, batch, slots = slot_chunk.shape
-        idx = slot_chunk.clone()
-        idx[idx < 0] = self.num_chunks  # a spare column, dropped below
-        table = torch.full((layers, batch, self.num_chunks + 1), -1, dtype=_INDEX)
-        table.scatter_(2, idx, torch.arange(slots, dtype=_INDEX).expand(layers, batch, -1).contiguous())
-        return table[..., : self.num_chunks].contiguous()  # contiguous per layer: copied as is
 
     def _swap(self) -> None:
         """Install the tables of the last selection once its recall copies are done (on the main stream)."""
@@ -570,8 +577,8 @@ class KVStore:
         if done is not None:
             torch.cuda.current_stream(self.device).wait_event(done)  # the GPU waits; the host does not
         for store, slot_chunk, chunk_slot in tables:
-            _upload(store.slot_chunk, slot_chunk)
-            _upload(store.chunk_slot, chunk_slot)
+            store.slot_chunk.copy_(slot_chunk)
+            store.chunk_slot.copy_(chunk_slot)
 
     def synchronize(self) -> None:
         """Wait for outstanding recall and write-back copies (e.g. before reading the mirror)."""

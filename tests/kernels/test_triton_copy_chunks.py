@@ -63,6 +63,27 @@ def test_recall_matches_reference(case):
         assert torch.equal(got_k[dst], flat[src])
 
 
+@pytest.mark.parametrize("programs", [1, 4, None])
+def test_negative_rows_are_skipped(programs):
+    """Fixed-size index tensors with -1 where nothing moves: those rows stay exactly as they were."""
+    gen = torch.Generator().manual_seed(11)
+    pool_k, pool_v, mirror_k, mirror_v, pool_rows, mirror_rows = problem((2, 5, 11, 8, 2, 16, 8, "bf16", 64, None), gen)
+    pool_rows[[1, 4]] = -1
+    mirror_rows[[4, 6]] = -1
+    moving = (pool_rows >= 0) & (mirror_rows >= 0)
+    want_k, want_v = pool_k.clone(), pool_v.clone()
+    want_k[pool_rows[moving]] = mirror_k.view(-1, *mirror_k.shape[2:])[mirror_rows[moving]]
+    want_v[pool_rows[moving]] = mirror_v.view(-1, *mirror_v.shape[2:])[mirror_rows[moving]]
+    got_k, got_v = pool_k.clone(), pool_v.clone()
+
+    copy_chunks_triton(got_k, got_v, mirror_k, mirror_v, pool_rows, mirror_rows, block=64, programs=programs)
+
+    assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
+    ref_k, ref_v = pool_k.clone(), pool_v.clone()
+    copy_chunks_ref(ref_k, ref_v, mirror_k, mirror_v, pool_rows, mirror_rows)
+    assert torch.equal(ref_k, want_k) and torch.equal(ref_v, want_v)
+
+
 @pytest.mark.parametrize("case", CASES[:3], ids=lambda c: f"b{c[0]}-s{c[1]}-n{c[2]}-{c[7]}")
 def test_write_back_matches_reference(case):
     """The same kernel scattering pool rows into the mirror (the write-back direction)."""
