@@ -78,7 +78,7 @@ class ChunkLayer:
 
     def __init__(
         self, spec: LayerSpec, *, batch: int, slots: int, num_chunks: int, chunk: int, mirrored: bool, device: torch.device,
-        mirror: tuple[Tensor, Tensor] | None = None,
+        state: tuple[Tensor, Tensor, Tensor], mirror: tuple[Tensor, Tensor] | None = None,
     ):
         h, d, dt = spec.kv_heads, spec.head_dim, spec.dtype
         self.spec, self.batch, self.slots, self.num_chunks, self.chunk = spec, batch, slots, num_chunks, chunk
@@ -94,12 +94,10 @@ class ChunkLayer:
         else:
             self.mirror_k = _host_buffer((batch, num_chunks, chunk, h, d), dt, device) if mirrored else None
             self.mirror_v = _host_buffer((batch, num_chunks, chunk, h, d), dt, device) if mirrored else None
-        # Manager state, all on the device (a selection never waits for the GPU):
-        self.planned = torch.full((batch, slots), -1, dtype=_INDEX, device=device)  # [B, S] the table once a pending swap is in
-        self.available = torch.zeros(batch, num_chunks, dtype=torch.bool, device=device)  # [B, N] held in pool or mirror
-        self.dropped = torch.zeros((), dtype=_INDEX, device=device)  # evict mode: chunks gone for good
-        self._seq = torch.arange(batch, device=device).view(batch, 1)  # [B, 1]
-        self._slot_ids = torch.arange(slots, device=device).expand(batch, slots)  # [B, S]
+        # Manager state on the device, views of the store's stacked state (a selection plans every
+        # layer in one pass and never waits for the GPU): the table once a pending swap is in
+        # [B, S], chunks held in pool or mirror [B, N], chunks gone for good in evict mode [].
+        self.planned, self.available, self.dropped = state
 
     # -- accounting ---------------------------------------------------------------------------
     def device_tensors(self) -> dict[str, Tensor]:
@@ -122,74 +120,20 @@ class ChunkLayer:
         """The planned slot -> chunk table per sequence, on the host (reads the device: for checks, not the manager)."""
         return self.planned.tolist()
 
-    # -- placement (device tensors only: no host sync) ------------------------------------------
-    def plan(self, chosen: Tensor, *, evict_drops: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """Make ``chosen`` ``[B, K]`` (chunk ids, must-keep first, then by score; -1: none) the planned resident set.
 
-        Chunks left out give up their slots; chunks coming in take free slots in ``chosen``'s order
-        (at most S are chosen, so they always fit). Returns device tensors ``(now, after, dst, src,
-        count)``: the slot -> chunk table to install at once (kept chunks, plus incoming chunks with
-        nothing to copy: those the coming window writes), the table once the recall copies are done,
-        the copies as pool rows / mirror rows ``[B * K]`` (-1: no copy), and how many copies.
-        """
-        batch, slots, n = self.batch, self.slots, self.num_chunks
-        valid = chosen >= 0
-        ids = chosen.clamp_min(0)
-        keep = torch.zeros(batch, n + 1, dtype=torch.bool, device=chosen.device)
-        keep.scatter_(1, torch.where(valid, chosen, n), True)
-        current = self.planned  # == the live table: select() installs any pending swap first
-        held = current >= 0
-        stays = held & keep.gather(1, current.clamp_min(0))
-        now = torch.where(stays, current, -1)
-        if evict_drops:
-            gone = held & ~stays
-            lost = torch.ones(batch, n + 1, dtype=torch.bool, device=chosen.device)
-            lost.scatter_(1, torch.where(gone, current, n), False)
-            self.available &= lost[:, :n]
-            self.dropped += gone.sum()
-        resident = torch.zeros(batch, n + 1, dtype=torch.bool, device=chosen.device)
-        resident.scatter_(1, torch.where(held, current, n), True)
-        incoming = valid & ~resident.gather(1, ids)  # [B, K]
-        # the j-th incoming chunk takes the j-th free slot (free slots in slot order)
-        free_first = torch.sort((now >= 0).to(torch.int8), dim=1, stable=True).indices  # [B, S]
-        rank = (incoming.cumsum(1) - 1).clamp_min(0).clamp_max(slots - 1)
-        target = torch.where(incoming, free_first.gather(1, rank), slots)  # [B, K]; `slots`: the spare column
-        copy = incoming & self.available.gather(1, ids) if self.mirror_k is not None else torch.zeros_like(incoming)
-        after = torch.cat([now, now.new_full((batch, 1), -1)], 1).scatter_(1, target, chosen)[:, :slots]
-        # incoming chunks with nothing to copy (not written yet) are mapped at once
-        now = torch.cat([now, now.new_full((batch, 1), -1)], 1).scatter_(1, torch.where(copy, slots, target), chosen)[:, :slots]
-        avail = torch.cat([self.available, self.available.new_zeros(batch, 1)], 1)
-        self.available.copy_(avail.scatter_(1, torch.where(incoming, ids, n), True)[:, :n])
-        self.planned.copy_(after)
-        dst = torch.where(copy, self._seq * slots + target, -1).flatten()
-        src = torch.where(copy, self._seq * n + ids, -1).flatten()
-        return now, after, dst, src, copy.sum()
+def _scatter_spare(values: Tensor, index: Tensor, src: Tensor | float | bool, width: int) -> Tensor:
+    """``values`` ``[R, width]`` with ``src`` scattered at ``index`` along dim 1; index ``width`` is a spare
+    column (dropped) that masked-out entries aim at."""
+    spare = values.new_full((values.shape[0], 1), -1 if values.dtype != torch.bool else False)
+    return torch.cat([values, spare], 1).scatter_(1, index, src)[:, :width]
 
-    def inverse(self, slot_chunk: Tensor) -> Tensor:
-        """``[B, S]`` slot -> chunk table to the ``[B, N]`` chunk -> slot table (-1: not resident)."""
-        n = self.num_chunks
-        table = torch.full((self.batch, n + 1), -1, dtype=_INDEX, device=slot_chunk.device)
-        table.scatter_(1, torch.where(slot_chunk >= 0, slot_chunk, n), self._slot_ids)
-        return table[:, :n]
 
-    def written_rows(self, chunks: range) -> tuple[Tensor, Tensor, Tensor]:
-        """Mirror rows, pool rows ``[B * len(chunks)]`` (-1: not resident) and count: what a write-back copies."""
-        ids = torch.arange(chunks.start, chunks.stop, device=self.chunk_slot.device).expand(self.batch, -1)  # [B, W]
-        slot = self.inverse(self.planned).gather(1, ids)
-        there = slot >= 0
-        dst = torch.where(there, self._seq * self.num_chunks + ids, -1).flatten()
-        src = torch.where(there, self._seq * self.slots + slot, -1).flatten()
-        return dst, src, there.sum()
-
-    def drop_staging(self) -> None:
-        """Evict mode, first selection: staged prompt chunks left out of the pool are gone."""
-        n = self.num_chunks
-        resident = torch.zeros(self.batch, n + 1, dtype=torch.bool, device=self.planned.device)
-        resident.scatter_(1, torch.where(self.planned >= 0, self.planned, n), True)
-        lost = self.available & ~resident[:, :n]
-        self.dropped += lost.sum()
-        self.available &= resident[:, :n]
-        self.mirror_k = self.mirror_v = None
+def _inverse(slot_chunk: Tensor, num_chunks: int) -> Tensor:
+    """``[R, S]`` slot -> chunk tables to ``[R, N]`` chunk -> slot tables (-1: not resident)."""
+    rows, slots = slot_chunk.shape
+    ids = torch.arange(slots, device=slot_chunk.device).expand(rows, slots)
+    table = torch.full((rows, num_chunks), -1, dtype=_INDEX, device=slot_chunk.device)
+    return _scatter_spare(table, torch.where(slot_chunk >= 0, slot_chunk, num_chunks), ids, num_chunks)
 
 
 class RingLayer:
@@ -256,11 +200,19 @@ class KVStore:
         mirrors = self._mirrors_of(reuse, specs, batch) if mirrored else {}
         if mirrors:
             reuse._retire("a newer prefill took over this store's CPU mirror; decode with the cache that prefill returned")
+        # The manager's state of every chunk layer, stacked [L, B, ...]: a selection plans all at once.
+        count = len(chunk_specs)
+        self.planned = torch.full((count, batch, self.slots), -1, dtype=_INDEX, device=device)
+        self.available = torch.zeros(count, batch, self.num_chunks, dtype=torch.bool, device=device)
+        self.dropped = torch.zeros(count, dtype=_INDEX, device=device)
+        rows = torch.arange(count * batch, device=device).view(-1, 1)
+        self._row_seq = rows % batch  # [L*B, 1]: the sequence of each planning row
         for spec in specs:
             if spec.window is None:
+                i = len(self._chunk_layers())
                 self.layers[spec.layer] = ChunkLayer(
                     spec, batch=batch, slots=self.slots, num_chunks=self.num_chunks, chunk=self.chunk, mirrored=mirrored, device=device,
-                    mirror=mirrors.get(spec.layer),
+                    state=(self.planned[i], self.available[i], self.dropped[i]), mirror=mirrors.get(spec.layer),
                 )
             else:
                 self.layers[spec.layer] = RingLayer(spec, batch=batch, device=device)
@@ -426,8 +378,8 @@ class KVStore:
             rest = [c for c in range(math.ceil(length / self.chunk) - 1, first - 1, -1) if c not in must]
             keep = self._fill(must, rest)
             keeps[b, : len(keep)] = torch.tensor(keep, dtype=_INDEX)
-        keeps = keeps.to(self.device)
-        self._apply({store: keeps for store in self._chunk_layers()}, written=range(0), lag=0, evict=False)
+        keeps = keeps.to(self.device).expand(len(self._chunk_layers()), -1, -1)
+        self._apply(keeps, written=range(0), lag=0, evict=False)
 
     # -- decode -------------------------------------------------------------------------------
     def before_step(self) -> None:
@@ -462,7 +414,7 @@ class KVStore:
         chunk = pos // self.chunk
         saved = []
         for store in self._chunk_layers():
-            rows = store._seq.flatten() * self.slots + store.chunk_slot[:, chunk]  # the last chunk is always resident
+            rows = self._row_seq[: self.batch, 0] * self.slots + store.chunk_slot[:, chunk]  # the last chunk is always resident
             saved.append((store, rows, store.k_pool[rows].clone(), store.v_pool[rows].clone(), store.kmin[:, chunk].clone(), store.kmax[:, chunk].clone()))
         self.pos.fill_(pos)
         run_step()
@@ -497,12 +449,12 @@ class KVStore:
         pos, c = self.length, self.chunk
         written = range(self.synced // c, math.ceil(pos / c))
         chosen = self._choose(layers, pos)
-        self._apply(dict(zip(layers, chosen)), written=written, lag=lag, evict=self.config.mode == "evict")
+        self._apply(chosen, written=written, lag=lag, evict=self.config.mode == "evict")
         self.synced = pos
         self.selections += 1
 
-    def _choose(self, layers: list[ChunkLayer], pos: int) -> list[Tensor]:
-        """Per layer, ``[B, k]`` chunk ids to keep (must-keep first, then by descending score; -1: none)."""
+    def _choose(self, layers: list[ChunkLayer], pos: int) -> Tensor:
+        """``[L, B, k]`` chunk ids to keep per layer (must-keep first, then by descending score; -1: none)."""
         c, n = self.chunk, self.num_chunks
         must = torch.zeros(self.batch, n, dtype=torch.bool)
         blocked = torch.zeros(self.batch, n, dtype=torch.bool)
@@ -513,14 +465,11 @@ class KVStore:
         must, blocked = self._to_device(must), self._to_device(blocked)
         score_fn = SELECTORS[self.config.selector]
         k = min(self.slots, n)
-        picks = []
-        for store in layers:
-            scores = score_fn(store.q_tap, store.kmin, store.kmax, generator=self.generator).float()  # [B, N]
-            gone = blocked if self.config.mode != "evict" else blocked | ~store.available  # dropped chunks
-            scores = scores.nan_to_num(nan=-torch.finfo(torch.float32).max).masked_fill(gone, -torch.inf)
-            values, ids = scores.masked_fill(must, torch.inf).topk(k, dim=1)  # sorted: must-keep first
-            picks.append(ids.masked_fill(values == -torch.inf, -1))
-        return picks
+        scores = torch.stack([score_fn(s.q_tap, s.kmin, s.kmax, generator=self.generator).float() for s in layers])  # [L, B, N]
+        gone = blocked if self.config.mode != "evict" else blocked | ~self.available  # dropped chunks
+        scores = scores.nan_to_num(nan=-torch.finfo(torch.float32).max).masked_fill(gone, -torch.inf)
+        values, ids = scores.masked_fill(must, torch.inf).topk(k, dim=2)  # sorted: must-keep first
+        return ids.masked_fill(values == -torch.inf, -1)
 
     def _to_device(self, host: Tensor) -> Tensor:
         """A small host tensor on the store's device without making the host wait (pinned on CUDA)."""
@@ -528,46 +477,109 @@ class KVStore:
             return host.to(self.device)
         return host.pin_memory().to(self.device, non_blocking=True)
 
-    def _apply(self, chosen: dict[ChunkLayer, Tensor], *, written: range, lag: int, evict: bool) -> None:
-        """Install new resident sets: drops now, write-back + recall on the side stream, the rest after ``lag`` steps."""
+    def _apply(self, chosen: Tensor, *, written: range, lag: int, evict: bool) -> None:
+        """Install new resident sets ``[L, B, k]``: drops now, write-back + recall on the side stream, the rest after ``lag`` steps."""
         side = self._side
         main = torch.cuda.current_stream(self.device) if side is not None else None
-        tables, moves = [], []
-        for store, ids in chosen.items():
-            if store.mirror_k is not None and len(written):
-                dst, src, count = store.written_rows(written)  # before plan(): the chunks' current slots
-                moves.append((store, False, dst, src, count))
-            now, after, dst, src, count = store.plan(ids, evict_drops=evict)
-            moves.append((store, True, dst, src, count))
-            store.slot_chunk.copy_(now)
-            store.chunk_slot.copy_(store.inverse(now))
-            tables.append((store, after, store.inverse(after)))
+        layers = self._chunk_layers()
+        mirrored = layers[0].mirror_k is not None
+        count = len(layers)
+        write_back = self._written_rows(written) if mirrored and len(written) else None  # before the plan: current slots
+        now, after, recall_dst, recall_src, recalled = self._plan(chosen, evict=evict, mirrored=mirrored)
+        now_inv, after_inv = _inverse(now, self.num_chunks), _inverse(after, self.num_chunks)
+        now, after = now.view(count, self.batch, -1), after.view(count, self.batch, -1)
+        now_inv, after_inv = now_inv.view(count, self.batch, -1), after_inv.view(count, self.batch, -1)
+        for i, store in enumerate(layers):
+            store.slot_chunk.copy_(now[i])
+            store.chunk_slot.copy_(now_inv[i])
         if side is not None:
             side.wait_stream(main)  # every step so far (their writes, their reads of the freed slots) and the plan
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            for store, recall, dst, src, count in moves:
-                if side is not None:
-                    for t in (dst, src):
-                        t.record_stream(side)  # made on the main stream, read here
-                if recall and store.mirror_k is not None:
-                    _copy(store.k_pool, store.v_pool, store.mirror_k, store.mirror_v, dst, src)
-                    self._recalled += count
-                elif not recall:
-                    _copy(store.mirror_k, store.mirror_v, store.k_pool, store.v_pool, dst, src)
-                    self._written_back += count
+            if side is not None:
+                for t in (recall_dst, recall_src, *(write_back or ())):
+                    t.record_stream(side)  # made on the main stream, read here
+            if write_back is not None:
+                dst, src, moved = write_back
+                for i, store in enumerate(layers):
+                    _copy(store.mirror_k, store.mirror_v, store.k_pool, store.v_pool, dst[i], src[i])
+                self._written_back += moved
+            if mirrored:
+                for i, store in enumerate(layers):
+                    _copy(store.k_pool, store.v_pool, store.mirror_k, store.mirror_v, recall_dst[i], recall_src[i])
+                self._recalled += recalled
             done = torch.cuda.Event() if side is not None else None
             if done is not None:
                 done.record(side)
-        self._pending = (tables, done)
+        self._pending = ([(store, after[i], after_inv[i]) for i, store in enumerate(layers)], done)
         self._swap_at = self.steps + lag
-        if evict:
-            for store in chosen:
-                if store.mirror_k is not None:
-                    if done is not None:
-                        done.synchronize()  # the staged prompt is read by the recall above
-                    store.drop_staging()
+        if evict and mirrored:
+            if done is not None:
+                done.synchronize()  # the staged prompt is read by the recall above
+            self._drop_staging()
         if lag == 0:
             self._swap()
+
+    def _plan(self, chosen: Tensor, *, evict: bool, mirrored: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Make ``chosen`` ``[L, B, k]`` the planned resident sets of every layer and sequence, in one pass.
+
+        Chunks left out give up their slots; chunks coming in take free slots in ``chosen``'s order
+        (at most S are chosen, so they always fit). Returns device tensors ``(now, after, dst, src,
+        count)``: the ``[L*B, S]`` slot -> chunk tables to install at once (kept chunks, plus incoming
+        chunks with nothing to copy: those the coming window writes), the tables once the recall
+        copies are done, the copies per layer as pool rows / mirror rows ``[L, B*k]`` (-1: no copy),
+        and how many copies.
+        """
+        layers, batch, k = chosen.shape
+        slots, n = self.slots, self.num_chunks
+        chosen = chosen.reshape(layers * batch, k)
+        current = self.planned.view(layers * batch, slots)  # == the live tables: select() installs a pending swap first
+        available = self.available.view(layers * batch, n)
+        valid = chosen >= 0
+        ids = chosen.clamp_min(0)
+        keep = _scatter_spare(torch.zeros_like(available), torch.where(valid, chosen, n), True, n)
+        held = current >= 0
+        stays = held & keep.gather(1, current.clamp_min(0))
+        now = torch.where(stays, current, -1)
+        if evict:
+            gone = held & ~stays
+            available &= ~_scatter_spare(torch.zeros_like(available), torch.where(gone, current, n), True, n)
+            self.dropped += gone.view(layers, -1).sum(1)
+        resident = _scatter_spare(torch.zeros_like(available), torch.where(held, current, n), True, n)
+        incoming = valid & ~resident.gather(1, ids)  # [R, k]
+        # the j-th incoming chunk takes the j-th free slot (free slots in slot order)
+        free_first = torch.sort((now >= 0).to(torch.int8), dim=1, stable=True).indices  # [R, S]
+        rank = (incoming.cumsum(1) - 1).clamp(0, slots - 1)
+        target = torch.where(incoming, free_first.gather(1, rank), slots)  # [R, k]; `slots`: the spare column
+        copy = incoming & available.gather(1, ids) if mirrored else torch.zeros_like(incoming)
+        after = _scatter_spare(now, target, chosen, slots)
+        now = _scatter_spare(now, torch.where(copy, slots, target), chosen, slots)  # nothing to copy: mapped at once
+        available |= _scatter_spare(torch.zeros_like(available), torch.where(incoming, ids, n), True, n)
+        current.copy_(after)
+        seq = self._row_seq
+        dst = torch.where(copy, seq * slots + target, -1).view(layers, -1)
+        src = torch.where(copy, seq * n + ids, -1).view(layers, -1)
+        return now, after, dst, src, copy.sum()
+
+    def _written_rows(self, chunks: range) -> tuple[Tensor, Tensor, Tensor]:
+        """Mirror rows, pool rows ``[L, B*W]`` (-1: not resident) and count: what a write-back copies."""
+        rows = self.planned.shape[0] * self.batch
+        ids = torch.arange(chunks.start, chunks.stop, device=self.device).expand(rows, -1)  # [R, W]
+        slot = _inverse(self.planned.view(rows, -1), self.num_chunks).gather(1, ids)
+        there = slot >= 0
+        dst = torch.where(there, self._row_seq * self.num_chunks + ids, -1).view(self.planned.shape[0], -1)
+        src = torch.where(there, self._row_seq * self.slots + slot, -1).view(self.planned.shape[0], -1)
+        return dst, src, there.sum()
+
+    def _drop_staging(self) -> None:
+        """Evict mode, first selection: staged prompt chunks left out of the pool are gone."""
+        rows, n = self.planned.shape[0] * self.batch, self.num_chunks
+        planned = self.planned.view(rows, -1)
+        resident = _scatter_spare(torch.zeros(rows, n, dtype=torch.bool, device=self.device), torch.where(planned >= 0, planned, n), True, n)
+        available = self.available.view(rows, n)
+        self.dropped += (available & ~resident).view(self.planned.shape[0], -1).sum(1)
+        available &= resident
+        for store in self._chunk_layers():
+            store.mirror_k = store.mirror_v = None
 
     def _swap(self) -> None:
         """Install the tables of the last selection once its recall copies are done (on the main stream)."""
