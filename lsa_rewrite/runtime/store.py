@@ -12,11 +12,15 @@ Per rewritten layer (``ChunkLayer``):
   leaves the pool is gone and counted in ``dropped_chunks``.
 Sliding-window layers (``RingLayer``) keep an exact ring of their last ``W`` tokens.
 
-The manager side (``begin``/``ingest``/``before_step``/``after_step``) runs outside the decode step:
-every ``interval`` steps it writes the chunks decoded since the last selection back to the mirror,
-scores every chunk, keeps sink + recent tail + the chunks the next window writes + the top-scoring
-rest, recalls newly chosen chunks into free slots and updates the tables in place. Each sequence of a
-batch has its own resident set. Nothing here allocates per decode step except at selection time.
+The manager side (``ingest``/``finish_prefill``/``before_step``/``after_step``) runs outside the
+decode step: every ``interval`` steps it scores every chunk, keeps sink + recent tail + the chunks the
+next ``interval + recall_lag`` tokens write + the top-scoring rest, and plans all layers and
+sequences in one pass of device tensor ops (no host sync). Chunks that leave the pool leave the
+tables at once; on a side stream (CUDA) the chunks decoded since the last selection are written back
+to the mirror and the incoming chunks are recalled into free slots (``lsa::copy_chunks``); the tables
+take the recalled chunks ``recall_lag`` steps later, after the main stream waits on the copies'
+event. Each sequence of a batch has its own resident set. Nothing here allocates per decode step
+except at selection time.
 """
 
 from __future__ import annotations
