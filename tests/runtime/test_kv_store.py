@@ -511,3 +511,49 @@ def test_selection_never_spends_a_slot_on_a_padding_only_chunk():
     assert store.selections == 1
     held = set(layer.slot_chunk[1].tolist())
     assert not held & set(range(padding // C)), f"padding-only chunks resident: {sorted(held & set(range(padding // C)))}"
+
+
+def test_selection_never_reads_device_values_on_the_host(monkeypatch):
+    """A selection is device work only (no .item()/.tolist()/bool()/int() of a tensor, which would
+    sync with the GPU): every such read raises while it runs. The copies it queues are recorded and
+    applied afterwards, and the result is checked as usual."""
+    batch, capacity, prompt, interval = 2, 160, 60, 8
+    gen = torch.Generator().manual_seed(9)
+    store = KVStore(SPECS, config(budget=64, interval=interval, recall_lag=2, selector="query-aware"), batch=batch, capacity=capacity, valid_start=[0, 3])
+    hist = draw_history(SPECS, batch=batch, capacity=capacity, gen=gen)
+    prefill(store, hist, prompt)
+    decode(store, hist, 1 + interval)  # the next before_step() runs the second scheduled selection
+    assert store.steps == store.next_selection
+
+    import lsa_rewrite.runtime.store as store_module
+
+    queued = []
+    real_copy = store_module._copy
+    monkeypatch.setattr(store_module, "_copy", lambda *args: queued.append(args))
+
+    def host_read(*_args, **_kwargs):
+        raise AssertionError("the selection read a tensor's value on the host")
+
+    selections = store.selections
+    with monkeypatch.context() as m:
+        for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu"):
+            m.setattr(torch.Tensor, name, host_read)
+        store.before_step()
+    assert store.selections == selections + 1
+    for args in queued:  # what the side stream would have done
+        real_copy(*args)
+    assert queued, "the selection queued no copies"
+    monkeypatch.undo()
+    # decode through the lag (the first step writes at the selection's position) and check the set it planned
+    for _ in range(store.lag):
+        p = store.length
+        for layer, layer_store in store.layers.items():
+            k, v = hist[layer]
+            if isinstance(layer_store, ChunkLayer):
+                OPS.append_kv(layer_store.k_pool, layer_store.v_pool, k[:, :, p], v[:, :, p], store.pos, layer_store.chunk_slot)
+                OPS.update_chunk_index(layer_store.kmin, layer_store.kmax, k[:, :, p], store.pos, store.chunk)
+            else:
+                OPS.ring_append_kv(layer_store.k_ring, layer_store.v_ring, k[:, :, p], v[:, :, p], store.pos)
+        store.after_step()
+        store.before_step()
+    check_resident_set(store, hist, ahead_to=store.length - store.lag + interval + store.lag)
