@@ -70,16 +70,21 @@ def decode(store: KVStore, hist, steps: int, *, on_selection=None, before=None) 
         assert int(store.pos) == store.length
         if store.selections != selections and on_selection is not None:
             on_selection(store)
-        p = store.length
-        for layer, layer_store in store.layers.items():
-            k, v = hist[layer]
-            k_tok, v_tok = k[:, :, p], v[:, :, p]  # [B, Hkv, D]
-            if isinstance(layer_store, ChunkLayer):
-                OPS.append_kv(layer_store.k_pool, layer_store.v_pool, k_tok, v_tok, store.pos, layer_store.chunk_slot)
-                OPS.update_chunk_index(layer_store.kmin, layer_store.kmax, k_tok, store.pos, store.chunk)
-            else:
-                OPS.ring_append_kv(layer_store.k_ring, layer_store.v_ring, k_tok, v_tok, store.pos)
+        write_token(store, hist)
         store.after_step()
+
+
+def write_token(store: KVStore, hist) -> None:
+    """What the rewritten step writes for the token at ``store.length``, every layer."""
+    p = store.length
+    for layer, layer_store in store.layers.items():
+        k, v = hist[layer]
+        k_tok, v_tok = k[:, :, p], v[:, :, p]  # [B, Hkv, D]
+        if isinstance(layer_store, ChunkLayer):
+            OPS.append_kv(layer_store.k_pool, layer_store.v_pool, k_tok, v_tok, store.pos, layer_store.chunk_slot)
+            OPS.update_chunk_index(layer_store.kmin, layer_store.kmax, k_tok, store.pos, store.chunk)
+        else:
+            OPS.ring_append_kv(layer_store.k_ring, layer_store.v_ring, k_tok, v_tok, store.pos)
 
 
 def chunk_layers(store: KVStore) -> dict[int, ChunkLayer]:
@@ -361,14 +366,7 @@ def test_recall_lag_drops_at_once_and_adds_recalled_chunks_lag_steps_later(lag):
             selected_at = store.steps
         store.before_step()
         on_step(store)
-        p = store.length
-        for layer, layer_store in store.layers.items():
-            k, v = hist[layer]
-            if isinstance(layer_store, ChunkLayer):
-                OPS.append_kv(layer_store.k_pool, layer_store.v_pool, k[:, :, p], v[:, :, p], store.pos, layer_store.chunk_slot)
-                OPS.update_chunk_index(layer_store.kmin, layer_store.kmax, k[:, :, p], store.pos, store.chunk)
-            else:
-                OPS.ring_append_kv(layer_store.k_ring, layer_store.v_ring, k[:, :, p], v[:, :, p], store.pos)
+        write_token(store, hist)
         store.after_step()
 
     assert recalled > 0 and store.recalled_chunks > 0
@@ -546,14 +544,7 @@ def test_selection_never_reads_device_values_on_the_host(monkeypatch):
     monkeypatch.undo()
     # decode through the lag (the first step writes at the selection's position) and check the set it planned
     for _ in range(store.lag):
-        p = store.length
-        for layer, layer_store in store.layers.items():
-            k, v = hist[layer]
-            if isinstance(layer_store, ChunkLayer):
-                OPS.append_kv(layer_store.k_pool, layer_store.v_pool, k[:, :, p], v[:, :, p], store.pos, layer_store.chunk_slot)
-                OPS.update_chunk_index(layer_store.kmin, layer_store.kmax, k[:, :, p], store.pos, store.chunk)
-            else:
-                OPS.ring_append_kv(layer_store.k_ring, layer_store.v_ring, k[:, :, p], v[:, :, p], store.pos)
+        write_token(store, hist)
         store.after_step()
         store.before_step()
     check_resident_set(store, hist, ahead_to=store.length - store.lag + interval + store.lag)
