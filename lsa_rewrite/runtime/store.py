@@ -10,6 +10,9 @@ Per rewritten layer (``ChunkLayer``):
 - CPU mirror ``[B, N, C, Hkv, D]`` (pinned when CUDA is present) holding the full history in offload
   mode. In evict mode it only stages the prompt until the first selection; afterwards a chunk that
   leaves the pool is gone and counted in ``dropped_chunks``.
+- manager state ``planned`` ``[B, S]`` (the table once a pending recall is in), ``available``
+  ``[B, N]`` (held in pool or mirror), ``dropped``: views of the store's stacked ``[L, B, ...]``
+  tensors, on the device and counted in ``footprint()``, never fed to the graph.
 Sliding-window layers (``RingLayer``) keep an exact ring of their last ``W`` tokens.
 
 The manager side (``ingest``/``finish_prefill``/``before_step``/``after_step``) runs outside the
@@ -79,6 +82,7 @@ class ChunkLayer:
     """Resident pool, tables, chunk index and mirror of one sparsely attended layer."""
 
     graph_tensors = ("k_pool", "v_pool", "slot_chunk", "chunk_slot", "kmin", "kmax", "q_tap")
+    manager_tensors = ("planned", "available", "dropped")  # on the device too, never fed to the graph
 
     def __init__(
         self, spec: LayerSpec, *, batch: int, slots: int, num_chunks: int, chunk: int, mirrored: bool, device: torch.device,
@@ -105,7 +109,8 @@ class ChunkLayer:
 
     # -- accounting ---------------------------------------------------------------------------
     def device_tensors(self) -> dict[str, Tensor]:
-        return {name: getattr(self, name) for name in self.graph_tensors}
+        """Everything this layer holds on the device: what the graph is fed, and the manager's state."""
+        return {name: getattr(self, name) for name in self.graph_tensors + self.manager_tensors}
 
     @property
     def index_bytes(self) -> int:
@@ -291,14 +296,15 @@ class KVStore:
         if isinstance(cfg.budget, int):
             slots = math.ceil(cfg.budget / c)
         else:
-            # Byte budget per sequence: pool + index + tables + query tap <= budget x dense, summed over layers.
+            # Byte budget per sequence: pool + index + tables + query tap + the manager's planned table
+            # and availability map <= budget x dense, summed over layers.
             allowed = pool_chunk = fixed = 0.0
             for s in chunk_specs:
                 es = torch.empty((), dtype=s.dtype).element_size()
                 kv_token = 2 * s.kv_heads * s.head_dim * es
                 allowed += cfg.budget * self.capacity * kv_token
-                fixed += n * kv_token + n * 8 + s.q_heads * s.head_dim * es
-                pool_chunk += c * kv_token + 8
+                fixed += n * kv_token + n * 8 + n + s.q_heads * s.head_dim * es
+                pool_chunk += c * kv_token + 8 + 8
             slots = math.floor((allowed - fixed) / pool_chunk)
         if slots >= n:
             return n
@@ -634,7 +640,8 @@ class KVStore:
         return getattr(self.layers[layer], name)
 
     def device_tensors(self) -> list[Tensor]:
-        out = [self.pos, self.valid_start]
+        """Every tensor the store holds on the device: the graph's inputs and the manager's state."""
+        out = [self.pos, self.valid_start, self._row_seq, self._recalled, self._written_back]
         for store in self.layers.values():
             out.extend(store.device_tensors().values())
         return out
