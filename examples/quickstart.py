@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--interval", type=int, default=16, help="decode steps between selections")
     parser.add_argument("--chunk-size", type=int, default=16)
+    parser.add_argument("--recall-lag", type=int, default=None, help="steps before recalled chunks join (default interval // 16)")
     parser.add_argument("--out", help="also append the result, with versions and date, to this JSON list")
     args = parser.parse_args()
 
@@ -51,7 +52,9 @@ def main() -> None:
     model, tokenizer = load_model(path)
     ids = passkey_prompt(tokenizer, filler=args.filler, key=args.key)
 
-    config = LSAConfig(budget=args.budget, chunk_size=args.chunk_size, interval=args.interval, sink_tokens=16, recent_tokens=64)
+    config = LSAConfig(
+        budget=args.budget, chunk_size=args.chunk_size, interval=args.interval, sink_tokens=16, recent_tokens=64, recall_lag=args.recall_lag
+    )
     converted = lsa_rewrite.convert(copy.deepcopy(model), config)
 
     results = {"prompt_tokens": ids.shape[1], "budget": args.budget, "key": args.key}
@@ -62,7 +65,7 @@ def main() -> None:
         results[f"{name}_seconds"] = round(time.perf_counter() - start, 2)
     fp = lsa_rewrite.footprint(converted)
     results.update({k: fp[k] for k in ("resident_kv_bytes", "dense_kv_bytes", "ratio", "mirror_bytes", "selections")})
-    results.update(interval=args.interval, chunk_size=args.chunk_size)
+    results.update(interval=args.interval, chunk_size=args.chunk_size, recall_lag=config.lag)
     print(json.dumps(results, indent=2))
     if args.out:
         import datetime
@@ -71,7 +74,7 @@ def main() -> None:
 
         import transformers
 
-        results["environment"] = {
+        results["environment"] = {  # the example runs on the CPU
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(),
