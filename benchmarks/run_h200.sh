@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install lsa-rewrite into the image's python (offline), then the GPU checks and
 # benchmarks. Usage (on the GPU machine, from the repo root): bash benchmarks/run_h200.sh STAGE
-#   STAGE=quick : recall kernel check + bandwidth/overlap, zoo smoke on CUDA (decode attention alone: python3 benchmarks/decode_attention.py)
+#   STAGE=quick : recall kernel check + bandwidth/overlap, selection cost alone, zoo smoke on CUDA (decode attention alone: python3 benchmarks/decode_attention.py)
 #   STAGE=e2e   : the Llama-3-8B-shaped end-to-end benchmark at 128K (128 steps; recall_lag 4 and 0)
 #   STAGE=full  : the end-to-end benchmark at 32K and 128K, 256 steps
 #   (kernels alone: python3 benchmarks/check_kernels_gpu.py --out FILE)
@@ -16,6 +16,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 if [ "$STAGE" = quick ]; then
   python3 benchmarks/recall.py --out "$OUT/recall.json" || echo "recall FAILED rc=$?"
+  python3 benchmarks/selection.py --out "$OUT/selection.json" || echo "selection FAILED rc=$?"
   python3 benchmarks/gpu_smoke.py --families llama,gemma3 --out "$OUT/gpu_smoke.json" || echo "gpu_smoke FAILED rc=$?"
 elif [ "$STAGE" = e2e ]; then
   python3 benchmarks/e2e_decode.py --contexts 131072 --steps 128 --lags 4,0 --out "$OUT/e2e_decode.json"
