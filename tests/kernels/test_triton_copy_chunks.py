@@ -126,3 +126,11 @@ def test_bad_operands_say_what_is_wrong():
     with pytest.raises(ValueError, match="contiguous"):
         wide = torch.zeros(1, 3, 2, 8, 2)[..., 0:1].transpose(3, 4)  # the right shape, strided
         copy_chunks_ref(pool, pool.clone(), wide, wide, rows, rows)
+
+
+@pytest.mark.skipif(not hasattr(torch.library, "opcheck"), reason="torch.library.opcheck needs torch >= 2.4")
+def test_opcheck():
+    """Schema, fake implementation and mutation annotations of lsa::copy_chunks agree with what it does."""
+    gen = torch.Generator().manual_seed(13)
+    pool_k, pool_v, mirror_k, mirror_v, pool_rows, mirror_rows = problem(CASES[1], gen)
+    torch.library.opcheck(torch.ops.lsa.copy_chunks.default, (pool_k, pool_v, mirror_k, mirror_v, pool_rows, mirror_rows))
