@@ -12,6 +12,13 @@ from typing import Any, Callable
 import torch
 
 COPY_BANDWIDTH = 4.2e12  # bytes/s, H200 device-to-device copy measured here (shared/REFERENCE.md)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # scripts with a CPU check mode run there too
+
+
+def sync() -> None:
+    """Wait for the GPU (no-op on the CPU): around host-side timings."""
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 def environment() -> dict[str, Any]:

@@ -28,18 +28,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, write_json  # noqa: E402
+from common import DEVICE, environment, sync, write_json  # noqa: E402
 
 import lsa_rewrite  # noqa: E402
 from lsa_rewrite import LSAConfig  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def sync() -> None:
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-
 
 def peak_gb() -> float:
     return round(torch.cuda.max_memory_allocated() / 1e9, 2) if DEVICE == "cuda" else 0.0
@@ -172,7 +164,7 @@ def lsa_run(model, prompt: torch.Tensor, steps: int, config: LSAConfig) -> dict:
     store = cache.store
     windows: list[dict] = []
     original_select = store.select
-    layers = max(1, sum(1 for s in store.layers.values() if hasattr(s, "k_pool")))
+    layers = max(1, len(store._chunk_layers()))
 
     def timed_select(*args, **kwargs):
         # host: the selection's own time, GPU idle before it (its one transfer waits for nothing);

@@ -41,7 +41,8 @@ def check_recall(sparse, model, ids) -> dict:
 
     store = sparse.lsa.store
     store.synchronize()
-    torch.cuda.synchronize() if ids.is_cuda else None
+    if ids.is_cuda:
+        torch.cuda.synchronize()
     dense = DynamicCache(config=model.config)
     model(input_ids=ids, use_cache=True, past_key_values=dense)
     prompt_chunks = ids.shape[1] // store.chunk

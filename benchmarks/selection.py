@@ -28,18 +28,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, write_json  # noqa: E402
+from common import DEVICE, environment, sync, write_json  # noqa: E402
 
 from lsa_rewrite import LSAConfig  # noqa: E402
 from lsa_rewrite.runtime.store import KVStore, LayerSpec  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def sync() -> None:
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-
 
 def build_store(context: int, layers: int, heads: tuple[int, int, int], budget: float) -> KVStore:
     q_heads, kv_heads, head_dim = heads
@@ -77,7 +69,8 @@ def run(store: KVStore, regime: str, selections: int, seed: int) -> dict:
         store.synchronize()
         t3 = time.perf_counter()
         store.steps += store.lag  # the swap step: install the recalled chunks before the next selection
-        store.before_step() if store.lag else None
+        if store.lag:
+            store.before_step()
         if i == 0:
             continue  # the first selection of a regime moves from the previous regime's set
         host.append((t1 - t0) * 1e3)
