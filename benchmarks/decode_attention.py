@@ -10,12 +10,18 @@ batch 1 / 8 / 32 and context 32K / 128K / 512K, with 13.5% of the context reside
 Both are timed replaying CUDA graphs (no launch overhead), after a correctness check of the kernel
 against the PyTorch reference on the same GPU. Writes JSON with GPU, versions and date.
 
+``--sweep-splits`` instead times the kernel at a list of split counts per case (the launcher's
+default too), with and without the programmatic dependent launch of the merge, and the merge alone:
+the data behind ``kernels.decode_attention._balanced_splits``.
+
     python benchmarks/decode_attention.py --out benchmarks/results/decode_attention.json
+    python benchmarks/decode_attention.py --sweep-splits --out benchmarks/results/decode_splits.json
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 from pathlib import Path
@@ -27,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import COPY_BANDWIDTH, environment, time_cuda_graph, write_json  # noqa: E402
 
 import lsa_rewrite  # noqa: E402,F401  (registers lsa:: ops)
+from lsa_rewrite.kernels import decode_attention as DECODE  # noqa: E402
 from lsa_rewrite.kernels import sparse_decode_attention_ref  # noqa: E402
 
 OPS = torch.ops.lsa
@@ -63,11 +70,63 @@ def check(case, scale: float) -> float:
     return err
 
 
+def default_splits(q, k_pool, slot_chunk) -> int:
+    return DECODE._decode_num_splits(q.device, q.shape[0] * k_pool.shape[2], slot_chunk.shape[1], None)[0]
+
+
+def set_pdl(enabled: bool) -> None:
+    DECODE._PDL_ENABLED = enabled
+    DECODE._use_pdl.cache_clear()
+
+
+SWEEP_SPLITS = (4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 200, 264, 396, 528)
+
+
+def sweep_case(name: str, batch: int, context: int, hq: int, hkv: int, scale: float) -> dict:
+    q, k_pool, v_pool, slot_chunk, pos, valid_start = make_case(batch, context, hq, hkv, 128)
+    blocks = slot_chunk.shape[1]
+    chosen = default_splits(q, k_pool, slot_chunk)
+    floor_ms = (2 * k_pool.numel() * k_pool.element_size() + slot_chunk.numel() * 8) / COPY_BANDWIDTH * 1e3
+    out = torch.empty_like(q)
+
+    def run(splits: int) -> None:
+        DECODE.sparse_decode_attention_triton(q, k_pool, v_pool, slot_chunk, pos, valid_start, scale=scale, num_splits=splits, out=out)
+
+    times = {splits: round(time_cuda_graph(functools.partial(run, splits)), 4)
+             for splits in sorted({*(x for x in SWEEP_SPLITS if x <= blocks), chosen})}
+    set_pdl(False)
+    no_pdl = round(time_cuda_graph(functools.partial(run, chosen)), 4)
+    set_pdl(True)
+    ws = DECODE._workspace(q.device, batch, hq, chosen, 128)
+    merge_only = round(time_cuda_graph(functools.partial(DECODE._launch_merge, ws, out, chosen)), 4)
+    best = min(times, key=times.get)
+    return {
+        "layout": name, "batch": batch, "context": context, "blocks": blocks, "floor_ms": round(floor_ms, 4),
+        "default_splits": chosen, "default_ms": times[chosen], "default_no_pdl_ms": no_pdl,
+        "merge_only_ms": merge_only, "best_splits": best, "best_ms": times[best],
+        "ms_by_splits": {str(k): v for k, v in times.items()},
+    }
+
+
+def sweep_splits(layouts: dict, batches: list[int], contexts: list[int], scale: float) -> list[dict]:
+    rows = []
+    for name, (hq, hkv) in layouts.items():
+        for batch in batches:
+            for context in contexts:
+                if 2 * batch * context * hkv * 128 * 2 * BUDGET > 40e9:
+                    continue
+                rows.append(sweep_case(name, batch, context, hq, hkv, scale))
+                print(rows[-1], flush=True)
+                torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/decode_attention.json")
     parser.add_argument("--contexts", default="32768,131072,524288")
     parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--sweep-splits", action="store_true", help="time a list of split counts per case instead")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
@@ -79,6 +138,11 @@ def main() -> None:
         for batch, context in ((1, 131072), (8, 32768), (3, 4096)):
             checks[f"{name} B{batch} L{context}"] = check(make_case(batch, context, hq, hkv, head_dim), scale)
     print("correctness:", checks)
+    if args.sweep_splits:
+        rows = sweep_splits(layouts, [int(b) for b in args.batches.split(",")], [int(c) for c in args.contexts.split(",")], scale)
+        write_json(args.out, {"benchmark": "decode_attention_split_sweep", "environment": environment(),
+                              "correctness_max_abs_err": checks, "results": rows})
+        return
     rows = []
     for name, (hq, hkv) in layouts.items():
         for batch in map(int, args.batches.split(",")):
@@ -88,6 +152,7 @@ def main() -> None:
                     continue
                 case = make_case(batch, context, hq, hkv, head_dim)
                 q, k_pool, v_pool, slot_chunk, pos, valid_start = case
+                splits = default_splits(q, k_pool, slot_chunk)
                 lsa_ms = time_cuda_graph(lambda: OPS.sparse_decode_attention(q, k_pool, v_pool, slot_chunk, pos, valid_start, scale, 0.0))
                 lsa_bytes = sum(t.numel() * t.element_size() for t in (k_pool, v_pool, slot_chunk)) + 2 * q.numel() * q.element_size()
                 del case, k_pool, v_pool
@@ -99,7 +164,7 @@ def main() -> None:
                 torch.cuda.empty_cache()
                 floor_ms = lsa_bytes / COPY_BANDWIDTH * 1e3
                 row = {
-                    "layout": name, "batch": batch, "context": context, "resident_fraction": BUDGET, "chunk": CHUNK,
+                    "layout": name, "batch": batch, "context": context, "resident_fraction": BUDGET, "chunk": CHUNK, "splits": splits,
                     "lsa_ms": round(lsa_ms, 4), "dense_ms": round(dense_ms, 4), "floor_ms": round(floor_ms, 4),
                     "speedup_vs_dense": round(dense_ms / lsa_ms, 2), "lsa_over_floor": round(lsa_ms / floor_ms, 2),
                 }

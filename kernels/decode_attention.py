@@ -32,6 +32,7 @@ Not here: prefill attention (the model's own), choosing the resident chunks (the
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 
 import torch
@@ -120,13 +121,15 @@ if triton is not None:
         BLOCK_G: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
+        USE_PDL: tl.constexpr,
     ):
         """One (sequence, kv head, split): partial attention of the kv head's query group.
 
         Blocks of ``BLOCK_N`` tokens are the unit of work: a chunk of the pool is ``CHUNK // BLOCK_N``
         blocks (one, unless the tile would not fit), the ring is ``cdiv(W, BLOCK_N)`` blocks. Writes
         the unnormalised accumulator, the running max (log2 domain) and the sum of exponentials of
-        each query head to the workspace ``[B, Hq, splits, HEAD_DIM + 2]``.
+        each query head to the workspace ``[B, Hq, splits, HEAD_DIM + 2]``. With ``USE_PDL`` it lets
+        the merge kernel launch early (that kernel waits for this grid's results before reading).
         """
         tl.static_assert(BLOCK_G >= 16, "tl.dot needs at least 16 rows: pad the query group")
         tl.static_assert(BLOCK_N >= 16)
@@ -146,6 +149,8 @@ if triton is not None:
 
         q_ptrs = q_ptr + pid_b * stride_q_b + heads[:, None] * stride_q_h + offs_d[None, :] * stride_q_d
         q = tl.load(q_ptrs, mask=mask_g[:, None], other=0.0)  # [BLOCK_G, HEAD_DIM]; padded rows are 0
+        if USE_PDL:
+            tl.extra.cuda.gdc_launch_dependents()
 
         pos = tl.load(pos_ptr)
         valid_start = tl.load(valid_start_ptr + pid_b)
@@ -213,25 +218,47 @@ if triton is not None:
         ws_ptr, out_ptr, num_splits,
         stride_ws_b, stride_ws_h, stride_ws_s,
         stride_out_b, stride_out_h, stride_out_d,
-        BLOCK_SPLITS: tl.constexpr,
+        TILE_S: tl.constexpr,
         HEAD_DIM: tl.constexpr,
+        USE_PDL: tl.constexpr,
     ):
-        """One (sequence, query head): merge the splits' partials into the output row."""
+        """One (sequence, query head): merge the splits' partials into the output row.
+
+        Any number of splits, ``TILE_S`` at a time: each lane keeps its own running max, sum and
+        accumulator over the tiles (split ``t * TILE_S + lane``), and the lanes are combined at the end.
+        With ``USE_PDL`` the kernel is a programmatic dependent launch: it may start while the split
+        kernel is still running and waits for its results (``griddepcontrol.wait``) before reading.
+        """
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
         pid_b = tl.program_id(0).to(tl.int64)
         pid_h = tl.program_id(1).to(tl.int64)
-        offs_s = tl.arange(0, BLOCK_SPLITS)
+        offs_s = tl.arange(0, TILE_S)
         offs_d = tl.arange(0, HEAD_DIM)
-        mask_s = offs_s < num_splits
+        base = ws_ptr + pid_b * stride_ws_b + pid_h * stride_ws_h
 
-        ws_ptrs = ws_ptr + pid_b * stride_ws_b + pid_h * stride_ws_h + offs_s.to(tl.int64) * stride_ws_s
-        m = tl.load(ws_ptrs + HEAD_DIM, mask=mask_s, other=float("-inf"))
-        l = tl.load(ws_ptrs + HEAD_DIM + 1, mask=mask_s, other=0.0)
-        acc = tl.load(ws_ptrs[:, None] + offs_d[None, :], mask=mask_s[:, None], other=0.0)
+        # below every split's running max (>= _MAX_FLOOR): padding lanes stay finite (no inf - inf)
+        m_lane = tl.full([TILE_S], 2 * _MAX_FLOOR, tl.float32)
+        l_lane = tl.zeros([TILE_S], tl.float32)
+        acc_lane = tl.zeros([TILE_S, HEAD_DIM], tl.float32)
+        for first in range(0, num_splits, TILE_S):
+            split = first + offs_s
+            mask_s = split < num_splits
+            ptrs = base + split.to(tl.int64) * stride_ws_s
+            m = tl.load(ptrs + HEAD_DIM, mask=mask_s, other=2 * _MAX_FLOOR)
+            l = tl.load(ptrs + HEAD_DIM + 1, mask=mask_s, other=0.0)
+            acc = tl.load(ptrs[:, None] + offs_d[None, :], mask=mask_s[:, None], other=0.0)
+            m_new = tl.maximum(m_lane, m)
+            alpha = tl.exp2(m_lane - m_new)
+            weight = tl.exp2(m - m_new)
+            l_lane = l_lane * alpha + weight * l
+            acc_lane = acc_lane * alpha[:, None] + weight[:, None] * acc
+            m_lane = m_new
 
-        weight = tl.exp2(m - tl.max(m, 0))  # [BLOCK_SPLITS]; padding splits weigh 0
-        total = tl.sum(weight * l, 0)
+        weight = tl.exp2(m_lane - tl.max(m_lane, 0))  # [TILE_S]; lanes that saw only padding weigh 0
+        total = tl.sum(weight * l_lane, 0)
         # nothing attended at all (total 0, acc 0): write zeros rather than 0/0
-        out = tl.sum(weight[:, None] * acc, 0) / tl.where(total > 0.0, total, 1.0)
+        out = tl.sum(weight[:, None] * acc_lane, 0) / tl.where(total > 0.0, total, 1.0)
         out_ptrs = out_ptr + pid_b * stride_out_b + pid_h * stride_out_h + offs_d * stride_out_d
         tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty))
 
@@ -242,10 +269,15 @@ if triton is not None:
 # with benchmarks/check_kernels_gpu.py --sweep on an H200.
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MAX_SPLITS = 64
+_MAX_SPLITS = 1024  # the merge walks the splits in tiles, so this only bounds the workspace
+_MERGE_TILE = 32  # splits per merge step: [32, D] fp32 partials in registers
 _KV_TILE_BYTES = 64 * 1024  # K + V bytes of one block: 2-3 pipeline stages stay inside shared memory
-_SPLIT_WAVES = 2  # aim for about this many programs per SM in the split kernel
+_SPLIT_WAVES = 2  # split-kernel programs resident per SM at once (two 3-stage K+V pipelines of 32 KB)
+_PROGRAM_OVERHEAD_BLOCKS = 2  # one program's fixed cost (q load, table, partial store) in blocks
 _INTERPRETER_SPLITS = 2
+# Programmatic dependent launch of the merge kernel (sm90+): it starts while the split kernel runs
+# and waits on the device for its results. LSA_DECODE_PDL=0 turns it off.
+_PDL_ENABLED = os.environ.get("LSA_DECODE_PDL", "1") != "0"
 
 
 def _decode_block_n(tokens: int, head_dim: int, elem_size: int) -> int:
@@ -266,6 +298,24 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
+def _use_pdl(device_index: int) -> bool:
+    return _PDL_ENABLED and torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def _balanced_splits(programs: int, num_blocks: int, capacity: int) -> int:
+    """Split count with the least modelled time: waves of ``capacity`` resident programs, each wave as
+    long as its programs' blocks plus a fixed per-program cost; ties go to fewer splits (a smaller
+    merge). Avoids a nearly empty last wave (e.g. 9 x 32 = 288 programs on 264 places)."""
+    best, best_cost = 1, None
+    for splits in range(1, min(_MAX_SPLITS, num_blocks) + 1):
+        waves = -(-programs * splits // capacity)
+        cost = waves * (-(-num_blocks // splits) + _PROGRAM_OVERHEAD_BLOCKS)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = splits, cost
+    return best
+
+
 def _decode_num_splits(device: torch.device, programs: int, num_blocks: int, requested: int | None) -> tuple[int, int]:
     """(splits, blocks per split) for ``programs`` (sequence, kv head) pairs over ``num_blocks`` blocks.
 
@@ -274,12 +324,15 @@ def _decode_num_splits(device: torch.device, programs: int, num_blocks: int, req
     if requested is not None:
         splits = requested
     elif device.type == "cuda":
-        splits = triton.cdiv(_SPLIT_WAVES * _sm_count(device.index), programs)
+        splits = _balanced_splits_cached(programs, num_blocks, _SPLIT_WAVES * _sm_count(device.index))
     else:
         splits = _INTERPRETER_SPLITS
     splits = max(1, min(splits, _MAX_SPLITS, num_blocks))
     blocks_per_split = max(1, triton.cdiv(num_blocks, splits))
     return max(1, triton.cdiv(num_blocks, blocks_per_split)), blocks_per_split
+
+
+_balanced_splits_cached = functools.lru_cache(maxsize=4096)(_balanced_splits)
 
 
 # Split partials, reused across calls of the same shape. Not allocated while a CUDA graph is being
@@ -386,17 +439,29 @@ def _launch_decode(
         BLOCK_G=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        USE_PDL=q.is_cuda and _use_pdl(q.device.index),
         **config,
     )
-    _decode_merge_kernel[(batch, q_heads)](
+    _launch_merge(ws, out, splits)
+    return out
+
+
+def _launch_merge(ws: Tensor, out: Tensor, splits: int) -> None:
+    """The merge kernel over ``splits`` partials of ``ws`` into ``out`` (one program per query head)."""
+    extra = {}
+    pdl = out.is_cuda and _use_pdl(out.device.index)
+    if pdl:
+        extra["launch_pdl"] = True
+    _decode_merge_kernel[(out.shape[0], out.shape[1])](
         ws, out, splits,
         ws.stride(0), ws.stride(1), ws.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        BLOCK_SPLITS=max(2, triton.next_power_of_2(splits)),
-        HEAD_DIM=head_dim,
+        TILE_S=max(2, min(_MERGE_TILE, triton.next_power_of_2(splits))),
+        HEAD_DIM=out.shape[2],
+        USE_PDL=pdl,
         num_warps=4,
+        **extra,
     )
-    return out
 
 
 def sparse_decode_attention_triton(
@@ -415,7 +480,8 @@ def sparse_decode_attention_triton(
     """Triton launcher of ``lsa::sparse_decode_attention`` (CUDA; CPU tensors under ``TRITON_INTERPRET=1``).
 
     Two launches, no host sync: the split kernel on grid ``(B, Hkv, splits)`` and the merge kernel on
-    ``(B, Hq)``. ``num_splits`` overrides the split count (default: about two programs per SM).
+    ``(B, Hq)`` (a programmatic dependent launch on sm90+). ``num_splits`` overrides the split count
+    (default: ``_balanced_splits``, from the shapes and the GPU's SM count).
     Writes ``out`` (like ``q``) when given, else allocates it; the fp32 workspace
     ``[B, Hq, splits, D + 2]`` is cached per shape (see ``_workspace``).
     """

@@ -46,11 +46,10 @@ def assert_matches_reference(out, ref, dtype):
     torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
 
 
-def sparse_case(*, batch, kv_heads, group, head_dim, chunk, dtype, seed):
+def sparse_case(*, batch, kv_heads, group, head_dim, chunk, dtype, seed, num_chunks=7, slots=5):
     """Random pool with empty slots, a partial tail chunk, resident-but-unwritten chunks and per-sequence
     left padding. Returns (q, k_pool, v_pool, slot_chunk, pos, valid_start)."""
     gen = torch.Generator().manual_seed(seed)
-    num_chunks, slots = 7, 5
     tail = int(torch.randint(2, num_chunks - 1, (1,), generator=gen))  # leaves chunks after pos
     pos = tail * chunk + int(torch.randint(0, chunk - 1, (1,), generator=gen))  # tail chunk partly written
     # sequence 0 unpadded; the others padded into (and past) their first chunks
@@ -109,6 +108,18 @@ def test_sparse_decode_matches_reference(case):
 
     ref = sparse_decode_attention_ref(*args, scale=scale, softcap=softcap)
     assert_matches_reference(out, ref, dtype)
+
+
+@pytest.mark.parametrize("splits", [33, 70])
+def test_sparse_decode_merges_more_splits_than_one_merge_tile(splits):
+    """The merge walks the splits in tiles of _MERGE_TILE: a partial second tile, and three tiles with
+    splits that attend to nothing (empty slots) among them."""
+    assert splits > decode._MERGE_TILE
+    args = sparse_case(
+        batch=2, kv_heads=1, group=4, head_dim=16, chunk=16, dtype=torch.float32, seed=splits, num_chunks=90, slots=75
+    )
+    out = sparse_decode_attention_triton(*args, scale=0.3, num_splits=splits, out=poisoned_like(args[0]))
+    assert_matches_reference(out, sparse_decode_attention_ref(*args, scale=0.3), torch.float32)
 
 
 def test_sparse_decode_allocates_its_output_when_none_is_given():
@@ -239,13 +250,22 @@ def test_sparse_launcher_rejects_unsupported_operands(change, match):
 
 
 def test_split_count_depends_on_shapes_only(monkeypatch):
-    """On CUDA: about two programs per SM, every split non-empty, at most 64; fixed per shape (graph replay)."""
+    """On CUDA: every split non-empty, at most _MAX_SPLITS, fixed per shape (graph replay), and no
+    nearly empty last wave of programs."""
     monkeypatch.setattr(decode, "_sm_count", lambda index: 132)
+    capacity = decode._SPLIT_WAVES * 132
     cuda = torch.device("cuda", 0)
-    for programs, num_blocks in [(8, 277), (64, 277), (8, 3), (1, 10_000), (256, 40)]:
+    for programs, num_blocks in [(8, 277), (64, 277), (8, 3), (1, 10_000), (256, 40), (32, 277), (1, 277)]:
         splits, per_split = decode._decode_num_splits(cuda, programs, num_blocks, None)
-        assert 1 <= splits <= min(64, num_blocks)
+        assert 1 <= splits <= min(decode._MAX_SPLITS, num_blocks)
         assert (splits - 1) * per_split < num_blocks <= splits * per_split
         assert decode._decode_num_splits(cuda, programs, num_blocks, None) == (splits, per_split)
-    assert decode._decode_num_splits(cuda, 8, 277, None)[0] == 31  # 33 asked, 9 blocks each -> 31
+        waves = programs * splits / capacity
+        assert waves <= 1 or waves >= 1.5 or waves == int(waves), (programs, num_blocks, splits)
+    # 32 sequences x 1 kv head over 277 blocks: 8 splits (256 programs, one wave), not 9 (288: two)
+    assert decode._decode_num_splits(cuda, 32, 277, None)[0] == 8
+    # batch 1, MQA: enough splits to reach most SMs, about two blocks each
+    splits, per_split = decode._decode_num_splits(cuda, 1, 277, None)
+    assert splits > 132 and per_split == 2
     assert decode._decode_num_splits(torch.device("cpu"), 8, 277, None)[0] == decode._INTERPRETER_SPLITS
+    assert decode._decode_num_splits(cuda, 8, 277, 5) == (5, 56)
