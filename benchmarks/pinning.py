@@ -7,9 +7,14 @@ Each method runs in a fresh process (the host allocator reads its settings once)
 - ``default``: ``torch.empty(..., pin_memory=True)`` (``cudaHostAlloc``);
 - ``host_register``: the same with ``PYTORCH_CUDA_ALLOC_CONF=pinned_use_cuda_host_register:True,
   pinned_num_register_threads:8`` (malloc, pages touched by 8 threads, then ``cudaHostRegister``);
-- ``register_after_touch``: a pageable tensor, zero-filled, then ``cudaHostRegister`` on it.
+- ``register_after_touch``: a pageable tensor, zero-filled, then ``cudaHostRegister`` on it;
+- ``arena``: ``lsa_rewrite.runtime.HostArena`` (what the store's mirror uses: ``cudaHostRegister`` on
+  one pageable allocation, untouched).
 
-    python benchmarks/pinning.py --gib 8 --out benchmarks/results/pinning.json
+``rss_gib``: how much the process's resident memory grew: with a size that is not a power of two it
+shows whether the allocator rounded the request up.
+
+    python benchmarks/pinning.py --gib 8.25 --out benchmarks/results/pinning.json
 """
 
 from __future__ import annotations
@@ -28,7 +33,15 @@ METHODS = {
     "default": {},
     "host_register": {"PYTORCH_CUDA_ALLOC_CONF": "pinned_use_cuda_host_register:True,pinned_num_register_threads:8"},
     "register_after_touch": {},
+    "arena": {},
 }
+
+
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def measure(method: str, gib: float) -> dict:
@@ -37,8 +50,15 @@ def measure(method: str, gib: float) -> dict:
     torch.cuda.init()
     torch.empty(1, device="cuda")
     nbytes = int(gib * 2**30)
+    rss_before = rss_bytes()
     start = time.perf_counter()
-    if method == "register_after_touch":
+    if method == "arena":
+        from lsa_rewrite.runtime import HostArena
+
+        arena = HostArena(nbytes, torch.device("cuda"))
+        host = arena.take((nbytes,), torch.uint8)
+        extra = {}
+    elif method == "register_after_touch":
         host = torch.zeros(nbytes, dtype=torch.uint8)
         touched = time.perf_counter()
         rc = torch.cuda.cudart().cudaHostRegister(host.data_ptr(), nbytes, 0)
@@ -49,6 +69,7 @@ def measure(method: str, gib: float) -> dict:
         host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
         extra = {}
     alloc_s = time.perf_counter() - start
+    extra["rss_gib"] = round((rss_bytes() - rss_before) / 2**30, 2)
     device = torch.empty(2**30, dtype=torch.uint8, device="cuda")
     for _ in range(2):
         torch.cuda.synchronize()
@@ -62,7 +83,7 @@ def measure(method: str, gib: float) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gib", type=float, default=8.0)
+    parser.add_argument("--gib", type=float, default=8.25)
     parser.add_argument("--out", default="benchmarks/results/pinning.json")
     parser.add_argument("--method", choices=sorted(METHODS), help=argparse.SUPPRESS)  # one child process
     args = parser.parse_args()

@@ -219,13 +219,15 @@ if triton is not None:
         stride_ws_b, stride_ws_h, stride_ws_s,
         stride_out_b, stride_out_h, stride_out_d,
         TILE_S: tl.constexpr,
+        BLOCK_D: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         USE_PDL: tl.constexpr,
     ):
-        """One (sequence, query head): merge the splits' partials into the output row.
+        """One (sequence, query head, ``BLOCK_D`` slice of the head dim): merge the splits' partials.
 
         Any number of splits, ``TILE_S`` at a time: each lane keeps its own running max, sum and
         accumulator over the tiles (split ``t * TILE_S + lane``), and the lanes are combined at the end.
+        Many splits take wide tiles over narrow slices (more programs, fewer serial steps).
         With ``USE_PDL`` the kernel is a programmatic dependent launch: it may start while the split
         kernel is still running and waits for its results (``griddepcontrol.wait``) before reading.
         """
@@ -234,13 +236,13 @@ if triton is not None:
         pid_b = tl.program_id(0).to(tl.int64)
         pid_h = tl.program_id(1).to(tl.int64)
         offs_s = tl.arange(0, TILE_S)
-        offs_d = tl.arange(0, HEAD_DIM)
+        offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
         base = ws_ptr + pid_b * stride_ws_b + pid_h * stride_ws_h
 
         # below every split's running max (>= _MAX_FLOOR): padding lanes stay finite (no inf - inf)
         m_lane = tl.full([TILE_S], 2 * _MAX_FLOOR, tl.float32)
         l_lane = tl.zeros([TILE_S], tl.float32)
-        acc_lane = tl.zeros([TILE_S, HEAD_DIM], tl.float32)
+        acc_lane = tl.zeros([TILE_S, BLOCK_D], tl.float32)
         for first in range(0, num_splits, TILE_S):
             split = first + offs_s
             mask_s = split < num_splits
@@ -270,7 +272,8 @@ if triton is not None:
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_SPLITS = 1024  # the merge walks the splits in tiles, so this only bounds the workspace
-_MERGE_TILE = 32  # splits per merge step: [32, D] fp32 partials in registers
+_MERGE_TILE = 256  # at most this many splits per merge step
+_MERGE_TILE_ELEMENTS = 4096  # fp32 partials per merge step in registers: TILE_S x BLOCK_D
 _KV_TILE_BYTES = 64 * 1024  # K + V bytes of one block: 2-3 pipeline stages stay inside shared memory
 _SPLIT_WAVES = 2  # split-kernel programs resident per SM at once (two 3-stage K+V pipelines of 32 KB)
 _PROGRAM_OVERHEAD_BLOCKS = 2  # one program's fixed cost (q load, table, partial store) in blocks
@@ -446,18 +449,30 @@ def _launch_decode(
     return out
 
 
+def _merge_tiles(splits: int, head_dim: int) -> tuple[int, int]:
+    """(TILE_S, BLOCK_D) of the merge: all splits in one step where they fit, over a slice of the head
+    dim narrow enough to keep ``_MERGE_TILE_ELEMENTS`` partials per step."""
+    tile_s = max(2, min(_MERGE_TILE, triton.next_power_of_2(splits)))
+    block_d = min(head_dim, max(16, _MERGE_TILE_ELEMENTS // tile_s))
+    return tile_s, block_d
+
+
 def _launch_merge(ws: Tensor, out: Tensor, splits: int) -> None:
-    """The merge kernel over ``splits`` partials of ``ws`` into ``out`` (one program per query head)."""
+    """The merge kernel over ``splits`` partials of ``ws`` into ``out``: one program per query head and
+    slice of the head dim."""
     extra = {}
     pdl = out.is_cuda and _use_pdl(out.device.index)
     if pdl:
         extra["launch_pdl"] = True
-    _decode_merge_kernel[(out.shape[0], out.shape[1])](
+    batch, q_heads, head_dim = out.shape
+    tile_s, block_d = _merge_tiles(splits, head_dim)
+    _decode_merge_kernel[(batch, q_heads, head_dim // block_d)](
         ws, out, splits,
         ws.stride(0), ws.stride(1), ws.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        TILE_S=max(2, min(_MERGE_TILE, triton.next_power_of_2(splits))),
-        HEAD_DIM=out.shape[2],
+        TILE_S=tile_s,
+        BLOCK_D=block_d,
+        HEAD_DIM=head_dim,
         USE_PDL=pdl,
         num_warps=4,
         **extra,

@@ -7,8 +7,8 @@ Per rewritten layer (``ChunkLayer``):
   inverse ``slot_chunk`` ``[B, S]``, which the decode attention reads;
 - chunk index ``kmin``/``kmax`` ``[B, N, Hkv, D]``: per-chunk key bounds, what selectors score;
 - ``q_tap`` ``[B, Hq, D]``: the latest query, written by the decode step;
-- CPU mirror ``[B, N, C, Hkv, D]`` (pinned when CUDA is present) holding the full history in offload
-  mode. In evict mode it only stages the prompt until the first selection; afterwards a chunk that
+- CPU mirror ``[B, N, C, Hkv, D]`` holding the full history in offload mode: every layer's carved
+  from one exact-size host allocation, page-locked when CUDA is present (``host_memory.HostArena``). In evict mode it only stages the prompt until the first selection; afterwards a chunk that
   leaves the pool is gone and counted in ``dropped_chunks``.
 - manager state ``planned`` ``[B, S]`` (the table once a pending recall is in), ``available``
   ``[B, N]`` (held in pool or mirror), ``dropped``: views of the store's stacked ``[L, B, ...]``
@@ -39,6 +39,7 @@ from torch import Tensor
 from ..config import LSAConfig
 from ..kernels.copy_chunks import copy_chunks_problem, copy_chunks_ref, copy_chunks_triton
 from ..selectors import SELECTORS
+from .host_memory import HostArena
 
 _INDEX = torch.long
 
@@ -72,12 +73,6 @@ def _nbytes(t: Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
 
-def _host_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    # Not zero-filled: a mirror chunk is read only after it was written (ingest or write-back).
-    pin = device.type == "cuda" and torch.cuda.is_available()
-    return torch.empty(shape, dtype=dtype, device="cpu", pin_memory=pin)
-
-
 class ChunkLayer:
     """Resident pool, tables, chunk index and mirror of one sparsely attended layer."""
 
@@ -88,6 +83,8 @@ class ChunkLayer:
         self, spec: LayerSpec, *, batch: int, slots: int, num_chunks: int, chunk: int, mirrored: bool, device: torch.device,
         state: tuple[Tensor, Tensor, Tensor], mirror: tuple[Tensor, Tensor] | None = None,
     ):
+        """``mirror``: this layer's (K, V) host tensors ``[B, N, C, Hkv, D]`` when ``mirrored`` (the store
+        allocates every layer's at once, page-locked on CUDA, or hands over an earlier store's)."""
         h, d, dt = spec.kv_heads, spec.head_dim, spec.dtype
         self.spec, self.batch, self.slots, self.num_chunks, self.chunk = spec, batch, slots, num_chunks, chunk
         self.k_pool = torch.zeros(batch * slots, chunk, h, d, dtype=dt, device=device)  # [B*S, C, Hkv, D]
@@ -97,11 +94,12 @@ class ChunkLayer:
         self.kmin = torch.zeros(batch, num_chunks, h, d, dtype=dt, device=device)  # [B, N, Hkv, D]
         self.kmax = torch.zeros_like(self.kmin)
         self.q_tap = torch.zeros(batch, spec.q_heads, d, dtype=dt, device=device)  # [B, Hq, D]
-        if mirrored and mirror is not None:
-            self.mirror_k, self.mirror_v = mirror  # an earlier store's, same shape: pinning 2 x N chunks again is slow
+        if mirrored:
+            if mirror is None or any(t.shape != (batch, num_chunks, chunk, h, d) or t.dtype != dt for t in mirror):
+                raise StoreError(f"layer {spec.layer}: a mirrored layer needs (K, V) host tensors [B, N, C, Hkv, D] of {dt}")
+            self.mirror_k, self.mirror_v = mirror
         else:
-            self.mirror_k = _host_buffer((batch, num_chunks, chunk, h, d), dt, device) if mirrored else None
-            self.mirror_v = _host_buffer((batch, num_chunks, chunk, h, d), dt, device) if mirrored else None
+            self.mirror_k = self.mirror_v = None
         # Manager state on the device, views of the store's stacked state (a selection plans every
         # layer in one pass and never waits for the GPU): the table once a pending swap is in
         # [B, S], chunks held in pool or mirror [B, N], chunks gone for good in evict mode [].
@@ -209,6 +207,8 @@ class KVStore:
         mirrors = self._mirrors_of(reuse, specs, batch) if mirrored else {}
         if mirrors:
             reuse._retire("a newer prefill took over this store's CPU mirror; decode with the cache that prefill returned")
+        elif mirrored:
+            mirrors = self._new_mirrors(chunk_specs, batch)
         # The manager's state of every chunk layer, stacked [L, B, ...]: a selection plans all at once.
         count = len(chunk_specs)
         self.planned = torch.full((count, batch, self.slots), -1, dtype=_INDEX, device=device)
@@ -258,6 +258,12 @@ class KVStore:
                 return {}
             found[spec.layer] = (layer.mirror_k, layer.mirror_v)
         return found
+
+    def _new_mirrors(self, chunk_specs: list[LayerSpec], batch: int) -> dict[int, tuple[Tensor, Tensor]]:
+        """Every chunk layer's (K, V) mirror, carved from one exact-size host allocation (page-locked on CUDA)."""
+        shapes = {s.layer: ((batch, self.num_chunks, self.chunk, s.kv_heads, s.head_dim), s.dtype) for s in chunk_specs}
+        arena = HostArena.for_tensors([shape for shape in shapes.values() for _ in range(2)], self.device)
+        return {layer: (arena.take(*shape), arena.take(*shape)) for layer, shape in shapes.items()}
 
     @property
     def recalled_chunks(self) -> int:

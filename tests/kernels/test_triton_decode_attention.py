@@ -110,13 +110,15 @@ def test_sparse_decode_matches_reference(case):
     assert_matches_reference(out, ref, dtype)
 
 
-@pytest.mark.parametrize("splits", [33, 70])
-def test_sparse_decode_merges_more_splits_than_one_merge_tile(splits):
-    """The merge walks the splits in tiles of _MERGE_TILE: a partial second tile, and three tiles with
-    splits that attend to nothing (empty slots) among them."""
-    assert splits > decode._MERGE_TILE
+@pytest.mark.parametrize("splits", [13, 70])
+def test_sparse_decode_merges_in_tiles_and_head_dim_slices(monkeypatch, splits):
+    """With a merge tile of 8 splits and 128 partials per step: 2 or 9 tiles (the last partial), two
+    16-wide slices of the head dim, and splits that attend to nothing (empty slots) among them."""
+    monkeypatch.setattr(decode, "_MERGE_TILE", 8)
+    monkeypatch.setattr(decode, "_MERGE_TILE_ELEMENTS", 128)
+    assert decode._merge_tiles(splits, 32) == (8, 16)
     args = sparse_case(
-        batch=2, kv_heads=1, group=4, head_dim=16, chunk=16, dtype=torch.float32, seed=splits, num_chunks=90, slots=75
+        batch=2, kv_heads=1, group=4, head_dim=32, chunk=16, dtype=torch.float32, seed=splits, num_chunks=90, slots=75
     )
     out = sparse_decode_attention_triton(*args, scale=0.3, num_splits=splits, out=poisoned_like(args[0]))
     assert_matches_reference(out, sparse_decode_attention_ref(*args, scale=0.3), torch.float32)
