@@ -122,6 +122,7 @@ if triton is not None:
         HEAD_DIM: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
         USE_PDL: tl.constexpr,
+        MASKED_LOADS: tl.constexpr,
     ):
         """One (sequence, kv head, split): partial attention of the kv head's query group.
 
@@ -173,7 +174,8 @@ if triton is not None:
             if IS_RING:
                 token = blk * BLOCK_N + offs_n
                 position = ring_base + token - tl.where(token > ring_head, window, 0)
-                mask_n = (token < window) & (position >= 0) & (position >= valid_start)
+                in_bounds = token < window  # the last block of the ring may run past it
+                mask_n = in_bounds & (position >= 0) & (position >= valid_start)
                 k_offs = token * stride_k_n
                 v_offs = token * stride_v_n
             else:
@@ -182,14 +184,23 @@ if triton is not None:
                 chunk = tl.load(table_ptr + pid_b * stride_table_b + slot * stride_table_s)
                 position = chunk * CHUNK + token
                 # an empty slot (chunk -1) has only negative positions: position >= 0 tests fill
+                in_bounds = token < CHUNK  # every row of a slot is inside the pool
                 mask_n = (position >= 0) & (position <= pos) & (position >= valid_start)
                 k_offs = slot * stride_k_slot + token * stride_k_n
                 v_offs = slot * stride_v_slot + token * stride_v_n
-            # masked rows are never read: empty slots and stale tokens cost no bandwidth and cannot
-            # leak non-finite values into the output
-            k = tl.load(k_base + k_offs[:, None], mask=mask_n[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
-            v = tl.load(v_base + v_offs[:, None], mask=mask_n[:, None], other=0.0)
-
+            if MASKED_LOADS:
+                # rows that take no part are never read (no bandwidth for empty slots), but each load
+                # waits for the table entry its mask depends on
+                k = tl.load(k_base + k_offs[:, None], mask=mask_n[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
+                v = tl.load(v_base + v_offs[:, None], mask=mask_n[:, None], other=0.0)
+            else:
+                # addresses from the slot alone: the loads of later blocks are issued ahead (pipelined)
+                # without waiting for their table entries. Rows that take no part are read, and kept
+                # out of the result: their scores become -inf below and their values are zeroed, so
+                # stale or non-finite contents cannot leak.
+                k = tl.load(k_base + k_offs[:, None], mask=in_bounds[:, None], other=0.0)
+                v = tl.load(v_base + v_offs[:, None], mask=in_bounds[:, None], other=0.0)
+                v = tl.where(mask_n[:, None], v, 0.0)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_G, BLOCK_N] fp32
             if USE_SOFTCAP:
                 # tanh(x) = sign(x) (1 - e^{-2|x|}) / (1 + e^{-2|x|}): no overflow, no tl tanh needed
@@ -278,6 +289,13 @@ _KV_TILE_BYTES = 64 * 1024  # K + V bytes of one block: 2-3 pipeline stages stay
 _SPLIT_WAVES = 2  # split-kernel programs resident per SM at once (two 3-stage K+V pipelines of 32 KB)
 _PROGRAM_OVERHEAD_BLOCKS = 2  # one program's fixed cost (q load, table, partial store) in blocks
 _INTERPRETER_SPLITS = 2
+# One program per SM (not _SPLIT_WAVES) when that leaves each at most this many blocks: short
+# programs are latency-bound and a second program on the SM slows both (H200 sweep, run 8:
+# MQA batch 1 at 128K, 93 splits x 3 blocks 9.9 us against 139 x 2 blocks 10.8 us).
+_LATENCY_BOUND_BLOCKS = 12
+# Masked K/V loads skip rows that take no part (empty slots, unwritten tail) but wait for the chunk
+# table; unmasked loads are pipelined ahead and the rows are masked after loading (see the kernel).
+_MASKED_LOADS = False
 # Programmatic dependent launch of the merge kernel (sm90+): it starts while the split kernel runs
 # and waits on the device for its results. LSA_DECODE_PDL=0 turns it off.
 _PDL_ENABLED = os.environ.get("LSA_DECODE_PDL", "1") != "0"
@@ -327,7 +345,12 @@ def _decode_num_splits(device: torch.device, programs: int, num_blocks: int, req
     if requested is not None:
         splits = requested
     elif device.type == "cuda":
-        splits = _balanced_splits_cached(programs, num_blocks, _SPLIT_WAVES * _sm_count(device.index))
+        sms = _sm_count(device.index)
+        one_per_sm = min(num_blocks, sms // programs)
+        if one_per_sm >= 1 and -(-num_blocks // one_per_sm) <= _LATENCY_BOUND_BLOCKS:
+            splits = one_per_sm
+        else:
+            splits = _balanced_splits_cached(programs, num_blocks, _SPLIT_WAVES * sms)
     else:
         splits = _INTERPRETER_SPLITS
     splits = max(1, min(splits, _MAX_SPLITS, num_blocks))
@@ -443,6 +466,7 @@ def _launch_decode(
         HEAD_DIM=head_dim,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         USE_PDL=q.is_cuda and _use_pdl(q.device.index),
+        MASKED_LOADS=_MASKED_LOADS,
         **config,
     )
     _launch_merge(ws, out, splits)
