@@ -11,8 +11,8 @@ Both are timed replaying CUDA graphs (no launch overhead), after a correctness c
 against the PyTorch reference on the same GPU. Writes JSON with GPU, versions and date.
 
 ``--sweep-splits`` instead times the kernel at a list of split counts per case (the launcher's
-default too), with and without the programmatic dependent launch of the merge, with masked K/V
-loads instead of loads masked afterwards, and the merge alone:
+default too), with and without the programmatic dependent launch of the merge, with K/V loads
+masked afterwards instead of masked loads, and the merge alone:
 the data behind ``kernels.decode_attention._balanced_splits``.
 
     python benchmarks/decode_attention.py --out benchmarks/results/decode_attention.json
@@ -98,16 +98,16 @@ def sweep_case(name: str, batch: int, context: int, hq: int, hkv: int, scale: fl
     set_pdl(False)
     no_pdl = round(time_cuda_graph(functools.partial(run, chosen)), 4)
     set_pdl(True)
-    DECODE._MASKED_LOADS = True
-    masked = round(time_cuda_graph(functools.partial(run, chosen)), 4)
     DECODE._MASKED_LOADS = False
+    unmasked = round(time_cuda_graph(functools.partial(run, chosen)), 4)
+    DECODE._MASKED_LOADS = True
     ws = DECODE._workspace(q.device, batch, hq, chosen, 128)
     merge_only = round(time_cuda_graph(functools.partial(DECODE._launch_merge, ws, out, chosen)), 4)
     best = min(times, key=times.get)
     return {
         "layout": name, "batch": batch, "context": context, "blocks": blocks, "floor_ms": round(floor_ms, 4),
         "default_splits": chosen, "default_ms": times[chosen], "default_no_pdl_ms": no_pdl,
-        "default_masked_loads_ms": masked,
+        "default_unmasked_loads_ms": unmasked,
         "merge_only_ms": merge_only, "best_splits": best, "best_ms": times[best],
         "ms_by_splits": {str(k): v for k, v in times.items()},
     }
