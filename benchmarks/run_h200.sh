@@ -3,7 +3,8 @@
 # benchmarks. Usage (on the GPU machine, from the repo root): bash benchmarks/run_h200.sh STAGE
 #   STAGE=quick : recall kernel check + bandwidth/overlap, selection cost alone, zoo smoke on CUDA (decode attention alone: python3 benchmarks/decode_attention.py)
 #   STAGE=e2e   : the Llama-3-8B-shaped end-to-end benchmark at 128K (128 steps; recall_lag 4 and 0)
-#   STAGE=full  : the end-to-end benchmark at 32K and 128K, 256 steps
+#   STAGE=kernels: decode attention (LSA vs dense SDPA, both layouts) and mirror pinning
+#   STAGE=full  : the end-to-end benchmark at 32K and 128K, 256 steps, recall_lag 4 and 0
 #   (kernels alone: python3 benchmarks/check_kernels_gpu.py --out FILE)
 # Results land in $OUT (the device tool brings them back) or benchmarks/results/.
 set -euo pipefail
@@ -18,8 +19,11 @@ if [ "$STAGE" = quick ]; then
   python3 benchmarks/recall.py --out "$OUT/recall.json" || echo "recall FAILED rc=$?"
   python3 benchmarks/selection.py --out "$OUT/selection.json" || echo "selection FAILED rc=$?"
   python3 benchmarks/gpu_smoke.py --families llama,gemma3 --out "$OUT/gpu_smoke.json" || echo "gpu_smoke FAILED rc=$?"
+elif [ "$STAGE" = kernels ]; then
+  python3 benchmarks/decode_attention.py --out "$OUT/decode_attention.json" || echo "decode_attention FAILED rc=$?"
+  python3 benchmarks/pinning.py --gib 8.25 --out "$OUT/pinning.json" || echo "pinning FAILED rc=$?"
 elif [ "$STAGE" = e2e ]; then
   python3 benchmarks/e2e_decode.py --contexts 131072 --steps 128 --lags 4,0 --out "$OUT/e2e_decode.json"
 else
-  python3 benchmarks/e2e_decode.py --contexts 32768,131072 --steps 256 --out "$OUT/e2e_decode.json"
+  python3 benchmarks/e2e_decode.py --contexts 32768,131072 --steps 256 --lags 4,0 --out "$OUT/e2e_decode.json"
 fi
