@@ -12,8 +12,7 @@ against the PyTorch reference on the same GPU. Writes JSON with GPU, versions an
 
 ``--sweep-splits`` instead times the kernel at a list of split counts per case (the launcher's
 default too), with and without the programmatic dependent launch of the merge, with K/V loads
-masked afterwards instead of masked loads, with one chunk-table load per block instead of the
-split's table prefetched, and the merge alone:
+masked afterwards instead of masked loads, and the merge alone:
 the data behind ``kernels.decode_attention._balanced_splits``.
 
     python benchmarks/decode_attention.py --out benchmarks/results/decode_attention.json
@@ -102,9 +101,6 @@ def sweep_case(name: str, batch: int, context: int, hq: int, hkv: int, scale: fl
     DECODE._MASKED_LOADS = False
     unmasked = round(time_cuda_graph(functools.partial(run, chosen)), 4)
     DECODE._MASKED_LOADS = True
-    prefetch, DECODE._TABLE_PREFETCH_MAX = DECODE._TABLE_PREFETCH_MAX, 0
-    table_per_block = round(time_cuda_graph(functools.partial(run, chosen)), 4)
-    DECODE._TABLE_PREFETCH_MAX = prefetch
     ws = DECODE._workspace(q.device, batch, hq, chosen, 128)
     merge_only = round(time_cuda_graph(functools.partial(DECODE._launch_merge, ws, out, chosen)), 4)
     best = min(times, key=times.get)
@@ -112,7 +108,6 @@ def sweep_case(name: str, batch: int, context: int, hq: int, hkv: int, scale: fl
         "layout": name, "batch": batch, "context": context, "blocks": blocks, "floor_ms": round(floor_ms, 4),
         "default_splits": chosen, "default_ms": times[chosen], "default_no_pdl_ms": no_pdl,
         "default_unmasked_loads_ms": unmasked,
-        "default_table_per_block_ms": table_per_block,
         "merge_only_ms": merge_only, "best_splits": best, "best_ms": times[best],
         "ms_by_splits": {str(k): v for k, v in times.items()},
     }

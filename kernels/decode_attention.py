@@ -123,7 +123,6 @@ if triton is not None:
         DOT_PRECISION: tl.constexpr,
         USE_PDL: tl.constexpr,
         MASKED_LOADS: tl.constexpr,
-        TABLE_PREFETCH: tl.constexpr,
     ):
         """One (sequence, kv head, split): partial attention of the kv head's query group.
 
@@ -171,16 +170,6 @@ if triton is not None:
 
         blk_start = pid_s.to(tl.int64) * blocks_per_split  # int64 bounds: an int64 induction variable
         blk_end = tl.minimum(blk_start + blocks_per_split, num_blocks)
-        if not IS_RING and TABLE_PREFETCH > 0:
-            # the split's whole stretch of the chunk table in one load, up front: no block's K/V
-            # load then waits on a table load of its own
-            slot_first = blk_start // SUBS
-            offs_t = tl.arange(0, TABLE_PREFETCH)
-            table_slots = slot_first + offs_t
-            table_vec = tl.load(
-                table_ptr + pid_b * stride_table_b + table_slots * stride_table_s,
-                mask=table_slots < num_blocks // SUBS, other=-1,
-            )
         for blk in range(blk_start, blk_end):
             if IS_RING:
                 token = blk * BLOCK_N + offs_n
@@ -192,10 +181,7 @@ if triton is not None:
             else:
                 slot = blk // SUBS
                 token = (blk % SUBS) * BLOCK_N + offs_n
-                if TABLE_PREFETCH > 0:
-                    chunk = tl.sum(tl.where(offs_t == slot - slot_first, table_vec, 0))
-                else:
-                    chunk = tl.load(table_ptr + pid_b * stride_table_b + slot * stride_table_s)
+                chunk = tl.load(table_ptr + pid_b * stride_table_b + slot * stride_table_s)
                 position = chunk * CHUNK + token
                 # an empty slot (chunk -1) has only negative positions: position >= 0 tests fill
                 in_bounds = token < CHUNK  # every row of a slot is inside the pool
@@ -311,22 +297,9 @@ _LATENCY_BOUND_BLOCKS = 12
 # on the H200 (run 9), masked loads were as fast or faster in every case (MQA batch 1 at 512K:
 # 18.5 us against 20.2), so they are the default.
 _MASKED_LOADS = True
-# A split of at most this many slots loads its stretch of the chunk table once, before its loop
-# (0: every block loads its own entry, the load its K/V mask waits for).
-_TABLE_PREFETCH_MAX = 32
 # Programmatic dependent launch of the merge kernel (sm90+): it starts while the split kernel runs
 # and waits on the device for its results. LSA_DECODE_PDL=0 turns it off.
 _PDL_ENABLED = os.environ.get("LSA_DECODE_PDL", "1") != "0"
-
-
-def _table_prefetch(blocks_per_split: int, blocks_per_slot: int) -> int:
-    """Table entries a split loads up front (a power of two covering every slot it touches), or 0 to
-    load one entry per block: splits longer than ``_TABLE_PREFETCH_MAX`` slots, or prefetch off."""
-    if _TABLE_PREFETCH_MAX <= 0:
-        return 0
-    spanned = -(-blocks_per_split // blocks_per_slot) + (1 if blocks_per_slot > 1 else 0)  # may start mid-slot
-    width = max(2, triton.next_power_of_2(spanned))
-    return width if width <= _TABLE_PREFETCH_MAX else 0
 
 
 def _decode_block_n(tokens: int, head_dim: int, elem_size: int) -> int:
@@ -495,7 +468,6 @@ def _launch_decode(
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         USE_PDL=q.is_cuda and _use_pdl(q.device.index),
         MASKED_LOADS=_MASKED_LOADS,
-        TABLE_PREFETCH=0 if is_ring else _table_prefetch(blocks_per_split, chunk // block_n),
         **config,
     )
     _launch_merge(ws, out, splits)

@@ -96,10 +96,8 @@ def _case_id(case):
     return f"g{group}-d{head_dim}-c{chunk}-b{batch}-{'cap' if softcap else 'nocap'}-{DTYPE_IDS[dtype]}-s{splits}"
 
 
-@pytest.mark.parametrize("prefetch", [32, 0], ids=["table-prefetched", "table-per-block"])
 @pytest.mark.parametrize("case", SPARSE_CASES, ids=_case_id)
-def test_sparse_decode_matches_reference(monkeypatch, case, prefetch):
-    monkeypatch.setattr(decode, "_TABLE_PREFETCH_MAX", prefetch)
+def test_sparse_decode_matches_reference(case):
     group, head_dim, chunk, batch, softcap, dtype, splits = case
     args = sparse_case(
         batch=batch, kv_heads=2, group=group, head_dim=head_dim, chunk=chunk, dtype=dtype, seed=zlib.crc32(repr(case).encode())
@@ -255,14 +253,6 @@ def test_sparse_launcher_rejects_unsupported_operands(change, match):
     args.update(change)
     with pytest.raises(ValueError, match=match):
         sparse_decode_attention_triton(**args, scale=0.25, out=out)
-
-
-def test_table_prefetch_covers_every_slot_a_split_touches():
-    assert decode._table_prefetch(3, 1) == 4
-    assert decode._table_prefetch(1, 1) == 2
-    assert decode._table_prefetch(5, 2) == 4  # 3 slots, plus one when the split starts mid-slot
-    assert decode._table_prefetch(32, 1) == 32
-    assert decode._table_prefetch(33, 1) == 0  # longer splits load one entry per block
 
 
 def test_split_count_depends_on_shapes_only(monkeypatch):
