@@ -12,7 +12,8 @@ against the PyTorch reference on the same GPU. Writes JSON with GPU, versions an
 
 ``--sweep-splits`` instead times the kernel at a list of split counts per case (the launcher's
 default too), with and without the programmatic dependent launch of the merge, with K/V loads
-masked afterwards instead of masked loads, and the merge alone:
+masked afterwards instead of masked loads, at 4 or 8 warps and 2-4 pipeline stages, and the merge
+alone:
 the data behind ``kernels.decode_attention._balanced_splits``.
 
     python benchmarks/decode_attention.py --out benchmarks/results/decode_attention.json
@@ -101,6 +102,17 @@ def sweep_case(name: str, batch: int, context: int, hq: int, hkv: int, scale: fl
     DECODE._MASKED_LOADS = False
     unmasked = round(time_cuda_graph(functools.partial(run, chosen)), 4)
     DECODE._MASKED_LOADS = True
+    by_config = {}
+    default_config = DECODE._decode_config
+    for warps in (4, 8):
+        for stages in (2, 3, 4):
+            DECODE._decode_config = lambda *a, w=warps, st=stages: {"num_warps": w, "num_stages": st}
+            try:
+                by_config[f"w{warps}s{stages}"] = round(time_cuda_graph(functools.partial(run, chosen)), 4)
+            except Exception as exc:  # a configuration that does not fit (shared memory) is recorded, not fatal
+                by_config[f"w{warps}s{stages}"] = repr(exc)[:120]
+            finally:
+                DECODE._decode_config = default_config
     ws = DECODE._workspace(q.device, batch, hq, chosen, 128)
     merge_only = round(time_cuda_graph(functools.partial(DECODE._launch_merge, ws, out, chosen)), 4)
     best = min(times, key=times.get)
@@ -110,6 +122,7 @@ def sweep_case(name: str, batch: int, context: int, hq: int, hkv: int, scale: fl
         "default_unmasked_loads_ms": unmasked,
         "merge_only_ms": merge_only, "best_splits": best, "best_ms": times[best],
         "ms_by_splits": {str(k): v for k, v in times.items()},
+        "ms_by_warps_stages": by_config,
     }
 
 
