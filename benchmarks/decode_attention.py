@@ -11,10 +11,9 @@ Both are timed replaying CUDA graphs (no launch overhead), after a correctness c
 against the PyTorch reference on the same GPU. Writes JSON with GPU, versions and date.
 
 ``--sweep-splits`` instead times the kernel at a list of split counts per case (the launcher's
-default too), with and without the programmatic dependent launch of the merge, with K/V loads
-masked afterwards instead of masked loads, at 4 or 8 warps and 2-4 pipeline stages, and the merge
-alone:
-the data behind ``kernels.decode_attention._balanced_splits``.
+default too), and at the default count without the programmatic dependent launch of the merge,
+at 4 or 8 warps x 2-4 pipeline stages, and the merge alone: the data behind the launch heuristics
+in ``kernels/decode_attention.py``.
 
     python benchmarks/decode_attention.py --out benchmarks/results/decode_attention.json
     python benchmarks/decode_attention.py --sweep-splits --out benchmarks/results/decode_splits.json
@@ -99,9 +98,6 @@ def sweep_case(name: str, batch: int, context: int, hq: int, hkv: int, scale: fl
     set_pdl(False)
     no_pdl = round(time_cuda_graph(functools.partial(run, chosen)), 4)
     set_pdl(True)
-    DECODE._MASKED_LOADS = False
-    unmasked = round(time_cuda_graph(functools.partial(run, chosen)), 4)
-    DECODE._MASKED_LOADS = True
     by_config = {}
     default_config = DECODE._decode_config
     for warps in (4, 8):
@@ -119,7 +115,6 @@ def sweep_case(name: str, batch: int, context: int, hq: int, hkv: int, scale: fl
     return {
         "layout": name, "batch": batch, "context": context, "blocks": blocks, "floor_ms": round(floor_ms, 4),
         "default_splits": chosen, "default_ms": times[chosen], "default_no_pdl_ms": no_pdl,
-        "default_unmasked_loads_ms": unmasked,
         "merge_only_ms": merge_only, "best_splits": best, "best_ms": times[best],
         "ms_by_splits": {str(k): v for k, v in times.items()},
         "ms_by_warps_stages": by_config,

@@ -16,7 +16,8 @@ Shapes: ``q`` ``[B, Hq, D]``; pool ``[B * S, C, Hkv, D]``; ``slot_chunk`` ``[B, 
 
 Triton (CUDA tensors): split-K flash decoding. One program serves one kv head and its whole query
 group (GQA: K/V are read once per kv head), over a contiguous range of slots (ring: of ``BLOCK_N``-token
-blocks), with an fp32 online softmax; a second kernel merges the splits. Supported there: q and K/V of
+blocks), with an fp32 online softmax; a second kernel merges the splits (any number of them), launched
+as a programmatic dependent launch on sm90+ so its launch overlaps the first. Supported there: q and K/V of
 one dtype among fp16/bf16/fp32, head_dim and chunk size powers of two (16..256 and 16..128). Anything
 else on CUDA runs the reference (with a one-time warning); CPU tensors always run the reference.
 Where no position takes part at all, the kernels return zeros (the reference returns NaN).
@@ -122,7 +123,6 @@ if triton is not None:
         HEAD_DIM: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
         USE_PDL: tl.constexpr,
-        MASKED_LOADS: tl.constexpr,
     ):
         """One (sequence, kv head, split): partial attention of the kv head's query group.
 
@@ -174,8 +174,7 @@ if triton is not None:
             if IS_RING:
                 token = blk * BLOCK_N + offs_n
                 position = ring_base + token - tl.where(token > ring_head, window, 0)
-                in_bounds = token < window  # the last block of the ring may run past it
-                mask_n = in_bounds & (position >= 0) & (position >= valid_start)
+                mask_n = (token < window) & (position >= 0) & (position >= valid_start)
                 k_offs = token * stride_k_n
                 v_offs = token * stride_v_n
             else:
@@ -184,22 +183,14 @@ if triton is not None:
                 chunk = tl.load(table_ptr + pid_b * stride_table_b + slot * stride_table_s)
                 position = chunk * CHUNK + token
                 # an empty slot (chunk -1) has only negative positions: position >= 0 tests fill
-                in_bounds = token < CHUNK  # every row of a slot is inside the pool
                 mask_n = (position >= 0) & (position <= pos) & (position >= valid_start)
                 k_offs = slot * stride_k_slot + token * stride_k_n
                 v_offs = slot * stride_v_slot + token * stride_v_n
-            if MASKED_LOADS:
-                # rows that take no part are never read: empty slots and stale tokens cost no
-                # bandwidth and cannot leak non-finite values into the output
-                k = tl.load(k_base + k_offs[:, None], mask=mask_n[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
-                v = tl.load(v_base + v_offs[:, None], mask=mask_n[:, None], other=0.0)
-            else:
-                # addresses from the slot alone (no wait for the table entry); rows that take no part
-                # are read, and kept out of the result: their scores become -inf below and their
-                # values are zeroed, so stale or non-finite contents cannot leak
-                k = tl.load(k_base + k_offs[:, None], mask=in_bounds[:, None], other=0.0)
-                v = tl.load(v_base + v_offs[:, None], mask=in_bounds[:, None], other=0.0)
-                v = tl.where(mask_n[:, None], v, 0.0)
+            # masked rows are never read: empty slots and stale tokens cost no bandwidth and cannot
+            # leak non-finite values into the output (loading every row and masking afterwards, so
+            # the loads need not wait for the table entry, measured no faster: benchmarks/NOTES.md)
+            k = tl.load(k_base + k_offs[:, None], mask=mask_n[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
+            v = tl.load(v_base + v_offs[:, None], mask=mask_n[:, None], other=0.0)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_G, BLOCK_N] fp32
             if USE_SOFTCAP:
                 # tanh(x) = sign(x) (1 - e^{-2|x|}) / (1 + e^{-2|x|}): no overflow, no tl tanh needed
@@ -278,7 +269,8 @@ if triton is not None:
 # -- launch configuration ----------------------------------------------------------------------
 # Fixed heuristics instead of triton.autotune: autotuning benchmarks on the first call of each
 # shape (host syncs, impossible while a CUDA graph is being captured). The numbers were chosen
-# with benchmarks/check_kernels_gpu.py --sweep on an H200.
+# with benchmarks/check_kernels_gpu.py --sweep and benchmarks/decode_attention.py --sweep-splits
+# on an H200 (results and the runs behind them: benchmarks/NOTES.md).
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_SPLITS = 1024  # the merge walks the splits in tiles, so this only bounds the workspace
@@ -292,11 +284,6 @@ _INTERPRETER_SPLITS = 2
 # programs are latency-bound and a second program on the SM slows both (H200 sweep, run 8:
 # MQA batch 1 at 128K, 93 splits x 3 blocks 9.9 us against 139 x 2 blocks 10.8 us).
 _LATENCY_BOUND_BLOCKS = 12
-# Masked K/V loads skip rows that take no part (empty slots, unwritten tail); the alternative loads
-# every row of a slot (addresses independent of the chunk table) and masks after loading. Measured
-# on the H200 (run 9), masked loads were as fast or faster in every case (MQA batch 1 at 512K:
-# 18.5 us against 20.2), so they are the default.
-_MASKED_LOADS = True
 # Programmatic dependent launch of the merge kernel (sm90+): it starts while the split kernel runs
 # and waits on the device for its results. LSA_DECODE_PDL=0 turns it off.
 _PDL_ENABLED = os.environ.get("LSA_DECODE_PDL", "1") != "0"
@@ -341,7 +328,9 @@ def _balanced_splits(programs: int, num_blocks: int, capacity: int) -> int:
 def _decode_num_splits(device: torch.device, programs: int, num_blocks: int, requested: int | None) -> tuple[int, int]:
     """(splits, blocks per split) for ``programs`` (sequence, kv head) pairs over ``num_blocks`` blocks.
 
-    Shapes alone decide (never data), so a captured CUDA graph replays the same grid.
+    Shapes alone decide (never data), so a captured CUDA graph replays the same grid. One program
+    per SM when that leaves each at most ``_LATENCY_BOUND_BLOCKS`` blocks (short, latency-bound
+    programs), else the ``_balanced_splits`` wave model with ``_SPLIT_WAVES`` programs per SM.
     """
     if requested is not None:
         splits = requested
@@ -467,7 +456,6 @@ def _launch_decode(
         HEAD_DIM=head_dim,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         USE_PDL=q.is_cuda and _use_pdl(q.device.index),
-        MASKED_LOADS=_MASKED_LOADS,
         **config,
     )
     _launch_merge(ws, out, splits)
@@ -520,8 +508,8 @@ def sparse_decode_attention_triton(
     """Triton launcher of ``lsa::sparse_decode_attention`` (CUDA; CPU tensors under ``TRITON_INTERPRET=1``).
 
     Two launches, no host sync: the split kernel on grid ``(B, Hkv, splits)`` and the merge kernel on
-    ``(B, Hq)`` (a programmatic dependent launch on sm90+). ``num_splits`` overrides the split count
-    (default: ``_balanced_splits``, from the shapes and the GPU's SM count).
+    ``(B, Hq, D / BLOCK_D)`` (a programmatic dependent launch on sm90+). ``num_splits`` overrides the
+    split count (default: from the shapes and the GPU's SM count, see ``_decode_num_splits``).
     Writes ``out`` (like ``q``) when given, else allocates it; the fp32 workspace
     ``[B, Hq, splits, D + 2]`` is cached per shape (see ``_workspace``).
     """
