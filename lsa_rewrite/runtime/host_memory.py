@@ -52,10 +52,13 @@ class HostArena:
             # the pages in one by one, ~5x slower for 8 GiB on the H200 host (benchmarks/pinning.py).
             self.buffer.zero_()
             ptr = self.buffer.data_ptr()
-            err = torch.cuda.cudart().cudaHostRegister(ptr, nbytes, _REGISTER_FLAGS)
+            cudart = torch.cuda.cudart()
+            err = cudart.cudaHostRegister(ptr, nbytes, _REGISTER_FLAGS)
             if int(err) == 0:
                 self._registered = ptr
             else:
+                if hasattr(cudart, "cudaGetLastError"):
+                    cudart.cudaGetLastError()  # clear it: a later launch check must not report it
                 warnings.warn(
                     f"cudaHostRegister of {nbytes / 2**30:.1f} GiB failed ({err}); using PyTorch's pinned allocator, "
                     "which may reserve up to twice that",
