@@ -8,8 +8,9 @@ Per rewritten layer (``ChunkLayer``):
 - chunk index ``kmin``/``kmax`` ``[B, N, Hkv, D]``: per-chunk key bounds, what selectors score;
 - ``q_tap`` ``[B, Hq, D]``: the latest query, written by the decode step;
 - CPU mirror ``[B, N, C, Hkv, D]`` holding the full history in offload mode: every layer's carved
-  from one exact-size host allocation, page-locked when CUDA is present (``host_memory.HostArena``). In evict mode it only stages the prompt until the first selection; afterwards a chunk that
-  leaves the pool is gone and counted in ``dropped_chunks``.
+  from one exact-size host allocation, page-locked when CUDA is present (``host_memory.HostArena``).
+  In evict mode it only stages the prompt until the first selection; afterwards a chunk that leaves
+  the pool is gone and counted in ``dropped_chunks``.
 - manager state ``planned`` ``[B, S]`` (the table once a pending recall is in), ``available``
   ``[B, N]`` (held in pool or mirror), ``dropped``: views of the store's stacked ``[L, B, ...]``
   tensors, on the device and counted in ``footprint()``, never fed to the graph.
