@@ -166,13 +166,13 @@ def main() -> None:
                 case = make_case(batch, context, hq, hkv, head_dim)
                 q, k_pool, v_pool, slot_chunk, pos, valid_start = case
                 splits = default_splits(q, k_pool, slot_chunk)
-                lsa_ms = time_cuda_graph(lambda: OPS.sparse_decode_attention(q, k_pool, v_pool, slot_chunk, pos, valid_start, scale, 0.0))
+                lsa_ms = time_cuda_graph(functools.partial(OPS.sparse_decode_attention, q, k_pool, v_pool, slot_chunk, pos, valid_start, scale, 0.0))
                 lsa_bytes = sum(t.numel() * t.element_size() for t in (k_pool, v_pool, slot_chunk)) + 2 * q.numel() * q.element_size()
                 del case, k_pool, v_pool
                 kd = torch.randn(batch, hkv, context, head_dim, device="cuda", dtype=torch.bfloat16)
                 vd = torch.randn_like(kd)
                 q4 = q.unsqueeze(2)
-                dense_ms = time_cuda_graph(lambda: F.scaled_dot_product_attention(q4, kd, vd, scale=scale, enable_gqa=hkv != hq))
+                dense_ms = time_cuda_graph(functools.partial(F.scaled_dot_product_attention, q4, kd, vd, scale=scale, enable_gqa=hkv != hq))
                 del kd, vd
                 torch.cuda.empty_cache()
                 floor_ms = lsa_bytes / COPY_BANDWIDTH * 1e3
