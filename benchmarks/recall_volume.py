@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from common import environment, write_json  # noqa: E402
-from quickstart import FILLER, passkey_prompt  # noqa: E402
+from quickstart import passkey_prompt, passkey_text  # noqa: E402
 
 import lsa_rewrite  # noqa: E402
 from lsa_rewrite import LSAConfig  # noqa: E402
@@ -70,11 +70,7 @@ def recalls_per_selection(model, ids: torch.Tensor, config: LSAConfig, steps: in
 
 def completion_prompt(tokenizer, *, filler: int, key: int, seed: int = 0) -> torch.Tensor:
     """Filler text with the pass key, ending "The pass key is" (for base models without a chat template)."""
-    import random
-
-    where = random.Random(seed).randrange(filler)
-    text = "".join(FILLER + (f"The pass key is {key}. Remember it. {key} is the pass key. " if i == where else "") for i in range(filler))
-    return tokenizer(text + "\nThe pass key is", return_tensors="pt")["input_ids"]
+    return tokenizer(passkey_text(filler=filler, key=key, seed=seed) + "\nThe pass key is", return_tensors="pt")["input_ids"]
 
 
 def main() -> None:

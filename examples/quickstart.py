@@ -26,10 +26,14 @@ from lsa_rewrite.loading import find_smollm2_gguf, load_model
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
 
+def passkey_text(*, filler: int, key: int, seed: int = 0) -> str:
+    """``filler`` filler sentences with the pass key hidden after a seeded random one."""
+    where = random.Random(seed).randrange(filler)
+    return "".join(FILLER + (f"The pass key is {key}. Remember it. {key} is the pass key. " if i == where else "") for i in range(filler))
+
+
 def passkey_prompt(tokenizer, *, filler: int, key: int, seed: int = 0) -> torch.Tensor:
-    rng = random.Random(seed)
-    where = rng.randrange(filler)
-    text = "".join(FILLER + (f"The pass key is {key}. Remember it. {key} is the pass key. " if i == where else "") for i in range(filler))
+    text = passkey_text(filler=filler, key=key, seed=seed)
     messages = [{"role": "user", "content": f"{text}\nWhat is the pass key? Answer with the number only."}]
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
 

@@ -312,6 +312,7 @@ def _use_pdl(device_index: int) -> bool:
     return _PDL_ENABLED and torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
+@functools.lru_cache(maxsize=4096)
 def _balanced_splits(programs: int, num_blocks: int, capacity: int) -> int:
     """Split count with the least modelled time: waves of ``capacity`` resident programs, each wave as
     long as its programs' blocks plus a fixed per-program cost; ties go to fewer splits (a smaller
@@ -340,15 +341,12 @@ def _decode_num_splits(device: torch.device, programs: int, num_blocks: int, req
         if one_per_sm >= 1 and -(-num_blocks // one_per_sm) <= _LATENCY_BOUND_BLOCKS:
             splits = one_per_sm
         else:
-            splits = _balanced_splits_cached(programs, num_blocks, _SPLIT_WAVES * sms)
+            splits = _balanced_splits(programs, num_blocks, _SPLIT_WAVES * sms)
     else:
         splits = _INTERPRETER_SPLITS
     splits = max(1, min(splits, _MAX_SPLITS, num_blocks))
     blocks_per_split = max(1, triton.cdiv(num_blocks, splits))
     return max(1, triton.cdiv(num_blocks, blocks_per_split)), blocks_per_split
-
-
-_balanced_splits_cached = functools.lru_cache(maxsize=4096)(_balanced_splits)
 
 
 # Split partials, reused across calls of the same shape. Not allocated while a CUDA graph is being
