@@ -121,6 +121,108 @@ def sweep_case(name: str, batch: int, context: int, hq: int, hkv: int, scale: fl
     }
 
 
+# -- variants of the split kernel and the read floor (--sweep-variants) ---------------------------
+
+VARIANTS = {  # name: (prefetch K/V one block ahead, token-major (wgmma) from this query group size)
+    "base": (False, None),
+    "prefetch": (True, None),
+    "token_major": (False, 1),
+    "token_major_prefetch": (True, 1),
+}
+
+
+def set_variant(prefetch: bool, token_major_min_group: int | None, warps: int) -> None:
+    DECODE._PREFETCH = prefetch
+    DECODE._TOKEN_MAJOR_MIN_GROUP = token_major_min_group
+    DECODE._decode_config = lambda *a, w=warps: {"num_warps": w, "num_stages": 3}
+
+
+if DECODE.triton is not None:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _stream_read_kernel(src_ptr, out_ptr, n, per_program, BLOCK: tl.constexpr):
+        """Sum of a contiguous stretch of ``src`` per program: the plainest read of those bytes."""
+        start = tl.program_id(0).to(tl.int64) * per_program
+        offs = tl.arange(0, BLOCK)
+        acc = tl.zeros([BLOCK], tl.float32)
+        for first in range(start, tl.minimum(start + per_program, n), BLOCK):
+            acc += tl.load(src_ptr + first + offs, mask=first + offs < n, other=0.0).to(tl.float32)
+        tl.store(out_ptr + tl.program_id(0), tl.sum(acc, 0))
+
+    @triton.jit
+    def _empty_kernel(out_ptr):
+        tl.store(out_ptr + tl.program_id(0), 0.0)
+
+
+def read_floor(nbytes: int) -> dict:
+    """Fastest plain read of ``nbytes`` (bf16) by a one-launch Triton kernel, over grid / tile / warps,
+    and ``torch.sum`` of the same buffer: what reading those bytes costs on this GPU, launch included."""
+    n = nbytes // 2
+    buf = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    best = None
+    for programs in (132, 264, 528, 1056):
+        for block in (2048, 8192):
+            for warps in (4, 8):
+                per = -(-n // programs)
+                per = -(-per // block) * block
+                grid = -(-n // per)
+                out = torch.empty(grid, device="cuda", dtype=torch.float32)
+                ms = time_cuda_graph(lambda: _stream_read_kernel[(grid,)](buf, out, n, per, BLOCK=block, num_warps=warps))
+                if best is None or ms < best[0]:
+                    best = (ms, {"programs": grid, "block": block, "warps": warps})
+    torch_sum = time_cuda_graph(lambda: buf.sum(dtype=torch.float32))
+    return {"bytes": nbytes, "read_ms": round(best[0], 4), "read_config": best[1], "read_tb_s": round(nbytes / best[0] / 1e9, 2),
+            "torch_sum_ms": round(torch_sum, 4)}
+
+
+def sweep_variants(layouts: dict, batches: list[int], contexts: list[int], scale: float) -> dict:
+    empty_out = torch.empty(132, device="cuda")
+    launch = {"empty_kernel_1_program_ms": round(time_cuda_graph(lambda: _empty_kernel[(1,)](empty_out)), 4),
+              "empty_kernel_132_programs_ms": round(time_cuda_graph(lambda: _empty_kernel[(132,)](empty_out)), 4)}
+    print(launch, flush=True)
+    default_config = DECODE._decode_config
+    rows = []
+    for name, (hq, hkv) in layouts.items():
+        for batch in batches:
+            for context in contexts:
+                if 2 * batch * context * hkv * 128 * 2 * BUDGET > 40e9:
+                    continue
+                case = make_case(batch, context, hq, hkv, 128)
+                q, k_pool, v_pool, slot_chunk, pos, valid_start = case
+                blocks = slot_chunk.shape[1]
+                chosen = default_splits(q, k_pool, slot_chunk)
+                kv_bytes = 2 * k_pool.numel() * k_pool.element_size()
+                row = {"layout": name, "batch": batch, "context": context, "blocks": blocks, "default_splits": chosen,
+                       "floor_ms": round((kv_bytes + slot_chunk.numel() * 8) / COPY_BANDWIDTH * 1e3, 4), "variants": {}}
+                out = torch.empty_like(q)
+                for vname, (prefetch, min_group) in VARIANTS.items():
+                    for warps in (4, 8):
+                        set_variant(prefetch, min_group, warps)
+                        key = f"{vname}_w{warps}"
+                        try:
+                            err = check(case, scale)
+                            times = {}
+                            for splits in sorted({chosen, max(1, chosen // 2), min(blocks, 2 * chosen)}):
+                                times[str(splits)] = round(time_cuda_graph(functools.partial(
+                                    DECODE.sparse_decode_attention_triton, q, k_pool, v_pool, slot_chunk, pos, valid_start,
+                                    scale=scale, num_splits=splits, out=out)), 4)
+                            row["variants"][key] = {"max_abs_err": err, "ms_by_splits": times}
+                        except (Exception, SystemExit) as exc:  # a variant that fails is recorded, not fatal
+                            row["variants"][key] = {"error": repr(exc)[:200]}
+                        finally:
+                            DECODE._decode_config = default_config
+                set_variant(True, None, 4)
+                DECODE._decode_config = default_config
+                row["read_floor"] = read_floor(kv_bytes)
+                rows.append(row)
+                print(row, flush=True)
+                del case, q, k_pool, v_pool
+                torch.cuda.empty_cache()
+    return {"launch": launch, "results": rows}
+
+
 def sweep_splits(layouts: dict, batches: list[int], contexts: list[int], scale: float) -> list[dict]:
     rows = []
     for name, (hq, hkv) in layouts.items():
@@ -140,6 +242,8 @@ def main() -> None:
     parser.add_argument("--contexts", default="32768,131072,524288")
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--sweep-splits", action="store_true", help="time a list of split counts per case instead")
+    parser.add_argument("--sweep-variants", action="store_true",
+                        help="time the split kernel's variants (K/V prefetch, token-major MMA, 4/8 warps) and the read floor")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
@@ -151,6 +255,11 @@ def main() -> None:
         for batch, context in ((1, 131072), (8, 32768), (3, 4096)):
             checks[f"{name} B{batch} L{context}"] = check(make_case(batch, context, hq, hkv, head_dim), scale)
     print("correctness:", checks)
+    if args.sweep_variants:
+        result = sweep_variants(layouts, [int(b) for b in args.batches.split(",")], [int(c) for c in args.contexts.split(",")], scale)
+        write_json(args.out, {"benchmark": "decode_attention_variants", "environment": environment(),
+                              "correctness_max_abs_err": checks, **result})
+        return
     if args.sweep_splits:
         rows = sweep_splits(layouts, [int(b) for b in args.batches.split(",")], [int(c) for c in args.contexts.split(",")], scale)
         write_json(args.out, {"benchmark": "decode_attention_split_sweep", "environment": environment(),

@@ -4,6 +4,7 @@
 #   STAGE=quick : recall kernel check + bandwidth/overlap, selection cost alone, zoo smoke on CUDA (decode attention alone: python3 benchmarks/decode_attention.py)
 #   STAGE=e2e   : the Llama-3-8B-shaped end-to-end benchmark at 128K (128 steps; recall_lag 4 and 0)
 #   STAGE=kernels: decode attention (LSA vs dense SDPA, both layouts) and mirror pinning
+#   STAGE=variants: the decode split kernel's variants (K/V prefetch, token-major MMA, warps) and the read floor
 #   STAGE=full  : the end-to-end benchmark at 32K and 128K, 256 steps, recall_lag 4 and 0
 #   (kernels alone: python3 benchmarks/check_kernels_gpu.py --out FILE)
 # Results land in $OUT (the device tool brings them back) or benchmarks/results/.
@@ -22,6 +23,8 @@ if [ "$STAGE" = quick ]; then
 elif [ "$STAGE" = kernels ]; then
   python3 benchmarks/decode_attention.py --out "$OUT/decode_attention.json" || echo "decode_attention FAILED rc=$?"
   python3 benchmarks/pinning.py --gib 8.25 --out "$OUT/pinning.json" || echo "pinning FAILED rc=$?"
+elif [ "$STAGE" = variants ]; then
+  python3 benchmarks/decode_attention.py --sweep-variants --out "$OUT/decode_variants.json" || echo "decode variants FAILED rc=$?"
 elif [ "$STAGE" = e2e ]; then
   python3 benchmarks/e2e_decode.py --contexts 131072 --steps 128 --lags 4,0 --out "$OUT/e2e_decode.json"
 else
