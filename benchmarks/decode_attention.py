@@ -5,7 +5,10 @@ batch 1 / 8 / 32 and context 32K / 128K / 512K, with 13.5% of the context reside
 
 - ``lsa_ms``: ``lsa::sparse_decode_attention`` (Triton on CUDA) over the resident pool;
 - ``dense_ms``: ``F.scaled_dot_product_attention`` over the full cache (q_len 1, enable_gqa);
-- ``floor_ms``: the bytes LSA must read (resident K+V + chunk table + q/out) at 4.2 TB/s.
+- ``floor_ms``: the bytes LSA must read (resident K+V + chunk table + q/out) at 4.2 TB/s;
+- ``plain_read_ms``: the fastest one-launch Triton read (a sum) of that many bytes, over grid, tile and
+  warps: what merely reading them costs on this GPU, launch and the L2 included (a buffer smaller
+  than the L2 stays partly resident across graph replays, for the kernel and this read alike).
 
 Both are timed replaying CUDA graphs (no launch overhead), after a correctness check of the kernel
 against the PyTorch reference on the same GPU. Writes JSON with GPU, versions and date.
@@ -121,21 +124,7 @@ def sweep_case(name: str, batch: int, context: int, hq: int, hkv: int, scale: fl
     }
 
 
-# -- variants of the split kernel and the read floor (--sweep-variants) ---------------------------
-
-VARIANTS = {  # name: (prefetch K/V one block ahead, token-major (wgmma) from this query group size)
-    "base": (False, None),
-    "prefetch": (True, None),
-    "token_major": (False, 1),
-    "token_major_prefetch": (True, 1),
-}
-
-
-def set_variant(prefetch: bool, token_major_min_group: int | None, warps: int) -> None:
-    DECODE._PREFETCH = prefetch
-    DECODE._TOKEN_MAJOR_MIN_GROUP = token_major_min_group
-    DECODE._decode_config = lambda *a, w=warps: {"num_warps": w, "num_stages": 3}
-
+# -- the read floor: the plainest one-launch read of the same bytes --------------------------------
 
 if DECODE.triton is not None:
     import triton
@@ -177,52 +166,6 @@ def read_floor(nbytes: int) -> dict:
             "torch_sum_ms": round(torch_sum, 4)}
 
 
-def sweep_variants(layouts: dict, batches: list[int], contexts: list[int], scale: float) -> dict:
-    empty_out = torch.empty(132, device="cuda")
-    launch = {"empty_kernel_1_program_ms": round(time_cuda_graph(lambda: _empty_kernel[(1,)](empty_out)), 4),
-              "empty_kernel_132_programs_ms": round(time_cuda_graph(lambda: _empty_kernel[(132,)](empty_out)), 4)}
-    print(launch, flush=True)
-    default_config = DECODE._decode_config
-    rows = []
-    for name, (hq, hkv) in layouts.items():
-        for batch in batches:
-            for context in contexts:
-                if 2 * batch * context * hkv * 128 * 2 * BUDGET > 40e9:
-                    continue
-                case = make_case(batch, context, hq, hkv, 128)
-                q, k_pool, v_pool, slot_chunk, pos, valid_start = case
-                blocks = slot_chunk.shape[1]
-                chosen = default_splits(q, k_pool, slot_chunk)
-                kv_bytes = 2 * k_pool.numel() * k_pool.element_size()
-                row = {"layout": name, "batch": batch, "context": context, "blocks": blocks, "default_splits": chosen,
-                       "floor_ms": round((kv_bytes + slot_chunk.numel() * 8) / COPY_BANDWIDTH * 1e3, 4), "variants": {}}
-                out = torch.empty_like(q)
-                for vname, (prefetch, min_group) in VARIANTS.items():
-                    for warps in (4, 8):
-                        set_variant(prefetch, min_group, warps)
-                        key = f"{vname}_w{warps}"
-                        try:
-                            err = check(case, scale)
-                            times = {}
-                            for splits in sorted({chosen, max(1, chosen // 2), min(blocks, 2 * chosen)}):
-                                times[str(splits)] = round(time_cuda_graph(functools.partial(
-                                    DECODE.sparse_decode_attention_triton, q, k_pool, v_pool, slot_chunk, pos, valid_start,
-                                    scale=scale, num_splits=splits, out=out)), 4)
-                            row["variants"][key] = {"max_abs_err": err, "ms_by_splits": times}
-                        except (Exception, SystemExit) as exc:  # a variant that fails is recorded, not fatal
-                            row["variants"][key] = {"error": repr(exc)[:200]}
-                        finally:
-                            DECODE._decode_config = default_config
-                set_variant(True, None, 4)
-                DECODE._decode_config = default_config
-                row["read_floor"] = read_floor(kv_bytes)
-                rows.append(row)
-                print(row, flush=True)
-                del case, q, k_pool, v_pool
-                torch.cuda.empty_cache()
-    return {"launch": launch, "results": rows}
-
-
 def sweep_splits(layouts: dict, batches: list[int], contexts: list[int], scale: float) -> list[dict]:
     rows = []
     for name, (hq, hkv) in layouts.items():
@@ -242,8 +185,6 @@ def main() -> None:
     parser.add_argument("--contexts", default="32768,131072,524288")
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--sweep-splits", action="store_true", help="time a list of split counts per case instead")
-    parser.add_argument("--sweep-variants", action="store_true",
-                        help="time the split kernel's variants (K/V prefetch, token-major MMA, 4/8 warps) and the read floor")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
@@ -255,16 +196,15 @@ def main() -> None:
         for batch, context in ((1, 131072), (8, 32768), (3, 4096)):
             checks[f"{name} B{batch} L{context}"] = check(make_case(batch, context, hq, hkv, head_dim), scale)
     print("correctness:", checks)
-    if args.sweep_variants:
-        result = sweep_variants(layouts, [int(b) for b in args.batches.split(",")], [int(c) for c in args.contexts.split(",")], scale)
-        write_json(args.out, {"benchmark": "decode_attention_variants", "environment": environment(),
-                              "correctness_max_abs_err": checks, **result})
-        return
     if args.sweep_splits:
         rows = sweep_splits(layouts, [int(b) for b in args.batches.split(",")], [int(c) for c in args.contexts.split(",")], scale)
         write_json(args.out, {"benchmark": "decode_attention_split_sweep", "environment": environment(),
                               "correctness_max_abs_err": checks, "results": rows})
         return
+    empty_out = torch.empty(132, device="cuda")
+    launch = {"empty_kernel_1_program_ms": round(time_cuda_graph(lambda: _empty_kernel[(1,)](empty_out)), 4),
+              "empty_kernel_132_programs_ms": round(time_cuda_graph(lambda: _empty_kernel[(132,)](empty_out)), 4)}
+    print("graph-replayed empty launch:", launch, flush=True)
     rows = []
     for name, (hq, hkv) in layouts.items():
         for batch in map(int, args.batches.split(",")):
@@ -278,6 +218,7 @@ def main() -> None:
                 lsa_ms = time_cuda_graph(functools.partial(OPS.sparse_decode_attention, q, k_pool, v_pool, slot_chunk, pos, valid_start, scale, 0.0))
                 lsa_bytes = sum(t.numel() * t.element_size() for t in (k_pool, v_pool, slot_chunk)) + 2 * q.numel() * q.element_size()
                 del case, k_pool, v_pool
+                read = read_floor(lsa_bytes)
                 kd = torch.randn(batch, hkv, context, head_dim, device="cuda", dtype=torch.bfloat16)
                 vd = torch.randn_like(kd)
                 q4 = q.unsqueeze(2)
@@ -289,10 +230,13 @@ def main() -> None:
                     "layout": name, "batch": batch, "context": context, "resident_fraction": BUDGET, "chunk": CHUNK, "splits": splits,
                     "lsa_ms": round(lsa_ms, 4), "dense_ms": round(dense_ms, 4), "floor_ms": round(floor_ms, 4),
                     "speedup_vs_dense": round(dense_ms / lsa_ms, 2), "lsa_over_floor": round(lsa_ms / floor_ms, 2),
+                    "plain_read_ms": read["read_ms"], "lsa_over_plain_read": round(lsa_ms / read["read_ms"], 2),
+                    "plain_read": read,
                 }
                 rows.append(row)
                 print(row, flush=True)
-    write_json(args.out, {"benchmark": "decode_attention", "environment": environment(), "correctness_max_abs_err": checks, "results": rows})
+    write_json(args.out, {"benchmark": "decode_attention", "environment": environment(), "correctness_max_abs_err": checks,
+                          "empty_launch": launch, "results": rows})
 
 
 if __name__ == "__main__":

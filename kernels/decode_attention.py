@@ -107,38 +107,6 @@ if triton is not None:
     _MAX_FLOOR = tl.constexpr(-1.0e30)
 
     @triton.jit
-    def _table_entry(table_row, blk, blk_end, stride_table_s, IS_RING: tl.constexpr, SUBS: tl.constexpr):
-        """Logical chunk of the slot holding block ``blk`` (-1 past ``blk_end``; 0 for a ring)."""
-        if IS_RING:
-            return blk * 0
-        else:
-            return tl.load(table_row + (blk // SUBS) * stride_table_s, mask=blk < blk_end, other=-1)
-
-    @triton.jit
-    def _block_rows(
-        blk, blk_end, chunk, pos, valid_start, ring_head, ring_base, window,
-        stride_k_slot, stride_k_n, stride_v_slot, stride_v_n,
-        IS_RING: tl.constexpr, SUBS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
-    ):
-        """(rows that take part, K row offsets, V row offsets) of block ``blk``: none past ``blk_end``."""
-        offs_n = tl.arange(0, BLOCK_N)
-        if IS_RING:
-            token = blk * BLOCK_N + offs_n
-            position = ring_base + token - tl.where(token > ring_head, window, 0)
-            mask_n = (token < window) & (token < blk_end * BLOCK_N) & (position >= 0) & (position >= valid_start)
-            k_offs = token * stride_k_n
-            v_offs = token * stride_v_n
-        else:
-            slot = blk // SUBS
-            token = (blk % SUBS) * BLOCK_N + offs_n
-            position = chunk * CHUNK + token
-            # an empty slot (chunk -1, also past blk_end) has only negative positions
-            mask_n = (position >= 0) & (position <= pos) & (position >= valid_start)
-            k_offs = slot * stride_k_slot + token * stride_k_n
-            v_offs = slot * stride_v_slot + token * stride_v_n
-        return mask_n, k_offs, v_offs
-
-    @triton.jit
     def _decode_split_kernel(
         q_ptr, k_ptr, v_ptr, table_ptr, pos_ptr, valid_start_ptr, ws_ptr,
         num_blocks, blocks_per_split, group, window, scale, softcap,
@@ -155,8 +123,6 @@ if triton is not None:
         HEAD_DIM: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
         USE_PDL: tl.constexpr,
-        TOKEN_MAJOR: tl.constexpr = False,
-        PREFETCH: tl.constexpr = False,
     ):
         """One (sequence, kv head, split): partial attention of the kv head's query group.
 
@@ -177,6 +143,7 @@ if triton is not None:
         pid_s = tl.program_id(2)
 
         offs_g = tl.arange(0, BLOCK_G)
+        offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
         mask_g = offs_g < group
         heads = pid_kv * group + offs_g  # int64 query-head ids of the group
@@ -196,58 +163,35 @@ if triton is not None:
             # int64 modulo per program instead of one per token
             ring_head = pos % window
             ring_base = pos - ring_head
-        else:
-            ring_head = pos
-            ring_base = pos
-        table_row = table_ptr + pid_b * stride_table_b
 
         m_i = tl.full([BLOCK_G], _MAX_FLOOR, tl.float32)
         l_i = tl.zeros([BLOCK_G], tl.float32)
-        if TOKEN_MAJOR:
-            # scores and accumulator transposed ([BLOCK_N, BLOCK_G], [HEAD_DIM, BLOCK_G]): the tokens
-            # and the head dim are the MMAs' M (64+), which Hopper's warpgroup MMA needs
-            acc = tl.zeros([HEAD_DIM, BLOCK_G], tl.float32)
-            q_t = tl.trans(q)
-        else:
-            acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+        acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
 
         blk_start = pid_s.to(tl.int64) * blocks_per_split  # int64 bounds: an int64 induction variable
         blk_end = tl.minimum(blk_start + blocks_per_split, num_blocks)
-        if PREFETCH:
-            # Software pipeline by hand (Triton does not pipeline loads whose mask depends on another
-            # load): the slot table runs two blocks ahead and K/V one block ahead, so each block's
-            # loads are in flight while the previous block is computed.
-            chunk_cur = _table_entry(table_row, blk_start, blk_end, stride_table_s, IS_RING, SUBS)
-            chunk_next = _table_entry(table_row, blk_start + 1, blk_end, stride_table_s, IS_RING, SUBS)
-            mask_nxt, k_offs, v_offs = _block_rows(
-                blk_start, blk_end, chunk_cur, pos, valid_start, ring_head, ring_base, window,
-                stride_k_slot, stride_k_n, stride_v_slot, stride_v_n, IS_RING, SUBS, CHUNK, BLOCK_N)
-            k_nxt = tl.load(k_base + k_offs[:, None], mask=mask_nxt[:, None], other=0.0)
-            v_nxt = tl.load(v_base + v_offs[:, None], mask=mask_nxt[:, None], other=0.0)
         for blk in range(blk_start, blk_end):
-            if PREFETCH:
-                k = k_nxt
-                v = v_nxt
-                mask_n = mask_nxt
-                mask_nxt, k_offs, v_offs = _block_rows(
-                    blk + 1, blk_end, chunk_next, pos, valid_start, ring_head, ring_base, window,
-                    stride_k_slot, stride_k_n, stride_v_slot, stride_v_n, IS_RING, SUBS, CHUNK, BLOCK_N)
-                k_nxt = tl.load(k_base + k_offs[:, None], mask=mask_nxt[:, None], other=0.0)
-                v_nxt = tl.load(v_base + v_offs[:, None], mask=mask_nxt[:, None], other=0.0)
-                chunk_next = _table_entry(table_row, blk + 2, blk_end, stride_table_s, IS_RING, SUBS)
+            if IS_RING:
+                token = blk * BLOCK_N + offs_n
+                position = ring_base + token - tl.where(token > ring_head, window, 0)
+                mask_n = (token < window) & (position >= 0) & (position >= valid_start)
+                k_offs = token * stride_k_n
+                v_offs = token * stride_v_n
             else:
-                chunk = _table_entry(table_row, blk, blk_end, stride_table_s, IS_RING, SUBS)
-                mask_n, k_offs, v_offs = _block_rows(
-                    blk, blk_end, chunk, pos, valid_start, ring_head, ring_base, window,
-                    stride_k_slot, stride_k_n, stride_v_slot, stride_v_n, IS_RING, SUBS, CHUNK, BLOCK_N)
-                # masked rows are never read: empty slots and stale tokens cost no bandwidth and
-                # cannot leak non-finite values into the output
-                k = tl.load(k_base + k_offs[:, None], mask=mask_n[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
-                v = tl.load(v_base + v_offs[:, None], mask=mask_n[:, None], other=0.0)
-            if TOKEN_MAJOR:
-                qk = tl.dot(k, q_t, input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_G] fp32
-            else:
-                qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_G, BLOCK_N] fp32
+                slot = blk // SUBS
+                token = (blk % SUBS) * BLOCK_N + offs_n
+                chunk = tl.load(table_ptr + pid_b * stride_table_b + slot * stride_table_s)
+                position = chunk * CHUNK + token
+                # an empty slot (chunk -1) has only negative positions: position >= 0 tests fill
+                mask_n = (position >= 0) & (position <= pos) & (position >= valid_start)
+                k_offs = slot * stride_k_slot + token * stride_k_n
+                v_offs = slot * stride_v_slot + token * stride_v_n
+            # masked rows are never read: empty slots and stale tokens cost no bandwidth and cannot
+            # leak non-finite values into the output (loading every row and masking afterwards, so
+            # the loads need not wait for the table entry, measured no faster: benchmarks/NOTES.md)
+            k = tl.load(k_base + k_offs[:, None], mask=mask_n[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
+            v = tl.load(v_base + v_offs[:, None], mask=mask_n[:, None], other=0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_G, BLOCK_N] fp32
             if USE_SOFTCAP:
                 # tanh(x) = sign(x) (1 - e^{-2|x|}) / (1 + e^{-2|x|}): no overflow, no tl tanh needed
                 x = qk * (scale / softcap)
@@ -256,27 +200,17 @@ if triton is not None:
                 s = tl.where(x < 0.0, -tanh_x, tanh_x) * (softcap * _LOG2E)
             else:
                 s = qk * (scale * _LOG2E)
-            if TOKEN_MAJOR:
-                s = tl.where(mask_n[:, None], s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 0))
-                alpha = tl.exp2(m_i - m_new)
-                p = tl.exp2(s - m_new[None, :])
-                l_i = l_i * alpha + tl.sum(p, 0)
-                acc = acc * alpha[None, :] + tl.dot(tl.trans(v), p.to(v.dtype), input_precision=DOT_PRECISION)
-            else:
-                s = tl.where(mask_n[None, :], s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                alpha = tl.exp2(m_i - m_new)
-                p = tl.exp2(s - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            s = tl.where(mask_n[None, :], s, float("-inf"))
+
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
 
         ws_ptrs = ws_ptr + pid_b * stride_ws_b + heads * stride_ws_h + pid_s.to(tl.int64) * stride_ws_s
-        if TOKEN_MAJOR:
-            tl.store(ws_ptrs[None, :] + offs_d[:, None], acc, mask=mask_g[None, :])
-        else:
-            tl.store(ws_ptrs[:, None] + offs_d[None, :], acc, mask=mask_g[:, None])
+        tl.store(ws_ptrs[:, None] + offs_d[None, :], acc, mask=mask_g[:, None])
         tl.store(ws_ptrs + HEAD_DIM, m_i, mask=mask_g)
         tl.store(ws_ptrs + HEAD_DIM + 1, l_i, mask=mask_g)
 
@@ -353,8 +287,6 @@ _LATENCY_BOUND_BLOCKS = 12
 # Programmatic dependent launch of the merge kernel (sm90+): it starts while the split kernel runs
 # and waits on the device for its results. LSA_DECODE_PDL=0 turns it off.
 _PDL_ENABLED = os.environ.get("LSA_DECODE_PDL", "1") != "0"
-_TOKEN_MAJOR_MIN_GROUP: int | None = None
-_PREFETCH = True
 
 
 def _decode_block_n(tokens: int, head_dim: int, elem_size: int) -> int:
@@ -368,12 +300,6 @@ def _decode_config(head_dim: int, block_n: int, elem_size: int) -> dict:
     # 3 stages were best or within 4% of best at batch 1 and 8; a third stage only where it fits.
     kv_tile = 2 * block_n * head_dim * elem_size
     return dict(num_warps=4, num_stages=3 if 3 * kv_tile <= 160 * 1024 else 2)
-
-
-def _token_major(group: int, dtype: torch.dtype) -> bool:
-    """Whether the split kernel computes scores and accumulator transposed (tokens / head dim as the
-    MMA's M dimension): query groups of at least ``_TOKEN_MAJOR_MIN_GROUP`` heads, 16-bit operands."""
-    return _TOKEN_MAJOR_MIN_GROUP is not None and group >= _TOKEN_MAJOR_MIN_GROUP and dtype != torch.float32
 
 
 @functools.lru_cache(maxsize=None)
@@ -528,8 +454,6 @@ def _launch_decode(
         HEAD_DIM=head_dim,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         USE_PDL=q.is_cuda and _use_pdl(q.device.index),
-        TOKEN_MAJOR=_token_major(group, q.dtype),
-        PREFETCH=_PREFETCH,
         **config,
     )
     _launch_merge(ws, out, splits)
