@@ -149,7 +149,8 @@ def read_floor(nbytes: int) -> dict:
     """Fastest plain read of ``nbytes`` (bf16) by a one-launch Triton kernel, over grid / tile / warps,
     and ``torch.sum`` of the same buffer: what reading those bytes costs on this GPU, launch included."""
     n = nbytes // 2
-    buf = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    # ones: the sum of the per-program partials must come to n exactly, so every byte was read
+    buf = torch.ones(n, device="cuda", dtype=torch.bfloat16)
     best = None
     for programs in (132, 264, 528, 1056):
         for block in (2048, 8192):
@@ -158,6 +159,9 @@ def read_floor(nbytes: int) -> dict:
                 per = -(-per // block) * block
                 grid = -(-n // per)
                 out = torch.empty(grid, device="cuda", dtype=torch.float32)
+                _stream_read_kernel[(grid,)](buf, out, n, per, BLOCK=block, num_warps=warps)
+                if out.double().sum().item() != n:
+                    raise SystemExit(f"plain read of {nbytes} bytes summed to {out.double().sum().item()}, not {n}")
                 ms = time_cuda_graph(lambda: _stream_read_kernel[(grid,)](buf, out, n, per, BLOCK=block, num_warps=warps))
                 if best is None or ms < best[0]:
                     best = (ms, {"programs": grid, "block": block, "warps": warps})
