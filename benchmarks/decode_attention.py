@@ -14,9 +14,10 @@ Both are timed replaying CUDA graphs (no launch overhead), after a correctness c
 against the PyTorch reference on the same GPU. Writes JSON with GPU, versions and date.
 
 ``--sweep-splits`` instead times the kernel at a list of split counts per case (the launcher's
-default too), and at the default count without the programmatic dependent launch of the merge,
-at 4 or 8 warps x 2-4 pipeline stages, and the merge alone: the data behind the launch heuristics
-in ``kernels/decode_attention.py``.
+default and 1-4 programs per SM too) with 3 and with 2 pipeline stages, and at the default count
+without the programmatic dependent launch of the merge, with fp32 split partials, at 4 or 8 warps
+x 2-4 pipeline stages, and the merge alone: the data behind the launch heuristics in
+``kernels/decode_attention.py``.
 
     python benchmarks/decode_attention.py --out benchmarks/results/decode_attention.json
     python benchmarks/decode_attention.py --sweep-splits --out benchmarks/results/decode_splits.json
@@ -96,13 +97,27 @@ def sweep_case(name: str, batch: int, context: int, hq: int, hkv: int, scale: fl
     def run(splits: int) -> None:
         DECODE.sparse_decode_attention_triton(q, k_pool, v_pool, slot_chunk, pos, valid_start, scale=scale, num_splits=splits, out=out)
 
-    times = {splits: round(time_cuda_graph(functools.partial(run, splits)), 4)
-             for splits in sorted({*(x for x in SWEEP_SPLITS if x <= blocks), chosen})}
+    programs = batch * hkv
+    sms = DECODE._sm_count(q.device.index)
+    per_sm = {max(1, w * sms // programs) for w in (1, 2, 3, 4)}  # 1-4 programs per SM
+    split_list = sorted({*(x for x in (*SWEEP_SPLITS, *per_sm) if x <= blocks), chosen})
+    times = {splits: round(time_cuda_graph(functools.partial(run, splits)), 4) for splits in split_list}
+    # two pipeline stages: 52 KB of shared memory instead of 77, so three programs fit on an SM
+    default_config = DECODE._decode_config
+    DECODE._decode_config = lambda *a: {"num_warps": 4, "num_stages": 2}
+    try:
+        times_s2 = {splits: round(time_cuda_graph(functools.partial(run, splits)), 4) for splits in split_list}
+    finally:
+        DECODE._decode_config = default_config
+    DECODE._PARTIALS_IN_INPUT_DTYPE = False
+    try:
+        fp32_partials = round(time_cuda_graph(functools.partial(run, chosen)), 4)
+    finally:
+        DECODE._PARTIALS_IN_INPUT_DTYPE = True
     set_pdl(False)
     no_pdl = round(time_cuda_graph(functools.partial(run, chosen)), 4)
     set_pdl(True)
     by_config = {}
-    default_config = DECODE._decode_config
     for warps in (4, 8):
         for stages in (2, 3, 4):
             DECODE._decode_config = lambda *a, w=warps, st=stages: {"num_warps": w, "num_stages": st}
@@ -112,12 +127,13 @@ def sweep_case(name: str, batch: int, context: int, hq: int, hkv: int, scale: fl
                 by_config[f"w{warps}s{stages}"] = repr(exc)[:120]
             finally:
                 DECODE._decode_config = default_config
-    ws = DECODE._workspace(q.device, batch, hq, chosen, 128)
+    ws = DECODE._workspace(q.device, batch, hq, chosen, 128, q.dtype)
     merge_only = round(time_cuda_graph(functools.partial(DECODE._launch_merge, ws, out, chosen)), 4)
     best = min(times, key=times.get)
     return {
         "layout": name, "batch": batch, "context": context, "blocks": blocks, "floor_ms": round(floor_ms, 4),
         "default_splits": chosen, "default_ms": times[chosen], "default_no_pdl_ms": no_pdl,
+        "default_fp32_partials_ms": fp32_partials, "ms_by_splits_2_stages": {str(k): v for k, v in times_s2.items()},
         "merge_only_ms": merge_only, "best_splits": best, "best_ms": times[best],
         "ms_by_splits": {str(k): v for k, v in times.items()},
         "ms_by_warps_stages": by_config,

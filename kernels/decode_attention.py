@@ -24,8 +24,9 @@ Where no position takes part at all, the kernels return zeros (the reference ret
 
 Per call on CUDA: two launches, no host sync (``pos`` and ``valid_start`` are read on the device), a
 grid fixed by shapes alone (so CUDA graphs replay it), one allocation (the output, which a custom op
-must return fresh; a graph replay reuses its address), and a float32 workspace cached per shape and
-device, shared by every layer of that shape: safe in stream order, not across concurrent streams.
+must return fresh; a graph replay reuses its address), and a workspace of split partials (outputs
+in the inputs' 16-bit dtype or fp32, max and sum in fp32) cached per shape and device, shared by
+every layer of that shape: safe in stream order, not across concurrent streams.
 
 Not here: prefill attention (the model's own), choosing the resident chunks (the memory manager).
 """
@@ -108,13 +109,14 @@ if triton is not None:
 
     @triton.jit
     def _decode_split_kernel(
-        q_ptr, k_ptr, v_ptr, table_ptr, pos_ptr, valid_start_ptr, ws_ptr,
+        q_ptr, k_ptr, v_ptr, table_ptr, pos_ptr, valid_start_ptr, ws_o_ptr, ws_ml_ptr,
         num_blocks, blocks_per_split, group, window, scale, softcap,
         stride_q_b, stride_q_h, stride_q_d,
         stride_k_b, stride_k_slot, stride_k_n, stride_k_h, stride_k_d,
         stride_v_b, stride_v_slot, stride_v_n, stride_v_h, stride_v_d,
         stride_table_b, stride_table_s,
-        stride_ws_b, stride_ws_h, stride_ws_s,
+        stride_wo_b, stride_wo_h, stride_wo_s,
+        stride_wml_b, stride_wml_h, stride_wml_s,
         IS_RING: tl.constexpr,
         USE_SOFTCAP: tl.constexpr,
         CHUNK: tl.constexpr,
@@ -127,10 +129,11 @@ if triton is not None:
         """One (sequence, kv head, split): partial attention of the kv head's query group.
 
         Blocks of ``BLOCK_N`` tokens are the unit of work: a chunk of the pool is ``CHUNK // BLOCK_N``
-        blocks (one, unless the tile would not fit), the ring is ``cdiv(W, BLOCK_N)`` blocks. Writes
-        the unnormalised accumulator, the running max (log2 domain) and the sum of exponentials of
-        each query head to the workspace ``[B, Hq, splits, HEAD_DIM + 2]``. With ``USE_PDL`` it lets
-        the merge kernel launch early (that kernel waits for this grid's results before reading).
+        blocks (one, unless the tile would not fit), the ring is ``cdiv(W, BLOCK_N)`` blocks. Writes,
+        per query head of the group, the partial output normalized by its own sum of exponentials
+        to ``ws_o`` ``[B, Hq, splits, HEAD_DIM]`` (the workspace's dtype) and the running max (log2
+        domain) and that sum to ``ws_ml`` ``[B, Hq, splits, 2]`` (fp32). With ``USE_PDL`` it lets the
+        merge kernel launch early (that kernel waits for this grid's results before reading).
         """
         tl.static_assert(BLOCK_G >= 16, "tl.dot needs at least 16 rows: pad the query group")
         tl.static_assert(BLOCK_N >= 16)
@@ -209,15 +212,21 @@ if triton is not None:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
 
-        ws_ptrs = ws_ptr + pid_b * stride_ws_b + heads * stride_ws_h + pid_s.to(tl.int64) * stride_ws_s
-        tl.store(ws_ptrs[:, None] + offs_d[None, :], acc, mask=mask_g[:, None])
-        tl.store(ws_ptrs + HEAD_DIM, m_i, mask=mask_g)
-        tl.store(ws_ptrs + HEAD_DIM + 1, l_i, mask=mask_g)
+        # the partial output normalized (bounded by max |v|, so a 16-bit workspace cannot overflow);
+        # a split that attended to nothing has l = 0 and stores zeros
+        o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        split = pid_s.to(tl.int64)
+        o_ptrs = ws_o_ptr + pid_b * stride_wo_b + heads * stride_wo_h + split * stride_wo_s
+        tl.store(o_ptrs[:, None] + offs_d[None, :], o.to(ws_o_ptr.dtype.element_ty), mask=mask_g[:, None])
+        ml_ptrs = ws_ml_ptr + pid_b * stride_wml_b + heads * stride_wml_h + split * stride_wml_s
+        tl.store(ml_ptrs, m_i, mask=mask_g)
+        tl.store(ml_ptrs + 1, l_i, mask=mask_g)
 
     @triton.jit
     def _decode_merge_kernel(
-        ws_ptr, out_ptr, num_splits,
-        stride_ws_b, stride_ws_h, stride_ws_s,
+        ws_o_ptr, ws_ml_ptr, out_ptr, num_splits,
+        stride_wo_b, stride_wo_h, stride_wo_s,
+        stride_wml_b, stride_wml_h, stride_wml_s,
         stride_out_b, stride_out_h, stride_out_d,
         TILE_S: tl.constexpr,
         BLOCK_D: tl.constexpr,
@@ -238,7 +247,8 @@ if triton is not None:
         pid_h = tl.program_id(1).to(tl.int64)
         offs_s = tl.arange(0, TILE_S)
         offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-        base = ws_ptr + pid_b * stride_ws_b + pid_h * stride_ws_h
+        o_base = ws_o_ptr + pid_b * stride_wo_b + pid_h * stride_wo_h
+        ml_base = ws_ml_ptr + pid_b * stride_wml_b + pid_h * stride_wml_h
 
         # below every split's running max (>= _MAX_FLOOR): padding lanes stay finite (no inf - inf)
         m_lane = tl.full([TILE_S], 2 * _MAX_FLOOR, tl.float32)
@@ -247,15 +257,16 @@ if triton is not None:
         for first in range(0, num_splits, TILE_S):
             split = first + offs_s
             mask_s = split < num_splits
-            ptrs = base + split.to(tl.int64) * stride_ws_s
-            m = tl.load(ptrs + HEAD_DIM, mask=mask_s, other=2 * _MAX_FLOOR)
-            l = tl.load(ptrs + HEAD_DIM + 1, mask=mask_s, other=0.0)
-            acc = tl.load(ptrs[:, None] + offs_d[None, :], mask=mask_s[:, None], other=0.0)
+            ml_ptrs = ml_base + split.to(tl.int64) * stride_wml_s
+            m = tl.load(ml_ptrs, mask=mask_s, other=2 * _MAX_FLOOR)
+            l = tl.load(ml_ptrs + 1, mask=mask_s, other=0.0)
+            o_ptrs = o_base + split.to(tl.int64) * stride_wo_s
+            o = tl.load(o_ptrs[:, None] + offs_d[None, :], mask=mask_s[:, None], other=0.0).to(tl.float32)
             m_new = tl.maximum(m_lane, m)
             alpha = tl.exp2(m_lane - m_new)
-            weight = tl.exp2(m - m_new)
-            l_lane = l_lane * alpha + weight * l
-            acc_lane = acc_lane * alpha[:, None] + weight[:, None] * acc
+            weight = tl.exp2(m - m_new) * l  # the split's sum of exponentials, rescaled to m_new
+            l_lane = l_lane * alpha + weight
+            acc_lane = acc_lane * alpha[:, None] + weight[:, None] * o
             m_lane = m_new
 
         weight = tl.exp2(m_lane - tl.max(m_lane, 0))  # [TILE_S]; lanes that saw only padding weigh 0
@@ -352,14 +363,24 @@ def _decode_num_splits(device: torch.device, programs: int, num_blocks: int, req
 # Split partials, reused across calls of the same shape. Not allocated while a CUDA graph is being
 # captured (a buffer from the graph's private pool must not outlive the call in a global cache): a
 # step captured before any eager call of its shape allocates per call, which the graph replays free.
-_WORKSPACES: dict[tuple, Tensor] = {}
+_WORKSPACES: dict[tuple, tuple[Tensor, Tensor]] = {}
+# The partial outputs are stored in the inputs' dtype when it is 16-bit (normalized, so they cannot
+# overflow): half the workspace traffic of fp32 partials. False: always fp32.
+_PARTIALS_IN_INPUT_DTYPE = True
 
 
-def _workspace(device: torch.device, batch: int, q_heads: int, splits: int, head_dim: int) -> Tensor:
-    key = (device, batch, q_heads, splits, head_dim)
+def _partial_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if _PARTIALS_IN_INPUT_DTYPE and dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
+def _workspace(device: torch.device, batch: int, q_heads: int, splits: int, head_dim: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(partial outputs ``[B, Hq, splits, D]`` in ``_partial_dtype(dtype)``, max and sum ``[B, Hq, splits, 2]`` fp32)."""
+    partial = _partial_dtype(dtype)
+    key = (device, batch, q_heads, splits, head_dim, partial)
     ws = _WORKSPACES.get(key)
     if ws is None:
-        ws = torch.empty(batch, q_heads, splits, head_dim + 2, dtype=torch.float32, device=device)
+        ws = (torch.empty(batch, q_heads, splits, head_dim, dtype=partial, device=device),
+              torch.empty(batch, q_heads, splits, 2, dtype=torch.float32, device=device))
         if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
             _WORKSPACES[key] = ws
     return ws
@@ -435,17 +456,18 @@ def _launch_decode(
     if out.numel() == 0:
         return out
     splits, blocks_per_split = _decode_num_splits(q.device, batch * kv_heads, num_blocks, num_splits)
-    ws = _workspace(q.device, batch, q_heads, splits, head_dim)
+    ws_o, ws_ml = _workspace(q.device, batch, q_heads, splits, head_dim, q.dtype)
     config = _decode_config(head_dim, block_n, q.element_size())
 
     _decode_split_kernel[(batch, kv_heads, splits)](
-        q, k, v, table, pos, valid_start, ws,
+        q, k, v, table, pos, valid_start, ws_o, ws_ml,
         num_blocks, blocks_per_split, group, window, float(scale), float(softcap),
         q.stride(0), q.stride(1), q.stride(2),
         *k_strides, k.stride(2), k.stride(3),
         *v_strides, v.stride(2), v.stride(3),
         table.stride(0) if table.dim() == 2 else 0, table.stride(1) if table.dim() == 2 else 0,
-        ws.stride(0), ws.stride(1), ws.stride(2),
+        ws_o.stride(0), ws_o.stride(1), ws_o.stride(2),
+        ws_ml.stride(0), ws_ml.stride(1), ws_ml.stride(2),
         IS_RING=is_ring,
         USE_SOFTCAP=softcap > 0.0,
         CHUNK=chunk,
@@ -456,7 +478,7 @@ def _launch_decode(
         USE_PDL=q.is_cuda and _use_pdl(q.device.index),
         **config,
     )
-    _launch_merge(ws, out, splits)
+    _launch_merge((ws_o, ws_ml), out, splits)
     return out
 
 
@@ -468,8 +490,8 @@ def _merge_tiles(splits: int, head_dim: int) -> tuple[int, int]:
     return tile_s, block_d
 
 
-def _launch_merge(ws: Tensor, out: Tensor, splits: int) -> None:
-    """The merge kernel over ``splits`` partials of ``ws`` into ``out``: one program per query head and
+def _launch_merge(ws: tuple[Tensor, Tensor], out: Tensor, splits: int) -> None:
+    """The merge kernel over ``splits`` partials of ``ws`` (see ``_workspace``) into ``out``: one program per query head and
     slice of the head dim."""
     extra = {}
     pdl = out.is_cuda and _use_pdl(out.device.index)
@@ -478,8 +500,9 @@ def _launch_merge(ws: Tensor, out: Tensor, splits: int) -> None:
     batch, q_heads, head_dim = out.shape
     tile_s, block_d = _merge_tiles(splits, head_dim)
     _decode_merge_kernel[(batch, q_heads, head_dim // block_d)](
-        ws, out, splits,
-        ws.stride(0), ws.stride(1), ws.stride(2),
+        ws[0], ws[1], out, splits,
+        ws[0].stride(0), ws[0].stride(1), ws[0].stride(2),
+        ws[1].stride(0), ws[1].stride(1), ws[1].stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         TILE_S=tile_s,
         BLOCK_D=block_d,
@@ -508,8 +531,8 @@ def sparse_decode_attention_triton(
     Two launches, no host sync: the split kernel on grid ``(B, Hkv, splits)`` and the merge kernel on
     ``(B, Hq, D / BLOCK_D)`` (a programmatic dependent launch on sm90+). ``num_splits`` overrides the
     split count (default: from the shapes and the GPU's SM count, see ``_decode_num_splits``).
-    Writes ``out`` (like ``q``) when given, else allocates it; the fp32 workspace
-    ``[B, Hq, splits, D + 2]`` is cached per shape (see ``_workspace``).
+    Writes ``out`` (like ``q``) when given, else allocates it; the workspace of split partials is
+    cached per shape (see ``_workspace``).
     """
     problem = _sparse_problem(q, k_pool, v_pool, slot_chunk, pos, valid_start)
     if problem is not None:

@@ -94,4 +94,4 @@ def interpreted_kernels(monkeypatch):
         _interpret_module(importlib.import_module(name), monkeypatch)
     decode = importlib.import_module("lsa_rewrite.kernels.decode_attention")
     make_workspace = decode._workspace
-    monkeypatch.setattr(decode, "_workspace", lambda *args: make_workspace(*args).fill_(POISON))
+    monkeypatch.setattr(decode, "_workspace", lambda *args: tuple(t.fill_(POISON) for t in make_workspace(*args)))
