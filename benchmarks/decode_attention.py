@@ -15,7 +15,7 @@ against the PyTorch reference on the same GPU. Writes JSON with GPU, versions an
 
 ``--sweep-splits`` instead times the kernel at a list of split counts per case (the launcher's
 default and 1-4 programs per SM too) with 3 and with 2 pipeline stages, and at the default count
-without the programmatic dependent launch of the merge, with fp32 split partials, at 4 or 8 warps
+without the programmatic dependent launch of the merge, at 4 or 8 warps
 x 2-4 pipeline stages, and the merge alone: the data behind the launch heuristics in
 ``kernels/decode_attention.py``.
 
@@ -109,11 +109,6 @@ def sweep_case(name: str, batch: int, context: int, hq: int, hkv: int, scale: fl
         times_s2 = {splits: round(time_cuda_graph(functools.partial(run, splits)), 4) for splits in split_list}
     finally:
         DECODE._decode_config = default_config
-    DECODE._PARTIALS_IN_INPUT_DTYPE = False
-    try:
-        fp32_partials = round(time_cuda_graph(functools.partial(run, chosen)), 4)
-    finally:
-        DECODE._PARTIALS_IN_INPUT_DTYPE = True
     set_pdl(False)
     no_pdl = round(time_cuda_graph(functools.partial(run, chosen)), 4)
     set_pdl(True)
@@ -127,13 +122,13 @@ def sweep_case(name: str, batch: int, context: int, hq: int, hkv: int, scale: fl
                 by_config[f"w{warps}s{stages}"] = repr(exc)[:120]
             finally:
                 DECODE._decode_config = default_config
-    ws = DECODE._workspace(q.device, batch, hq, chosen, 128, q.dtype)
+    ws = DECODE._workspace(q.device, batch, hq, chosen, 128)
     merge_only = round(time_cuda_graph(functools.partial(DECODE._launch_merge, ws, out, chosen)), 4)
     best = min(times, key=times.get)
     return {
         "layout": name, "batch": batch, "context": context, "blocks": blocks, "floor_ms": round(floor_ms, 4),
         "default_splits": chosen, "default_ms": times[chosen], "default_no_pdl_ms": no_pdl,
-        "default_fp32_partials_ms": fp32_partials, "ms_by_splits_2_stages": {str(k): v for k, v in times_s2.items()},
+        "ms_by_splits_2_stages": {str(k): v for k, v in times_s2.items()},
         "merge_only_ms": merge_only, "best_splits": best, "best_ms": times[best],
         "ms_by_splits": {str(k): v for k, v in times.items()},
         "ms_by_warps_stages": by_config,

@@ -24,9 +24,9 @@ Where no position takes part at all, the kernels return zeros (the reference ret
 
 Per call on CUDA: two launches, no host sync (``pos`` and ``valid_start`` are read on the device), a
 grid fixed by shapes alone (so CUDA graphs replay it), one allocation (the output, which a custom op
-must return fresh; a graph replay reuses its address), and a workspace of split partials (outputs
-in the inputs' 16-bit dtype or fp32, max and sum in fp32) cached per shape and device, shared by
-every layer of that shape: safe in stream order, not across concurrent streams.
+must return fresh; a graph replay reuses its address), and a float32 workspace of split partials
+cached per shape and device, shared by every layer of that shape: safe in stream order, not across
+concurrent streams.
 
 Not here: prefill attention (the model's own), choosing the resident chunks (the memory manager).
 """
@@ -131,8 +131,8 @@ if triton is not None:
         Blocks of ``BLOCK_N`` tokens are the unit of work: a chunk of the pool is ``CHUNK // BLOCK_N``
         blocks (one, unless the tile would not fit), the ring is ``cdiv(W, BLOCK_N)`` blocks. Writes,
         per query head of the group, the partial output normalized by its own sum of exponentials
-        to ``ws_o`` ``[B, Hq, splits, HEAD_DIM]`` (the workspace's dtype) and the running max (log2
-        domain) and that sum to ``ws_ml`` ``[B, Hq, splits, 2]`` (fp32). With ``USE_PDL`` it lets the
+        to ``ws_o`` ``[B, Hq, splits, HEAD_DIM]`` and the running max (log2 domain) and that sum to
+        ``ws_ml`` ``[B, Hq, splits, 2]``. With ``USE_PDL`` it lets the
         merge kernel launch early (that kernel waits for this grid's results before reading).
         """
         tl.static_assert(BLOCK_G >= 16, "tl.dot needs at least 16 rows: pad the query group")
@@ -212,8 +212,8 @@ if triton is not None:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
 
-        # the partial output normalized (bounded by max |v|, so a 16-bit workspace cannot overflow);
-        # a split that attended to nothing has l = 0 and stores zeros
+        # the partial output normalized by its own sum (a split that attended to nothing has l = 0
+        # and stores zeros); the merge weighs it by that sum
         o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         split = pid_s.to(tl.int64)
         o_ptrs = ws_o_ptr + pid_b * stride_wo_b + heads * stride_wo_h + split * stride_wo_s
@@ -364,22 +364,18 @@ def _decode_num_splits(device: torch.device, programs: int, num_blocks: int, req
 # captured (a buffer from the graph's private pool must not outlive the call in a global cache): a
 # step captured before any eager call of its shape allocates per call, which the graph replays free.
 _WORKSPACES: dict[tuple, tuple[Tensor, Tensor]] = {}
-# The partial outputs are stored in the inputs' dtype when it is 16-bit (normalized, so they cannot
-# overflow): half the workspace traffic of fp32 partials. False: always fp32.
-_PARTIALS_IN_INPUT_DTYPE = True
 
 
-def _partial_dtype(dtype: torch.dtype) -> torch.dtype:
-    return dtype if _PARTIALS_IN_INPUT_DTYPE and dtype in (torch.float16, torch.bfloat16) else torch.float32
+def _workspace(device: torch.device, batch: int, q_heads: int, splits: int, head_dim: int) -> tuple[Tensor, Tensor]:
+    """(partial outputs ``[B, Hq, splits, D]``, running max and sum ``[B, Hq, splits, 2]``), both fp32.
 
-
-def _workspace(device: torch.device, batch: int, q_heads: int, splits: int, head_dim: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(partial outputs ``[B, Hq, splits, D]`` in ``_partial_dtype(dtype)``, max and sum ``[B, Hq, splits, 2]`` fp32)."""
-    partial = _partial_dtype(dtype)
-    key = (device, batch, q_heads, splits, head_dim, partial)
+    The max and sum sit apart from the outputs, so the merge reads them for many splits in a few
+    contiguous sectors. (Outputs kept in the inputs' 16-bit dtype were slower on the H200: run 18.)
+    """
+    key = (device, batch, q_heads, splits, head_dim)
     ws = _WORKSPACES.get(key)
     if ws is None:
-        ws = (torch.empty(batch, q_heads, splits, head_dim, dtype=partial, device=device),
+        ws = (torch.empty(batch, q_heads, splits, head_dim, dtype=torch.float32, device=device),
               torch.empty(batch, q_heads, splits, 2, dtype=torch.float32, device=device))
         if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
             _WORKSPACES[key] = ws
@@ -456,7 +452,7 @@ def _launch_decode(
     if out.numel() == 0:
         return out
     splits, blocks_per_split = _decode_num_splits(q.device, batch * kv_heads, num_blocks, num_splits)
-    ws_o, ws_ml = _workspace(q.device, batch, q_heads, splits, head_dim, q.dtype)
+    ws_o, ws_ml = _workspace(q.device, batch, q_heads, splits, head_dim)
     config = _decode_config(head_dim, block_n, q.element_size())
 
     _decode_split_kernel[(batch, kv_heads, splits)](
