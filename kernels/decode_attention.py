@@ -130,9 +130,9 @@ if triton is not None:
 
         Blocks of ``BLOCK_N`` tokens are the unit of work: a chunk of the pool is ``CHUNK // BLOCK_N``
         blocks (one, unless the tile would not fit), the ring is ``cdiv(W, BLOCK_N)`` blocks. Writes,
-        per query head of the group, the partial output normalized by its own sum of exponentials
-        to ``ws_o`` ``[B, Hq, splits, HEAD_DIM]`` and the running max (log2 domain) and that sum to
-        ``ws_ml`` ``[B, Hq, splits, 2]``. With ``USE_PDL`` it lets the
+        per query head of the group, the unnormalised accumulator to ``ws_o`` ``[B, Hq, splits,
+        HEAD_DIM]`` and the running max (log2 domain) and sum of exponentials to ``ws_ml``
+        ``[B, Hq, splits, 2]``. With ``USE_PDL`` it lets the
         merge kernel launch early (that kernel waits for this grid's results before reading).
         """
         tl.static_assert(BLOCK_G >= 16, "tl.dot needs at least 16 rows: pad the query group")
@@ -212,12 +212,9 @@ if triton is not None:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
 
-        # the partial output normalized by its own sum (a split that attended to nothing has l = 0
-        # and stores zeros); the merge weighs it by that sum
-        o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         split = pid_s.to(tl.int64)
         o_ptrs = ws_o_ptr + pid_b * stride_wo_b + heads * stride_wo_h + split * stride_wo_s
-        tl.store(o_ptrs[:, None] + offs_d[None, :], o.to(ws_o_ptr.dtype.element_ty), mask=mask_g[:, None])
+        tl.store(o_ptrs[:, None] + offs_d[None, :], acc, mask=mask_g[:, None])
         ml_ptrs = ws_ml_ptr + pid_b * stride_wml_b + heads * stride_wml_h + split * stride_wml_s
         tl.store(ml_ptrs, m_i, mask=mask_g)
         tl.store(ml_ptrs + 1, l_i, mask=mask_g)
@@ -261,12 +258,12 @@ if triton is not None:
             m = tl.load(ml_ptrs, mask=mask_s, other=2 * _MAX_FLOOR)
             l = tl.load(ml_ptrs + 1, mask=mask_s, other=0.0)
             o_ptrs = o_base + split.to(tl.int64) * stride_wo_s
-            o = tl.load(o_ptrs[:, None] + offs_d[None, :], mask=mask_s[:, None], other=0.0).to(tl.float32)
+            acc = tl.load(o_ptrs[:, None] + offs_d[None, :], mask=mask_s[:, None], other=0.0)
             m_new = tl.maximum(m_lane, m)
             alpha = tl.exp2(m_lane - m_new)
-            weight = tl.exp2(m - m_new) * l  # the split's sum of exponentials, rescaled to m_new
-            l_lane = l_lane * alpha + weight
-            acc_lane = acc_lane * alpha[:, None] + weight[:, None] * o
+            weight = tl.exp2(m - m_new)
+            l_lane = l_lane * alpha + weight * l
+            acc_lane = acc_lane * alpha[:, None] + weight[:, None] * acc
             m_lane = m_new
 
         weight = tl.exp2(m_lane - tl.max(m_lane, 0))  # [TILE_S]; lanes that saw only padding weigh 0
@@ -367,10 +364,11 @@ _WORKSPACES: dict[tuple, tuple[Tensor, Tensor]] = {}
 
 
 def _workspace(device: torch.device, batch: int, q_heads: int, splits: int, head_dim: int) -> tuple[Tensor, Tensor]:
-    """(partial outputs ``[B, Hq, splits, D]``, running max and sum ``[B, Hq, splits, 2]``), both fp32.
+    """(accumulators ``[B, Hq, splits, D]``, running max and sum ``[B, Hq, splits, 2]``), both fp32.
 
-    The max and sum sit apart from the outputs, so the merge reads them for many splits in a few
-    contiguous sectors. (Outputs kept in the inputs' 16-bit dtype were slower on the H200: run 18.)
+    The max and sum sit apart from the accumulators, so the merge reads them for many splits in a
+    few contiguous sectors (faster at batch 1 than one ``[..., D + 2]`` row per split: runs 19-21).
+    Partials in the inputs' 16-bit dtype were slower on the H200 (run 18).
     """
     key = (device, batch, q_heads, splits, head_dim)
     ws = _WORKSPACES.get(key)
