@@ -109,6 +109,24 @@ def sweep_case(name: str, batch: int, context: int, hq: int, hkv: int, scale: fl
         times_s2 = {splits: round(time_cuda_graph(functools.partial(run, splits)), 4) for splits in split_list}
     finally:
         DECODE._decode_config = default_config
+    # blocks of 64 / 128 tokens (128: a block spans two 64-token slots) x 2 / 3 stages, each at
+    # its own default split count, each checked against the reference first
+    by_block = {}
+    default_tokens = DECODE._MIN_BLOCK_TOKENS
+    for tokens in (64, 128):
+        DECODE._MIN_BLOCK_TOKENS = tokens
+        try:
+            err = check((q, k_pool, v_pool, slot_chunk, pos, valid_start), scale)
+            for stages in (2, 3):
+                DECODE._decode_config = lambda *a, st=stages: {"num_warps": 4, "num_stages": st}
+                by_block[f"t{tokens}s{stages}"] = {"ms": round(time_cuda_graph(
+                    lambda: DECODE.sparse_decode_attention_triton(q, k_pool, v_pool, slot_chunk, pos, valid_start, scale=scale, out=out)), 4),
+                    "max_abs_err": err}
+        except (Exception, SystemExit) as exc:  # recorded, not fatal
+            by_block[f"t{tokens}"] = repr(exc)[:200]
+        finally:
+            DECODE._decode_config = default_config
+            DECODE._MIN_BLOCK_TOKENS = default_tokens
     set_pdl(False)
     no_pdl = round(time_cuda_graph(functools.partial(run, chosen)), 4)
     set_pdl(True)
@@ -128,7 +146,7 @@ def sweep_case(name: str, batch: int, context: int, hq: int, hkv: int, scale: fl
     return {
         "layout": name, "batch": batch, "context": context, "blocks": blocks, "floor_ms": round(floor_ms, 4),
         "default_splits": chosen, "default_ms": times[chosen], "default_no_pdl_ms": no_pdl,
-        "ms_by_splits_2_stages": {str(k): v for k, v in times_s2.items()},
+        "ms_by_block_tokens_stages": by_block, "ms_by_splits_2_stages": {str(k): v for k, v in times_s2.items()},
         "merge_only_ms": merge_only, "best_splits": best, "best_ms": times[best],
         "ms_by_splits": {str(k): v for k, v in times.items()},
         "ms_by_warps_stages": by_config,

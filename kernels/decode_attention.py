@@ -138,8 +138,9 @@ if triton is not None:
         tl.static_assert(BLOCK_G >= 16, "tl.dot needs at least 16 rows: pad the query group")
         tl.static_assert(BLOCK_N >= 16)
         tl.static_assert(HEAD_DIM >= 16)
-        tl.static_assert(CHUNK % BLOCK_N == 0)
-        SUBS: tl.constexpr = CHUNK // BLOCK_N
+        tl.static_assert(CHUNK % BLOCK_N == 0 or (BLOCK_N % CHUNK == 0 and not IS_RING))
+        SUBS: tl.constexpr = max(CHUNK // BLOCK_N, 1)  # blocks per chunk
+        SPAN: tl.constexpr = max(BLOCK_N // CHUNK, 1)  # slots per block
 
         pid_b = tl.program_id(0).to(tl.int64)
         pid_kv = tl.program_id(1).to(tl.int64)
@@ -181,9 +182,15 @@ if triton is not None:
                 k_offs = token * stride_k_n
                 v_offs = token * stride_v_n
             else:
-                slot = blk // SUBS
-                token = (blk % SUBS) * BLOCK_N + offs_n
-                chunk = tl.load(table_ptr + pid_b * stride_table_b + slot * stride_table_s)
+                if SPAN > 1:
+                    # a block spans SPAN consecutive slots (``window`` holds the slot count here)
+                    slot = blk * SPAN + offs_n // CHUNK
+                    token = offs_n % CHUNK
+                    chunk = tl.load(table_ptr + pid_b * stride_table_b + slot * stride_table_s, mask=slot < window, other=-1)
+                else:
+                    slot = blk // SUBS
+                    token = (blk % SUBS) * BLOCK_N + offs_n
+                    chunk = tl.load(table_ptr + pid_b * stride_table_b + slot * stride_table_s)
                 position = chunk * CHUNK + token
                 # an empty slot (chunk -1) has only negative positions: position >= 0 tests fill
                 mask_n = (position >= 0) & (position <= pos) & (position >= valid_start)
@@ -295,6 +302,8 @@ _LATENCY_BOUND_BLOCKS = 12
 # Programmatic dependent launch of the merge kernel (sm90+): it starts while the split kernel runs
 # and waits on the device for its results. LSA_DECODE_PDL=0 turns it off.
 _PDL_ENABLED = os.environ.get("LSA_DECODE_PDL", "1") != "0"
+# Tokens per block of the pool at least (a block then spans several slots when chunks are smaller).
+_MIN_BLOCK_TOKENS = int(os.environ.get("LSA_DECODE_MIN_BLOCK_TOKENS", "64"))
 
 
 def _decode_block_n(tokens: int, head_dim: int, elem_size: int) -> int:
@@ -533,10 +542,11 @@ def sparse_decode_attention_triton(
         raise ValueError(f"sparse_decode_attention (Triton): {problem}")
     slots = slot_chunk.shape[1]
     chunk, _, head_dim = k_pool.shape[1:]
-    block_n = _decode_block_n(chunk, head_dim, k_pool.element_size())
+    block_n = _decode_block_n(max(chunk, _MIN_BLOCK_TOKENS), head_dim, k_pool.element_size())
     return _launch_decode(
         q, k_pool, v_pool, slot_chunk, pos, valid_start,
-        is_ring=False, chunk=chunk, block_n=block_n, num_blocks=slots * (chunk // block_n), window=1,
+        is_ring=False, chunk=chunk, block_n=block_n, window=slots,
+        num_blocks=slots * (chunk // block_n) if block_n <= chunk else triton.cdiv(slots, block_n // chunk),
         k_strides=(slots * k_pool.stride(0), k_pool.stride(0), k_pool.stride(1)),
         v_strides=(slots * v_pool.stride(0), v_pool.stride(0), v_pool.stride(1)),
         scale=scale, softcap=softcap, num_splits=num_splits, out=out,

@@ -75,7 +75,8 @@ def sparse_case(*, batch, kv_heads, group, head_dim, chunk, dtype, seed, num_chu
 
 
 # (group, head_dim, chunk, batch, softcap, dtype, num_splits): GQA groups 1/2/4 (and 16: no padding
-# of the dot's rows), head_dim 16/64 (and 256: a chunk takes two blocks), chunk 16/32/64, batch 1/3,
+# of the dot's rows), head_dim 16/64 (and 256: a chunk takes two blocks), chunk 16/32/64 (16 and 32:
+# a 64-token block spans 4 or 2 slots, the last block reaching past the table's 5 slots), batch 1/3,
 # softcap on/off, fp32/bf16/fp16, one to many splits (None: the launcher's default).
 SPARSE_CASES = [
     (1, 16, 16, 1, 0.0, torch.float32, None),
@@ -116,6 +117,7 @@ def test_sparse_decode_merges_in_tiles_and_head_dim_slices(monkeypatch, splits):
     16-wide slices of the head dim, and splits that attend to nothing (empty slots) among them."""
     monkeypatch.setattr(decode, "_MERGE_TILE", 8)
     monkeypatch.setattr(decode, "_MERGE_TILE_ELEMENTS", 128)
+    monkeypatch.setattr(decode, "_MIN_BLOCK_TOKENS", 16)  # one block per 16-token slot: up to 75 splits
     assert decode._merge_tiles(splits, 32) == (8, 16)
     args = sparse_case(
         batch=2, kv_heads=1, group=4, head_dim=32, chunk=16, dtype=torch.float32, seed=splits, num_chunks=90, slots=75
