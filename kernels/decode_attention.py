@@ -129,11 +129,13 @@ if triton is not None:
         """One (sequence, kv head, split): partial attention of the kv head's query group.
 
         Blocks of ``BLOCK_N`` tokens are the unit of work: a chunk of the pool is ``CHUNK // BLOCK_N``
-        blocks (one, unless the tile would not fit), the ring is ``cdiv(W, BLOCK_N)`` blocks. Writes,
+        blocks (one, unless the tile would not fit), or a block spans ``BLOCK_N // CHUNK`` slots
+        (chunks shorter than ``_MIN_BLOCK_TOKENS``; ``window`` then holds the slots per sequence);
+        the ring (``window`` tokens) is ``cdiv(W, BLOCK_N)`` blocks. Writes,
         per query head of the group, the unnormalised accumulator to ``ws_o`` ``[B, Hq, splits,
         HEAD_DIM]`` and the running max (log2 domain) and sum of exponentials to ``ws_ml``
-        ``[B, Hq, splits, 2]``. With ``USE_PDL`` it lets the
-        merge kernel launch early (that kernel waits for this grid's results before reading).
+        ``[B, Hq, splits, 2]``. With ``USE_PDL`` it lets the merge kernel launch early (that kernel
+        waits for this grid's results before reading).
         """
         tl.static_assert(BLOCK_G >= 16, "tl.dot needs at least 16 rows: pad the query group")
         tl.static_assert(BLOCK_N >= 16)
@@ -494,8 +496,8 @@ def _merge_tiles(splits: int, head_dim: int) -> tuple[int, int]:
 
 
 def _launch_merge(ws: tuple[Tensor, Tensor], out: Tensor, splits: int) -> None:
-    """The merge kernel over ``splits`` partials of ``ws`` (see ``_workspace``) into ``out``: one program per query head and
-    slice of the head dim."""
+    """The merge kernel over ``splits`` partials of ``ws`` (see ``_workspace``) into ``out``: one
+    program per query head and slice of the head dim."""
     extra = {}
     pdl = out.is_cuda and _use_pdl(out.device.index)
     if pdl:
