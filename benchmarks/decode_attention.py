@@ -10,14 +10,15 @@ batch 1 / 8 / 32 and context 32K / 128K / 512K, with 13.5% of the context reside
   warps: what merely reading them costs on this GPU, launch and the L2 included (a buffer smaller
   than the L2 stays partly resident across graph replays, for the kernel and this read alike).
 
-Both are timed replaying CUDA graphs (no launch overhead), after a correctness check of the kernel
-against the PyTorch reference on the same GPU. Writes JSON with GPU, versions and date.
+All are timed replaying CUDA graphs (no launch overhead), after a correctness check of the kernel
+against the PyTorch reference on the same GPU; an empty kernel's replay time is recorded too.
+Writes JSON with GPU, versions and date.
 
 ``--sweep-splits`` instead times the kernel at a list of split counts per case (the launcher's
-default and 1-4 programs per SM too) with 3 and with 2 pipeline stages, and at the default count
-without the programmatic dependent launch of the merge, at 4 or 8 warps
-x 2-4 pipeline stages, and the merge alone: the data behind the launch heuristics in
-``kernels/decode_attention.py``.
+default and 1-4 programs per SM too) with 3 and with 2 pipeline stages; at the default count
+without the programmatic dependent launch of the merge, at 4 or 8 warps x 2-4 pipeline stages;
+with 64- and 128-token blocks (a block spanning two slots); and the merge alone: the data behind
+the launch heuristics in ``kernels/decode_attention.py``.
 
     python benchmarks/decode_attention.py --out benchmarks/results/decode_attention.json
     python benchmarks/decode_attention.py --sweep-splits --out benchmarks/results/decode_splits.json
