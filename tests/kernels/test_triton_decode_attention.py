@@ -274,3 +274,14 @@ def test_split_count_depends_on_shapes_only(monkeypatch):
     assert decode._decode_num_splits(cuda, 8, 277, None) == (31, 9)
     assert decode._decode_num_splits(torch.device("cpu"), 8, 277, None)[0] == decode._INTERPRETER_SPLITS
     assert decode._decode_num_splits(cuda, 8, 277, 5) == (5, 56)
+
+
+def test_min_block_tokens_setting_is_checked(monkeypatch):
+    monkeypatch.setenv("LSA_DECODE_MIN_BLOCK_TOKENS", "128")
+    assert decode._env_block_tokens() == 128
+    monkeypatch.delenv("LSA_DECODE_MIN_BLOCK_TOKENS")
+    assert decode._env_block_tokens() == 64
+    for bad in ("abc", "8", "-64", "4096"):
+        monkeypatch.setenv("LSA_DECODE_MIN_BLOCK_TOKENS", bad)
+        with pytest.raises(ValueError, match="LSA_DECODE_MIN_BLOCK_TOKENS"):
+            decode._env_block_tokens()
