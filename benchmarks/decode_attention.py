@@ -154,6 +154,45 @@ def sweep_case(name: str, batch: int, context: int, hq: int, hkv: int, scale: fl
     }
 
 
+def variants_case(name: str, batch: int, context: int, hq: int, hkv: int, scale: float) -> dict:
+    """Kernel variants side by side at the default split count, each checked against the reference:
+    token masks from int64 positions or from per-block scalar bounds; the query group padded to 16
+    or 64 rows (64: Hopper's wgmma) at 2 / 3 stages; PDL of the merge on / off, timed alternately."""
+    case = make_case(batch, context, hq, hkv, 128)
+    q, k_pool, v_pool, slot_chunk, pos, valid_start = case
+    out = torch.empty_like(q)
+    floor_ms = (2 * k_pool.numel() * k_pool.element_size() + slot_chunk.numel() * 8) / COPY_BANDWIDTH * 1e3
+    saved = (DECODE._SCALAR_BOUNDS, DECODE._MIN_GROUP_ROWS, DECODE._decode_config)
+
+    def timed() -> float:
+        return round(time_cuda_graph(lambda: DECODE.sparse_decode_attention_triton(
+            q, k_pool, v_pool, slot_chunk, pos, valid_start, scale=scale, out=out)), 4)
+
+    variants = {"int64_masks": (False, 16, None), "scalar_bounds": (True, 16, None),
+                "int64_masks_rows64": (False, 64, None), "scalar_bounds_rows64": (True, 64, None),
+                "scalar_bounds_rows64_s2": (True, 64, 2), "scalar_bounds_s2": (True, 16, 2)}
+    times, errors = {}, {}
+    for key, (bounds, rows, stages) in variants.items():
+        DECODE._SCALAR_BOUNDS, DECODE._MIN_GROUP_ROWS = bounds, rows
+        if stages is not None:
+            DECODE._decode_config = lambda *a, st=stages: {"num_warps": 4, "num_stages": st}
+        try:
+            errors[key] = check(case, scale)
+            times[key] = timed()
+        except (Exception, SystemExit) as exc:  # recorded, not fatal
+            times[key] = repr(exc)[:200]
+        finally:
+            DECODE._SCALAR_BOUNDS, DECODE._MIN_GROUP_ROWS, DECODE._decode_config = saved
+    pdl = []
+    for enabled in (True, False, True, False):
+        set_pdl(enabled)
+        pdl.append(timed())
+    set_pdl(True)
+    return {"layout": name, "batch": batch, "context": context, "floor_ms": round(floor_ms, 4),
+            "default_splits": default_splits(q, k_pool, slot_chunk), "ms": times, "max_abs_err": errors,
+            "pdl_on_off_on_off_ms": pdl}
+
+
 # -- the read floor: the plainest one-launch read of the same bytes --------------------------------
 
 if DECODE.triton is not None:
@@ -221,6 +260,7 @@ def main() -> None:
     parser.add_argument("--contexts", default="32768,131072,524288")
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--sweep-splits", action="store_true", help="time a list of split counts per case instead")
+    parser.add_argument("--sweep-variants", action="store_true", help="time kernel variants side by side per case instead")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
@@ -232,6 +272,19 @@ def main() -> None:
         for batch, context in ((1, 131072), (8, 32768), (3, 4096)):
             checks[f"{name} B{batch} L{context}"] = check(make_case(batch, context, hq, hkv, head_dim), scale)
     print("correctness:", checks)
+    if args.sweep_variants:
+        rows = []
+        for name, (hq, hkv) in layouts.items():
+            for batch in map(int, args.batches.split(",")):
+                for context in map(int, args.contexts.split(",")):
+                    if 2 * batch * context * hkv * 128 * 2 * BUDGET > 40e9:
+                        continue
+                    rows.append(variants_case(name, batch, context, hq, hkv, scale))
+                    print(rows[-1], flush=True)
+                    torch.cuda.empty_cache()
+        write_json(args.out, {"benchmark": "decode_attention_variants", "environment": environment(),
+                              "correctness_max_abs_err": checks, "results": rows})
+        return
     if args.sweep_splits:
         rows = sweep_splits(layouts, [int(b) for b in args.batches.split(",")], [int(c) for c in args.contexts.split(",")], scale)
         write_json(args.out, {"benchmark": "decode_attention_split_sweep", "environment": environment(),

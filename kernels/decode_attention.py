@@ -125,6 +125,7 @@ if triton is not None:
         HEAD_DIM: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
         USE_PDL: tl.constexpr,
+        SCALAR_BOUNDS: tl.constexpr,
     ):
         """One (sequence, kv head, split): partial attention of the kv head's query group.
 
@@ -189,13 +190,26 @@ if triton is not None:
                     slot = blk * SPAN + offs_n // CHUNK
                     token = offs_n % CHUNK
                     chunk = tl.load(table_ptr + pid_b * stride_table_b + slot * stride_table_s, mask=slot < window, other=-1)
+                    position = chunk * CHUNK + token
+                    # an empty slot (chunk -1) has only negative positions: position >= 0 tests fill
+                    mask_n = (position >= 0) & (position <= pos) & (position >= valid_start)
+                elif SCALAR_BOUNDS:
+                    slot = blk // SUBS
+                    first = (blk % SUBS) * BLOCK_N
+                    chunk = tl.load(table_ptr + pid_b * stride_table_b + slot * stride_table_s)
+                    # the block's valid tokens are one run [lo, hi] of offsets: scalar bounds, then two
+                    # int32 compares per token (an empty slot, chunk -1, gets hi = -1)
+                    base = chunk * CHUNK + first
+                    lo = tl.minimum(tl.maximum(valid_start - base, 0), BLOCK_N).to(tl.int32)
+                    hi = tl.where(chunk >= 0, tl.minimum(tl.maximum(pos - base, -1), BLOCK_N), -1).to(tl.int32)
+                    mask_n = (offs_n >= lo) & (offs_n <= hi)
+                    token = first + offs_n
                 else:
                     slot = blk // SUBS
                     token = (blk % SUBS) * BLOCK_N + offs_n
                     chunk = tl.load(table_ptr + pid_b * stride_table_b + slot * stride_table_s)
-                position = chunk * CHUNK + token
-                # an empty slot (chunk -1) has only negative positions: position >= 0 tests fill
-                mask_n = (position >= 0) & (position <= pos) & (position >= valid_start)
+                    position = chunk * CHUNK + token
+                    mask_n = (position >= 0) & (position <= pos) & (position >= valid_start)
                 k_offs = slot * stride_k_slot + token * stride_k_n
                 v_offs = slot * stride_v_slot + token * stride_v_n
             # masked rows are never read: empty slots and stale tokens cost no bandwidth and cannot
@@ -316,6 +330,10 @@ def _env_block_tokens(default: int = 64) -> int:
 
 
 _MIN_BLOCK_TOKENS = _env_block_tokens()
+# experiment (run 23): query-group rows padded to at least this many (64: Hopper's wgmma), and
+# per-block scalar bounds of the valid tokens instead of int64 position compares per token
+_MIN_GROUP_ROWS = 16
+_SCALAR_BOUNDS = True
 
 
 def _decode_block_n(tokens: int, head_dim: int, elem_size: int) -> int:
@@ -487,10 +505,11 @@ def _launch_decode(
         USE_SOFTCAP=softcap > 0.0,
         CHUNK=chunk,
         BLOCK_N=block_n,
-        BLOCK_G=max(16, triton.next_power_of_2(group)),
+        BLOCK_G=max(_MIN_GROUP_ROWS, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         USE_PDL=q.is_cuda and _use_pdl(q.device.index),
+        SCALAR_BOUNDS=_SCALAR_BOUNDS,
         **config,
     )
     _launch_merge((ws_o, ws_ml), out, splits)
