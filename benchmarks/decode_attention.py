@@ -82,7 +82,6 @@ def default_splits(q, k_pool, slot_chunk) -> int:
 
 def set_pdl(enabled: bool) -> None:
     DECODE._PDL_ENABLED = enabled
-    DECODE._use_pdl.cache_clear()
 
 
 SWEEP_SPLITS = (4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 200, 264, 396, 528)
@@ -155,42 +154,53 @@ def sweep_case(name: str, batch: int, context: int, hq: int, hkv: int, scale: fl
 
 
 def variants_case(name: str, batch: int, context: int, hq: int, hkv: int, scale: float) -> dict:
-    """Kernel variants side by side at the default split count, each checked against the reference:
-    token masks from int64 positions or from per-block scalar bounds; the query group padded to 16
-    or 64 rows (64: Hopper's wgmma) at 2 / 3 stages; PDL of the merge on / off, timed alternately."""
+    """Kernel variants side by side, each checked against the reference first: the launcher's
+    default; the query group padded to 16 / 64 rows (64: Hopper's wgmma) at 2 / 3 stages, at the
+    default split count and at two programs per SM; 128-token blocks (two slots) with 64 rows; PDL
+    of the merge forced on / off, timed alternately."""
     case = make_case(batch, context, hq, hkv, 128)
     q, k_pool, v_pool, slot_chunk, pos, valid_start = case
     out = torch.empty_like(q)
     floor_ms = (2 * k_pool.numel() * k_pool.element_size() + slot_chunk.numel() * 8) / COPY_BANDWIDTH * 1e3
-    saved = (DECODE._SCALAR_BOUNDS, DECODE._MIN_GROUP_ROWS, DECODE._decode_config)
+    chosen = default_splits(q, k_pool, slot_chunk)
+    two_per_sm = min(slot_chunk.shape[1], max(1, 2 * DECODE._sm_count(q.device.index) // (batch * hkv)))
+    saved = (DECODE._GROUP_ROWS_OVERRIDE, DECODE._decode_config, DECODE._MIN_BLOCK_TOKENS, DECODE._use_pdl)
 
-    def timed() -> float:
+    def timed(splits=None) -> float:
         return round(time_cuda_graph(lambda: DECODE.sparse_decode_attention_triton(
-            q, k_pool, v_pool, slot_chunk, pos, valid_start, scale=scale, out=out)), 4)
+            q, k_pool, v_pool, slot_chunk, pos, valid_start, scale=scale, num_splits=splits, out=out)), 4)
 
-    variants = {"int64_masks": (False, 16, None), "scalar_bounds": (True, 16, None),
-                "int64_masks_rows64": (False, 64, None), "scalar_bounds_rows64": (True, 64, None),
-                "scalar_bounds_rows64_s2": (True, 64, 2), "scalar_bounds_s2": (True, 16, 2)}
+    # name: (group rows, stages, block tokens, splits); None: the launcher's choice
+    variants = {"default": (None, None, None, None), "rows16": (16, None, None, None), "rows64": (64, None, None, None),
+                "rows16_s2": (16, 2, None, None), "rows64_s2": (64, 2, None, None),
+                "rows16_2_per_sm": (16, None, None, two_per_sm), "rows64_2_per_sm": (64, None, None, two_per_sm),
+                "rows64_s2_2_per_sm": (64, 2, None, two_per_sm), "rows64_t128": (64, None, 128, None),
+                "rows64_t128_s2": (64, 2, 128, None)}
     times, errors = {}, {}
-    for key, (bounds, rows, stages) in variants.items():
-        DECODE._SCALAR_BOUNDS, DECODE._MIN_GROUP_ROWS = bounds, rows
+    for key, (rows, stages, tokens, splits) in variants.items():
+        DECODE._GROUP_ROWS_OVERRIDE = rows
         if stages is not None:
             DECODE._decode_config = lambda *a, st=stages: {"num_warps": 4, "num_stages": st}
+        if tokens is not None:
+            DECODE._MIN_BLOCK_TOKENS = tokens
         try:
             errors[key] = check(case, scale)
-            times[key] = timed()
-        except (Exception, SystemExit) as exc:  # recorded, not fatal
+            times[key] = timed(splits)
+        except (Exception, SystemExit) as exc:  # recorded, not fatal (e.g. shared memory does not fit)
             times[key] = repr(exc)[:200]
         finally:
-            DECODE._SCALAR_BOUNDS, DECODE._MIN_GROUP_ROWS, DECODE._decode_config = saved
+            DECODE._GROUP_ROWS_OVERRIDE, DECODE._decode_config, DECODE._MIN_BLOCK_TOKENS, DECODE._use_pdl = saved
     pdl = []
     for enabled in (True, False, True, False):
-        set_pdl(enabled)
-        pdl.append(timed())
-    set_pdl(True)
+        DECODE._use_pdl = lambda *a, on=enabled: on
+        try:
+            pdl.append(timed())
+        finally:
+            DECODE._use_pdl = saved[3]
     return {"layout": name, "batch": batch, "context": context, "floor_ms": round(floor_ms, 4),
-            "default_splits": default_splits(q, k_pool, slot_chunk), "ms": times, "max_abs_err": errors,
-            "pdl_on_off_on_off_ms": pdl}
+            "default_splits": chosen, "two_per_sm_splits": two_per_sm, "default_pdl": DECODE._use_pdl(
+                q.device, batch * hq * (128 // DECODE._merge_tiles(chosen, 128)[1])),
+            "ms": times, "max_abs_err": errors, "pdl_on_off_on_off_ms": pdl}
 
 
 # -- the read floor: the plainest one-launch read of the same bytes --------------------------------

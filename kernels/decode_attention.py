@@ -125,7 +125,6 @@ if triton is not None:
         HEAD_DIM: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
         USE_PDL: tl.constexpr,
-        SCALAR_BOUNDS: tl.constexpr,
     ):
         """One (sequence, kv head, split): partial attention of the kv head's query group.
 
@@ -193,23 +192,18 @@ if triton is not None:
                     position = chunk * CHUNK + token
                     # an empty slot (chunk -1) has only negative positions: position >= 0 tests fill
                     mask_n = (position >= 0) & (position <= pos) & (position >= valid_start)
-                elif SCALAR_BOUNDS:
+                else:
                     slot = blk // SUBS
                     first = (blk % SUBS) * BLOCK_N
                     chunk = tl.load(table_ptr + pid_b * stride_table_b + slot * stride_table_s)
-                    # the block's valid tokens are one run [lo, hi] of offsets: scalar bounds, then two
-                    # int32 compares per token (an empty slot, chunk -1, gets hi = -1)
+                    # the block's valid tokens are one run [lo, hi] of offsets: per-block scalar bounds,
+                    # then two int32 compares per token (an empty slot, chunk -1, gets hi = -1); three
+                    # int64 position compares per token cost ~30 more instructions per block (run 23)
                     base = chunk * CHUNK + first
                     lo = tl.minimum(tl.maximum(valid_start - base, 0), BLOCK_N).to(tl.int32)
                     hi = tl.where(chunk >= 0, tl.minimum(tl.maximum(pos - base, -1), BLOCK_N), -1).to(tl.int32)
                     mask_n = (offs_n >= lo) & (offs_n <= hi)
                     token = first + offs_n
-                else:
-                    slot = blk // SUBS
-                    token = (blk % SUBS) * BLOCK_N + offs_n
-                    chunk = tl.load(table_ptr + pid_b * stride_table_b + slot * stride_table_s)
-                    position = chunk * CHUNK + token
-                    mask_n = (position >= 0) & (position <= pos) & (position >= valid_start)
                 k_offs = slot * stride_k_slot + token * stride_k_n
                 v_offs = slot * stride_v_slot + token * stride_v_n
             # masked rows are never read: empty slots and stale tokens cost no bandwidth and cannot
@@ -330,10 +324,13 @@ def _env_block_tokens(default: int = 64) -> int:
 
 
 _MIN_BLOCK_TOKENS = _env_block_tokens()
-# experiment (run 23): query-group rows padded to at least this many (64: Hopper's wgmma), and
-# per-block scalar bounds of the valid tokens instead of int64 position compares per token
-_MIN_GROUP_ROWS = 16
-_SCALAR_BOUNDS = True
+# Query-group rows of the split kernel's tiles: at least 16 (tl.dot); padded to 64 on sm90 for
+# groups of 32+ when every program has an SM to itself, so the dots compile to wgmma (2 barriers
+# per block instead of 9, no shared-memory round trip of the K/V fragments): H200 run 23, MQA batch 1
+# at 512K 14.6 against 16.0 us; with two programs per SM its 112 KB of shared memory lost (batch 8).
+# None: that heuristic; an int forces the padding (benchmarks/decode_attention.py --sweep-variants).
+_WGMMA_ROWS = 64
+_GROUP_ROWS_OVERRIDE: int | None = None
 
 
 def _decode_block_n(tokens: int, head_dim: int, elem_size: int) -> int:
@@ -355,8 +352,32 @@ def _sm_count(device_index: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _use_pdl(device_index: int) -> bool:
-    return _PDL_ENABLED and torch.cuda.get_device_capability(device_index)[0] >= 9
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def _use_pdl(device: torch.device, merge_programs: int) -> bool:
+    """Launch the merge as a programmatic dependent launch: on sm90+, when its programs all fit on
+    the GPU beside the split kernel (two per SM). More of them, launched early, sit on SMs the split
+    kernel still needs: MQA batch 32 ran 3.5% faster without PDL, both times (H200 run 23)."""
+    return (
+        _PDL_ENABLED
+        and device.type == "cuda"
+        and _capability(device.index)[0] >= 9
+        and merge_programs <= 2 * _sm_count(device.index)
+    )
+
+
+def _group_rows(device: torch.device, dtype: torch.dtype, group: int, programs: int) -> int:
+    """Rows of the query-group tile (``BLOCK_G``): see ``_WGMMA_ROWS`` (16-bit inputs only: fp32
+    dots run at "ieee" precision, which wgmma does not do)."""
+    rows = max(16, triton.next_power_of_2(group))
+    if _GROUP_ROWS_OVERRIDE is not None:
+        return max(rows, _GROUP_ROWS_OVERRIDE)
+    if (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and _capability(device.index)[0] == 9
+            and 32 <= rows < _WGMMA_ROWS and programs <= _sm_count(device.index)):
+        return _WGMMA_ROWS
+    return rows
 
 
 @functools.lru_cache(maxsize=4096)
@@ -491,6 +512,8 @@ def _launch_decode(
     splits, blocks_per_split = _decode_num_splits(q.device, batch * kv_heads, num_blocks, num_splits)
     ws_o, ws_ml = _workspace(q.device, batch, q_heads, splits, head_dim)
     config = _decode_config(head_dim, block_n, q.element_size())
+    tile_s, block_d = _merge_tiles(splits, head_dim)
+    pdl = _use_pdl(q.device, batch * q_heads * (head_dim // block_d))
 
     _decode_split_kernel[(batch, kv_heads, splits)](
         q, k, v, table, pos, valid_start, ws_o, ws_ml,
@@ -505,14 +528,13 @@ def _launch_decode(
         USE_SOFTCAP=softcap > 0.0,
         CHUNK=chunk,
         BLOCK_N=block_n,
-        BLOCK_G=max(_MIN_GROUP_ROWS, triton.next_power_of_2(group)),
+        BLOCK_G=_group_rows(q.device, q.dtype, group, batch * kv_heads * splits),
         HEAD_DIM=head_dim,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        USE_PDL=q.is_cuda and _use_pdl(q.device.index),
-        SCALAR_BOUNDS=_SCALAR_BOUNDS,
+        USE_PDL=pdl,
         **config,
     )
-    _launch_merge((ws_o, ws_ml), out, splits)
+    _launch_merge((ws_o, ws_ml), out, splits, pdl=pdl)
     return out
 
 
@@ -524,13 +546,11 @@ def _merge_tiles(splits: int, head_dim: int) -> tuple[int, int]:
     return tile_s, block_d
 
 
-def _launch_merge(ws: tuple[Tensor, Tensor], out: Tensor, splits: int) -> None:
+def _launch_merge(ws: tuple[Tensor, Tensor], out: Tensor, splits: int, *, pdl: bool = False) -> None:
     """The merge kernel over ``splits`` partials of ``ws`` (see ``_workspace``) into ``out``: one
-    program per query head and slice of the head dim."""
-    extra = {}
-    pdl = out.is_cuda and _use_pdl(out.device.index)
-    if pdl:
-        extra["launch_pdl"] = True
+    program per query head and slice of the head dim; ``pdl``: a programmatic dependent launch (the
+    split kernel before it must have been launched with ``USE_PDL``)."""
+    extra = {"launch_pdl": True} if pdl else {}
     batch, q_heads, head_dim = out.shape
     tile_s, block_d = _merge_tiles(splits, head_dim)
     _decode_merge_kernel[(batch, q_heads, head_dim // block_d)](

@@ -126,6 +126,36 @@ def test_sparse_decode_merges_in_tiles_and_head_dim_slices(monkeypatch, splits):
     assert_matches_reference(out, sparse_decode_attention_ref(*args, scale=0.3), torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sparse_decode_with_query_group_padded_to_64_rows(monkeypatch, dtype):
+    """A group of 32 padded to the 64 rows of Hopper's wgmma (what the launcher does on sm90 at batch 1):
+    the 32 zero rows must not reach the output or disturb the real ones."""
+    monkeypatch.setattr(decode, "_GROUP_ROWS_OVERRIDE", 64)
+    args = sparse_case(batch=2, kv_heads=1, group=32, head_dim=32, chunk=32, dtype=dtype, seed=64)
+    out = sparse_decode_attention_triton(*args, scale=0.2, num_splits=3, out=poisoned_like(args[0]))
+    assert_matches_reference(out, sparse_decode_attention_ref(*args, scale=0.2), dtype)
+
+
+def test_group_rows_and_pdl_choices(monkeypatch):
+    """On sm90: 64 rows for 16-bit groups of 32 when every program has an SM (else, and for fp32, the
+    group's own power of two); PDL only while the merge's programs fit two per SM; shapes decide."""
+    monkeypatch.setattr(decode, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(decode, "_capability", lambda index: (9, 0))
+    cuda = torch.device("cuda", 0)
+    assert decode._group_rows(cuda, torch.bfloat16, 32, 123) == 64
+    assert decode._group_rows(cuda, torch.float16, 32, 132) == 64
+    assert decode._group_rows(cuda, torch.bfloat16, 32, 248) == 32  # two programs per SM: 112 KB each does not pay
+    assert decode._group_rows(cuda, torch.float32, 32, 123) == 32
+    assert decode._group_rows(cuda, torch.bfloat16, 4, 31) == 16
+    assert decode._group_rows(cuda, torch.bfloat16, 64, 31) == 64
+    assert decode._group_rows(torch.device("cpu"), torch.bfloat16, 32, 2) == 32
+    assert decode._use_pdl(cuda, 264) and not decode._use_pdl(cuda, 265)
+    assert not decode._use_pdl(torch.device("cpu"), 1)
+    monkeypatch.setattr(decode, "_capability", lambda index: (8, 0))
+    assert decode._group_rows(cuda, torch.bfloat16, 32, 123) == 32
+    assert not decode._use_pdl(cuda, 8)
+
+
 def test_sparse_decode_allocates_its_output_when_none_is_given():
     args = sparse_case(batch=3, kv_heads=2, group=2, head_dim=16, chunk=16, dtype=torch.float32, seed=1)
     out = sparse_decode_attention_triton(*args, scale=0.25)
