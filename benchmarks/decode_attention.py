@@ -190,17 +190,27 @@ def variants_case(name: str, batch: int, context: int, hq: int, hkv: int, scale:
             times[key] = repr(exc)[:200]
         finally:
             DECODE._GROUP_ROWS_OVERRIDE, DECODE._decode_config, DECODE._MIN_BLOCK_TOKENS, DECODE._use_pdl = saved
-    pdl = []
-    for enabled in (True, False, True, False):
-        DECODE._use_pdl = lambda *a, on=enabled: on
+    one_per_sm = min(slot_chunk.shape[1], max(1, DECODE._sm_count(q.device.index) // (batch * hkv)))
+    for key, rows in (("rows16_1_per_sm", 16), ("rows64_1_per_sm", 64)):
+        DECODE._GROUP_ROWS_OVERRIDE = rows
         try:
-            pdl.append(timed())
+            times[key] = timed(one_per_sm)
         finally:
-            DECODE._use_pdl = saved[3]
+            DECODE._GROUP_ROWS_OVERRIDE = saved[0]
+    # PDL forced on (trigger at the split kernel's start / after its loop) and off, twice over
+    pdl = {"early": [], "late": [], "off": []}
+    for _ in range(2):
+        for mode in ("early", "late", "off"):
+            DECODE._use_pdl = lambda *a, on=mode != "off": on
+            DECODE._PDL_LATE = mode == "late"
+            try:
+                pdl[mode].append(timed())
+            finally:
+                DECODE._use_pdl, DECODE._PDL_LATE = saved[3], False
     return {"layout": name, "batch": batch, "context": context, "floor_ms": round(floor_ms, 4),
             "default_splits": chosen, "two_per_sm_splits": two_per_sm, "default_pdl": DECODE._use_pdl(
                 q.device, batch * hq * (128 // DECODE._merge_tiles(chosen, 128)[1])),
-            "ms": times, "max_abs_err": errors, "pdl_on_off_on_off_ms": pdl}
+            "one_per_sm_splits": one_per_sm, "ms": times, "max_abs_err": errors, "pdl_ms": pdl}
 
 
 # -- the read floor: the plainest one-launch read of the same bytes --------------------------------

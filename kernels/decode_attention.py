@@ -125,6 +125,7 @@ if triton is not None:
         HEAD_DIM: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
         USE_PDL: tl.constexpr,
+        PDL_LATE: tl.constexpr,
     ):
         """One (sequence, kv head, split): partial attention of the kv head's query group.
 
@@ -156,7 +157,7 @@ if triton is not None:
 
         q_ptrs = q_ptr + pid_b * stride_q_b + heads[:, None] * stride_q_h + offs_d[None, :] * stride_q_d
         q = tl.load(q_ptrs, mask=mask_g[:, None], other=0.0)  # [BLOCK_G, HEAD_DIM]; padded rows are 0
-        if USE_PDL:
+        if USE_PDL and not PDL_LATE:
             tl.extra.cuda.gdc_launch_dependents()
 
         pos = tl.load(pos_ptr)
@@ -229,6 +230,8 @@ if triton is not None:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
 
+        if USE_PDL and PDL_LATE:
+            tl.extra.cuda.gdc_launch_dependents()
         split = pid_s.to(tl.int64)
         o_ptrs = ws_o_ptr + pid_b * stride_wo_b + heads * stride_wo_h + split * stride_wo_s
         tl.store(o_ptrs[:, None] + offs_d[None, :], acc, mask=mask_g[:, None])
@@ -312,6 +315,8 @@ _LATENCY_BOUND_BLOCKS = 12
 # Programmatic dependent launch of the merge kernel (sm90+): it starts while the split kernel runs
 # and waits on the device for its results. LSA_DECODE_PDL=0 turns it off.
 _PDL_ENABLED = os.environ.get("LSA_DECODE_PDL", "1") != "0"
+# experiment (run 25): the split kernel lets the merge launch after its K/V loop instead of at its start
+_PDL_LATE = False
 # Tokens per block of the pool at least (a block then spans several slots when chunks are smaller;
 # H200, run 22: 16-token chunks 1.75x faster at batch 8; 128 for 64-token chunks was slower).
 
@@ -532,6 +537,7 @@ def _launch_decode(
         HEAD_DIM=head_dim,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         USE_PDL=pdl,
+        PDL_LATE=_PDL_LATE,
         **config,
     )
     _launch_merge((ws_o, ws_ml), out, splits, pdl=pdl)
