@@ -197,19 +197,17 @@ def variants_case(name: str, batch: int, context: int, hq: int, hkv: int, scale:
             times[key] = timed(one_per_sm)
         finally:
             DECODE._GROUP_ROWS_OVERRIDE = saved[0]
-    # PDL forced on (trigger at the split kernel's start / after its loop) and off, twice over
-    pdl = {"early": [], "late": [], "off": []}
+    # PDL forced on and off, twice over (run 26 also timed the trigger at the split kernel's start)
+    pdl = {"on": [], "off": []}
     for _ in range(2):
-        for mode in ("early", "late", "off"):
+        for mode in ("on", "off"):
             DECODE._use_pdl = lambda *a, on=mode != "off": on
-            DECODE._PDL_LATE = mode == "late"
             try:
                 pdl[mode].append(timed())
             finally:
-                DECODE._use_pdl, DECODE._PDL_LATE = saved[3], False
+                DECODE._use_pdl = saved[3]
     return {"layout": name, "batch": batch, "context": context, "floor_ms": round(floor_ms, 4),
-            "default_splits": chosen, "two_per_sm_splits": two_per_sm, "default_pdl": DECODE._use_pdl(
-                q.device, batch * hq * (128 // DECODE._merge_tiles(chosen, 128)[1])),
+            "default_splits": chosen, "two_per_sm_splits": two_per_sm, "default_pdl": DECODE._use_pdl(q.device),
             "one_per_sm_splits": one_per_sm, "ms": times, "max_abs_err": errors, "pdl_ms": pdl}
 
 

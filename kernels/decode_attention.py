@@ -125,7 +125,6 @@ if triton is not None:
         HEAD_DIM: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
         USE_PDL: tl.constexpr,
-        PDL_LATE: tl.constexpr,
     ):
         """One (sequence, kv head, split): partial attention of the kv head's query group.
 
@@ -157,8 +156,6 @@ if triton is not None:
 
         q_ptrs = q_ptr + pid_b * stride_q_b + heads[:, None] * stride_q_h + offs_d[None, :] * stride_q_d
         q = tl.load(q_ptrs, mask=mask_g[:, None], other=0.0)  # [BLOCK_G, HEAD_DIM]; padded rows are 0
-        if USE_PDL and not PDL_LATE:
-            tl.extra.cuda.gdc_launch_dependents()
 
         pos = tl.load(pos_ptr)
         valid_start = tl.load(valid_start_ptr + pid_b)
@@ -230,7 +227,10 @@ if triton is not None:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
 
-        if USE_PDL and PDL_LATE:
+        if USE_PDL:
+            # let the merge launch now, while this grid's last programs finish: triggered at the start
+            # instead, its programs sat on the SMs through the K/V loop (H200 run 26: MQA batch 1 at
+            # 512K 14.8 -> 14.0 us, batch 32 at 128K 81.0 -> 77.7; llama batch 1 ~1% slower)
             tl.extra.cuda.gdc_launch_dependents()
         split = pid_s.to(tl.int64)
         o_ptrs = ws_o_ptr + pid_b * stride_wo_b + heads * stride_wo_h + split * stride_wo_s
@@ -315,8 +315,6 @@ _LATENCY_BOUND_BLOCKS = 12
 # Programmatic dependent launch of the merge kernel (sm90+): it starts while the split kernel runs
 # and waits on the device for its results. LSA_DECODE_PDL=0 turns it off.
 _PDL_ENABLED = os.environ.get("LSA_DECODE_PDL", "1") != "0"
-# experiment (run 25): the split kernel lets the merge launch after its K/V loop instead of at its start
-_PDL_LATE = False
 # Tokens per block of the pool at least (a block then spans several slots when chunks are smaller;
 # H200, run 22: 16-token chunks 1.75x faster at batch 8; 128 for 64-token chunks was slower).
 
@@ -361,16 +359,9 @@ def _capability(device_index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)
 
 
-def _use_pdl(device: torch.device, merge_programs: int) -> bool:
-    """Launch the merge as a programmatic dependent launch: on sm90+, when its programs all fit on
-    the GPU beside the split kernel (two per SM). More of them, launched early, sit on SMs the split
-    kernel still needs: MQA batch 32 ran 3.5% faster without PDL, both times (H200 run 23)."""
-    return (
-        _PDL_ENABLED
-        and device.type == "cuda"
-        and _capability(device.index)[0] >= 9
-        and merge_programs <= 2 * _sm_count(device.index)
-    )
+def _use_pdl(device: torch.device) -> bool:
+    """Launch the merge as a programmatic dependent launch (sm90+; ``LSA_DECODE_PDL=0`` turns it off)."""
+    return _PDL_ENABLED and device.type == "cuda" and _capability(device.index)[0] >= 9
 
 
 def _group_rows(device: torch.device, dtype: torch.dtype, group: int, programs: int) -> int:
@@ -517,8 +508,7 @@ def _launch_decode(
     splits, blocks_per_split = _decode_num_splits(q.device, batch * kv_heads, num_blocks, num_splits)
     ws_o, ws_ml = _workspace(q.device, batch, q_heads, splits, head_dim)
     config = _decode_config(head_dim, block_n, q.element_size())
-    tile_s, block_d = _merge_tiles(splits, head_dim)
-    pdl = _use_pdl(q.device, batch * q_heads * (head_dim // block_d))
+    pdl = _use_pdl(q.device)
 
     _decode_split_kernel[(batch, kv_heads, splits)](
         q, k, v, table, pos, valid_start, ws_o, ws_ml,
@@ -537,7 +527,6 @@ def _launch_decode(
         HEAD_DIM=head_dim,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         USE_PDL=pdl,
-        PDL_LATE=_PDL_LATE,
         **config,
     )
     _launch_merge((ws_o, ws_ml), out, splits, pdl=pdl)

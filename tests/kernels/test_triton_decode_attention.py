@@ -138,7 +138,7 @@ def test_sparse_decode_with_query_group_padded_to_64_rows(monkeypatch, dtype):
 
 def test_group_rows_and_pdl_choices(monkeypatch):
     """On sm90: 64 rows for 16-bit groups of 32 when every program has an SM (else, and for fp32, the
-    group's own power of two); PDL only while the merge's programs fit two per SM; shapes decide."""
+    group's own power of two); PDL from sm90 on; shapes decide."""
     monkeypatch.setattr(decode, "_sm_count", lambda index: 132)
     monkeypatch.setattr(decode, "_capability", lambda index: (9, 0))
     cuda = torch.device("cuda", 0)
@@ -149,11 +149,11 @@ def test_group_rows_and_pdl_choices(monkeypatch):
     assert decode._group_rows(cuda, torch.bfloat16, 4, 31) == 16
     assert decode._group_rows(cuda, torch.bfloat16, 64, 31) == 64
     assert decode._group_rows(torch.device("cpu"), torch.bfloat16, 32, 2) == 32
-    assert decode._use_pdl(cuda, 264) and not decode._use_pdl(cuda, 265)
-    assert not decode._use_pdl(torch.device("cpu"), 1)
+    assert decode._use_pdl(cuda)
+    assert not decode._use_pdl(torch.device("cpu"))
     monkeypatch.setattr(decode, "_capability", lambda index: (8, 0))
     assert decode._group_rows(cuda, torch.bfloat16, 32, 123) == 32
-    assert not decode._use_pdl(cuda, 8)
+    assert not decode._use_pdl(cuda)
 
 
 def test_sparse_decode_allocates_its_output_when_none_is_given():
