@@ -197,6 +197,14 @@ def variants_case(name: str, batch: int, context: int, hq: int, hkv: int, scale:
             times[key] = timed(one_per_sm)
         finally:
             DECODE._GROUP_ROWS_OVERRIDE = saved[0]
+    # the merge's tile: fewer partials per step (more, smaller programs) or more
+    for elements in (1024, 2048, 8192):
+        DECODE._MERGE_TILE_ELEMENTS = elements
+        try:
+            errors[f"merge_tile_{elements}"] = check(case, scale)
+            times[f"merge_tile_{elements}"] = timed()
+        finally:
+            DECODE._MERGE_TILE_ELEMENTS = 4096
     # PDL forced on and off, twice over (run 26 also timed the trigger at the split kernel's start)
     pdl = {"on": [], "off": []}
     for _ in range(2):
