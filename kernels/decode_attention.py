@@ -17,7 +17,9 @@ Shapes: ``q`` ``[B, Hq, D]``; pool ``[B * S, C, Hkv, D]``; ``slot_chunk`` ``[B, 
 Triton (CUDA tensors): split-K flash decoding. One program serves one kv head and its whole query
 group (GQA: K/V are read once per kv head), over a contiguous range of slots (ring: of ``BLOCK_N``-token
 blocks), with an fp32 online softmax; a second kernel merges the splits (any number of them), launched
-as a programmatic dependent launch on sm90+ so its launch overlaps the first. Supported there: q and K/V of
+as a programmatic dependent launch on sm90+ so its launch overlaps the first's last programs. On
+sm90 a 16-bit query group of 32+ heads is padded to 64 rows where every split program has an SM to
+itself (batch-1 MQA), so its dots run as wgmma. Supported there: q and K/V of
 one dtype among fp16/bf16/fp32, head_dim and chunk size powers of two (16..256 and 16..128). Anything
 else on CUDA runs the reference (with a one-time warning); CPU tensors always run the reference.
 Where no position takes part at all, the kernels return zeros (the reference returns NaN).
