@@ -197,15 +197,6 @@ def variants_case(name: str, batch: int, context: int, hq: int, hkv: int, scale:
             times[key] = timed(one_per_sm)
         finally:
             DECODE._GROUP_ROWS_OVERRIDE = saved[0]
-    # run 30: every score scaled before the row max (the kernel of run 27) against the fused form
-    for fused in (False, True, False, True):
-        DECODE._FUSED_SCALE = fused
-        key = "fused_scale" if fused else "unfused_scale"
-        try:
-            errors[key] = check(case, scale)
-            times.setdefault(key, []).append(timed())
-        finally:
-            DECODE._FUSED_SCALE = True
     # the merge's tile: fewer partials per step (more, smaller programs) or more
     for elements in (1024, 2048, 8192):
         DECODE._MERGE_TILE_ELEMENTS = elements

@@ -127,7 +127,6 @@ if triton is not None:
         HEAD_DIM: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
         USE_PDL: tl.constexpr,
-        FUSED_SCALE: tl.constexpr = True,
     ):
         """One (sequence, kv head, split): partial attention of the kv head's query group.
 
@@ -219,20 +218,13 @@ if triton is not None:
                 t = tl.exp2(tl.abs(x) * (-2.0 * _LOG2E))
                 tanh_x = (1.0 - t) / (1.0 + t)
                 s = tl.where(x < 0.0, -tanh_x, tanh_x) * (softcap * _LOG2E)
-                s = tl.where(mask_n[None, :], s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                p = tl.exp2(s - m_new[:, None])
-            elif not FUSED_SCALE:
-                s = tl.where(mask_n[None, :], qk * (scale * _LOG2E), float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                p = tl.exp2(s - m_new[:, None])
             else:
-                # log2-domain scores qk * c (c = scale * log2 e > 0, checked by the launcher): the row
-                # max is taken on the raw scores and scaled once per row, so qk * c - m is one FFMA
-                s = tl.where(mask_n[None, :], qk, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1) * (scale * _LOG2E))
-                p = tl.exp2(s * (scale * _LOG2E) - m_new[:, None])
+                s = qk * (scale * _LOG2E)
+            s = tl.where(mask_n[None, :], s, float("-inf"))
+
+            m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
@@ -325,7 +317,6 @@ _LATENCY_BOUND_BLOCKS = 12
 # Programmatic dependent launch of the merge kernel (sm90+): it starts while the split kernel runs
 # and waits on the device for its results. LSA_DECODE_PDL=0 turns it off.
 _PDL_ENABLED = os.environ.get("LSA_DECODE_PDL", "1") != "0"
-_FUSED_SCALE = True  # experiment (run 30): False scales every score before the row max
 # Tokens per block of the pool at least (a block then spans several slots when chunks are smaller;
 # H200, run 22: 16-token chunks 1.75x faster at batch 8; 128 for 64-token chunks was slower).
 
@@ -454,12 +445,10 @@ def _is_pow2_in(n: int, lo: int, hi: int) -> bool:
     return lo <= n <= hi and n & (n - 1) == 0
 
 
-def _decode_problem(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, valid_start: Tensor, scale: float) -> str | None:
+def _decode_problem(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, valid_start: Tensor) -> str | None:
     """Why the Triton kernels cannot take these operands (None: they can)."""
     if triton is None:
         return "Triton is not installed"
-    if not 0.0 < scale < float("inf"):
-        return f"scale {scale} is not a positive finite number (the kernel takes row maxima of unscaled scores)"
     if q.dim() != 3 or k.dim() != 4 or k.shape != v.shape:
         return f"q must be [B, Hq, D] and K/V equal [., ., Hkv, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
     if k.shape[3] != q.shape[2] or k.shape[2] == 0 or q.shape[1] % k.shape[2]:
@@ -477,8 +466,8 @@ def _decode_problem(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, valid_start: T
     return None
 
 
-def _sparse_problem(q, k_pool, v_pool, slot_chunk, pos, valid_start, scale) -> str | None:
-    problem = _decode_problem(q, k_pool, v_pool, pos, valid_start, scale)
+def _sparse_problem(q, k_pool, v_pool, slot_chunk, pos, valid_start) -> str | None:
+    problem = _decode_problem(q, k_pool, v_pool, pos, valid_start)
     if problem is not None:
         return problem
     if slot_chunk.dim() != 2 or slot_chunk.dtype != torch.int64 or slot_chunk.device != q.device:
@@ -490,8 +479,8 @@ def _sparse_problem(q, k_pool, v_pool, slot_chunk, pos, valid_start, scale) -> s
     return None
 
 
-def _ring_problem(q, k_ring, v_ring, pos, valid_start, scale) -> str | None:
-    problem = _decode_problem(q, k_ring, v_ring, pos, valid_start, scale)
+def _ring_problem(q, k_ring, v_ring, pos, valid_start) -> str | None:
+    problem = _decode_problem(q, k_ring, v_ring, pos, valid_start)
     if problem is None and k_ring.shape[0] != q.shape[0]:
         problem = f"ring {tuple(k_ring.shape)} does not match batch {q.shape[0]}"
     return problem
@@ -540,7 +529,6 @@ def _launch_decode(
         HEAD_DIM=head_dim,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         USE_PDL=pdl,
-        FUSED_SCALE=_FUSED_SCALE,
         **config,
     )
     _launch_merge((ws_o, ws_ml), out, splits, pdl=pdl)
@@ -597,7 +585,7 @@ def sparse_decode_attention_triton(
     Writes ``out`` (like ``q``) when given, else allocates it; the workspace of split partials is
     cached per shape (see ``_workspace``).
     """
-    problem = _sparse_problem(q, k_pool, v_pool, slot_chunk, pos, valid_start, scale)
+    problem = _sparse_problem(q, k_pool, v_pool, slot_chunk, pos, valid_start)
     if problem is not None:
         raise ValueError(f"sparse_decode_attention (Triton): {problem}")
     slots = slot_chunk.shape[1]
@@ -630,7 +618,7 @@ def ring_decode_attention_triton(
     The ring ``[B, W, Hkv, D]`` is cut into blocks of ``BLOCK_N`` tokens (any ``W``; the last block is
     masked); otherwise as ``sparse_decode_attention_triton``.
     """
-    problem = _ring_problem(q, k_ring, v_ring, pos, valid_start, scale)
+    problem = _ring_problem(q, k_ring, v_ring, pos, valid_start)
     if problem is not None:
         raise ValueError(f"ring_decode_attention (Triton): {problem}")
     window, _, head_dim = k_ring.shape[1:]
@@ -690,7 +678,7 @@ def sparse_decode_attention(
             f"sparse_decode_attention: pool {tuple(k_pool.shape)} and slot table {tuple(slot_chunk.shape)} do not match batch {q.shape[0]}"
         )
     if q.is_cuda:
-        problem = _sparse_problem(q, k_pool, v_pool, slot_chunk, pos, valid_start, scale)
+        problem = _sparse_problem(q, k_pool, v_pool, slot_chunk, pos, valid_start)
         if problem is None:
             return sparse_decode_attention_triton(
                 q, k_pool, v_pool, slot_chunk, pos, valid_start, scale=scale, softcap=softcap
@@ -713,7 +701,7 @@ def ring_decode_attention(
     if k_ring.shape[0] != q.shape[0]:
         raise ValueError(f"ring_decode_attention: ring batch {k_ring.shape[0]} differs from the query's {q.shape[0]}")
     if q.is_cuda:
-        problem = _ring_problem(q, k_ring, v_ring, pos, valid_start, scale)
+        problem = _ring_problem(q, k_ring, v_ring, pos, valid_start)
         if problem is None:
             return ring_decode_attention_triton(q, k_ring, v_ring, pos, valid_start, scale=scale, softcap=softcap)
         _warn_reference_fallback("ring_decode_attention", problem)
