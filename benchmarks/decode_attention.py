@@ -18,10 +18,13 @@ Writes JSON with GPU, versions and date.
 default and 1-4 programs per SM too) with 3 and with 2 pipeline stages; at the default count
 without the programmatic dependent launch of the merge, at 4 or 8 warps x 2-4 pipeline stages;
 with 64- and 128-token blocks (a block spanning two slots); and the merge alone: the data behind
-the launch heuristics in ``kernels/decode_attention.py``.
+the launch heuristics in ``kernels/decode_attention.py``. ``--sweep-variants`` times kernel variants
+side by side at each case (query group padded to 16 / 64 rows x 2 / 3 stages x split counts, 128-token
+blocks, merge tiles, PDL on / off twice), each checked against the reference first.
 
     python benchmarks/decode_attention.py --out benchmarks/results/decode_attention.json
     python benchmarks/decode_attention.py --sweep-splits --out benchmarks/results/decode_splits.json
+    python benchmarks/decode_attention.py --sweep-variants --out benchmarks/results/decode_variants.json
 """
 
 from __future__ import annotations

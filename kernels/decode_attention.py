@@ -136,8 +136,8 @@ if triton is not None:
         the ring (``window`` tokens) is ``cdiv(W, BLOCK_N)`` blocks. Writes,
         per query head of the group, the unnormalised accumulator to ``ws_o`` ``[B, Hq, splits,
         HEAD_DIM]`` and the running max (log2 domain) and sum of exponentials to ``ws_ml``
-        ``[B, Hq, splits, 2]``. With ``USE_PDL`` it lets the merge kernel launch early (that kernel
-        waits for this grid's results before reading).
+        ``[B, Hq, splits, 2]``. With ``USE_PDL`` it lets the merge kernel launch once its K/V loop is
+        done (that kernel waits for this grid's results before reading).
         """
         tl.static_assert(BLOCK_G >= 16, "tl.dot needs at least 16 rows: pad the query group")
         tl.static_assert(BLOCK_N >= 16)
@@ -333,7 +333,8 @@ _MIN_BLOCK_TOKENS = _env_block_tokens()
 # groups of 32+ when every program has an SM to itself, so the dots compile to wgmma (2 barriers
 # per block instead of 9, no shared-memory round trip of the K/V fragments): H200 run 23, MQA batch 1
 # at 512K 14.6 against 16.0 us; with two programs per SM its 112 KB of shared memory lost (batch 8).
-# None: that heuristic; an int forces the padding (benchmarks/decode_attention.py --sweep-variants).
+# _GROUP_ROWS_OVERRIDE: None for that heuristic; an int pads every group to at least that many rows
+# (benchmarks/decode_attention.py --sweep-variants, the CPU tests).
 _WGMMA_ROWS = 64
 _GROUP_ROWS_OVERRIDE: int | None = None
 
