@@ -201,13 +201,14 @@ def variants_case(name: str, batch: int, context: int, hq: int, hkv: int, scale:
         finally:
             DECODE._GROUP_ROWS_OVERRIDE = saved[0]
     # the merge's tile: fewer partials per step (more, smaller programs) or more
+    default_tile = DECODE._MERGE_TILE_ELEMENTS
     for elements in (1024, 2048, 8192):
         DECODE._MERGE_TILE_ELEMENTS = elements
         try:
             errors[f"merge_tile_{elements}"] = check(case, scale)
             times[f"merge_tile_{elements}"] = timed()
         finally:
-            DECODE._MERGE_TILE_ELEMENTS = 4096
+            DECODE._MERGE_TILE_ELEMENTS = default_tile
     # PDL forced on and off, twice over (run 26 also timed the trigger at the split kernel's start)
     pdl = {"on": [], "off": []}
     for _ in range(2):
