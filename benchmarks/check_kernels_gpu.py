@@ -420,8 +420,8 @@ def time_sparse(batch: int, chunk: int, iters: int) -> None:
             x["q"], x["k_pool"], x["v_pool"], x["slot_chunk"], x["pos"], x["valid_start"], scale=HEAD_DIM**-0.5))
         for x in sets
     ]
-    splits, _ = DECODE._decode_num_splits(first["q"].device, batch * KV_HEADS, first["slot_chunk"].shape[1], None)
-    record = dict(kernel="sparse_decode_attention", batch=batch, chunk=chunk, slots=first["slot_chunk"].shape[1], splits=splits)
+    plan = DECODE.sparse_launch_plan(first["q"], first["k_pool"], first["slot_chunk"])
+    record = dict(kernel="sparse_decode_attention", batch=batch, chunk=chunk, slots=first["slot_chunk"].shape[1], **plan)
     emit(with_bandwidth({**record, **time_calls(calls, iters)}, nbytes))
     del sets, calls
 

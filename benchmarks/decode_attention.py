@@ -19,8 +19,9 @@ default and 1-4 programs per SM too) with 3 and with 2 pipeline stages; at the d
 without the programmatic dependent launch of the merge, at 4 or 8 warps x 2-4 pipeline stages;
 with 64- and 128-token blocks (a block spanning two slots); and the merge alone: the data behind
 the launch heuristics in ``kernels/decode_attention.py``. ``--sweep-variants`` times kernel variants
-side by side at each case (query group padded to 16 / 64 rows x 2 / 3 stages x split counts, 128-token
-blocks, merge tiles, PDL on / off twice), each checked against the reference first.
+side by side at each case (splits of equal token shares, the default, against splits of whole blocks,
+alternately; query group padded to 16 / 64 rows; one and two programs per SM; with ``--chunk`` under
+64, blocks of 32 / 64 / 128 tokens), each checked against the reference first.
 
     python benchmarks/decode_attention.py --out benchmarks/results/decode_attention.json
     python benchmarks/decode_attention.py --sweep-splits --out benchmarks/results/decode_splits.json
@@ -30,6 +31,7 @@ blocks, merge tiles, PDL on / off twice), each checked against the reference fir
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import math
 import sys
@@ -80,7 +82,7 @@ def check(case, scale: float) -> float:
 
 
 def default_splits(q, k_pool, slot_chunk) -> int:
-    return DECODE._decode_num_splits(q.device, q.shape[0] * k_pool.shape[2], slot_chunk.shape[1], None)[0]
+    return DECODE.sparse_launch_plan(q, k_pool, slot_chunk)["splits"]
 
 
 def set_pdl(enabled: bool) -> None:
@@ -156,71 +158,72 @@ def sweep_case(name: str, batch: int, context: int, hq: int, hkv: int, scale: fl
     }
 
 
+@contextlib.contextmanager
+def launcher_settings(*, rows=None, stages=None, tokens=None, even=None, pdl=None):
+    """The launcher's tuning knobs set for a block (None: left as they are), restored after it."""
+    saved = (DECODE._GROUP_ROWS_OVERRIDE, DECODE._decode_config, DECODE._MIN_BLOCK_TOKENS, DECODE._EVEN_TOKEN_SPLITS, DECODE._use_pdl)
+    try:
+        if rows is not None:
+            DECODE._GROUP_ROWS_OVERRIDE = rows
+        if stages is not None:
+            DECODE._decode_config = lambda *a: {"num_warps": 4, "num_stages": stages}
+        if tokens is not None:
+            DECODE._MIN_BLOCK_TOKENS = tokens
+        if even is not None:
+            DECODE._EVEN_TOKEN_SPLITS = even
+        if pdl is not None:
+            DECODE._use_pdl = lambda *a: pdl
+        yield
+    finally:
+        (DECODE._GROUP_ROWS_OVERRIDE, DECODE._decode_config, DECODE._MIN_BLOCK_TOKENS, DECODE._EVEN_TOKEN_SPLITS,
+         DECODE._use_pdl) = saved
+
+
 def variants_case(name: str, batch: int, context: int, hq: int, hkv: int, scale: float) -> dict:
     """Kernel variants side by side, each checked against the reference first: the launcher's
-    default; the query group padded to 16 / 64 rows (64: Hopper's wgmma) at 2 / 3 stages, at the
-    default split count and at two programs per SM; 128-token blocks (two slots) with 64 rows; PDL
-    of the merge forced on / off, timed alternately."""
+    default against splits of whole blocks (``_EVEN_TOKEN_SPLITS`` off), timed alternately twice;
+    the query group padded to 16 / 64 rows (64: Hopper's wgmma); both split kinds at one and two
+    programs per SM; with chunks under 64 tokens, blocks of 64 / 128 tokens (spanning slots)."""
     case = make_case(batch, context, hq, hkv, 128)
     q, k_pool, v_pool, slot_chunk, pos, valid_start = case
     out = torch.empty_like(q)
     floor_ms = (2 * k_pool.numel() * k_pool.element_size() + slot_chunk.numel() * 8) / COPY_BANDWIDTH * 1e3
     chosen = default_splits(q, k_pool, slot_chunk)
-    two_per_sm = min(slot_chunk.shape[1], max(1, 2 * DECODE._sm_count(q.device.index) // (batch * hkv)))
-    saved = (DECODE._GROUP_ROWS_OVERRIDE, DECODE._decode_config, DECODE._MIN_BLOCK_TOKENS, DECODE._use_pdl)
+    sms = DECODE._sm_count(q.device.index)
+    one_per_sm = min(slot_chunk.shape[1], max(1, sms // (batch * hkv)))
+    two_per_sm = min(slot_chunk.shape[1], max(1, 2 * sms // (batch * hkv)))
 
     def timed(splits=None) -> float:
         return round(time_cuda_graph(lambda: DECODE.sparse_decode_attention_triton(
             q, k_pool, v_pool, slot_chunk, pos, valid_start, scale=scale, num_splits=splits, out=out)), 4)
 
-    # name: (group rows, stages, block tokens, splits); None: the launcher's choice
-    variants = {"default": (None, None, None, None), "rows16": (16, None, None, None), "rows64": (64, None, None, None),
-                "rows16_s2": (16, 2, None, None), "rows64_s2": (64, 2, None, None),
-                "rows16_2_per_sm": (16, None, None, two_per_sm), "rows64_2_per_sm": (64, None, None, two_per_sm),
-                "rows64_s2_2_per_sm": (64, 2, None, two_per_sm), "rows64_t128": (64, None, 128, None),
-                "rows64_t128_s2": (64, 2, 128, None)}
+    # name: (launcher settings, splits); None: the launcher's choice
+    variants = {"default": ({}, None), "whole_blocks": ({"even": False}, None),
+                "rows16": ({"rows": 16}, None), "rows64": ({"rows": 64}, None),
+                "1_per_sm": ({}, one_per_sm), "whole_blocks_1_per_sm": ({"even": False}, one_per_sm),
+                "2_per_sm": ({}, two_per_sm), "whole_blocks_2_per_sm": ({"even": False}, two_per_sm)}
+    if CHUNK < 64:
+        variants.update({"t128": ({"tokens": 128}, None), "t128_rows16": ({"tokens": 128, "rows": 16}, None),
+                         "t32": ({"tokens": 32}, None)})
     times, errors = {}, {}
-    for key, (rows, stages, tokens, splits) in variants.items():
-        DECODE._GROUP_ROWS_OVERRIDE = rows
-        if stages is not None:
-            DECODE._decode_config = lambda *a, st=stages: {"num_warps": 4, "num_stages": st}
-        if tokens is not None:
-            DECODE._MIN_BLOCK_TOKENS = tokens
+    for key, (settings, splits) in variants.items():
         try:
-            errors[key] = check(case, scale)
-            times[key] = timed(splits)
+            with launcher_settings(**settings):
+                errors[key] = check(case, scale)
+                times[key] = timed(splits)
         except (Exception, SystemExit) as exc:  # recorded, not fatal (e.g. shared memory does not fit)
             times[key] = repr(exc)[:200]
-        finally:
-            DECODE._GROUP_ROWS_OVERRIDE, DECODE._decode_config, DECODE._MIN_BLOCK_TOKENS, DECODE._use_pdl = saved
-    one_per_sm = min(slot_chunk.shape[1], max(1, DECODE._sm_count(q.device.index) // (batch * hkv)))
-    for key, rows in (("rows16_1_per_sm", 16), ("rows64_1_per_sm", 64)):
-        DECODE._GROUP_ROWS_OVERRIDE = rows
-        try:
-            times[key] = timed(one_per_sm)
-        finally:
-            DECODE._GROUP_ROWS_OVERRIDE = saved[0]
-    # the merge's tile: fewer partials per step (more, smaller programs) or more
-    default_tile = DECODE._MERGE_TILE_ELEMENTS
-    for elements in (1024, 2048, 8192):
-        DECODE._MERGE_TILE_ELEMENTS = elements
-        try:
-            errors[f"merge_tile_{elements}"] = check(case, scale)
-            times[f"merge_tile_{elements}"] = timed()
-        finally:
-            DECODE._MERGE_TILE_ELEMENTS = default_tile
-    # PDL forced on and off, twice over (run 26 also timed the trigger at the split kernel's start)
-    pdl = {"on": [], "off": []}
+    # the default and whole-block splits again, alternately: the pair's difference against run-to-run spread
+    alternate = {"default": [], "whole_blocks": []}
     for _ in range(2):
-        for mode in ("on", "off"):
-            DECODE._use_pdl = lambda *a, on=mode != "off": on
-            try:
-                pdl[mode].append(timed())
-            finally:
-                DECODE._use_pdl = saved[3]
-    return {"layout": name, "batch": batch, "context": context, "floor_ms": round(floor_ms, 4),
-            "default_splits": chosen, "two_per_sm_splits": two_per_sm, "default_pdl": DECODE._use_pdl(q.device),
-            "one_per_sm_splits": one_per_sm, "ms": times, "max_abs_err": errors, "pdl_ms": pdl}
+        for key, even in (("default", None), ("whole_blocks", False)):
+            with launcher_settings(even=even):
+                alternate[key].append(timed())
+    with launcher_settings(even=False):
+        whole_splits = default_splits(q, k_pool, slot_chunk)
+    return {"layout": name, "batch": batch, "context": context, "chunk": CHUNK, "floor_ms": round(floor_ms, 4),
+            "default_splits": chosen, "whole_block_splits": whole_splits, "one_per_sm_splits": one_per_sm,
+            "two_per_sm_splits": two_per_sm, "ms": times, "max_abs_err": errors, "alternate_ms": alternate}
 
 
 # -- the read floor: the plainest one-launch read of the same bytes --------------------------------
@@ -285,13 +288,16 @@ def sweep_splits(layouts: dict, batches: list[int], contexts: list[int], scale: 
 
 
 def main() -> None:
+    global CHUNK
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/decode_attention.json")
     parser.add_argument("--contexts", default="32768,131072,524288")
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--sweep-splits", action="store_true", help="time a list of split counts per case instead")
     parser.add_argument("--sweep-variants", action="store_true", help="time kernel variants side by side per case instead")
+    parser.add_argument("--chunk", type=int, default=CHUNK, help="tokens per chunk of the pool (default 64)")
     args = parser.parse_args()
+    CHUNK = args.chunk
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
     head_dim = 128
