@@ -19,9 +19,9 @@ default and 1-4 programs per SM too) with 3 and with 2 pipeline stages; at the d
 without the programmatic dependent launch of the merge, at 4 or 8 warps x 2-4 pipeline stages;
 with 64- and 128-token blocks (a block spanning two slots); and the merge alone: the data behind
 the launch heuristics in ``kernels/decode_attention.py``. ``--sweep-variants`` times kernel variants
-side by side at each case (splits of equal token shares, the default, against splits of whole blocks,
-alternately; query group padded to 16 / 64 rows; one and two programs per SM; with ``--chunk`` under
-64, blocks of 32 / 64 / 128 tokens), each checked against the reference first.
+side by side at each case (query group padded to 16 / 64 rows, 4 / 8 warps, 2-4 stages, one and two
+programs per SM, 128-token blocks; with ``--chunk`` under 64, blocks of 32 / 64 / 128 tokens), each
+checked against the reference first.
 
     python benchmarks/decode_attention.py --out benchmarks/results/decode_attention.json
     python benchmarks/decode_attention.py --sweep-splits --out benchmarks/results/decode_splits.json
@@ -159,52 +159,48 @@ def sweep_case(name: str, batch: int, context: int, hq: int, hkv: int, scale: fl
 
 
 @contextlib.contextmanager
-def launcher_settings(*, rows=None, stages=None, tokens=None, even=None, pdl=None):
+def launcher_settings(*, rows=None, warps=4, stages=None, tokens=None, pdl=None):
     """The launcher's tuning knobs set for a block (None: left as they are), restored after it."""
-    saved = (DECODE._GROUP_ROWS_OVERRIDE, DECODE._decode_config, DECODE._MIN_BLOCK_TOKENS, DECODE._EVEN_TOKEN_SPLITS, DECODE._use_pdl)
+    saved = (DECODE._GROUP_ROWS_OVERRIDE, DECODE._decode_config, DECODE._MIN_BLOCK_TOKENS, DECODE._use_pdl)
     try:
         if rows is not None:
             DECODE._GROUP_ROWS_OVERRIDE = rows
-        if stages is not None:
-            DECODE._decode_config = lambda *a: {"num_warps": 4, "num_stages": stages}
+        if stages is not None or warps != 4:
+            DECODE._decode_config = lambda *a: {**saved[1](*a), "num_warps": warps, **({"num_stages": stages} if stages else {})}
         if tokens is not None:
             DECODE._MIN_BLOCK_TOKENS = tokens
-        if even is not None:
-            DECODE._EVEN_TOKEN_SPLITS = even
         if pdl is not None:
             DECODE._use_pdl = lambda *a: pdl
         yield
     finally:
-        (DECODE._GROUP_ROWS_OVERRIDE, DECODE._decode_config, DECODE._MIN_BLOCK_TOKENS, DECODE._EVEN_TOKEN_SPLITS,
-         DECODE._use_pdl) = saved
+        DECODE._GROUP_ROWS_OVERRIDE, DECODE._decode_config, DECODE._MIN_BLOCK_TOKENS, DECODE._use_pdl = saved
 
 
 def variants_case(name: str, batch: int, context: int, hq: int, hkv: int, scale: float) -> dict:
     """Kernel variants side by side, each checked against the reference first: the launcher's
-    default against splits of whole blocks (``_EVEN_TOKEN_SPLITS`` off), timed alternately twice;
-    the query group padded to 16 / 64 rows (64: Hopper's wgmma); both split kinds at one and two
-    programs per SM; with chunks under 64 tokens, blocks of 64 / 128 tokens (spanning slots)."""
+    default (timed first and last: the run-to-run spread); the query group padded to 16 / 64 rows
+    (64: Hopper's wgmma), 64 rows at 8 warps; 2 / 4 pipeline stages; one and two programs per SM;
+    blocks of 128 tokens (spanning two slots), and with chunks under 64 tokens of 32 / 128."""
     case = make_case(batch, context, hq, hkv, 128)
     q, k_pool, v_pool, slot_chunk, pos, valid_start = case
     out = torch.empty_like(q)
     floor_ms = (2 * k_pool.numel() * k_pool.element_size() + slot_chunk.numel() * 8) / COPY_BANDWIDTH * 1e3
-    chosen = default_splits(q, k_pool, slot_chunk)
+    plan = DECODE.sparse_launch_plan(q, k_pool, slot_chunk)
     sms = DECODE._sm_count(q.device.index)
-    one_per_sm = min(slot_chunk.shape[1], max(1, sms // (batch * hkv)))
-    two_per_sm = min(slot_chunk.shape[1], max(1, 2 * sms // (batch * hkv)))
+    one_per_sm = min(plan["blocks"], max(1, sms // (batch * hkv)))
+    two_per_sm = min(plan["blocks"], max(1, 2 * sms // (batch * hkv)))
 
     def timed(splits=None) -> float:
         return round(time_cuda_graph(lambda: DECODE.sparse_decode_attention_triton(
             q, k_pool, v_pool, slot_chunk, pos, valid_start, scale=scale, num_splits=splits, out=out)), 4)
 
     # name: (launcher settings, splits); None: the launcher's choice
-    variants = {"default": ({}, None), "whole_blocks": ({"even": False}, None),
-                "rows16": ({"rows": 16}, None), "rows64": ({"rows": 64}, None),
-                "1_per_sm": ({}, one_per_sm), "whole_blocks_1_per_sm": ({"even": False}, one_per_sm),
-                "2_per_sm": ({}, two_per_sm), "whole_blocks_2_per_sm": ({"even": False}, two_per_sm)}
+    variants = {"default": ({}, None), "rows16": ({"rows": 16}, None), "rows64": ({"rows": 64}, None),
+                "rows64_w8": ({"rows": 64, "warps": 8}, None), "s2": ({"stages": 2}, None), "s4": ({"stages": 4}, None),
+                "1_per_sm": ({}, one_per_sm), "2_per_sm": ({}, two_per_sm),
+                "t128": ({"tokens": 128}, None), "t128_s3": ({"tokens": 128, "stages": 3}, None)}
     if CHUNK < 64:
-        variants.update({"t128": ({"tokens": 128}, None), "t128_rows16": ({"tokens": 128, "rows": 16}, None),
-                         "t32": ({"tokens": 32}, None)})
+        variants.update({"t128_rows16": ({"tokens": 128, "rows": 16}, None), "t32": ({"tokens": 32}, None)})
     times, errors = {}, {}
     for key, (settings, splits) in variants.items():
         try:
@@ -213,17 +209,9 @@ def variants_case(name: str, batch: int, context: int, hq: int, hkv: int, scale:
                 times[key] = timed(splits)
         except (Exception, SystemExit) as exc:  # recorded, not fatal (e.g. shared memory does not fit)
             times[key] = repr(exc)[:200]
-    # the default and whole-block splits again, alternately: the pair's difference against run-to-run spread
-    alternate = {"default": [], "whole_blocks": []}
-    for _ in range(2):
-        for key, even in (("default", None), ("whole_blocks", False)):
-            with launcher_settings(even=even):
-                alternate[key].append(timed())
-    with launcher_settings(even=False):
-        whole_splits = default_splits(q, k_pool, slot_chunk)
+    times["default_again"] = timed()
     return {"layout": name, "batch": batch, "context": context, "chunk": CHUNK, "floor_ms": round(floor_ms, 4),
-            "default_splits": chosen, "whole_block_splits": whole_splits, "one_per_sm_splits": one_per_sm,
-            "two_per_sm_splits": two_per_sm, "ms": times, "max_abs_err": errors, "alternate_ms": alternate}
+            "plan": plan, "one_per_sm_splits": one_per_sm, "two_per_sm_splits": two_per_sm, "ms": times, "max_abs_err": errors}
 
 
 # -- the read floor: the plainest one-launch read of the same bytes --------------------------------

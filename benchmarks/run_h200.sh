@@ -2,7 +2,7 @@
 # One device call: install lsa-rewrite into the image's python (offline), then the GPU checks and
 # benchmarks. Usage (on the GPU machine, from the repo root): bash benchmarks/run_h200.sh STAGE
 #   STAGE=quick : recall kernel check + bandwidth/overlap, selection cost alone, zoo smoke on CUDA (decode attention alone: python3 benchmarks/decode_attention.py)
-#   STAGE=profile: Nsight Compute over the MQA decode-attention kernels (128K batch 1 and 8, 512K batch 1)
+#   STAGE=profile: Nsight Compute over the MQA decode-attention kernels (512K batch 1, 128K batch 8), stall reasons
 #   STAGE=e2e   : the Llama-3-8B-shaped end-to-end benchmark at 128K (128 steps; recall_lag 4 and 0)
 #   STAGE=kernels: decode attention (LSA vs dense SDPA, both layouts) and mirror pinning
 #   STAGE=full  : the end-to-end benchmark at 32K and 128K, 256 steps, recall_lag 4 and 0
@@ -24,13 +24,14 @@ elif [ "$STAGE" = kernels ]; then
   python3 benchmarks/decode_attention.py --out "$OUT/decode_attention.json" || echo "decode_attention FAILED rc=$?"
   python3 benchmarks/pinning.py --gib 8.25 --out "$OUT/pinning.json" || echo "pinning FAILED rc=$?"
 elif [ "$STAGE" = profile ]; then
-  # Nsight Compute over the MQA cases still above 1.5x the floor: batch 1 and 8 at 128K, batch 1 at
-  # 512K (split kernel + merge, 2 calls each)
+  # Nsight Compute over the MQA cases still above 1.5x the floor: batch 1 at 512K, batch 8 at 128K
+  # (split kernel + merge of one call), with the warps' stall reasons per issued instruction
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1 || true)
-  for case in "--batch 1 --context 131072" "--batch 8 --context 131072" "--batch 1 --context 524288"; do
-    "${NCU:-ncu}" --clock-control none --kernel-name regex:_decode_ --launch-skip 4 --launch-count 4 \
+  for case in "--batch 1 --context 524288" "--batch 8 --context 131072"; do
+    "${NCU:-ncu}" --clock-control none --kernel-name regex:_decode_ --launch-skip 4 --launch-count 2 \
       --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
       --section MemoryWorkloadAnalysis --section SchedulerStats \
+      --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
       python3 benchmarks/profile_decode.py --layout mqa $case \
       > "$OUT/ncu_mqa_${case// /_}.txt" 2>&1 || echo "ncu FAILED rc=$? ($case)"
   done

@@ -127,16 +127,13 @@ if triton is not None:
         HEAD_DIM: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
         USE_PDL: tl.constexpr,
-        EVEN_TOKENS: tl.constexpr,
     ):
         """One (sequence, kv head, split): partial attention of the kv head's query group.
 
         Blocks of ``BLOCK_N`` tokens are the unit of work: a chunk of the pool is ``CHUNK // BLOCK_N``
         blocks (one, unless the tile would not fit), or a block spans ``BLOCK_N // CHUNK`` slots
         (chunks shorter than ``_MIN_BLOCK_TOKENS``; ``window`` then holds the slots per sequence);
-        the ring (``window`` tokens) is ``cdiv(W, BLOCK_N)`` blocks. A split is ``blocks_per_split``
-        whole blocks, or with ``EVEN_TOKENS`` (blocks of one slot) an equal share of the
-        ``num_blocks * BLOCK_N`` token places, cut mid-block where it falls. Writes,
+        the ring (``window`` tokens) is ``cdiv(W, BLOCK_N)`` blocks. Writes,
         per query head of the group, the unnormalised accumulator to ``ws_o`` ``[B, Hq, splits,
         HEAD_DIM]`` and the running max (log2 domain) and sum of exponentials to ``ws_ml``
         ``[B, Hq, splits, 2]``. With ``USE_PDL`` it lets the merge kernel launch once its K/V loop is
@@ -148,7 +145,6 @@ if triton is not None:
         tl.static_assert(CHUNK % BLOCK_N == 0 or (BLOCK_N % CHUNK == 0 and not IS_RING))
         SUBS: tl.constexpr = max(CHUNK // BLOCK_N, 1)  # blocks per chunk
         SPAN: tl.constexpr = max(BLOCK_N // CHUNK, 1)  # slots per block
-        tl.static_assert(not EVEN_TOKENS or (SPAN == 1 and not IS_RING), "token-even splits need blocks of one slot")
 
         pid_b = tl.program_id(0).to(tl.int64)
         pid_kv = tl.program_id(1).to(tl.int64)
@@ -178,17 +174,8 @@ if triton is not None:
         l_i = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
 
-        if EVEN_TOKENS:
-            # token places [tok_start, tok_end): every program gets the same number of bytes to read
-            # (up to one token), instead of whole blocks with the last program short; a block cut
-            # between two programs is read by both, each loading only its own rows
-            tok_start = pid_s.to(tl.int64) * num_blocks * BLOCK_N // tl.num_programs(2)
-            tok_end = (pid_s.to(tl.int64) + 1) * num_blocks * BLOCK_N // tl.num_programs(2)
-            blk_start = tok_start // BLOCK_N
-            blk_end = (tok_end + BLOCK_N - 1) // BLOCK_N
-        else:
-            blk_start = pid_s.to(tl.int64) * blocks_per_split  # int64 bounds: an int64 induction variable
-            blk_end = tl.minimum(blk_start + blocks_per_split, num_blocks)
+        blk_start = pid_s.to(tl.int64) * blocks_per_split  # int64 bounds: an int64 induction variable
+        blk_end = tl.minimum(blk_start + blocks_per_split, num_blocks)
         for blk in range(blk_start, blk_end):
             if IS_RING:
                 token = blk * BLOCK_N + offs_n
@@ -213,12 +200,9 @@ if triton is not None:
                     # then two int32 compares per token (an empty slot, chunk -1, gets hi = -1); three
                     # int64 position compares per token cost ~30 more instructions per block (run 23)
                     base = chunk * CHUNK + first
-                    lo = tl.minimum(tl.maximum(valid_start - base, 0), BLOCK_N)
-                    hi = tl.where(chunk >= 0, tl.minimum(tl.maximum(pos - base, -1), BLOCK_N), -1)
-                    if EVEN_TOKENS:  # only this split's share of a block cut between two splits
-                        lo = tl.maximum(lo, tok_start - blk * BLOCK_N)
-                        hi = tl.minimum(hi, tok_end - 1 - blk * BLOCK_N)
-                    mask_n = (offs_n >= lo.to(tl.int32)) & (offs_n <= hi.to(tl.int32))
+                    lo = tl.minimum(tl.maximum(valid_start - base, 0), BLOCK_N).to(tl.int32)
+                    hi = tl.where(chunk >= 0, tl.minimum(tl.maximum(pos - base, -1), BLOCK_N), -1).to(tl.int32)
+                    mask_n = (offs_n >= lo) & (offs_n <= hi)
                     token = first + offs_n
                 k_offs = slot * stride_k_slot + token * stride_k_n
                 v_offs = slot * stride_v_slot + token * stride_v_n
@@ -353,10 +337,6 @@ _MIN_BLOCK_TOKENS = _env_block_tokens()
 # (benchmarks/decode_attention.py --sweep-variants, the CPU tests).
 _WGMMA_ROWS = 64
 _GROUP_ROWS_OVERRIDE: int | None = None
-# Splits of equal token shares (cut mid-block) rather than of whole blocks, where blocks hold one
-# slot: with whole blocks the busiest SM reads up to a block more than the average (MQA batch 1 at
-# 512K: 123 programs of 9 blocks on 132 SMs, where 8.4 each would do). False: whole blocks.
-_EVEN_TOKEN_SPLITS = True
 
 
 def _decode_block_n(tokens: int, head_dim: int, elem_size: int) -> int:
@@ -400,31 +380,25 @@ def _group_rows(device: torch.device, dtype: torch.dtype, group: int, programs: 
 
 
 @functools.lru_cache(maxsize=4096)
-def _balanced_splits(programs: int, num_blocks: int, capacity: int, even: bool = False) -> int:
+def _balanced_splits(programs: int, num_blocks: int, capacity: int) -> int:
     """Split count with the least modelled time: waves of ``capacity`` resident programs, each wave as
-    long as its programs' blocks (``even``: an equal fraction of them, else whole blocks) plus a fixed
-    per-program cost; ties go to fewer splits (a smaller merge). Avoids a nearly empty last wave
-    (e.g. 9 x 32 = 288 programs on 264 places)."""
+    long as its programs' blocks plus a fixed per-program cost; ties go to fewer splits (a smaller
+    merge). Avoids a nearly empty last wave (e.g. 9 x 32 = 288 programs on 264 places)."""
     best, best_cost = 1, None
     for splits in range(1, min(_MAX_SPLITS, num_blocks) + 1):
         waves = -(-programs * splits // capacity)
-        cost = waves * ((num_blocks / splits if even else -(-num_blocks // splits)) + _PROGRAM_OVERHEAD_BLOCKS)
+        cost = waves * (-(-num_blocks // splits) + _PROGRAM_OVERHEAD_BLOCKS)
         if best_cost is None or cost < best_cost:
             best, best_cost = splits, cost
     return best
 
 
-def _decode_num_splits(
-    device: torch.device, programs: int, num_blocks: int, requested: int | None, *, even: bool = False
-) -> tuple[int, int]:
+def _decode_num_splits(device: torch.device, programs: int, num_blocks: int, requested: int | None) -> tuple[int, int]:
     """(splits, blocks per split) for ``programs`` (sequence, kv head) pairs over ``num_blocks`` blocks.
 
     Shapes alone decide (never data), so a captured CUDA graph replays the same grid. One program
     per SM when that leaves each at most ``_LATENCY_BOUND_BLOCKS`` blocks (short, latency-bound
     programs), else the ``_balanced_splits`` wave model with ``_SPLIT_WAVES`` programs per SM.
-    ``even``: splits are equal token shares (the kernel's ``EVEN_TOKENS``), so any count up to
-    ``num_blocks`` is kept as chosen and blocks per split is only the most whole blocks one covers;
-    otherwise splits of ``blocks per split`` whole blocks, the count trimmed so that none is empty.
     """
     if requested is not None:
         splits = requested
@@ -434,13 +408,11 @@ def _decode_num_splits(
         if one_per_sm >= 1 and -(-num_blocks // one_per_sm) <= _LATENCY_BOUND_BLOCKS:
             splits = one_per_sm
         else:
-            splits = _balanced_splits(programs, num_blocks, _SPLIT_WAVES * sms, even)
+            splits = _balanced_splits(programs, num_blocks, _SPLIT_WAVES * sms)
     else:
         splits = _INTERPRETER_SPLITS
     splits = max(1, min(splits, _MAX_SPLITS, num_blocks))
     blocks_per_split = max(1, triton.cdiv(num_blocks, splits))
-    if even:
-        return splits, blocks_per_split
     return max(1, triton.cdiv(num_blocks, blocks_per_split)), blocks_per_split
 
 
@@ -522,12 +494,11 @@ def _warn_reference_fallback(op: str, problem: str) -> None:
 
 def _launch_decode(
     q: Tensor, k: Tensor, v: Tensor, table: Tensor, pos: Tensor, valid_start: Tensor, *,
-    is_ring: bool, chunk: int, block_n: int, num_blocks: int, window: int, even: bool,
+    is_ring: bool, chunk: int, block_n: int, num_blocks: int, window: int,
     k_strides: tuple[int, int, int], v_strides: tuple[int, int, int],
     scale: float, softcap: float, num_splits: int | None, out: Tensor | None,
 ) -> Tensor:
-    """Shared by both launchers. ``*_strides``: (sequence, slot, token) strides of K/V; ``even``:
-    splits of equal token shares (blocks of one slot only)."""
+    """Shared by both launchers. ``*_strides``: (sequence, slot, token) strides of K/V."""
     batch, q_heads, head_dim = q.shape
     kv_heads = k.shape[2]
     group = q_heads // kv_heads
@@ -537,7 +508,7 @@ def _launch_decode(
         raise ValueError(f"out must be like q {tuple(q.shape)} {q.dtype}, got {tuple(out.shape)} {out.dtype} on {out.device}")
     if out.numel() == 0:
         return out
-    splits, blocks_per_split = _decode_num_splits(q.device, batch * kv_heads, num_blocks, num_splits, even=even)
+    splits, blocks_per_split = _decode_num_splits(q.device, batch * kv_heads, num_blocks, num_splits)
     ws_o, ws_ml = _workspace(q.device, batch, q_heads, splits, head_dim)
     config = _decode_config(head_dim, block_n, q.element_size())
     pdl = _use_pdl(q.device)
@@ -559,7 +530,6 @@ def _launch_decode(
         HEAD_DIM=head_dim,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         USE_PDL=pdl,
-        EVEN_TOKENS=even,
         **config,
     )
     _launch_merge((ws_o, ws_ml), out, splits, pdl=pdl)
@@ -574,15 +544,14 @@ def _sparse_blocks(slots: int, chunk: int, head_dim: int, elem_size: int) -> tup
 
 def sparse_launch_plan(q: Tensor, k_pool: Tensor, slot_chunk: Tensor, num_splits: int | None = None) -> dict:
     """What ``sparse_decode_attention_triton`` launches for these operands (shapes alone decide):
-    tokens per block, blocks per sequence, whether splits are equal token shares, the split count
-    and the query-group rows of the split kernel. For benchmarks and reports."""
+    tokens per block, blocks per sequence, the split count and the query-group rows of the split
+    kernel. For benchmarks and reports."""
     chunk, kv_heads, head_dim = k_pool.shape[1:]
     block_n, num_blocks = _sparse_blocks(slot_chunk.shape[1], chunk, head_dim, k_pool.element_size())
-    even = _EVEN_TOKEN_SPLITS and block_n <= chunk
     programs = q.shape[0] * kv_heads
-    splits, _ = _decode_num_splits(q.device, programs, num_blocks, num_splits, even=even)
+    splits, _ = _decode_num_splits(q.device, programs, num_blocks, num_splits)
     rows = _group_rows(q.device, q.dtype, q.shape[1] // kv_heads, programs * splits)
-    return dict(block_tokens=block_n, blocks=num_blocks, even_token_splits=even, splits=splits, group_rows=rows)
+    return dict(block_tokens=block_n, blocks=num_blocks, splits=splits, group_rows=rows)
 
 
 def _merge_tiles(splits: int, head_dim: int) -> tuple[int, int]:
@@ -644,7 +613,6 @@ def sparse_decode_attention_triton(
     return _launch_decode(
         q, k_pool, v_pool, slot_chunk, pos, valid_start,
         is_ring=False, chunk=chunk, block_n=block_n, window=slots, num_blocks=num_blocks,
-        even=_EVEN_TOKEN_SPLITS and block_n <= chunk,
         k_strides=(slots * k_pool.stride(0), k_pool.stride(0), k_pool.stride(1)),
         v_strides=(slots * v_pool.stride(0), v_pool.stride(0), v_pool.stride(1)),
         scale=scale, softcap=softcap, num_splits=num_splits, out=out,
@@ -675,7 +643,7 @@ def ring_decode_attention_triton(
     block_n = _decode_block_n(window, head_dim, k_ring.element_size())
     return _launch_decode(
         q, k_ring, v_ring, pos, pos, valid_start,
-        is_ring=True, chunk=block_n, block_n=block_n, num_blocks=triton.cdiv(window, block_n), window=max(window, 1), even=False,
+        is_ring=True, chunk=block_n, block_n=block_n, num_blocks=triton.cdiv(window, block_n), window=max(window, 1),
         k_strides=(k_ring.stride(0), 0, k_ring.stride(1)),
         v_strides=(v_ring.stride(0), 0, v_ring.stride(1)),
         scale=scale, softcap=softcap, num_splits=num_splits, out=out,

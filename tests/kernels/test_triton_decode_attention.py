@@ -136,22 +136,6 @@ def test_sparse_decode_with_query_group_padded_to_64_rows(monkeypatch, dtype):
     assert_matches_reference(out, sparse_decode_attention_ref(*args, scale=0.2), dtype)
 
 
-@pytest.mark.parametrize("even", [True, False], ids=["token-shares", "whole-blocks"])
-@pytest.mark.parametrize("splits", [2, 3, 7, 11])
-def test_sparse_decode_splits_cut_mid_block(monkeypatch, even, splits):
-    """Token-even splits (``_EVEN_TOKEN_SPLITS``) cut blocks between two programs: 11 one-slot blocks of
-    32 tokens in 2 / 3 / 7 / 11 shares, so most cuts fall inside a block, some inside the partial
-    tail chunk or the left padding. A row read by both programs, or by neither, moves the output
-    (dead rows hold garbage); whole-block splits over the same inputs as the control."""
-    monkeypatch.setattr(decode, "_EVEN_TOKEN_SPLITS", even)
-    args = sparse_case(batch=3, kv_heads=2, group=4, head_dim=16, chunk=32, dtype=torch.float32, seed=splits,
-                       num_chunks=14, slots=11)
-    monkeypatch.setattr(decode, "_MIN_BLOCK_TOKENS", 32)
-    assert decode._decode_block_n(32, 16, 4) == 32  # one block per slot: the token-even path
-    out = sparse_decode_attention_triton(*args, scale=0.3, num_splits=splits, out=poisoned_like(args[0]))
-    assert_matches_reference(out, sparse_decode_attention_ref(*args, scale=0.3), torch.float32)
-
-
 def test_group_rows_and_pdl_choices(monkeypatch):
     """On sm90: 64 rows for 16-bit groups of 32 when every program has an SM (else, and for fp32, the
     group's own power of two); PDL from sm90 on; shapes decide."""
@@ -322,21 +306,18 @@ def test_split_count_depends_on_shapes_only(monkeypatch):
     assert decode._decode_num_splits(cuda, 8, 277, 5) == (5, 56)
 
 
-def test_token_even_split_count_fills_the_gpu(monkeypatch):
-    """Token shares need not be whole blocks, so the count is the one chosen, not trimmed to
-    cdiv(blocks, blocks per split): every SM busy at batch 1, both places of every SM at 8 programs."""
+def test_launch_plan_reports_what_the_launcher_runs(monkeypatch):
+    """``sparse_launch_plan`` (benchmarks report it) agrees with the split rule and the block size."""
     monkeypatch.setattr(decode, "_sm_count", lambda index: 132)
-    cuda = torch.device("cuda", 0)
-    assert decode._decode_num_splits(cuda, 1, 1106, None, even=True) == (132, 9)  # MQA, 512K (whole blocks: 123)
-    assert decode._decode_num_splits(cuda, 1, 1106, None)[0] == 123
-    assert decode._decode_num_splits(cuda, 8, 277, None, even=True) == (33, 9)  # 264 programs (whole blocks: 31)
-    assert decode._decode_num_splits(cuda, 32, 277, None, even=True)[0] == 8  # one wave of 256, not two
-    assert decode._decode_num_splits(cuda, 1, 70, None, even=True) == (70, 1)  # never below a block each
-    for programs, num_blocks in [(8, 277), (64, 277), (8, 3), (1, 10_000), (256, 40), (32, 277), (1, 277)]:
-        splits, per_split = decode._decode_num_splits(cuda, programs, num_blocks, None, even=True)
-        assert 1 <= splits <= min(decode._MAX_SPLITS, num_blocks) and per_split == -(-num_blocks // splits)
-        waves = programs * splits / (decode._SPLIT_WAVES * 132)
-        assert waves <= 1 or waves >= 1.5 or waves == int(waves), (programs, num_blocks, splits)
+    monkeypatch.setattr(decode, "_capability", lambda index: (9, 0))
+    q = torch.empty(1, 32, 128, dtype=torch.bfloat16)
+    pool = torch.empty(277, 64, 1, 128, dtype=torch.bfloat16)
+    plan = decode.sparse_launch_plan(q.to("meta"), pool.to("meta"), torch.empty(1, 277, dtype=torch.long, device="meta"))
+    assert plan["blocks"] == 277 and plan["block_tokens"] == 64
+    # meta tensors are not CUDA: the interpreter's split count, and no padding to wgmma rows
+    assert plan["splits"] == decode._INTERPRETER_SPLITS and plan["group_rows"] == 32
+    plan = decode.sparse_launch_plan(q, torch.empty(1108, 16, 1, 128, dtype=torch.bfloat16), torch.empty(1, 1108, dtype=torch.long))
+    assert plan["blocks"] == 277 and plan["block_tokens"] == 64  # 64-token blocks span four 16-token slots
 
 
 def test_min_block_tokens_setting_is_checked(monkeypatch):
