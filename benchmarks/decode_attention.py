@@ -210,6 +210,20 @@ def variants_case(name: str, batch: int, context: int, hq: int, hkv: int, scale:
         except (Exception, SystemExit) as exc:  # recorded, not fatal (e.g. shared memory does not fit)
             times[key] = repr(exc)[:200]
     times["default_again"] = timed()
+    # where the time goes: the split kernel without the merge, and both over a table of empty slots
+    # (every K/V load masked off: the same instructions and launches without the reads)
+    merge = DECODE._launch_merge
+    empty = torch.full_like(slot_chunk, -1)
+    try:
+        DECODE._launch_merge = lambda *a, **k: None
+        times["split_only"] = timed()
+        slot_chunk, saved_table = empty, slot_chunk
+        times["split_only_empty_table"] = timed()
+        DECODE._launch_merge = merge
+        times["empty_table"] = timed()
+        slot_chunk = saved_table
+    finally:
+        DECODE._launch_merge = merge
     return {"layout": name, "batch": batch, "context": context, "chunk": CHUNK, "floor_ms": round(floor_ms, 4),
             "plan": plan, "one_per_sm_splits": one_per_sm, "two_per_sm_splits": two_per_sm, "ms": times, "max_abs_err": errors}
 
@@ -284,6 +298,7 @@ def main() -> None:
     parser.add_argument("--sweep-splits", action="store_true", help="time a list of split counts per case instead")
     parser.add_argument("--sweep-variants", action="store_true", help="time kernel variants side by side per case instead")
     parser.add_argument("--chunk", type=int, default=CHUNK, help="tokens per chunk of the pool (default 64)")
+    parser.add_argument("--layouts", default="all", help="all, or a comma list of llama3 / mqa")
     args = parser.parse_args()
     CHUNK = args.chunk
     if not torch.cuda.is_available():
@@ -291,6 +306,8 @@ def main() -> None:
     head_dim = 128
     scale = head_dim ** -0.5
     layouts = {"llama3-8b (32q/8kv)": (32, 8), "mqa (32q/1kv)": (32, 1)}
+    if args.layouts != "all":
+        layouts = {k: v for k, v in layouts.items() if k.split(" ")[0].startswith(tuple(args.layouts.split(",")))}
     checks = {}
     for name, (hq, hkv) in layouts.items():
         for batch, context in ((1, 131072), (8, 32768), (3, 4096)):
