@@ -85,8 +85,23 @@ def default_splits(q, k_pool, slot_chunk) -> int:
     return DECODE.sparse_launch_plan(q, k_pool, slot_chunk)["splits"]
 
 
-def set_pdl(enabled: bool) -> None:
-    DECODE._PDL_ENABLED = enabled
+@contextlib.contextmanager
+def launcher_settings(*, rows=None, warps=4, stages=None, tokens=None, pdl=None):
+    """The launcher's tuning knobs set for a block (None: left as they are; 4 warps is the launcher's
+    own), restored after it."""
+    saved = (DECODE._GROUP_ROWS_OVERRIDE, DECODE._decode_config, DECODE._MIN_BLOCK_TOKENS, DECODE._use_pdl)
+    try:
+        if rows is not None:
+            DECODE._GROUP_ROWS_OVERRIDE = rows
+        if stages is not None or warps != 4:
+            DECODE._decode_config = lambda *a: {**saved[1](*a), "num_warps": warps, **({"num_stages": stages} if stages else {})}
+        if tokens is not None:
+            DECODE._MIN_BLOCK_TOKENS = tokens
+        if pdl is not None:
+            DECODE._use_pdl = lambda *a: pdl
+        yield
+    finally:
+        DECODE._GROUP_ROWS_OVERRIDE, DECODE._decode_config, DECODE._MIN_BLOCK_TOKENS, DECODE._use_pdl = saved
 
 
 SWEEP_SPLITS = (4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 200, 264, 396, 528)
@@ -108,43 +123,32 @@ def sweep_case(name: str, batch: int, context: int, hq: int, hkv: int, scale: fl
     split_list = sorted({*(x for x in (*SWEEP_SPLITS, *per_sm) if x <= blocks), chosen})
     times = {splits: round(time_cuda_graph(functools.partial(run, splits)), 4) for splits in split_list}
     # two pipeline stages: 52 KB of shared memory instead of 77, so three programs fit on an SM
-    default_config = DECODE._decode_config
-    DECODE._decode_config = lambda *a: {"num_warps": 4, "num_stages": 2}
-    try:
+    with launcher_settings(stages=2):
         times_s2 = {splits: round(time_cuda_graph(functools.partial(run, splits)), 4) for splits in split_list}
-    finally:
-        DECODE._decode_config = default_config
     # blocks of 64 / 128 tokens (128: a block spans two 64-token slots) x 2 / 3 stages, each at
     # its own default split count, each checked against the reference first
     by_block = {}
-    default_tokens = DECODE._MIN_BLOCK_TOKENS
     for tokens in (64, 128):
-        DECODE._MIN_BLOCK_TOKENS = tokens
         try:
-            err = check((q, k_pool, v_pool, slot_chunk, pos, valid_start), scale)
+            with launcher_settings(tokens=tokens):
+                err = check((q, k_pool, v_pool, slot_chunk, pos, valid_start), scale)
             for stages in (2, 3):
-                DECODE._decode_config = lambda *a, st=stages: {"num_warps": 4, "num_stages": st}
-                by_block[f"t{tokens}s{stages}"] = {"ms": round(time_cuda_graph(
-                    lambda: DECODE.sparse_decode_attention_triton(q, k_pool, v_pool, slot_chunk, pos, valid_start, scale=scale, out=out)), 4),
-                    "max_abs_err": err}
+                with launcher_settings(tokens=tokens, stages=stages):
+                    by_block[f"t{tokens}s{stages}"] = {"ms": round(time_cuda_graph(
+                        lambda: DECODE.sparse_decode_attention_triton(q, k_pool, v_pool, slot_chunk, pos, valid_start, scale=scale, out=out)), 4),
+                        "max_abs_err": err}
         except (Exception, SystemExit) as exc:  # recorded, not fatal
             by_block[f"t{tokens}"] = repr(exc)[:200]
-        finally:
-            DECODE._decode_config = default_config
-            DECODE._MIN_BLOCK_TOKENS = default_tokens
-    set_pdl(False)
-    no_pdl = round(time_cuda_graph(functools.partial(run, chosen)), 4)
-    set_pdl(True)
+    with launcher_settings(pdl=False):
+        no_pdl = round(time_cuda_graph(functools.partial(run, chosen)), 4)
     by_config = {}
     for warps in (4, 8):
         for stages in (2, 3, 4):
-            DECODE._decode_config = lambda *a, w=warps, st=stages: {"num_warps": w, "num_stages": st}
             try:
-                by_config[f"w{warps}s{stages}"] = round(time_cuda_graph(functools.partial(run, chosen)), 4)
+                with launcher_settings(warps=warps, stages=stages):
+                    by_config[f"w{warps}s{stages}"] = round(time_cuda_graph(functools.partial(run, chosen)), 4)
             except Exception as exc:  # a configuration that does not fit (shared memory) is recorded, not fatal
                 by_config[f"w{warps}s{stages}"] = repr(exc)[:120]
-            finally:
-                DECODE._decode_config = default_config
     ws = DECODE._workspace(q.device, batch, hq, chosen, 128)
     merge_only = round(time_cuda_graph(functools.partial(DECODE._launch_merge, ws, out, chosen)), 4)
     best = min(times, key=times.get)
@@ -156,24 +160,6 @@ def sweep_case(name: str, batch: int, context: int, hq: int, hkv: int, scale: fl
         "ms_by_splits": {str(k): v for k, v in times.items()},
         "ms_by_warps_stages": by_config,
     }
-
-
-@contextlib.contextmanager
-def launcher_settings(*, rows=None, warps=4, stages=None, tokens=None, pdl=None):
-    """The launcher's tuning knobs set for a block (None: left as they are), restored after it."""
-    saved = (DECODE._GROUP_ROWS_OVERRIDE, DECODE._decode_config, DECODE._MIN_BLOCK_TOKENS, DECODE._use_pdl)
-    try:
-        if rows is not None:
-            DECODE._GROUP_ROWS_OVERRIDE = rows
-        if stages is not None or warps != 4:
-            DECODE._decode_config = lambda *a: {**saved[1](*a), "num_warps": warps, **({"num_stages": stages} if stages else {})}
-        if tokens is not None:
-            DECODE._MIN_BLOCK_TOKENS = tokens
-        if pdl is not None:
-            DECODE._use_pdl = lambda *a: pdl
-        yield
-    finally:
-        DECODE._GROUP_ROWS_OVERRIDE, DECODE._decode_config, DECODE._MIN_BLOCK_TOKENS, DECODE._use_pdl = saved
 
 
 def variants_case(name: str, batch: int, context: int, hq: int, hkv: int, scale: float) -> dict:
