@@ -19,10 +19,9 @@ default and 1-4 programs per SM too) with 3 and with 2 pipeline stages; at the d
 without the programmatic dependent launch of the merge, at 4 or 8 warps x 2-4 pipeline stages;
 with 64- and 128-token blocks (a block spanning two slots); and the merge alone: the data behind
 the launch heuristics in ``kernels/decode_attention.py``. ``--sweep-variants`` times kernel variants
-side by side at each case (the slot table read an iteration ahead or in the block's own step, timed
-alternately; query group padded to 16 / 64 rows, 4 / 8 warps, 2-4 stages, one and two programs per
-SM, 128-token blocks; with ``--chunk`` under 64, blocks of 32 / 64 / 128 tokens; the split kernel
-alone and over empty slots), each checked against the reference first.
+side by side at each case (query group padded to 16 / 64 rows, 4 / 8 warps, 2-4 stages, one and
+two programs per SM, 128-token blocks; with ``--chunk`` under 64, blocks of 32 / 64 / 128 tokens;
+the split kernel alone and over empty slots), each checked against the reference first.
 
     python benchmarks/decode_attention.py --out benchmarks/results/decode_attention.json
     python benchmarks/decode_attention.py --sweep-splits --out benchmarks/results/decode_splits.json
@@ -87,10 +86,10 @@ def default_splits(q, k_pool, slot_chunk) -> int:
 
 
 @contextlib.contextmanager
-def launcher_settings(*, rows=None, warps=4, stages=None, tokens=None, pdl=None, table_ahead=None):
+def launcher_settings(*, rows=None, warps=4, stages=None, tokens=None, pdl=None):
     """The launcher's tuning knobs set for a block (None: left as they are; 4 warps is the launcher's
     own), restored after it."""
-    saved = (DECODE._GROUP_ROWS_OVERRIDE, DECODE._decode_config, DECODE._MIN_BLOCK_TOKENS, DECODE._use_pdl, DECODE._TABLE_AHEAD)
+    saved = (DECODE._GROUP_ROWS_OVERRIDE, DECODE._decode_config, DECODE._MIN_BLOCK_TOKENS, DECODE._use_pdl)
     try:
         if rows is not None:
             DECODE._GROUP_ROWS_OVERRIDE = rows
@@ -100,11 +99,9 @@ def launcher_settings(*, rows=None, warps=4, stages=None, tokens=None, pdl=None,
             DECODE._MIN_BLOCK_TOKENS = tokens
         if pdl is not None:
             DECODE._use_pdl = lambda *a: pdl
-        if table_ahead is not None:
-            DECODE._TABLE_AHEAD = table_ahead
         yield
     finally:
-        DECODE._GROUP_ROWS_OVERRIDE, DECODE._decode_config, DECODE._MIN_BLOCK_TOKENS, DECODE._use_pdl, DECODE._TABLE_AHEAD = saved
+        DECODE._GROUP_ROWS_OVERRIDE, DECODE._decode_config, DECODE._MIN_BLOCK_TOKENS, DECODE._use_pdl = saved
 
 
 SWEEP_SPLITS = (4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 200, 264, 396, 528)
@@ -167,8 +164,7 @@ def sweep_case(name: str, batch: int, context: int, hq: int, hkv: int, scale: fl
 
 def variants_case(name: str, batch: int, context: int, hq: int, hkv: int, scale: float) -> dict:
     """Kernel variants side by side, each checked against the reference first: the launcher's
-    default (timed first and last: the run-to-run spread) and with the table read in each block's
-    own step (alternately, twice); the query group padded to 16 / 64 rows
+    default (timed first and last: the run-to-run spread); the query group padded to 16 / 64 rows
     (64: Hopper's wgmma), 64 rows at 8 warps; 2 / 4 pipeline stages; one and two programs per SM;
     blocks of 128 tokens (spanning two slots), and with chunks under 64 tokens of 32 / 128."""
     case = make_case(batch, context, hq, hkv, 128)
@@ -185,8 +181,7 @@ def variants_case(name: str, batch: int, context: int, hq: int, hkv: int, scale:
             q, k_pool, v_pool, slot_chunk, pos, valid_start, scale=scale, num_splits=splits, out=out)), 4)
 
     # name: (launcher settings, splits); None: the launcher's choice
-    variants = {"default": ({}, None), "table_in_step": ({"table_ahead": False}, None),
-                "rows16": ({"rows": 16}, None), "rows64": ({"rows": 64}, None),
+    variants = {"default": ({}, None), "rows16": ({"rows": 16}, None), "rows64": ({"rows": 64}, None),
                 "rows64_w8": ({"rows": 64, "warps": 8}, None), "s2": ({"stages": 2}, None), "s4": ({"stages": 4}, None),
                 "1_per_sm": ({}, one_per_sm), "2_per_sm": ({}, two_per_sm),
                 "t128": ({"tokens": 128}, None), "t128_s3": ({"tokens": 128, "stages": 3}, None)}
@@ -201,12 +196,6 @@ def variants_case(name: str, batch: int, context: int, hq: int, hkv: int, scale:
         except (Exception, SystemExit) as exc:  # recorded, not fatal (e.g. shared memory does not fit)
             times[key] = repr(exc)[:200]
     times["default_again"] = timed()
-    # the table read an iteration ahead (the default) against in the block's own step, alternately
-    alternate = {"default": [], "table_in_step": []}
-    for _ in range(2):
-        for key, ahead in (("default", None), ("table_in_step", False)):
-            with launcher_settings(table_ahead=ahead):
-                alternate[key].append(timed())
     # where the time goes: the split kernel without the merge, and both over a table of empty slots
     # (every K/V load masked off: the same instructions and launches without the reads)
     merge = DECODE._launch_merge
@@ -222,8 +211,7 @@ def variants_case(name: str, batch: int, context: int, hq: int, hkv: int, scale:
     finally:
         DECODE._launch_merge = merge
     return {"layout": name, "batch": batch, "context": context, "chunk": CHUNK, "floor_ms": round(floor_ms, 4),
-            "plan": plan, "one_per_sm_splits": one_per_sm, "two_per_sm_splits": two_per_sm, "ms": times, "max_abs_err": errors,
-            "alternate_ms": alternate}
+            "plan": plan, "one_per_sm_splits": one_per_sm, "two_per_sm_splits": two_per_sm, "ms": times, "max_abs_err": errors}
 
 
 # -- the read floor: the plainest one-launch read of the same bytes --------------------------------

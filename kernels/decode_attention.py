@@ -127,7 +127,6 @@ if triton is not None:
         HEAD_DIM: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
         USE_PDL: tl.constexpr,
-        TABLE_AHEAD: tl.constexpr,
     ):
         """One (sequence, kv head, split): partial attention of the kv head's query group.
 
@@ -177,12 +176,6 @@ if triton is not None:
 
         blk_start = pid_s.to(tl.int64) * blocks_per_split  # int64 bounds: an int64 induction variable
         blk_end = tl.minimum(blk_start + blocks_per_split, num_blocks)
-        table_row = table_ptr + pid_b * stride_table_b
-        if TABLE_AHEAD:
-            # a block's table entry is loaded one iteration before the block's own: the pipeliner
-            # issues a block's K/V copies in the iteration that loads its entry, so a load of the
-            # same iteration put one global round trip between them in every iteration
-            chunk_ahead = tl.load(table_row + (blk_start // SUBS) * stride_table_s, mask=blk_start < blk_end, other=-1)
         for blk in range(blk_start, blk_end):
             if IS_RING:
                 token = blk * BLOCK_N + offs_n
@@ -195,18 +188,14 @@ if triton is not None:
                     # a block spans SPAN consecutive slots (``window`` holds the slot count here)
                     slot = blk * SPAN + offs_n // CHUNK
                     token = offs_n % CHUNK
-                    chunk = tl.load(table_row + slot * stride_table_s, mask=slot < window, other=-1)
+                    chunk = tl.load(table_ptr + pid_b * stride_table_b + slot * stride_table_s, mask=slot < window, other=-1)
                     position = chunk * CHUNK + token
                     # an empty slot (chunk -1) has only negative positions: position >= 0 tests fill
                     mask_n = (position >= 0) & (position <= pos) & (position >= valid_start)
                 else:
                     slot = blk // SUBS
                     first = (blk % SUBS) * BLOCK_N
-                    if TABLE_AHEAD:
-                        chunk = chunk_ahead
-                        chunk_ahead = tl.load(table_row + ((blk + 1) // SUBS) * stride_table_s, mask=blk + 1 < blk_end, other=-1)
-                    else:
-                        chunk = tl.load(table_row + slot * stride_table_s)
+                    chunk = tl.load(table_ptr + pid_b * stride_table_b + slot * stride_table_s)
                     # the block's valid tokens are one run [lo, hi] of offsets: per-block scalar bounds,
                     # then two int32 compares per token (an empty slot, chunk -1, gets hi = -1); three
                     # int64 position compares per token cost ~30 more instructions per block (run 23)
@@ -348,8 +337,6 @@ _MIN_BLOCK_TOKENS = _env_block_tokens()
 # (benchmarks/decode_attention.py --sweep-variants, the CPU tests).
 _WGMMA_ROWS = 64
 _GROUP_ROWS_OVERRIDE: int | None = None
-# Blocks of one slot load their table entry an iteration ahead (see the split kernel).
-_TABLE_AHEAD = True
 
 
 def _decode_block_n(tokens: int, head_dim: int, elem_size: int) -> int:
@@ -543,7 +530,6 @@ def _launch_decode(
         HEAD_DIM=head_dim,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         USE_PDL=pdl,
-        TABLE_AHEAD=_TABLE_AHEAD and not is_ring and block_n <= chunk,
         **config,
     )
     _launch_merge((ws_o, ws_ml), out, splits, pdl=pdl)

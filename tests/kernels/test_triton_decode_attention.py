@@ -97,11 +97,8 @@ def _case_id(case):
     return f"g{group}-d{head_dim}-c{chunk}-b{batch}-{'cap' if softcap else 'nocap'}-{DTYPE_IDS[dtype]}-s{splits}"
 
 
-@pytest.mark.parametrize("table_ahead", [True, False], ids=["table-ahead", "table-in-step"])
 @pytest.mark.parametrize("case", SPARSE_CASES, ids=_case_id)
-def test_sparse_decode_matches_reference(monkeypatch, case, table_ahead):
-    """Both ways of reading the slot table (``_TABLE_AHEAD``: an iteration ahead, or in the block's own)."""
-    monkeypatch.setattr(decode, "_TABLE_AHEAD", table_ahead)
+def test_sparse_decode_matches_reference(case):
     group, head_dim, chunk, batch, softcap, dtype, splits = case
     args = sparse_case(
         batch=batch, kv_heads=2, group=group, head_dim=head_dim, chunk=chunk, dtype=dtype, seed=zlib.crc32(repr(case).encode())
