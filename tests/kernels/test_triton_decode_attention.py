@@ -306,18 +306,21 @@ def test_split_count_depends_on_shapes_only(monkeypatch):
     assert decode._decode_num_splits(cuda, 8, 277, 5) == (5, 56)
 
 
-def test_launch_plan_reports_what_the_launcher_runs(monkeypatch):
-    """``sparse_launch_plan`` (benchmarks report it) agrees with the split rule and the block size."""
-    monkeypatch.setattr(decode, "_sm_count", lambda index: 132)
-    monkeypatch.setattr(decode, "_capability", lambda index: (9, 0))
-    q = torch.empty(1, 32, 128, dtype=torch.bfloat16)
-    pool = torch.empty(277, 64, 1, 128, dtype=torch.bfloat16)
-    plan = decode.sparse_launch_plan(q.to("meta"), pool.to("meta"), torch.empty(1, 277, dtype=torch.long, device="meta"))
-    assert plan["blocks"] == 277 and plan["block_tokens"] == 64
-    # meta tensors are not CUDA: the interpreter's split count, and no padding to wgmma rows
-    assert plan["splits"] == decode._INTERPRETER_SPLITS and plan["group_rows"] == 32
-    plan = decode.sparse_launch_plan(q, torch.empty(1108, 16, 1, 128, dtype=torch.bfloat16), torch.empty(1, 1108, dtype=torch.long))
-    assert plan["blocks"] == 277 and plan["block_tokens"] == 64  # 64-token blocks span four 16-token slots
+@pytest.mark.parametrize("chunk, splits", [(32, None), (32, 3), (16, None)])
+def test_launch_plan_reports_what_the_launcher_runs(monkeypatch, chunk, splits):
+    """``sparse_launch_plan`` (the benchmarks record it) names the block size, block count and split
+    count the launcher then uses: its workspace of split partials is keyed by that split count."""
+    monkeypatch.setattr(decode, "_WORKSPACES", {})
+    monkeypatch.setattr(decode, "_MIN_BLOCK_TOKENS", 32)
+    args = sparse_case(batch=2, kv_heads=1, group=4, head_dim=16, chunk=chunk, dtype=torch.float32, seed=chunk,
+                       num_chunks=12, slots=9)
+    plan = decode.sparse_launch_plan(args[0], args[1], args[3], num_splits=splits)
+    assert plan["block_tokens"] == 32 and plan["blocks"] == (9 if chunk == 32 else 5)  # 16-token slots: two per block
+    assert plan["group_rows"] == 16
+    out = sparse_decode_attention_triton(*args, scale=0.3, num_splits=splits, out=poisoned_like(args[0]))
+    assert_matches_reference(out, sparse_decode_attention_ref(*args, scale=0.3), torch.float32)
+    assert [key[3] for key in decode._WORKSPACES] == [plan["splits"]]
+    assert plan["splits"] == (splits or decode._INTERPRETER_SPLITS)
 
 
 def test_min_block_tokens_setting_is_checked(monkeypatch):
