@@ -176,9 +176,9 @@ def variants_case(name: str, batch: int, context: int, hq: int, hkv: int, scale:
     one_per_sm = min(plan["blocks"], max(1, sms // (batch * hkv)))
     two_per_sm = min(plan["blocks"], max(1, 2 * sms // (batch * hkv)))
 
-    def timed(splits=None) -> float:
+    def timed(splits=None, table=slot_chunk) -> float:
         return round(time_cuda_graph(lambda: DECODE.sparse_decode_attention_triton(
-            q, k_pool, v_pool, slot_chunk, pos, valid_start, scale=scale, num_splits=splits, out=out)), 4)
+            q, k_pool, v_pool, table, pos, valid_start, scale=scale, num_splits=splits, out=out)), 4)
 
     # name: (launcher settings, splits); None: the launcher's choice
     variants = {"default": ({}, None), "rows16": ({"rows": 16}, None), "rows64": ({"rows": 64}, None),
@@ -198,16 +198,13 @@ def variants_case(name: str, batch: int, context: int, hq: int, hkv: int, scale:
     times["default_again"] = timed()
     # where the time goes: the split kernel without the merge, and both over a table of empty slots
     # (every K/V load masked off: the same instructions and launches without the reads)
-    merge = DECODE._launch_merge
     empty = torch.full_like(slot_chunk, -1)
+    times["empty_table"] = timed(table=empty)
+    merge = DECODE._launch_merge
     try:
         DECODE._launch_merge = lambda *a, **k: None
         times["split_only"] = timed()
-        slot_chunk, saved_table = empty, slot_chunk
-        times["split_only_empty_table"] = timed()
-        DECODE._launch_merge = merge
-        times["empty_table"] = timed()
-        slot_chunk = saved_table
+        times["split_only_empty_table"] = timed(table=empty)
     finally:
         DECODE._launch_merge = merge
     return {"layout": name, "batch": batch, "context": context, "chunk": CHUNK, "floor_ms": round(floor_ms, 4),
@@ -294,6 +291,8 @@ def main() -> None:
     layouts = {"llama3-8b (32q/8kv)": (32, 8), "mqa (32q/1kv)": (32, 1)}
     if args.layouts != "all":
         layouts = {k: v for k, v in layouts.items() if k.split(" ")[0].startswith(tuple(args.layouts.split(",")))}
+        if not layouts:
+            raise SystemExit(f"--layouts {args.layouts!r}: give all, or a comma list of llama3 / mqa")
     checks = {}
     for name, (hq, hkv) in layouts.items():
         for batch, context in ((1, 131072), (8, 32768), (3, 4096)):
