@@ -217,7 +217,7 @@ def check_coverage() -> None:
         args = (q, k_pool, v_pool, slot_chunk, pos, torch.tensor([3], device="cuda"))
         ref = K.sparse_decode_attention_ref(*args, scale=head_dim**-0.5, softcap=softcap)
         out = K.sparse_decode_attention_triton(*args, scale=head_dim**-0.5, softcap=softcap)
-        rows = DECODE._group_rows(q.device, dtype, 32, 3)
+        rows = DECODE.sparse_launch_plan(q, k_pool, slot_chunk)["group_rows"]
         emit(check_close(f"coverage {str(dtype)[6:]} D={head_dim} C={chunk} G=32 rows={rows} softcap={softcap}", out, ref, **TOLERANCES[dtype]))
         ring = (q, k_pool.view(1, slots * chunk, 1, head_dim), v_pool.view(1, slots * chunk, 1, head_dim), pos, args[5])
         ref = K.ring_decode_attention_ref(*ring, scale=head_dim**-0.5, softcap=softcap)
@@ -468,17 +468,17 @@ def time_dense_sdpa(batch: int, iters: int) -> None:
 
 def sweep(iters: int) -> None:
     """Split-kernel launch configurations for the sparse kernel at chunk 64 (graph-replay time)."""
-    default_config, default_waves = DECODE._decode_config, DECODE._SPLIT_WAVES
+    default_waves = DECODE._SPLIT_WAVES
     for batch in (1, 8):
         x = sparse_inputs(batch, 64, seed=71)
         nbytes = sparse_bytes(x)
-        call = lambda: K.sparse_decode_attention_triton(  # noqa: E731
-            x["q"], x["k_pool"], x["v_pool"], x["slot_chunk"], x["pos"], x["valid_start"], scale=HEAD_DIM**-0.5)
         for waves in (1, 2, 4, 8):
             for warps in (2, 4, 8):
                 for stages in (1, 2, 3, 4):
-                    DECODE._decode_config = lambda *a, w=warps, s=stages: dict(num_warps=w, num_stages=s)
-                    DECODE._SPLIT_WAVES = waves
+                    call = lambda w=warps, s=stages: K.sparse_decode_attention_triton(  # noqa: E731
+                        x["q"], x["k_pool"], x["v_pool"], x["slot_chunk"], x["pos"], x["valid_start"], scale=HEAD_DIM**-0.5,
+                        num_warps=w, num_stages=s)
+                    DECODE._SPLIT_WAVES = waves  # the split heuristic's programs per SM: a private constant, swapped here only
                     try:
                         timing = time_calls([call], iters)
                     except Exception as exc:  # e.g. out of shared memory
@@ -486,7 +486,7 @@ def sweep(iters: int) -> None:
                         continue
                     rec = dict(sweep=True, batch=batch, waves=waves, warps=warps, stages=stages, **timing)
                     emit(with_bandwidth(rec, nbytes))
-    DECODE._decode_config, DECODE._SPLIT_WAVES = default_config, default_waves
+    DECODE._SPLIT_WAVES = default_waves
 
 
 def main() -> int:

@@ -31,7 +31,6 @@ the split kernel alone and over empty slots), each checked against the reference
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import math
 import sys
@@ -70,10 +69,15 @@ def make_case(batch: int, context: int, q_heads: int, kv_heads: int, head_dim: i
     return q, k_pool, v_pool, slot_chunk, pos, valid_start
 
 
-def check(case, scale: float) -> float:
+def check(case, scale: float, **options) -> float:
+    """Max abs error against the reference: of the op, or with ``options`` (launch options of
+    ``sparse_decode_attention_triton``) of the launcher."""
     q, k_pool, v_pool, slot_chunk, pos, valid_start = case
     out = torch.full_like(q, float("nan"))
-    out.copy_(OPS.sparse_decode_attention(q, k_pool, v_pool, slot_chunk, pos, valid_start, scale, 0.0))
+    if options:
+        DECODE.sparse_decode_attention_triton(q, k_pool, v_pool, slot_chunk, pos, valid_start, scale=scale, out=out, **options)
+    else:
+        out.copy_(OPS.sparse_decode_attention(q, k_pool, v_pool, slot_chunk, pos, valid_start, scale, 0.0))
     ref = sparse_decode_attention_ref(q.float(), k_pool.float(), v_pool.float(), slot_chunk, pos, valid_start, scale=scale)
     err = (out.float() - ref).abs().max().item()
     if not err < 2e-2:
@@ -83,25 +87,6 @@ def check(case, scale: float) -> float:
 
 def default_splits(q, k_pool, slot_chunk) -> int:
     return DECODE.sparse_launch_plan(q, k_pool, slot_chunk)["splits"]
-
-
-@contextlib.contextmanager
-def launcher_settings(*, rows=None, warps=4, stages=None, tokens=None, pdl=None):
-    """The launcher's tuning knobs set for a block (None: left as they are; 4 warps is the launcher's
-    own), restored after it."""
-    saved = (DECODE._GROUP_ROWS_OVERRIDE, DECODE._decode_config, DECODE._MIN_BLOCK_TOKENS, DECODE._use_pdl)
-    try:
-        if rows is not None:
-            DECODE._GROUP_ROWS_OVERRIDE = rows
-        if stages is not None or warps != 4:
-            DECODE._decode_config = lambda *a: {**saved[1](*a), "num_warps": warps, **({"num_stages": stages} if stages else {})}
-        if tokens is not None:
-            DECODE._MIN_BLOCK_TOKENS = tokens
-        if pdl is not None:
-            DECODE._use_pdl = lambda *a: pdl
-        yield
-    finally:
-        DECODE._GROUP_ROWS_OVERRIDE, DECODE._decode_config, DECODE._MIN_BLOCK_TOKENS, DECODE._use_pdl = saved
 
 
 SWEEP_SPLITS = (4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 200, 264, 396, 528)
@@ -114,8 +99,9 @@ def sweep_case(name: str, batch: int, context: int, hq: int, hkv: int, scale: fl
     floor_ms = (2 * k_pool.numel() * k_pool.element_size() + slot_chunk.numel() * 8) / COPY_BANDWIDTH * 1e3
     out = torch.empty_like(q)
 
-    def run(splits: int) -> None:
-        DECODE.sparse_decode_attention_triton(q, k_pool, v_pool, slot_chunk, pos, valid_start, scale=scale, num_splits=splits, out=out)
+    def run(splits: int | None, **options) -> None:
+        DECODE.sparse_decode_attention_triton(
+            q, k_pool, v_pool, slot_chunk, pos, valid_start, scale=scale, num_splits=splits, out=out, **options)
 
     programs = batch * hkv
     sms = DECODE._sm_count(q.device.index)
@@ -123,30 +109,25 @@ def sweep_case(name: str, batch: int, context: int, hq: int, hkv: int, scale: fl
     split_list = sorted({*(x for x in (*SWEEP_SPLITS, *per_sm) if x <= blocks), chosen})
     times = {splits: round(time_cuda_graph(functools.partial(run, splits)), 4) for splits in split_list}
     # two pipeline stages: 52 KB of shared memory instead of 77, so three programs fit on an SM
-    with launcher_settings(stages=2):
-        times_s2 = {splits: round(time_cuda_graph(functools.partial(run, splits)), 4) for splits in split_list}
+    times_s2 = {splits: round(time_cuda_graph(functools.partial(run, splits, num_stages=2)), 4) for splits in split_list}
     # blocks of 64 / 128 tokens (128: a block spans two 64-token slots) x 2 / 3 stages, each at
     # its own default split count, each checked against the reference first
     by_block = {}
     for tokens in (64, 128):
         try:
-            with launcher_settings(tokens=tokens):
-                err = check((q, k_pool, v_pool, slot_chunk, pos, valid_start), scale)
+            err = check((q, k_pool, v_pool, slot_chunk, pos, valid_start), scale, min_block_tokens=tokens)
             for stages in (2, 3):
-                with launcher_settings(tokens=tokens, stages=stages):
-                    by_block[f"t{tokens}s{stages}"] = {"ms": round(time_cuda_graph(
-                        lambda: DECODE.sparse_decode_attention_triton(q, k_pool, v_pool, slot_chunk, pos, valid_start, scale=scale, out=out)), 4),
-                        "max_abs_err": err}
+                by_block[f"t{tokens}s{stages}"] = {
+                    "ms": round(time_cuda_graph(functools.partial(run, None, min_block_tokens=tokens, num_stages=stages)), 4),
+                    "max_abs_err": err}
         except (Exception, SystemExit) as exc:  # recorded, not fatal
             by_block[f"t{tokens}"] = repr(exc)[:200]
-    with launcher_settings(pdl=False):
-        no_pdl = round(time_cuda_graph(functools.partial(run, chosen)), 4)
+    no_pdl = round(time_cuda_graph(functools.partial(run, chosen, pdl=False)), 4)
     by_config = {}
     for warps in (4, 8):
         for stages in (2, 3, 4):
             try:
-                with launcher_settings(warps=warps, stages=stages):
-                    by_config[f"w{warps}s{stages}"] = round(time_cuda_graph(functools.partial(run, chosen)), 4)
+                by_config[f"w{warps}s{stages}"] = round(time_cuda_graph(functools.partial(run, chosen, num_warps=warps, num_stages=stages)), 4)
             except Exception as exc:  # a configuration that does not fit (shared memory) is recorded, not fatal
                 by_config[f"w{warps}s{stages}"] = repr(exc)[:120]
     ws = DECODE._workspace(q.device, batch, hq, chosen, 128)
@@ -176,23 +157,23 @@ def variants_case(name: str, batch: int, context: int, hq: int, hkv: int, scale:
     one_per_sm = min(plan["blocks"], max(1, sms // (batch * hkv)))
     two_per_sm = min(plan["blocks"], max(1, 2 * sms // (batch * hkv)))
 
-    def timed(splits=None, table=slot_chunk) -> float:
+    def timed(splits=None, table=slot_chunk, **options) -> float:
         return round(time_cuda_graph(lambda: DECODE.sparse_decode_attention_triton(
-            q, k_pool, v_pool, table, pos, valid_start, scale=scale, num_splits=splits, out=out)), 4)
+            q, k_pool, v_pool, table, pos, valid_start, scale=scale, num_splits=splits, out=out, **options)), 4)
 
-    # name: (launcher settings, splits); None: the launcher's choice
-    variants = {"default": ({}, None), "rows16": ({"rows": 16}, None), "rows64": ({"rows": 64}, None),
-                "rows64_w8": ({"rows": 64, "warps": 8}, None), "s2": ({"stages": 2}, None), "s4": ({"stages": 4}, None),
+    # name: (launch options of sparse_decode_attention_triton, splits); None: the launcher's choice
+    variants = {"default": ({}, None), "rows16": ({"group_rows": 16}, None), "rows64": ({"group_rows": 64}, None),
+                "rows64_w8": ({"group_rows": 64, "num_warps": 8}, None),
+                "s2": ({"num_stages": 2}, None), "s4": ({"num_stages": 4}, None),
                 "1_per_sm": ({}, one_per_sm), "2_per_sm": ({}, two_per_sm),
-                "t128": ({"tokens": 128}, None), "t128_s3": ({"tokens": 128, "stages": 3}, None)}
+                "t128": ({"min_block_tokens": 128}, None), "t128_s3": ({"min_block_tokens": 128, "num_stages": 3}, None)}
     if CHUNK < 64:
-        variants.update({"t128_rows16": ({"tokens": 128, "rows": 16}, None), "t32": ({"tokens": 32}, None)})
+        variants.update({"t128_rows16": ({"min_block_tokens": 128, "group_rows": 16}, None), "t32": ({"min_block_tokens": 32}, None)})
     times, errors = {}, {}
-    for key, (settings, splits) in variants.items():
+    for key, (options, splits) in variants.items():
         try:
-            with launcher_settings(**settings):
-                errors[key] = check(case, scale)
-                times[key] = timed(splits)
+            errors[key] = check(case, scale, **options)
+            times[key] = timed(splits, **options)
         except (Exception, SystemExit) as exc:  # recorded, not fatal (e.g. shared memory does not fit)
             times[key] = repr(exc)[:200]
     times["default_again"] = timed()

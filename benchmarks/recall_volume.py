@@ -9,7 +9,7 @@ LSA (offload mode), and records, for every selection after the first, the chunks
 and sequence, against the slots per layer; once per selector (``query-aware``: the default,
 ``random``: the random-weights-like baseline, ``recency``).
 
-    python benchmarks/recall_volume.py --filler 325 --steps 256 --out benchmarks/results/recall_volume_8k.json
+    python benchmarks/recall_volume.py --filler 325 --steps 256 --out benchmarks/results/recall_volume.json
     python benchmarks/recall_volume.py --model gemma-3-270m-q4_k_m.gguf --completion --filler 800 ...
 
 Keep the prompt plus ``--steps`` inside the model's training context (SmolLM2: 8,192 positions):

@@ -24,6 +24,9 @@ one dtype among fp16/bf16/fp32, head_dim and chunk size powers of two (16..256 a
 else on CUDA runs the reference (with a one-time warning); CPU tensors always run the reference.
 Where no position takes part at all, the kernels return zeros (the reference returns NaN).
 
+The launchers take each launch choice as a keyword argument (split count, tokens per block, query-group
+rows, warps, stages, PDL; default: the heuristics below), for benchmarks; the ops use the defaults.
+
 Per call on CUDA: two launches, no host sync (``pos`` and ``valid_start`` are read on the device), a
 grid fixed by shapes alone (so CUDA graphs replay it), one allocation (the output, which a custom op
 must return fresh; a graph replay reuses its address), and a float32 workspace of split partials
@@ -36,7 +39,6 @@ Not here: prefill attention (the model's own), choosing the resident chunks (the
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 
 import torch
@@ -132,7 +134,7 @@ if triton is not None:
 
         Blocks of ``BLOCK_N`` tokens are the unit of work: a chunk of the pool is ``CHUNK // BLOCK_N``
         blocks (one, unless the tile would not fit), or a block spans ``BLOCK_N // CHUNK`` slots
-        (chunks shorter than ``_MIN_BLOCK_TOKENS``; ``window`` then holds the slots per sequence);
+        (chunks shorter than ``min_block_tokens``; ``window`` then holds the slots per sequence);
         the ring (``window`` tokens) is ``cdiv(W, BLOCK_N)`` blocks. Writes,
         per query head of the group, the unnormalised accumulator to ``ws_o`` ``[B, Hq, splits,
         HEAD_DIM]`` and the running max (log2 domain) and sum of exponentials to ``ws_ml``
@@ -314,29 +316,14 @@ _INTERPRETER_SPLITS = 2
 # programs are latency-bound and a second program on the SM slows both (H200 sweep, run 8:
 # MQA batch 1 at 128K, 93 splits x 3 blocks 9.9 us against 139 x 2 blocks 10.8 us).
 _LATENCY_BOUND_BLOCKS = 12
-# Programmatic dependent launch of the merge kernel (sm90+): it starts while the split kernel runs
-# and waits on the device for its results. LSA_DECODE_PDL=0 turns it off.
-_PDL_ENABLED = os.environ.get("LSA_DECODE_PDL", "1") != "0"
-# Tokens per block of the pool at least (a block then spans several slots when chunks are smaller;
-# H200, run 22: 16-token chunks 1.75x faster at batch 8; 128 for 64-token chunks was slower).
-
-
-def _env_block_tokens(default: int = 64) -> int:
-    raw = os.environ.get("LSA_DECODE_MIN_BLOCK_TOKENS", str(default))
-    if not raw.isdigit() or not 16 <= int(raw) <= 256:
-        raise ValueError(f"LSA_DECODE_MIN_BLOCK_TOKENS={raw!r}: give a whole number of tokens from 16 to 256 (default {default})")
-    return int(raw)
-
-
-_MIN_BLOCK_TOKENS = _env_block_tokens()
+# Tokens per block of the pool at least, by default (a block then spans several slots when chunks are
+# smaller; H200, run 22: 16-token chunks 1.75x faster at batch 8; 128 for 64-token chunks was slower).
+_MIN_BLOCK_TOKENS = 64
 # Query-group rows of the split kernel's tiles: at least 16 (tl.dot); padded to 64 on sm90 for
 # groups of 32+ when every program has an SM to itself, so the dots compile to wgmma (2 barriers
 # per block instead of 9, no shared-memory round trip of the K/V fragments): H200 run 23, MQA batch 1
 # at 512K 14.6 against 16.0 us; with two programs per SM its 112 KB of shared memory lost (batch 8).
-# _GROUP_ROWS_OVERRIDE: None for that heuristic; an int pads every group to at least that many rows
-# (benchmarks/decode_attention.py --sweep-variants, the CPU tests).
 _WGMMA_ROWS = 64
-_GROUP_ROWS_OVERRIDE: int | None = None
 
 
 def _decode_block_n(tokens: int, head_dim: int, elem_size: int) -> int:
@@ -345,11 +332,13 @@ def _decode_block_n(tokens: int, head_dim: int, elem_size: int) -> int:
     return max(16, min(triton.next_power_of_2(tokens), cap))
 
 
-def _decode_config(head_dim: int, block_n: int, elem_size: int) -> dict:
+def _decode_config(head_dim: int, block_n: int, elem_size: int, num_warps: int | None, num_stages: int | None) -> dict:
+    """Warps and pipeline stages of the split kernel (None: the heuristic)."""
     # H200, bf16, D=128, C=64 (sweep over warps 2/4/8, stages 1-4, 1-8 programs per SM): 4 warps and
     # 3 stages were best or within 4% of best at batch 1 and 8; a third stage only where it fits.
     kv_tile = 2 * block_n * head_dim * elem_size
-    return dict(num_warps=4, num_stages=3 if 3 * kv_tile <= 160 * 1024 else 2)
+    return dict(num_warps=4 if num_warps is None else num_warps,
+                num_stages=(3 if 3 * kv_tile <= 160 * 1024 else 2) if num_stages is None else num_stages)
 
 
 @functools.lru_cache(maxsize=None)
@@ -363,16 +352,18 @@ def _capability(device_index: int) -> tuple[int, int]:
 
 
 def _use_pdl(device: torch.device) -> bool:
-    """Launch the merge as a programmatic dependent launch (sm90+; ``LSA_DECODE_PDL=0`` turns it off)."""
-    return _PDL_ENABLED and device.type == "cuda" and _capability(device.index)[0] >= 9
+    """Whether the merge can be a programmatic dependent launch (sm90+): it then starts while the split
+    kernel runs and waits on the device for its results."""
+    return device.type == "cuda" and _capability(device.index)[0] >= 9
 
 
-def _group_rows(device: torch.device, dtype: torch.dtype, group: int, programs: int) -> int:
-    """Rows of the query-group tile (``BLOCK_G``): see ``_WGMMA_ROWS`` (16-bit inputs only: fp32
+def _group_rows(device: torch.device, dtype: torch.dtype, group: int, programs: int, requested: int | None = None) -> int:
+    """Rows of the query-group tile (``BLOCK_G``): the group's own power of two (16 at least), padded
+    to ``requested`` rows when given, else to ``_WGMMA_ROWS`` where that pays (16-bit inputs only: fp32
     dots run at "ieee" precision, which wgmma does not do)."""
     rows = max(16, triton.next_power_of_2(group))
-    if _GROUP_ROWS_OVERRIDE is not None:
-        return max(rows, _GROUP_ROWS_OVERRIDE)
+    if requested is not None:
+        return max(rows, requested)
     if (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and _capability(device.index)[0] == 9
             and 32 <= rows < _WGMMA_ROWS and programs <= _sm_count(device.index)):
         return _WGMMA_ROWS
@@ -446,6 +437,30 @@ def _is_pow2_in(n: int, lo: int, hi: int) -> bool:
     return lo <= n <= hi and n & (n - 1) == 0
 
 
+def _is_pow2_int(n, lo: int, hi: int) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and _is_pow2_in(n, lo, hi)
+
+
+def _check_launch_options(
+    name: str, device: torch.device, *, min_block_tokens: int | None, group_rows: int | None,
+    num_warps: int | None, num_stages: int | None, pdl: bool | None,
+) -> bool:
+    """Refuse launch options the kernels cannot take (ValueError); returns whether to use PDL."""
+    if min_block_tokens is not None and not _is_pow2_int(min_block_tokens, 16, 256):
+        raise ValueError(f"{name}: min_block_tokens={min_block_tokens!r}: give a power of two from 16 to 256 (default {_MIN_BLOCK_TOKENS})")
+    if group_rows is not None and not _is_pow2_int(group_rows, 16, 128):
+        raise ValueError(f"{name}: group_rows={group_rows!r}: give a power of two from 16 to 128, or None for the heuristic")
+    if num_warps is not None and not _is_pow2_int(num_warps, 1, 16):
+        raise ValueError(f"{name}: num_warps={num_warps!r}: give a power of two from 1 to 16, or None for the heuristic")
+    if num_stages is not None and not (isinstance(num_stages, int) and 1 <= num_stages <= 8):
+        raise ValueError(f"{name}: num_stages={num_stages!r}: give a whole number from 1 to 8, or None for the heuristic")
+    if pdl is None:
+        return _use_pdl(device)
+    if pdl and not _use_pdl(device):
+        raise ValueError(f"{name}: pdl=True needs a CUDA GPU of compute capability 9.0 or later, got {device}")
+    return bool(pdl)
+
+
 def _decode_problem(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, valid_start: Tensor) -> str | None:
     """Why the Triton kernels cannot take these operands (None: they can)."""
     if triton is None:
@@ -496,7 +511,8 @@ def _launch_decode(
     q: Tensor, k: Tensor, v: Tensor, table: Tensor, pos: Tensor, valid_start: Tensor, *,
     is_ring: bool, chunk: int, block_n: int, num_blocks: int, window: int,
     k_strides: tuple[int, int, int], v_strides: tuple[int, int, int],
-    scale: float, softcap: float, num_splits: int | None, out: Tensor | None,
+    scale: float, softcap: float, num_splits: int | None, group_rows: int | None,
+    num_warps: int | None, num_stages: int | None, pdl: bool, out: Tensor | None,
 ) -> Tensor:
     """Shared by both launchers. ``*_strides``: (sequence, slot, token) strides of K/V."""
     batch, q_heads, head_dim = q.shape
@@ -510,8 +526,7 @@ def _launch_decode(
         return out
     splits, blocks_per_split = _decode_num_splits(q.device, batch * kv_heads, num_blocks, num_splits)
     ws_o, ws_ml = _workspace(q.device, batch, q_heads, splits, head_dim)
-    config = _decode_config(head_dim, block_n, q.element_size())
-    pdl = _use_pdl(q.device)
+    config = _decode_config(head_dim, block_n, q.element_size(), num_warps, num_stages)
 
     _decode_split_kernel[(batch, kv_heads, splits)](
         q, k, v, table, pos, valid_start, ws_o, ws_ml,
@@ -526,7 +541,7 @@ def _launch_decode(
         USE_SOFTCAP=softcap > 0.0,
         CHUNK=chunk,
         BLOCK_N=block_n,
-        BLOCK_G=_group_rows(q.device, q.dtype, group, batch * kv_heads * splits),
+        BLOCK_G=_group_rows(q.device, q.dtype, group, batch * kv_heads * splits, group_rows),
         HEAD_DIM=head_dim,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         USE_PDL=pdl,
@@ -536,22 +551,40 @@ def _launch_decode(
     return out
 
 
-def _sparse_blocks(slots: int, chunk: int, head_dim: int, elem_size: int) -> tuple[int, int]:
+def _sparse_blocks(slots: int, chunk: int, head_dim: int, elem_size: int, min_block_tokens: int) -> tuple[int, int]:
     """(tokens per block, blocks per sequence) of a pool of ``slots`` chunks of ``chunk`` tokens."""
-    block_n = _decode_block_n(max(chunk, _MIN_BLOCK_TOKENS), head_dim, elem_size)
+    block_n = _decode_block_n(max(chunk, min_block_tokens), head_dim, elem_size)
     return block_n, slots * (chunk // block_n) if block_n <= chunk else triton.cdiv(slots, block_n // chunk)
 
 
-def sparse_launch_plan(q: Tensor, k_pool: Tensor, slot_chunk: Tensor, num_splits: int | None = None) -> dict:
-    """What ``sparse_decode_attention_triton`` launches for these operands (shapes alone decide):
-    tokens per block, blocks per sequence, the split count and the query-group rows of the split
-    kernel. For benchmarks and reports."""
+def sparse_launch_plan(
+    q: Tensor,
+    k_pool: Tensor,
+    slot_chunk: Tensor,
+    *,
+    num_splits: int | None = None,
+    min_block_tokens: int = _MIN_BLOCK_TOKENS,
+    group_rows: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    pdl: bool | None = None,
+) -> dict:
+    """What ``sparse_decode_attention_triton`` launches for these operands and launch options (shapes
+    alone decide): tokens per block, blocks per sequence, the split count, the query-group rows,
+    warps and stages of the split kernel, and whether the merge is a programmatic dependent launch.
+    For benchmarks and reports; takes the launcher's options (see ``sparse_decode_attention_triton``).
+    """
+    pdl = _check_launch_options(
+        "sparse_launch_plan", q.device, min_block_tokens=min_block_tokens, group_rows=group_rows,
+        num_warps=num_warps, num_stages=num_stages, pdl=pdl,
+    )
     chunk, kv_heads, head_dim = k_pool.shape[1:]
-    block_n, num_blocks = _sparse_blocks(slot_chunk.shape[1], chunk, head_dim, k_pool.element_size())
+    block_n, num_blocks = _sparse_blocks(slot_chunk.shape[1], chunk, head_dim, k_pool.element_size(), min_block_tokens)
     programs = q.shape[0] * kv_heads
     splits, _ = _decode_num_splits(q.device, programs, num_blocks, num_splits)
-    rows = _group_rows(q.device, q.dtype, q.shape[1] // kv_heads, programs * splits)
-    return dict(block_tokens=block_n, blocks=num_blocks, splits=splits, group_rows=rows)
+    rows = _group_rows(q.device, q.dtype, q.shape[1] // kv_heads, programs * splits, group_rows)
+    config = _decode_config(head_dim, block_n, k_pool.element_size(), num_warps, num_stages)
+    return dict(block_tokens=block_n, blocks=num_blocks, splits=splits, group_rows=rows, **config, pdl=pdl)
 
 
 def _merge_tiles(splits: int, head_dim: int) -> tuple[int, int]:
@@ -594,28 +627,50 @@ def sparse_decode_attention_triton(
     scale: float,
     softcap: float = 0.0,
     num_splits: int | None = None,
+    min_block_tokens: int = _MIN_BLOCK_TOKENS,
+    group_rows: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    pdl: bool | None = None,
     out: Tensor | None = None,
 ) -> Tensor:
     """Triton launcher of ``lsa::sparse_decode_attention`` (CUDA; CPU tensors under ``TRITON_INTERPRET=1``).
 
     Two launches, no host sync: the split kernel on grid ``(B, Hkv, splits)`` and the merge kernel on
-    ``(B, Hq, D / BLOCK_D)`` (a programmatic dependent launch on sm90+). ``num_splits`` overrides the
-    split count (default: from the shapes and the GPU's SM count, see ``_decode_num_splits``).
-    Writes ``out`` (like ``q``) when given, else allocates it; the workspace of split partials is
-    cached per shape (see ``_workspace``).
+    ``(B, Hq, D / BLOCK_D)`` (a programmatic dependent launch on sm90+). Writes ``out`` (like ``q``)
+    when given, else allocates it; the workspace of split partials is cached per shape (see
+    ``_workspace``). ``sparse_launch_plan`` reports what a call launches.
+
+    Launch options (the op uses the defaults; anything else is for benchmarks):
+
+    - ``num_splits``: the split count (None: from the shapes and the GPU's SM count, see
+      ``_decode_num_splits``);
+    - ``min_block_tokens``: tokens per block at least, a power of two from 16 to 256: chunks shorter
+      than that are read several slots per block;
+    - ``group_rows``: rows of the query-group tile at least, a power of two from 16 to 128 (never
+      fewer than the group's own power of two; None: padded to 64 on sm90 where that pays, see
+      ``_WGMMA_ROWS``);
+    - ``num_warps``, ``num_stages``: of the split kernel (None: 4 warps, 3 stages where they fit);
+    - ``pdl``: launch the merge as a programmatic dependent launch (None: on sm90+; True elsewhere is
+      refused).
     """
+    use_pdl = _check_launch_options(
+        "sparse_decode_attention (Triton)", q.device, min_block_tokens=min_block_tokens, group_rows=group_rows,
+        num_warps=num_warps, num_stages=num_stages, pdl=pdl,
+    )
     problem = _sparse_problem(q, k_pool, v_pool, slot_chunk, pos, valid_start)
     if problem is not None:
         raise ValueError(f"sparse_decode_attention (Triton): {problem}")
     slots = slot_chunk.shape[1]
     chunk, _, head_dim = k_pool.shape[1:]
-    block_n, num_blocks = _sparse_blocks(slots, chunk, head_dim, k_pool.element_size())
+    block_n, num_blocks = _sparse_blocks(slots, chunk, head_dim, k_pool.element_size(), min_block_tokens)
     return _launch_decode(
         q, k_pool, v_pool, slot_chunk, pos, valid_start,
         is_ring=False, chunk=chunk, block_n=block_n, window=slots, num_blocks=num_blocks,
         k_strides=(slots * k_pool.stride(0), k_pool.stride(0), k_pool.stride(1)),
         v_strides=(slots * v_pool.stride(0), v_pool.stride(0), v_pool.stride(1)),
-        scale=scale, softcap=softcap, num_splits=num_splits, out=out,
+        scale=scale, softcap=softcap, num_splits=num_splits, group_rows=group_rows,
+        num_warps=num_warps, num_stages=num_stages, pdl=use_pdl, out=out,
     )
 
 
@@ -629,13 +684,22 @@ def ring_decode_attention_triton(
     scale: float,
     softcap: float = 0.0,
     num_splits: int | None = None,
+    group_rows: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    pdl: bool | None = None,
     out: Tensor | None = None,
 ) -> Tensor:
     """Triton launcher of ``lsa::ring_decode_attention``: the sparse kernel with ring positions.
 
     The ring ``[B, W, Hkv, D]`` is cut into blocks of ``BLOCK_N`` tokens (any ``W``; the last block is
-    masked); otherwise as ``sparse_decode_attention_triton``.
+    masked); otherwise, launch options included, as ``sparse_decode_attention_triton`` (no
+    ``min_block_tokens``: a ring block is as long as the window and the K/V tile allow).
     """
+    use_pdl = _check_launch_options(
+        "ring_decode_attention (Triton)", q.device, min_block_tokens=None, group_rows=group_rows,
+        num_warps=num_warps, num_stages=num_stages, pdl=pdl,
+    )
     problem = _ring_problem(q, k_ring, v_ring, pos, valid_start)
     if problem is not None:
         raise ValueError(f"ring_decode_attention (Triton): {problem}")
@@ -646,7 +710,8 @@ def ring_decode_attention_triton(
         is_ring=True, chunk=block_n, block_n=block_n, num_blocks=triton.cdiv(window, block_n), window=max(window, 1),
         k_strides=(k_ring.stride(0), 0, k_ring.stride(1)),
         v_strides=(v_ring.stride(0), 0, v_ring.stride(1)),
-        scale=scale, softcap=softcap, num_splits=num_splits, out=out,
+        scale=scale, softcap=softcap, num_splits=num_splits, group_rows=group_rows,
+        num_warps=num_warps, num_stages=num_stages, pdl=use_pdl, out=out,
     )
 
 

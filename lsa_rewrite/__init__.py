@@ -16,8 +16,13 @@ Example::
 
 from . import kernels  # noqa: F401  (registers the lsa:: custom ops)
 from .config import LSAConfig
-from .convert import LSARuntime, convert, footprint, inspect_model
+from .convert import convert, footprint, inspect_model
 from .runtime.store import KVStore, StoreError
+from .selectors import PerLayerSelector, SelectionWindow, Selector
+from .session import LSASession
 
-__all__ = ["KVStore", "LSAConfig", "LSARuntime", "StoreError", "convert", "footprint", "inspect_model"]
+__all__ = [
+    "KVStore", "LSAConfig", "LSASession", "PerLayerSelector", "SelectionWindow", "Selector", "StoreError", "convert", "footprint",
+    "inspect_model",
+]
 __version__ = "0.1.0"

@@ -1,48 +1,141 @@
-"""Chunk scorers the memory manager chooses the resident set with.
+"""Chunk selectors: the seam where the resident set's ranking comes from.
 
-A selector maps one layer's chunk index and latest query to a score per chunk ``[B, N]``; higher
-means more likely to be attended in the coming window. The manager adds the always-resident sink
-and recent tail and keeps the top-scoring chunks that fit the pool.
+A selector sees the sparsely attended layers' state (the tensors of the per-layer state contract,
+``runtime/state.py``: chunk index ``kmin``/``kmax``, the query tap ``q_tap``, ...) and the window
+about to start, and returns a score per chunk ``[L, B, N]`` (one row per layer in the order given;
+higher: more likely attended in the coming window). The selection policy (``runtime/policy.py``)
+adds the always-resident sink and tail, masks chunks that are not written yet or are gone, and keeps
+the top-scoring chunks that fit the pool. Selectors never allocate store state or move chunks.
 
-- ``query-aware`` (training-free default): an upper bound on ``q . k`` over each chunk from its
+- ``QueryAwareSelector`` (training-free default): an upper bound on ``q . k`` over each chunk from its
   per-channel key min/max (as Quest does), maxed over query heads.
-- ``recency``: newer chunks first (the keep-recent baseline).
-- ``random``: uniform scores from a seeded generator (the random baseline).
+- ``RecencySelector``: newer chunks first (the keep-recent baseline).
+- ``RandomSelector``: uniform scores from its own seeded generator (the random baseline); it never
+  draws from the global RNG, so a run is reproducible whatever else uses ``torch.manual_seed``.
+
+A wrapper (e.g. a tensor-parallel all-reduce of scores across ranks) implements the same protocol
+around another selector.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor
 
 from . import kernels  # noqa: F401  (registers lsa::chunk_scores)
 
-Selector = Callable[..., Tensor]
 
+@dataclass(frozen=True)
+class SelectionWindow:
+    """The decode window a selection chooses for.
 
-def query_aware_scores(q: Tensor, kmin: Tensor, kmax: Tensor, **_: object) -> Tensor:
-    """q [B, Hq, D], kmin/kmax [B, N, Hkv, D] -> [B, N] upper bound of q . k per chunk (max over heads).
-
-    Runs ``lsa::chunk_scores``: one bandwidth-bound Triton pass over the chunk index on CUDA, its
-    PyTorch reference elsewhere.
+    Args:
+        start: first position the window decodes (tokens ``< start`` are held).
+        interval: decode steps until the next selection.
+        lag: steps before this selection's recalled chunks join the tables.
+        chunk_size: tokens per chunk.
+        valid_start: first real position of each sequence (left padding before it).
     """
-    return torch.ops.lsa.chunk_scores(q, kmin, kmax)
+
+    start: int
+    interval: int
+    lag: int
+    chunk_size: int
+    valid_start: tuple[int, ...]
+
+    @property
+    def written_chunks(self) -> int:
+        """Chunks that hold at least one token before the window."""
+        return -(-self.start // self.chunk_size)
 
 
-def recency_scores(q: Tensor, kmin: Tensor, kmax: Tensor, **_: object) -> Tensor:
-    batch, num_chunks = kmin.shape[:2]
-    return torch.arange(num_chunks, dtype=torch.float32, device=kmin.device).expand(batch, num_chunks).clone()
+class LayerState(Protocol):
+    """What a selector may read of one sparsely attended layer: the contract's tensors as attributes."""
+
+    kmin: Tensor  # [B, N, Hkv, D]
+    kmax: Tensor  # [B, N, Hkv, D]
+    q_tap: Tensor  # [B, Hq, D]
 
 
-def random_scores(q: Tensor, kmin: Tensor, kmax: Tensor, *, generator: torch.Generator | None = None, **_: object) -> Tensor:
-    batch, num_chunks = kmin.shape[:2]
-    return torch.rand(batch, num_chunks, generator=generator).to(kmin.device)
+@runtime_checkable
+class Selector(Protocol):
+    """``scores(layers, window) -> [L, B, N]`` float scores, on the layers' device."""
+
+    name: str
+
+    def scores(self, layers: Sequence[LayerState], window: SelectionWindow) -> Tensor: ...
 
 
-SELECTORS: dict[str, Selector] = {
-    "query-aware": query_aware_scores,
-    "recency": recency_scores,
-    "random": random_scores,
-}
+class PerLayerSelector:
+    """A selector that scores each layer on its own state: subclasses implement ``layer_scores``."""
+
+    name = "per-layer"
+
+    def layer_scores(self, layer: LayerState, window: SelectionWindow) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def scores(self, layers: Sequence[LayerState], window: SelectionWindow) -> Tensor:
+        return torch.stack([self.layer_scores(layer, window).float() for layer in layers])
+
+
+class QueryAwareSelector(PerLayerSelector):
+    """Upper bound of ``q . k`` per chunk from the key bounds, max over query heads (``lsa::chunk_scores``).
+
+    Example::
+
+        >>> sel = QueryAwareSelector()
+        >>> sel.scores(store.chunk_layers, window).shape   # [L, B, N]
+    """
+
+    name = "query-aware"
+
+    def layer_scores(self, layer: LayerState, window: SelectionWindow) -> Tensor:
+        return torch.ops.lsa.chunk_scores(layer.q_tap, layer.kmin, layer.kmax)
+
+
+class RecencySelector(PerLayerSelector):
+    """Newer chunks score higher."""
+
+    name = "recency"
+
+    def layer_scores(self, layer: LayerState, window: SelectionWindow) -> Tensor:
+        batch, num_chunks = layer.kmin.shape[:2]
+        return torch.arange(num_chunks, dtype=torch.float32, device=layer.kmin.device).expand(batch, num_chunks).clone()
+
+
+class RandomSelector(PerLayerSelector):
+    """Uniform random scores from a generator of its own, seeded once (``LSAConfig.seed``)."""
+
+    name = "random"
+
+    def __init__(self, seed: int = 0):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def layer_scores(self, layer: LayerState, window: SelectionWindow) -> Tensor:
+        batch, num_chunks = layer.kmin.shape[:2]
+        return torch.rand(batch, num_chunks, generator=self.generator).to(layer.kmin.device)
+
+
+def make_selector(name: str, *, seed: int = 0, indexer: object | None = None) -> Selector:
+    """The selector named by ``LSAConfig.selector`` (a fresh one: the random selector's generator restarts).
+
+    Example::
+
+        >>> make_selector("recency").name
+        'recency'
+    """
+    if name == "query-aware":
+        return QueryAwareSelector()
+    if name == "recency":
+        return RecencySelector()
+    if name == "random":
+        return RandomSelector(seed)
+    if name == "indexer":
+        raise ValueError(
+            "selector='indexer' needs a trained LSA indexer, which this version cannot load yet; "
+            "use selector='query-aware' (the training-free default)"
+        )
+    raise ValueError(f"unknown selector {name!r}; known: query-aware, recency, random, indexer")

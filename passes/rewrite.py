@@ -19,8 +19,9 @@ After (``action="ring"``, sliding-window layers)::
     lsa.ring_append_kv(k_ring, v_ring, k_new.select(seq, 0), v_new.select(seq, 0), pos)
     out = lsa.ring_decode_attention(q.select(2, 0), k_ring, v_ring, pos, valid_start, scale, softcap).unsqueeze(2)
 
-The store's tensors become new placeholders after the step's own inputs, named
-``lsa_<layer>_<tensor>`` (plus ``lsa_pos`` and ``lsa_valid_start``); ``store_keys`` lists their
+The store's tensors become new placeholders after the step's own inputs, one per graph input the
+per-layer state contract (``lsa_rewrite.runtime.state``) declares, named ``lsa_<layer>_<tensor>``
+(``lsa_<tensor>`` for the store-wide ``pos`` and ``valid_start``); ``store_keys`` lists their
 ``(layer, tensor)`` in order. The original cache writes, the cache placeholders, everything only
 they fed (mask construction, repeat_kv) and the cache outputs are removed; the graph returns the
 logits alone. Parameters become ``get_attr`` of ``model.<name>``.
@@ -35,6 +36,8 @@ import torch
 import torch.fx as fx
 
 from lsa_rewrite import kernels  # noqa: F401  (registers the lsa:: ops used below)
+
+from lsa_rewrite.runtime.state import graph_inputs, store_graph_inputs
 
 from .capture import CapturedStep
 from .locate import AttentionSite, GraphPass
@@ -64,13 +67,11 @@ class RewriteAttentionPass(GraphPass):
             store_keys.append((layer, name))
             return node
 
-        pos = new_input(None, "pos")
-        valid_start = new_input(None, "valid_start")
+        # Placeholders for exactly the graph inputs the state contract declares (runtime/state.py).
+        store_inputs = {n: new_input(None, n) for n in store_graph_inputs()}
+        pos, valid_start = store_inputs["pos"], store_inputs["valid_start"]
         for site in sites:
-            if site.action == "ring":
-                tensors = {n: new_input(site.layer, n) for n in ("k_ring", "v_ring")}
-            else:
-                tensors = {n: new_input(site.layer, n) for n in ("k_pool", "v_pool", "slot_chunk", "chunk_slot", "kmin", "kmax", "q_tap")}
+            tensors = {n: new_input(site.layer, n) for n in graph_inputs(site.action)}
             with graph.inserting_before(site.attn):
                 k_tok = graph.call_method("select", (site.k_new, site.seq_dim, 0))  # [B, Hkv, D]
                 v_tok = graph.call_method("select", (site.v_new, site.seq_dim, 0))

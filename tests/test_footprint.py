@@ -48,8 +48,8 @@ def test_budget_quarter_footprint_and_accounting(llama, prompt, mode):
     assert fp["resident_kv_bytes"] == sum(t.numel() * t.element_size() for t in held)
     assert {id(t) for t in fed} <= {id(t) for t in held}
     manager = [t for t in held if id(t) not in {id(f) for f in fed}]
-    planned = sum(layer.planned.numel() * 8 + layer.available.numel() for layer in store._chunk_layers())
-    assert planned <= sum(t.numel() * t.element_size() for t in manager) <= planned + 64 * (len(store._chunk_layers()) + store.batch)
+    planned = sum(layer.planned.numel() * 8 + layer.available.numel() for layer in store.chunk_layers)
+    assert planned <= sum(t.numel() * t.element_size() for t in manager) <= planned + 64 * (len(store.chunk_layers) + store.batch)
     dense_bytes = store.batch * fp["tokens"] * sum(2 * s.kv_heads * s.head_dim * 4 for s in converted.lsa.sites)
     assert fp["dense_kv_bytes"] == dense_bytes
     assert fp["selections"] >= 3
@@ -98,7 +98,7 @@ def test_query_aware_keeps_what_attention_needs(llama, prompt):
         converted = no_eos(converted_copy(llama, config))
         # Teacher-forced on the dense tokens, so every selector is scored on the same sequence.
         out = converted(input_ids=prompt[:1], use_cache=True)
-        cache = out[converted.lsa.cache_field]
+        cache = out[converted.lsa.adapter.cache_field]
         step_logits = []
         for t in range(NEW - 1):
             token = dense_seq[:, PROMPT + t : PROMPT + t + 1]
@@ -117,7 +117,7 @@ def test_first_selection_uses_the_last_prompt_tokens_queries(llama, prompt):
     with torch.no_grad():
         llama(input_ids=prompt, use_cache=True, **{kw: dense_cache})
         out = converted(input_ids=prompt, use_cache=True)
-    store = out[converted.lsa.cache_field].store
+    store = out[converted.lsa.adapter.cache_field].store
     assert store.selections == 1 and store.steps == 0
     last = (PROMPT - 1) // CHUNK
     for site in converted.lsa.sites:

@@ -89,7 +89,7 @@ def test_batch_sequences_choose_their_own_resident_sets():
     hf_greedy(converted, ids, 40, attention_mask=mask, pad_token_id=0)
     store = converted.lsa.store
     assert store.selections >= 2 and not store.all_resident
-    for layer in store._chunk_layers():
+    for layer in store.chunk_layers:
         rows = [set(r) - {-1} for r in layer.slot_chunk.tolist()]
         assert rows[0] != rows[1], "both sequences hold the same chunks"
         # the first real chunk (sink) of each sequence is resident: sequence 0 starts after 120 pads
@@ -103,15 +103,15 @@ def test_next_generation_takes_over_the_mirror_and_retires_the_old_store():
     config = LSAConfig(budget=0.3, chunk_size=16, interval=16, sink_tokens=16, recent_tokens=16, max_context=512, recall_lag=3)
     converted = no_eos(converted_copy(model, config))
     first = converted(input_ids=_prompt(300, 6), use_cache=True)
-    old_cache = first[converted.lsa.cache_field]
+    old_cache = first[converted.lsa.adapter.cache_field]
     old_store = converted.lsa.store
-    mirror = old_store._chunk_layers()[0].mirror_k
+    mirror = old_store.chunk_layers[0].mirror_k
     assert mirror is not None and not old_store.all_resident
 
     ids = _prompt(280, 7)
     ours, _ = hf_greedy(converted, ids, 40)
     store = converted.lsa.store
-    assert store is not old_store and store._chunk_layers()[0].mirror_k is mirror
+    assert store is not old_store and store.chunk_layers[0].mirror_k is mirror
     assert store.selections >= 2
     fresh, _ = hf_greedy(no_eos(converted_copy(model, config)), ids, 40)
     assert torch.equal(ours, fresh)

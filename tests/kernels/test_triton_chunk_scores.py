@@ -1,5 +1,5 @@
 """Triton chunk scores (``chunk_scores_triton``) against ``chunk_scores_ref`` and the selector it mirrors
-(``lsa_rewrite.selectors.query_aware_scores``), on CPU tensors under Triton's interpreter.
+(``lsa_rewrite.selectors.QueryAwareSelector``), on CPU tensors under Triton's interpreter.
 
 Fresh random inputs per case; the output is poisoned (NaN) before each call.
 """
@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from lsa_rewrite.kernels import chunk_scores_ref, chunk_scores_triton  # noqa: E402
-from lsa_rewrite.selectors import query_aware_scores  # noqa: E402
+from lsa_rewrite.selectors import QueryAwareSelector, SelectionWindow  # noqa: E402
 
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 
@@ -83,7 +83,9 @@ def test_reference_is_the_quest_bound():
     qg = q.float().view(2, 1, 2, 4, 32)  # [B, 1, Hkv, G, D]
     lo, hi = kmin.float().unsqueeze(3), kmax.float().unsqueeze(3)  # [B, N, Hkv, 1, D]
     expected = torch.maximum(qg * lo, qg * hi).sum(-1).flatten(2).amax(-1)
-    torch.testing.assert_close(query_aware_scores(q, kmin, kmax), expected, atol=1e-5, rtol=1e-5)
+    layer = type("Layer", (), {"q_tap": q, "kmin": kmin, "kmax": kmax})()
+    window = SelectionWindow(start=11 * 16, interval=16, lag=0, chunk_size=16, valid_start=(0, 0))
+    torch.testing.assert_close(QueryAwareSelector().scores([layer], window)[0], expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(chunk_scores_ref(q, kmin, kmax), expected, atol=1e-5, rtol=1e-5)
 
 

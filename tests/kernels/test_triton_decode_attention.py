@@ -111,28 +111,26 @@ def test_sparse_decode_matches_reference(case):
     assert_matches_reference(out, ref, dtype)
 
 
-@pytest.mark.parametrize("splits", [13, 70])
-def test_sparse_decode_merges_in_tiles_and_head_dim_slices(monkeypatch, splits):
-    """With a merge tile of 8 splits and 128 partials per step: 2 or 9 tiles (the last partial), two
-    16-wide slices of the head dim, and splits that attend to nothing (empty slots) among them."""
-    monkeypatch.setattr(decode, "_MERGE_TILE", 8)
-    monkeypatch.setattr(decode, "_MERGE_TILE_ELEMENTS", 128)
-    monkeypatch.setattr(decode, "_MIN_BLOCK_TOKENS", 16)  # one block per 16-token slot: up to 75 splits
-    assert decode._merge_tiles(splits, 32) == (8, 16)
+def test_sparse_decode_merges_in_tiles_and_head_dim_slices():
+    """300 splits, more than one merge step takes: two tiles of 256 (the last partial), two 16-wide
+    slices of the head dim, and splits that attend to nothing (empty slots) among them."""
+    splits = 300
+    assert decode._merge_tiles(splits, 32) == (256, 16)
     args = sparse_case(
-        batch=2, kv_heads=1, group=4, head_dim=32, chunk=16, dtype=torch.float32, seed=splits, num_chunks=90, slots=75
+        batch=2, kv_heads=1, group=4, head_dim=32, chunk=16, dtype=torch.float32, seed=splits, num_chunks=320, slots=300
     )
-    out = sparse_decode_attention_triton(*args, scale=0.3, num_splits=splits, out=poisoned_like(args[0]))
+    # one block per 16-token slot, so there are blocks enough for 300 splits
+    out = sparse_decode_attention_triton(*args, scale=0.3, num_splits=splits, min_block_tokens=16, out=poisoned_like(args[0]))
     assert_matches_reference(out, sparse_decode_attention_ref(*args, scale=0.3), torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_sparse_decode_with_query_group_padded_to_64_rows(monkeypatch, dtype):
+def test_sparse_decode_with_query_group_padded_to_64_rows(dtype):
     """A group of 32 padded to the 64 rows of Hopper's wgmma (what the launcher does on sm90 at batch 1):
     the 32 zero rows must not reach the output or disturb the real ones."""
-    monkeypatch.setattr(decode, "_GROUP_ROWS_OVERRIDE", 64)
     args = sparse_case(batch=2, kv_heads=1, group=32, head_dim=32, chunk=32, dtype=dtype, seed=64)
-    out = sparse_decode_attention_triton(*args, scale=0.2, num_splits=3, out=poisoned_like(args[0]))
+    assert decode.sparse_launch_plan(args[0], args[1], args[3], group_rows=64)["group_rows"] == 64
+    out = sparse_decode_attention_triton(*args, scale=0.2, num_splits=3, group_rows=64, out=poisoned_like(args[0]))
     assert_matches_reference(out, sparse_decode_attention_ref(*args, scale=0.2), dtype)
 
 
@@ -149,6 +147,9 @@ def test_group_rows_and_pdl_choices(monkeypatch):
     assert decode._group_rows(cuda, torch.bfloat16, 4, 31) == 16
     assert decode._group_rows(cuda, torch.bfloat16, 64, 31) == 64
     assert decode._group_rows(torch.device("cpu"), torch.bfloat16, 32, 2) == 32
+    # asked for: at least that many rows, never fewer than the group's own power of two
+    assert decode._group_rows(cuda, torch.bfloat16, 32, 123, 16) == 32
+    assert decode._group_rows(cuda, torch.float32, 4, 248, 64) == 64
     assert decode._use_pdl(cuda)
     assert not decode._use_pdl(torch.device("cpu"))
     monkeypatch.setattr(decode, "_capability", lambda index: (8, 0))
@@ -311,24 +312,43 @@ def test_launch_plan_reports_what_the_launcher_runs(monkeypatch, chunk, splits):
     """``sparse_launch_plan`` (the benchmarks record it) names the block size, block count and split
     count the launcher then uses: its workspace of split partials is keyed by that split count."""
     monkeypatch.setattr(decode, "_WORKSPACES", {})
-    monkeypatch.setattr(decode, "_MIN_BLOCK_TOKENS", 32)
     args = sparse_case(batch=2, kv_heads=1, group=4, head_dim=16, chunk=chunk, dtype=torch.float32, seed=chunk,
                        num_chunks=12, slots=9)
-    plan = decode.sparse_launch_plan(args[0], args[1], args[3], num_splits=splits)
+    plan = decode.sparse_launch_plan(args[0], args[1], args[3], num_splits=splits, min_block_tokens=32)
     assert plan["block_tokens"] == 32 and plan["blocks"] == (9 if chunk == 32 else 5)  # 16-token slots: two per block
-    assert plan["group_rows"] == 16
-    out = sparse_decode_attention_triton(*args, scale=0.3, num_splits=splits, out=poisoned_like(args[0]))
+    assert plan["group_rows"] == 16 and plan["num_warps"] == 4 and plan["num_stages"] == 3 and plan["pdl"] is False
+    out = sparse_decode_attention_triton(*args, scale=0.3, num_splits=splits, min_block_tokens=32, out=poisoned_like(args[0]))
     assert_matches_reference(out, sparse_decode_attention_ref(*args, scale=0.3), torch.float32)
     assert [key[3] for key in decode._WORKSPACES] == [plan["splits"]]
     assert plan["splits"] == (splits or decode._INTERPRETER_SPLITS)
 
 
-def test_min_block_tokens_setting_is_checked(monkeypatch):
-    monkeypatch.setenv("LSA_DECODE_MIN_BLOCK_TOKENS", "128")
-    assert decode._env_block_tokens() == 128
-    monkeypatch.delenv("LSA_DECODE_MIN_BLOCK_TOKENS")
-    assert decode._env_block_tokens() == 64
-    for bad in ("abc", "8", "-64", "4096"):
-        monkeypatch.setenv("LSA_DECODE_MIN_BLOCK_TOKENS", bad)
-        with pytest.raises(ValueError, match="LSA_DECODE_MIN_BLOCK_TOKENS"):
-            decode._env_block_tokens()
+def test_launch_plan_defaults():
+    """Without options: 64-token blocks (a 16-token chunk's block spans 4 slots), the group's own rows
+    off sm90, no PDL on the CPU."""
+    args = sparse_case(batch=1, kv_heads=2, group=2, head_dim=16, chunk=16, dtype=torch.float32, seed=5, num_chunks=12, slots=9)
+    plan = decode.sparse_launch_plan(args[0], args[1], args[3])
+    assert plan == dict(block_tokens=64, blocks=3, splits=decode._INTERPRETER_SPLITS, group_rows=16,
+                        num_warps=4, num_stages=3, pdl=False)
+
+
+@pytest.mark.parametrize("option, bad, message", [
+    ("min_block_tokens", 8, "min_block_tokens=8: give a power of two from 16 to 256"),
+    ("min_block_tokens", 48, "min_block_tokens=48: give a power of two from 16 to 256"),
+    ("min_block_tokens", 512, "min_block_tokens=512: give a power of two from 16 to 256"),
+    ("min_block_tokens", "64", "min_block_tokens='64': give a power of two"),
+    ("group_rows", 24, "group_rows=24: give a power of two from 16 to 128"),
+    ("num_warps", 3, "num_warps=3: give a power of two from 1 to 16"),
+    ("num_stages", 0, "num_stages=0: give a whole number from 1 to 8"),
+    ("pdl", True, "pdl=True needs a CUDA GPU of compute capability 9.0 or later"),
+])
+def test_bad_launch_options_are_refused(option, bad, message):
+    args = sparse_case(batch=1, kv_heads=1, group=2, head_dim=16, chunk=16, dtype=torch.float32, seed=3)
+    with pytest.raises(ValueError, match=message):
+        sparse_decode_attention_triton(*args, scale=0.3, **{option: bad})
+    with pytest.raises(ValueError, match=message):
+        decode.sparse_launch_plan(args[0], args[1], args[3], **{option: bad})
+    if option != "min_block_tokens":
+        ring = (args[0], args[1].view(1, -1, 1, 16), args[2].view(1, -1, 1, 16), args[4], args[5])
+        with pytest.raises(ValueError, match=message):
+            ring_decode_attention_triton(*ring, scale=0.3, **{option: bad})

@@ -8,7 +8,7 @@ from zoo import HF_FAMILIES, SLIDING_FAMILIES, make_model
 
 import lsa_rewrite
 from lsa_rewrite import LSAConfig
-from lsa_rewrite.convert import HFAdapter, hf_layer_windows
+from lsa_rewrite.adapters import HFAdapter, hf_layer_windows
 from lsa_rewrite.passes import (
     LocateAttentionPass,
     RewriteAttentionPass,

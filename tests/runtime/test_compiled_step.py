@@ -17,7 +17,7 @@ def test_compiled_step_does_not_recompile_as_the_context_grows():
     prompt = torch.randint(3, 250, (1, 100), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         out = converted(input_ids=prompt, use_cache=True)
-    cache = out[converted.lsa.cache_field]
+    cache = out[converted.lsa.adapter.cache_field]
     store = cache.store
     program = converted.lsa.program(1)
     step = CompiledStep(program, store, cuda_graph=False, backend="aot_eager")

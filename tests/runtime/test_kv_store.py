@@ -523,7 +523,7 @@ def test_selection_never_reads_device_values_on_the_host(monkeypatch):
     decode(store, hist, 1 + interval)  # the next before_step() runs the second scheduled selection
     assert store.steps == store.next_selection
 
-    import lsa_rewrite.runtime.store as store_module
+    import lsa_rewrite.runtime.mover as store_module
 
     queued = []
     real_copy = store_module._copy

@@ -1,0 +1,156 @@
+"""``PlainDecoderAdapter``: plain PyTorch decoders with module-buffer KV caches (gpt-fast style).
+
+The model is called as ``model(input_ids [B, T], input_pos [T])`` and keeps its KV cache in module
+buffers written by index assignment. ``install`` releases those buffers (a converted model must not
+hold the dense cache); each prefill re-creates them, runs the model's own forward, moves the KV to the
+store and releases them again. A decode call (one token, at the next position) runs the session's
+rewritten step.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+
+from ..config import LSAConfig
+from ..passes import AttentionSite, CapturedStep, CaptureError, LocateError, capture_step, locate
+from ..session import model_device_dtype
+
+_CAPTURE_POS = 2  # position of the traced decode step
+
+
+class PlainDecoderAdapter:
+    """How to trace, prefill and call a plain decoder with module-buffer KV caches."""
+
+    input_names = ("input_ids", "input_pos")
+
+    def __init__(self, model: torch.nn.Module, config: LSAConfig):
+        self.model, self.config = model, config
+        self.forward = model.forward
+        params = [p for p in inspect.signature(model.forward).parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if len(params) < 2:
+            raise ValueError(
+                f"{type(model).__name__} is not a transformers model, and its forward takes {len(params)} positional "
+                "arguments; plain decoders must be called as model(input_ids [B, T], input_pos [T]) and keep their KV "
+                "cache in module buffers"
+            )
+        self.windows: dict[int, int] = {}
+        self.cache_buffers: dict[str, tuple[torch.Size, torch.dtype, torch.device]] = {}
+        self.sites: list[AttentionSite] = []
+        self.batch: int | None = None  # the batch its cache buffers were set up for (found by tracing)
+
+    # -- tracing ------------------------------------------------------------------------------
+    def capture(self, batch: int) -> CapturedStep:
+        if self.batch is not None and batch != self.batch:
+            raise ValueError(
+                f"this plain decoder was converted for batch {self.batch} (the batch of its cache buffers); got batch {batch}. "
+                "Set up its caches for that batch before convert()"
+            )
+        return self._capture(batch)
+
+    def _capture(self, batch: int) -> CapturedStep:
+        model = self.model
+        device, _ = model_device_dtype(model)
+        ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        pos = torch.tensor([_CAPTURE_POS], dtype=torch.long, device=device)
+        forward = self.forward
+        return capture_step(lambda a, b: forward(a, b), (ids, pos), input_names=self.input_names, model=model)
+
+    def trace(self) -> tuple[CapturedStep, list[AttentionSite]]:
+        """Trace with the batch the cache buffers were set up for (found by trying batch 1, then theirs).
+
+        Tracing writes into the model's cache buffers: every buffer is put back afterwards.
+        """
+        model = self.model
+        snapshot = {name: b.clone() for name, b in model.named_buffers()}
+        try:
+            batches = [1] + sorted({b.shape[0] for b in model.buffers() if b.dim() == 4 and b.is_floating_point()} - {1})
+            error: Exception | None = None
+            for batch in batches:
+                try:
+                    step = self._capture(batch)
+                    sites = locate(step)
+                except (CaptureError, LocateError) as exc:
+                    error = error or exc
+                    continue
+                if all(step.examples[s.k_source.name].shape[0] == batch for s in sites):
+                    self._remember(step, sites, batch)
+                    return step, sites
+            assert error is not None
+            raise error
+        finally:
+            for name, value in snapshot.items():
+                module_name, _, leaf = name.rpartition(".")
+                model.get_submodule(module_name)._buffers[leaf] = value
+
+    def _remember(self, step: CapturedStep, sites: list[AttentionSite], batch: int) -> None:
+        """Record the cache buffers the passes found (before the graph is rewritten)."""
+        self._bindings = dict(step.bindings)
+        self.sites = sites
+        self.batch = batch
+        for site in sites:
+            for node in (site.k_source, site.v_source):
+                binding = step.bindings[node.name]
+                if binding.kind != "param":
+                    raise ValueError(f"cache {node.name} of a plain decoder is not a module buffer ({binding.kind})")
+                t = step.examples[node.name]
+                self.cache_buffers[binding.name] = (t.shape, t.dtype, t.device)
+
+    def default_capacity(self) -> int:
+        lengths = {self.cache_buffers[self.buffer_name(site.k_source)][0][site.seq_dim] for site in self.sites}
+        return min(lengths) if lengths else 0
+
+    def buffer_name(self, node) -> str:
+        """The module-buffer name of a cache placeholder found by the passes."""
+        return self._bindings[node.name].name
+
+    def set_cache_buffers(self, materialize: bool) -> dict[str, torch.Tensor]:
+        """Re-create (zeros) or release (empty) the model's cache buffers; returns what is set."""
+        out = {}
+        for name, (shape, dtype, device) in self.cache_buffers.items():
+            module_name, _, leaf = name.rpartition(".")
+            module = self.model.get_submodule(module_name)
+            value = torch.zeros(shape, dtype=dtype, device=device) if materialize else torch.empty(0, dtype=dtype, device=device)
+            module._buffers[leaf] = value
+            out[name] = value
+        return out
+
+    # -- running ------------------------------------------------------------------------------
+    def install(self, session) -> None:
+        """Release the dense cache buffers and wrap ``forward``."""
+        self.set_cache_buffers(materialize=False)
+        original = self.model.forward
+
+        @functools.wraps(original)
+        def forward(*args, **kwargs):
+            return self.call(session, original, *args, **kwargs)
+
+        self.model.forward = forward
+
+    def call(self, session, original, input_ids: torch.Tensor, input_pos: torch.Tensor, *args, **kwargs):
+        batch, length = input_ids.shape
+        store = session.store
+        decoding = store is not None and store.length and length == 1 and not (input_pos.device.type == "cpu" and int(input_pos[0]) == 0)
+        if decoding:
+            if input_pos.device.type == "cpu" and int(input_pos[0]) != store.length:
+                raise ValueError(f"decode position {int(input_pos[0])} does not follow the {store.length} tokens held; positions must advance by one")
+            return session.decode({"input_ids": input_ids, "input_pos": input_pos}, store)
+        if int(input_pos[0]) != 0:
+            raise ValueError(f"a prefill must start at position 0, got {int(input_pos[0])}")
+        store = session.start_prefill(batch, prompt_len=length, valid_start=[0] * batch)
+        buffers = self.set_cache_buffers(materialize=True)
+        try:
+            with torch.no_grad():
+                logits = original(input_ids, input_pos, *args, **kwargs)
+                for site in self.sites:
+                    k = buffers[self.buffer_name(site.k_source)].narrow(site.seq_dim, 0, length)
+                    v = buffers[self.buffer_name(site.v_source)].narrow(site.seq_dim, 0, length)
+                    if site.seq_dim == 1:  # [B, T, H, D] -> [B, H, T, D]
+                        k, v = k.transpose(1, 2), v.transpose(1, 2)
+                    store.ingest(site.layer, k, v)
+        finally:
+            self.set_cache_buffers(materialize=False)
+        session.finish_prefill(store, length, {"input_ids": input_ids[:, -1:], "input_pos": input_pos[-1:]})
+        return logits

@@ -1,0 +1,465 @@
+"""The lookahead indexer: a small dual encoder that scores KV chunks for the coming decode window.
+
+What is here: ``IndexerConfig`` (frozen, versioned JSON form), ``LSAIndexer`` (per target layer: a
+low-rank query tower over the layer's query-projection input, and a document tower over the chunk
+index's key bounds; see docs/indexer.md), its initialisation from the model's own query projections
+(``LSAIndexer.from_query_weights``), the ``.safetensors`` file format (``save``/``load``) and
+``check_compatible``, which refuses an indexer trained for another model, chunk size or layer set.
+
+Not here: producing the inputs (calibration, the decode-graph taps), choosing the resident set from the
+scores (the memory manager), training (``train.py``). Nothing in this file imports the model code or
+``transformers``: the indexer must train and load in a process that never loads the backbone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ENSEMBLES = ("max", "mean")
+FILE_TYPE = "LSAIndexer"
+FILE_VERSION = 1
+# The model signature an indexer is trained for (docs/indexer.md), compared in this order.
+SIGNATURE_FIELDS = ("class", "model_type", "num_layers", "hidden_size", "q_heads", "kv_heads", "head_dim", "sparse_layers", "vocab_size")
+RMS_EPS = 1e-6
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def default_rank(hidden_size: int, *, q_dim: int | None = None) -> int:
+    """Rank of the query tower's projection: 64 for hidden <= 1024, else 256 (docs/indexer.md).
+
+    Capped by ``hidden_size`` and by ``q_dim = q_heads * head_dim`` when given: a truncated SVD of the
+    query projection has no more directions than that.
+
+    Example::
+
+        >>> default_rank(576), default_rank(4096), default_rank(32, q_dim=16)
+        (64, 256, 16)
+    """
+    rank = 64 if hidden_size <= 1024 else 256
+    return min(rank, hidden_size, q_dim if q_dim is not None else hidden_size)
+
+
+@dataclass(frozen=True)
+class IndexerConfig:
+    """Shape and behaviour of an ``LSAIndexer``.
+
+    Args:
+        hidden_size: width of the target layers' query-projection input.
+        q_heads, kv_heads, head_dim: the model's attention shape (``q_heads`` a multiple of ``kv_heads``).
+        rank: width of the low-rank query projection (``default_rank``).
+        target_layers: model layer indices the indexer reads (distinct, >= 0), in the order of its
+            per-layer parameters and of the ``Lt`` axis of its inputs.
+        ensemble: how target layers' probabilities combine: ``"max"`` (default) or ``"mean"``.
+        rope: queries get the model's rotary embedding (the cos/sin recorded at the query position).
+        threshold: probability above which a chunk is predicted to be attended.
+
+    Example::
+
+        >>> cfg = IndexerConfig(hidden_size=576, q_heads=9, kv_heads=3, head_dim=64, rank=64, target_layers=(9, 18, 27))
+        >>> IndexerConfig.from_dict(cfg.to_dict()) == cfg
+        True
+    """
+
+    hidden_size: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    rank: int
+    target_layers: tuple[int, ...]
+    ensemble: str = "max"
+    rope: bool = True
+    threshold: float = 0.5
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "q_heads", "kv_heads", "head_dim", "rank"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"IndexerConfig.{name} must be an int >= 1, got {value!r}")
+        if self.q_heads % self.kv_heads:
+            raise ValueError(f"q_heads={self.q_heads} must be a multiple of kv_heads={self.kv_heads} (grouped-query attention)")
+        layers = self.target_layers
+        if not isinstance(layers, (tuple, list)) or not layers or not all(_is_int(i) and i >= 0 for i in layers):
+            raise ValueError(f"target_layers must be a non-empty tuple of layer indices >= 0, got {layers!r}")
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"target_layers has repeated layers: {list(layers)}")
+        if isinstance(layers, list):
+            object.__setattr__(self, "target_layers", tuple(layers))
+        if self.ensemble not in ENSEMBLES:
+            raise ValueError(f"ensemble must be one of {ENSEMBLES}, got {self.ensemble!r}")
+        if not isinstance(self.rope, bool):
+            raise ValueError(f"rope must be True or False, got {self.rope!r}")
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold must be a probability in (0, 1), got {self.threshold!r}")
+        if self.version != 1:
+            raise ValueError(f"IndexerConfig version {self.version} is not supported by this lsa-rewrite (knows version 1)")
+
+    @property
+    def group(self) -> int:
+        """Query heads per KV head."""
+        return self.q_heads // self.kv_heads
+
+    def num_parameters(self) -> int:
+        """Parameters of an ``LSAIndexer`` with this config (without building it)."""
+        h, r, hq, hkv, d = self.hidden_size, self.rank, self.q_heads, self.kv_heads, self.head_dim
+        per_layer = r * h + r + hq * d * r + hq * h + hq + 2 * hkv * d + 2
+        return per_layer * len(self.target_layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Stable, versioned dict form (``_type``, ``_version``, ``_data``)."""
+        data = dataclasses.asdict(self)
+        version = data.pop("version")
+        data["target_layers"] = list(self.target_layers)
+        return {"_type": "IndexerConfig", "_version": version, "_data": data}
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> "IndexerConfig":
+        """Inverse of :meth:`to_dict`; unknown fields are an error, not silently dropped."""
+        if not isinstance(obj, dict) or obj.get("_type") != "IndexerConfig" or not isinstance(obj.get("_data"), dict):
+            raise ValueError(f"not an IndexerConfig dict (expected keys _type='IndexerConfig', _version, _data): {obj!r}")
+        data = dict(obj["_data"])
+        known = {f.name for f in dataclasses.fields(cls)} - {"version"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown IndexerConfig fields {unknown}; known fields are {sorted(known)}")
+        if isinstance(data.get("target_layers"), list):
+            data["target_layers"] = tuple(data["target_layers"])
+        return cls(**data, version=obj.get("_version", 1))
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """HF rotate-half rotary embedding ``x * cos + rotate_half(x) * sin`` on the first ``cos.shape[-1]``
+    channels of ``x`` (all of them unless the model rotates only part of each head)."""
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    head, tail = x[..., :rot], x[..., rot:]
+    return torch.cat((head * cos + rotate_half(head) * sin, tail), dim=-1)
+
+
+class TargetLayerIndexer(nn.Module):
+    """The parameters for one target layer (names of docs/indexer.md in the comments)."""
+
+    def __init__(self, config: IndexerConfig) -> None:
+        super().__init__()
+        h, r, hq, hkv, d = config.hidden_size, config.rank, config.q_heads, config.kv_heads, config.head_dim
+        self.down = nn.Parameter(torch.zeros(r, h))  # A [r, hidden]
+        self.norm = nn.Parameter(torch.ones(r))  # RMSNorm weight [r]
+        self.up = nn.Parameter(torch.zeros(hq * d, r))  # B [Hq * D, r]
+        self.head_weight = nn.Parameter(torch.zeros(hq, h))  # W [Hq, hidden]
+        self.head_bias = nn.Parameter(torch.full((hq,), 1.0 / hq))  # b_w [Hq]
+        self.centre_gain = nn.Parameter(torch.ones(hkv, d))  # s [Hkv, D]
+        self.half_gain = nn.Parameter(torch.zeros(hkv, d))  # t [Hkv, D]
+        # scale = exp(log_scale): optimised in log space so that it stays positive and moves by factors.
+        self.log_scale = nn.Parameter(torch.tensor(-0.5 * math.log(d)))
+        self.bias = nn.Parameter(torch.zeros(()))
+
+
+class LSAIndexer(nn.Module):
+    """Scores every chunk of the history: how likely the next ``interval`` tokens are to attend to it.
+
+    Per target layer ``l`` (docs/indexer.md)::
+
+        u      = RMSNorm(A x)                         x: the layer's query-projection input [hidden]
+        q_h    = rope(B_h u),  w_h = W_h x + b_w,h    per query head h
+        e_c,g  = s_g * centre_c,g + t_g * half_c,g    chunk c's key bounds, KV head g
+        z_c    = scale * sum_h w_h * relu(q_h . e_c,g(h)) + bias
+        p_c    = max (or mean) over target layers of sigmoid(z_c)
+
+    The methods work one target layer at a time and batch-first (what the runtime calls at selection
+    time): ``query`` -> ``layer_logits`` per layer, then ``ensemble``. ``forward`` chains them over all
+    target layers; ``logits`` returns the per-layer logits that training uses. All arithmetic is
+    float32 whatever the dtype of the inputs.
+
+    Attributes set by ``load``: ``signature`` (model signature), ``lsa`` (``chunk_size``, ``interval``),
+    ``metrics`` (held-out metrics or ``None``), ``source`` (the file).
+
+    Example::
+
+        >>> cfg = IndexerConfig(hidden_size=32, q_heads=4, kv_heads=2, head_dim=8, rank=16, target_layers=(1, 3))
+        >>> indexer = LSAIndexer.from_query_weights(cfg, {1: torch.randn(32, 32), 3: torch.randn(32, 32)})
+        >>> probs = indexer(x, cos, sin, kmin, kmax)  # x [B, 2, 32], cos/sin [B, 8], kmin/kmax [B, 2, N, 2, 8] -> [B, N]
+    """
+
+    def __init__(self, config: IndexerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleList(TargetLayerIndexer(config) for _ in config.target_layers)
+        self.signature: dict[str, Any] = {}
+        self.lsa: dict[str, Any] = {}
+        self.metrics: dict[str, Any] | None = None
+        self.source = "<in-memory indexer>"
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_query_weights(cls, config: IndexerConfig, weights: dict[int, Tensor]) -> "LSAIndexer":
+        """An untrained indexer that ranks chunks like the model's own queries against key centres.
+
+        ``weights[l]`` is target layer ``l``'s query projection ``W_q`` ``[q_heads * head_dim, hidden]``
+        (rows in the model's head order). ``A`` and ``B`` come from its rank-``r`` truncated SVD
+        (``W_q ~= B A``, singular values split as ``sqrt(S)`` on each side); the RMSNorm only rescales
+        ``u`` by a positive number, so at full rank ``q`` is the model's query up to a positive scale.
+        A query bias or query norm of the model is not folded in (training corrects it).
+        """
+        indexer = cls(config)
+        missing = [layer for layer in config.target_layers if layer not in weights]
+        if missing:
+            raise ValueError(f"query weights missing for target layers {missing} (have layers {sorted(weights)})")
+        expected = (config.q_heads * config.head_dim, config.hidden_size)
+        with torch.no_grad():
+            for i, layer in enumerate(config.target_layers):
+                w_q = weights[layer]
+                if tuple(w_q.shape) != expected:
+                    raise ValueError(
+                        f"query weight of layer {layer} has shape {tuple(w_q.shape)}, expected [q_heads * head_dim, hidden] = {list(expected)}"
+                    )
+                u, s, vh = torch.linalg.svd(w_q.detach().to(torch.float64).cpu(), full_matrices=False)
+                r = min(config.rank, s.numel())
+                root = s[:r].sqrt()
+                target = indexer.layers[i]
+                target.up.zero_()
+                target.down.zero_()
+                target.up[:, :r] = (u[:, :r] * root).float()
+                target.down[:r] = (root[:, None] * vh[:r]).float()
+        return indexer
+
+    @classmethod
+    def random_init(cls, config: IndexerConfig, *, generator: torch.Generator | None = None) -> "LSAIndexer":
+        """An indexer with random query projections (``A ~ N(0, 1/hidden)``, ``B ~ N(0, 1/rank)``), for
+        training when neither the model's query weights nor recorded queries are at hand."""
+        indexer = cls(config)
+        with torch.no_grad():
+            for target in indexer.layers:
+                target.down.copy_(torch.randn(target.down.shape, generator=generator) / math.sqrt(config.hidden_size))
+                target.up.copy_(torch.randn(target.up.shape, generator=generator) / math.sqrt(config.rank))
+        return indexer
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # -- scoring ------------------------------------------------------------------------------
+
+    def query(self, i: int, x: Tensor, cos: Tensor | None = None, sin: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Query tower of target layer number ``i``: x [B, hidden], cos/sin [B, D] -> (q [B, Hq, D], w [B, Hq])."""
+        cfg, target = self.config, self.layers[i]
+        x = x.float()
+        u = F.linear(x, target.down)  # [B, r]
+        u = u * torch.rsqrt(u.pow(2).mean(-1, keepdim=True) + RMS_EPS) * target.norm
+        q = F.linear(u, target.up).view(x.shape[0], cfg.q_heads, cfg.head_dim)  # [B, Hq, D]
+        if cfg.rope:
+            if cos is None or sin is None:
+                raise ValueError("this indexer applies rotary embeddings (rope=True): pass the cos/sin of the query position")
+            q = apply_rope(q, cos.float()[:, None], sin.float()[:, None])
+        elif cos is not None or sin is not None:
+            raise ValueError("this indexer was built for a model without rotary embeddings (rope=False): cos/sin must be None")
+        w = F.linear(x, target.head_weight, target.head_bias)  # [B, Hq]
+        return q, w
+
+    def layer_logits(self, i: int, q: Tensor, w: Tensor, kmin: Tensor, kmax: Tensor) -> Tensor:
+        """Document tower and score of target layer number ``i``: q [B, Hq, D], w [B, Hq],
+        kmin/kmax [B, N, Hkv, D] (any float dtype) -> logits [B, N] (``z + bias``, float32)."""
+        cfg, target = self.config, self.layers[i]
+        batch = q.shape[0]
+        lo, hi = kmin.float(), kmax.float()
+        keys = target.centre_gain * ((lo + hi) * 0.5) + target.half_gain * ((hi - lo) * 0.5)  # [B, N, Hkv, D]
+        qg = q.float().view(batch, cfg.kv_heads, cfg.group, cfg.head_dim)  # head h -> kv head h // G, as repeat_kv
+        dots = torch.einsum("bkgd,bnkd->bnkg", qg, keys)  # [B, N, Hkv, G]
+        z = (dots.relu() * w.float().view(batch, 1, cfg.kv_heads, cfg.group)).sum((-2, -1))  # [B, N]
+        return z * target.log_scale.exp() + target.bias
+
+    def ensemble(self, logits_list: list[Tensor] | tuple[Tensor, ...] | Tensor) -> Tensor:
+        """Per-layer logits (a list of [B, N], or [B, Lt, N]) -> probabilities [B, N] (max or mean over layers)."""
+        logits = torch.stack(list(logits_list), dim=1) if isinstance(logits_list, (list, tuple)) else logits_list
+        probs = torch.sigmoid(logits)
+        return probs.amax(1) if self.config.ensemble == "max" else probs.mean(1)
+
+    def logits(self, x: Tensor, cos: Tensor | None, sin: Tensor | None, kmin: Tensor, kmax: Tensor) -> Tensor:
+        """All target layers: x [B, Lt, hidden], cos/sin [B, D], kmin/kmax [B, Lt, N, Hkv, D] -> logits [B, Lt, N]."""
+        self._check_layers(x, kmin, kmax)
+        out = []
+        for i in range(len(self.layers)):
+            q, w = self.query(i, x[:, i], cos, sin)
+            out.append(self.layer_logits(i, q, w, kmin[:, i], kmax[:, i]))
+        return torch.stack(out, dim=1)
+
+    def forward(self, x: Tensor, cos: Tensor | None, sin: Tensor | None, kmin: Tensor, kmax: Tensor) -> Tensor:
+        """x [B, Lt, hidden], cos/sin [B, D] (or None), kmin/kmax [B, Lt, N, Hkv, D] -> probabilities [B, N]."""
+        return self.ensemble(self.logits(x, cos, sin, kmin, kmax))
+
+    def _check_layers(self, x: Tensor, kmin: Tensor, kmax: Tensor) -> None:
+        lt = len(self.layers)
+        if x.dim() != 3 or x.shape[1] != lt or kmin.dim() != 5 or kmin.shape[1] != lt or kmax.shape != kmin.shape:
+            raise ValueError(
+                f"expected x [B, Lt={lt}, hidden] and kmin/kmax [B, Lt={lt}, N, Hkv, D], got x {list(x.shape)}, "
+                f"kmin {list(kmin.shape)}, kmax {list(kmax.shape)}"
+            )
+
+    # -- file format --------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike, *, signature: dict, lsa: dict, metrics: dict | None = None) -> Path:
+        """Write weights and metadata to one ``.safetensors`` file (atomically: temp file, then rename).
+
+        ``signature``: the model signature it was trained for; ``lsa``: an ``LSAConfig.to_dict()`` or a
+        flat dict with at least ``chunk_size`` (and ``interval``); ``metrics``: held-out metrics.
+        The metadata holds ``_type``, ``_version``, and ``config``/``signature``/``lsa``/``metrics`` as JSON.
+        """
+        from safetensors.torch import save_file
+
+        if "chunk_size" not in lsa_fields(lsa):
+            raise ValueError(f"lsa must give the chunk_size the indexer is trained for (LSAConfig.to_dict() or a flat dict), got {lsa!r}")
+        path = Path(path)
+        tensors = {name: p.detach().to("cpu", torch.float32).contiguous() for name, p in self.named_parameters()}
+        metadata = {
+            "_type": FILE_TYPE,
+            "_version": str(FILE_VERSION),
+            "config": json.dumps(self.config.to_dict(), sort_keys=True),
+            "signature": json.dumps(_plain(signature), sort_keys=True),
+            "lsa": json.dumps(lsa_fields(lsa), sort_keys=True),
+            "metrics": json.dumps(_plain(metrics), sort_keys=True),
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+        self.signature, self.lsa, self.metrics = _plain(signature), lsa_fields(lsa), _plain(metrics)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu") -> "LSAIndexer":
+        """Read an indexer written by :meth:`save`; every error names the file and what is wrong."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"indexer file {path} does not exist")
+        if not path.is_file():
+            raise ValueError(f"indexer path {path} is not a file")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except Exception as exc:  # safetensors raises its own error types for bad headers
+            raise ValueError(f"indexer file {path} is not a readable safetensors file (corrupt or another format): {exc}") from None
+        if metadata.get("_type") != FILE_TYPE:
+            found = metadata.get("_type")
+            raise ValueError(f"{path} is a safetensors file but not an LSA indexer (metadata _type={found!r}, expected {FILE_TYPE!r})")
+        if metadata.get("_version") != str(FILE_VERSION):
+            raise ValueError(
+                f"{path} is an LSA indexer of format version {metadata.get('_version')!r}; this lsa-rewrite reads version {FILE_VERSION}"
+            )
+        fields = {}
+        for key in ("config", "signature", "lsa", "metrics"):
+            try:
+                fields[key] = json.loads(metadata[key])
+            except (KeyError, TypeError, json.JSONDecodeError) as exc:
+                raise ValueError(f"{path}: indexer metadata field {key!r} is missing or not JSON ({exc})") from None
+        try:
+            config = IndexerConfig.from_dict(fields["config"])
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{path}: invalid indexer config: {exc}") from None
+        indexer = cls(config)
+        expected = {name: tuple(p.shape) for name, p in indexer.named_parameters()}
+        missing = sorted(set(expected) - set(tensors))
+        if missing:
+            raise ValueError(f"{path}: indexer tensors missing: {missing}")
+        unexpected = sorted(set(tensors) - set(expected))
+        if unexpected:
+            raise ValueError(f"{path}: unexpected tensors for this indexer config: {unexpected}")
+        for name, shape in expected.items():
+            if tuple(tensors[name].shape) != shape:
+                raise ValueError(f"{path}: tensor {name} has shape {list(tensors[name].shape)}, the config needs {list(shape)}")
+        indexer.load_state_dict({name: t.float() for name, t in tensors.items()})
+        indexer.signature, indexer.lsa, indexer.metrics = fields["signature"] or {}, fields["lsa"] or {}, fields["metrics"]
+        indexer.source = str(path)
+        return indexer.to(device)
+
+
+def lsa_fields(lsa: dict | None) -> dict[str, Any]:
+    """The LSAConfig fields an indexer depends on (``chunk_size``, ``interval``), from an
+    ``LSAConfig.to_dict()`` or a flat dict."""
+    if not lsa:
+        return {}
+    data = lsa.get("_data", lsa) if isinstance(lsa, dict) else None
+    if not isinstance(data, dict):
+        raise ValueError(f"lsa must be an LSAConfig dict or a dict with chunk_size/interval, got {lsa!r}")
+    out = {key: data[key] for key in ("chunk_size", "interval") if key in data}
+    if "target_layers" in data:
+        out["target_layers"] = list(data["target_layers"])
+    return out
+
+
+def _plain(obj: Any) -> Any:
+    """JSON-normal form (tuples become lists) so that saved and live values compare equal."""
+    return json.loads(json.dumps(obj)) if obj is not None else None
+
+
+_MISSING = object()
+
+
+def check_compatible(indexer: LSAIndexer, signature: dict, lsa: dict) -> None:
+    """Refuse an indexer trained for another model, chunk size or target layer set.
+
+    ``signature``: the model signature of the converted model (fields of ``SIGNATURE_FIELDS``);
+    ``lsa``: its ``LSAConfig.to_dict()`` or a flat dict (``chunk_size``; optional ``target_layers``: the
+    layers the runtime taps). Raises ``ValueError`` naming the first field that differs. A different
+    ``interval`` is allowed (the indexer then looks ahead over another window length; quality may drop).
+    An indexer built in memory (no recorded signature or chunk size) is checked for its shape and
+    target layers only.
+
+    Example::
+
+        >>> check_compatible(LSAIndexer.load("smollm2.safetensors"), signature, LSAConfig(chunk_size=16).to_dict())
+    """
+    source = indexer.source
+    trained, model = _plain(indexer.signature) or {}, _plain(signature) or {}
+    # An indexer built in memory (e.g. ``from_query_weights``) records no signature: only its shape is checked.
+    extra = sorted((set(trained) | set(model)) - set(SIGNATURE_FIELDS)) if trained else []
+    for key in (*SIGNATURE_FIELDS, *extra) if trained else ():
+        have, want = trained.get(key, _MISSING), model.get(key, _MISSING)
+        if have is _MISSING and want is _MISSING:
+            continue
+        if have != want:
+            show = lambda v: "(absent)" if v is _MISSING else repr(v)  # noqa: E731
+            raise ValueError(f"indexer {source} was trained for a model with {key}={show(have)}, but this model has {key}={show(want)}")
+    cfg = indexer.config
+    for key, value in (("hidden_size", cfg.hidden_size), ("q_heads", cfg.q_heads), ("kv_heads", cfg.kv_heads), ("head_dim", cfg.head_dim)):
+        if key in model and model[key] != value:
+            raise ValueError(f"indexer {source} has {key}={value}, but this model has {key}={model[key]!r}")
+    fields, wanted = indexer.lsa, lsa_fields(lsa)
+    if "chunk_size" in fields and "chunk_size" in wanted and wanted["chunk_size"] != fields["chunk_size"]:
+        raise ValueError(
+            f"indexer {source} was trained for chunk_size={fields['chunk_size']}, but the LSAConfig has chunk_size={wanted['chunk_size']}"
+        )
+    layers = list(cfg.target_layers)
+    if "target_layers" in wanted and sorted(wanted["target_layers"]) != sorted(layers):
+        raise ValueError(f"indexer {source} reads target layers {layers}, but the runtime taps layers {sorted(wanted['target_layers'])}")
+    sparse = model.get("sparse_layers")
+    if sparse is not None:
+        outside = [layer for layer in layers if layer not in sparse]
+        if outside:
+            raise ValueError(
+                f"indexer {source} reads target layers {layers}, but layers {outside} are not sparsely attended in this model "
+                f"(sparse layers: {sparse})"
+            )
+    num_layers = model.get("num_layers")
+    if num_layers is not None and max(layers) >= num_layers:
+        raise ValueError(f"indexer {source} reads target layers {layers}, but this model has {num_layers} layers")

@@ -1,0 +1,486 @@
+"""Backbone-free indexer training: reads a calibration dump, never the model.
+
+``train_indexer(dump, ...)`` builds an ``LSAIndexer`` for the dump's target layers, initialises it,
+trains every target layer's logits against the window's golden chunks (BCE or focal loss over all
+chunks of each window; windows of different N are padded and masked), and measures it on the
+held-out documents against the untrained indexer and the baselines (``metrics.py``).
+
+Initialisation, in order of preference:
+1. ``init_weights``: the model's query projections ``W_q`` per target layer (truncated SVD);
+2. the dump's recorded queries (field ``query``): ``W_q`` fitted by ridge regression from the recorded
+   hidden states to the recorded queries with the rotary embedding undone (for models with a query
+   norm this also absorbs the norm's average effect), then the same SVD;
+3. otherwise random query projections from the seed.
+Then each target layer's logit scale and bias are fitted to the training windows (Platt scaling: a
+one-dimensional logistic regression on the layer's raw score), which leaves each layer's ranking as
+it is and starts the threshold at a calibrated point. That calibrated state is the "untrained"
+indexer of the metrics.
+
+Not here: the model, ``transformers``, the runtime (this module must import without them).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .dump import CalibrationDump
+from .metrics import BUDGETS, SelectionMetrics, query_aware_scores, random_scores, recency_scores
+from .model import IndexerConfig, LSAIndexer, apply_rope, default_rank, lsa_fields
+
+LOSSES = ("bce", "focal")
+FOCAL_GAMMA = 2.0
+TRAIN_SPLIT, HELDOUT_SPLIT = "train", "heldout"
+CACHE_BYTES = 1 << 30  # dumps up to this size are read once and kept in memory
+CALIBRATION_WINDOWS = 512
+
+
+def train_indexer(
+    dump: str | os.PathLike | CalibrationDump,
+    *,
+    out: str | os.PathLike | None = None,
+    rank: int | None = None,
+    target_layers: list[int] | tuple[int, ...] | None = None,
+    epochs: int = 8,
+    lr: float = 1e-3,
+    loss: str = "bce",
+    batch_windows: int = 16,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    init_weights: dict[int, Tensor] | None = None,
+    ensemble: str = "max",
+    pos_weight: float | None = None,
+    weight_decay: float = 0.0,
+    progress: bool = True,
+) -> tuple[LSAIndexer, dict[str, Any]]:
+    """Train an indexer on a calibration dump; returns it and its held-out metrics.
+
+    Args:
+        dump: a dump directory or an open ``CalibrationDump``.
+        out: write the indexer here (``.safetensors``, with config, model signature, the dump's
+            ``chunk_size``/``interval`` and the metrics in its metadata).
+        rank: query-tower rank (``default_rank`` of the model's hidden size when ``None``).
+        target_layers: a subset of the dump's target layers (all of them when ``None``).
+        epochs, lr, batch_windows, weight_decay: AdamW over ``epochs`` passes of the training windows,
+            ``batch_windows`` windows per step, learning rate on a cosine decay to a tenth.
+        loss: ``"bce"`` or ``"focal"`` (gamma 2), over all chunks of every window.
+        pos_weight: weight of golden chunks in the loss (``None``: 1, calibrated probabilities).
+        seed: shuffling, random initialisation and the random baseline; two runs with the same
+            arguments give identical weights.
+        device: where training runs (``"cpu"`` or ``"cuda"``).
+        init_weights: the model's query projections ``{layer: W_q [q_heads * head_dim, hidden]}``
+            (see the module docstring for what happens without them).
+        ensemble: ``"max"`` or ``"mean"`` over target layers.
+        progress: show a rich progress bar.
+
+    Example::
+
+        >>> indexer, metrics = train_indexer("dump/", out="smollm2-indexer.safetensors")
+        >>> metrics["indexer"]["golden_recall"]["0.1"], metrics["query_aware"]["golden_recall"]["0.1"]
+    """
+    started = time.perf_counter()
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    for name, value in (("epochs", epochs), ("batch_windows", batch_windows)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "epochs" else 1):
+            raise ValueError(f"{name} must be an int >= {0 if name == 'epochs' else 1}, got {value!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+    dump = dump if isinstance(dump, CalibrationDump) else CalibrationDump(dump)
+    device = torch.device(device)
+    shapes = dump.shapes
+    layers_in_dump = dump.target_layers
+    chosen = list(layers_in_dump) if target_layers is None else [int(layer) for layer in target_layers]
+    absent = [layer for layer in chosen if layer not in layers_in_dump]
+    if absent:
+        raise ValueError(f"target layers {absent} are not in the dump {dump.path} (it holds layers {layers_in_dump})")
+    select = [layers_in_dump.index(layer) for layer in chosen]
+    hidden, q_heads, head_dim = int(shapes["hidden"]), int(shapes["q_heads"]), int(shapes["head_dim"])
+    config = IndexerConfig(
+        hidden_size=hidden,
+        q_heads=q_heads,
+        kv_heads=int(shapes["kv_heads"]),
+        head_dim=head_dim,
+        rank=default_rank(hidden, q_dim=q_heads * head_dim) if rank is None else rank,
+        target_layers=tuple(chosen),
+        ensemble=ensemble,
+        rope=bool(shapes.get("rope", False)),
+    )
+
+    cache = dump.shard_nbytes() <= CACHE_BYTES
+    train = _Windows(dump, TRAIN_SPLIT, select, cache=cache)
+    heldout = _Windows(dump, HELDOUT_SPLIT, select, cache=cache)
+    if train.count == 0:
+        raise ValueError(f"calibration dump {dump.path} has no windows of split {TRAIN_SPLIT!r} to train on")
+
+    generator = torch.Generator().manual_seed(seed)
+    indexer, init = _initial_indexer(config, train, init_weights, generator)
+    _fit_scale_and_bias(indexer, train)
+    untrained = LSAIndexer(config)
+    untrained.load_state_dict(indexer.state_dict())
+    indexer.to(device)
+
+    loss_fn = _make_loss(loss, pos_weight)
+    steps_per_epoch = math.ceil(train.count / batch_windows)
+    total = epochs * steps_per_epoch
+    optimizer = torch.optim.AdamW(indexer.parameters(), lr=lr, weight_decay=weight_decay)
+    cosine = lambda step: 0.1 + 0.45 * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))  # noqa: E731  (1 -> 0.1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+
+    history: dict[str, Any] = {
+        "train_loss_initial": _mean_loss(indexer, train, loss_fn, batch_windows, device),
+        "heldout_loss_initial": _mean_loss(indexer, heldout, loss_fn, batch_windows, device) if heldout.count else None,
+        "train_loss": [],
+        "heldout_loss": [],
+    }
+    with _progress(progress, total) as (bar, task):
+        for epoch in range(epochs):
+            indexer.train()
+            running, seen = 0.0, 0
+            for batch in _batches(train.shuffled(generator), batch_windows, device):
+                logits = indexer.logits(batch["hidden"], batch["cos"], batch["sin"], batch["kmin"], batch["kmax"])
+                value = loss_fn(logits, batch["golden"], batch["mask"])
+                optimizer.zero_grad(set_to_none=True)
+                value.backward()
+                optimizer.step()
+                schedule.step()
+                chunks = int(batch["mask"].sum())
+                running, seen = running + value.item() * chunks, seen + chunks
+                if bar is not None:
+                    bar.update(task, advance=1, description=f"epoch {epoch + 1}/{epochs} loss {running / max(seen, 1):.4f}")
+            history["train_loss"].append(running / max(seen, 1))
+            if heldout.count:
+                history["heldout_loss"].append(_mean_loss(indexer, heldout, loss_fn, batch_windows, device))
+
+    indexer.cpu().eval()
+    metrics = _evaluate(indexer, untrained, heldout, init_weights=init_weights, select_layers=chosen, seed=seed)
+    metrics["train"] = {
+        "windows": train.count,
+        "documents": sum(1 for doc in dump.documents if doc["split"] == TRAIN_SPLIT),
+        "epochs": epochs,
+        "steps": total,
+        "lr": lr,
+        "loss": loss,
+        "pos_weight": pos_weight,
+        "weight_decay": weight_decay,
+        "batch_windows": batch_windows,
+        "seed": seed,
+        "rank": config.rank,
+        "init": init,
+        "parameters": indexer.num_parameters(),
+        "seconds": round(time.perf_counter() - started, 3),
+        **history,
+    }
+    indexer.metrics = metrics
+    indexer.signature = dict(dump.signature)
+    if out is not None:
+        indexer.save(Path(out), signature=dump.signature, lsa=dump.lsa_config, metrics=metrics)
+    else:
+        indexer.lsa = lsa_fields(dump.lsa_config)
+    return indexer, metrics
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+
+class _Windows:
+    """The windows of one split, with the dump's target layers narrowed to the trained ones."""
+
+    def __init__(self, dump: CalibrationDump, split: str, select: list[int], *, cache: bool) -> None:
+        self.dump, self.split, self.select = dump, split, select
+        self.count = dump.count(split)
+        self._cached: list[dict[str, Any]] | None = None
+        if cache and self.count:
+            self._cached = [self._prepare(r) for r in dump.windows(split)]
+
+    def _prepare(self, record: dict[str, Any]) -> dict[str, Any]:
+        sel = self.select
+        out = {
+            "hidden": record["hidden"][sel],
+            "kmin": record["kmin"][sel],
+            "kmax": record["kmax"][sel],
+            "golden": record["golden"],
+            "mass": record["mass"],
+            "cos": record.get("cos"),
+            "sin": record.get("sin"),
+        }
+        if "query" in record:
+            out["query"] = record["query"][sel]
+        return out
+
+    def ordered(self) -> Iterator[dict[str, Any]]:
+        if self._cached is not None:
+            yield from self._cached
+            return
+        for j in range(self.dump.num_shards):
+            yield from (self._prepare(r) for r in self.dump.shard(j, split=self.split))
+
+    def shuffled(self, generator: torch.Generator) -> Iterator[dict[str, Any]]:
+        """A seeded order: a global permutation when cached, else shards in a random order, each shuffled."""
+        if self._cached is not None:
+            for i in torch.randperm(len(self._cached), generator=generator).tolist():
+                yield self._cached[i]
+            return
+        for j in torch.randperm(self.dump.num_shards, generator=generator).tolist():
+            records = [self._prepare(r) for r in self.dump.shard(j, split=self.split)]
+            for i in torch.randperm(len(records), generator=generator).tolist():
+                yield records[i]
+
+
+def _collate(records: list[dict[str, Any]], device: torch.device) -> dict[str, Tensor | None]:
+    """Pad windows to the largest N: kmin/kmax [B, Lt, N, Hkv, D], golden [B, N], mask [B, N], mass [B, Ls, N]."""
+    batch, n = len(records), max(r["golden"].shape[0] for r in records)
+    lt, _, hkv, d = records[0]["kmin"].shape
+    kmin = records[0]["kmin"].new_zeros(batch, lt, n, hkv, d)
+    kmax = torch.zeros_like(kmin)
+    golden = torch.zeros(batch, n)
+    mask = torch.zeros(batch, n, dtype=torch.bool)
+    mass = torch.zeros(batch, records[0]["mass"].shape[0], n)
+    for b, r in enumerate(records):
+        size = r["golden"].shape[0]
+        kmin[b, :, :size], kmax[b, :, :size] = r["kmin"], r["kmax"]
+        golden[b, :size], mask[b, :size], mass[b, :, :size] = r["golden"].float(), True, r["mass"]
+    out: dict[str, Tensor | None] = {
+        "hidden": torch.stack([r["hidden"] for r in records]).float(),
+        "kmin": kmin,
+        "kmax": kmax,
+        "golden": golden,
+        "mask": mask,
+        "mass": mass,
+        "cos": torch.stack([r["cos"] for r in records]).float() if records[0]["cos"] is not None else None,
+        "sin": torch.stack([r["sin"] for r in records]).float() if records[0]["sin"] is not None else None,
+    }
+    return {k: (v.to(device, non_blocking=True) if v is not None else None) for k, v in out.items()}
+
+
+def _batches(records: Iterator[dict[str, Any]], size: int, device: torch.device) -> Iterator[dict[str, Tensor | None]]:
+    chunk: list[dict[str, Any]] = []
+    for record in records:
+        chunk.append(record)
+        if len(chunk) == size:
+            yield _collate(chunk, device)
+            chunk = []
+    if chunk:
+        yield _collate(chunk, device)
+
+
+# -- initialisation -----------------------------------------------------------------------------
+
+
+def _initial_indexer(
+    config: IndexerConfig, train: _Windows, init_weights: dict[int, Tensor] | None, generator: torch.Generator
+) -> tuple[LSAIndexer, str]:
+    if init_weights is not None:
+        return LSAIndexer.from_query_weights(config, init_weights), "query-weights"
+    first = next(train.ordered())
+    if "query" in first:
+        return LSAIndexer.from_query_weights(config, _fit_query_weights(config, train)), "dump-queries"
+    return LSAIndexer.random_init(config, generator=generator), "random"
+
+
+def _fit_query_weights(config: IndexerConfig, train: _Windows, *, block: int = 256) -> dict[int, Tensor]:
+    """Ridge regression per target layer from hidden states [M, hidden] to pre-rotary queries [M, Hq * D]."""
+    lt, h, qd = len(config.target_layers), config.hidden_size, config.q_heads * config.head_dim
+    xtx = torch.zeros(lt, h, h, dtype=torch.float64)
+    xty = torch.zeros(lt, h, qd, dtype=torch.float64)
+
+    def accumulate(rows: list[Tensor], targets: list[Tensor]) -> None:
+        x = torch.stack(rows, dim=1)  # [Lt, M, hidden]
+        y = torch.stack(targets, dim=1)  # [Lt, M, Hq * D]
+        xtx.add_(x.transpose(1, 2) @ x)
+        xty.add_(x.transpose(1, 2) @ y)
+
+    rows: list[Tensor] = []
+    targets: list[Tensor] = []
+    for record in train.ordered():
+        q = record["query"].double()  # [Lt, Hq, D]
+        if config.rope:  # undo the rotation: R(theta)^-1 = R(-theta)
+            q = apply_rope(q, record["cos"].double(), -record["sin"].double())
+        rows.append(record["hidden"].double())
+        targets.append(q.reshape(lt, qd))
+        if len(rows) == block:
+            accumulate(rows, targets)
+            rows, targets = [], []
+    if rows:
+        accumulate(rows, targets)
+    weights = {}
+    for i, layer in enumerate(config.target_layers):
+        ridge = 1e-3 * float(xtx[i].diagonal().mean()) + 1e-12
+        solution = torch.linalg.solve(xtx[i] + ridge * torch.eye(h, dtype=torch.float64), xty[i])  # [hidden, Hq * D]
+        weights[layer] = solution.T.float()
+    return weights
+
+
+@torch.no_grad()
+def _raw_scores(indexer: LSAIndexer, batch: dict[str, Tensor | None]) -> Tensor:
+    """Per-layer logits with scale 1 and bias 0: [B, Lt, N]."""
+    saved = [(t.log_scale.clone(), t.bias.clone()) for t in indexer.layers]
+    for t in indexer.layers:
+        t.log_scale.zero_()
+        t.bias.zero_()
+    try:
+        return indexer.logits(batch["hidden"], batch["cos"], batch["sin"], batch["kmin"], batch["kmax"])
+    finally:
+        for t, (scale, bias) in zip(indexer.layers, saved):
+            t.log_scale.copy_(scale)
+            t.bias.copy_(bias)
+
+
+def _fit_scale_and_bias(indexer: LSAIndexer, train: _Windows) -> None:
+    """Platt scaling per target layer: logit = exp(log_scale) * raw + bias, fitted on training windows."""
+    raws, labels = [], []
+    for i, record in enumerate(train.ordered()):
+        if i == CALIBRATION_WINDOWS:
+            break
+        batch = _collate([record], torch.device("cpu"))
+        raws.append(_raw_scores(indexer, batch)[0])  # [Lt, N]
+        labels.append(record["golden"].float())
+    raw = torch.cat(raws, dim=1)  # [Lt, M]
+    label = torch.cat(labels).expand_as(raw)
+    with torch.no_grad():
+        for i, target in enumerate(indexer.layers):
+            std = float(raw[i].std()) if raw.shape[1] > 1 else 0.0
+            log_scale = torch.tensor(-math.log(std) if std > 0 else 0.0, dtype=torch.float32, requires_grad=True)
+            bias = torch.zeros((), requires_grad=True)
+            optimizer = torch.optim.LBFGS([log_scale, bias], lr=1.0, max_iter=100, line_search_fn="strong_wolfe")
+
+            def closure() -> Tensor:
+                optimizer.zero_grad()
+                with torch.enable_grad():
+                    value = F.binary_cross_entropy_with_logits(raw[i] * log_scale.exp() + bias, label[i])
+                    value.backward()
+                return value
+
+            with torch.enable_grad():
+                optimizer.step(closure)
+            if torch.isfinite(log_scale) and torch.isfinite(bias):
+                target.log_scale.copy_(log_scale.detach().clamp(-30.0, 30.0))
+                target.bias.copy_(bias.detach())
+
+
+# -- loss ---------------------------------------------------------------------------------------
+
+
+def _make_loss(kind: str, pos_weight: float | None):
+    weight = None if pos_weight is None else torch.tensor(float(pos_weight))
+
+    def loss_fn(logits: Tensor, golden: Tensor, mask: Tensor) -> Tensor:
+        """logits [B, Lt, N], golden/mask [B, N] -> mean over every layer's real chunks."""
+        target = golden[:, None].expand_as(logits)
+        pw = weight.to(logits.device) if weight is not None else None
+        per_chunk = F.binary_cross_entropy_with_logits(logits, target, reduction="none", pos_weight=pw)
+        if kind == "focal":
+            p = torch.sigmoid(logits)
+            p_true = p * target + (1 - p) * (1 - target)
+            per_chunk = per_chunk * (1 - p_true).pow(FOCAL_GAMMA)
+        m = mask[:, None].expand_as(logits)
+        return per_chunk.masked_select(m).mean()
+
+    return loss_fn
+
+
+@torch.no_grad()
+def _mean_loss(indexer: LSAIndexer, windows: _Windows, loss_fn, batch_windows: int, device: torch.device) -> float:
+    indexer.eval()
+    total, seen = 0.0, 0
+    for batch in _batches(windows.ordered(), batch_windows, device):
+        logits = indexer.logits(batch["hidden"], batch["cos"], batch["sin"], batch["kmin"], batch["kmax"])
+        chunks = int(batch["mask"].sum())
+        total, seen = total + float(loss_fn(logits, batch["golden"], batch["mask"])) * chunks, seen + chunks
+    return total / max(seen, 1)
+
+
+# -- evaluation ---------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _evaluate(
+    indexer: LSAIndexer,
+    untrained: LSAIndexer,
+    heldout: _Windows,
+    *,
+    init_weights: dict[int, Tensor] | None,
+    select_layers: list[int],
+    seed: int,
+) -> dict[str, Any]:
+    """Metrics over all chunks of every held-out window, for the indexer and the baselines."""
+    threshold = indexer.config.threshold
+    names = ("indexer", "untrained", "recency", "random", "query_aware")
+    scorers = {name: SelectionMetrics(BUDGETS, threshold=threshold) for name in names}
+    generator = torch.Generator().manual_seed(seed + 1)
+    query_source = None
+    windows = chunks = positives = 0
+    documents: set[int] = set()
+    for record in heldout.ordered():
+        batch = _collate([record], torch.device("cpu"))
+        golden, mass = record["golden"], record["mass"]
+        n = golden.shape[0]
+        args = (batch["hidden"], batch["cos"], batch["sin"], batch["kmin"], batch["kmax"])
+        probs = indexer(*args)[0]
+        scorers["indexer"].add(probs, golden, mass, probs=probs)
+        base = untrained(*args)[0]
+        scorers["untrained"].add(base, golden, mass, probs=base)
+        scorers["recency"].add(recency_scores(n), golden, mass)
+        scorers["random"].add(random_scores(n, generator=generator), golden, mass)
+        query = record.get("query")
+        if query is not None:
+            query_source = "dump"
+        elif init_weights is not None:
+            query_source = "query-weights"
+            query = _model_queries(init_weights, select_layers, record, indexer.config)
+        if query is not None:
+            scorers["query_aware"].add(query_aware_scores(query, record["kmin"], record["kmax"]), golden, mass)
+        windows += 1
+        chunks += n
+        positives += int(golden.sum())
+    out: dict[str, Any] = {
+        "budgets": list(BUDGETS),
+        "heldout": {"windows": windows, "chunks": chunks, "golden_rate": positives / chunks if chunks else None},
+    }
+    for name, scorer in scorers.items():
+        if name == "query_aware" and query_source is None:
+            continue
+        out[name] = scorer.result() if windows else None
+    if query_source is not None:
+        out["query_aware"]["query_source"] = query_source
+    return out
+
+
+def _model_queries(weights: dict[int, Tensor], layers: list[int], record: dict[str, Any], config: IndexerConfig) -> Tensor:
+    """The model's query (``W_q x``, rotated) per target layer, [Lt, Hq, D]: for the query-aware baseline."""
+    out = []
+    for i, layer in enumerate(layers):
+        q = (weights[layer].float() @ record["hidden"][i].float()).view(config.q_heads, config.head_dim)
+        if config.rope:
+            q = apply_rope(q, record["cos"].float(), record["sin"].float())
+        out.append(q)
+    return torch.stack(out)
+
+
+class _progress:
+    """A rich progress bar over the training steps (nothing when disabled)."""
+
+    def __init__(self, enabled: bool, total: int) -> None:
+        self.enabled, self.total = enabled, total
+        self.bar = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return None, None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        columns = (TextColumn("[bold]train indexer[/] {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+        self.bar = Progress(*columns)
+        self.bar.__enter__()
+        return self.bar, self.bar.add_task("", total=self.total)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)

@@ -1,0 +1,252 @@
+"""The memory mover: slots, the CPU mirror, recall and write-back copies, streams and events.
+
+Given the chunks a selection keeps (``[L, B, k]`` chunk ids per layer and sequence, from
+``runtime/policy.py``), the mover assigns slots for all layers and sequences in one pass of device
+tensor ops (no host sync), takes the chunks that leave out of the tables at once, writes back the
+chunks decoded since the last selection to the mirror, and recalls the incoming ones from the mirror
+(``lsa::copy_chunks``, on a side stream on CUDA). The tables take the recalled chunks ``lag`` steps
+later, after the main stream waits for the copies' event.
+
+It knows nothing of selection policy (which chunks, why) or of the model; it owns the manager state
+the contract declares (``planned``, ``available``, ``dropped``: stacked ``[L, B, ...]`` here, each
+layer holds views) and the copy counters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from ..kernels.copy_chunks import copy_chunks_problem, copy_chunks_ref, copy_chunks_triton
+from .host_memory import HostArena
+from .state import INDEX_DTYPE
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .store import ChunkLayer, LayerSpec
+
+
+def _copy(dst_k: Tensor, dst_v: Tensor, src_k: Tensor, src_v: Tensor, dst_rows: Tensor, src_rows: Tensor) -> None:
+    """Chunk rows ``src`` -> ``dst`` (pool <-> mirror): one Triton launch on the current stream on CUDA."""
+    operands = (dst_k, dst_v, src_k, src_v, dst_rows, src_rows)
+    if (dst_k.is_cuda or src_k.is_cuda) and copy_chunks_problem(operands) is None:
+        copy_chunks_triton(*operands)
+    else:
+        copy_chunks_ref(*operands)
+
+
+def scatter_spare(values: Tensor, index: Tensor, src: Tensor | float | bool, width: int) -> Tensor:
+    """``values`` ``[R, width]`` with ``src`` scattered at ``index`` along dim 1; index ``width`` is a spare
+    column (dropped) that masked-out entries aim at."""
+    spare = values.new_full((values.shape[0], 1), -1 if values.dtype != torch.bool else False)
+    return torch.cat([values, spare], 1).scatter_(1, index, src)[:, :width]
+
+
+def inverse_table(slot_chunk: Tensor, num_chunks: int) -> Tensor:
+    """``[R, S]`` slot -> chunk tables to ``[R, N]`` chunk -> slot tables (-1: not resident)."""
+    rows, slots = slot_chunk.shape
+    ids = torch.arange(slots, device=slot_chunk.device).expand(rows, slots)
+    table = torch.full((rows, num_chunks), -1, dtype=INDEX_DTYPE, device=slot_chunk.device)
+    return scatter_spare(table, torch.where(slot_chunk >= 0, slot_chunk, num_chunks), ids, num_chunks)
+
+
+def new_mirrors(shapes: dict[int, tuple[tuple[int, ...], torch.dtype]], device: torch.device) -> dict[int, tuple[Tensor, Tensor]]:
+    """Every chunk layer's (K, V) mirror, carved from one exact-size host allocation (page-locked on CUDA)."""
+    arena = HostArena.for_tensors([shape for shape in shapes.values() for _ in range(2)], device)
+    return {layer: (arena.take(*shape), arena.take(*shape)) for layer, shape in shapes.items()}
+
+
+def reusable_mirrors(layers_of_other: dict | None, shapes: dict[int, tuple[tuple[int, ...], torch.dtype]]) -> dict[int, tuple[Tensor, Tensor]]:
+    """The mirrors of another store's chunk layers when all have exactly ``shapes``, else none."""
+    if not layers_of_other:
+        return {}
+    found = {}
+    for layer, (shape, dtype) in shapes.items():
+        other = layers_of_other.get(layer)
+        mirror_k = getattr(other, "mirror_k", None)
+        if mirror_k is None or tuple(mirror_k.shape) != tuple(shape) or mirror_k.dtype != dtype:
+            return {}
+        found[layer] = (other.mirror_k, other.mirror_v)
+    return found
+
+
+class MemoryMover:
+    """Slot assignment and chunk copies for the chunk layers of one store.
+
+    Args:
+        num_layers: chunk layers it will serve; the store appends each to ``layers`` (pools, tables,
+            mirrors) in planning order, giving it the views of ``layer_state(i)``.
+        batch, slots, num_chunks: store sizes.
+        device: the store's device.
+        side_stream: run write-back and recall on a CUDA side stream (CUDA only).
+    """
+
+    def __init__(self, num_layers: int, *, batch: int, slots: int, num_chunks: int, device: torch.device, side_stream: bool):
+        self.layers: list[ChunkLayer] = []
+        self.batch, self.slots, self.num_chunks, self.device = batch, slots, num_chunks, device
+        count = num_layers
+        # The manager's state of every chunk layer, stacked [L, B, ...]: a selection plans all at once.
+        self.planned = torch.full((count, batch, slots), -1, dtype=INDEX_DTYPE, device=device)
+        self.available = torch.zeros(count, batch, num_chunks, dtype=torch.bool, device=device)
+        self.dropped = torch.zeros(count, dtype=INDEX_DTYPE, device=device)
+        self.row_seq = torch.arange(count * batch, device=device).view(-1, 1) % batch  # [L*B, 1]: the sequence of each row
+        # chunk copies mirror -> pool and pool -> mirror (summed over layers and sequences), on the device
+        self.recalled = torch.zeros((), dtype=INDEX_DTYPE, device=device)
+        self.written_back = torch.zeros((), dtype=INDEX_DTYPE, device=device)
+        # Recall copies run on a side stream (CUDA); the tables they complete wait in `pending` until
+        # decode step `swap_at`, when the main stream waits for them and installs the tables.
+        self.side = torch.cuda.Stream(device) if side_stream and device.type == "cuda" else None
+        self.pending: tuple[list[tuple["ChunkLayer", Tensor, Tensor]], object] | None = None
+        self.swap_at = -1
+
+    def layer_state(self, i: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Views of layer ``i``'s manager state: (planned [B, S], available [B, N], dropped [])."""
+        return self.planned[i], self.available[i], self.dropped[i]
+
+    def device_tensors(self) -> list[Tensor]:
+        """The mover's own device tensors (the per-layer views of the stacked state are the layers')."""
+        return [self.row_seq, self.recalled, self.written_back]
+
+    @property
+    def mirrored(self) -> bool:
+        return bool(self.layers) and self.layers[0].mirror_k is not None
+
+    # -- installing a selection ---------------------------------------------------------------
+    def apply(self, chosen: Tensor, *, written: range, lag: int, evict: bool, step: int) -> None:
+        """Install new resident sets ``[L, B, k]``: drops now, write-back + recall on the side stream, the rest after ``lag`` steps.
+
+        ``written``: chunks decoded since the last selection (written back to the mirror first);
+        ``step``: the current decode step (the tables of the recall join at ``step + lag``).
+        """
+        side = self.side
+        main = torch.cuda.current_stream(self.device) if side is not None else None
+        layers = self.layers
+        mirrored = self.mirrored
+        count, batch = len(layers), self.batch
+        write_back = self._written_rows(written) if mirrored and len(written) else None  # before the plan: current slots
+        now, after, recall_dst, recall_src, recalled = self._plan(chosen, evict=evict, mirrored=mirrored)
+        now_inv, after_inv = inverse_table(now, self.num_chunks), inverse_table(after, self.num_chunks)
+        now, after = now.view(count, batch, -1), after.view(count, batch, -1)
+        now_inv, after_inv = now_inv.view(count, batch, -1), after_inv.view(count, batch, -1)
+        for i, layer in enumerate(layers):
+            layer.slot_chunk.copy_(now[i])
+            layer.chunk_slot.copy_(now_inv[i])
+        if side is not None:
+            side.wait_stream(main)  # every step so far (their writes, their reads of the freed slots) and the plan
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            if side is not None:
+                for t in (recall_dst, recall_src, *(write_back or ())):
+                    t.record_stream(side)  # made on the main stream, read here
+            if write_back is not None:
+                dst, src, moved = write_back
+                for i, layer in enumerate(layers):
+                    _copy(layer.mirror_k, layer.mirror_v, layer.k_pool, layer.v_pool, dst[i], src[i])
+                self.written_back += moved
+            if mirrored:
+                for i, layer in enumerate(layers):
+                    _copy(layer.k_pool, layer.v_pool, layer.mirror_k, layer.mirror_v, recall_dst[i], recall_src[i])
+                self.recalled += recalled
+            done = torch.cuda.Event() if side is not None else None
+            if done is not None:
+                done.record(side)
+        self.pending = ([(layer, after[i], after_inv[i]) for i, layer in enumerate(layers)], done)
+        self.swap_at = step + lag
+        if evict and mirrored:
+            if done is not None:
+                done.synchronize()  # the staged prompt is read by the recall above
+            self._drop_staging()
+        if lag == 0:
+            self.swap()
+
+    def _plan(self, chosen: Tensor, *, evict: bool, mirrored: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Make ``chosen`` ``[L, B, k]`` the planned resident sets of every layer and sequence, in one pass.
+
+        Chunks left out give up their slots; chunks coming in take free slots in ``chosen``'s order
+        (at most S are chosen, so they always fit). Returns device tensors ``(now, after, dst, src,
+        count)``: the ``[L*B, S]`` slot -> chunk tables to install at once (kept chunks, plus incoming
+        chunks with nothing to copy: those the coming window writes), the tables once the recall
+        copies are done, the copies per layer as pool rows / mirror rows ``[L, B*k]`` (-1: no copy),
+        and how many copies.
+        """
+        layers, batch, k = chosen.shape
+        slots, n = self.slots, self.num_chunks
+        chosen = chosen.reshape(layers * batch, k)
+        current = self.planned.view(layers * batch, slots)  # == the live tables: a pending swap is installed first
+        available = self.available.view(layers * batch, n)
+        valid = chosen >= 0
+        ids = chosen.clamp_min(0)
+        keep = scatter_spare(torch.zeros_like(available), torch.where(valid, chosen, n), True, n)
+        held = current >= 0
+        stays = held & keep.gather(1, current.clamp_min(0))
+        now = torch.where(stays, current, -1)
+        if evict:
+            gone = held & ~stays
+            available &= ~scatter_spare(torch.zeros_like(available), torch.where(gone, current, n), True, n)
+            self.dropped += gone.view(layers, -1).sum(1)
+        resident = scatter_spare(torch.zeros_like(available), torch.where(held, current, n), True, n)
+        incoming = valid & ~resident.gather(1, ids)  # [R, k]
+        # the j-th incoming chunk takes the j-th free slot (free slots in slot order)
+        free_first = torch.sort((now >= 0).to(torch.int8), dim=1, stable=True).indices  # [R, S]
+        rank = (incoming.cumsum(1) - 1).clamp(0, slots - 1)
+        target = torch.where(incoming, free_first.gather(1, rank), slots)  # [R, k]; `slots`: the spare column
+        copy = incoming & available.gather(1, ids) if mirrored else torch.zeros_like(incoming)
+        after = scatter_spare(now, target, chosen, slots)
+        now = scatter_spare(now, torch.where(copy, slots, target), chosen, slots)  # nothing to copy: mapped at once
+        available |= scatter_spare(torch.zeros_like(available), torch.where(incoming, ids, n), True, n)
+        current.copy_(after)
+        seq = self.row_seq
+        dst = torch.where(copy, seq * slots + target, -1).view(layers, -1)
+        src = torch.where(copy, seq * n + ids, -1).view(layers, -1)
+        return now, after, dst, src, copy.sum()
+
+    def _written_rows(self, chunks: range) -> tuple[Tensor, Tensor, Tensor]:
+        """Mirror rows, pool rows ``[L, B*W]`` (-1: not resident) and count: what a write-back copies."""
+        count = self.planned.shape[0]
+        rows = count * self.batch
+        ids = torch.arange(chunks.start, chunks.stop, device=self.device).expand(rows, -1)  # [R, W]
+        slot = inverse_table(self.planned.view(rows, -1), self.num_chunks).gather(1, ids)
+        there = slot >= 0
+        dst = torch.where(there, self.row_seq * self.num_chunks + ids, -1).view(count, -1)
+        src = torch.where(there, self.row_seq * self.slots + slot, -1).view(count, -1)
+        return dst, src, there.sum()
+
+    def _drop_staging(self) -> None:
+        """Evict mode, first selection: staged prompt chunks left out of the pool are gone."""
+        rows, n = self.planned.shape[0] * self.batch, self.num_chunks
+        planned = self.planned.view(rows, -1)
+        resident = scatter_spare(torch.zeros(rows, n, dtype=torch.bool, device=self.device), torch.where(planned >= 0, planned, n), True, n)
+        available = self.available.view(rows, n)
+        self.dropped += (available & ~resident).view(self.planned.shape[0], -1).sum(1)
+        available &= resident
+        for layer in self.layers:
+            layer.mirror_k = layer.mirror_v = None
+
+    def place_identity(self) -> None:
+        """Every chunk in its own slot (everything resident): chunk i lives in slot i of its sequence."""
+        ids = torch.arange(self.slots, dtype=INDEX_DTYPE, device=self.device)
+        for layer in self.layers:
+            for table in (layer.planned, layer.slot_chunk, layer.chunk_slot):
+                table.copy_(ids.expand(self.batch, -1))
+        self.available.fill_(True)
+
+    def swap_due(self, step: int) -> bool:
+        return self.pending is not None and step >= self.swap_at
+
+    def swap(self) -> None:
+        """Install the tables of the last selection once its recall copies are done (on the main stream)."""
+        if self.pending is None:
+            return
+        tables, done = self.pending
+        self.pending = None
+        if done is not None:
+            torch.cuda.current_stream(self.device).wait_event(done)  # the GPU waits; the host does not
+        for layer, slot_chunk, chunk_slot in tables:
+            layer.slot_chunk.copy_(slot_chunk)
+            layer.chunk_slot.copy_(chunk_slot)
+
+    def synchronize(self) -> None:
+        """Wait for outstanding recall and write-back copies (e.g. before reading the mirror)."""
+        if self.side is not None:
+            self.side.synchronize()

@@ -1,0 +1,102 @@
+"""Selection policy: which chunks each layer and sequence keeps resident for the coming window.
+
+Always kept: the sink (first ``sink_tokens`` of each sequence), the recent tail (last
+``recent_tokens``), and every chunk the next ``interval + recall_lag`` tokens write. The rest of the
+pool goes to the chunks the selector (``lsa_rewrite.selectors``) scores highest, among those that are
+written, not left padding, and (evict mode) not dropped. The result is ``[L, B, k]`` chunk ids, must-keep
+first; the memory mover installs it. The policy never touches the pools, tables or mirror.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..config import LSAConfig
+from ..selectors import SelectionWindow, Selector
+from .state import INDEX_DTYPE
+
+
+def min_slots(config: LSAConfig) -> int:
+    """Slots per sequence the always-resident chunks can take: sink, tail, the window and the recall lag."""
+    c = config.chunk_size
+    sink = math.ceil(config.sink_tokens / c) + 1 if config.sink_tokens else 0
+    return sink + math.ceil((config.recent_tokens + config.interval + config.lag) / c) + 1
+
+
+class SelectionPolicy:
+    """Must-keep chunks + the selector's top scores, per layer and sequence.
+
+    Args:
+        config: the conversion's ``LSAConfig`` (chunk size, sink, tail, interval, lag, mode).
+        selector: scores chunks (``lsa_rewrite.selectors``).
+        batch, slots, num_chunks, capacity: store sizes.
+        valid_start: first real position of each sequence (host ints).
+        device: where scores and the result live.
+    """
+
+    def __init__(
+        self, config: LSAConfig, selector: Selector, *, batch: int, slots: int, num_chunks: int, capacity: int,
+        valid_start: list[int], device: torch.device,
+    ):
+        self.config, self.selector = config, selector
+        self.batch, self.slots, self.num_chunks, self.capacity = batch, slots, num_chunks, capacity
+        self.valid_start, self.device = list(valid_start), device
+        self.chunk, self.lag = config.chunk_size, config.lag
+
+    def window(self, pos: int) -> SelectionWindow:
+        cfg = self.config
+        return SelectionWindow(start=pos, interval=cfg.interval, lag=self.lag, chunk_size=self.chunk, valid_start=tuple(self.valid_start))
+
+    def must_keep(self, b: int, pos: int) -> list[int]:
+        """Sink chunks, recent tail, and every chunk written during the next window (sequence ``b``)."""
+        cfg, c = self.config, self.chunk
+        start = self.valid_start[b]
+        keep: list[int] = []
+        if cfg.sink_tokens:
+            keep += range(start // c, (min(start + cfg.sink_tokens, pos) - 1) // c + 1)
+        last = min(pos + cfg.interval + self.lag - 1, self.capacity - 1) // c
+        keep += range(max(0, pos - max(cfg.recent_tokens, 1)) // c, last + 1)  # the last token's chunk at least
+        return list(dict.fromkeys(keep))
+
+    def choose(self, layers: list, available: Tensor, pos: int) -> Tensor:
+        """``[L, B, k]`` chunk ids to keep per layer (must-keep first, then by descending score; -1: none).
+
+        ``available`` ``[L, B, N]``: chunks held in pool or mirror (evict mode drops the rest).
+        """
+        c, n = self.chunk, self.num_chunks
+        must = torch.zeros(self.batch, n, dtype=torch.bool)
+        blocked = torch.zeros(self.batch, n, dtype=torch.bool)
+        for b in range(self.batch):
+            must[b, self.must_keep(b, pos)] = True
+            blocked[b, math.ceil(pos / c) :] = True  # not yet written
+            blocked[b, : self.valid_start[b] // c] = True  # left padding only
+        must, blocked = self._to_device(must), self._to_device(blocked)
+        k = min(self.slots, n)
+        scores = self.selector.scores(layers, self.window(pos)).float()  # [L, B, N]
+        expected = (len(layers), self.batch, n)
+        if tuple(scores.shape) != expected:
+            raise ValueError(f"selector {self.selector.name!r} returned scores of shape {tuple(scores.shape)}; expected [L, B, N] = {expected}")
+        gone = blocked if self.config.mode != "evict" else blocked | ~available  # dropped chunks
+        scores = scores.nan_to_num(nan=-torch.finfo(torch.float32).max).masked_fill(gone, -torch.inf)
+        values, ids = scores.masked_fill(must, torch.inf).topk(k, dim=2)  # sorted: must-keep first
+        return ids.masked_fill(values == -torch.inf, -1)
+
+    def first_resident(self, length: int) -> Tensor:
+        """``[B, S]`` chunk ids resident right after a prefill of ``length`` tokens: must-keep, then the newest."""
+        keeps = torch.full((self.batch, self.slots), -1, dtype=INDEX_DTYPE)
+        for b in range(self.batch):
+            must = self.must_keep(b, length)
+            first = self.valid_start[b] // self.chunk  # chunks before it are all left padding
+            rest = [c for c in range(math.ceil(length / self.chunk) - 1, first - 1, -1) if c not in must]
+            keep = list(dict.fromkeys(must + rest))[: self.slots]
+            keeps[b, : len(keep)] = torch.tensor(keep, dtype=INDEX_DTYPE)
+        return keeps.to(self.device)
+
+    def _to_device(self, host: Tensor) -> Tensor:
+        """A small host tensor on the device without making the host wait (pinned on CUDA)."""
+        if self.device.type != "cuda":
+            return host.to(self.device)
+        return host.pin_memory().to(self.device, non_blocking=True)

@@ -1,0 +1,123 @@
+"""``LSASession``: the one model-agnostic runtime a converted model carries (``model.lsa``).
+
+It owns the decode programs (one rewritten graph per batch size), the current ``KVStore`` and, on
+CUDA, the compiled step; it runs the prefill bookkeeping (new store, first resident set, probe),
+every decode step (selection when due, the step, position update). Adapters
+(``lsa_rewrite.adapters``: HF ``generate()``, a plain decoder's own loop) decide how the model is
+called and how the prompt's KV reaches the store, and drive the session through ``start_prefill``,
+``finish_prefill`` and ``decode``; the session never asks which adapter drives it.
+
+An adapter provides: ``windows`` (sliding-window layers ``{layer: window}``), ``capture(batch)``
+(trace one decode step for that batch, or raise ``ValueError`` when it cannot), ``default_capacity()``
+and ``install(session)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from .config import LSAConfig
+from .passes import AttentionSite, DecodeProgram, build_decode_program
+from .runtime.compiled import CompiledStep
+from .runtime.state import check_program_inputs
+from .runtime.store import KVStore, LayerSpec, StoreError
+
+log = logging.getLogger("lsa_rewrite")
+
+
+def model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    p = next(model.parameters(), None)
+    if p is None:
+        raise ValueError(f"{type(model).__name__} has no parameters; nothing to convert")
+    return p.device, p.dtype
+
+
+def build_program(step, model: torch.nn.Module, config: LSAConfig, windows: dict[int, int]) -> DecodeProgram:
+    """Locate, rewrite, verify and bind a captured step, and check its store inputs against the state contract."""
+    program = build_decode_program(step, model, chunk_size=config.chunk_size, layer_windows=windows)
+    check_program_inputs(program.store_keys, {s.layer: s.action for s in program.sites})
+    return program
+
+
+class LSASession:
+    """What a converted model carries (``model.lsa``): config, decode programs, the current store.
+
+    Example::
+
+        >>> model = lsa_rewrite.convert(model, LSAConfig(budget=0.25))
+        >>> [row["action"] for row in model.lsa.report()]    # one row per attention site
+        ['rewrite', 'rewrite', ...]
+        >>> model.generate(ids, max_new_tokens=32); model.lsa.store.selections
+    """
+
+    def __init__(self, model: torch.nn.Module, config: LSAConfig, adapter, program: DecodeProgram):
+        self.model, self.config, self.adapter = model, config, adapter
+        self.programs: dict[int, DecodeProgram] = {program.batch: program}
+        self.sites: list[AttentionSite] = program.sites
+        self.store: KVStore | None = None
+        self.compiled: CompiledStep | None = None  # CUDA: the current store's compiled step
+        self.compiled_modules: dict[int, Any] = {}  # batch -> torch.compile'd decode module
+        self.pending_capacity: int | None = None  # set by a generation wrapper that knows its final length
+
+    def report(self) -> list[dict[str, Any]]:
+        """One row per attention site: layer, attention form, cache write, heads, window, action."""
+        return [s.describe() for s in self.sites]
+
+    def program(self, batch: int) -> DecodeProgram:
+        """The rewritten decode step for ``batch`` sequences (traced on first use)."""
+        if batch not in self.programs:
+            step = self.adapter.capture(batch)
+            self.programs[batch] = build_program(step, self.model, self.config, self.adapter.windows)
+        return self.programs[batch]
+
+    def layer_specs(self) -> list[LayerSpec]:
+        return [LayerSpec(s.layer, s.q_heads, s.kv_heads, s.head_dim, s.dtype, s.window if s.action == "ring" else None) for s in self.sites]
+
+    # -- prefill ------------------------------------------------------------------------------
+    def start_prefill(self, batch: int, *, prompt_len: int, valid_start: list[int]) -> KVStore:
+        """A new store for ``batch`` sequences about to take a ``prompt_len``-token prefill."""
+        capacity = self.config.max_context or self.pending_capacity or self.adapter.default_capacity()
+        if capacity <= prompt_len:
+            raise StoreError(
+                f"the store would hold {capacity} tokens but the prompt has {prompt_len}; set LSAConfig(max_context=...) "
+                "or pass max_new_tokens to generate()"
+            )
+        device, _ = model_device_dtype(self.model)
+        self.program(batch)  # trace before allocating, so a failure leaves nothing behind
+        if self.store is not None:
+            self.store.synchronize()  # its side-stream copies must not outlive its buffers
+        # A store of the same shape hands over its CPU mirror (pinning tens of GB takes seconds per
+        # generation); the old store is retired and refuses further use.
+        self.store = KVStore(self.layer_specs(), self.config, batch=batch, capacity=capacity, valid_start=valid_start, device=device, reuse=self.store)
+        return self.store
+
+    def finish_prefill(self, store: KVStore, length: int, last_token: dict[str, torch.Tensor]) -> None:
+        """The prompt's KV is in the store: place the first resident set and select with real queries.
+
+        ``last_token``: step inputs of the last prompt token (the probe re-runs the step on it).
+        """
+        store.finish_prefill(length)
+        store.probe(lambda: self.step(last_token, store))
+
+    # -- decode -------------------------------------------------------------------------------
+    def decode(self, inputs: dict[str, torch.Tensor], store: KVStore) -> torch.Tensor:
+        """One decode token for every sequence: selection when due, the step, position update."""
+        store.before_step()
+        logits = self.step(inputs, store)
+        store.after_step()
+        return logits
+
+    def step(self, inputs: dict[str, torch.Tensor], store: KVStore) -> torch.Tensor:
+        """One run of the rewritten decode step at ``store.pos`` (compiled + CUDA graph on CUDA)."""
+        program = self.program(store.batch)
+        with torch.no_grad():
+            if store.device.type == "cuda" and self.config.compile:
+                if self.compiled is None or self.compiled.store is not store:
+                    module = self.compiled_modules.get(store.batch)
+                    self.compiled = CompiledStep(program, store, compiled=module)
+                    self.compiled_modules[store.batch] = self.compiled.compiled
+                return self.compiled(inputs).clone()  # the graph's output buffer is reused by the next step
+            return program(inputs, store)

@@ -1,0 +1,362 @@
+"""Tests for ``lsa_rewrite.indexer.model``: shapes, rotary, GQA mapping, initialisation from the model's
+query projections, the size rule, the file format and its refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lsa_rewrite.indexer.model import IndexerConfig, LSAIndexer, apply_rope, check_compatible, default_rank, rotate_half
+
+HIDDEN, HQ, HKV, D = 32, 4, 2, 8
+LAYERS = (1, 3)
+SIGNATURE = {
+    "class": "TinyForCausalLM",
+    "model_type": "tiny",
+    "num_layers": 4,
+    "hidden_size": HIDDEN,
+    "q_heads": HQ,
+    "kv_heads": HKV,
+    "head_dim": D,
+    "sparse_layers": [0, 1, 2, 3],
+    "vocab_size": 100,
+}
+LSA = {"_type": "LSAConfig", "_version": 1, "_data": {"chunk_size": 16, "interval": 16, "budget": 0.135}}
+
+
+def make_config(**overrides) -> IndexerConfig:
+    fields = dict(hidden_size=HIDDEN, q_heads=HQ, kv_heads=HKV, head_dim=D, rank=16, target_layers=LAYERS)
+    fields.update(overrides)
+    return IndexerConfig(**fields)
+
+
+def rope_tables(batch: int, *, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF-style cos/sin [B, D]: angles for D/2 frequencies, duplicated over the two halves."""
+    angles = torch.rand(batch, D // 2, generator=generator) * 2 * math.pi
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def random_inputs(batch: int = 3, chunks: int = 7, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    lt = len(LAYERS)
+    x = torch.randn(batch, lt, HIDDEN, generator=g)
+    cos, sin = rope_tables(batch, generator=g)
+    centre = torch.randn(batch, lt, chunks, HKV, D, generator=g)
+    half = torch.rand(batch, lt, chunks, HKV, D, generator=g)
+    return x, cos, sin, centre - half, centre + half
+
+
+def reference_query(w_q: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The model's query ``rope(W_q x)`` [B, Hq, D], hand-written."""
+    q = (x @ w_q.T).view(x.shape[0], HQ, D)
+    return q * cos[:, None] + rotate_half(q) * sin[:, None]
+
+
+# -- config -------------------------------------------------------------------------------------
+
+
+def test_config_round_trip_and_tuple():
+    cfg = make_config(target_layers=[3, 1], ensemble="mean", rope=False, threshold=0.3)
+    assert cfg.target_layers == (3, 1)
+    assert IndexerConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"hidden_size": 0}, "hidden_size must be an int >= 1"),
+        ({"q_heads": 6, "kv_heads": 4}, "multiple of kv_heads"),
+        ({"rank": 2.5}, "rank must be an int"),
+        ({"target_layers": ()}, "non-empty tuple"),
+        ({"target_layers": (1, 1)}, "repeated layers"),
+        ({"target_layers": (-1,)}, "layer indices >= 0"),
+        ({"ensemble": "sum"}, "ensemble must be one of"),
+        ({"rope": 1}, "rope must be True or False"),
+        ({"threshold": 1.0}, "threshold must be a probability"),
+        ({"version": 2}, "version 2 is not supported"),
+    ],
+)
+def test_config_checks(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make_config(**overrides)
+
+
+def test_config_from_dict_refuses_unknown_fields():
+    data = make_config().to_dict()
+    data["_data"]["heads"] = 3
+    with pytest.raises(ValueError, match="unknown IndexerConfig fields"):
+        IndexerConfig.from_dict(data)
+
+
+def test_default_rank():
+    assert default_rank(576) == 64 and default_rank(1024) == 64 and default_rank(4096) == 256
+    assert default_rank(32, q_dim=16) == 16
+
+
+# -- shapes, rotary, GQA ------------------------------------------------------------------------
+
+
+def test_shapes_and_forward_agree_with_per_layer_calls():
+    g = torch.Generator().manual_seed(1)
+    indexer = LSAIndexer.random_init(make_config(), generator=g)
+    x, cos, sin, kmin, kmax = random_inputs()
+    q, w = indexer.query(0, x[:, 0], cos, sin)
+    assert q.shape == (3, HQ, D) and w.shape == (3, HQ)
+    logits = indexer.layer_logits(0, q, w, kmin[:, 0].half(), kmax[:, 0].bfloat16())
+    assert logits.shape == (3, 7) and logits.dtype == torch.float32
+    all_logits = indexer.logits(x, cos, sin, kmin, kmax)
+    assert all_logits.shape == (3, 2, 7)
+    per_layer = [indexer.layer_logits(i, *indexer.query(i, x[:, i], cos, sin), kmin[:, i], kmax[:, i]) for i in range(2)]
+    probs = indexer.ensemble(per_layer)
+    assert probs.shape == (3, 7)
+    torch.testing.assert_close(indexer(x, cos, sin, kmin, kmax), probs)
+    torch.testing.assert_close(probs, torch.sigmoid(torch.stack(per_layer, 1)).amax(1))
+    mean = LSAIndexer(make_config(ensemble="mean"))
+    mean.load_state_dict(indexer.state_dict())
+    torch.testing.assert_close(mean(x, cos, sin, kmin, kmax), torch.sigmoid(torch.stack(per_layer, 1)).mean(1))
+
+
+def test_rope_rotates_each_channel_pair_by_its_angle():
+    g = torch.Generator().manual_seed(2)
+    rope = LSAIndexer.random_init(make_config(), generator=g)
+    plain = LSAIndexer(make_config(rope=False))
+    plain.load_state_dict(rope.state_dict())
+    x = torch.randn(2, HIDDEN, generator=g)
+    theta = torch.rand(2, D // 2, generator=g) * 6.0
+    cos, sin = torch.cat([theta.cos()] * 2, -1), torch.cat([theta.sin()] * 2, -1)
+    q_rot, w_rot = rope.query(0, x, cos, sin)
+    q, w = plain.query(0, x, None, None)
+    torch.testing.assert_close(w_rot, w)
+    # channel pair (i, i + D/2) turns by theta_i: (a, b) -> (a cos - b sin, a sin + b cos)
+    a, b = q[..., : D // 2], q[..., D // 2 :]
+    c, s = theta.cos()[:, None], theta.sin()[:, None]
+    torch.testing.assert_close(q_rot, torch.cat([a * c - b * s, a * s + b * c], -1))
+    torch.testing.assert_close(q_rot.norm(dim=-1), q.norm(dim=-1))
+    with pytest.raises(ValueError, match="rope=True"):
+        rope.query(0, x)
+    with pytest.raises(ValueError, match="rope=False"):
+        plain.query(0, x, cos, sin)
+
+
+def test_partial_rotary_leaves_the_tail():
+    g = torch.Generator().manual_seed(3)
+    v = torch.randn(2, HQ, D, generator=g)
+    cos, sin = torch.rand(2, 1, D // 2, generator=g), torch.rand(2, 1, D // 2, generator=g)
+    out = apply_rope(v, cos, sin)
+    torch.testing.assert_close(out[..., D // 2 :], v[..., D // 2 :])
+    torch.testing.assert_close(out[..., : D // 2], v[..., : D // 2] * cos + rotate_half(v[..., : D // 2]) * sin)
+
+
+@pytest.mark.parametrize("head", range(HQ))
+def test_gqa_query_head_reads_its_kv_head(head):
+    """Query head h scores against kv head h // (Hq / Hkv), as repeat_kv maps them."""
+    indexer = LSAIndexer(make_config(rope=False))
+    with torch.no_grad():
+        indexer.layers[0].head_bias.zero_()
+        indexer.layers[0].head_bias[head] = 1.0
+    q = torch.ones(1, HQ, D)
+    w = indexer.layers[0].head_bias.detach().expand(1, HQ)
+    for kv_head in range(HKV):
+        keys = torch.zeros(1, 1, HKV, D)
+        keys[0, 0, kv_head] = 1.0
+        logit = indexer.layer_logits(0, q, w, keys, keys)
+        expected = D / math.sqrt(D) if kv_head == head // (HQ // HKV) else 0.0
+        assert logit.item() == pytest.approx(expected)
+
+
+# -- initialisation from the model --------------------------------------------------------------
+
+
+def test_full_rank_init_reproduces_the_model_query_up_to_a_positive_scale():
+    g = torch.Generator().manual_seed(4)
+    weights = {layer: torch.randn(HQ * D, HIDDEN, generator=g) for layer in LAYERS}
+    indexer = LSAIndexer.from_query_weights(make_config(rank=HIDDEN), weights)
+    x, cos, sin, *_ = random_inputs(batch=5)
+    for i, layer in enumerate(LAYERS):
+        q, w = indexer.query(i, x[:, i], cos, sin)
+        ref = reference_query(weights[layer], x[:, i], cos, sin)
+        ratio = (q.flatten(1) * ref.flatten(1)).sum(1) / ref.flatten(1).pow(2).sum(1)  # per-row scale
+        assert (ratio > 0).all()
+        torch.testing.assert_close(q, ref * ratio[:, None, None], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(w, torch.full_like(w, 1.0 / HQ))
+
+
+def test_untrained_indexer_ranks_chunks_by_model_query_against_key_centres():
+    g = torch.Generator().manual_seed(5)
+    weights = {layer: torch.randn(HQ * D, HIDDEN, generator=g) for layer in LAYERS}
+    indexer = LSAIndexer.from_query_weights(make_config(rank=HIDDEN), weights)
+    x, cos, sin, kmin, kmax = random_inputs(batch=4, chunks=40, seed=6)
+    for i, layer in enumerate(LAYERS):
+        ref_q = reference_query(weights[layer], x[:, i], cos, sin)  # [B, Hq, D]
+        centre = (kmin[:, i] + kmax[:, i]) / 2  # [B, N, Hkv, D]
+        ref = torch.zeros(4, 40)
+        for h in range(HQ):  # hand-written: sum over heads of relu(q_h . centre of kv head h // G)
+            ref += torch.relu((centre[:, :, h // (HQ // HKV)] * ref_q[:, None, h]).sum(-1))
+        logits = indexer.layer_logits(i, *indexer.query(i, x[:, i], cos, sin), kmin[:, i], kmax[:, i])
+        scale = logits.sum(1, keepdim=True) / ref.sum(1, keepdim=True)  # positive per query
+        assert (scale > 0).all()
+        torch.testing.assert_close(logits, ref * scale, rtol=1e-4, atol=1e-4)
+        top = lambda scores: torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :10]  # noqa: E731
+        assert torch.equal(top(logits), top(ref))
+
+
+def test_low_rank_init_is_the_truncated_svd():
+    g = torch.Generator().manual_seed(7)
+    w_q = torch.randn(HQ * D, HIDDEN, generator=g)
+    indexer = LSAIndexer.from_query_weights(make_config(rank=8, target_layers=(0,)), {0: w_q})
+    u, s, vh = torch.linalg.svd(w_q.double())
+    best = (u[:, :8] * s[:8]) @ vh[:8]
+    product = indexer.layers[0].up.double() @ indexer.layers[0].down.double()
+    torch.testing.assert_close(product, best, rtol=1e-5, atol=1e-5)
+
+
+def test_init_refuses_missing_or_misshapen_weights():
+    with pytest.raises(ValueError, match=r"missing for target layers \[3\]"):
+        LSAIndexer.from_query_weights(make_config(), {1: torch.zeros(HQ * D, HIDDEN)})
+    with pytest.raises(ValueError, match="layer 1 has shape"):
+        LSAIndexer.from_query_weights(make_config(), {1: torch.zeros(HIDDEN, HQ * D + 1), 3: torch.zeros(HQ * D, HIDDEN)})
+
+
+# -- size rule ----------------------------------------------------------------------------------
+
+
+def llama_parameters(*, hidden, q_heads, kv_heads, head_dim, layers, intermediate, vocab, tied):
+    attention = hidden * head_dim * (2 * q_heads + 2 * kv_heads)
+    per_layer = attention + 3 * hidden * intermediate + 2 * hidden
+    return layers * per_layer + vocab * hidden * (1 if tied else 2) + hidden
+
+
+def test_size_rule_135m_shape():
+    model = llama_parameters(hidden=576, q_heads=9, kv_heads=3, head_dim=64, layers=30, intermediate=1536, vocab=49152, tied=True)
+    assert 130e6 < model < 140e6
+    cfg = IndexerConfig(hidden_size=576, q_heads=9, kv_heads=3, head_dim=64, rank=default_rank(576), target_layers=(9, 18, 27))
+    assert LSAIndexer(cfg).num_parameters() == cfg.num_parameters()
+    assert cfg.num_parameters() <= 0.03 * model
+
+
+def test_size_rule_8b_shape():
+    model = llama_parameters(hidden=4096, q_heads=32, kv_heads=8, head_dim=128, layers=32, intermediate=14336, vocab=128256, tied=False)
+    assert 7.9e9 < model < 8.1e9
+    cfg = IndexerConfig(hidden_size=4096, q_heads=32, kv_heads=8, head_dim=128, rank=default_rank(4096), target_layers=(10, 20, 28))
+    assert cfg.num_parameters() <= 0.01 * model
+
+
+# -- file format --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def trained(tmp_path):
+    g = torch.Generator().manual_seed(8)
+    indexer = LSAIndexer.random_init(make_config(), generator=g)
+    with torch.no_grad():
+        for p in indexer.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    path = indexer.save(tmp_path / "ix.safetensors", signature=SIGNATURE, lsa=LSA, metrics={"indexer": {"golden_recall": {"0.1": 0.9}}})
+    return indexer, path
+
+
+def test_save_load_round_trip_is_exact(trained):
+    indexer, path = trained
+    loaded = LSAIndexer.load(path)
+    assert loaded.config == indexer.config
+    for (name, a), (_, b) in zip(indexer.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert loaded.signature == SIGNATURE
+    assert loaded.lsa == {"chunk_size": 16, "interval": 16}
+    assert loaded.metrics == {"indexer": {"golden_recall": {"0.1": 0.9}}}
+    assert loaded.source == str(path)
+    x, cos, sin, kmin, kmax = random_inputs()
+    assert torch.equal(loaded(x, cos, sin, kmin, kmax), indexer(x, cos, sin, kmin, kmax))
+    check_compatible(loaded, dict(SIGNATURE), LSA)  # the same model and chunk size: accepted
+    check_compatible(loaded, dict(SIGNATURE), {"chunk_size": 16, "interval": 64})  # another interval too
+
+
+def _rewrite(path, *, drop=None, **metadata_changes):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k != drop}
+    metadata.update(metadata_changes)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def test_load_refusals_name_the_file(trained, tmp_path):
+    _, path = trained
+    missing = tmp_path / "nope.safetensors"
+    with pytest.raises(FileNotFoundError, match=f"indexer file {missing} does not exist"):
+        LSAIndexer.load(missing)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00\x01not a safetensors file at all")
+    with pytest.raises(ValueError, match=f"{garbage} is not a readable safetensors file"):
+        LSAIndexer.load(garbage)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=f"{truncated} is not a readable safetensors file"):
+        LSAIndexer.load(truncated)
+    other = tmp_path / "other.safetensors"
+    save_file({"weight": torch.zeros(2)}, str(other))
+    with pytest.raises(ValueError, match=f"{other} is a safetensors file but not an LSA indexer"):
+        LSAIndexer.load(other)
+    _rewrite(path, _version="2")
+    with pytest.raises(ValueError, match=f"{path} is an LSA indexer of format version '2'"):
+        LSAIndexer.load(path)
+    _rewrite(path, _version="1", drop="layers.1.up")
+    with pytest.raises(ValueError, match=rf"{path}: indexer tensors missing: \['layers.1.up'\]"):
+        LSAIndexer.load(path)
+
+
+def test_load_refuses_broken_metadata(trained):
+    _, path = trained
+    _rewrite(path, config="{not json")
+    with pytest.raises(ValueError, match="'config' is missing or not JSON"):
+        LSAIndexer.load(path)
+    bad = make_config().to_dict()
+    bad["_data"]["rank"] = 99
+    _rewrite(path, config=json.dumps(bad))
+    with pytest.raises(ValueError, match="tensor layers.0.down has shape"):
+        LSAIndexer.load(path)
+
+
+@pytest.mark.parametrize(
+    "signature_change, lsa, message",
+    [
+        ({"num_layers": 5}, LSA, "trained for a model with num_layers=4, but this model has num_layers=5"),
+        ({"model_type": "other"}, LSA, "model_type='tiny'"),
+        ({"head_dim": 16}, LSA, "head_dim=8"),
+        ({"vocab_size": None}, LSA, "vocab_size=100"),
+        ({}, {"chunk_size": 32, "interval": 16}, "trained for chunk_size=16, but the LSAConfig has chunk_size=32"),
+        ({}, {"chunk_size": 16, "target_layers": [1, 2]}, r"reads target layers \[1, 3\], but the runtime taps layers \[1, 2\]"),
+    ],
+)
+def test_check_compatible_names_the_first_difference(trained, signature_change, lsa, message):
+    _, path = trained
+    loaded = LSAIndexer.load(path)
+    signature = {**SIGNATURE, **signature_change}
+    with pytest.raises(ValueError, match=message):
+        check_compatible(loaded, signature, lsa)
+
+
+def test_check_compatible_target_layers_must_be_sparse(tmp_path):
+    indexer = LSAIndexer(make_config())
+    signature = {**SIGNATURE, "sparse_layers": [0, 1, 2]}
+    indexer.save(tmp_path / "ix.safetensors", signature=signature, lsa=LSA)
+    loaded = LSAIndexer.load(tmp_path / "ix.safetensors")
+    with pytest.raises(ValueError, match=r"layers \[3\] are not sparsely attended"):
+        check_compatible(loaded, signature, LSA)
+
+
+def test_in_memory_indexer_is_checked_for_shape_and_layers_only():
+    indexer = LSAIndexer.from_query_weights(make_config(), {1: torch.randn(HQ * D, HIDDEN), 3: torch.randn(HQ * D, HIDDEN)})
+    check_compatible(indexer, SIGNATURE, LSA)
+    with pytest.raises(ValueError, match="indexer <in-memory indexer> has q_heads=4, but this model has q_heads=8"):
+        check_compatible(indexer, {**SIGNATURE, "q_heads": 8}, LSA)
+    with pytest.raises(ValueError, match="this model has 3 layers"):
+        check_compatible(indexer, {**SIGNATURE, "num_layers": 3, "sparse_layers": None}, LSA)
+    with pytest.raises(ValueError, match="must give the chunk_size"):
+        indexer.save("unused.safetensors", signature=SIGNATURE, lsa={"interval": 16})
