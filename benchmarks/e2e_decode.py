@@ -156,7 +156,7 @@ def lsa_run(model, prompt: torch.Tensor, steps: int, config: LSAConfig) -> dict:
     with timed_store_methods(breakdown):
         t0 = time.perf_counter()
         out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-        cache = out[runtime.cache_field]
+        cache = out[runtime.adapter.cache_field]
         token = out.logits[:, -1:].argmax(-1)
         sync()
         prefill_s = time.perf_counter() - t0
@@ -164,7 +164,7 @@ def lsa_run(model, prompt: torch.Tensor, steps: int, config: LSAConfig) -> dict:
     store = cache.store
     windows: list[dict] = []
     original_select = store.select
-    layers = max(1, len(store._chunk_layers()))
+    layers = max(1, len(store.chunk_layers))
 
     def timed_select(*args, **kwargs):
         # host: the selection's own time, GPU idle before it (its one transfer waits for nothing);

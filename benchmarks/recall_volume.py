@@ -48,7 +48,7 @@ def recalls_per_selection(model, ids: torch.Tensor, config: LSAConfig, steps: in
         before = store.recalled_chunks
         original(store, *args, **kwargs)
         store.synchronize()
-        layers = max(1, len(store._chunk_layers()))
+        layers = max(1, len(store.chunk_layers))
         log.append((store.recalled_chunks - before) / layers / store.batch)
 
     KVStore.select = counting_select

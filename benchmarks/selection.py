@@ -49,7 +49,7 @@ def build_store(context: int, layers: int, heads: tuple[int, int, int], budget: 
 
 
 def run(store: KVStore, regime: str, selections: int, seed: int) -> dict:
-    layers = store._chunk_layers()
+    layers = store.chunk_layers
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
     fixed = [torch.randn(layer.q_tap.shape, generator=gen, device=DEVICE).to(layer.q_tap.dtype) for layer in layers]
     host, main, total, recalled = [], [], [], []

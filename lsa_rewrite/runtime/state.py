@@ -141,12 +141,17 @@ def allocate(
     }
 
 
+def same_device(actual: torch.device, wanted: torch.device) -> bool:
+    """``actual`` is ``wanted``; a device without an index (``"cuda"``) matches any index of its type."""
+    return actual.type == wanted.type and (wanted.index is None or actual.index == wanted.index)
+
+
 def check_tensor(spec: StateTensor, value: Tensor | None, dims: Mapping[str, int], *, kv_dtype: torch.dtype, device: torch.device, where: str) -> None:
     """Raise ``StateContractError`` unless ``value`` has the declared shape, dtype and device."""
     if not isinstance(value, Tensor):
         raise StateContractError(f"{where}: {spec.name!r} is missing (got {type(value).__name__})")
     shape, dtype = spec.resolve_shape(dims), spec.resolve_dtype(kv_dtype)
-    if tuple(value.shape) != shape or value.dtype != dtype or value.device != device:
+    if tuple(value.shape) != shape or value.dtype != dtype or not same_device(value.device, device):
         raise StateContractError(
             f"{where}: {spec.name!r} is {tuple(value.shape)} {value.dtype} on {value.device}, the contract declares "
             f"{spec.shape} = {shape} {dtype} on {device}"

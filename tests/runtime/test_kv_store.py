@@ -548,3 +548,13 @@ def test_selection_never_reads_device_values_on_the_host(monkeypatch):
         store.after_step()
         store.before_step()
     check_resident_set(store, hist, ahead_to=store.length - store.lag + interval + store.lag)
+
+
+def test_state_contract_device_check_accepts_an_unindexed_device():
+    """``KVStore(device="cuda")`` allocates on ``cuda:0``: the contract check must accept that (GPU run 36)."""
+    from lsa_rewrite.runtime.state import same_device
+
+    assert same_device(torch.device("cuda", 0), torch.device("cuda"))
+    assert same_device(torch.device("cuda", 1), torch.device("cuda", 1))
+    assert not same_device(torch.device("cuda", 1), torch.device("cuda", 0))
+    assert not same_device(torch.device("cpu"), torch.device("cuda"))
