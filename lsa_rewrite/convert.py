@@ -12,13 +12,14 @@ error the model is left as it was and the error says what was found and what to 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
 
-from .adapters import make_adapter
+from .adapters import is_hf_model, make_adapter
 from .config import LSAConfig
-from .session import LSASession, build_program
+from .session import LSASession, build_program, model_device_dtype
 
 log = logging.getLogger("lsa_rewrite")
 
@@ -34,7 +35,8 @@ def convert(model: torch.nn.Module, config: LSAConfig | None = None, *, indexer:
         model: a transformers causal LM, or a plain decoder called as ``model(input_ids, input_pos)``
             with module-buffer KV caches.
         config: an ``LSAConfig`` (default: ``LSAConfig()``).
-        indexer: a trained indexer for ``selector="indexer"``.
+        indexer: for ``selector="indexer"``: a trained indexer (``lsa_rewrite.indexer.LSAIndexer``) or the path
+            of its ``.safetensors`` file; it must have been trained for this model and chunk size.
 
     Raises:
         ValueError (and subclasses ``LocateError``, ...): the model cannot be converted; the message says
@@ -52,19 +54,59 @@ def convert(model: torch.nn.Module, config: LSAConfig | None = None, *, indexer:
         raise TypeError(f"config must be an LSAConfig, got {type(config).__name__}")
     if getattr(model, "lsa", None) is not None:
         raise ValueError("this model is already converted (it has `model.lsa`); convert the original model once")
-    if config.selector == "indexer" or indexer is not None:
-        raise ValueError(
-            "selector='indexer' needs a trained LSA indexer, which this version cannot load yet; "
-            "use selector='query-aware' (the training-free default)"
-        )
     adapter = make_adapter(model, config)
+    indexer = _indexer(model, config, indexer)
     step, _ = adapter.trace()
-    program = build_program(step, model, config, adapter.windows)
-    session = LSASession(model, config, adapter, program)
+    layers = tuple(indexer.config.target_layers) if indexer is not None else ()
+    program = build_program(step, model, config, adapter.windows, layers)
+    if indexer is not None:
+        _check_indexer_taps(indexer, program)
+    session = LSASession(model, config, adapter, program, indexer=indexer)
     log.info("converted %s: %s", type(model).__name__, ", ".join(f"L{s.layer}:{s.action}" for s in program.sites))
     adapter.install(session)
     model.lsa = session
     return model
+
+
+def _indexer(model: torch.nn.Module, config: LSAConfig, indexer: Any):
+    """The indexer ``selector="indexer"`` uses, loaded and checked against the model (None otherwise)."""
+    if indexer is None:
+        if config.selector == "indexer":
+            raise ValueError(
+                "selector='indexer' needs a trained indexer: convert(model, LSAConfig(selector='indexer'), indexer=PATH) "
+                "(train one with `lsa-rewrite calibrate` + `lsa-rewrite train`), or use selector='query-aware'"
+            )
+        return None
+    if config.selector != "indexer":
+        raise ValueError(f"an indexer was given but LSAConfig.selector={config.selector!r}; pass LSAConfig(selector='indexer')")
+    from .indexer import LSAIndexer, check_compatible
+
+    if isinstance(indexer, (str, os.PathLike)):
+        indexer = LSAIndexer.load(indexer)
+    if not isinstance(indexer, LSAIndexer):
+        raise TypeError(f"indexer must be a path to a .safetensors indexer or an LSAIndexer, got {type(indexer).__name__}")
+    signature = {}
+    if is_hf_model(model):
+        from .indexer.calibrate import model_signature
+
+        signature = model_signature(model)
+    check_compatible(indexer, signature, config.to_dict())
+    device, _ = model_device_dtype(model)
+    return indexer.to(device)
+
+
+def _check_indexer_taps(indexer, program) -> None:
+    """The graph's taps match what the indexer reads (hidden size, rotary or not)."""
+    cfg = indexer.config
+    for site in program.sites:
+        tap = site.indexer
+        if tap is None:
+            continue
+        if tap.hidden != cfg.hidden_size:
+            raise ValueError(f"indexer reads hidden states of size {cfg.hidden_size}, layer {site.layer}'s query projection takes {tap.hidden}")
+        if bool(tap.rotary) != cfg.rope:
+            has = "applies" if tap.rotary else "does not apply"
+            raise ValueError(f"indexer was built with rope={cfg.rope}, but this model {has} rotary embeddings to queries at layer {site.layer}")
 
 
 def inspect_model(model: torch.nn.Module, config: LSAConfig | None = None) -> list[dict[str, Any]]:

@@ -10,6 +10,7 @@ the top-scoring chunks that fit the pool. Selectors never allocate store state o
 - ``QueryAwareSelector`` (training-free default): an upper bound on ``q . k`` over each chunk from its
   per-channel key min/max (as Quest does), maxed over query heads.
 - ``RecencySelector``: newer chunks first (the keep-recent baseline).
+- ``IndexerSelector``: the trained lookahead indexer over the tapped hidden states and the chunk index.
 - ``RandomSelector``: uniform scores from its own seeded generator (the random baseline); it never
   draws from the global RNG, so a run is reproducible whatever else uses ``torch.manual_seed``.
 
@@ -119,6 +120,33 @@ class RandomSelector(PerLayerSelector):
         return torch.rand(batch, num_chunks, generator=self.generator).to(layer.kmin.device)
 
 
+class IndexerSelector:
+    """The trained lookahead indexer (``lsa_rewrite.indexer.LSAIndexer``, docs/indexer.md).
+
+    At each target layer it runs the query tower on the tapped query-projection input (``idx_x``) and
+    rotary ``idx_cos``/``idx_sin`` of the latest token, scores every chunk's key bounds (``kmin``/``kmax``)
+    with the document tower, and ensembles the target layers; the one ``[B, N]`` probability map ranks
+    chunks for every layer.
+    """
+
+    name = "indexer"
+
+    def __init__(self, indexer):
+        self.indexer = indexer.eval()
+
+    def scores(self, layers: Sequence[LayerState], window: SelectionWindow) -> Tensor:
+        by_layer = {layer.spec.layer: layer for layer in layers}
+        rope = self.indexer.config.rope
+        logits = []
+        with torch.no_grad():
+            for i, target in enumerate(self.indexer.config.target_layers):
+                layer = by_layer[target]
+                q, w = self.indexer.query(i, layer.idx_x, layer.idx_cos if rope else None, layer.idx_sin if rope else None)
+                logits.append(self.indexer.layer_logits(i, q, w, layer.kmin, layer.kmax))
+            probs = self.indexer.ensemble(logits)  # [B, N]
+        return probs.expand(len(layers), -1, -1)
+
+
 def make_selector(name: str, *, seed: int = 0, indexer: object | None = None) -> Selector:
     """The selector named by ``LSAConfig.selector`` (a fresh one: the random selector's generator restarts).
 
@@ -134,8 +162,7 @@ def make_selector(name: str, *, seed: int = 0, indexer: object | None = None) ->
     if name == "random":
         return RandomSelector(seed)
     if name == "indexer":
-        raise ValueError(
-            "selector='indexer' needs a trained LSA indexer, which this version cannot load yet; "
-            "use selector='query-aware' (the training-free default)"
-        )
+        if indexer is None:
+            raise ValueError("selector='indexer' needs an indexer: convert(model, config, indexer=PATH or LSAIndexer)")
+        return IndexerSelector(indexer)
     raise ValueError(f"unknown selector {name!r}; known: query-aware, recency, random, indexer")

@@ -24,6 +24,7 @@ from .passes import AttentionSite, DecodeProgram, build_decode_program
 from .runtime.compiled import CompiledStep
 from .runtime.state import check_program_inputs
 from .runtime.store import KVStore, LayerSpec, StoreError
+from .selectors import make_selector
 
 log = logging.getLogger("lsa_rewrite")
 
@@ -35,10 +36,12 @@ def model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtyp
     return p.device, p.dtype
 
 
-def build_program(step, model: torch.nn.Module, config: LSAConfig, windows: dict[int, int]) -> DecodeProgram:
+def build_program(
+    step, model: torch.nn.Module, config: LSAConfig, windows: dict[int, int], indexer_layers: tuple[int, ...] = ()
+) -> DecodeProgram:
     """Locate, rewrite, verify and bind a captured step, and check its store inputs against the state contract."""
-    program = build_decode_program(step, model, chunk_size=config.chunk_size, layer_windows=windows)
-    check_program_inputs(program.store_keys, {s.layer: s.action for s in program.sites})
+    program = build_decode_program(step, model, chunk_size=config.chunk_size, layer_windows=windows, indexer_layers=indexer_layers)
+    check_program_inputs(program.store_keys, {s.layer: s.layout for s in program.sites})
     return program
 
 
@@ -53,8 +56,9 @@ class LSASession:
         >>> model.generate(ids, max_new_tokens=32); model.lsa.store.selections
     """
 
-    def __init__(self, model: torch.nn.Module, config: LSAConfig, adapter, program: DecodeProgram):
+    def __init__(self, model: torch.nn.Module, config: LSAConfig, adapter, program: DecodeProgram, *, indexer=None):
         self.model, self.config, self.adapter = model, config, adapter
+        self.indexer = indexer  # LSAIndexer for selector="indexer"
         self.programs: dict[int, DecodeProgram] = {program.batch: program}
         self.sites: list[AttentionSite] = program.sites
         self.store: KVStore | None = None
@@ -70,11 +74,22 @@ class LSASession:
         """The rewritten decode step for ``batch`` sequences (traced on first use)."""
         if batch not in self.programs:
             step = self.adapter.capture(batch)
-            self.programs[batch] = build_program(step, self.model, self.config, self.adapter.windows)
+            self.programs[batch] = build_program(step, self.model, self.config, self.adapter.windows, self.indexer_layers)
         return self.programs[batch]
 
+    @property
+    def indexer_layers(self) -> tuple[int, ...]:
+        return tuple(self.indexer.config.target_layers) if self.indexer is not None else ()
+
     def layer_specs(self) -> list[LayerSpec]:
-        return [LayerSpec(s.layer, s.q_heads, s.kv_heads, s.head_dim, s.dtype, s.window if s.action == "ring" else None) for s in self.sites]
+        return [
+            LayerSpec(
+                s.layer, s.q_heads, s.kv_heads, s.head_dim, s.dtype, s.window if s.action == "ring" else None,
+                indexer_hidden=s.indexer.hidden if s.indexer is not None else 0,
+                indexer_rotary=s.indexer.rotary if s.indexer is not None else 0,
+            )
+            for s in self.sites
+        ]
 
     # -- prefill ------------------------------------------------------------------------------
     def start_prefill(self, batch: int, *, prompt_len: int, valid_start: list[int]) -> KVStore:
@@ -91,7 +106,10 @@ class LSASession:
             self.store.synchronize()  # its side-stream copies must not outlive its buffers
         # A store of the same shape hands over its CPU mirror (pinning tens of GB takes seconds per
         # generation); the old store is retired and refuses further use.
-        self.store = KVStore(self.layer_specs(), self.config, batch=batch, capacity=capacity, valid_start=valid_start, device=device, reuse=self.store)
+        self.store = KVStore(
+            self.layer_specs(), self.config, batch=batch, capacity=capacity, valid_start=valid_start, device=device, reuse=self.store,
+            selector=make_selector(self.config.selector, seed=self.config.seed, indexer=self.indexer),
+        )
         return self.store
 
     def finish_prefill(self, store: KVStore, length: int, last_token: dict[str, torch.Tensor]) -> None:

@@ -4,6 +4,7 @@ Installed as ``lsa_rewrite.passes``. One pass per file; ``pipeline.py`` holds th
 """
 
 from .capture import Binding, CapturedStep, CaptureError, capture_step
+from .indexer_taps import IndexerTap, TapIndexerInputsPass
 from .locate import AttentionSite, LocateAttentionPass, LocateError
 from .pipeline import DecodeProgram, build_decode_program, clone_program, locate
 from .rewrite import RewriteAttentionPass
@@ -15,9 +16,11 @@ __all__ = [
     "CaptureError",
     "CapturedStep",
     "DecodeProgram",
+    "IndexerTap",
     "LocateAttentionPass",
     "LocateError",
     "RewriteAttentionPass",
+    "TapIndexerInputsPass",
     "VerifyError",
     "VerifyRewritePass",
     "build_decode_program",

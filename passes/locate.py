@@ -88,6 +88,12 @@ class AttentionSite:
     action: str = "rewrite"  # "rewrite" (sparse) | "ring" (sliding window, kept exact)
     reason: str = ""
     dtype: torch.dtype = torch.float32
+    indexer: Any = None  # IndexerTap (passes/indexer_taps.py) when the indexer reads this layer
+
+    @property
+    def layout(self) -> str:
+        """The per-layer state contract this site's store layer follows (``runtime/state.py``)."""
+        return "rewrite+indexer" if self.indexer is not None else self.action
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -1,6 +1,6 @@
 """The ordered pass pipeline: captured step -> verified, bound decode program.
 
-``LocateAttentionPass`` -> ``RewriteAttentionPass`` -> ``VerifyRewritePass`` -> bind. Binding turns
+``LocateAttentionPass`` -> (``TapIndexerInputsPass``) -> ``RewriteAttentionPass`` -> ``VerifyRewritePass`` -> bind. Binding turns
 parameter placeholders into ``get_attr`` of ``model.<name>`` (no copies: the program shares the
 model's parameters) and leaves as inputs only the step inputs and the store tensors.
 """
@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 
 from .capture import CapturedStep
+from .indexer_taps import TapIndexerInputsPass
 from .locate import AttentionSite, LocateAttentionPass
 from .rewrite import RewriteAttentionPass
 from .verify import VerifyRewritePass
@@ -41,10 +42,13 @@ def locate(step: CapturedStep, *, layer_windows: dict[int, int] | None = None) -
 
 
 def build_decode_program(
-    step: CapturedStep, model: torch.nn.Module, *, chunk_size: int, layer_windows: dict[int, int] | None = None
+    step: CapturedStep, model: torch.nn.Module, *, chunk_size: int, layer_windows: dict[int, int] | None = None,
+    indexer_layers: tuple[int, ...] = (),
 ) -> DecodeProgram:
-    """Locate, rewrite, verify and bind ``step`` (its graph is modified in place)."""
+    """Locate, (tap the indexer's inputs at ``indexer_layers``,) rewrite, verify and bind ``step`` (its graph is modified in place)."""
     sites = LocateAttentionPass(layer_windows)(step)
+    if indexer_layers:
+        TapIndexerInputsPass(indexer_layers)(step, sites)
     store_keys = RewriteAttentionPass(chunk_size)(step, sites)
     VerifyRewritePass()(step, sites)
     module, input_names = _bind(step, model)

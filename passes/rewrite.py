@@ -12,6 +12,7 @@ After (``action="rewrite"``)::
     lsa.append_kv(k_pool, v_pool, k_new.select(seq, 0), v_new.select(seq, 0), pos, chunk_slot)
     lsa.update_chunk_index(kmin, kmax, k_new.select(seq, 0), pos, C)
     lsa.tap(q_tap, q.select(2, 0))
+    lsa.tap(idx_x, x); lsa.tap(idx_cos, cos); lsa.tap(idx_sin, sin)   # indexer target layers only
     out = lsa.sparse_decode_attention(q.select(2, 0), k_pool, v_pool, slot_chunk, pos, valid_start, scale, softcap).unsqueeze(2)
 
 After (``action="ring"``, sliding-window layers)::
@@ -71,7 +72,7 @@ class RewriteAttentionPass(GraphPass):
         store_inputs = {n: new_input(None, n) for n in store_graph_inputs()}
         pos, valid_start = store_inputs["pos"], store_inputs["valid_start"]
         for site in sites:
-            tensors = {n: new_input(site.layer, n) for n in graph_inputs(site.action)}
+            tensors = {n: new_input(site.layer, n) for n in graph_inputs(site.layout)}
             with graph.inserting_before(site.attn):
                 k_tok = graph.call_method("select", (site.k_new, site.seq_dim, 0))  # [B, Hkv, D]
                 v_tok = graph.call_method("select", (site.v_new, site.seq_dim, 0))
@@ -86,6 +87,11 @@ class RewriteAttentionPass(GraphPass):
                     graph.call_function(OPS.append_kv.default, (tensors["k_pool"], tensors["v_pool"], k_tok, v_tok, pos, tensors["chunk_slot"]))
                     graph.call_function(OPS.update_chunk_index.default, (tensors["kmin"], tensors["kmax"], k_tok, pos, self.chunk_size))
                     graph.call_function(OPS.tap.default, (tensors["q_tap"], q_tok))
+                    if site.indexer is not None:
+                        graph.call_function(OPS.tap.default, (tensors["idx_x"], site.indexer.x))
+                        if site.indexer.cos is not None:
+                            graph.call_function(OPS.tap.default, (tensors["idx_cos"], site.indexer.cos))
+                            graph.call_function(OPS.tap.default, (tensors["idx_sin"], site.indexer.sin))
                     out = graph.call_function(
                         OPS.sparse_decode_attention.default,
                         (q_tok, tensors["k_pool"], tensors["v_pool"], tensors["slot_chunk"], pos, valid_start, site.scale, site.softcap),

@@ -101,11 +101,25 @@ RING_LAYER_STATE: tuple[StateTensor, ...] = (
     _t("v_ring", ["B", "W", "Hkv", "D"], "kv", "step", True, 0, "values of the last W positions"),
 )
 
-LAYOUTS: dict[str, tuple[StateTensor, ...]] = {"rewrite": CHUNK_LAYER_STATE, "ring": RING_LAYER_STATE}
+# What the lookahead indexer reads at a target layer (``passes/indexer_taps.py``): the query
+# projection's input and the rotary cos/sin of the latest decoded token. X: hidden size, R: rotated
+# channels (without rotary the step never writes cos/sin and they stay 1 and 0: no rotation).
+INDEXER_TAP_STATE: tuple[StateTensor, ...] = (
+    _t("idx_x", ["B", "X"], "kv", "step", True, 0, "input of the query projection at the latest token"),
+    _t("idx_cos", ["B", "R"], "kv", "step", True, 1, "rotary cos the model applied to that token's query"),
+    _t("idx_sin", ["B", "R"], "kv", "step", True, 0, "rotary sin the model applied to that token's query"),
+)
+
+LAYOUTS: dict[str, tuple[StateTensor, ...]] = {
+    "rewrite": CHUNK_LAYER_STATE,
+    "rewrite+indexer": CHUNK_LAYER_STATE + INDEXER_TAP_STATE,
+    "ring": RING_LAYER_STATE,
+}
 
 
 def layout(action: str) -> tuple[StateTensor, ...]:
-    """The contract of a layer the rewrite handles with ``action`` (``"rewrite"`` or ``"ring"``)."""
+    """The contract of a layer of this layout: ``"rewrite"`` (sparse), ``"rewrite+indexer"`` (sparse, and
+    the indexer reads it) or ``"ring"`` (sliding window)."""
     try:
         return LAYOUTS[action]
     except KeyError:
@@ -162,7 +176,7 @@ def check_program_inputs(store_keys: list[tuple[int | None, str]], actions: Mapp
     """Every store input of a rewritten graph is declared, and every declared graph input of each layer is bound.
 
     ``store_keys``: ``(layer, name)`` of the graph's store placeholders (``layer`` None: store-wide);
-    ``actions``: layer -> site action. Raises ``StateContractError`` naming the first mismatch.
+    ``actions``: layer -> the site's layout (``AttentionSite.layout``). Raises ``StateContractError`` naming the first mismatch.
     """
     seen: dict[int | None, list[str]] = {}
     for layer, name in store_keys:

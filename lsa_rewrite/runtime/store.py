@@ -36,7 +36,7 @@ from ..config import LSAConfig
 from ..selectors import Selector, make_selector
 from .mover import MemoryMover, new_mirrors, reusable_mirrors
 from .policy import SelectionPolicy, min_slots
-from .state import CHUNK_LAYER_STATE, RING_LAYER_STATE, STORE_STATE, allocate, check_tensor
+from .state import RING_LAYER_STATE, STORE_STATE, allocate, check_tensor, layout
 
 
 class StoreError(ValueError):
@@ -53,10 +53,15 @@ class LayerSpec:
     head_dim: int
     dtype: torch.dtype
     window: int | None = None  # sliding-window layers keep an exact ring of this many tokens
+    indexer_hidden: int = 0  # > 0: the indexer reads this layer (its query-projection input has this size)
+    indexer_rotary: int = 0  # rotary channels the indexer taps (0: the model has no rotary embedding)
 
     @property
-    def action(self) -> str:
-        return "rewrite" if self.window is None else "ring"
+    def layout(self) -> str:
+        """The layer's state contract (``runtime/state.py``)."""
+        if self.window is not None:
+            return "ring"
+        return "rewrite+indexer" if self.indexer_hidden else "rewrite"
 
 
 def _nbytes(t: Tensor | None) -> int:
@@ -64,9 +69,8 @@ def _nbytes(t: Tensor | None) -> int:
 
 
 class ChunkLayer:
-    """Resident pool, tables, chunk index and mirror of one sparsely attended layer (``CHUNK_LAYER_STATE``)."""
-
-    contract = CHUNK_LAYER_STATE
+    """Resident pool, tables, chunk index and mirror of one sparsely attended layer (``CHUNK_LAYER_STATE``,
+    plus ``INDEXER_TAP_STATE`` where the indexer reads it)."""
 
     def __init__(
         self, spec: LayerSpec, dims: dict[str, int], *, device: torch.device, state: tuple[Tensor, Tensor, Tensor],
@@ -75,6 +79,8 @@ class ChunkLayer:
         """``dims``: the contract's sizes; ``state``: views of the mover's stacked (planned, available,
         dropped); ``mirror``: this layer's (K, V) host tensors ``[B, N, C, Hkv, D]``, or None."""
         self.spec = spec
+        self.contract = layout(spec.layout)
+        dims = {**dims, "X": spec.indexer_hidden, "R": spec.indexer_rotary or spec.head_dim}
         for name, value in allocate(self.contract, dims, kv_dtype=spec.dtype, device=device, only_graph=True).items():
             setattr(self, name, value)
         self.planned, self.available, self.dropped = state

@@ -1,0 +1,655 @@
+"""Calibration: teacher-forced dense passes that record the indexer's inputs and targets (docs/indexer.md).
+
+``calibrate(model, tokenizer, out_dir)`` runs an HF causal LM (transformers 5.x) over long documents,
+one document per forward pass (batch 1, no cache, ``torch.no_grad``). At sampled window starts ``t``
+(multiples of the chunk size, at least two chunks in, ``t + interval <= length``) it records:
+
+- per target layer, the input of the query projection at ``t - 1`` (a forward pre-hook on ``q_proj``,
+  on the fused ``qkv_proj`` of Phi-3, or on GPT-2's ``c_attn``), the post-rotary query there, and the
+  rotary ``cos``/``sin`` the model applies at ``t - 1`` (a pre-hook reading the ``position_embeddings``
+  the decoder layer passes to its attention module; none for GPT-2);
+- per target layer, the key bounds ``kmin``/``kmax`` of the chunks before ``t`` (elementwise min/max of
+  the post-rotary keys over each chunk's tokens, per KV head: what the runtime store's chunk index holds);
+- per sparsely attended layer, the attention mass the queries of ``[t, t + interval)`` put on each of
+  those chunks, and from it the golden label (``golden_labels``).
+
+Post-rotary queries, keys and the real attention come from transformers' attention-function registry:
+for the duration of the run the model's attention implementation is switched to a registered function
+that computes the model's own attention (the implementation it had, with the mask that implementation
+gets) and, for the sampled window rows only, the softmax over keys (module scaling, softcap, causal
+mask, GQA, attention sinks). The original implementation is restored afterwards, also on errors.
+
+The dump is written with ``DumpWriter`` (``dump.py``): an interrupted run resumes, skipping the
+documents already written.
+
+Not here: the documents themselves (``documents.py``), the dump format (``dump.py``), training.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..config import LSAConfig
+from .documents import Document, Task, default_documents, load_documents
+from .dump import MANIFEST, DumpWriter, golden_labels, label_rule
+
+log = logging.getLogger(__name__)
+
+ATTN_IMPLEMENTATION = "lsa_calibrate"  # the name the recording attention function is registered under
+QUERY_PROJECTIONS = ("q_proj", "qkv_proj", "c_attn")  # separate, fused (Phi-3), GPT-2 Conv1D
+DEFAULT_TARGET_COUNT = 3
+
+_ACTIVE: "_Recorder | None" = None  # the recorder the registered attention function reports to
+
+
+# ---------------------------------------------------------------- model facts
+
+
+def _text_config(model: nn.Module) -> Any:
+    config = model.config
+    getter = getattr(config, "get_text_config", None)
+    return getter() if callable(getter) else config
+
+
+def _sliding_layers(config: Any) -> dict[int, int]:
+    try:
+        from ..adapters.hf import hf_layer_windows
+    except ImportError:  # older layout: the function lived in convert.py
+        from ..convert import hf_layer_windows  # type: ignore[no-redef]
+    return hf_layer_windows(config)
+
+
+def _num_layers(config: Any) -> int:
+    for name in ("num_hidden_layers", "n_layer"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    raise ValueError(f"{type(config).__name__} has no num_hidden_layers: not a decoder config lsa-rewrite knows")
+
+
+def sparse_layers(model: nn.Module) -> list[int]:
+    """Layers that attend over the whole history (not sliding-window): those the indexer serves.
+
+    Example::
+
+        >>> sparse_layers(gemma3_270m)
+        [5, 11, 17]
+    """
+    config = _text_config(model)
+    windows = _sliding_layers(config)
+    return [layer for layer in range(_num_layers(config)) if layer not in windows]
+
+
+def default_target_layers(sparse: Sequence[int], count: int = DEFAULT_TARGET_COUNT) -> list[int]:
+    """``count`` sparsely attended layers spread over the depth (at the quartiles for 3); all when fewer.
+
+    Example::
+
+        >>> default_target_layers(list(range(30)))
+        [7, 14, 22]
+    """
+    sparse = sorted(sparse)
+    if len(sparse) <= count:
+        return sparse
+    picks = [sparse[math.floor((i + 1) * (len(sparse) - 1) / (count + 1) + 0.5)] for i in range(count)]
+    return sorted(set(picks))
+
+
+def _shape(model: nn.Module) -> dict[str, int]:
+    config = _text_config(model)
+    hidden = int(getattr(config, "hidden_size", None) or config.n_embd)
+    q_heads = int(getattr(config, "num_attention_heads", None) or config.n_head)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or q_heads)
+    head_dim = getattr(config, "head_dim", None) or hidden // q_heads
+    return {"hidden": hidden, "q_heads": q_heads, "kv_heads": kv_heads, "head_dim": int(head_dim)}
+
+
+def model_signature(model: nn.Module) -> dict[str, Any]:
+    """What an indexer trained on this model's dump must match (docs/indexer.md, the dump manifest).
+
+    Example::
+
+        >>> model_signature(model)["sparse_layers"][:3]
+        [0, 1, 2]
+    """
+    config = _text_config(model)
+    shape = _shape(model)
+    return {
+        "class": type(model).__name__,
+        "model_type": getattr(config, "model_type", None),
+        "num_layers": _num_layers(config),
+        "hidden_size": shape["hidden"],
+        "q_heads": shape["q_heads"],
+        "kv_heads": shape["kv_heads"],
+        "head_dim": shape["head_dim"],
+        "sparse_layers": sparse_layers(model),
+        "vocab_size": int(getattr(config, "vocab_size", 0) or 0),
+    }
+
+
+def _max_positions(model: nn.Module) -> int | None:
+    config = _text_config(model)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The self-attention module of each layer, in layer order (a module holding a query projection)."""
+    found = []
+    for name, module in model.named_modules():
+        if getattr(module, "is_cross_attention", False):
+            continue
+        if any(isinstance(getattr(module, attr, None), nn.Module) for attr in QUERY_PROJECTIONS):
+            found.append((name, module))
+    layers = _num_layers(_text_config(model))
+    if len(found) != layers:
+        raise ValueError(
+            f"found {len(found)} attention modules with a query projection ({'/'.join(QUERY_PROJECTIONS)}) in "
+            f"{type(model).__name__}, expected one per layer ({layers}); calibration supports decoders whose "
+            "attention modules name their query projection like the HF Llama, Phi-3 or GPT-2 families"
+        )
+    indexed = [getattr(module, "layer_idx", None) for _, module in found]
+    if all(isinstance(i, int) for i in indexed) and sorted(indexed) == list(range(layers)):
+        found.sort(key=lambda item: item[1].layer_idx)
+    return [module for _, module in found]
+
+
+def _query_projection(module: nn.Module) -> nn.Module:
+    for attr in QUERY_PROJECTIONS:
+        proj = getattr(module, attr, None)
+        if isinstance(proj, nn.Module):
+            return proj
+    raise AssertionError("unreachable: _attention_modules keeps only modules with a query projection")
+
+
+# ---------------------------------------------------------------- recording
+
+
+def window_masses(
+    query: Tensor, key: Tensor, starts: Sequence[int], *, chunk: int, interval: int, scaling: float,
+    softcap: float | None = None, sinks: Tensor | None = None,
+) -> list[Tensor]:
+    """Attention mass of each window's queries on the chunks before it.
+
+    ``query`` [Hq, S, D], ``key`` [Hkv, S, D] (post-rotary, one sequence from position 0); for each start
+    ``t``: the causal softmax of rows ``[t, t + interval)`` over keys ``[0, t + interval)``, summed over
+    heads and rows, per chunk ``c < t / chunk``, divided by ``Hq * interval``: a float32 ``[t / chunk]``.
+
+    Example::
+
+        >>> window_masses(q, k, [128], chunk=64, interval=64, scaling=0.125)[0].shape
+        torch.Size([2])
+    """
+    hq, _, d = query.shape
+    hkv = key.shape[0]
+    group = hq // hkv
+    out = []
+    for t in starts:
+        end = t + interval
+        rows = query[:, t:end].float().reshape(hkv, group * interval, d)  # [Hkv, G*I, D]; head h -> kv head h // G
+        logits = torch.matmul(rows, key[:, :end].float().transpose(1, 2)) * scaling  # [Hkv, G*I, t+I]
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        logits = logits.view(hkv, group, interval, end)
+        pos = torch.arange(t, end, device=logits.device).view(interval, 1)
+        causal = torch.arange(end, device=logits.device).view(1, end) <= pos  # [I, t+I]
+        logits = logits.masked_fill(~causal, -math.inf)
+        if sinks is not None:
+            # Attention sinks (gpt-oss): one extra logit per head in the denominator, attending to nothing.
+            sink = sinks.float().view(hkv, group, 1, 1).expand(hkv, group, interval, 1)
+            probs = torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :end]
+        else:
+            probs = torch.softmax(logits, dim=-1)
+        per_key = probs[..., :t].sum(dim=(0, 1, 2))  # [t]
+        out.append(per_key.view(t // chunk, chunk).sum(1) / (hq * interval))
+    return out
+
+
+class _Recorder:
+    """Hooks and the recording attention function, installed on ``model`` for the calibration run."""
+
+    def __init__(self, model: nn.Module, *, target_layers: Sequence[int], sparse: Sequence[int], chunk: int, interval: int):
+        self.model = model
+        self.modules = _attention_modules(model)
+        self.layer_of = {id(m): i for i, m in enumerate(self.modules)}
+        self.targets = list(target_layers)
+        self.sparse = list(sparse)
+        self.chunk, self.interval = chunk, interval
+        self.original: str | None = None
+        self.handles: list[Any] = []
+        self.inner: Any = None
+        self.starts: list[int] = []
+        self.seen: set[int] = set()
+        self._reset()
+
+    def _reset(self) -> None:
+        self.hidden: dict[int, Tensor] = {}  # layer -> [W, hidden]
+        self.rope: dict[int, tuple[Tensor, Tensor]] = {}  # layer -> ([W, Dr], [W, Dr])
+        self.query: dict[int, Tensor] = {}  # layer -> [W, Hq, D]
+        self.bounds: dict[int, tuple[Tensor, Tensor]] = {}  # layer -> ([Nmax, Hkv, D], [Nmax, Hkv, D])
+        self.mass: dict[int, list[Tensor]] = {}  # layer -> W x [N_w]
+        self.seen = set()
+
+    # -- installation -------------------------------------------------------------------------
+
+    def __enter__(self) -> "_Recorder":
+        global _ACTIVE
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+        if _ACTIVE is not None:
+            raise RuntimeError("another calibration is already running in this process")
+        config = self.model.config
+        self.original = getattr(config, "_attn_implementation", None) or "eager"
+        if not hasattr(self.model, "set_attn_implementation"):
+            raise ValueError(f"{type(self.model).__name__} cannot switch its attention implementation (transformers >= 5 needed)")
+        AttentionInterface.register(ATTN_IMPLEMENTATION, _recording_attention)
+        mask_name = self.original if self.original in ALL_MASK_ATTENTION_FUNCTIONS else "sdpa"
+        AttentionMaskInterface.register(ATTN_IMPLEMENTATION, ALL_MASK_ATTENTION_FUNCTIONS[mask_name])
+        self.inner = self._inner_function(self.original)
+        try:
+            for layer in self.targets:
+                module = self.modules[layer]
+                self.handles.append(_query_projection(module).register_forward_pre_hook(self._hidden_hook(layer)))
+                self.handles.append(module.register_forward_pre_hook(self._rope_hook(layer), with_kwargs=True))
+            _ACTIVE = self
+            self.model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        global _ACTIVE
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        if _ACTIVE is self:
+            _ACTIVE = None
+        if getattr(self.model.config, "_attn_implementation", None) == ATTN_IMPLEMENTATION:
+            self.model.set_attn_implementation(self.original)
+
+    def _inner_function(self, name: str) -> Any:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        if name != "eager" and name in ALL_ATTENTION_FUNCTIONS:
+            return ALL_ATTENTION_FUNCTIONS[name]
+        return None  # eager: each modelling file's own eager_attention_forward, looked up per module
+
+    def attention(self, module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask: Any, **kwargs: Any) -> Any:
+        inner = self.inner
+        if inner is None:
+            inner = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+            if inner is None:
+                from transformers.integrations.sdpa_attention import sdpa_attention_forward as inner
+        out = inner(module, query, key, value, mask, **kwargs)
+        layer = self.layer_of.get(id(module))
+        if layer is not None and self.starts:
+            self.seen.add(layer)
+            with torch.no_grad():
+                self._record(layer, module, query, key, kwargs)
+        return out
+
+    # -- what is recorded ---------------------------------------------------------------------
+
+    def _positions(self, device: torch.device) -> Tensor:
+        return torch.tensor([t - 1 for t in self.starts], device=device)
+
+    def _hidden_hook(self, layer: int) -> Any:
+        def hook(_module: nn.Module, args: tuple) -> None:
+            if self.starts:
+                x = args[0]  # [1, S, hidden]
+                self.hidden[layer] = x[0, self._positions(x.device)].detach().clone()
+
+        return hook
+
+    def _rope_hook(self, layer: int) -> Any:
+        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if not self.starts:
+                return
+            emb = kwargs.get("position_embeddings")
+            if emb is None and len(args) > 1 and isinstance(args[1], tuple):
+                emb = args[1]
+            if emb is None:
+                return
+            cos, sin = emb
+            seq = cos.shape[-2]
+            pos = self._positions(cos.device)
+            self.rope[layer] = tuple(v.reshape(-1, seq, v.shape[-1])[0, pos].detach().clone() for v in (cos, sin))
+
+        return hook
+
+    def _record(self, layer: int, module: nn.Module, query: Tensor, key: Tensor, kwargs: dict) -> None:
+        if query.shape[0] != 1:
+            raise ValueError(f"calibration runs one sequence at a time, got a batch of {query.shape[0]}")
+        q, k = query[0], key[0]  # [Hq, S, D], [Hkv, S, D]
+        if layer in self.targets:
+            chunks = max(self.starts) // self.chunk
+            hkv, _, d = k.shape
+            blocks = k[:, : chunks * self.chunk].reshape(hkv, chunks, self.chunk, d)
+            self.bounds[layer] = (blocks.amin(2).transpose(0, 1).clone(), blocks.amax(2).transpose(0, 1).clone())
+            self.query[layer] = q[:, self._positions(q.device)].transpose(0, 1).clone()  # [W, Hq, D]
+        if layer in self.sparse:
+            scaling = kwargs.get("scaling")
+            if scaling is None:
+                scaling = getattr(module, "scaling", None) or q.shape[-1] ** -0.5
+            softcap = kwargs.get("softcap")
+            if softcap is None:
+                softcap = getattr(module, "attn_logit_softcapping", None)
+            self.mass[layer] = window_masses(
+                q, k, self.starts, chunk=self.chunk, interval=self.interval, scaling=float(scaling),
+                softcap=softcap, sinks=kwargs.get("s_aux"),
+            )
+
+    # -- one document -------------------------------------------------------------------------
+
+    def run(self, ids: Tensor, starts: Sequence[int]) -> list[dict[str, Tensor]]:
+        """One forward pass over ``ids`` [S]; the window records (without ``golden``/``meta``) of ``starts``."""
+        device = next(self.model.parameters()).device
+        self._reset()
+        self.starts = sorted(int(t) for t in starts)
+        try:
+            with torch.no_grad():
+                self.model(input_ids=ids.view(1, -1).to(device), use_cache=False)
+            missing = sorted((set(self.targets) | set(self.sparse)) - self.seen)
+            if missing:
+                raise ValueError(
+                    f"layers {missing} of {type(self.model).__name__} did not call the registered attention function; "
+                    "calibration needs models whose attention goes through transformers' AttentionInterface"
+                )
+            return self._records()
+        finally:
+            self.starts = []
+
+    def _records(self) -> list[dict[str, Tensor]]:
+        records = []
+        cos_sin = self.rope.get(self.targets[0])
+        for layer in self.targets[1:]:
+            other = self.rope.get(layer)
+            if (other is None) != (cos_sin is None) or (other is not None and not all(torch.equal(a, b) for a, b in zip(other, cos_sin))):
+                raise ValueError(f"target layers {self.targets} use different rotary embeddings; choose target layers of one attention type")
+        for w, t in enumerate(self.starts):
+            n = t // self.chunk
+            record = {
+                "hidden": torch.stack([self.hidden[layer][w] for layer in self.targets]),
+                "query": torch.stack([self.query[layer][w] for layer in self.targets]),
+                "kmin": torch.stack([self.bounds[layer][0][:n] for layer in self.targets]),
+                "kmax": torch.stack([self.bounds[layer][1][:n] for layer in self.targets]),
+                "mass": torch.stack([self.mass[layer][w] for layer in self.sparse]),
+            }
+            if cos_sin is not None:
+                record["cos"], record["sin"] = cos_sin[0][w], cos_sin[1][w]
+            records.append(record)
+        return records
+
+
+def _recording_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Any, **kwargs: Any) -> Any:
+    """The function registered as ``ATTN_IMPLEMENTATION``: the model's attention, plus the recording."""
+    recorder = _ACTIVE
+    if recorder is None:  # the implementation left set on some other model: behave like SDPA
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return recorder.attention(module, query, key, value, attention_mask, **kwargs)
+
+
+# ---------------------------------------------------------------- documents, windows, splits
+
+
+def _as_documents(documents: Iterable[Any], tokenizer: Any, chat: bool | None) -> list[Document]:
+    out: list[Document] = []
+    for i, item in enumerate(documents):
+        if isinstance(item, Document):
+            out.append(item)
+        elif isinstance(item, Task):
+            out.append(item.to_document(tokenizer, chat=chat))
+        elif isinstance(item, os.PathLike):
+            out += load_documents(item)
+        elif isinstance(item, str):
+            out.append(Document(id=f"text-{i}", source="text", text=item))
+        else:
+            raise ValueError(f"documents[{i}] is a {type(item).__name__}; pass Document, Task, str (a text) or a path")
+    seen: set[str] = set()
+    for doc in out:
+        if doc.id in seen:
+            raise ValueError(f"two documents share the id {doc.id!r}; ids key the dump and its resume")
+        seen.add(doc.id)
+    return out
+
+
+def window_starts(length: int, *, chunk: int, interval: int, count: int, rng: random.Random) -> list[int]:
+    """Sampled window starts: multiples of ``chunk``, ``>= 2 * chunk``, ``t + interval <= length``.
+
+    The last possible start is always taken (for a task it covers the question and the answer); the rest
+    are drawn without replacement. Sorted.
+
+    Example::
+
+        >>> window_starts(1024, chunk=64, interval=64, count=4, rng=random.Random(0))[-1]
+        960
+    """
+    candidates = list(range(2 * chunk, length - interval + 1, chunk))
+    if len(candidates) <= count:
+        return candidates
+    return sorted(rng.sample(candidates[:-1], count - 1) + candidates[-1:])
+
+
+def _splits(docs: list[Document], fraction: float, seed: int) -> dict[str, str]:
+    """``{id: "train" | "heldout"}``: ``fraction`` of each source kind held out, chosen under ``seed``."""
+    groups: dict[str, list[str]] = {}
+    for doc in docs:
+        groups.setdefault(doc.source.split(":")[0], []).append(doc.id)
+    split = {doc.id: "train" for doc in docs}
+    rng = random.Random(f"split:{seed}")
+    held = 0
+    for kind in sorted(groups):
+        ids = sorted(groups[kind])
+        rng.shuffle(ids)
+        k = round(fraction * len(ids))
+        for doc_id in ids[:k]:
+            split[doc_id] = "heldout"
+        held += k
+    if fraction > 0 and held == 0 and len(docs) >= 2:
+        split[sorted(split)[random.Random(f"split:{seed}").randrange(len(split))]] = "heldout"
+    return split
+
+
+def _clear_dump(path: Path) -> None:
+    for pattern in (MANIFEST, "shard-*.safetensors", ".*.tmp"):
+        for f in path.glob(pattern):
+            f.unlink()
+
+
+class _progress:
+    """A rich progress bar over the documents, advanced by tokens (nothing when disabled)."""
+
+    def __init__(self, enabled: bool, total_tokens: int, documents: int) -> None:
+        self.enabled, self.total, self.documents = enabled, total_tokens, documents
+        self.bar: Any = None
+        self.task: Any = None
+
+    def __enter__(self) -> "_progress":
+        if self.enabled:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("[bold]calibrate[/] {task.description}"), BarColumn(),
+                TextColumn("{task.completed:,.0f}/{task.total:,.0f} tokens"), TimeElapsedColumn(), TimeRemainingColumn(),
+            )
+            self.bar.__enter__()
+            self.task = self.bar.add_task(f"0/{self.documents} documents", total=max(1, self.total))
+        return self
+
+    def advance(self, tokens: int, done: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, advance=tokens, description=f"{done}/{self.documents} documents")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+
+# ---------------------------------------------------------------- the verb
+
+
+def calibrate(
+    model: nn.Module,
+    tokenizer: Any,
+    out_dir: str | os.PathLike,
+    *,
+    config: LSAConfig | None = None,
+    documents: Iterable[Document | Task | str | os.PathLike] | None = None,
+    target_layers: Sequence[int] | None = None,
+    windows_per_document: int = 16,
+    heldout_fraction: float = 0.15,
+    max_tokens: int | None = None,
+    chat: bool | None = None,
+    shard_windows: int = 64,
+    seed: int = 0,
+    progress: bool = True,
+    resume: bool = True,
+) -> Path:
+    """Record the indexer's inputs and targets over long documents into a calibration dump at ``out_dir``.
+
+    Args:
+        model: an HF causal LM (transformers 5.x), in eval mode, on any device and dtype.
+        tokenizer: its tokenizer (``encode``; a chat template is used for tasks when it has one).
+        out_dir: the dump directory (created; see docs/indexer.md for the format).
+        config: the ``LSAConfig`` the indexer is for: its ``chunk_size`` and ``interval`` set the chunks and
+            the lookahead window. ``None``: ``LSAConfig()``.
+        documents: ``Document``, ``Task`` (rendered with the chat template when ``chat`` allows), ``str``
+            (a text) or paths (``.txt``/``.jsonl`` files or directories). ``None``: 18 built-in standard-
+            library texts and 18 calibration tasks of 1K-4K tokens (``default_documents``).
+        target_layers: layers whose query-side inputs and key bounds are recorded; sparsely attended ones.
+            ``None``: 3 spread over the depth (``default_target_layers``).
+        windows_per_document: window starts sampled per document (the last possible one always included).
+        heldout_fraction: share of the documents of each source kind marked ``"heldout"`` in the dump, kept
+            out of indexer training to measure it (chosen under ``seed``). Unrelated to ``heldout_tasks``,
+            whose seeds calibration never uses.
+        max_tokens: documents are cut to this many tokens. ``None``: the model's maximum positions.
+        chat: how tasks are rendered (``None``: the chat template when the tokenizer has one).
+        shard_windows: windows per shard file (documents are never split across shards).
+        seed: seeds the default documents, the window starts and the split.
+        progress: show a rich progress bar.
+        resume: continue an interrupted dump in ``out_dir`` (documents already written are skipped).
+            ``False``: delete the dump files found there (manifest and shards) and start over.
+
+    Returns the dump directory. Documents too short for one window (``2 * chunk_size + interval``
+    tokens) are skipped with a warning.
+
+    Example::
+
+        >>> model, tokenizer = load_model(find_smollm2_gguf())
+        >>> dump = calibrate(model, tokenizer, "dumps/smollm2", config=LSAConfig(chunk_size=16, interval=16))
+        >>> CalibrationDump(dump).target_layers
+        [7, 14, 22]
+    """
+    config = LSAConfig() if config is None else config
+    if not isinstance(config, LSAConfig):
+        raise ValueError(f"config must be an LSAConfig, got {type(config).__name__}")
+    if not isinstance(windows_per_document, int) or windows_per_document < 1:
+        raise ValueError(f"windows_per_document must be an int >= 1, got {windows_per_document!r}")
+    if not isinstance(heldout_fraction, (int, float)) or not 0.0 <= heldout_fraction < 1.0:
+        raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction!r}")
+    chunk, interval = config.chunk_size, config.interval
+    out = Path(out_dir)
+
+    signature = model_signature(model)
+    sparse = signature["sparse_layers"]
+    if not sparse:
+        raise ValueError(f"{type(model).__name__} has no sparsely attended layers (all are sliding-window): nothing to calibrate")
+    targets = default_target_layers(sparse) if target_layers is None else sorted({int(layer) for layer in target_layers})
+    outside = [layer for layer in targets if layer not in sparse]
+    if not targets or outside:
+        raise ValueError(f"target_layers must be sparsely attended layers of the model {sparse}, got {list(target_layers or [])}")
+
+    if documents is None:
+        docs = default_documents(tokenizer, seed=seed, chat=chat)
+    else:
+        docs = _as_documents(documents, tokenizer, chat)
+    limit = max_tokens or _max_positions(model) or 1 << 30
+    min_length = 2 * chunk + interval
+    tokenized: list[tuple[Document, Tensor]] = []
+    for doc in docs:
+        ids = torch.tensor(tokenizer.encode(doc.text, add_special_tokens=doc.add_special_tokens), dtype=torch.long)
+        if len(ids) > limit:
+            log.warning("document %s: %d tokens cut to %d", doc.id, len(ids), limit)
+            ids = ids[:limit]
+        if len(ids) < min_length:
+            log.warning("document %s: %d tokens, fewer than one window needs (%d); skipped", doc.id, len(ids), min_length)
+            continue
+        tokenized.append((doc, ids))
+    if not tokenized:
+        raise ValueError(f"no document holds a window ({min_length} tokens: two chunks of {chunk} and an interval of {interval})")
+    split = _splits([doc for doc, _ in tokenized], float(heldout_fraction), seed)
+
+    shape = _shape(model)
+    rope = _probe_rope(model, targets, sparse, chunk, interval)
+    manifest = {
+        "model": signature,
+        "lsa_config": config.to_dict(),
+        "target_layers": targets,
+        "label": label_rule(len(sparse)),
+        "shapes": {**shape, "rope": rope},
+    }
+    if not resume and out.exists():
+        _clear_dump(out)
+    writer = DumpWriter(out, manifest, shard_windows=shard_windows)
+    label = writer.manifest["label"]
+    todo = [(doc, ids) for doc, ids in tokenized if doc.id not in writer.finished]
+    if len(todo) < len(tokenized):
+        log.info("resuming %s: %d of %d documents already written", out, len(tokenized) - len(todo), len(tokenized))
+    with _Recorder(model, target_layers=targets, sparse=sparse, chunk=chunk, interval=interval) as recorder, _progress(
+        progress, sum(len(ids) for _, ids in todo), len(tokenized)
+    ) as bar:
+        done = len(tokenized) - len(todo)
+        for doc, ids in todo:
+            rng = random.Random(f"windows:{seed}:{doc.id}")
+            starts = window_starts(len(ids), chunk=chunk, interval=interval, count=windows_per_document, rng=rng)
+            records = _run_document(recorder, ids, starts)
+            index = writer.add_document(doc.id, source=doc.source, tokens=len(ids), split=split[doc.id])
+            for t, record in zip(starts, records):
+                record["golden"] = golden_labels(record["mass"], label["top_p"], label["min_layers"])
+                record["meta"] = torch.tensor([index, t, t - 1], dtype=torch.long)
+                writer.add_window(record)
+            done += 1
+            bar.advance(len(ids), done)
+    writer.close()
+    return out
+
+
+def _run_document(recorder: _Recorder, ids: Tensor, starts: Sequence[int]) -> list[dict[str, Tensor]]:
+    return recorder.run(ids, starts)
+
+
+def _probe_rope(model: nn.Module, targets: Sequence[int], sparse: Sequence[int], chunk: int, interval: int) -> bool:
+    """Whether the model hands rotary cos/sin to its target layers (a pass over a few tokens), and that
+    the recording attention function sees every layer; refuses rotary over part of the head only."""
+    head_dim = _shape(model)["head_dim"]
+    length = 2 * chunk + interval
+    ids = torch.zeros(length, dtype=torch.long)
+    with _Recorder(model, target_layers=targets, sparse=sparse, chunk=chunk, interval=interval) as recorder:
+        recorder.run(ids[:length], [2 * chunk])
+        rope = recorder.rope.get(targets[0])
+    if rope is not None and rope[0].shape[-1] != head_dim:
+        raise ValueError(
+            f"{type(model).__name__} rotates {rope[0].shape[-1]} of {head_dim} head dimensions (partial rotary); "
+            "the indexer applies rotary embeddings over the whole head"
+        )
+    return rope is not None
+
+
+__all__ = ["calibrate", "default_target_layers", "model_signature", "sparse_layers", "window_masses", "window_starts"]
