@@ -41,6 +41,11 @@ def indexer_from_model(
     step, _ = adapter.trace()
     sites = locate(step, layer_windows=adapter.windows)
     sparse = [s.layer for s in sites if s.action == "rewrite"]
+    if not sparse:
+        raise ValueError(
+            f"{type(model).__name__} has no sparsely attended layer (every layer is sliding-window, kept exact), so there "
+            "is nothing for an indexer to select; convert it with the default selector"
+        )
     layers = tuple(target_layers) if target_layers is not None else tuple(default_target_layers(sparse))
     TapIndexerInputsPass(layers)(step, sites)
     by_layer = {s.layer: s for s in sites}

@@ -167,7 +167,7 @@ class TargetLayerIndexer(nn.Module):
         self.head_weight = nn.Parameter(torch.zeros(hq, h))  # W [Hq, hidden]
         self.head_bias = nn.Parameter(torch.full((hq,), 1.0 / hq))  # b_w [Hq]
         self.centre_gain = nn.Parameter(torch.ones(hkv, d))  # s [Hkv, D]
-        self.half_gain = nn.Parameter(torch.zeros(hkv, d))  # t [Hkv, D]
+        self.half_gain = nn.Parameter(torch.ones(hkv, d))  # t [Hkv, D]
         # scale = exp(log_scale): optimised in log space so that it stays positive and moves by factors.
         self.log_scale = nn.Parameter(torch.tensor(-0.5 * math.log(d)))
         self.bias = nn.Parameter(torch.zeros(()))
@@ -280,9 +280,11 @@ class LSAIndexer(nn.Module):
         cfg, target = self.config, self.layers[i]
         batch = q.shape[0]
         lo, hi = kmin.float(), kmax.float()
-        keys = target.centre_gain * ((lo + hi) * 0.5) + target.half_gain * ((hi - lo) * 0.5)  # [B, N, Hkv, D]
+        centre = target.centre_gain * ((lo + hi) * 0.5)  # [B, N, Hkv, D]
+        half = target.half_gain * ((hi - lo) * 0.5)
         qg = q.float().view(batch, cfg.kv_heads, cfg.group, cfg.head_dim)  # head h -> kv head h // G, as repeat_kv
-        dots = torch.einsum("bkgd,bnkd->bnkg", qg, keys)  # [B, N, Hkv, G]
+        # q . centre + |q| . half: with s = t = 1 the largest q . k over the chunk's key box (the query-aware bound)
+        dots = torch.einsum("bkgd,bnkd->bnkg", qg, centre) + torch.einsum("bkgd,bnkd->bnkg", qg.abs(), half)  # [B, N, Hkv, G]
         z = (dots.relu() * w.float().view(batch, 1, cfg.kv_heads, cfg.group)).sum((-2, -1))  # [B, N]
         return z * target.log_scale.exp() + target.bias
 

@@ -186,7 +186,7 @@ def test_full_rank_init_reproduces_the_model_query_up_to_a_positive_scale():
         torch.testing.assert_close(w, torch.full_like(w, 1.0 / HQ))
 
 
-def test_untrained_indexer_ranks_chunks_by_model_query_against_key_centres():
+def test_untrained_indexer_ranks_chunks_by_the_model_query_bound():
     g = torch.Generator().manual_seed(5)
     weights = {layer: torch.randn(HQ * D, HIDDEN, generator=g) for layer in LAYERS}
     indexer = LSAIndexer.from_query_weights(make_config(rank=HIDDEN), weights)
@@ -194,9 +194,13 @@ def test_untrained_indexer_ranks_chunks_by_model_query_against_key_centres():
     for i, layer in enumerate(LAYERS):
         ref_q = reference_query(weights[layer], x[:, i], cos, sin)  # [B, Hq, D]
         centre = (kmin[:, i] + kmax[:, i]) / 2  # [B, N, Hkv, D]
+        half = (kmax[:, i] - kmin[:, i]) / 2
         ref = torch.zeros(4, 40)
-        for h in range(HQ):  # hand-written: sum over heads of relu(q_h . centre of kv head h // G)
-            ref += torch.relu((centre[:, :, h // (HQ // HKV)] * ref_q[:, None, h]).sum(-1))
+        for h in range(HQ):  # hand-written: sum over heads of relu(max of q_h . k over the chunk's key box)
+            g = h // (HQ // HKV)
+            bound = torch.maximum(kmin[:, i][:, :, g] * ref_q[:, None, h], kmax[:, i][:, :, g] * ref_q[:, None, h]).sum(-1)
+            torch.testing.assert_close(bound, (centre[:, :, g] * ref_q[:, None, h] + half[:, :, g] * ref_q[:, None, h].abs()).sum(-1))
+            ref += torch.relu(bound)
         logits = indexer.layer_logits(i, *indexer.query(i, x[:, i], cos, sin), kmin[:, i], kmax[:, i])
         scale = logits.sum(1, keepdim=True) / ref.sum(1, keepdim=True)  # positive per query
         assert (scale > 0).all()

@@ -1,0 +1,148 @@
+"""The indexer in the runtime: taps in the rewritten graph, the indexer selector, convert(indexer=...)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import lsa_rewrite
+from lsa_rewrite import LSAConfig
+from lsa_rewrite.indexer import LSAIndexer
+from lsa_rewrite.indexer.from_model import indexer_from_model
+from lsa_rewrite.selectors import IndexerSelector, QueryAwareSelector
+from planted import planted_config, planted_model
+from zoo import HF_FAMILIES, make_model
+
+PROMPT = 200
+
+
+def _ids(batch=1, length=PROMPT, seed=0):
+    return torch.randint(3, 250, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", HF_FAMILIES)
+def test_indexer_selector_at_a_covering_budget_is_dense(family):
+    """Dense exactness with selector='indexer' (taps spliced into the graph) for every zoo family
+    (the zoo's mistral has only sliding-window layers: nothing to select, and that is said)."""
+    base = make_model(family).eval()
+    config = LSAConfig(mode="dense", chunk_size=16, interval=16, selector="indexer")
+    if family == "mistral":
+        with pytest.raises(ValueError, match="no sparsely attended layer"):
+            indexer_from_model(base, config)
+        return
+    converted = lsa_rewrite.convert(copy.deepcopy(base), config, indexer=indexer_from_model(base, config))
+    ids = _ids()
+    want = base.generate(ids, max_new_tokens=24, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    got = converted.generate(ids, max_new_tokens=24, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(want.sequences, got.sequences)
+    diff = max(float((a - b).abs().max()) for a, b in zip(want.logits, got.logits))
+    assert diff <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3", "gpt2"])
+def test_taps_hold_the_query_projection_input_and_rotary(family):
+    """After a decode step, idx_x is what the layer's query projection saw for the last token, and
+    idx_cos/idx_sin rotate the model's own (pre-rotary) query into the query the attention used."""
+    base = make_model(family).eval()
+    config = LSAConfig(mode="dense", chunk_size=16, interval=16, selector="indexer")
+    indexer = indexer_from_model(base, config, target_layers=[1])
+    converted = lsa_rewrite.convert(copy.deepcopy(base), config, indexer=indexer)
+    ids = _ids(length=40)
+    out = converted.generate(ids, max_new_tokens=3, do_sample=False)
+    layer = converted.lsa.store.layers[1]
+    seen = {}
+    module = dict(base.named_modules())[indexer_weight_module(converted, 1)]
+    def record(_module, args):
+        seen["x"] = args[0].reshape(1, out.shape[1] - 1, -1)[:, -1].clone()
+
+    hook = module.register_forward_pre_hook(record)
+    with torch.no_grad():
+        base(out[:, :-1])  # the last decode step ran on token out[:, -2] at position len - 2
+    hook.remove()
+    torch.testing.assert_close(layer.idx_x, seen["x"], atol=1e-5, rtol=1e-5)
+    if indexer.config.rope:
+        assert not torch.all(layer.idx_sin == 0), "rotary sin of a position > 0 is not zero"
+        torch.testing.assert_close(layer.idx_cos.pow(2) + layer.idx_sin.pow(2), torch.ones_like(layer.idx_cos), atol=1e-5, rtol=1e-5)
+    else:
+        assert torch.all(layer.idx_cos == 1) and torch.all(layer.idx_sin == 0)
+
+
+def indexer_weight_module(converted, layer: int) -> str:
+    site = next(s for s in converted.lsa.sites if s.layer == layer)
+    return site.indexer.weight.rpartition(".")[0]
+
+
+def test_untrained_indexer_keeps_the_planted_needles():
+    """Initialised from the model's query projection, the indexer finds the chunks the question needs."""
+    planted = planted_model(batch=2)
+    config = planted_config(selector="indexer", interval=8)
+    indexer = indexer_from_model(planted.model, config)
+    converted = lsa_rewrite.convert(planted.model, config, indexer=indexer)
+    out = converted.generate(planted.input_ids, max_new_tokens=24, do_sample=False)
+    new = out[:, planted.input_ids.shape[1]:]
+    assert converted.lsa.store.selections >= 3
+    for row, answer in enumerate(planted.answers):
+        assert torch.all(new[row] == answer), f"sequence {row} lost its needles: {new[row].tolist()}"
+        resident = {c for c in converted.lsa.store.layers[0].host_slot_chunk[row] if c >= 0}
+        assert set(planted.needle_chunks[row]) <= resident
+
+
+def test_untrained_indexer_ranks_chunks_like_query_aware():
+    """On a random model after a real prefill, the untrained indexer's chunk ranking agrees with the
+    query-aware bound's far better than chance (Spearman); a random indexer's does not."""
+    base = make_model("llama").eval()
+    config = LSAConfig(budget=96, chunk_size=16, interval=16, sink_tokens=16, recent_tokens=16, selector="indexer")
+    indexer = indexer_from_model(base, config, target_layers=[0], rank=64)
+    converted = lsa_rewrite.convert(base, config, indexer=indexer)
+    converted.generate(_ids(length=480, seed=3), max_new_tokens=2, do_sample=False)
+    store = converted.lsa.store
+    window = store.policy.window(store.length)
+    written = window.written_chunks
+    layers = [store.layers[0]]
+
+    def rank(x):
+        return x.argsort().argsort().float()
+
+    def spearman(a, b):
+        ra, rb = rank(a), rank(b)
+        ra, rb = ra - ra.mean(), rb - rb.mean()
+        return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+    reference = QueryAwareSelector().scores(layers, window)[0, 0, :written]
+    ours = IndexerSelector(indexer).scores(layers, window)[0, 0, :written]
+    noise = LSAIndexer.random_init(indexer.config, generator=torch.Generator().manual_seed(0))
+    rand = IndexerSelector(noise).scores(layers, window)[0, 0, :written]
+    assert spearman(ours, reference) >= 0.5
+    assert spearman(ours, reference) > spearman(rand, reference) + 0.3
+
+
+def test_indexer_refusals(tmp_path):
+    base = make_model("llama").eval()
+    config = LSAConfig(chunk_size=16, interval=16, selector="indexer")
+    with pytest.raises(ValueError, match="needs a trained indexer"):
+        lsa_rewrite.convert(copy.deepcopy(base), config)
+    indexer = indexer_from_model(base, config)
+    with pytest.raises(ValueError, match="selector='indexer'"):
+        lsa_rewrite.convert(copy.deepcopy(base), LSAConfig(chunk_size=16), indexer=indexer)
+    path = indexer.save(tmp_path / "idx.safetensors", signature=indexer.signature, lsa=config.to_dict())
+    with pytest.raises(ValueError, match="chunk_size=16.*chunk_size=32"):
+        lsa_rewrite.convert(copy.deepcopy(base), LSAConfig(chunk_size=32, interval=16, selector="indexer"), indexer=path)
+    other = make_model("qwen2").eval()
+    with pytest.raises(ValueError, match="trained for a model with"):
+        lsa_rewrite.convert(other, config, indexer=path)
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        lsa_rewrite.convert(copy.deepcopy(base), config, indexer=tmp_path / "nope.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="bad.safetensors"):
+        lsa_rewrite.convert(copy.deepcopy(base), config, indexer=tmp_path / "bad.safetensors")
+    untouched = copy.deepcopy(base)
+    lsa_rewrite.convert(untouched, config, indexer=path)  # the saved indexer loads and converts
+    assert untouched.lsa.indexer is not None
+
+
+def test_indexer_target_layer_must_be_sparse():
+    base = make_model("gemma3").eval()
+    with pytest.raises(ValueError, match="not a sparsely attended layer"):
+        indexer_from_model(base, LSAConfig(chunk_size=16), target_layers=[0])
