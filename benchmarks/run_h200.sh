@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install lsa-rewrite into the image's python (offline), then the GPU checks and
 # benchmarks. Usage (on the GPU machine, from the repo root): bash benchmarks/run_h200.sh STAGE
-#   STAGE=quick : recall kernel check + bandwidth/overlap, selection cost alone, zoo smoke on CUDA (decode attention alone: python3 benchmarks/decode_attention.py)
+#   STAGE=quick : recall kernel check + bandwidth/overlap, selection cost alone, `python -m lsa_rewrite.selftest --gpu` (decode attention alone: python3 benchmarks/decode_attention.py)
 #   STAGE=profile: Nsight Compute over the MQA decode-attention kernels (512K batch 1, 128K batch 8), stall reasons
 #   STAGE=e2e   : the Llama-3-8B-shaped end-to-end benchmark at 128K (128 steps; recall_lag 4 and 0)
 #   STAGE=kernels: decode attention (LSA vs dense SDPA, both layouts) and mirror pinning
@@ -19,7 +19,7 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 if [ "$STAGE" = quick ]; then
   python3 benchmarks/recall.py --out "$OUT/recall.json" || echo "recall FAILED rc=$?"
   python3 benchmarks/selection.py --out "$OUT/selection.json" || echo "selection FAILED rc=$?"
-  python3 benchmarks/gpu_smoke.py --families llama,gemma3 --out "$OUT/gpu_smoke.json" || echo "gpu_smoke FAILED rc=$?"
+  python3 -m lsa_rewrite.selftest --gpu --out "$OUT/selftest_gpu.json" || echo "selftest FAILED rc=$?"
 elif [ "$STAGE" = kernels ]; then
   python3 benchmarks/decode_attention.py --out "$OUT/decode_attention.json" || echo "decode_attention FAILED rc=$?"
   python3 benchmarks/pinning.py --gib 8.25 --out "$OUT/pinning.json" || echo "pinning FAILED rc=$?"

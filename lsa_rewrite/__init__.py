@@ -14,12 +14,27 @@ Example::
     >>> lsa_rewrite.footprint(model)["ratio"] <= 0.25
 """
 
+from typing import Any
+
 from . import kernels  # noqa: F401  (registers the lsa:: custom ops)
 from .config import LSAConfig
-from .convert import convert, footprint, inspect_model
 from .runtime.store import KVStore, StoreError
 from .selectors import PerLayerSelector, SelectionWindow, Selector
 from .session import LSASession
+
+# The conversion entry points import transformers (HF adapter); they load on first use, so that
+# `lsa_rewrite.indexer` (backbone-free training) imports in a process without transformers.
+_LAZY = {"convert": "convert", "footprint": "convert", "inspect_model": "convert"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lsa_rewrite' has no attribute {name!r}")
 
 __all__ = [
     "KVStore", "LSAConfig", "LSASession", "PerLayerSelector", "SelectionWindow", "Selector", "StoreError", "convert", "footprint",

@@ -1,0 +1,173 @@
+"""``python -m lsa_rewrite.selftest [--gpu]``: check this install's runtime path end to end.
+
+On tiny random-weight models built from configs (a GQA Llama, and a Gemma3 with sliding-window and
+full layers), with no download:
+
+1. **covering budget**: the converted model's greedy tokens and logits equal the dense model's (on
+   CUDA through the compiled step replayed as a CUDA graph);
+2. **sparse decode at recall lags 0, 1 and 4**: real selections with recalls from the mirror (on CUDA:
+   the copy kernel on a side stream, the tables swapped ``lag`` steps later); every resident chunk is
+   bit-identical to its mirror row, the mirror's prompt part equals the dense model's KV, and the
+   logits equal the same conversion run on the CPU (PyTorch reference ops) within tolerance;
+3. **pinned mirror**: on CUDA the mirror is page-locked host memory (``HostArena``).
+
+Exit status 0 when every check passes; ``--out FILE`` writes the rows as JSON. ``--gpu`` requires
+CUDA. Not here: speed (``benchmarks/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+LAGS = (0, 1, 4)
+COVERING_TOL = 1e-3  # logits, compiled (TF32-free fp32) vs eager dense
+REFERENCE_TOL = 1e-3  # sparse logits, device kernels vs CPU reference ops
+
+
+def tiny_models() -> dict[str, torch.nn.Module]:
+    """The self-test's models: fixed seeds, float32, std 0.2 weights (attention concentrates)."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
+
+    common = dict(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=4096, initializer_range=0.2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    configs = {
+        "llama": LlamaConfig(num_hidden_layers=2, **common),
+        "gemma3": Gemma3TextConfig(
+            num_hidden_layers=3, head_dim=16, sliding_window=32, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+            **common,
+        ),
+    }
+    models = {}
+    for name, config in configs.items():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float().eval()
+        model.generation_config.eos_token_id = None
+        models[name] = model
+    return models
+
+
+def _greedy(model, ids, new: int):
+    out = model.generate(ids, max_new_tokens=new, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    return out.sequences, torch.stack(out.logits)
+
+
+@torch.no_grad()
+def _recall_exact(converted, model, ids) -> dict[str, Any]:
+    """Resident chunks == their mirror rows; the mirror's prompt part == the dense model's KV."""
+    from transformers import DynamicCache
+
+    store = converted.lsa.store
+    store.synchronize()
+    if ids.is_cuda:
+        torch.cuda.synchronize()
+    dense = DynamicCache(config=model.config)
+    model(input_ids=ids, use_cache=True, past_key_values=dense)
+    prompt_chunks = ids.shape[1] // store.chunk
+    checked = mismatches = 0
+    prompt_exact = pinned = True
+    upto = store.synced // store.chunk  # chunks complete in the mirror
+    for layer in store.chunk_layers:
+        keys = dense.layers[layer.spec.layer].keys.transpose(1, 2).cpu()  # [B, T, Hkv, D]
+        prompt_exact &= torch.equal(layer.mirror_k[:, :prompt_chunks].flatten(1, 2), keys[:, : prompt_chunks * store.chunk])
+        pinned &= (not ids.is_cuda) or layer.mirror_k.is_pinned()
+        for b in range(store.batch):
+            for slot, chunk in enumerate(layer.host_slot_chunk[b]):
+                if 0 <= chunk < upto:
+                    row = b * store.slots + slot
+                    checked += 1
+                    same = torch.equal(layer.k_pool[row].cpu(), layer.mirror_k[b, chunk]) and torch.equal(layer.v_pool[row].cpu(), layer.mirror_v[b, chunk])
+                    mismatches += not same
+    return {"recall_checked": checked, "recall_mismatches": mismatches, "recalled_chunks": store.recalled_chunks,
+            "mirror_prompt_exact": bool(prompt_exact), "mirror_pinned": bool(pinned)}
+
+
+def run(device: str = "cuda", *, prompt: int = 768, new_tokens: int = 48, models: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+    """Every check on ``device`` (for ``models``, default all); one row per (model, check); a row's ``ok`` says whether it passed."""
+    import lsa_rewrite
+    from lsa_rewrite import LSAConfig
+
+    rows = []
+    for name, base in tiny_models().items():
+        if models is not None and name not in models:
+            continue
+        model = base.to(device)
+        ids = torch.randint(3, 250, (2, 40), generator=torch.Generator().manual_seed(0)).to(device)
+        want_seq, want_logits = _greedy(model, ids, 40)
+        converted = lsa_rewrite.convert(copy.deepcopy(model), LSAConfig(mode="dense", chunk_size=16, interval=16))
+        t0 = time.perf_counter()
+        seq, logits = _greedy(converted, ids, 40)
+        diff = float((logits - want_logits).abs().max())
+        compiled = converted.lsa.compiled is not None
+        ok = diff <= COVERING_TOL and bool(torch.equal(seq, want_seq)) and (compiled or device == "cpu")
+        rows.append({"model": name, "check": "covering", "max_abs_diff": diff, "same_tokens": bool(torch.equal(seq, want_seq)),
+                     "compiled_cuda_graph": compiled, "seconds": round(time.perf_counter() - t0, 2), "ok": ok})
+        long_ids = torch.randint(3, 250, (2, prompt), generator=torch.Generator().manual_seed(1))
+        for lag in LAGS:
+            config = LSAConfig(budget=192, chunk_size=16, interval=16, sink_tokens=16, recent_tokens=32, recall_lag=lag)
+            row: dict[str, Any] = {"model": name, "check": f"sparse lag {lag}"}
+            try:
+                sparse = lsa_rewrite.convert(copy.deepcopy(model), config)
+                seq, logits = _greedy(sparse, long_ids.to(device), new_tokens)
+                footprint = lsa_rewrite.footprint(sparse)
+                row.update(ratio=round(footprint["ratio"], 4), selections=footprint["selections"])
+                row.update(_recall_exact(sparse, model, long_ids.to(device)))
+                if device != "cpu":
+                    reference = lsa_rewrite.convert(copy.deepcopy(base).to("cpu"), config)
+                    ref_seq, ref_logits = _greedy(reference, long_ids, new_tokens)
+                    row["reference_max_abs_diff"] = float((logits.cpu() - ref_logits).abs().max())
+                    row["reference_same_tokens"] = bool(torch.equal(seq.cpu(), ref_seq))
+                row["ok"] = (
+                    row["recall_mismatches"] == 0 and row["recall_checked"] > 0 and row["recalled_chunks"] > 0
+                    and row["mirror_prompt_exact"] and row["mirror_pinned"] and row["selections"] >= 2
+                    and row.get("reference_max_abs_diff", 0.0) <= REFERENCE_TOL
+                )
+            except Exception as exc:  # a failed check is reported with the others
+                row.update(error=f"{type(exc).__name__}: {exc}", ok=False)
+            rows.append(row)
+        model.to("cpu")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lsa_rewrite.selftest", description=__doc__.splitlines()[0])
+    parser.add_argument("--gpu", action="store_true", help="run on CUDA (required there) and compare with the CPU references")
+    parser.add_argument("--device", default=None, help="device to run on (default: cuda with --gpu, else cpu)")
+    parser.add_argument("--out", default=None, help="write the rows and the environment as JSON")
+    parser.add_argument("--quick", action="store_true", help="shorter prompts (a check of the check itself)")
+    args = parser.parse_args(argv)
+    device = args.device or ("cuda" if args.gpu else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print("error: --gpu needs CUDA, and torch.cuda.is_available() is False", file=sys.stderr)
+        return 2
+    rows = run(device, prompt=320 if args.quick else 768, new_tokens=24 if args.quick else 48)
+    for row in rows:
+        print(("PASS " if row["ok"] else "FAIL ") + json.dumps(row), flush=True)
+    failed = [f"{r['model']}: {r['check']}" for r in rows if not r["ok"]]
+    if args.out:
+        import transformers
+
+        environment = {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
+            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+        }
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"benchmark": "selftest", "device": device, "environment": environment, "results": rows, "failed": failed}, indent=2))
+    print(f"{len(rows) - len(failed)} of {len(rows)} checks passed" + (f"; failed: {failed}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
