@@ -5,7 +5,8 @@ full layers), with no download:
 
 1. **covering budget**: the converted model's greedy tokens and logits equal the dense model's (on
    CUDA through the compiled step replayed as a CUDA graph);
-2. **sparse decode at recall lags 0, 1 and 4**: real selections with recalls from the mirror (on CUDA:
+2. **sparse decode at recall lags 0, 1 and 4** (query-aware selector; and lag 4 with an untrained
+   indexer, whose taps run in the compiled step): real selections with recalls from the mirror (on CUDA:
    the copy kernel on a side stream, the tables swapped ``lag`` steps later); every resident chunk is
    bit-identical to its mirror row, the mirror's prompt part equals the dense model's KV, and the
    logits equal the same conversion run on the CPU (PyTorch reference ops) within tolerance;
@@ -97,6 +98,7 @@ def run(device: str = "cuda", *, prompt: int = 768, new_tokens: int = 48, models
     """Every check on ``device`` (for ``models``, default all); one row per (model, check); a row's ``ok`` says whether it passed."""
     import lsa_rewrite
     from lsa_rewrite import LSAConfig
+    from lsa_rewrite.indexer.from_model import indexer_from_model
 
     rows = []
     for name, base in tiny_models().items():
@@ -114,17 +116,19 @@ def run(device: str = "cuda", *, prompt: int = 768, new_tokens: int = 48, models
         rows.append({"model": name, "check": "covering", "max_abs_diff": diff, "same_tokens": bool(torch.equal(seq, want_seq)),
                      "compiled_cuda_graph": compiled, "seconds": round(time.perf_counter() - t0, 2), "ok": ok})
         long_ids = torch.randint(3, 250, (2, prompt), generator=torch.Generator().manual_seed(1))
-        for lag in LAGS:
-            config = LSAConfig(budget=192, chunk_size=16, interval=16, sink_tokens=16, recent_tokens=32, recall_lag=lag)
-            row: dict[str, Any] = {"model": name, "check": f"sparse lag {lag}"}
+        for lag, selector in [(lag, "query-aware") for lag in LAGS] + [(LAGS[-1], "indexer")]:
+            config = LSAConfig(budget=192, chunk_size=16, interval=16, sink_tokens=16, recent_tokens=32, recall_lag=lag, selector=selector)
+            row: dict[str, Any] = {"model": name, "check": f"sparse lag {lag}" + (" indexer" if selector == "indexer" else "")}
+            indexer = indexer_from_model(base.to("cpu"), config) if selector == "indexer" else None
+            model.to(device)
             try:
-                sparse = lsa_rewrite.convert(copy.deepcopy(model), config)
+                sparse = lsa_rewrite.convert(copy.deepcopy(model), config, indexer=copy.deepcopy(indexer))
                 seq, logits = _greedy(sparse, long_ids.to(device), new_tokens)
                 footprint = lsa_rewrite.footprint(sparse)
                 row.update(ratio=round(footprint["ratio"], 4), selections=footprint["selections"])
                 row.update(_recall_exact(sparse, model, long_ids.to(device)))
                 if device != "cpu":
-                    reference = lsa_rewrite.convert(copy.deepcopy(base).to("cpu"), config)
+                    reference = lsa_rewrite.convert(copy.deepcopy(base).to("cpu"), config, indexer=copy.deepcopy(indexer))
                     ref_seq, ref_logits = _greedy(reference, long_ids, new_tokens)
                     row["reference_max_abs_diff"] = float((logits.cpu() - ref_logits).abs().max())
                     row["reference_same_tokens"] = bool(torch.equal(seq.cpu(), ref_seq))
