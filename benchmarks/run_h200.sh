@@ -19,7 +19,8 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 if [ "$STAGE" = quick ]; then
   python3 benchmarks/recall.py --out "$OUT/recall.json" || echo "recall FAILED rc=$?"
   python3 benchmarks/selection.py --out "$OUT/selection.json" || echo "selection FAILED rc=$?"
-  python3 -m lsa_rewrite.selftest --gpu --out "$OUT/selftest_gpu.json" || echo "selftest FAILED rc=$?"
+  # from outside the repo: its root would shadow the installed package (kernels/ installs inside lsa_rewrite)
+  (out=$(realpath "$OUT") && cd /tmp && python3 -m lsa_rewrite.selftest --gpu --out "$out/selftest_gpu.json") || echo "selftest FAILED rc=$?"
 elif [ "$STAGE" = kernels ]; then
   python3 benchmarks/decode_attention.py --out "$OUT/decode_attention.json" || echo "decode_attention FAILED rc=$?"
   python3 benchmarks/pinning.py --gib 8.25 --out "$OUT/pinning.json" || echo "pinning FAILED rc=$?"
