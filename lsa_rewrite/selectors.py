@@ -143,8 +143,11 @@ class IndexerSelector:
                 layer = by_layer[target]
                 q, w = self.indexer.query(i, layer.idx_x, layer.idx_cos if rope else None, layer.idx_sin if rope else None)
                 logits.append(self.indexer.layer_logits(i, q, w, layer.kmin, layer.kmax))
-            probs = self.indexer.ensemble(logits)  # [B, N]
-        return probs.expand(len(layers), -1, -1)
+            stacked = torch.stack(logits)  # [Lt, B, N]
+            # Ranked by logits where that is the same order: a sigmoid saturates to 1.0 in float32 (z > ~17)
+            # and would leave the top chunks tied.
+            scores = stacked.amax(0) if self.indexer.config.ensemble == "max" else torch.sigmoid(stacked).mean(0)
+        return scores.expand(len(layers), -1, -1)
 
 
 def make_selector(name: str, *, seed: int = 0, indexer: object | None = None) -> Selector:

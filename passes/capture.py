@@ -11,6 +11,10 @@ Not here: deciding what is a KV cache (``LocateAttentionPass``), changing the gr
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import types
+
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -46,12 +50,35 @@ class CapturedStep:
     logits_index: int
 
 
+_captures = itertools.count()
+# Some torch versions (2.11) compile every torch.compile'd function through one shared wrapper frame,
+# guarded on the wrapped function: each capture or compiled step of a new model is then a
+# "recompile" of that frame, and the 9th conversion in a process would hit the recompile limit.
+_LIMITS = ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit")
+
+
+@contextlib.contextmanager
+def unbounded_recompiles():
+    """Dynamo's recompile limits lifted while lsa-rewrite traces or compiles a step of its own."""
+    import torch._dynamo.config as dynamo_config
+
+    known = getattr(dynamo_config, "_config", {})
+    names = [name for name in _LIMITS if name in known]
+    with dynamo_config.patch(**{name: 1 << 20 for name in names}):
+        yield
+
+
 def _fresh(fn: Callable[..., Any]) -> Callable[..., Any]:
-    # Dynamo caches compiled frames per code object; a fresh code object per capture keeps every
-    # capture independent of earlier ones (and of the recompile limit).
-    namespace: dict[str, Any] = {"_fn": fn}
-    exec("def _lsa_capture_step(*args):\n    return _fn(*args)\n", namespace)
-    return namespace["_lsa_capture_step"]
+    # Dynamo caches compiled frames per code object: a code object of its own per capture (a copy of
+    # the trampoline's, renamed) keeps every capture independent of earlier ones and of the recompile
+    # limit. It stays in this file: Dynamo runs functions from files it skips (such as exec'd
+    # "<string>" code) through one shared wrapper frame, whose recompiles would all count together.
+    def trampoline(*args):
+        return fn(*args)
+
+    name = f"_lsa_capture_step_{next(_captures)}"
+    code = trampoline.__code__.replace(co_name=name)
+    return types.FunctionType(code, trampoline.__globals__, name, None, trampoline.__closure__)
 
 
 def capture_step(
@@ -82,7 +109,7 @@ def capture_step(
 
     compiled = torch.compile(_fresh(fn), backend=backend, fullgraph=True, dynamic=False)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), unbounded_recompiles():
             logits = compiled(*args)
     except Exception as exc:  # Dynamo raises many types; all mean "not one traceable graph"
         raise CaptureError(

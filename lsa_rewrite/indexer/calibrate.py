@@ -27,6 +27,7 @@ Not here: the documents themselves (``documents.py``), the dump format (``dump.p
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -96,7 +97,7 @@ def default_target_layers(sparse: Sequence[int], count: int = DEFAULT_TARGET_COU
     Example::
 
         >>> default_target_layers(list(range(30)))
-        [7, 14, 22]
+        [7, 15, 22]
     """
     sparse = sorted(sparse)
     if len(sparse) <= count:
@@ -200,20 +201,25 @@ def window_masses(
     for t in starts:
         end = t + interval
         rows = query[:, t:end].float().reshape(hkv, group * interval, d)  # [Hkv, G*I, D]; head h -> kv head h // G
-        logits = torch.matmul(rows, key[:, :end].float().transpose(1, 2)) * scaling  # [Hkv, G*I, t+I]
+        past = torch.matmul(rows, key[:, :t].float().transpose(1, 2)).mul_(scaling)  # [Hkv, G*I, t]
+        own = torch.matmul(rows, key[:, t:end].float().transpose(1, 2)).mul_(scaling)  # [Hkv, G*I, I]
         if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        logits = logits.view(hkv, group, interval, end)
-        pos = torch.arange(t, end, device=logits.device).view(interval, 1)
-        causal = torch.arange(end, device=logits.device).view(1, end) <= pos  # [I, t+I]
-        logits = logits.masked_fill(~causal, -math.inf)
+            past = past.div_(softcap).tanh_().mul_(softcap)
+            own = own.div_(softcap).tanh_().mul_(softcap)
+        # Row i of the window (position t + i) sees the window's keys up to itself.
+        causal = torch.ones(interval, interval, dtype=torch.bool, device=own.device).tril()
+        own = own.view(hkv, group, interval, interval).masked_fill(~causal, -math.inf).view(hkv, group * interval, interval)
+        top = torch.maximum(past.amax(-1), own.amax(-1))  # [Hkv, G*I]
         if sinks is not None:
             # Attention sinks (gpt-oss): one extra logit per head in the denominator, attending to nothing.
-            sink = sinks.float().view(hkv, group, 1, 1).expand(hkv, group, interval, 1)
-            probs = torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :end]
-        else:
-            probs = torch.softmax(logits, dim=-1)
-        per_key = probs[..., :t].sum(dim=(0, 1, 2))  # [t]
+            sink = sinks.float().view(hkv, group, 1).expand(hkv, group, interval).reshape(hkv, group * interval)
+            top = torch.maximum(top, sink)
+        past = past.sub_(top.unsqueeze(-1)).exp_()
+        total = past.sum(-1) + own.sub_(top.unsqueeze(-1)).exp_().sum(-1)
+        if sinks is not None:
+            total = total + (sink - top).exp()
+        # Sum over the rows of each KV head's queries, each row divided by its softmax denominator.
+        per_key = torch.matmul(total.reciprocal().unsqueeze(1), past).sum(dim=(0, 1))  # [t]
         out.append(per_key.view(t // chunk, chunk).sum(1) / (hq * interval))
     return out
 
@@ -233,6 +239,9 @@ class _Recorder:
         self.inner: Any = None
         self.starts: list[int] = []
         self.seen: set[int] = set()
+        # Logits are not needed: keep the LM head to the last position (a [S, vocab] tensor otherwise).
+        params = inspect.signature(model.forward).parameters
+        self.forward_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         self._reset()
 
     def _reset(self) -> None:
@@ -363,7 +372,7 @@ class _Recorder:
         self.starts = sorted(int(t) for t in starts)
         try:
             with torch.no_grad():
-                self.model(input_ids=ids.view(1, -1).to(device), use_cache=False)
+                self.model(input_ids=ids.view(1, -1).to(device), use_cache=False, **self.forward_kwargs)
             missing = sorted((set(self.targets) | set(self.sparse)) - self.seen)
             if missing:
                 raise ValueError(
@@ -555,7 +564,7 @@ def calibrate(
         >>> model, tokenizer = load_model(find_smollm2_gguf())
         >>> dump = calibrate(model, tokenizer, "dumps/smollm2", config=LSAConfig(chunk_size=16, interval=16))
         >>> CalibrationDump(dump).target_layers
-        [7, 14, 22]
+        [7, 15, 22]
     """
     config = LSAConfig() if config is None else config
     if not isinstance(config, LSAConfig):

@@ -408,8 +408,13 @@ def _filler_text(rng: random.Random, tokenizer: Any, tokens: int) -> list[str]:
     out, have, i = [], 0, start
     while have < tokens:
         s = _PROSE_CACHE[i % len(_PROSE_CACHE)]
+        n = count_tokens(tokenizer, " " + s)
+        if have + n > tokens:  # the reference's sentences run long: cut the last one to the budget
+            s = cut_to_tokens(tokenizer, s, tokens - have)
+            if not s:
+                break
         out.append(s)
-        have += count_tokens(tokenizer, " " + s)
+        have += n
         i += 1
     return out
 
