@@ -45,16 +45,16 @@ def inspect_cmd(
     console = Console(stderr=True)
     try:
         config = LSAConfig(capture_cache=capture_cache)
-        with console.status(f"loading {model_path.name}"):
-            model, _ = load_model(model_path)
         if attn not in ("sdpa", "eager"):
             raise ValueError(f"--attn must be sdpa or eager, got {attn!r}")
+        with console.status(f"loading {model_path.name}"):
+            model, _ = load_model(model_path)
         if hasattr(model, "set_attn_implementation"):
             model.set_attn_implementation(attn)
         with console.status("tracing one decode step"):
             rows = inspect_model(model, config)
     except (ValueError, FileNotFoundError, ImportError, RuntimeError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
         raise typer.Exit(code=2) from None
     if as_json:
         json.dump(rows, sys.stdout, indent=2)
@@ -79,7 +79,7 @@ def inspect_cmd(
 def _fail(console: Console, exc: BaseException, debug: bool) -> None:
     if debug:
         raise exc
-    console.print(f"[red]error:[/red] {exc}")
+    console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
     raise typer.Exit(code=2)
 
 

@@ -67,8 +67,6 @@ ERRORS = [
     (["{checkpoint}", "--capture-cache", "paged"], "capture_cache must be one of"),
 ]
 ERROR_IDS = ["missing-file", "directory-without-config", "bad-attn", "bad-capture-cache"]
-WRAPPED = pytest.mark.xfail(strict=True, reason="issue 15 item 5: rich wraps a long error at 80 columns when stderr is not a terminal")
-LOADS_FIRST = pytest.mark.xfail(strict=True, reason="issue 15 item 5: --attn is checked only after the model is loaded (its progress bar precedes the error)")
 
 
 @pytest.mark.parametrize(("args", "message"), ERRORS, ids=ERROR_IDS)
@@ -80,11 +78,7 @@ def test_inspect_errors_exit_2_and_name_the_problem(checkpoint, tmp_path, args, 
     assert "Traceback" not in result.output
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [pytest.param(*error, marks=mark) if mark else error for error, mark in zip(ERRORS, [WRAPPED, WRAPPED, LOADS_FIRST, None])],
-    ids=ERROR_IDS,
-)
+@pytest.mark.parametrize(("args", "message"), ERRORS, ids=ERROR_IDS)
 def test_inspect_errors_are_one_line(checkpoint, tmp_path, args, message):
     result = invoke(*(a.format(tmp=tmp_path, checkpoint=checkpoint) for a in args))
     lines = [line for line in result.output.splitlines() if line.strip()]

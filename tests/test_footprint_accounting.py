@@ -136,10 +136,6 @@ def test_buffer_footprint_is_what_the_store_holds(mode):
     assert lsa_rewrite.footprint(model)["selections"] >= 4
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15 item 2: during recall_lag the tables a selection installs later are held on the device but not counted",
-)
 def test_pending_recall_tables_are_counted():
     model = no_eos(lsa_rewrite.convert(make_model("llama"), config("offload", recall_lag=3)))
     ids = torch.randint(3, 250, (2, PROMPT), generator=torch.Generator().manual_seed(0))

@@ -26,7 +26,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPT, STEPS = 200, 40
 AT = 18  # tokens decoded before the misuse; the misused call is the one a scheduled selection runs in
 CONFIG = LSAConfig(budget=96, chunk_size=16, interval=16, sink_tokens=16, recent_tokens=16, max_context=512)
-NOT_REFUSED = "issue 15 item 4: not refused yet"
 
 
 class HFRun:
@@ -100,7 +99,6 @@ def test_hf_cache_prefilled_by_another_model(hf):
     hf.check_untouched(misuse, match="already holds tokens")
 
 
-@pytest.mark.xfail(strict=True, reason=NOT_REFUSED + " (a batch-2 decode call on a batch-1 cache fails inside append_kv with a message about heads)")
 def test_hf_decode_batch_differs_from_the_prefill(hf):
     def misuse(last, cache):
         hf.model(input_ids=torch.cat([last, last]), **hf.decode_kwargs(cache))
@@ -108,7 +106,6 @@ def test_hf_decode_batch_differs_from_the_prefill(hf):
     hf.check_untouched(misuse, match="batch")
 
 
-@pytest.mark.xfail(strict=True, reason=NOT_REFUSED + " (beam search is refused only at its first reorder_cache, after a prefill replaced the store)")
 def test_hf_beam_search(hf):
     def misuse(last, cache):
         hf.generate(num_beams=2)
@@ -116,7 +113,6 @@ def test_hf_beam_search(hf):
     hf.check_untouched(misuse, error=(ValueError, NotImplementedError), match="beam search")
 
 
-@pytest.mark.xfail(strict=True, reason=NOT_REFUSED + " (use_cache=False runs a prefill, then fails on the second call with a message about token counts)")
 def test_hf_use_cache_false(hf):
     def misuse(last, cache):
         hf.generate(use_cache=False)
@@ -153,7 +149,6 @@ def test_hf_failure_during_prefill_leaves_the_model_usable(hf):
     assert torch.equal(hf.generate(), hf.generated)
 
 
-@pytest.mark.xfail(strict=True, reason=NOT_REFUSED + " (a failed prefill of the same shape has already retired the running generation's store)")
 def test_hf_failure_during_prefill_leaves_the_running_generation_alone(hf):
     bad = hf.ids.clone()
     bad[0, 50] = hf.dense.config.vocab_size + 10
@@ -225,7 +220,6 @@ def test_plain_prefill_with_another_batch(plain):
     plain.check_untouched(misuse, match=r"converted for batch 1.*got batch 2")
 
 
-@pytest.mark.xfail(strict=True, reason=NOT_REFUSED + " (a batch-2 decode call on a batch-1 plain decoder fails inside the graph with a RuntimeError about a view)")
 def test_plain_decode_with_another_batch(plain):
     def misuse(tokens, pos):
         plain.model(tokens[:, -1:].expand(2, -1), torch.tensor([pos]))

@@ -133,6 +133,7 @@ class HFAdapter:
 
         @functools.wraps(original_generate)
         def generate(*args, **kwargs):
+            _check_generation(model, kwargs)
             session.pending_capacity = _generation_length(model, args, kwargs)
             try:
                 return original_generate(*args, **kwargs)
@@ -151,10 +152,14 @@ class HFAdapter:
             raise ValueError("a converted model needs input_ids (inputs_embeds is not supported)")
         if kwargs.get("labels") is not None:
             raise ValueError("a converted model serves decoding; compute losses on the original model")
+        if kwargs.get("use_cache") is False:
+            raise ValueError("a converted model always decodes from its KV store; call it without use_cache=False")
         if isinstance(cache, LSACache) and cache.store.length:
             store = cache.store
             if input_ids.shape[1] != 1:
                 raise ValueError(f"after the prefill a converted model decodes one token per call; got {input_ids.shape[1]} tokens")
+            if input_ids.shape[0] != store.batch:
+                raise ValueError(f"this cache holds a batch of {store.batch} sequences; got input_ids for a batch of {input_ids.shape[0]}")
             position_ids = kwargs.get("position_ids")
             if position_ids is None:
                 position_ids = (store.length - store.valid_start).view(-1, 1)
@@ -164,12 +169,17 @@ class HFAdapter:
             raise ValueError(f"a converted model keeps its KV in the LSA store; got a {type(cache).__name__} that already holds tokens")
         batch, length = input_ids.shape
         valid_start = left_padding(kwargs.get("attention_mask"), batch, length)
+        previous = session.store
         store = session.start_prefill(batch, prompt_len=length, valid_start=valid_start)
         lsa_cache = LSACache(store, self.num_layers)
         kwargs[self.cache_kw] = lsa_cache
         kwargs["use_cache"] = True
-        with torch.no_grad():
-            out = original(**kwargs)
+        try:
+            with torch.no_grad():
+                out = original(**kwargs)
+        except BaseException:
+            session.abort_prefill(store, previous)
+            raise
         position_ids = kwargs.get("position_ids")
         if position_ids is None:
             position_ids = (length - 1 - store.valid_start).view(-1, 1)
@@ -178,6 +188,16 @@ class HFAdapter:
         self.cache_field = next((k for k, v in out.items() if v is lsa_cache), self.cache_kw)
         out[self.cache_field] = lsa_cache
         return out
+
+
+def _check_generation(model, kwargs) -> None:
+    """Refuse, before any prefill, what a converted model cannot generate with."""
+    gen = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    beams = kwargs.get("num_beams", getattr(gen, "num_beams", 1)) or 1
+    if int(beams) > 1:
+        raise ValueError(f"beam search (num_beams={beams}) is not supported by lsa-rewrite: each sequence keeps its own resident set; use greedy or sampling")
+    if kwargs.get("use_cache", getattr(gen, "use_cache", True)) is False:
+        raise ValueError("use_cache=False: a converted model always decodes from its KV store; leave use_cache on")
 
 
 def _generation_length(model, args, kwargs) -> int | None:

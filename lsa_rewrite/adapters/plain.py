@@ -134,11 +134,14 @@ class PlainDecoderAdapter:
         store = session.store
         decoding = store is not None and store.length and length == 1 and not (input_pos.device.type == "cpu" and int(input_pos[0]) == 0)
         if decoding:
+            if batch != store.batch:
+                raise ValueError(f"this plain decoder holds a batch of {store.batch} sequences; got input_ids for a batch of {batch}")
             if input_pos.device.type == "cpu" and int(input_pos[0]) != store.length:
                 raise ValueError(f"decode position {int(input_pos[0])} does not follow the {store.length} tokens held; positions must advance by one")
             return session.decode({"input_ids": input_ids, "input_pos": input_pos}, store)
         if int(input_pos[0]) != 0:
             raise ValueError(f"a prefill must start at position 0, got {int(input_pos[0])}")
+        previous = session.store
         store = session.start_prefill(batch, prompt_len=length, valid_start=[0] * batch)
         buffers = self.set_cache_buffers(materialize=True)
         try:
@@ -150,6 +153,9 @@ class PlainDecoderAdapter:
                     if site.seq_dim == 1:  # [B, T, H, D] -> [B, H, T, D]
                         k, v = k.transpose(1, 2), v.transpose(1, 2)
                     store.ingest(site.layer, k, v)
+        except BaseException:
+            session.abort_prefill(store, previous)
+            raise
         finally:
             self.set_cache_buffers(materialize=False)
         session.finish_prefill(store, length, {"input_ids": input_ids[:, -1:], "input_pos": input_pos[-1:]})

@@ -106,8 +106,13 @@ class MemoryMover:
         return self.planned[i], self.available[i], self.dropped[i]
 
     def device_tensors(self) -> list[Tensor]:
-        """The mover's own device tensors (the per-layer views of the stacked state are the layers')."""
-        return [self.row_seq, self.recalled, self.written_back]
+        """The mover's own device tensors (the per-layer views of the stacked state are the layers'),
+        including the tables a pending recall installs later."""
+        out = [self.row_seq, self.recalled, self.written_back]
+        if self.pending is not None:
+            for _, slot_chunk, chunk_slot in self.pending[0]:
+                out += [slot_chunk, chunk_slot]
+        return out
 
     @property
     def mirrored(self) -> bool:
@@ -128,6 +133,8 @@ class MemoryMover:
         write_back = self._written_rows(written) if mirrored and len(written) else None  # before the plan: current slots
         now, after, recall_dst, recall_src, recalled = self._plan(chosen, evict=evict, mirrored=mirrored)
         now_inv, after_inv = inverse_table(now, self.num_chunks), inverse_table(after, self.num_chunks)
+        # `after` tables wait `lag` steps: compact copies (scatter_spare's results are slices of a wider tensor)
+        after, after_inv = after.contiguous(), after_inv.contiguous()
         now, after = now.view(count, batch, -1), after.view(count, batch, -1)
         now_inv, after_inv = now_inv.view(count, batch, -1), after_inv.view(count, batch, -1)
         for i, layer in enumerate(layers):

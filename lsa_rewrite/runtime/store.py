@@ -176,11 +176,14 @@ class KVStore:
         mirrored = not self.all_resident
         shapes = {s.layer: ((batch, self.num_chunks, self.chunk, s.kv_heads, s.head_dim), s.dtype) for s in chunk_specs}
         mirrors = {}
+        # The store whose mirror this one shares: it is retired when this store's prefill first writes,
+        # so a prefill that fails before that leaves the running generation as it was.
+        self._predecessor: KVStore | None = None
         if mirrored:
             if reuse is not None and not reuse.retired and reuse.device == device:
                 mirrors = reusable_mirrors(reuse.layers, shapes)
             if mirrors:
-                reuse._retire("a newer prefill took over this store's CPU mirror; decode with the cache that prefill returned")
+                self._predecessor = reuse
             else:
                 mirrors = new_mirrors(shapes, device)
         self.layers: dict[int, ChunkLayer | RingLayer] = {}
@@ -236,6 +239,12 @@ class KVStore:
         if self.retired:
             raise StoreError(f"this store is retired: {self.retired}")
 
+    def _take_over(self) -> None:
+        """This store's prefill is about to write the shared mirror: the store it came from is retired."""
+        if self._predecessor is not None:
+            self._predecessor._retire("a newer prefill took over this store's CPU mirror; decode with the cache that prefill returned")
+            self._predecessor = None
+
     # -- sizing -------------------------------------------------------------------------------
     def _plan_slots(self, chunk_specs: list[LayerSpec]) -> int:
         cfg, n, c = self.config, self.num_chunks, self.chunk
@@ -244,15 +253,18 @@ class KVStore:
         if isinstance(cfg.budget, int):
             slots = math.ceil(cfg.budget / c)
         else:
-            # Byte budget per sequence: pool + index + tables + query tap + the manager's planned table
-            # and availability map <= budget x dense, summed over layers.
+            # Byte budget per sequence: pool + index + tables + query and indexer taps + the manager's
+            # planned table and availability map + (recall_lag > 0) the tables a pending recall
+            # installs later <= budget x dense, summed over layers.
+            pending = 1 if cfg.lag else 0
             allowed = pool_chunk = fixed = 0.0
             for s in chunk_specs:
                 es = torch.empty((), dtype=s.dtype).element_size()
                 kv_token = 2 * s.kv_heads * s.head_dim * es
                 allowed += cfg.budget * self.capacity * kv_token
-                fixed += n * kv_token + n * 8 + n + s.q_heads * s.head_dim * es
-                pool_chunk += c * kv_token + 8 + 8
+                taps = s.q_heads * s.head_dim + (s.indexer_hidden + 2 * (s.indexer_rotary or s.head_dim) if s.indexer_hidden else 0)
+                fixed += n * kv_token + n * 8 * (1 + pending) + n + taps * es
+                pool_chunk += c * kv_token + 8 + 8 + 8 * pending
             slots = math.floor((allowed - fixed) / pool_chunk)
         if slots >= n:
             return n
@@ -275,6 +287,7 @@ class KVStore:
         target = self.layers.get(layer)
         if target is None:
             return
+        self._take_over()
         batch, heads, length, dim = k.shape
         if length > self.capacity:
             raise StoreError(f"prompt of {length} tokens exceeds the store capacity of {self.capacity}; raise LSAConfig.max_context")
@@ -318,6 +331,7 @@ class KVStore:
         """Record the prompt length and place the first resident set (sink + newest chunks)."""
         if length >= self.capacity:
             raise StoreError(f"prompt of {length} tokens leaves no room to decode in a store of {self.capacity}; raise LSAConfig.max_context")
+        self._take_over()
         self.length = self.synced = length
         self.next_selection = 1
         if self.device.type == "cuda":
