@@ -2,14 +2,16 @@
 
 ``calibrate(model, tokenizer, out_dir)`` runs an HF causal LM (transformers 5.x) over long documents,
 one document per forward pass (batch 1, no cache, ``torch.no_grad``). At sampled window starts ``t``
-(multiples of the chunk size, at least two chunks in, ``t + interval <= length``) it records:
+(at least two chunks in, ``t + interval <= length``; multiples of the chunk size, except the last window
+of each document, which ends at the document's end, see ``window_starts``) it records:
 
 - per target layer, the input of the query projection at ``t - 1`` (a forward pre-hook on ``q_proj``,
   on the fused ``qkv_proj`` of Phi-3, or on GPT-2's ``c_attn``), the post-rotary query there, and the
   rotary ``cos``/``sin`` the model applies at ``t - 1`` (a pre-hook reading the ``position_embeddings``
   the decoder layer passes to its attention module; none for GPT-2);
-- per target layer, the key bounds ``kmin``/``kmax`` of the chunks before ``t`` (elementwise min/max of
-  the post-rotary keys over each chunk's tokens, per KV head: what the runtime store's chunk index holds);
+- per target layer, the key bounds ``kmin``/``kmax`` of the ``ceil(t / chunk)`` chunks before ``t``
+  (elementwise min/max of the post-rotary keys over each chunk's tokens before ``t``, per KV head: what
+  the runtime store's chunk index holds);
 - per sparsely attended layer, the attention mass the queries of ``[t, t + interval)`` put on each of
   those chunks, and from it the golden label (``golden_labels``).
 
@@ -187,7 +189,8 @@ def window_masses(
 
     ``query`` [Hq, S, D], ``key`` [Hkv, S, D] (post-rotary, one sequence from position 0); for each start
     ``t``: the causal softmax of rows ``[t, t + interval)`` over keys ``[0, t + interval)``, summed over
-    heads and rows, per chunk ``c < t / chunk``, divided by ``Hq * interval``: a float32 ``[t / chunk]``.
+    heads and rows, per chunk ``c < ceil(t / chunk)`` (over its keys before ``t``), divided by
+    ``Hq * interval``: a float32 ``[ceil(t / chunk)]``.
 
     Example::
 
@@ -220,7 +223,9 @@ def window_masses(
             total = total + (sink - top).exp()
         # Sum over the rows of each KV head's queries, each row divided by its softmax denominator.
         per_key = torch.matmul(total.reciprocal().unsqueeze(1), past).sum(dim=(0, 1))  # [t]
-        out.append(per_key.view(t // chunk, chunk).sum(1) / (hq * interval))
+        n = -(-t // chunk)
+        per_key = torch.nn.functional.pad(per_key, (0, n * chunk - t))  # a partial last chunk: its tokens before t
+        out.append(per_key.view(n, chunk).sum(1) / (hq * interval))
     return out
 
 
@@ -248,7 +253,7 @@ class _Recorder:
         self.hidden: dict[int, Tensor] = {}  # layer -> [W, hidden]
         self.rope: dict[int, tuple[Tensor, Tensor]] = {}  # layer -> ([W, Dr], [W, Dr])
         self.query: dict[int, Tensor] = {}  # layer -> [W, Hq, D]
-        self.bounds: dict[int, tuple[Tensor, Tensor]] = {}  # layer -> ([Nmax, Hkv, D], [Nmax, Hkv, D])
+        self.bounds: dict[int, list[tuple[Tensor, Tensor]]] = {}  # layer -> W x ([N_w, Hkv, D], [N_w, Hkv, D])
         self.mass: dict[int, list[Tensor]] = {}  # layer -> W x [N_w]
         self.seen = set()
 
@@ -346,10 +351,20 @@ class _Recorder:
             raise ValueError(f"calibration runs one sequence at a time, got a batch of {query.shape[0]}")
         q, k = query[0], key[0]  # [Hq, S, D], [Hkv, S, D]
         if layer in self.targets:
-            chunks = max(self.starts) // self.chunk
+            c = self.chunk
+            chunks = max(self.starts) // c  # whole chunks before the last window
             hkv, _, d = k.shape
-            blocks = k[:, : chunks * self.chunk].reshape(hkv, chunks, self.chunk, d)
-            self.bounds[layer] = (blocks.amin(2).transpose(0, 1).clone(), blocks.amax(2).transpose(0, 1).clone())
+            blocks = k[:, : chunks * c].reshape(hkv, chunks, c, d)
+            lo, hi = blocks.amin(2).transpose(0, 1), blocks.amax(2).transpose(0, 1)  # [chunks, Hkv, D]
+            bounds = []
+            for t in self.starts:
+                whole = t // c
+                if t % c:  # the chunk holding t - 1 is partial: bounds over its tokens before t
+                    tail = k[:, whole * c : t]
+                    bounds.append((torch.cat([lo[:whole], tail.amin(1)[None]]), torch.cat([hi[:whole], tail.amax(1)[None]])))
+                else:
+                    bounds.append((lo[:whole].clone(), hi[:whole].clone()))
+            self.bounds[layer] = bounds
             self.query[layer] = q[:, self._positions(q.device)].transpose(0, 1).clone()  # [W, Hq, D]
         if layer in self.sparse:
             scaling = kwargs.get("scaling")
@@ -390,13 +405,12 @@ class _Recorder:
             other = self.rope.get(layer)
             if (other is None) != (cos_sin is None) or (other is not None and not all(torch.equal(a, b) for a, b in zip(other, cos_sin))):
                 raise ValueError(f"target layers {self.targets} use different rotary embeddings; choose target layers of one attention type")
-        for w, t in enumerate(self.starts):
-            n = t // self.chunk
+        for w in range(len(self.starts)):
             record = {
                 "hidden": torch.stack([self.hidden[layer][w] for layer in self.targets]),
                 "query": torch.stack([self.query[layer][w] for layer in self.targets]),
-                "kmin": torch.stack([self.bounds[layer][0][:n] for layer in self.targets]),
-                "kmax": torch.stack([self.bounds[layer][1][:n] for layer in self.targets]),
+                "kmin": torch.stack([self.bounds[layer][w][0] for layer in self.targets]),
+                "kmax": torch.stack([self.bounds[layer][w][1] for layer in self.targets]),
                 "mass": torch.stack([self.mass[layer][w] for layer in self.sparse]),
             }
             if cos_sin is not None:
@@ -440,20 +454,23 @@ def _as_documents(documents: Iterable[Any], tokenizer: Any, chat: bool | None) -
 
 
 def window_starts(length: int, *, chunk: int, interval: int, count: int, rng: random.Random) -> list[int]:
-    """Sampled window starts: multiples of ``chunk``, ``>= 2 * chunk``, ``t + interval <= length``.
+    """Sampled window starts ``t`` of a document of ``length`` tokens, sorted.
 
-    The last possible start is always taken (for a task it covers the question and the answer); the rest
-    are drawn without replacement. Sorted.
+    The last window always ends at the document's end (``t = length - interval``; for a task it covers
+    the question and the answer), so its start need not be a multiple of ``chunk``: the chunk holding
+    ``t - 1`` is then partial, as at a selection right after a prefill. The others are drawn without
+    replacement among the multiples of ``chunk`` below it. Every start is ``>= 2 * chunk``.
 
     Example::
 
-        >>> window_starts(1024, chunk=64, interval=64, count=4, rng=random.Random(0))[-1]
-        960
+        >>> window_starts(1000, chunk=64, interval=64, count=4, rng=random.Random(0))[-1]
+        936
     """
-    candidates = list(range(2 * chunk, length - interval + 1, chunk))
-    if len(candidates) <= count:
-        return candidates
-    return sorted(rng.sample(candidates[:-1], count - 1) + candidates[-1:])
+    last = length - interval
+    if last < 2 * chunk:
+        return []
+    candidates = [t for t in range(2 * chunk, last, chunk)]
+    return sorted(rng.sample(candidates, min(count - 1, len(candidates))) + [last])
 
 
 def _splits(docs: list[Document], fraction: float, seed: int) -> dict[str, str]:
@@ -544,7 +561,8 @@ def calibrate(
             library texts and 18 calibration tasks of 1K-4K tokens (``default_documents``).
         target_layers: layers whose query-side inputs and key bounds are recorded; sparsely attended ones.
             ``None``: 3 spread over the depth (``default_target_layers``).
-        windows_per_document: window starts sampled per document (the last possible one always included).
+        windows_per_document: windows sampled per document; the last one always ends at the document's
+            end (``window_starts``).
         heldout_fraction: share of the documents of each source kind marked ``"heldout"`` in the dump, kept
             out of indexer training to measure it (chosen under ``seed``). Unrelated to ``heldout_tasks``,
             whose seeds calibration never uses.
@@ -553,7 +571,8 @@ def calibrate(
         shard_windows: windows per shard file (documents are never split across shards).
         seed: seeds the default documents, the window starts and the split.
         progress: show a rich progress bar.
-        resume: continue an interrupted dump in ``out_dir`` (documents already written are skipped).
+        resume: continue an interrupted dump in ``out_dir`` (documents already written are skipped; the
+            model, config, target layers, label rule and shapes must be the same, else ``ValueError``).
             ``False``: delete the dump files found there (manifest and shards) and start over.
 
     Returns the dump directory. Documents too short for one window (``2 * chunk_size + interval``
