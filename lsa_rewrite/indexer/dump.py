@@ -34,8 +34,12 @@ STATIC_KEYS = ("model", "lsa_config", "target_layers", "label", "shapes")
 
 
 def default_min_layers(num_sparse_layers: int) -> int:
-    """``max(1, round(0.1 * L))``: the golden rule's layer vote for ``L`` sparsely attended layers."""
-    return max(1, round(0.1 * num_sparse_layers))
+    """``max(1, round(0.5 * L))``: the golden rule's layer vote for ``L`` sparsely attended layers.
+
+    Half the layers: on SmolLM2-135M (30 layers, 16-token chunks) this marks 3.3% of the chunks golden,
+    the 2-3% the paper reports; a vote of 10% of the layers marked 21% (the chunk any few layers
+    attend to, rather than the chunks the model as a whole reads)."""
+    return max(1, round(0.5 * num_sparse_layers))
 
 
 def golden_labels(mass: Tensor, top_p: float = 0.6, min_layers: int = 1) -> Tensor:

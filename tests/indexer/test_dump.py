@@ -87,8 +87,8 @@ def test_golden_labels_edges():
 
 
 def test_min_layers_rule():
-    assert [default_min_layers(n) for n in (1, 4, 15, 30, 32)] == [1, 1, 2, 3, 3]
-    assert label_rule(30) == {"rule": "nucleus", "top_p": 0.6, "min_layers": 3}
+    assert [default_min_layers(n) for n in (1, 4, 15, 30, 32)] == [1, 2, 8, 15, 16]
+    assert label_rule(30) == {"rule": "nucleus", "top_p": 0.6, "min_layers": 15}
 
 
 # -- round trip ---------------------------------------------------------------------------------
