@@ -510,10 +510,12 @@ class _progress:
     def __enter__(self) -> "_progress":
         if self.enabled:
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.console import Console
 
             self.bar = Progress(
                 TextColumn("[bold]calibrate[/] {task.description}"), BarColumn(),
                 TextColumn("{task.completed:,.0f}/{task.total:,.0f} tokens"), TimeElapsedColumn(), TimeRemainingColumn(),
+                console=Console(stderr=True),  # stdout stays for results
             )
             self.bar.__enter__()
             self.task = self.bar.add_task(f"0/{self.documents} documents", total=max(1, self.total))

@@ -475,9 +475,10 @@ class _progress:
         if not self.enabled:
             return None, None
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.console import Console
 
         columns = (TextColumn("[bold]train indexer[/] {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-        self.bar = Progress(*columns)
+        self.bar = Progress(*columns, console=Console(stderr=True))  # stdout stays for results (--json)
         self.bar.__enter__()
         return self.bar, self.bar.add_task("", total=self.total)
 
