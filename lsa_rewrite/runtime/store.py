@@ -26,6 +26,7 @@ selection time.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -41,6 +42,10 @@ from .state import RING_LAYER_STATE, STORE_STATE, allocate, check_tensor, layout
 
 class StoreError(ValueError):
     """A store cannot hold what was asked of it (capacity, budget, unsupported call order)."""
+
+
+class LSABudgetWarning(UserWarning):
+    """The budget is too small for a short context's always-resident chunks: everything stays resident."""
 
 
 @dataclass(frozen=True)
@@ -171,6 +176,7 @@ class KVStore:
         for t in STORE_STATE:
             check_tensor(t, getattr(self, t.name), {"1": 1, "B": batch}, kv_dtype=torch.float32, device=device, where="store")
         chunk_specs = [s for s in specs if s.window is None]
+        self.budget_note: str | None = None  # why the budget was not applied as asked (see _plan_slots)
         self.slots = self._plan_slots(chunk_specs)
         self.all_resident = self.slots >= self.num_chunks
         mirrored = not self.all_resident
@@ -266,9 +272,19 @@ class KVStore:
                 fixed += n * kv_token + n * 8 * (1 + pending) + n + taps * es
                 pool_chunk += c * kv_token + 8 + 8 + 8 * pending
             slots = math.floor((allowed - fixed) / pool_chunk)
-        if slots >= n:
-            return n
+        if slots >= n or (isinstance(cfg.budget, float) and cfg.budget >= 1.0):
+            return n  # the budget covers the context: everything resident, the dense outputs
         need = min_slots(cfg)
+        if slots < need and 2 * need >= n:
+            # A short context: sink, tail and window alone are half of it or more, so sparse attention
+            # saves little; keep everything resident rather than refuse, and say so once.
+            self.budget_note = (
+                f"budget {cfg.budget!r} cannot hold sink_tokens={cfg.sink_tokens}, recent_tokens={cfg.recent_tokens} and "
+                f"interval={cfg.interval} ({need} chunks of {c}) beside a selection for a {self.capacity}-token context; "
+                "every chunk is kept resident (the dense KV footprint)"
+            )
+            warnings.warn(self.budget_note, LSABudgetWarning, stacklevel=4)
+            return n
         if slots < need:
             raise StoreError(
                 f"budget {cfg.budget!r} leaves {max(slots, 0)} resident chunks of {c} tokens per sequence for a "
@@ -462,4 +478,5 @@ class KVStore:
             "capacity_tokens": self.capacity,
             "slots_per_sequence": self.slots,
             "selections": self.selections,
+            "budget_note": self.budget_note,
         }
