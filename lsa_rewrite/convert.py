@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from . import handling
 from .adapters import is_hf_model, make_adapter
 from .config import LSAConfig
 from .session import LSASession, build_program, model_device_dtype
@@ -65,6 +66,7 @@ def convert(model: torch.nn.Module, config: LSAConfig | None = None, *, indexer:
     log.info("converted %s: %s", type(model).__name__, ", ".join(f"L{s.layer}:{s.action}" for s in program.sites))
     adapter.install(session)
     model.lsa = session
+    handling.install(model)
     return model
 
 

@@ -108,14 +108,23 @@ class PlainDecoderAdapter:
 
     def set_cache_buffers(self, materialize: bool) -> dict[str, torch.Tensor]:
         """Re-create (zeros) or release (empty) the model's cache buffers; returns what is set."""
+        return self.materialize_cache_buffers(self.model, self.cache_buffers, materialize=materialize)
+
+    @staticmethod
+    def materialize_cache_buffers(model: torch.nn.Module, buffers: dict, *, materialize: bool = True) -> dict[str, torch.Tensor]:
+        """Set ``model``'s cache buffers ``{name: (shape, dtype, device)}`` to zeros (or release them)."""
         out = {}
-        for name, (shape, dtype, device) in self.cache_buffers.items():
+        for name, (shape, dtype, device) in buffers.items():
             module_name, _, leaf = name.rpartition(".")
-            module = self.model.get_submodule(module_name)
+            module = model.get_submodule(module_name)
             value = torch.zeros(shape, dtype=dtype, device=device) if materialize else torch.empty(0, dtype=dtype, device=device)
             module._buffers[leaf] = value
             out[name] = value
         return out
+
+    def restore_cache_buffers(self) -> None:
+        """The model's own (zeroed) cache buffers again, as before ``convert`` (``lsa_rewrite.handling.unconvert``)."""
+        self.set_cache_buffers(materialize=True)
 
     # -- running ------------------------------------------------------------------------------
     def install(self, session) -> None:

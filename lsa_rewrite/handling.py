@@ -1,0 +1,85 @@
+"""What a converted model does under ``copy.deepcopy``, ``.to()`` and ``torch.save``.
+
+A converted model carries its session (``model.lsa``) and wrapped ``forward``/``generate`` as instance
+attributes, and its rewritten graph is traced for its parameters' dtype and device. So:
+
+- ``copy.deepcopy(model)`` copies the model without its session and converts the copy with the
+  same ``LSAConfig`` (and indexer): a fresh converted model that holds no sequences;
+- ``model.to(...)`` / ``.cuda()`` / ``.cpu()`` / ``.half()`` / ``.float()`` / ``.bfloat16()`` /
+  ``.double()`` undo the conversion, move or cast the model, and convert it again (the sequences it
+  held are dropped);
+- ``torch.save(model)`` (pickling) is refused at once: the session holds host memory and compiled
+  code that do not pickle. Save ``model.state_dict()`` (or the original model) and convert after
+  loading.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from typing import Any
+
+import torch
+
+_WRAPPED = ("forward", "generate")
+_MOVES = ("to", "cuda", "cpu", "half", "float", "bfloat16", "double")
+_HANDLERS = ("__deepcopy__", "__reduce_ex__", *_MOVES)
+
+
+def install(model: torch.nn.Module) -> None:
+    """Give a converted ``model`` the behaviours in the module docstring."""
+    model.__dict__["__deepcopy__"] = functools.partial(_deepcopy, model)
+    model.__dict__["__reduce_ex__"] = functools.partial(_refuse_pickle, model)
+    for name in _MOVES:
+        model.__dict__[name] = functools.partial(_move, model, name)
+
+
+def unconvert(model: torch.nn.Module) -> tuple[Any, Any]:
+    """Undo ``convert`` in place (the current sequences are dropped); returns ``(config, indexer)``."""
+    session = model.lsa
+    if session.store is not None:
+        session.store.synchronize()
+    for name in (*_WRAPPED, *_HANDLERS, "lsa"):
+        model.__dict__.pop(name, None)
+    restore = getattr(session.adapter, "restore_cache_buffers", None)
+    if restore is not None:
+        restore()
+    return session.config, session.indexer
+
+
+def _detached(model: torch.nn.Module) -> dict[str, Any]:
+    return {name: model.__dict__.pop(name) for name in (*_WRAPPED, *_HANDLERS, "lsa") if name in model.__dict__}
+
+
+def _deepcopy(model: torch.nn.Module, memo: dict) -> torch.nn.Module:
+    from .convert import convert
+
+    session = model.lsa
+    held = _detached(model)
+    try:
+        clone = copy.deepcopy(model, memo)
+    finally:
+        model.__dict__.update(held)
+    restore = getattr(type(session.adapter), "materialize_cache_buffers", None)
+    if restore is not None:
+        restore(clone, session.adapter.cache_buffers)
+    indexer = copy.deepcopy(session.indexer) if session.indexer is not None else None
+    return convert(clone, session.config, indexer=indexer)
+
+
+def _move(model: torch.nn.Module, name: str, *args: Any, **kwargs: Any) -> torch.nn.Module:
+    from .convert import convert
+
+    config, indexer = unconvert(model)
+    getattr(type(model), name)(model, *args, **kwargs)
+    if indexer is not None:
+        device = next(model.parameters()).device
+        indexer = indexer.to(device)
+    return convert(model, config, indexer=indexer)
+
+
+def _refuse_pickle(model: torch.nn.Module, protocol: int) -> Any:
+    raise TypeError(
+        f"a converted {type(model).__name__} does not pickle (torch.save): its LSA session holds host memory and compiled "
+        "code. Save model.state_dict() (or the original model) and call lsa_rewrite.convert() again after loading"
+    )
