@@ -81,6 +81,15 @@ def _fresh(fn: Callable[..., Any]) -> Callable[..., Any]:
     return types.FunctionType(code, trampoline.__globals__, name, None, trampoline.__closure__)
 
 
+def _forget(trampoline: Callable[..., Any]) -> None:
+    """Drop Dynamo's cache entry for a capture's frame: with ``captured.clear()`` in ``capture_step``,
+    nothing Dynamo keeps holds the traced graph and its example inputs (the model's weights; without
+    this every conversion kept a copy of its model alive)."""
+    reset_code = getattr(torch._dynamo.eval_frame, "reset_code", None)
+    if reset_code is not None:
+        reset_code(trampoline.__code__)
+
+
 def capture_step(
     fn: Callable[..., torch.Tensor],
     args: tuple[torch.Tensor, ...],
@@ -107,7 +116,8 @@ def capture_step(
 
         return run
 
-    compiled = torch.compile(_fresh(fn), backend=backend, fullgraph=True, dynamic=False)
+    trampoline = _fresh(fn)
+    compiled = torch.compile(trampoline, backend=backend, fullgraph=True, dynamic=False)
     try:
         with torch.no_grad(), unbounded_recompiles():
             logits = compiled(*args)
@@ -117,6 +127,8 @@ def capture_step(
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
             "lsa-rewrite needs a decode step without graph breaks"
         ) from exc
+    finally:
+        _forget(trampoline)
     if "gm" not in captured:
         raise CaptureError("Dynamo produced no graph for the decode step (was it already compiled elsewhere?)")
     gm: fx.GraphModule = captured["gm"]
@@ -146,6 +158,7 @@ def capture_step(
         bindings[node.name] = by_id.get(id(example), Binding("constant", node.name))
         examples[node.name] = example
     # An input the graph does not read (e.g. positions of a model without RoPE) is fine: binding skips it.
+    captured.clear()  # Dynamo's compiled function keeps the backend's closure: drop the graph and its inputs from it
     return CapturedStep(gm, bindings, examples, logits_index)
 
 
