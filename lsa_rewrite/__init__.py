@@ -18,7 +18,7 @@ from typing import Any
 
 from . import kernels  # noqa: F401  (registers the lsa:: custom ops)
 from .config import LSAConfig
-from .runtime.store import KVStore, StoreError
+from .runtime.store import KVStore, LSABudgetWarning, StoreError
 from .selectors import PerLayerSelector, SelectionWindow, Selector
 from .session import LSASession
 
@@ -37,7 +37,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'lsa_rewrite' has no attribute {name!r}")
 
 __all__ = [
-    "KVStore", "LSAConfig", "LSASession", "PerLayerSelector", "SelectionWindow", "Selector", "StoreError", "convert", "footprint",
+    "KVStore", "LSABudgetWarning", "LSAConfig", "LSASession", "PerLayerSelector", "SelectionWindow", "Selector", "StoreError", "convert", "footprint",
     "inspect_model",
 ]
 __version__ = "0.1.0"

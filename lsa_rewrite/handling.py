@@ -7,7 +7,7 @@ attributes, and its rewritten graph is traced for its parameters' dtype and devi
   same ``LSAConfig`` (and indexer): a fresh converted model that holds no sequences;
 - ``model.to(...)`` / ``.cuda()`` / ``.cpu()`` / ``.half()`` / ``.float()`` / ``.bfloat16()`` /
   ``.double()`` undo the conversion, move or cast the model, and convert it again (the sequences it
-  held are dropped);
+  held are dropped); a call that changes nothing (``model.to("cpu")`` on the CPU) keeps everything;
 - ``torch.save(model)`` (pickling) is refused at once: the session holds host memory and compiled
   code that do not pickle. Save ``model.state_dict()`` (or the original model) and convert after
   loading.
@@ -67,9 +67,29 @@ def _deepcopy(model: torch.nn.Module, memo: dict) -> torch.nn.Module:
     return convert(clone, session.config, indexer=indexer)
 
 
+_CASTS = {"half": torch.float16, "float": torch.float32, "bfloat16": torch.bfloat16, "double": torch.float64}
+
+
+def _changes(model: torch.nn.Module, name: str, args: tuple, kwargs: dict) -> bool:
+    """Whether ``model.<name>(*args, **kwargs)`` would change its parameters' device or dtype."""
+    param = next(model.parameters())
+    if name in _CASTS:
+        return param.dtype != _CASTS[name]
+    if name == "cpu":
+        return param.device.type != "cpu"
+    if name == "cuda":
+        return True  # which CUDA device is resolved by the call itself
+    device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+    moves = device is not None and not (device.type == param.device.type and device.index in (None, param.device.index))
+    casts = dtype is not None and dtype != param.dtype
+    return moves or casts
+
+
 def _move(model: torch.nn.Module, name: str, *args: Any, **kwargs: Any) -> torch.nn.Module:
     from .convert import convert
 
+    if not _changes(model, name, args, kwargs):
+        return model  # already there: the conversion and the sequences it holds stay
     config, indexer = unconvert(model)
     getattr(type(model), name)(model, *args, **kwargs)
     if indexer is not None:

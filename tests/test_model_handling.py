@@ -50,6 +50,14 @@ def test_to_dtype_reconverts_for_the_new_dtype(llama):
     assert lsa_rewrite.footprint(moved)["resident_kv_bytes"] == lsa_rewrite.footprint(reference)["resident_kv_bytes"]
 
 
+def test_a_move_that_changes_nothing_keeps_the_session(llama):
+    converted = lsa_rewrite.convert(llama, CONFIG)
+    converted.generate(torch.randint(3, 250, (1, 300)), max_new_tokens=4, do_sample=False)
+    session, store = converted.lsa, converted.lsa.store
+    assert converted.to("cpu") is converted and converted.float() is converted and converted.to(torch.float32) is converted
+    assert converted.lsa is session and session.store is store
+
+
 def test_plain_decoder_deepcopy_and_to_dtype():
     base = make_model("buffer")
     base.setup_caches(max_batch_size=1, max_seq_length=512)
