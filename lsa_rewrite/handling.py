@@ -39,8 +39,7 @@ def unconvert(model: torch.nn.Module) -> tuple[Any, Any]:
     session = model.lsa
     if session.store is not None:
         session.store.synchronize()
-    for name in (*_WRAPPED, *_HANDLERS, "lsa"):
-        model.__dict__.pop(name, None)
+    _detached(model)
     restore = getattr(session.adapter, "restore_cache_buffers", None)
     if restore is not None:
         restore()

@@ -115,13 +115,8 @@ class LSASession:
     def abort_prefill(self, store: KVStore, previous: KVStore | None) -> None:
         """A prefill into ``store`` failed: drop it, and give the running generation back its store when
         the failed prefill had not written yet (a store it took the mirror from is retired at that point)."""
-        store.synchronize()
-        if previous is not None and not previous.retired:
-            store._predecessor = None
-            self.store = previous
-        else:
-            self.store = None
-        store._retire("its prefill failed")
+        self.store = previous if previous is not None and not previous.retired else None
+        store.abandon("its prefill failed")
 
     def finish_prefill(self, store: KVStore, length: int, last_token: dict[str, torch.Tensor]) -> None:
         """The prompt's KV is in the store: place the first resident set and select with real queries.

@@ -11,7 +11,6 @@ Not here: deciding what is a KV cache (``LocateAttentionPass``), changing the gr
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import types
 
@@ -51,21 +50,6 @@ class CapturedStep:
 
 
 _captures = itertools.count()
-# Some torch versions (2.11) compile every torch.compile'd function through one shared wrapper frame,
-# guarded on the wrapped function: each capture or compiled step of a new model is then a
-# "recompile" of that frame, and the 9th conversion in a process would hit the recompile limit.
-_LIMITS = ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit")
-
-
-@contextlib.contextmanager
-def unbounded_recompiles():
-    """Dynamo's recompile limits lifted while lsa-rewrite traces or compiles a step of its own."""
-    import torch._dynamo.config as dynamo_config
-
-    known = getattr(dynamo_config, "_config", {})
-    names = [name for name in _LIMITS if name in known]
-    with dynamo_config.patch(**{name: 1 << 20 for name in names}):
-        yield
 
 
 def _fresh(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -119,7 +103,7 @@ def capture_step(
     trampoline = _fresh(fn)
     compiled = torch.compile(trampoline, backend=backend, fullgraph=True, dynamic=False)
     try:
-        with torch.no_grad(), unbounded_recompiles():
+        with torch.no_grad():
             logits = compiled(*args)
     except Exception as exc:  # Dynamo raises many types; all mean "not one traceable graph"
         raise CaptureError(

@@ -65,10 +65,8 @@ def _text_config(model: nn.Module) -> Any:
 
 
 def _sliding_layers(config: Any) -> dict[int, int]:
-    try:
-        from ..adapters.hf import hf_layer_windows
-    except ImportError:  # older layout: the function lived in convert.py
-        from ..convert import hf_layer_windows  # type: ignore[no-redef]
+    from ..adapters.hf import hf_layer_windows
+
     return hf_layer_windows(config)
 
 

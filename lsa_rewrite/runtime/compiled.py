@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 
 from ..passes import DecodeProgram, clone_program
-from ..passes.capture import unbounded_recompiles
 
 
 def compile_program(program: DecodeProgram, *, backend: str = "inductor"):
@@ -50,12 +49,11 @@ class CompiledStep:
         for name in self.program.input_names:
             self.static_inputs[name].copy_(inputs[name], non_blocking=True)
         if not self.cuda_graph:
-            with unbounded_recompiles():  # compiles on the first call
-                return self.compiled(*self._args())
+            return self.compiled(*self._args())
         if self.graph is None:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side), unbounded_recompiles():
+            with torch.cuda.stream(side):
                 for _ in range(3):  # compile + autotune + settle allocations before capture
                     self.compiled(*self._args())
             torch.cuda.current_stream().wait_stream(side)

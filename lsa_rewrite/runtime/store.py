@@ -245,6 +245,11 @@ class KVStore:
         if self.retired:
             raise StoreError(f"this store is retired: {self.retired}")
 
+    def abandon(self, reason: str) -> None:
+        """Give up this store before its prefill finished; a predecessor it has not written over stays live."""
+        self._predecessor = None
+        self._retire(reason)
+
     def _take_over(self) -> None:
         """This store's prefill is about to write the shared mirror: the store it came from is retired."""
         if self._predecessor is not None:
