@@ -7,7 +7,9 @@ or HF directory the indexer was trained for). Three measures, each a section of 
 
 1. ``recall``: golden-chunk recall and attention-mass recall over *all* chunks of every held-out window
    of a calibration dump (``--dump DIR``, its ``heldout`` split: documents kept out of indexer training).
-   Each selector scores the recorded window the way the runtime would, through the runtime's own
+   Each selector scores the recorded window the way the runtime would. Golden labels are recomputed from the recorded masses
+   under the rule the indexer was trained with (``CalibrationDump.labels``: the always-resident sink and
+   tail left out), and every measure counts only the chunks a selector chooses among, through the runtime's own
    selector classes (``lsa_rewrite.selectors``) fed with the dump's tensors: the indexer's query tower on
    the recorded ``hidden``/``cos``/``sin`` and its document tower on ``kmin``/``kmax``, ensembled over its
    target layers; the query-aware bound (``lsa::chunk_scores``) of the recorded ``query`` against
@@ -30,9 +32,9 @@ or HF directory the indexer was trained for). Three measures, each a section of 
    dense model's logits at the same position (one dense forward over the whole prefix + steps).
    Also the share of steps whose top-1 token agrees with dense.
 
-Resident budget in sections 2 and 3: ``fraction x context`` tokens (context: the prompt or the prefix),
-rounded to whole 16-token chunks, as an int ``LSAConfig.budget`` (the resident pool, sink and tail
-included), with ``chunk_size=16, interval=16, sink_tokens=16, recent_tokens=32, recall_lag=0``, mode
+Resident budget in sections 2 and 3 (issue 11's protocol): ``fraction x context`` tokens (context:
+the prompt or the prefix), rounded to whole 16-token chunks, plus the 48-token sink and tail, as an int
+``LSAConfig.budget`` (the resident pool), with ``chunk_size=16, interval=16, sink_tokens=16, recent_tokens=32, recall_lag=0``, mode
 ``offload``. When that is below the minimum the sink, tail and window need (``min_slots``: 96 tokens
 here), the minimum is used and the run says so (``minimum_applied``, ``fraction_effective``).
 
@@ -102,9 +104,10 @@ def lsa_config(selector: str, budget_tokens: int, *, max_context: int | None = N
 
 
 def resident_budget(fraction: float, context: int) -> dict[str, Any]:
-    """``fraction x context`` rounded to whole chunks, raised to the minimum sink + tail + window need."""
+    """``fraction x context`` rounded to whole chunks plus the sink and tail (issue 11's protocol: 13.5%
+    of the context plus a 48-token tail), raised to the minimum sink + tail + window need."""
     floor = min_slots(lsa_config("recency", CHUNK)) * CHUNK
-    tokens = max(1, round(fraction * context / CHUNK)) * CHUNK
+    tokens = max(1, round(fraction * context / CHUNK)) * CHUNK + SINK + RECENT
     minimum_applied = tokens < floor
     tokens = max(tokens, floor)
     return {
@@ -149,12 +152,14 @@ def recall_section(indexer: LSAIndexer | None, dump: CalibrationDump, selectors:
     index_selector = IndexerSelector(indexer) if indexer is not None else None
     bound_selector = QueryAwareSelector()
     generator = torch.Generator().manual_seed(seed + 1)
+    rule = label_of(indexer, dump)
     windows = chunks = positives = 0
     missing_query = False
     documents: set[int] = set()
     with torch.no_grad():
         for record in dump.windows("heldout"):
-            golden, mass = record["golden"], record["mass"]
+            golden, keep = dump.labels(record, top_p=rule["top_p"], min_layers=rule["min_layers"])
+            mass = record["mass"]
             n = golden.numel()
             doc, start, _ = (int(v) for v in record["meta"])
             window = SelectionWindow(start=start, interval=int(lsa["interval"]), lag=0, chunk_size=int(lsa["chunk_size"]), valid_start=(0,))
@@ -182,20 +187,22 @@ def recall_section(indexer: LSAIndexer | None, dump: CalibrationDump, selectors:
                     record["kmin"][pick][None],
                     record["kmax"][pick][None],
                 )[0]
-                scorers["indexer"].add(ranking, golden, mass, probs=probs)
+                scorers["indexer"].add(ranking, golden, mass, probs=probs, selectable=keep)
             if "query-aware" in scorers:
                 if "query" in record:
                     bounds = bound_selector.scores(layers, window)[:, 0]  # [Lt, N]: max over query heads
-                    scorers["query-aware"].add(bounds.amax(0), golden, mass)
-                    scorers[QA_MEAN_RANK].add(query_aware_scores(record["query"][pick], record["kmin"][pick], record["kmax"][pick]), golden, mass)
+                    scorers["query-aware"].add(bounds.amax(0), golden, mass, selectable=keep)
+                    scorers[QA_MEAN_RANK].add(
+                        query_aware_scores(record["query"][pick], record["kmin"][pick], record["kmax"][pick]), golden, mass, selectable=keep
+                    )
                 else:
                     missing_query = True
             if "recency" in scorers:
-                scorers["recency"].add(recency_scores(n), golden, mass)
+                scorers["recency"].add(recency_scores(n), golden, mass, selectable=keep)
             if "random" in scorers:
-                scorers["random"].add(random_scores(n, generator=generator), golden, mass)
+                scorers["random"].add(random_scores(n, generator=generator), golden, mass, selectable=keep)
             windows += 1
-            chunks += n
+            chunks += int(keep.sum())
             positives += int(golden.sum())
             documents.add(doc)
     out: dict[str, Any] = {
@@ -204,6 +211,7 @@ def recall_section(indexer: LSAIndexer | None, dump: CalibrationDump, selectors:
         "documents": len(documents),
         "chunks": chunks,
         "golden_rate": positives / chunks if chunks else None,
+        "label": rule,
         "target_layers": targets,
         "selectors": {},
     }
@@ -217,12 +225,19 @@ def recall_section(indexer: LSAIndexer | None, dump: CalibrationDump, selectors:
     return out
 
 
+def label_of(indexer: LSAIndexer | None, dump: CalibrationDump) -> dict[str, Any]:
+    """The golden-label rule the indexer was trained with (its metadata), else the dump's."""
+    trained = ((getattr(indexer, "metrics", None) or {}).get("train") or {}).get("label") if indexer is not None else None
+    rule = trained or dump.label
+    return {"top_p": float(rule.get("top_p", 0.6)), "min_layers": int(rule.get("min_layers", 1))}
+
+
 def train_table(indexer: LSAIndexer, dump: CalibrationDump, pick: list[int], seed: int) -> dict[str, Any]:
     """``train.py``'s own held-out evaluation of this indexer on the same windows (what ``lsa-rewrite train``
     prints): the indexer ranked by probability, query-aware layers by mean normalised rank."""
     from lsa_rewrite.indexer import train as train_module
 
-    heldout = train_module._Windows(dump, train_module.HELDOUT_SPLIT, pick, cache=True)
+    heldout = train_module._Windows(dump, train_module.HELDOUT_SPLIT, pick, cache=True, label=label_of(indexer, dump))
     metrics = train_module._evaluate(
         indexer, indexer, heldout, init_weights=None, select_layers=list(indexer.config.target_layers), seed=seed
     )

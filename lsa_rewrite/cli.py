@@ -147,6 +147,8 @@ def train_cmd(
     rank: int = typer.Option(None, help="query-tower rank (default: from the hidden size)"),
     seed: int = typer.Option(0, help="training seed (same seed, same weights)"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
+    top_p: float = typer.Option(None, "--top-p", help="golden-label nucleus per layer (default: the dump's)"),
+    min_layers: int = typer.Option(None, "--min-layers", help="golden-label layer vote (default: the dump's)"),
     as_json: bool = typer.Option(False, "--json", help="print the held-out metrics as JSON"),
     debug: bool = typer.Option(False, "--debug", help="show the traceback on errors"),
 ) -> None:
@@ -159,11 +161,17 @@ def train_cmd(
             raise ValueError(f"--loss must be bce or focal, got {loss!r}")
         if epochs < 1 or lr <= 0:
             raise ValueError(f"--epochs must be >= 1 and --lr > 0, got {epochs} and {lr}")
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise ValueError(f"--top-p must be in (0, 1], got {top_p}")
+        if min_layers is not None and min_layers < 1:
+            raise ValueError(f"--min-layers must be >= 1, got {min_layers}")
         if not dump.is_dir():
             raise FileNotFoundError(f"no calibration dump at {str(dump)!r}: pass the directory `lsa-rewrite calibrate --out` wrote")
         from .indexer import train_indexer
 
-        _, metrics = train_indexer(dump, out=out, epochs=epochs, lr=lr, loss=loss, rank=rank, seed=seed, device=device)
+        _, metrics = train_indexer(
+            dump, out=out, epochs=epochs, lr=lr, loss=loss, rank=rank, seed=seed, device=device, top_p=top_p, min_layers=min_layers
+        )
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         _fail(console, exc, debug)
     if as_json:

@@ -20,6 +20,26 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def always_resident_chunks(pos: int, *, chunk_size: int, sink_tokens: int, recent_tokens: int, valid_start: int = 0) -> list[int]:
+    """Chunks of the tokens before ``pos`` that stay resident whatever a selector says: the sink
+    (first ``sink_tokens`` from ``valid_start``) and the recent tail (last ``recent_tokens``, at least
+    the chunk of the last token). The selection policy adds the chunks the coming window writes;
+    calibration labels and selection metrics leave these chunks out (no selector chooses them).
+
+    Example::
+
+        >>> always_resident_chunks(100, chunk_size=16, sink_tokens=16, recent_tokens=32)
+        [0, 4, 5, 6]
+    """
+    c = chunk_size
+    keep: list[int] = []
+    if sink_tokens and pos > valid_start:
+        keep += range(valid_start // c, (min(valid_start + sink_tokens, pos) - 1) // c + 1)
+    if pos > 0:
+        keep += range(max(0, pos - max(recent_tokens, 1)) // c, (pos - 1) // c + 1)
+    return list(dict.fromkeys(keep))
+
+
 @dataclass(frozen=True)
 class LSAConfig:
     """How much KV stays resident during decode and how the resident set is chosen.

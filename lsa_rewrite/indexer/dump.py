@@ -19,6 +19,8 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor
 
+from ..config import always_resident_chunks
+
 DUMP_TYPE = "LSACalibrationDump"
 DUMP_VERSION = 1
 MANIFEST = "manifest.json"
@@ -42,17 +44,23 @@ def default_min_layers(num_sparse_layers: int) -> int:
     return max(1, round(0.5 * num_sparse_layers))
 
 
-def golden_labels(mass: Tensor, top_p: float = 0.6, min_layers: int = 1) -> Tensor:
+def golden_labels(mass: Tensor, top_p: float = 0.6, min_layers: int = 1, *, selectable: Tensor | None = None) -> Tensor:
     """Golden chunks from attention masses: mass [Ls, N] -> bool [N].
 
-    Per layer, the masses over the N chunks are renormalised and the smallest set of chunks, taken by
-    descending mass (ties: lower chunk index first), whose mass reaches ``top_p`` is kept; a chunk is
-    golden when at least ``min_layers`` layers keep it. A layer with no mass on any chunk keeps none.
+    Only ``selectable`` chunks (bool [N]; all when ``None``) take part: the always-resident sink and
+    tail are no selector's choice, and they hold most of the mass (on SmolLM2 the first chunk alone
+    takes 40-80% in most layers), so a nucleus over all chunks would mark little besides them. Per
+    layer, the masses over the selectable chunks are renormalised and the smallest set of chunks,
+    taken by descending mass (ties: lower chunk index first), whose mass reaches ``top_p`` is kept; a
+    chunk is golden when at least ``min_layers`` layers keep it. A layer with no mass on any
+    selectable chunk keeps none.
 
     Example::
 
         >>> golden_labels(torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]]), top_p=0.6, min_layers=1)
         tensor([ True,  True,  True])
+        >>> golden_labels(torch.tensor([[0.5, 0.3, 0.2]]), top_p=0.6, selectable=torch.tensor([False, True, True]))
+        tensor([False,  True, False])
     """
     if mass.dim() != 2:
         raise ValueError(f"mass must be [layers, chunks], got shape {list(mass.shape)}")
@@ -61,6 +69,10 @@ def golden_labels(mass: Tensor, top_p: float = 0.6, min_layers: int = 1) -> Tens
     if min_layers < 1:
         raise ValueError(f"min_layers must be >= 1, got {min_layers}")
     mass = mass.double().clamp_min(0)
+    if selectable is not None:
+        if selectable.shape != mass.shape[1:]:
+            raise ValueError(f"selectable must be [chunks] = [{mass.shape[1]}], got shape {list(selectable.shape)}")
+        mass = mass * selectable.to(mass.device, torch.bool)
     total = mass.sum(1, keepdim=True)
     share = torch.where(total > 0, mass / total.clamp_min(1e-300), torch.zeros_like(mass))
     order = torch.sort(share, dim=1, descending=True, stable=True).indices
@@ -71,10 +83,22 @@ def golden_labels(mass: Tensor, top_p: float = 0.6, min_layers: int = 1) -> Tens
     return keep.sum(0) >= min_layers
 
 
+def selectable_chunks(num_chunks: int, start: int, lsa_config: dict[str, Any]) -> Tensor:
+    """bool [N]: the chunks written before ``start`` that a selector chooses among, i.e. all but the
+    always-resident sink and tail of ``lsa_config`` (an ``LSAConfig`` dict or its ``_data``)."""
+    data = lsa_config.get("_data", lsa_config)
+    keep = always_resident_chunks(
+        start, chunk_size=int(data["chunk_size"]), sink_tokens=int(data["sink_tokens"]), recent_tokens=int(data["recent_tokens"])
+    )
+    mask = torch.ones(num_chunks, dtype=torch.bool)
+    mask[[c for c in keep if c < num_chunks]] = False
+    return mask
+
+
 def label_rule(num_sparse_layers: int, *, top_p: float = 0.6, min_layers: int | None = None) -> dict[str, Any]:
-    """The manifest's ``label`` entry: ``{"rule": "nucleus", "top_p": p, "min_layers": k}``."""
+    """The manifest's ``label`` entry: ``{"rule": "nucleus", "top_p": p, "min_layers": k, "exclude": "always-resident"}``."""
     k = default_min_layers(num_sparse_layers) if min_layers is None else min_layers
-    return {"rule": "nucleus", "top_p": top_p, "min_layers": k}
+    return {"rule": "nucleus", "top_p": top_p, "min_layers": k, "exclude": "always-resident"}
 
 
 def _versions() -> dict[str, str | None]:
@@ -402,6 +426,17 @@ class CalibrationDump:
         except Exception as exc:
             raise ValueError(f"calibration dump {self.path}: shard {entry['file']} is corrupt: {exc}") from None
         return records
+
+    def labels(self, record: dict[str, Any], *, top_p: float | None = None, min_layers: int | None = None) -> tuple[Tensor, Tensor]:
+        """``(golden, selectable)`` bool [N] of a window record under the label rule with the always-resident
+        chunks left out (``golden_labels``, ``selectable_chunks``); ``top_p`` / ``min_layers`` default to
+        the manifest's. Dumps written before the rule left those chunks out get the same labels as new ones."""
+        rule = self.label
+        p = float(rule.get("top_p", 0.6)) if top_p is None else float(top_p)
+        k = int(rule.get("min_layers", 1)) if min_layers is None else int(min_layers)
+        mass = record["mass"]
+        selectable = selectable_chunks(mass.shape[1], int(record["meta"][1]), self.lsa_config)
+        return golden_labels(mass, p, k, selectable=selectable), selectable
 
     def windows(self, split: str | None = None) -> Iterator[dict[str, Any]]:
         """Every window record, shard by shard (only those of documents in ``split`` when given)."""

@@ -1,9 +1,10 @@
 """Chunk-selection metrics over all chunks of each window, and the baselines' scores.
 
-Per window (``scores``/``golden`` ``[N]``, ``mass`` ``[Ls, N]``), at each budget fraction f of the
-window's N chunks (k = ceil(f N), top-k by score):
+Per window (``scores``/``golden`` ``[N]``, ``mass`` ``[Ls, N]``), over the window's selectable chunks
+(all but the always-resident sink and tail, which no selector chooses), at each budget fraction f of
+those N chunks (k = ceil(f N), top-k by score, on top of the always-resident ones):
 - golden recall: golden chunks kept / golden chunks (windows without a golden chunk are skipped);
-- attention-mass recall: per sparse layer, mass on kept chunks / mass on all N chunks, mean over layers.
+- attention-mass recall: per sparse layer, mass on kept chunks / mass on all N selectable chunks, mean over layers.
 Both are averaged over windows. With probabilities, precision / recall / F1 at the threshold are
 counted over all chunks of all windows, with the share of chunks above the threshold (how often the
 manager would widen past the budget).
@@ -54,10 +55,19 @@ class SelectionMetrics:
         self.tp = self.fp = self.fn = self.chunks = 0
         self.has_probs = False
 
-    def add(self, scores: Tensor, golden: Tensor, mass: Tensor, *, probs: Tensor | None = None) -> None:
-        """One window: scores [N] (higher = keep first), golden bool [N], mass [Ls, N], probs [N] optional."""
+    def add(
+        self, scores: Tensor, golden: Tensor, mass: Tensor, *, probs: Tensor | None = None, selectable: Tensor | None = None
+    ) -> None:
+        """One window: scores [N] (higher = keep first), golden bool [N], mass [Ls, N], probs [N] optional;
+        ``selectable`` bool [N]: the chunks a selector chooses among (all when ``None``)."""
         scores, golden, mass = scores.detach().float().cpu(), golden.detach().bool().cpu(), mass.detach().float().cpu()
+        if selectable is not None:
+            keep = selectable.detach().bool().cpu()
+            scores, golden, mass = scores[keep], golden[keep], mass[:, keep]
+            probs = probs.detach()[keep.to(probs.device)] if probs is not None else None
         n = scores.numel()
+        if n == 0:  # nothing to choose: every written chunk is always resident
+            return
         order = torch.sort(scores, descending=True, stable=True).indices
         positives = int(golden.sum())
         layer_mass = mass.sum(1)  # [Ls]

@@ -58,6 +58,8 @@ def train_indexer(
     ensemble: str = "max",
     pos_weight: float | None = None,
     weight_decay: float = 0.0,
+    top_p: float | None = None,
+    min_layers: int | None = None,
     progress: bool = True,
 ) -> tuple[LSAIndexer, dict[str, Any]]:
     """Train an indexer on a calibration dump; returns it and its held-out metrics.
@@ -78,6 +80,8 @@ def train_indexer(
         init_weights: the model's query projections ``{layer: W_q [q_heads * head_dim, hidden]}``
             (see the module docstring for what happens without them).
         ensemble: ``"max"`` or ``"mean"`` over target layers.
+        top_p, min_layers: the golden-label rule (``dump.golden_labels``, always-resident chunks left
+            out), recomputed from the dump's recorded masses; ``None``: the dump's manifest values.
         progress: show a rich progress bar.
 
     Example::
@@ -115,8 +119,16 @@ def train_indexer(
     )
 
     cache = dump.shard_nbytes() <= CACHE_BYTES
-    train = _Windows(dump, TRAIN_SPLIT, select, cache=cache)
-    heldout = _Windows(dump, HELDOUT_SPLIT, select, cache=cache)
+    label = {
+        "rule": "nucleus",
+        "top_p": float(dump.label.get("top_p", 0.6)) if top_p is None else float(top_p),
+        "min_layers": int(dump.label.get("min_layers", 1)) if min_layers is None else int(min_layers),
+        "exclude": "always-resident",
+    }
+    if not 0.0 < label["top_p"] <= 1.0 or label["min_layers"] < 1:
+        raise ValueError(f"the label rule needs top_p in (0, 1] and min_layers >= 1, got top_p={top_p!r}, min_layers={min_layers!r}")
+    train = _Windows(dump, TRAIN_SPLIT, select, cache=cache, label=label)
+    heldout = _Windows(dump, HELDOUT_SPLIT, select, cache=cache, label=label)
     if train.count == 0:
         raise ValueError(f"calibration dump {dump.path} has no windows of split {TRAIN_SPLIT!r} to train on")
 
@@ -172,6 +184,7 @@ def train_indexer(
         "weight_decay": weight_decay,
         "batch_windows": batch_windows,
         "seed": seed,
+        "label": label,
         "rank": config.rank,
         "init": init,
         "parameters": indexer.num_parameters(),
@@ -193,8 +206,9 @@ def train_indexer(
 class _Windows:
     """The windows of one split, with the dump's target layers narrowed to the trained ones."""
 
-    def __init__(self, dump: CalibrationDump, split: str, select: list[int], *, cache: bool) -> None:
+    def __init__(self, dump: CalibrationDump, split: str, select: list[int], *, cache: bool, label: dict[str, Any] | None = None) -> None:
         self.dump, self.split, self.select = dump, split, select
+        self.label = dict(label or {})
         self.count = dump.count(split)
         self._cached: list[dict[str, Any]] | None = None
         if cache and self.count:
@@ -202,11 +216,13 @@ class _Windows:
 
     def _prepare(self, record: dict[str, Any]) -> dict[str, Any]:
         sel = self.select
+        golden, selectable = self.dump.labels(record, top_p=self.label.get("top_p"), min_layers=self.label.get("min_layers"))
         out = {
             "hidden": record["hidden"][sel],
             "kmin": record["kmin"][sel],
             "kmax": record["kmax"][sel],
-            "golden": record["golden"],
+            "golden": golden,
+            "selectable": selectable,
             "mass": record["mass"],
             "cos": record.get("cos"),
             "sin": record.get("sin"),
@@ -235,7 +251,8 @@ class _Windows:
 
 
 def _collate(records: list[dict[str, Any]], device: torch.device) -> dict[str, Tensor | None]:
-    """Pad windows to the largest N: kmin/kmax [B, Lt, N, Hkv, D], golden [B, N], mask [B, N], mass [B, Ls, N]."""
+    """Pad windows to the largest N: kmin/kmax [B, Lt, N, Hkv, D], golden [B, N], mask [B, N] (real and
+    selectable chunks: what the loss counts), mass [B, Ls, N]."""
     batch, n = len(records), max(r["golden"].shape[0] for r in records)
     lt, _, hkv, d = records[0]["kmin"].shape
     kmin = records[0]["kmin"].new_zeros(batch, lt, n, hkv, d)
@@ -246,7 +263,7 @@ def _collate(records: list[dict[str, Any]], device: torch.device) -> dict[str, T
     for b, r in enumerate(records):
         size = r["golden"].shape[0]
         kmin[b, :, :size], kmax[b, :, :size] = r["kmin"], r["kmax"]
-        golden[b, :size], mask[b, :size], mass[b, :, :size] = r["golden"].float(), True, r["mass"]
+        golden[b, :size], mask[b, :size], mass[b, :, :size] = r["golden"].float(), r["selectable"], r["mass"]
     out: dict[str, Tensor | None] = {
         "hidden": torch.stack([r["hidden"] for r in records]).float(),
         "kmin": kmin,
@@ -340,8 +357,9 @@ def _fit_scale_and_bias(indexer: LSAIndexer, train: _Windows) -> None:
         if i == CALIBRATION_WINDOWS:
             break
         batch = _collate([record], torch.device("cpu"))
-        raws.append(_raw_scores(indexer, batch)[0])  # [Lt, N]
-        labels.append(record["golden"].float())
+        keep = record["selectable"]
+        raws.append(_raw_scores(indexer, batch)[0][:, keep])  # [Lt, N selectable]
+        labels.append(record["golden"][keep].float())
     raw = torch.cat(raws, dim=1)  # [Lt, M]
     label = torch.cat(labels).expand_as(raw)
     with torch.no_grad():
@@ -420,15 +438,15 @@ def _evaluate(
     documents: set[int] = set()
     for record in heldout.ordered():
         batch = _collate([record], torch.device("cpu"))
-        golden, mass = record["golden"], record["mass"]
+        golden, mass, keep = record["golden"], record["mass"], record["selectable"]
         n = golden.shape[0]
         args = (batch["hidden"], batch["cos"], batch["sin"], batch["kmin"], batch["kmax"])
         probs = indexer(*args)[0]
-        scorers["indexer"].add(probs, golden, mass, probs=probs)
+        scorers["indexer"].add(probs, golden, mass, probs=probs, selectable=keep)
         base = untrained(*args)[0]
-        scorers["untrained"].add(base, golden, mass, probs=base)
-        scorers["recency"].add(recency_scores(n), golden, mass)
-        scorers["random"].add(random_scores(n, generator=generator), golden, mass)
+        scorers["untrained"].add(base, golden, mass, probs=base, selectable=keep)
+        scorers["recency"].add(recency_scores(n), golden, mass, selectable=keep)
+        scorers["random"].add(random_scores(n, generator=generator), golden, mass, selectable=keep)
         query = record.get("query")
         if query is not None:
             query_source = "dump"
@@ -436,9 +454,9 @@ def _evaluate(
             query_source = "query-weights"
             query = _model_queries(init_weights, select_layers, record, indexer.config)
         if query is not None:
-            scorers["query_aware"].add(query_aware_scores(query, record["kmin"], record["kmax"]), golden, mass)
+            scorers["query_aware"].add(query_aware_scores(query, record["kmin"], record["kmax"]), golden, mass, selectable=keep)
         windows += 1
-        chunks += n
+        chunks += int(keep.sum())
         positives += int(golden.sum())
     out: dict[str, Any] = {
         "budgets": list(BUDGETS),

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..config import LSAConfig
+from ..config import LSAConfig, always_resident_chunks
 from ..selectors import SelectionWindow, Selector
 from .state import INDEX_DTYPE
 
@@ -53,12 +53,9 @@ class SelectionPolicy:
     def must_keep(self, b: int, pos: int) -> list[int]:
         """Sink chunks, recent tail, and every chunk written during the next window (sequence ``b``)."""
         cfg, c = self.config, self.chunk
-        start = self.valid_start[b]
-        keep: list[int] = []
-        if cfg.sink_tokens:
-            keep += range(start // c, (min(start + cfg.sink_tokens, pos) - 1) // c + 1)
+        keep = always_resident_chunks(pos, chunk_size=c, sink_tokens=cfg.sink_tokens, recent_tokens=cfg.recent_tokens, valid_start=self.valid_start[b])
         last = min(pos + cfg.interval + self.lag - 1, self.capacity - 1) // c
-        keep += range(max(0, pos - max(cfg.recent_tokens, 1)) // c, last + 1)  # the last token's chunk at least
+        keep += range(max(pos - 1, 0) // c, last + 1)  # the last token's chunk and every chunk the window writes
         return list(dict.fromkeys(keep))
 
     def choose(self, layers: list, available: Tensor, pos: int) -> Tensor:
