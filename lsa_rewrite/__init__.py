@@ -5,6 +5,8 @@ Public API:
 - ``convert(model, config, *, indexer=None)``: rewrite a decoder's decode step to attend over a
   budget-sized resident set of KV chunks (full history in a CPU mirror).
 - ``footprint(model)``: resident KV bytes against a dense cache.
+- ``from_pretrained(path)``: load a directory written by a converted model's ``save_pretrained``
+  (or ``lsa-rewrite convert``) and convert it with the saved settings; returns ``(model, tokenizer)``.
 
 Example::
 
@@ -12,6 +14,8 @@ Example::
     >>> model = lsa_rewrite.convert(model, lsa_rewrite.LSAConfig(budget=0.25))
     >>> out = model.generate(ids, max_new_tokens=64)
     >>> lsa_rewrite.footprint(model)["ratio"] <= 0.25
+    >>> model.save_pretrained("model-lsa")            # dense weights + lsa_config.json
+    >>> model, tokenizer = lsa_rewrite.from_pretrained("model-lsa")
 """
 
 from typing import Any
@@ -24,7 +28,7 @@ from .session import LSASession
 
 # The conversion entry points import transformers (HF adapter); they load on first use, so that
 # `lsa_rewrite.indexer` (backbone-free training) imports in a process without transformers.
-_LAZY = {"convert": "convert", "footprint": "convert", "inspect_model": "convert"}
+_LAZY = {"convert": "convert", "footprint": "convert", "inspect_model": "convert", "from_pretrained": "pretrained"}
 
 
 def __getattr__(name: str) -> Any:
@@ -38,6 +42,6 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "KVStore", "LSABudgetWarning", "LSAConfig", "LSASession", "PerLayerSelector", "SelectionWindow", "Selector", "StoreError", "convert", "footprint",
-    "inspect_model",
+    "from_pretrained", "inspect_model",
 ]
 __version__ = "0.1.0"

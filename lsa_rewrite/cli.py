@@ -1,17 +1,27 @@
 """``lsa-rewrite`` command line: thin wrappers over the Python API (typer + rich).
 
-Commands: ``inspect`` (what the passes find in a checkpoint and what they would do with it),
-``calibrate`` (record the indexer's inputs and targets over long documents into a dump) and ``train``
-(train an indexer from a dump, without the model). Loading is offline: MODEL is an HF model
-directory or a ``.gguf`` file. Options are checked before any model loads; bad input prints one
-line naming what was wrong and exits with code 2 (``--debug`` shows the traceback).
+Commands: ``convert`` (load, convert and save a model directory that ``lsa_rewrite.from_pretrained``
+loads converted), ``generate`` (one reply, streamed, with the KV footprint), ``bench`` (decode speed
+and device KV bytes, dense against LSA, per context length), ``inspect`` (what the passes find in a
+checkpoint and what they would do with it), ``calibrate`` (record the indexer's inputs and targets
+over long documents into a dump) and ``train`` (train an indexer from a dump, without the model).
+Loading is offline: MODEL is an HF model directory, a ``.gguf`` file, or a directory written by
+``convert`` (its saved LSA settings are the defaults of the options). Options are checked before any
+model loads; bad input prints one line naming what was wrong and exits with code 2 (``--debug``
+shows the traceback).
+
+Not here: an interactive multi-turn chat (it needs cache reuse across turns).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -25,8 +35,18 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"lsa-rewrite {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main() -> None:
+def main(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="print the version and exit"),
+) -> None:
     """Lookahead Sparse Attention for decoder LLMs, by FX graph rewriting."""
 
 
@@ -36,6 +56,7 @@ def inspect_cmd(
     attn: str = typer.Option("sdpa", help="attention implementation to trace: sdpa or eager"),
     capture_cache: str = typer.Option("static", help="HF cache the decode step is traced with: static or dynamic"),
     as_json: bool = typer.Option(False, "--json", help="print the sites as JSON instead of a table"),
+    debug: bool = typer.Option(False, "--debug", help="show the traceback on errors"),
 ) -> None:
     """List every attention site of MODEL: form, cache write, heads, window, and the action taken."""
     from .config import LSAConfig
@@ -54,8 +75,7 @@ def inspect_cmd(
         with console.status("tracing one decode step"):
             rows = inspect_model(model, config)
     except (ValueError, FileNotFoundError, ImportError, RuntimeError) as exc:
-        console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
-        raise typer.Exit(code=2) from None
+        _fail(console, exc, debug)
     if as_json:
         json.dump(rows, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -193,6 +213,497 @@ def train_cmd(
         table.add_row(name, *["-" if recall.get(b) is None else f"{recall[b]:.3f}" for b in budgets])
     Console().print(table)
     console.print(f"wrote {out}")
+
+
+# -- convert, generate, bench ---------------------------------------------------------------------
+# The LSA options the three commands share; None means "the saved setting of a converted MODEL,
+# else the LSAConfig default".
+BUDGET = typer.Option(None, "--budget", help="resident KV per sequence and layer: a fraction of the context (0.135) or a number of tokens (4096)")
+CHUNK_SIZE = typer.Option(None, "--chunk-size", help="tokens per chunk (a power of two)")
+INTERVAL = typer.Option(None, "--interval", help="lookahead window: decode steps between selections")
+SINK_TOKENS = typer.Option(None, "--sink-tokens", help="first tokens that are always resident")
+RECENT_TOKENS = typer.Option(None, "--recent-tokens", help="most recent tokens that are always resident")
+SELECTOR = typer.Option(None, "--selector", help="query-aware, recency, random or indexer (default: indexer with --indexer, else query-aware)")
+MODE = typer.Option(None, "--mode", help="offload (CPU mirror), evict or dense")
+INDEXER = typer.Option(None, "--indexer", help="trained indexer (.safetensors from `lsa-rewrite train`); implies --selector indexer")
+DTYPE = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16: what the weights are loaded as")
+DEVICE = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)")
+DEBUG = typer.Option(False, "--debug", help="show the traceback on errors")
+
+_DTYPES = ("float32", "bfloat16", "float16")
+_LSA_FLAGS = {
+    "budget": "--budget", "chunk_size": "--chunk-size", "interval": "--interval", "sink_tokens": "--sink-tokens",
+    "recent_tokens": "--recent-tokens", "selector": "--selector", "mode": "--mode",
+}
+
+
+def _budget(text: str | None) -> float | int | None:
+    """``--budget``: an int is a number of resident tokens, anything with a point or exponent a fraction (as in LSAConfig)."""
+    if text is None:
+        return None
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            pass
+    raise ValueError(f"--budget must be a fraction of the context (e.g. 0.135) or a number of resident tokens (e.g. 4096), got {text!r}")
+
+
+def _dtype(name: str):
+    import torch
+
+    if name not in _DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(_DTYPES)}, got {name!r}")
+    return getattr(torch, name)
+
+
+def _device(name: str | None):
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device must be cpu or cuda (or cuda:N), got {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda (or cuda:N), got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA device here; use --device cpu")
+    return device
+
+
+def _lsa_settings(model_path: Path, options: dict[str, Any], indexer: Path | None):
+    """The LSAConfig and indexer a command converts with, checked before any model loads.
+
+    A converted MODEL's saved settings (``lsa_config.json``) are the starting point, else the
+    ``LSAConfig`` defaults; the options given replace single fields. ``--indexer`` implies
+    ``--selector indexer``; a converted MODEL's saved indexer is used when the selector is the indexer.
+    """
+    from .config import LSAConfig
+    from .indexer import LSAIndexer
+    from .pretrained import read_lsa_config
+
+    given = {name: value for name, value in options.items() if value is not None}
+    if "budget" in given:
+        given["budget"] = _budget(given["budget"])
+    if indexer is not None:
+        if not indexer.is_file():
+            raise FileNotFoundError(f"--indexer {str(indexer)!r} does not exist: pass the .safetensors file `lsa-rewrite train --out` wrote")
+        given.setdefault("selector", "indexer")
+    saved = read_lsa_config(model_path)
+    config = dataclasses.replace(saved.config if saved is not None else LSAConfig(), **given)
+    if indexer is not None:
+        if config.selector != "indexer":
+            raise ValueError(f"--indexer is read by the indexer selector, but --selector is {config.selector!r}; leave out --selector")
+        return config, LSAIndexer.load(indexer)
+    if config.selector == "indexer":
+        if saved is None or saved.indexer is None:
+            raise ValueError("--selector indexer needs a trained indexer: pass --indexer FILE (from `lsa-rewrite calibrate` + `lsa-rewrite train`)")
+        return config, LSAIndexer.load(saved.indexer)
+    return config, None
+
+
+def _check_out(model_path: Path, out: Path) -> None:
+    from .pretrained import CONFIG_FILE
+
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file; pass a directory to write the converted model to")
+    if out.exists() and out.resolve() == model_path.resolve():
+        raise ValueError(f"--out {str(out)!r} is MODEL itself; write the converted model to another directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / CONFIG_FILE).is_file():
+        raise ValueError(f"--out {str(out)!r} is a non-empty directory that holds no converted model; pass a new or empty directory")
+
+
+def _check_tokenizer(model_path: Path) -> None:
+    """A model directory without tokenizer files cannot generate from text (a .gguf carries its own)."""
+    from .loading import _TOKENIZER_FILES
+
+    if model_path.is_dir() and (model_path / "config.json").is_file() and not any((model_path / n).is_file() for n in _TOKENIZER_FILES):
+        raise ValueError(
+            f"{str(model_path)!r} has no tokenizer ({', '.join(_TOKENIZER_FILES)}); save one next to the weights "
+            "(tokenizer.save_pretrained(DIR)) to generate from text"
+        )
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' own progress bars (loading, writing shards) would interleave with ours on stderr."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _mb(nbytes: float) -> str:
+    return f"{nbytes / 2**20:,.2f} MiB"
+
+
+def _dense_cache_bytes(cache) -> int:
+    """Bytes of the K/V tensors a transformers cache holds (what the dense model keeps on its device)."""
+    total = 0
+    for layer in getattr(cache, "layers", None) or ():
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if tensor is not None and hasattr(tensor, "element_size"):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _footprint(model, out) -> dict[str, Any]:
+    """``lsa_rewrite.footprint`` of a converted model; for the dense model, its cache measured after the run."""
+    if getattr(model, "lsa", None) is not None:
+        from .convert import footprint
+
+        return footprint(model)
+    cache = getattr(out, "cache", None)  # transformers >= 5.2x; earlier: past_key_values
+    dense = _dense_cache_bytes(cache if cache is not None else out.past_key_values)
+    return {"resident_kv_bytes": dense, "dense_kv_bytes": dense, "ratio": 1.0, "tokens": int(out.sequences.shape[1]) - 1}
+
+
+def _generate_kwargs(model, tokenizer) -> dict[str, Any]:
+    """Greedy decoding, with a pad token so that transformers does not warn about it."""
+    pad = getattr(model.generation_config, "pad_token_id", None)
+    if pad is None and tokenizer is not None:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return {"do_sample": False, "pad_token_id": pad, "return_dict_in_generate": True}
+
+
+@app.command("convert")
+def convert_cmd(
+    model_path: Path = typer.Argument(..., metavar="MODEL", help="HF model directory, .gguf file, or a converted directory"),
+    out: Path = typer.Option(..., "--out", "-o", help="directory to write: weights (safetensors), tokenizer, lsa_config.json, indexer"),
+    budget: str = BUDGET,
+    chunk_size: int = CHUNK_SIZE,
+    interval: int = INTERVAL,
+    sink_tokens: int = SINK_TOKENS,
+    recent_tokens: int = RECENT_TOKENS,
+    selector: str = SELECTOR,
+    mode: str = MODE,
+    indexer: Path = INDEXER,
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16: what the weights are saved as"),
+    debug: bool = DEBUG,
+) -> None:
+    """Convert MODEL and write it to OUT, which `lsa_rewrite.from_pretrained(OUT)` loads converted.
+
+    OUT is an HF model directory (GGUF weights dequantized) with lsa_config.json and the indexer; the conversion is checked first.
+    """
+    console = Console(stderr=True)
+    options = dict(budget=budget, chunk_size=chunk_size, interval=interval, sink_tokens=sink_tokens, recent_tokens=recent_tokens, selector=selector, mode=mode)
+    try:
+        torch_dtype = _dtype(dtype)
+        config, loaded = _lsa_settings(model_path, options, indexer)
+        _check_out(model_path, out)
+        from .pretrained import from_pretrained
+
+        with _quiet_transformers(), console.status(f"loading and converting {model_path.name}"):
+            model, tokenizer = from_pretrained(model_path, config=config, indexer=loaded, dtype=torch_dtype)
+        with _quiet_transformers(), console.status(f"writing {out}"):
+            model.save_pretrained(out)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(out)
+    except (ValueError, OSError, ImportError, RuntimeError) as exc:
+        _fail(console, exc, debug)
+    rows = model.lsa.report()
+    sparse = sum(r["action"] == "rewrite" for r in rows)
+    parts = ["weights", "lsa_config.json"] + (["indexer.safetensors"] if loaded is not None else []) + (["tokenizer"] if tokenizer is not None else [])
+    console.print(
+        f"wrote {out} ({', '.join(parts)}): {type(model).__name__}, {sparse} of {len(rows)} layers sparse; budget {config.budget!r}, "
+        f"chunk_size {config.chunk_size}, interval {config.interval}, selector {config.selector}, mode {config.mode}",
+        soft_wrap=True,
+    )
+
+
+@app.command("generate")
+def generate_cmd(
+    model_path: Path = typer.Argument(..., metavar="MODEL", help="HF model directory, .gguf file, or a converted directory"),
+    prompt: str = typer.Option(None, "--prompt", "-p", help="the prompt text"),
+    prompt_file: Path = typer.Option(None, "--prompt-file", help="read the prompt from this UTF-8 text file"),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="tokens to generate at most (greedy)"),
+    chat: bool = typer.Option(False, "--chat", help="wrap the prompt as one user turn in the tokenizer's chat template"),
+    dense: bool = typer.Option(False, "--dense", help="run the model without LSA (the reference)"),
+    budget: str = BUDGET,
+    chunk_size: int = CHUNK_SIZE,
+    interval: int = INTERVAL,
+    sink_tokens: int = SINK_TOKENS,
+    recent_tokens: int = RECENT_TOKENS,
+    selector: str = SELECTOR,
+    mode: str = MODE,
+    indexer: Path = INDEXER,
+    dtype: str = DTYPE,
+    device: str = DEVICE,
+    as_json: bool = typer.Option(False, "--json", help='print {"reply", "footprint", "tokens", "seconds"} instead of streaming'),
+    debug: bool = DEBUG,
+) -> None:
+    """Generate one reply to a prompt with MODEL converted (or dense), streamed to stdout; KV footprint on stderr."""
+    console = Console(stderr=True)
+    options = dict(budget=budget, chunk_size=chunk_size, interval=interval, sink_tokens=sink_tokens, recent_tokens=recent_tokens, selector=selector, mode=mode)
+    try:
+        if (prompt is None) == (prompt_file is None):
+            raise ValueError("pass the prompt as exactly one of --prompt TEXT and --prompt-file FILE")
+        if prompt_file is not None:
+            if not prompt_file.is_file():
+                raise FileNotFoundError(f"--prompt-file {str(prompt_file)!r} does not exist")
+            try:
+                prompt = prompt_file.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"--prompt-file {str(prompt_file)!r} is not UTF-8 text") from None
+        if not prompt.strip():
+            raise ValueError("the prompt is empty; pass some text with --prompt or --prompt-file")
+        if max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+        torch_dtype, torch_device = _dtype(dtype), _device(device)
+        if dense:
+            given = [_LSA_FLAGS[name] for name, value in options.items() if value is not None] + (["--indexer"] if indexer is not None else [])
+            if given:
+                raise ValueError(f"--dense runs the model without LSA; leave out {', '.join(given)}")
+            if not model_path.exists():
+                from .pretrained import read_lsa_config
+
+                read_lsa_config(model_path)  # the missing-model message
+        else:
+            config, loaded = _lsa_settings(model_path, options, indexer)
+        _check_tokenizer(model_path)
+        from .loading import load_model
+        from .pretrained import from_pretrained
+
+        with _quiet_transformers(), console.status(f"loading {model_path.name}" if dense else f"loading and converting {model_path.name}"):
+            if dense:
+                model, tokenizer = load_model(model_path, dtype=torch_dtype, device=torch_device)
+            else:
+                model, tokenizer = from_pretrained(model_path, config=config, indexer=loaded, dtype=torch_dtype, device=torch_device)
+        if tokenizer is None:
+            raise ValueError(f"{str(model_path)!r} has no tokenizer; save one next to the weights to generate from text")
+        ids = _encode(tokenizer, prompt, chat=chat, source=model_path).to(torch_device)
+        reply, out, seconds = _generate(model, tokenizer, ids, max_new_tokens=max_new_tokens, stream=not as_json)
+        footprint = _footprint(model, out)
+    except (ValueError, OSError, ImportError, RuntimeError) as exc:
+        _fail(console, exc, debug)
+    tokens = int(out.sequences.shape[1] - ids.shape[1])
+    if as_json:
+        json.dump({"reply": reply, "footprint": footprint, "tokens": tokens, "seconds": seconds}, sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+    _print_footprint(console, footprint, dense=dense, tokens=tokens, seconds=seconds)
+
+
+def _encode(tokenizer, prompt: str, *, chat: bool, source: Path):
+    if not chat:
+        return tokenizer(prompt, return_tensors="pt")["input_ids"]
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"the tokenizer of {str(source)!r} has no chat template; leave out --chat")
+    messages = [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+
+
+def _generate(model, tokenizer, ids, *, max_new_tokens: int, stream: bool):
+    """Greedy generation of one reply; returns (reply text, generate() output, seconds)."""
+    import warnings
+
+    import torch
+    from transformers import TextStreamer
+
+    from .runtime.store import LSABudgetWarning
+
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LSABudgetWarning)  # footprint()["budget_note"] says it, once, in the summary
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, streamer=streamer, **_generate_kwargs(model, tokenizer)
+        )
+    seconds = time.perf_counter() - start
+    reply = tokenizer.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True)
+    return reply, out, seconds
+
+
+def _print_footprint(console: Console, fp: dict[str, Any], *, dense: bool, tokens: int, seconds: float) -> None:
+    speed = f"{tokens} tokens in {seconds:.2f} s ({tokens / seconds:.1f} tokens/s)" if seconds > 0 else f"{tokens} tokens"
+    if dense:
+        console.print(f"[bold]dense[/bold] KV on device: {_mb(fp['dense_kv_bytes'])} for {fp['tokens']:,} tokens; {speed}", soft_wrap=True)
+        return
+    console.print(
+        f"[bold]LSA[/bold] KV on device: {_mb(fp['resident_kv_bytes'])} of {_mb(fp['dense_kv_bytes'])} dense "
+        f"([green]{fp['ratio']:.1%}[/green]) for {fp['tokens']:,} tokens; CPU mirror {_mb(fp['mirror_bytes'])}; "
+        f"{fp['selections']} selections; {speed}",
+        soft_wrap=True,
+    )
+    if fp.get("budget_note"):
+        console.print(f"[yellow]note:[/yellow] {fp['budget_note']}", soft_wrap=True)
+
+
+def _contexts(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v < 2 for v in values):
+        raise ValueError(f"--contexts must be comma-separated prompt lengths in tokens, each >= 2 (e.g. 1024,2048), got {text!r}")
+    return values
+
+
+def _max_positions(model) -> int | None:
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _synthetic_prompt(model, tokenizer, length: int, *, device):
+    """``length`` token ids drawn (seeded) from the vocabulary, leaving out special tokens."""
+    import torch
+
+    vocab = int(getattr(model.config, "vocab_size", 0) or 0) or len(tokenizer)
+    special = set(getattr(tokenizer, "all_special_ids", None) or []) if tokenizer is not None else set()
+    ids = torch.tensor([i for i in range(vocab) if i not in special])
+    pick = torch.randint(len(ids), (1, length), generator=torch.Generator().manual_seed(length))
+    return ids[pick].to(device)
+
+
+class _Clock:
+    """A generate() streamer that only timestamps: the prompt, then each new token."""
+
+    def __init__(self, device) -> None:
+        self.times: list[float] = []
+        self.sync = device.type == "cuda"
+
+    def put(self, value) -> None:
+        if self.sync:
+            import torch
+
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def _bench_one(model, tokenizer, ids, new_tokens: int) -> dict[str, Any]:
+    """Decode tokens/s (after the first new token: the prefill is not counted) and the KV bytes on the device."""
+    import warnings
+
+    import torch
+
+    from .runtime.store import LSABudgetWarning
+
+    clock = _Clock(ids.device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LSABudgetWarning)
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens, streamer=clock,
+            **_generate_kwargs(model, tokenizer),
+        )
+    decode = clock.times[-1] - clock.times[1]
+    fp = _footprint(model, out)
+    return {"tokens_per_s": (len(clock.times) - 2) / decode if decode > 0 else None, "kv_bytes": fp["resident_kv_bytes"], "footprint": fp}
+
+
+@app.command("bench")
+def bench_cmd(
+    model_path: Path = typer.Argument(..., metavar="MODEL", help="HF model directory, .gguf file, or a converted directory"),
+    contexts: str = typer.Option("1024,2048", "--contexts", help="comma-separated prompt lengths in tokens"),
+    new_tokens: int = typer.Option(32, "--new-tokens", help="tokens decoded per run (>= 2; the first, after the prefill, is not timed)"),
+    budget: str = BUDGET,
+    chunk_size: int = CHUNK_SIZE,
+    interval: int = INTERVAL,
+    sink_tokens: int = SINK_TOKENS,
+    recent_tokens: int = RECENT_TOKENS,
+    selector: str = SELECTOR,
+    mode: str = MODE,
+    indexer: Path = INDEXER,
+    dtype: str = DTYPE,
+    device: str = DEVICE,
+    as_json: bool = typer.Option(False, "--json", help="print the rows as JSON"),
+    debug: bool = DEBUG,
+) -> None:
+    """Decode tokens/s and KV bytes on the device, dense against LSA, per context length (synthetic prompts).
+
+    Dense KV: what the model's own cache holds after the run; LSA KV: footprint()'s resident_kv_bytes.
+    """
+    console = Console(stderr=True)
+    options = dict(budget=budget, chunk_size=chunk_size, interval=interval, sink_tokens=sink_tokens, recent_tokens=recent_tokens, selector=selector, mode=mode)
+    try:
+        lengths = _contexts(contexts)
+        if new_tokens < 2:
+            raise ValueError(f"--new-tokens must be >= 2 (the first new token ends the prefill; the rest are timed), got {new_tokens}")
+        torch_dtype, torch_device = _dtype(dtype), _device(device)
+        config, loaded = _lsa_settings(model_path, options, indexer)
+        from .convert import convert
+        from .loading import load_model
+
+        with _quiet_transformers(), console.status(f"loading {model_path.name}"):
+            model, tokenizer = load_model(model_path, dtype=torch_dtype, device=torch_device)
+        limit = _max_positions(model)
+        if limit is not None and max(lengths) + new_tokens > limit:
+            raise ValueError(f"--contexts {max(lengths)} + --new-tokens {new_tokens} exceeds the {limit} positions of {type(model).__name__}; use shorter contexts")
+        rows = _bench_rows(model, tokenizer, lengths, new_tokens, config, loaded, convert, console)
+    except (ValueError, OSError, ImportError, RuntimeError) as exc:
+        _fail(console, exc, debug)
+    if all(row["lsa"] is None for row in rows):
+        _fail(console, ValueError(f"LSA ran at no context: {rows[0]['lsa_error']}"), debug)
+    if as_json:
+        record = {"model": str(model_path), "device": str(torch_device), "dtype": dtype, "new_tokens": new_tokens, "config": config.to_dict(), "rows": rows}
+        json.dump(record, sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+        return
+    _print_bench(rows, title=f"{model_path.name}: {type(model).__name__}, {torch_device}, {dtype}, {new_tokens} new tokens, budget {config.budget!r}")
+
+
+def _bench_rows(model, tokenizer, lengths, new_tokens, config, indexer, convert, console) -> list[dict[str, Any]]:
+    """Every context dense first, then the model converted once and every context again."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .runtime.store import StoreError
+
+    device = next(model.parameters()).device
+    prompts = {n: _synthetic_prompt(model, tokenizer, n, device=device) for n in lengths}
+    rows = {n: {"context": n} for n in lengths}
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("dense", total=2 * len(lengths))
+        for n in lengths:
+            progress.update(task, description=f"dense, {n:,} tokens")
+            rows[n]["dense"] = _bench_one(model, tokenizer, prompts[n], new_tokens)
+            progress.advance(task)
+        progress.update(task, description="converting")
+        convert(model, config, indexer=indexer)
+        for n in lengths:
+            progress.update(task, description=f"LSA, {n:,} tokens")
+            try:
+                rows[n]["lsa"] = _bench_one(model, tokenizer, prompts[n], new_tokens)
+            except StoreError as exc:  # e.g. a budget too small for this context: the row says so
+                rows[n]["lsa"], rows[n]["lsa_error"] = None, str(exc)
+            progress.advance(task)
+    return list(rows.values())
+
+
+def _print_bench(rows: list[dict[str, Any]], *, title: str) -> None:
+    table = Table(title=title)
+    for column in ("context", "dense tok/s", "LSA tok/s", "speed", "dense KV", "LSA KV", "KV ratio"):
+        table.add_column(column, justify="right")
+    notes = []
+    for row in rows:
+        dense, lsa = row["dense"], row["lsa"]
+        rate = lambda r: "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.1f}"  # noqa: E731
+        if lsa is None:
+            table.add_row(f"{row['context']:,}", rate(dense), "[red]refused[/red]", "-", _mb(dense["kv_bytes"]), "-", "-")
+            notes.append(f"{row['context']:,} tokens: {row['lsa_error']}")
+            continue
+        speed = "-" if None in (dense["tokens_per_s"], lsa["tokens_per_s"]) else f"{lsa['tokens_per_s'] / dense['tokens_per_s']:.2f}x"
+        ratio = lsa["kv_bytes"] / dense["kv_bytes"] if dense["kv_bytes"] else float("nan")
+        table.add_row(f"{row['context']:,}", rate(dense), rate(lsa), speed, _mb(dense["kv_bytes"]), _mb(lsa["kv_bytes"]), f"{ratio:.1%}")
+        if lsa["footprint"].get("budget_note"):
+            notes.append(f"{row['context']:,} tokens: {lsa['footprint']['budget_note']}")
+    out = Console(width=None if sys.stdout.isatty() else 140)
+    out.print(table)
+    for note in notes:
+        out.print(f"note: {note}", soft_wrap=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,4 +1,4 @@
-"""What a converted model does under ``copy.deepcopy``, ``.to()`` and ``torch.save``.
+"""What a converted model does under ``copy.deepcopy``, ``.to()``, ``torch.save`` and ``save_pretrained``.
 
 A converted model carries its session (``model.lsa``) and wrapped ``forward``/``generate`` as instance
 attributes, and its rewritten graph is traced for its parameters' dtype and device. So:
@@ -10,7 +10,11 @@ attributes, and its rewritten graph is traced for its parameters' dtype and devi
   held are dropped); a call that changes nothing (``model.to("cpu")`` on the CPU) keeps everything;
 - ``torch.save(model)`` (pickling) is refused at once: the session holds host memory and compiled
   code that do not pickle. Save ``model.state_dict()`` (or the original model) and convert after
-  loading.
+  loading;
+- ``model.save_pretrained(dir)`` (HF models) writes the dense model as transformers does, with the
+  session set aside for the call, then the LSA settings (``lsa_config.json``) and the indexer
+  (``pretrained.py``); the model keeps its conversion and sequences. ``lsa_rewrite.from_pretrained``
+  loads and converts such a directory.
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ from typing import Any
 
 import torch
 
+from .adapters import is_hf_model
+
 _WRAPPED = ("forward", "generate")
 _MOVES = ("to", "cuda", "cpu", "half", "float", "bfloat16", "double")
-_HANDLERS = ("__deepcopy__", "__reduce_ex__", *_MOVES)
+_HANDLERS = ("__deepcopy__", "__reduce_ex__", "save_pretrained", *_MOVES)
 
 
 def install(model: torch.nn.Module) -> None:
@@ -32,6 +38,8 @@ def install(model: torch.nn.Module) -> None:
     model.__dict__["__reduce_ex__"] = functools.partial(_refuse_pickle, model)
     for name in _MOVES:
         model.__dict__[name] = functools.partial(_move, model, name)
+    if is_hf_model(model):
+        model.__dict__["save_pretrained"] = functools.partial(_save_pretrained, model)
 
 
 def unconvert(model: torch.nn.Module) -> tuple[Any, Any]:
@@ -97,8 +105,26 @@ def _move(model: torch.nn.Module, name: str, *args: Any, **kwargs: Any) -> torch
     return convert(model, config, indexer=indexer)
 
 
+def _save_pretrained(model: torch.nn.Module, save_directory: Any, *args: Any, **kwargs: Any) -> None:
+    from .pretrained import save_dense, write_lsa_files
+
+    if kwargs.get("push_to_hub"):
+        raise ValueError(
+            "save_pretrained(push_to_hub=True) of a converted model would upload the weights without lsa_config.json; "
+            "save to a directory, then upload the whole directory"
+        )
+    held = _detached(model)  # transformers sees the model as it was before convert()
+    try:
+        save_dense(model, save_directory, *args, **kwargs)
+    finally:
+        model.__dict__.update(held)
+    if kwargs.get("is_main_process", True):
+        write_lsa_files(model, save_directory)
+
+
 def _refuse_pickle(model: torch.nn.Module, protocol: int) -> Any:
     raise TypeError(
         f"a converted {type(model).__name__} does not pickle (torch.save): its LSA session holds host memory and compiled "
-        "code. Save model.state_dict() (or the original model) and call lsa_rewrite.convert() again after loading"
+        "code. Save model.state_dict() (or the original model) and call lsa_rewrite.convert() again after loading; an HF model "
+        "saves with model.save_pretrained(DIR) and loads converted with lsa_rewrite.from_pretrained(DIR)"
     )

@@ -2,8 +2,9 @@
 
 ``calibrate(model, tokenizer, out_dir)`` runs an HF causal LM (transformers 5.x) over long documents,
 one document per forward pass (batch 1, no cache, ``torch.no_grad``). At sampled window starts ``t``
-(at least two chunks in, ``t + interval <= length``; multiples of the chunk size, except the last window
-of each document, which ends at the document's end, see ``window_starts``) it records:
+(at least two chunks in; multiples of the chunk size, except the last window of each document, which
+ends at the document's end, and, for a task, windows at the start of its reply, see ``window_starts``)
+it records:
 
 - per target layer, the input of the query projection at ``t - 1`` (a forward pre-hook on ``q_proj``,
   on the fused ``qkv_proj`` of Phi-3, or on GPT-2's ``c_attn``), the post-rotary query there, and the
@@ -188,18 +189,23 @@ def window_masses(
     ``query`` [Hq, S, D], ``key`` [Hkv, S, D] (post-rotary, one sequence from position 0); for each start
     ``t``: the causal softmax of rows ``[t, t + interval)`` over keys ``[0, t + interval)``, summed over
     heads and rows, per chunk ``c < ceil(t / chunk)`` (over its keys before ``t``), divided by
-    ``Hq * interval``: a float32 ``[ceil(t / chunk)]``.
+    ``Hq * rows``: a float32 ``[ceil(t / chunk)]``. A window that runs past the sequence's end (an
+    answer window near a document's end) has fewer rows, ``S - t``.
 
     Example::
 
         >>> window_masses(q, k, [128], chunk=64, interval=64, scaling=0.125)[0].shape
         torch.Size([2])
     """
-    hq, _, d = query.shape
+    hq, length, d = query.shape
     hkv = key.shape[0]
     group = hq // hkv
     out = []
+    full = interval
     for t in starts:
+        if not 0 < t < length:
+            raise ValueError(f"window start {t} is outside the sequence of {length} tokens")
+        interval = min(full, length - t)
         end = t + interval
         rows = query[:, t:end].float().reshape(hkv, group * interval, d)  # [Hkv, G*I, D]; head h -> kv head h // G
         past = torch.matmul(rows, key[:, :t].float().transpose(1, 2)).mul_(scaling)  # [Hkv, G*I, t]
@@ -451,13 +457,18 @@ def _as_documents(documents: Iterable[Any], tokenizer: Any, chat: bool | None) -
     return out
 
 
-def window_starts(length: int, *, chunk: int, interval: int, count: int, rng: random.Random) -> list[int]:
+def window_starts(
+    length: int, *, chunk: int, interval: int, count: int, rng: random.Random, answer: int | None = None
+) -> list[int]:
     """Sampled window starts ``t`` of a document of ``length`` tokens, sorted.
 
-    The last window always ends at the document's end (``t = length - interval``; for a task it covers
-    the question and the answer), so its start need not be a multiple of ``chunk``: the chunk holding
-    ``t - 1`` is then partial, as at a selection right after a prefill. The others are drawn without
-    replacement among the multiples of ``chunk`` below it. Every start is ``>= 2 * chunk``.
+    The last window always ends at the document's end (``t = length - interval``), so its start need not
+    be a multiple of ``chunk``: the chunk holding ``t - 1`` is then partial, as at a selection right after
+    a prefill. The others are drawn without replacement among the multiples of ``chunk`` below it. Every
+    start is ``>= 2 * chunk``. ``answer`` (a task's first reply token): windows also start there and a
+    quarter and half an interval later, where a decode reads the answer out of the context (the first of
+    them is what the selection right after the prompt's prefill sees); they may run past the document's
+    end (``window_masses`` takes the rows there are).
 
     Example::
 
@@ -465,10 +476,14 @@ def window_starts(length: int, *, chunk: int, interval: int, count: int, rng: ra
         936
     """
     last = length - interval
+    extra: list[int] = []
+    if answer is not None and 2 * chunk <= answer < length:
+        extra = sorted({t for t in (answer, answer + interval // 4, answer + interval // 2) if t < length})
     if last < 2 * chunk:
-        return []
-    candidates = [t for t in range(2 * chunk, last, chunk)]
-    return sorted(rng.sample(candidates, min(count - 1, len(candidates))) + [last])
+        return extra
+    candidates = [t for t in range(2 * chunk, last, chunk) if t not in extra]
+    picked = rng.sample(candidates, min(count - 1, len(candidates))) + [last]
+    return sorted(set(picked) | set(extra))
 
 
 def _splits(docs: list[Document], fraction: float, seed: int) -> dict[str, str]:
@@ -558,7 +573,7 @@ def calibrate(
             the lookahead window. ``None``: ``LSAConfig()``.
         documents: ``Document``, ``Task`` (rendered with the chat template when ``chat`` allows), ``str``
             (a text) or paths (``.txt``/``.jsonl`` files or directories). ``None``: 18 built-in standard-
-            library texts and 18 calibration tasks of 1K-4K tokens (``default_documents``).
+            library texts and 30 calibration tasks of 1K-4K tokens (``default_documents``).
         target_layers: layers whose query-side inputs and key bounds are recorded; sparsely attended ones.
             ``None``: 3 spread over the depth (``default_target_layers``).
         windows_per_document: windows sampled per document; the last one always ends at the document's
@@ -646,7 +661,9 @@ def calibrate(
         done = len(tokenized) - len(todo)
         for doc, ids in todo:
             rng = random.Random(f"windows:{seed}:{doc.id}")
-            starts = window_starts(len(ids), chunk=chunk, interval=interval, count=windows_per_document, rng=rng)
+            starts = window_starts(
+                len(ids), chunk=chunk, interval=interval, count=windows_per_document, rng=rng, answer=_answer_token(doc, tokenizer, len(ids))
+            )
             records = _run_document(recorder, ids, starts)
             index = writer.add_document(doc.id, source=doc.source, tokens=len(ids), split=split[doc.id])
             for t, record in zip(starts, records):
@@ -658,6 +675,15 @@ def calibrate(
             bar.advance(len(ids), done)
     writer.close()
     return out
+
+
+def _answer_token(doc: Document, tokenizer: Any, length: int) -> int | None:
+    """The token index where a task document's reply starts (``meta["answer_char"]``), if it has one."""
+    at = doc.meta.get("answer_char") if isinstance(doc.meta, dict) else None
+    if at is None:
+        return None
+    token = len(tokenizer.encode(doc.text[:at], add_special_tokens=doc.add_special_tokens))
+    return token if token < length else None
 
 
 def _run_document(recorder: _Recorder, ids: Tensor, starts: Sequence[int]) -> list[dict[str, Tensor]]:

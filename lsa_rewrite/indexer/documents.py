@@ -121,17 +121,26 @@ class Task:
     def to_document(
         self, tokenizer: Any = None, *, chat: bool | None = None, template: Callable[["Task"], str] | None = None
     ) -> Document:
-        """The rendered prompt followed by the answer, for teacher-forced calibration."""
+        """The rendered prompt followed by an answer, for teacher-forced calibration.
+
+        In the chat form the reply is a sentence, the cue and the answer (``"The pass key is 94448."``),
+        as instruction-tuned models answer; the completion form ends in the cue already and takes the
+        answer alone. ``meta["answer_char"]``: where the reply starts in ``text``, so calibration can
+        place windows where the answer is read out of the context.
+        """
         if template is None and chat is None:
             chat = bool(getattr(tokenizer, "chat_template", None))
         prompt = self.render(tokenizer, chat=chat, template=template)
-        text = prompt + (self.answer if chat or template is not None else " " + self.answer)
+        if chat and template is None:
+            reply = f"{self.cue} {self.answer}." if self.cue else self.answer
+        else:
+            reply = self.answer if template is not None else " " + self.answer
         return Document(
             id=self.id,
             source=f"task:{self.kind}",
-            text=text,
+            text=prompt + reply,
             add_special_tokens=not (chat or template is not None),
-            meta={"answer": self.answer, "seed": self.seed, "kind": self.kind},
+            meta={"answer": self.answer, "seed": self.seed, "kind": self.kind, "answer_char": len(prompt)},
         )
 
 
@@ -614,7 +623,7 @@ def heldout_tasks(
 
 
 def default_documents(
-    tokenizer: Any, *, texts: int = 18, tasks: int = 18, min_tokens: int = 1024, max_tokens: int = 4096,
+    tokenizer: Any, *, texts: int = 18, tasks: int = 30, min_tokens: int = 1024, max_tokens: int = 4096,
     seed: int = 0, chat: bool | None = None,
 ) -> list[Document]:
     """What ``calibrate`` runs over by default: built-in texts and calibration tasks, interleaved.

@@ -35,16 +35,20 @@ OPTIONAL_FIELDS = ("query",)
 STATIC_KEYS = ("model", "lsa_config", "target_layers", "label", "shapes")
 
 
+DEFAULT_TOP_P = 0.3
+
+
 def default_min_layers(num_sparse_layers: int) -> int:
     """``max(1, round(0.5 * L))``: the golden rule's layer vote for ``L`` sparsely attended layers.
 
-    Half the layers: on SmolLM2-135M (30 layers, 16-token chunks) this marks 3.3% of the chunks golden,
-    the 2-3% the paper reports; a vote of 10% of the layers marked 21% (the chunk any few layers
-    attend to, rather than the chunks the model as a whole reads)."""
+    With the always-resident sink and tail left out and a nucleus of 0.3 per layer, half the layers'
+    vote marks 2.9% of the selectable chunks golden on SmolLM2-135M (30 layers, 16-token chunks), the
+    2-3% the paper reports; a nucleus of 0.6 marks 12.8% (more than a 5% budget can hold, so golden
+    recall there could not pass ~0.4), a vote of 3 layers 18%."""
     return max(1, round(0.5 * num_sparse_layers))
 
 
-def golden_labels(mass: Tensor, top_p: float = 0.6, min_layers: int = 1, *, selectable: Tensor | None = None) -> Tensor:
+def golden_labels(mass: Tensor, top_p: float = DEFAULT_TOP_P, min_layers: int = 1, *, selectable: Tensor | None = None) -> Tensor:
     """Golden chunks from attention masses: mass [Ls, N] -> bool [N].
 
     Only ``selectable`` chunks (bool [N]; all when ``None``) take part: the always-resident sink and
@@ -87,6 +91,9 @@ def selectable_chunks(num_chunks: int, start: int, lsa_config: dict[str, Any]) -
     """bool [N]: the chunks written before ``start`` that a selector chooses among, i.e. all but the
     always-resident sink and tail of ``lsa_config`` (an ``LSAConfig`` dict or its ``_data``)."""
     data = lsa_config.get("_data", lsa_config)
+    missing = [k for k in ("chunk_size", "sink_tokens", "recent_tokens") if k not in data]
+    if missing:
+        raise ValueError(f"the dump's lsa_config lacks {missing}: write it with LSAConfig.to_dict() (calibrate does)")
     keep = always_resident_chunks(
         start, chunk_size=int(data["chunk_size"]), sink_tokens=int(data["sink_tokens"]), recent_tokens=int(data["recent_tokens"])
     )
@@ -95,7 +102,7 @@ def selectable_chunks(num_chunks: int, start: int, lsa_config: dict[str, Any]) -
     return mask
 
 
-def label_rule(num_sparse_layers: int, *, top_p: float = 0.6, min_layers: int | None = None) -> dict[str, Any]:
+def label_rule(num_sparse_layers: int, *, top_p: float = DEFAULT_TOP_P, min_layers: int | None = None) -> dict[str, Any]:
     """The manifest's ``label`` entry: ``{"rule": "nucleus", "top_p": p, "min_layers": k, "exclude": "always-resident"}``."""
     k = default_min_layers(num_sparse_layers) if min_layers is None else min_layers
     return {"rule": "nucleus", "top_p": top_p, "min_layers": k, "exclude": "always-resident"}
@@ -430,12 +437,16 @@ class CalibrationDump:
     def labels(self, record: dict[str, Any], *, top_p: float | None = None, min_layers: int | None = None) -> tuple[Tensor, Tensor]:
         """``(golden, selectable)`` bool [N] of a window record under the label rule with the always-resident
         chunks left out (``golden_labels``, ``selectable_chunks``); ``top_p`` / ``min_layers`` default to
-        the manifest's. Dumps written before the rule left those chunks out get the same labels as new ones."""
+        the manifest's. The recorded labels are used as they are when neither is given and the dump's rule
+        already leaves those chunks out; otherwise (another rule, or a dump written before the rule left
+        them out) they are recomputed from the recorded masses."""
         rule = self.label
-        p = float(rule.get("top_p", 0.6)) if top_p is None else float(top_p)
-        k = int(rule.get("min_layers", 1)) if min_layers is None else int(min_layers)
         mass = record["mass"]
         selectable = selectable_chunks(mass.shape[1], int(record["meta"][1]), self.lsa_config)
+        if top_p is None and min_layers is None and rule.get("exclude") == "always-resident":
+            return record["golden"].bool() & selectable, selectable
+        p = float(rule.get("top_p", DEFAULT_TOP_P)) if top_p is None else float(top_p)
+        k = int(rule.get("min_layers", 1)) if min_layers is None else int(min_layers)
         return golden_labels(mass, p, k, selectable=selectable), selectable
 
     def windows(self, split: str | None = None) -> Iterator[dict[str, Any]]:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dump import CalibrationDump
+from .dump import DEFAULT_TOP_P, CalibrationDump
 from .metrics import BUDGETS, SelectionMetrics, query_aware_scores, random_scores, recency_scores
 from .model import IndexerConfig, LSAIndexer, apply_rope, default_rank, lsa_fields
 
@@ -119,16 +119,19 @@ def train_indexer(
     )
 
     cache = dump.shard_nbytes() <= CACHE_BYTES
+    relabel = top_p is not None or min_layers is not None or dump.label.get("exclude") != "always-resident"
     label = {
         "rule": "nucleus",
-        "top_p": float(dump.label.get("top_p", 0.6)) if top_p is None else float(top_p),
+        "top_p": float(dump.label.get("top_p", DEFAULT_TOP_P)) if top_p is None else float(top_p),
         "min_layers": int(dump.label.get("min_layers", 1)) if min_layers is None else int(min_layers),
         "exclude": "always-resident",
+        "from": "recomputed from the recorded masses" if relabel else "the dump's labels",
     }
     if not 0.0 < label["top_p"] <= 1.0 or label["min_layers"] < 1:
         raise ValueError(f"the label rule needs top_p in (0, 1] and min_layers >= 1, got top_p={top_p!r}, min_layers={min_layers!r}")
-    train = _Windows(dump, TRAIN_SPLIT, select, cache=cache, label=label)
-    heldout = _Windows(dump, HELDOUT_SPLIT, select, cache=cache, label=label)
+    overrides = {"top_p": label["top_p"], "min_layers": label["min_layers"]} if relabel else {}
+    train = _Windows(dump, TRAIN_SPLIT, select, cache=cache, label=overrides)
+    heldout = _Windows(dump, HELDOUT_SPLIT, select, cache=cache, label=overrides)
     if train.count == 0:
         raise ValueError(f"calibration dump {dump.path} has no windows of split {TRAIN_SPLIT!r} to train on")
 

@@ -23,6 +23,7 @@ from lsa_rewrite.indexer.calibrate import (
     window_starts,
 )
 from lsa_rewrite.indexer.documents import ByteTokenizer, Document, builtin_documents, calibration_tasks
+from lsa_rewrite.config import always_resident_chunks
 from lsa_rewrite.indexer.dump import CalibrationDump, default_min_layers, golden_labels
 from zoo import make_model
 
@@ -43,10 +44,12 @@ def _text(length: int, seed: int = 0) -> Document:
 
 
 def _chunk_mass(probs, t):
-    """probs [H, S, S] -> the mass rows [t, t + I) put on each chunk before t (a partial last one too)."""
+    """probs [H, S, S] -> the mass rows [t, t + I) put on each chunk before t (a partial last one too;
+    rows past the sequence's end do not exist, the mass is over the rows there are)."""
     n = -(-t // C)
-    per_key = torch.nn.functional.pad(probs[:, t : t + I, :t].sum((0, 1)), (0, n * C - t))
-    return per_key.view(n, C).sum(1) / (probs.shape[0] * I)
+    rows = probs[:, t : t + I, :t]
+    per_key = torch.nn.functional.pad(rows.sum((0, 1)), (0, n * C - t))
+    return per_key.view(n, C).sum(1) / (probs.shape[0] * rows.shape[1])
 
 
 def _run(model, path, documents, **kwargs):
@@ -70,7 +73,7 @@ def test_dump_round_trips_with_documented_fields(family, tmp_path):
     assert sparse == ([1] if family == "gemma3" else [0, 1]) and signature["num_layers"] == config.num_hidden_layers
     assert LSAConfig.from_dict(dump.lsa_config) == CFG
     assert dump.target_layers == default_target_layers(sparse)
-    assert dump.label == {"rule": "nucleus", "top_p": 0.6, "min_layers": default_min_layers(len(sparse))}
+    assert dump.label == {"rule": "nucleus", "top_p": 0.3, "min_layers": default_min_layers(len(sparse)), "exclude": "always-resident"}
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -83,13 +86,18 @@ def test_dump_round_trips_with_documented_fields(family, tmp_path):
     assert {d["split"] for d in dump.documents} == {"train", "heldout"}
 
     lt, ls = len(dump.target_layers), len(sparse)
+    # A task's reply starts after its rendered prompt: windows start there too (and I/4, I/2 later).
+    answers = {d.id: len(TOK.encode(d.text[: d.meta["answer_char"]])) for d in docs if "answer_char" in d.meta}
+    assert len(answers) == 2
     starts: dict[int, list[int]] = {}
     for record in dump.windows():
         doc, t, pos = record["meta"].tolist()
         starts.setdefault(doc, []).append(t)
         tokens = dump.documents[doc]["tokens"]
-        assert pos == t - 1 and t >= 2 * C and t + I <= tokens
-        assert t % C == 0 or t == tokens - I  # the last window ends at the document's end
+        answer = answers.get(dump.documents[doc]["id"])
+        reply = answer is not None and t in (answer, answer + I // 4, answer + I // 2)
+        assert pos == t - 1 and t >= 2 * C and (t + I <= tokens or reply) and t < tokens
+        assert t % C == 0 or t == tokens - I or reply  # the last window ends at the document's end
         n = -(-t // C)
         assert record["hidden"].shape == (lt, config.hidden_size)
         assert record["query"].shape == (lt, heads, head_dim)
@@ -97,13 +105,20 @@ def test_dump_round_trips_with_documented_fields(family, tmp_path):
         assert bool((record["kmin"] <= record["kmax"]).all())
         assert record["mass"].shape == (ls, n) and record["mass"].dtype == torch.float32
         assert bool((record["mass"] > 0).all()) and bool((record["mass"].sum(1) <= 1 + 1e-5).all())
-        assert torch.equal(record["golden"], golden_labels(record["mass"], 0.6, dump.label["min_layers"]))
+        selectable = torch.ones(n, dtype=torch.bool)
+        selectable[[c for c in always_resident_chunks(t, chunk_size=C, sink_tokens=CFG.sink_tokens, recent_tokens=CFG.recent_tokens) if c < n]] = False
+        assert torch.equal(record["golden"], golden_labels(record["mass"], 0.3, dump.label["min_layers"], selectable=selectable))
+        assert not bool((record["golden"] & ~selectable).any())
         assert ("cos" in record) == ("sin" in record) == rope
         if rope:
             assert record["cos"].shape == record["sin"].shape == (head_dim,)
         assert record["split"] == dump.documents[doc]["split"]
     for doc, ts in starts.items():
-        assert len(ts) == 3 and ts == sorted(ts) and ts[-1] == dump.documents[doc]["tokens"] - I
+        answer = answers.get(dump.documents[doc]["id"])
+        tokens = dump.documents[doc]["tokens"]
+        extra = {t for t in (answer, answer + I // 4, answer + I // 2) if t < tokens} if answer is not None else set()
+        assert ts == sorted(set(ts)) and extra <= set(ts) and dump.documents[doc]["tokens"] - I in ts
+        assert len(set(ts) - extra) == 3
 
 
 def _rope(x, cos, sin):
@@ -283,6 +298,10 @@ def test_window_starts_and_default_target_layers():
     assert window_starts(320, chunk=64, interval=64, count=10, rng=rng) == [128, 192, 256]
     assert window_starts(320, chunk=64, interval=64, count=1, rng=rng) == [256]
     assert window_starts(150, chunk=64, interval=64, count=10, rng=rng) == []
+    # a task's reply at token 290: windows there and a quarter and half an interval on (past the end too)
+    assert window_starts(320, chunk=64, interval=64, count=1, rng=rng, answer=290) == [256, 290, 306]
+    assert window_starts(150, chunk=64, interval=64, count=10, rng=rng, answer=140) == [140]
+    assert window_starts(300, chunk=64, interval=64, count=1, rng=rng, answer=100) == [236]  # before two chunks: none
     assert default_target_layers(list(range(30))) == [7, 15, 22]
     assert default_target_layers([5, 11, 17]) == [5, 11, 17]
     assert default_target_layers([1]) == [1]

@@ -103,12 +103,14 @@ def test_task_rendering_chat_and_completion():
     assert completion == task.prompt_text + "\nThe pass key is"
     doc = task.to_document(TOK)
     assert doc.text == completion + " " + task.answer and doc.add_special_tokens and doc.source == "task:passkey"
+    assert doc.meta["answer_char"] == len(completion)
 
     chat = ChatByteTokenizer()
     rendered = task.render(chat)
     assert rendered == f"<user>{task.prompt_text}</user><assistant>"
     doc = task.to_document(chat)
-    assert doc.text == rendered + task.answer and not doc.add_special_tokens
+    assert doc.text == rendered + f"The pass key is {task.answer}." and not doc.add_special_tokens
+    assert doc.meta["answer_char"] == len(rendered)
     assert task.render(chat, chat=False) == completion
     assert task.render(chat, template=lambda t: "Q: " + t.cue) == "Q: The pass key is"
     with pytest.raises(ValueError, match="chat template"):

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from lsa_rewrite.indexer.dump import CalibrationDump, DumpWriter, default_min_layers, golden_labels, label_rule
+from lsa_rewrite.indexer.dump import CalibrationDump, DumpWriter, default_min_layers, golden_labels, label_rule, selectable_chunks
 
 LT, LS, HIDDEN, HQ, HKV, D, C = 2, 3, 16, 4, 2, 8, 16
 
@@ -16,7 +16,7 @@ def manifest(**changes) -> dict:
     base = {
         "model": {"class": "Tiny", "model_type": "tiny", "num_layers": 3, "hidden_size": HIDDEN, "q_heads": HQ, "kv_heads": HKV,
                   "head_dim": D, "sparse_layers": [0, 1, 2], "vocab_size": 50},
-        "lsa_config": {"_type": "LSAConfig", "_version": 1, "_data": {"chunk_size": C, "interval": 16}},
+        "lsa_config": {"_type": "LSAConfig", "_version": 1, "_data": {"chunk_size": C, "interval": 16, "sink_tokens": C, "recent_tokens": 32}},
         "target_layers": [0, 2],
         "label": label_rule(LS),
         "shapes": {"hidden": HIDDEN, "q_heads": HQ, "kv_heads": HKV, "head_dim": D, "rope": True},
@@ -86,9 +86,28 @@ def test_golden_labels_edges():
         golden_labels(mass[0])
 
 
+def test_golden_labels_leave_out_the_always_resident_chunks():
+    # Chunk 0 (the sink) holds most of every layer's mass; left out, the nucleus is over chunks 1-3.
+    mass = torch.tensor([[0.70, 0.05, 0.20, 0.05], [0.60, 0.25, 0.10, 0.05]])
+    assert golden_labels(mass, top_p=0.6, min_layers=2).tolist() == [True, False, False, False]
+    selectable = torch.tensor([False, True, True, True])
+    # shares over 1-3: layer 0 .167 .667 .167 -> keeps 2; layer 1 .625 .25 .125 -> keeps 1
+    assert golden_labels(mass, top_p=0.6, min_layers=1, selectable=selectable).tolist() == [False, True, True, False]
+    assert golden_labels(mass, top_p=0.6, min_layers=2, selectable=selectable).tolist() == [False] * 4
+    with pytest.raises(ValueError, match="selectable"):
+        golden_labels(mass, selectable=torch.ones(3, dtype=torch.bool))
+
+
+def test_selectable_chunks_follow_the_runtime_rule():
+    lsa = {"chunk_size": 16, "sink_tokens": 16, "recent_tokens": 32}
+    # t = 100: chunks 0..6 written; sink chunk 0, tail tokens 68..99 -> chunks 4, 5, 6
+    assert selectable_chunks(7, 100, lsa).tolist() == [False, True, True, True, False, False, False]
+    assert selectable_chunks(7, 100, {"_data": {**lsa, "sink_tokens": 0}}).tolist() == [True, True, True, True, False, False, False]
+
+
 def test_min_layers_rule():
     assert [default_min_layers(n) for n in (1, 4, 15, 30, 32)] == [1, 2, 8, 15, 16]
-    assert label_rule(30) == {"rule": "nucleus", "top_p": 0.6, "min_layers": 15}
+    assert label_rule(30) == {"rule": "nucleus", "top_p": 0.3, "min_layers": 15, "exclude": "always-resident"}
 
 
 # -- round trip ---------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ import textwrap
 import pytest
 import torch
 
+from lsa_rewrite.config import LSAConfig
+
 from lsa_rewrite.indexer.dump import DumpWriter, label_rule
 from lsa_rewrite.indexer.model import LSAIndexer, rotate_half
 from lsa_rewrite.indexer import train as train_module
@@ -22,7 +24,7 @@ HIDDEN, HQ, HKV, D, C = 24, 4, 2, 8, 16
 TARGETS, SPARSE = [1, 2], [0, 1, 2, 3]
 SIGNATURE = {"class": "Planted", "model_type": "planted", "num_layers": 4, "hidden_size": HIDDEN, "q_heads": HQ,
              "kv_heads": HKV, "head_dim": D, "sparse_layers": SPARSE, "vocab_size": 64}
-LSA = {"_type": "LSAConfig", "_version": 1, "_data": {"chunk_size": C, "interval": 16, "budget": 0.135}}
+LSA = LSAConfig(chunk_size=C, interval=16, sink_tokens=C, recent_tokens=32).to_dict()
 
 
 def true_query_weights(seed: int = 0) -> dict[int, torch.Tensor]:
