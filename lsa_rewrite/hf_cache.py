@@ -4,6 +4,13 @@ It carries the sequence batch's ``KVStore`` through HF's generation loop. During
 (the model's own attention) each layer's ``update`` passes the prompt KV to the store and returns it
 unchanged for that layer's attention, so no dense cache outlives its layer. Decode steps never call
 ``update``: they run the rewritten graph over the store.
+
+A later turn (``generate(torch.cat([out.sequences, next_turn], 1), cache=out.cache)``) prefills only
+the new tokens into a new store sized for the longer conversation: each layer's ``update`` reads the
+whole history back from the previous store (its resident pool and CPU mirror, exactly), appends the
+new tokens' KV, hands that to the new store and to the layer's attention, so the new tokens attend to
+everything that came before. One layer's full KV is the working buffer, freed after the layer. The
+cache object the user holds is then pointed at the new store (``rebind``).
 """
 
 from __future__ import annotations
@@ -18,10 +25,11 @@ class _LSALayer(CacheLayerMixin):
     is_compileable = False
     is_sliding = False
 
-    def __init__(self, store: KVStore, layer: int):
+    def __init__(self, store: KVStore, layer: int, history: KVStore | None = None):
         super().__init__()
         self.store = store
         self.layer = layer
+        self.history = history  # the previous turn's store, while a later turn's tokens are prefilled
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.is_initialized = True
@@ -29,19 +37,28 @@ class _LSALayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if self.store.length:
             raise StoreError(
-                "a converted model takes one prefill per generation and then decodes one token per call; "
-                f"got {key_states.shape[-2]} new tokens after {self.store.length} (start a new generation instead)"
+                "a converted model decodes one token per call through its rewritten step; "
+                f"got {key_states.shape[-2]} new tokens after {self.store.length} outside a converted model's forward"
             )
+        if self.history is not None:
+            old_k, old_v = self.history.history(self.layer)
+            key_states = torch.cat([old_k.to(key_states.dtype), key_states], dim=-2)
+            value_states = torch.cat([old_v.to(value_states.dtype), value_states], dim=-2)
         self.store.ingest(self.layer, key_states, value_states)
         return key_states, value_states
+
+    @property
+    def held(self) -> int:
+        """Tokens before the ones being run: the store's, or the previous turn's during a later turn's prefill."""
+        return self.history.length if self.history is not None else self.store.length
 
     def get_mask_sizes(self, query_length, *args, **kwargs) -> tuple[int, int]:
         if isinstance(query_length, torch.Tensor):  # older transformers pass cache_position
             query_length = query_length.shape[0]
-        return self.store.length + query_length, 0
+        return self.held + query_length, 0
 
     def get_seq_length(self, *args, **kwargs) -> int:
-        return self.store.length
+        return self.held
 
     def get_max_length(self) -> int:
         return self.store.capacity
@@ -60,9 +77,15 @@ class LSACache(Cache):
         True
     """
 
-    def __init__(self, store: KVStore, num_layers: int):
-        super().__init__(layers=[_LSALayer(store, i) for i in range(num_layers)])
+    def __init__(self, store: KVStore, num_layers: int, *, history: KVStore | None = None):
+        super().__init__(layers=[_LSALayer(store, i, history) for i in range(num_layers)])
         self.store = store
+
+    def rebind(self, store: KVStore) -> None:
+        """Point this cache at ``store`` (a later turn's), so the object the caller holds keeps working."""
+        self.store = store
+        for layer in self.layers:
+            layer.store, layer.history = store, None
 
     def __repr__(self) -> str:
         return f"LSACache(tokens={self.store.length}, capacity={self.store.capacity}, batch={self.store.batch})"

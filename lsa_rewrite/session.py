@@ -92,8 +92,11 @@ class LSASession:
         ]
 
     # -- prefill ------------------------------------------------------------------------------
-    def start_prefill(self, batch: int, *, prompt_len: int, valid_start: list[int]) -> KVStore:
-        """A new store for ``batch`` sequences about to take a ``prompt_len``-token prefill."""
+    def start_prefill(self, batch: int, *, prompt_len: int, valid_start: list[int], share_mirror: bool = True) -> KVStore:
+        """A new store for ``batch`` sequences about to take a ``prompt_len``-token prefill.
+
+        ``share_mirror=False``: never take over the current store's CPU mirror (a later turn of a
+        conversation reads its history from there while it prefills)."""
         capacity = self.config.max_context or self.pending_capacity or self.adapter.default_capacity()
         if capacity <= prompt_len:
             raise StoreError(
@@ -107,7 +110,8 @@ class LSASession:
         # A store of the same shape hands over its CPU mirror (pinning tens of GB takes seconds per
         # generation); the old store is retired and refuses further use.
         self.store = KVStore(
-            self.layer_specs(), self.config, batch=batch, capacity=capacity, valid_start=valid_start, device=device, reuse=self.store,
+            self.layer_specs(), self.config, batch=batch, capacity=capacity, valid_start=valid_start, device=device,
+            reuse=self.store if share_mirror else None,
             selector=make_selector(self.config.selector, seed=self.config.seed, indexer=self.indexer),
         )
         return self.store

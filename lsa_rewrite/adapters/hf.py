@@ -16,6 +16,7 @@ import torch
 
 from ..config import LSAConfig
 from ..hf_cache import LSACache
+from ..runtime.store import StoreError
 from ..passes import AttentionSite, Binding, CapturedStep, capture_step, locate
 from ..session import model_device_dtype
 
@@ -156,10 +157,10 @@ class HFAdapter:
             raise ValueError("a converted model always decodes from its KV store; call it without use_cache=False")
         if isinstance(cache, LSACache) and cache.store.length:
             store = cache.store
-            if input_ids.shape[1] != 1:
-                raise ValueError(f"after the prefill a converted model decodes one token per call; got {input_ids.shape[1]} tokens")
             if input_ids.shape[0] != store.batch:
                 raise ValueError(f"this cache holds a batch of {store.batch} sequences; got input_ids for a batch of {input_ids.shape[0]}")
+            if input_ids.shape[1] != 1:
+                return self.continue_prefill(session, original, kwargs, cache)
             position_ids = kwargs.get("position_ids")
             if position_ids is None:
                 position_ids = (store.length - store.valid_start).view(-1, 1)
@@ -187,6 +188,51 @@ class HFAdapter:
         self.output_type = type(out)
         self.cache_field = next((k for k, v in out.items() if v is lsa_cache), self.cache_kw)
         out[self.cache_field] = lsa_cache
+        return out
+
+
+    def continue_prefill(self, session, original, kwargs: dict, cache: LSACache):
+        """A later turn: prefill only the new tokens, attending exactly to the whole history (``hf_cache``).
+
+        The conversation moves to a new store sized for it (``max_new_tokens`` of this ``generate()``
+        included); ``cache`` is pointed at it, and the previous store is retired once this prefill is
+        done. A failed prefill leaves the previous store and ``cache`` as they were.
+        """
+        old = cache.store
+        if old.retired:
+            raise StoreError(f"this cache can no longer be continued: {old.retired}")
+        input_ids = kwargs["input_ids"]
+        batch, new = input_ids.shape
+        total = old.length + new
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            if mask.dim() != 2 or tuple(mask.shape) != (batch, total):
+                raise ValueError(
+                    f"attention_mask must cover the whole conversation, [batch, held + new tokens] = [{batch}, {total}], "
+                    f"got {tuple(mask.shape)}"
+                )
+            if left_padding(mask, batch, total) != old.valid_start_host:
+                raise ValueError("attention_mask of a later turn must keep the first turn's left padding, with ones for every new token")
+        previous = session.store
+        store = session.start_prefill(batch, prompt_len=total, valid_start=old.valid_start_host, share_mirror=False)
+        extension = LSACache(store, self.num_layers, history=old)
+        kwargs[self.cache_kw] = extension
+        kwargs["use_cache"] = True
+        try:
+            with torch.no_grad():
+                out = original(**kwargs)
+        except BaseException:
+            session.abort_prefill(store, previous)
+            raise
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:
+            position_ids = (total - 1 - store.valid_start).view(-1, 1)
+        session.finish_prefill(store, total, {"input_ids": input_ids[:, -1:], "position_ids": position_ids[:, -1:]})
+        old.abandon("the conversation went on in a newer store (the cache now points at it)")
+        cache.rebind(store)
+        self.output_type = type(out)
+        field = next((k for k, v in out.items() if v is extension), self.cache_field)
+        out[field] = cache
         return out
 
 

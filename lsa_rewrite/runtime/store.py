@@ -246,7 +246,8 @@ class KVStore:
             raise StoreError(f"this store is retired: {self.retired}")
 
     def abandon(self, reason: str) -> None:
-        """Give up this store before its prefill finished; a predecessor it has not written over stays live."""
+        """Give up this store (its prefill failed, or a conversation moved on to a newer one); a predecessor
+        it has not written over stays live."""
         self._predecessor = None
         self._retire(reason)
 
@@ -348,6 +349,53 @@ class KVStore:
             target.mirror_v[:, :chunks].copy_(vp, non_blocking=True)
         target.available[:, :chunks] = True
 
+    def history(self, layer: int) -> tuple[Tensor, Tensor]:
+        """Every token this store holds for ``layer``, exactly: K, V ``[B, Hkv, length, D]`` on the device.
+
+        For a later turn's prefill (multi-turn): resident chunks come from the pool, the others from
+        the CPU mirror (offload mode keeps the whole history there); a sliding-window layer gives its
+        last ``window`` tokens and zeros before them (its attention never reaches them). Refuses when
+        a chunk is gone (evict mode dropped it).
+        """
+        self._check_live()
+        target = self.layers.get(layer)
+        if target is None:
+            raise StoreError(f"layer {layer} keeps no KV in this store")
+        self.synchronize()  # outstanding recall and write-back copies
+        b, length, c = self.batch, self.length, self.chunk
+        if isinstance(target, RingLayer):
+            w = target.spec.window
+            k = target.k_ring.new_zeros(b, length, *target.k_ring.shape[2:])
+            v = torch.zeros_like(k)
+            lo = max(0, length - w)
+            ring = torch.arange(lo, length, device=k.device) % w
+            k[:, lo:], v[:, lo:] = target.k_ring[:, ring], target.v_ring[:, ring]
+            return k.transpose(1, 2), v.transpose(1, 2)
+        n = math.ceil(length / c)
+        heads, dim = target.k_pool.shape[2:]
+        k = target.k_pool.new_zeros(b, n, c, heads, dim)
+        v = torch.zeros_like(k)
+        slot = target.chunk_slot[:, :n].long()  # the table the decode step reads
+        resident = slot >= 0
+        if target.mirror_k is not None:
+            k.copy_(target.mirror_k[:, :n])
+            v.copy_(target.mirror_v[:, :n])
+            held = resident | target.available[:, :n]
+        else:
+            held = resident
+        real = torch.arange(n, device=k.device).view(1, n) >= torch.tensor([s // c for s in self.valid_start_host], device=k.device).view(b, 1)
+        if bool((real & ~held.to(real.device)).any()):
+            raise StoreError(
+                "this store no longer holds the whole history (mode='evict' dropped chunks), so a later turn cannot "
+                "attend to it exactly; convert with LSAConfig(mode='offload') for multi-turn use"
+            )
+        rows = (torch.arange(b, device=slot.device).view(b, 1) * self.slots + slot)[resident]
+        k[resident] = target.k_pool[rows]
+        v[resident] = target.v_pool[rows]
+        k = k.view(b, n * c, heads, dim)[:, :length].transpose(1, 2)
+        v = v.view(b, n * c, heads, dim)[:, :length].transpose(1, 2)
+        return k, v
+
     def finish_prefill(self, length: int) -> None:
         """Record the prompt length and place the first resident set (sink + newest chunks)."""
         if length >= self.capacity:
@@ -398,6 +446,11 @@ class KVStore:
         for layer in self.chunk_layers:
             rows = self.mover.row_seq[: self.batch, 0] * self.slots + layer.chunk_slot[:, chunk]  # the last chunk is always resident
             saved.append((layer, rows, layer.k_pool[rows].clone(), layer.v_pool[rows].clone(), layer.kmin[:, chunk].clone(), layer.kmax[:, chunk].clone()))
+        rings = []
+        for layer in self.layers.values():
+            if isinstance(layer, RingLayer):  # the step rewrites T-1 in the ring of a sliding-window layer too
+                slot = pos % layer.spec.window
+                rings.append((layer, slot, layer.k_ring[:, slot].clone(), layer.v_ring[:, slot].clone()))
         self.pos.fill_(pos)
         run_step()
         for layer, rows, k, v, lo, hi in saved:
@@ -405,6 +458,9 @@ class KVStore:
             layer.v_pool[rows] = v
             layer.kmin[:, chunk] = lo
             layer.kmax[:, chunk] = hi
+        for layer, slot, k, v in rings:
+            layer.k_ring[:, slot] = k
+            layer.v_ring[:, slot] = v
         self.select(lag=0)
         self.next_selection = 1  # and again once the first generated token has its own queries
 
