@@ -18,6 +18,8 @@ Example::
     >>> model, tokenizer = lsa_rewrite.from_pretrained("model-lsa")
 """
 
+import sys
+import types
 from typing import Any
 
 from . import kernels  # noqa: F401  (registers the lsa:: custom ops)
@@ -39,6 +41,20 @@ def __getattr__(name: str) -> Any:
         globals()[name] = value
         return value
     raise AttributeError(f"module 'lsa_rewrite' has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    """Importing a submodule sets the package attribute of its name, so the first import of
+    ``lsa_rewrite.convert`` (by ``footprint``, ``from_pretrained`` or the CLI) would make
+    ``lsa_rewrite.convert`` the module instead of the function; the function keeps the name."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _LAZY and isinstance(value, types.ModuleType):
+            return  # the submodule stays importable through sys.modules
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 __all__ = [
     "KVStore", "LSABudgetWarning", "LSAConfig", "LSASession", "PerLayerSelector", "SelectionWindow", "Selector", "StoreError", "convert", "footprint",

@@ -361,7 +361,7 @@ def _footprint(model, out) -> dict[str, Any]:
         from .convert import footprint
 
         return footprint(model)
-    cache = getattr(out, "cache", None)  # transformers >= 5.2x; earlier: past_key_values
+    cache = getattr(out, "cache", None)  # older transformers call it past_key_values
     dense = _dense_cache_bytes(cache if cache is not None else out.past_key_values)
     return {"resident_kv_bytes": dense, "dense_kv_bytes": dense, "ratio": 1.0, "tokens": int(out.sequences.shape[1]) - 1}
 
@@ -462,10 +462,6 @@ def generate_cmd(
             given = [_LSA_FLAGS[name] for name, value in options.items() if value is not None] + (["--indexer"] if indexer is not None else [])
             if given:
                 raise ValueError(f"--dense runs the model without LSA; leave out {', '.join(given)}")
-            if not model_path.exists():
-                from .pretrained import read_lsa_config
-
-                read_lsa_config(model_path)  # the missing-model message
         else:
             config, loaded = _lsa_settings(model_path, options, indexer)
         _check_tokenizer(model_path)
@@ -656,7 +652,8 @@ def bench_cmd(
 
 
 def _bench_rows(model, tokenizer, lengths, new_tokens, config, indexer, convert, console) -> list[dict[str, Any]]:
-    """Every context dense first, then the model converted once and every context again."""
+    """Every context dense first, then the model converted once and every context again; each
+    model runs a short warm-up generation first, so one-time costs are not timed."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .runtime.store import StoreError
@@ -665,14 +662,17 @@ def _bench_rows(model, tokenizer, lengths, new_tokens, config, indexer, convert,
     prompts = {n: _synthetic_prompt(model, tokenizer, n, device=device) for n in lengths}
     rows = {n: {"context": n} for n in lengths}
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("dense", total=2 * len(lengths))
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
+        task = progress.add_task("dense, warm-up", total=2 * len(lengths))
+        warmup = _synthetic_prompt(model, tokenizer, 8, device=device)
+        _bench_one(model, tokenizer, warmup, 2)
         for n in lengths:
             progress.update(task, description=f"dense, {n:,} tokens")
             rows[n]["dense"] = _bench_one(model, tokenizer, prompts[n], new_tokens)
             progress.advance(task)
-        progress.update(task, description="converting")
+        progress.update(task, description="converting, warm-up")
         convert(model, config, indexer=indexer)
+        _bench_one(model, tokenizer, warmup, 2)  # 8 tokens: everything resident, whatever the budget
         for n in lengths:
             progress.update(task, description=f"LSA, {n:,} tokens")
             try:

@@ -66,7 +66,10 @@ def read_lsa_config(path: str | os.PathLike) -> SavedLSA | None:
     """
     path = Path(path).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"no model at {str(path)!r}: pass a directory written by save_pretrained or `lsa-rewrite convert`")
+        raise FileNotFoundError(
+            f"no model at {str(path)!r}: expected a model directory (written by save_pretrained or `lsa-rewrite convert`, or any HF "
+            "checkpoint with config.json) or a .gguf file; check the path (loading is offline, hub model ids are not accepted)"
+        )
     file = path / CONFIG_FILE
     if not path.is_dir() or not file.exists():
         return None
