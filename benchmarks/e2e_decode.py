@@ -1,18 +1,25 @@
-"""Benchmark: end-to-end decode of a Llama-3-8B-shaped model (random bf16 weights), LSA vs dense HF.
+"""Benchmark: end-to-end decode of a Llama-3-8B-shaped model (random bf16 weights): LSA against two dense paths.
 
-Per prompt length (32K, 128K), batch 1, 256 decode steps, in one run on one GPU:
+Per prompt length (default 128K, then 32K), batch 1, 256 decode steps, in one run on one GPU:
 
-- dense: transformers ``StaticCache`` sized prompt + steps, prefill eager, decode through
+- ``hf_static``: transformers ``StaticCache`` sized prompt + steps, prefill eager, decode through
   ``torch.compile(mode="reduce-overhead")`` (HF's own compiled static-cache path);
-- LSA: ``lsa_rewrite.convert(model, LSAConfig(budget=0.135))``; prefill is the model's own attention,
-  decode runs the Inductor-compiled, CUDA-graph-replayed rewritten step; selection + recall every 64
-  steps are included in the timing and also reported per window.
+- ``runtime_dense``: our runtime in ``LSAConfig(mode="dense")``: the same conversion, rewritten graph,
+  Triton decode-attention kernel, Inductor compile and CUDA-graph replay as LSA, with every chunk
+  resident (no selection, no mirror): the strongest dense baseline this repo has;
+- ``lsa``: ``LSAConfig(budget=0.135)``; decode runs the Inductor-compiled, CUDA-graph-replayed
+  rewritten step; selection + recall every 64 steps are included in the timing and also reported per
+  window (``recall_lag`` 4; at the largest context also ``lsa_lag0``, the copies waited for).
 
-Reports decode tokens/s, peak GPU memory, KV bytes on the GPU (dense cache vs ``footprint()``), and
-how many 128K-token sequences' KV fit beside the weights (from the measured per-sequence bytes).
-Writes JSON with GPU, versions and date.
+Per path: ms/token, tokens/s, peak GPU memory (the whole path, prefill included, and the decode loop
+alone), KV bytes on the device, and the bandwidth floor ``(weights + device KV bytes) / 4.2 TB/s``
+(the measured H200 copy bandwidth) with how far the path is from it. Per context, the ratios of LSA
+against each dense path, side by side. The runtime paths share one conversion: ``mode`` only changes
+how the store is sized (it is read from ``model.lsa.config`` at each prefill). Writes JSON with GPU,
+versions and date after every path, so a run stopped early keeps what it measured.
 
-    python benchmarks/e2e_decode.py --contexts 32768,131072 --out benchmarks/results/e2e_decode.json
+    python benchmarks/e2e_decode.py --contexts 131072,32768 --out benchmarks/results/e2e_decode.json
+    python benchmarks/e2e_decode.py --tiny      # the script itself on a tiny model, CPU, seconds
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEVICE, environment, sync, write_json  # noqa: E402
+from common import COPY_BANDWIDTH, DEVICE, environment, sync, write_json  # noqa: E402
 
 import lsa_rewrite  # noqa: E402
 from lsa_rewrite import LSAConfig  # noqa: E402
@@ -71,7 +78,9 @@ def cache_kw(model) -> str:
 
 
 @torch.no_grad()
-def dense_run(model, prompt: torch.Tensor, steps: int) -> dict:
+def hf_static_run(model, prompt: torch.Tensor, steps: int) -> dict:
+    """HF's compiled static-cache decode (``torch.compile`` reduce-overhead on CUDA; Dynamo with the
+    eager backend on the CPU, which checks the script, not speed)."""
     from transformers import StaticCache
 
     kw = cache_kw(model)
@@ -84,7 +93,8 @@ def dense_run(model, prompt: torch.Tensor, steps: int) -> dict:
     sync()
     prefill_s = time.perf_counter() - t0
     del out
-    step = torch.compile(lambda ids, pos: model(input_ids=ids, position_ids=pos, use_cache=True, **{kw: cache}).logits, mode="reduce-overhead" if DEVICE == "cuda" else None, fullgraph=True)
+    compile_kw = {"mode": "reduce-overhead"} if DEVICE == "cuda" else {"backend": "eager"}
+    step = torch.compile(lambda ids, pos: model(input_ids=ids, position_ids=pos, use_cache=True, **{kw: cache}).logits, fullgraph=True, **compile_kw)
     pos = torch.full((1, 1), length, device=DEVICE, dtype=torch.long)
     t0 = time.perf_counter()
     for warm in range(3):  # compile + cudagraph record; positions advance as in real decoding
@@ -92,17 +102,21 @@ def dense_run(model, prompt: torch.Tensor, steps: int) -> dict:
         pos += 1
     sync()
     compile_s = time.perf_counter() - t0
+    setup_peak = peak_gb()
+    reset_peak()
     t0 = time.perf_counter()
     for _ in range(steps - 3):
         token = step(token, pos)[:, -1:].argmax(-1)
         pos += 1
     sync()
     decode_s = time.perf_counter() - t0
+    decode_peak = peak_gb()
     kv_bytes = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
     result = {
+        "path": "HF StaticCache (prompt + steps) + torch.compile(mode='reduce-overhead'), SDPA over the whole static cache",
         "prefill_s": round(prefill_s, 2), "compile_s": round(compile_s, 1),
         "ms_per_token": round(decode_s / (steps - 3) * 1e3, 3), "tokens_per_s": round((steps - 3) / decode_s, 2),
-        "peak_gpu_gb": peak_gb(), "kv_gpu_bytes": kv_bytes,
+        "peak_gpu_gb": max(setup_peak, decode_peak), "decode_peak_gpu_gb": decode_peak, "kv_gpu_bytes": kv_bytes,
     }
     del cache, step
     torch._dynamo.reset()
@@ -146,11 +160,24 @@ def timed_store_methods(into: dict[str, float]):
 
 
 @torch.no_grad()
-def lsa_run(model, prompt: torch.Tensor, steps: int, config: LSAConfig) -> dict:
+def runtime_run(model, prompt: torch.Tensor, steps: int, config: LSAConfig) -> dict:
+    """Our runtime with ``config`` (``mode="dense"``: every chunk resident; else LSA) on a converted model."""
     kw = cache_kw(model)
     length = prompt.shape[1]
     runtime = model.lsa
+    runtime.config = config  # same conversion: the next prefill sizes its store from this config
     runtime.pending_capacity = length + steps + 2 * config.interval + 1
+    previous = runtime.store
+    if previous is not None and (previous.all_resident or config.mode == "dense" or previous.capacity != runtime.pending_capacity):
+        # Nothing of it will be reused (only a mirrored store of the same shape hands its mirror on), but
+        # the session keeps its last store until the next prefill replaces it, so both would sit on the
+        # device during this prefill and inflate its peak: let it go first.
+        previous.synchronize()
+        runtime.store = None
+    del previous
+    gc.collect()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
     reset_peak()
     breakdown: dict[str, float] = {}
     with timed_store_methods(breakdown):
@@ -182,12 +209,14 @@ def lsa_run(model, prompt: torch.Tensor, steps: int, config: LSAConfig) -> dict:
 
     store.select = timed_select
     t0 = time.perf_counter()
-    for _ in range(3):
+    for _ in range(3):  # dense mode compiles and captures here (LSA did in the prefill's probe)
         token = model(input_ids=token, **{kw: cache}).logits[:, -1:].argmax(-1)
     sync()
     compile_s = time.perf_counter() - t0
     from torch._dynamo.utils import counters
 
+    setup_peak = peak_gb()
+    reset_peak()
     graphs_before = counters["stats"]["unique_graphs"]
     store.select = original_select  # the timed loop runs selections untimed: their copies overlap decode
     selections_before = store.selections
@@ -196,21 +225,25 @@ def lsa_run(model, prompt: torch.Tensor, steps: int, config: LSAConfig) -> dict:
         token = model(input_ids=token, **{kw: cache}).logits[:, -1:].argmax(-1)
     sync()
     decode_s = time.perf_counter() - t0
+    decode_peak = peak_gb()
     recompiles = counters["stats"]["unique_graphs"] - graphs_before
     timed_selections = store.selections - selections_before
-    # the per-window breakdown: a few more selections, each measured on its own (after the timed loop)
-    store.select = timed_select
-    for _ in range(2 * config.interval):
-        token = model(input_ids=token, **{kw: cache}).logits[:, -1:].argmax(-1)
-    sync()
+    if not store.all_resident:
+        # the per-window breakdown: a few more selections, each measured on its own (after the timed loop)
+        store.select = timed_select
+        for _ in range(2 * config.interval):
+            token = model(input_ids=token, **{kw: cache}).logits[:, -1:].argmax(-1)
+        sync()
     fp = lsa_rewrite.footprint(model)
     runtime.pending_capacity = None
     result = {
+        "path": (f"lsa-rewrite runtime, mode={config.mode!r}" + ("" if config.mode == "dense" else f", budget {config.budget}, recall_lag {config.lag}"))
+        + ": rewritten step, Triton decode attention, Inductor + CUDA graph",
         "prefill_s": round(prefill_s, 2), "prefill_breakdown_s": {k: round(v, 2) for k, v in breakdown.items()},
         "compile_s": round(compile_s, 1),
         "ms_per_token": round(decode_s / (steps - 3) * 1e3, 3), "tokens_per_s": round((steps - 3) / decode_s, 2),
-        "peak_gpu_gb": peak_gb(),
-        "kv_gpu_bytes": fp["resident_kv_bytes"], "footprint": fp, "recall_lag": store.lag,
+        "peak_gpu_gb": max(setup_peak, decode_peak), "decode_peak_gpu_gb": decode_peak,
+        "kv_gpu_bytes": fp["resident_kv_bytes"], "footprint": fp, "recall_lag": None if store.all_resident else store.lag,
         "selections_in_timed_loop": timed_selections, "recompiles_in_timed_loop": recompiles,
         "windows": windows,
     }
@@ -222,56 +255,128 @@ def lsa_run(model, prompt: torch.Tensor, steps: int, config: LSAConfig) -> dict:
     return result
 
 
+def add_floor(res: dict, weights: int) -> None:
+    """The bandwidth floor of one decode step: the weights and the device KV read once at 4.2 TB/s."""
+    res["floor_bytes"] = weights + res["kv_gpu_bytes"]
+    floor_ms = res["floor_bytes"] / COPY_BANDWIDTH * 1e3
+    res["floor_ms"] = round(floor_ms, 3)
+    res["x_floor"] = round(res["ms_per_token"] / floor_ms, 2)
+    res["ms_over_floor"] = round(res["ms_per_token"] - floor_ms, 3)
+
+
+def compare(lsa: dict, dense: dict) -> dict:
+    """LSA against one dense path of the same run and context (> 1: LSA better)."""
+    return {
+        "speedup": round(dense["ms_per_token"] / lsa["ms_per_token"], 2),
+        "kv_gpu_fraction": round(lsa["kv_gpu_bytes"] / dense["kv_gpu_bytes"], 4),
+        "peak_gpu_ratio": round(lsa["peak_gpu_gb"] / dense["peak_gpu_gb"], 3) if dense["peak_gpu_gb"] else None,
+        "decode_peak_gpu_ratio": round(lsa["decode_peak_gpu_gb"] / dense["decode_peak_gpu_gb"], 3) if dense["decode_peak_gpu_gb"] else None,
+        "floor_ratio": round(dense["floor_bytes"] / lsa["floor_bytes"], 2),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--contexts", default="32768,131072")
-    parser.add_argument("--steps", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--skip-dense", action="store_true")
+    parser.add_argument("--contexts", default=None, help="prompt lengths, most important first (default 131072,32768; --tiny: 8192)")
+    parser.add_argument("--steps", type=int, default=None, help="decode steps per path (default 256; --tiny: 160)")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default 32, the 8B shape; --tiny: 2)")
+    parser.add_argument("--paths", default="hf_static,runtime_dense,lsa", help="which of hf_static, runtime_dense, lsa to run")
     parser.add_argument("--lags", default="4,0", help="recall_lag values run side by side at the largest context (first: all contexts)")
-    parser.add_argument("--tiny", action="store_true", help="tiny model: checks the script itself (CPU works)")
+    parser.add_argument("--time-budget-s", type=float, default=None,
+                        help="skip the runs that would start after this many seconds (one device call is 10 minutes)")
+    parser.add_argument("--tiny", action="store_true", help="tiny model: checks the script itself on the CPU in seconds (not a measurement)")
     parser.add_argument("--out", default="benchmarks/results/e2e_decode.json")
     args = parser.parse_args()
-    env = environment()
-    model = build_model(args.layers, tiny=args.tiny)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    payload = {"benchmark": "e2e_decode", "environment": env, "layers": args.layers, "weights_bytes": weights, "steps": args.steps, "results": {}}
-    contexts = [int(c) for c in args.contexts.split(",")]
-    dense = {}
-    if not args.skip_dense:
-        for ctx in contexts:
-            prompt = torch.randint(0, model.config.vocab_size, (1, ctx), device=DEVICE)
-            dense[ctx] = dense_run(model, prompt, args.steps)
-            print("dense", ctx, dense[ctx], flush=True)
-            payload["results"][f"dense_{ctx}"] = dense[ctx]
-            write_json(args.out, payload)
+    started = time.perf_counter()
+    contexts = [int(c) for c in (args.contexts or ("8192" if args.tiny else "131072,32768")).split(",")]
+    steps = args.steps or (160 if args.tiny else 256)
+    layers = args.layers or (2 if args.tiny else 32)
+    paths = args.paths.split(",")
+    unknown = sorted(set(paths) - {"hf_static", "runtime_dense", "lsa"})
+    if unknown:
+        raise SystemExit(f"unknown --paths {unknown}; choose from hf_static, runtime_dense, lsa")
     lags = [int(x) for x in args.lags.split(",")]
-    config = LSAConfig(budget=0.135, chunk_size=64, interval=64, sink_tokens=64, recent_tokens=128, recall_lag=lags[0])
-    lsa_rewrite.convert(model, config)
-    runs = [(ctx, lags[0]) for ctx in contexts] + [(max(contexts), lag) for lag in lags[1:]]
-    for ctx, lag in runs:
-        # same conversion, another recall lag: the store reads it from the runtime's config
-        model.lsa.config = dataclasses.replace(config, recall_lag=lag)
-        prompt = torch.randint(0, model.config.vocab_size, (1, ctx), device=DEVICE)
-        res = lsa_run(model, prompt, args.steps, model.lsa.config)
-        if ctx in dense:
-            res["speedup_vs_dense"] = round(res["tokens_per_s"] / dense[ctx]["tokens_per_s"], 2)
-            res["kv_gpu_fraction_of_dense"] = round(res["kv_gpu_bytes"] / dense[ctx]["kv_gpu_bytes"], 4)
-        print("lsa", ctx, "lag", lag, res, flush=True)
-        payload["results"][f"lsa_{ctx}" if lag == lags[0] else f"lsa_{ctx}_lag{lag}"] = res
+    env = environment()
+    model = build_model(layers, tiny=args.tiny)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    embedding = model.get_input_embeddings().weight
+    lsa_config = LSAConfig(budget=0.135, chunk_size=64, interval=64, sink_tokens=64, recent_tokens=128, recall_lag=lags[0])
+    payload = {
+        "benchmark": "e2e_decode", "environment": env, "tiny": args.tiny,
+        "model": f"Llama-3-8B shape, random bf16 weights, {layers} layers" + (" (tiny: hidden 64, CPU check)" if args.tiny else ""),
+        "layers": layers, "weights_bytes": weights, "batch": 1, "steps": steps, "lsa_config": lsa_config.to_dict(),
+        "floor": (f"(weights_bytes + kv_gpu_bytes) / {COPY_BANDWIDTH / 1e12} TB/s (H200 device-to-device copy bandwidth measured here); "
+                  f"the input embedding ({embedding.numel() * embedding.element_size()} bytes) is gathered, not read, so the "
+                  f"true floor is {embedding.numel() * embedding.element_size() / COPY_BANDWIDTH * 1e3:.3f} ms lower"),
+        "skipped": [], "results": {},
+    }
+
+    def due(what: str) -> bool:
+        if args.time_budget_s is not None and time.perf_counter() - started > args.time_budget_s:
+            payload["skipped"].append(f"{what}: not started, {time.perf_counter() - started:.0f} s of the {args.time_budget_s:.0f} s budget used")
+            print("skipped", what, flush=True)
+            return False
+        return True
+
+    def record(ctx: int, name: str, res: dict) -> None:
+        add_floor(res, weights)
+        row = payload["results"].setdefault(str(ctx), {})
+        row[name] = res
+        for dense in ("hf_static", "runtime_dense"):
+            for lsa_name in [k for k in row if k.startswith("lsa")]:
+                if dense in row:
+                    row.setdefault("vs", {})[f"{lsa_name}_vs_{dense}"] = compare(row[lsa_name], row[dense])
+        if "hf_static" in row and "runtime_dense" in row:
+            row.setdefault("vs", {})["runtime_dense_vs_hf_static"] = compare(row["runtime_dense"], row["hf_static"])
+        brief = {k: v for k, v in res.items() if k not in ("windows", "footprint", "path")}
+        print(name, ctx, brief, flush=True)
+        payload["elapsed_s"] = round(time.perf_counter() - started, 1)
         write_json(args.out, payload)
-    # Concurrency at 128K: how many sequences' KV fit beside the weights (from the bytes measured above).
+
+    def prompt_of(ctx: int) -> torch.Tensor:
+        torch.manual_seed(ctx)  # the same prompt for every path at this context
+        return torch.randint(0, model.config.vocab_size, (1, ctx), device=DEVICE)
+
+    if "hf_static" in paths:
+        for ctx in contexts:
+            if due(f"hf_static {ctx}"):
+                record(ctx, "hf_static", hf_static_run(model, prompt_of(ctx), steps))
+    lsa_rewrite.convert(model, lsa_config)
+    runs = []  # (context, name, config): the largest context's three-way first, then its lag 0, then the rest
+    for i, ctx in enumerate(contexts):
+        if "runtime_dense" in paths:
+            runs.append((ctx, "runtime_dense", dataclasses.replace(lsa_config, mode="dense")))
+        if "lsa" in paths:
+            runs.append((ctx, "lsa", lsa_config))
+            if i == 0:
+                runs += [(ctx, f"lsa_lag{lag}", dataclasses.replace(lsa_config, recall_lag=lag)) for lag in lags[1:]]
+    for ctx, name, config in runs:
+        if due(f"{name} {ctx}"):
+            record(ctx, name, runtime_run(model, prompt_of(ctx), steps, config))
+    # How many sequences' KV fit beside the weights (from the bytes measured above; not allocated).
     total = torch.cuda.get_device_properties(0).total_memory if DEVICE == "cuda" else 0
     headroom = 0.9 * total - weights
     for ctx in contexts:
-        if f"lsa_{ctx}" in payload["results"] and f"dense_{ctx}" in payload["results"]:
-            lsa_seq = payload["results"][f"lsa_{ctx}"]["kv_gpu_bytes"]
-            dense_seq = payload["results"][f"dense_{ctx}"]["kv_gpu_bytes"]
-            payload["results"][f"concurrency_{ctx}"] = {
-                "dense_sequences": int(headroom // dense_seq), "lsa_sequences": int(headroom // lsa_seq),
-                "note": "KV bytes per sequence from this run; 90% of GPU memory minus weights; host mirror not counted",
-            }
+        row = payload["results"].get(str(ctx), {})
+        if headroom > 0 and row:
+            row["concurrency"] = {name: int(headroom // row[name]["kv_gpu_bytes"]) for name in ("hf_static", "runtime_dense", "lsa") if name in row}
+            row["concurrency"]["note"] = "sequences whose device KV fits in 90% of GPU memory minus weights, from this run's bytes; host mirror not counted"
+    payload["elapsed_s"] = round(time.perf_counter() - started, 1)
     write_json(args.out, payload)
+    print_table(payload)
+
+
+def print_table(payload: dict) -> None:
+    print(f"\n{'ctx':>7} {'path':<14} {'ms/tok':>8} {'tok/s':>8} {'floor':>7} {'x floor':>7} {'peak GB':>8} {'KV GB':>7}")
+    for ctx, row in payload["results"].items():
+        for name, res in row.items():
+            if isinstance(res, dict) and "ms_per_token" in res:
+                print(f"{ctx:>7} {name:<14} {res['ms_per_token']:>8.3f} {res['tokens_per_s']:>8.1f} {res['floor_ms']:>7.3f} "
+                      f"{res['x_floor']:>7.2f} {res['peak_gpu_gb']:>8.2f} {res['kv_gpu_bytes'] / 1e9:>7.3f}")
+        for name, v in row.get("vs", {}).items():
+            print(f"{ctx:>7} {name}: speedup {v['speedup']}x, KV {v['kv_gpu_fraction']:.4f}, floors {v['floor_ratio']}x")
+    if payload["skipped"]:
+        print("skipped:", payload["skipped"])
 
 
 if __name__ == "__main__":
