@@ -120,10 +120,11 @@ def test_chunk_size_not_power_of_two(chunk_size):
 
 
 def test_budget_too_small_for_sink_and_tail_says_what_to_change():
-    """On a context long enough for sparse attention to matter (a short one keeps everything resident,
-    tests/test_budgets.py)."""
+    """An int budget (an explicit number of resident tokens) too small for sink, tail and window, on a
+    context long enough for sparse attention to matter, is refused (a fraction is raised to the minimum
+    with a warning, and a short context keeps everything resident: tests/test_budgets.py)."""
     model = make_model("llama")
-    converted = lsa_rewrite.convert(copy.deepcopy(model), LSAConfig(budget=0.01, chunk_size=16, interval=16))
+    converted = lsa_rewrite.convert(copy.deepcopy(model), LSAConfig(budget=32, chunk_size=16, interval=16))
     with pytest.raises(ValueError, match="raise the budget"):
         converted.generate(torch.randint(3, 250, (1, 1800)), max_new_tokens=4)
     assert converted.lsa.store is None, "a failed prefill left a store behind"

@@ -10,6 +10,7 @@ import torch
 
 import lsa_rewrite
 from lsa_rewrite import LSAConfig
+from lsa_rewrite.runtime.policy import min_slots
 from lsa_rewrite.runtime.store import LSABudgetWarning, StoreError
 from zoo import make_model
 
@@ -53,9 +54,25 @@ def test_short_prompt_with_the_readme_budget_keeps_everything_and_says_so(llama)
     assert note is not None and "budget 0.25" in note
 
 
+def test_a_fraction_too_small_for_sink_and_tail_keeps_the_minimum_and_says_so(llama):
+    """A fraction that leaves fewer chunks than sink + tail + window need on a context long enough for
+    sparse attention: the fewest chunks that work stay resident (sparse, not dense), with one warning."""
+    ids = torch.randint(3, 250, (1, 1500), generator=torch.Generator().manual_seed(3))
+    config = LSAConfig(budget=0.02, chunk_size=16, interval=16, sink_tokens=16, recent_tokens=64, recall_lag=0)
+    converted = lsa_rewrite.convert(copy.deepcopy(llama), config)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        converted.generate(ids, max_new_tokens=4, do_sample=False)
+    budget_warnings = [w for w in caught if issubclass(w.category, LSABudgetWarning)]
+    assert len(budget_warnings) == 1 and "are kept resident instead" in str(budget_warnings[0].message)
+    store = converted.lsa.store
+    assert store.slots == min_slots(config) < store.num_chunks and not store.all_resident
+    assert "budget 0.02" in lsa_rewrite.footprint(converted)["budget_note"]
+
+
 def test_long_context_with_a_budget_too_small_is_still_refused(llama):
-    """Where sparse attention would matter (sink + tail + window well under half the context), a budget
-    that cannot hold them is an error naming the fields to change, not a silent dense cache."""
+    """Where sparse attention would matter (sink + tail + window well under half the context), an int
+    budget (an explicit token count) that cannot hold them is an error naming the fields to change."""
     ids = torch.randint(3, 250, (1, 1500), generator=torch.Generator().manual_seed(2))
     converted = lsa_rewrite.convert(copy.deepcopy(llama), LSAConfig(budget=64, chunk_size=16, interval=16, sink_tokens=16, recent_tokens=64))
     with pytest.raises(StoreError, match="raise the budget"):

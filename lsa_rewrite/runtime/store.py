@@ -291,6 +291,16 @@ class KVStore:
             )
             warnings.warn(self.budget_note, LSABudgetWarning, stacklevel=4)
             return n
+        if slots < need and isinstance(cfg.budget, float):
+            # A fraction too small for this context's always-resident chunks: the fewest chunks that work
+            # (sink, tail, window), with one warning; an int budget is an explicit size and is refused.
+            self.budget_note = (
+                f"budget {cfg.budget!r} leaves {max(slots, 0)} resident chunks of {c} tokens for a {self.capacity}-token context, "
+                f"fewer than sink_tokens={cfg.sink_tokens}, recent_tokens={cfg.recent_tokens}, interval={cfg.interval} and "
+                f"recall_lag={cfg.lag} need; {need} chunks ({need * c / self.capacity:.1%} of the context) are kept resident instead"
+            )
+            warnings.warn(self.budget_note, LSABudgetWarning, stacklevel=4)
+            return need
         if slots < need:
             raise StoreError(
                 f"budget {cfg.budget!r} leaves {max(slots, 0)} resident chunks of {c} tokens per sequence for a "

@@ -15,7 +15,8 @@ import torch
 
 import lsa_rewrite.kernels  # noqa: F401  (registers torch.ops.lsa.*)
 from lsa_rewrite.config import LSAConfig
-from lsa_rewrite.runtime.store import ChunkLayer, KVStore, LayerSpec, RingLayer, StoreError
+from lsa_rewrite.runtime.policy import min_slots
+from lsa_rewrite.runtime.store import ChunkLayer, KVStore, LayerSpec, LSABudgetWarning, RingLayer, StoreError
 
 OPS = torch.ops.lsa
 C = 8  # chunk_size in every test here
@@ -237,13 +238,22 @@ def test_budget_covering_the_context_keeps_every_chunk_resident(overrides):
     check_chunk_index(store, hist)
 
 
-@pytest.mark.parametrize("budget", [16, 32, 0.2], ids=["int-2-slots", "int-4-slots", "float"])
+@pytest.mark.parametrize("budget", [16, 32], ids=["int-2-slots", "int-4-slots"])
 def test_budget_too_small_for_sink_recent_interval(budget):
     with pytest.raises(StoreError) as err:
         KVStore([FULL], config(budget=budget), batch=1, capacity=512)
     message = str(err.value)
     for part in ("sink_tokens=8", "recent_tokens=8", "interval=4", "raise the budget"):
         assert part in message
+
+
+def test_a_fraction_too_small_for_sink_recent_interval_takes_the_minimum():
+    cfg = config(budget=0.2)
+    with pytest.warns(LSABudgetWarning, match="are kept resident instead") as caught:
+        store = KVStore([FULL], cfg, batch=1, capacity=512)
+    assert len(caught) == 1 and store.slots == min_slots(cfg) < store.num_chunks
+    for part in ("sink_tokens=8", "recent_tokens=8", "interval=4"):
+        assert part in store.budget_note
 
 
 def test_valid_start_must_match_the_batch():
