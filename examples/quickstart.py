@@ -59,9 +59,10 @@ def main() -> None:
     ids = passkey_prompt(tokenizer, filler=args.filler, key=args.key)
 
     config = LSAConfig(
-        budget=args.budget, chunk_size=args.chunk_size, interval=args.interval, sink_tokens=16, recent_tokens=64, recall_lag=args.recall_lag
+        budget=args.budget, chunk_size=args.chunk_size, interval=args.interval, sink_tokens=16, recent_tokens=64, recall_lag=args.recall_lag,
+        selector="indexer" if args.indexer else "query-aware",
     )
-    converted = lsa_rewrite.convert(copy.deepcopy(model), config)
+    converted = lsa_rewrite.convert(copy.deepcopy(model), config, indexer=args.indexer)
 
     results = {"prompt_tokens": ids.shape[1], "budget": args.budget, "key": args.key}
     for name, m in (("dense", model), ("lsa", converted)):

@@ -7,6 +7,10 @@ Public API:
 - ``footprint(model)``: resident KV bytes against a dense cache.
 - ``from_pretrained(path)``: load a directory written by a converted model's ``save_pretrained``
   (or ``lsa-rewrite convert``) and convert it with the saved settings; returns ``(model, tokenizer)``.
+- ``calibrate(model, tokenizer, out_dir, ...)`` and ``train_indexer(dump, ...)``: record a calibration
+  dump, then train the lookahead indexer from it alone (``lsa_rewrite.indexer``).
+- ``backend(config, *, indexer=None)``: a ``torch.compile`` backend that converts the model it
+  compiles (``torch.compile(model, backend="lsa")`` is the default ``LSAConfig()``).
 
 Example::
 
@@ -16,6 +20,7 @@ Example::
     >>> lsa_rewrite.footprint(model)["ratio"] <= 0.25
     >>> model.save_pretrained("model-lsa")            # dense weights + lsa_config.json
     >>> model, tokenizer = lsa_rewrite.from_pretrained("model-lsa")
+    >>> model.forward = torch.compile(model.forward, backend=lsa_rewrite.backend(LSAConfig(budget=0.25)))
 """
 
 import sys
@@ -30,7 +35,10 @@ from .session import LSASession
 
 # The conversion entry points import transformers (HF adapter); they load on first use, so that
 # `lsa_rewrite.indexer` (backbone-free training) imports in a process without transformers.
-_LAZY = {"convert": "convert", "footprint": "convert", "inspect_model": "convert", "from_pretrained": "pretrained"}
+_LAZY = {
+    "convert": "convert", "footprint": "convert", "inspect_model": "convert", "from_pretrained": "pretrained", "backend": "backend",
+    "calibrate": "indexer.calibrate", "train_indexer": "indexer.train",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -57,7 +65,7 @@ class _Package(types.ModuleType):
 sys.modules[__name__].__class__ = _Package
 
 __all__ = [
-    "KVStore", "LSABudgetWarning", "LSAConfig", "LSASession", "PerLayerSelector", "SelectionWindow", "Selector", "StoreError", "convert", "footprint",
-    "from_pretrained", "inspect_model",
+    "KVStore", "LSABudgetWarning", "LSAConfig", "LSASession", "PerLayerSelector", "SelectionWindow", "Selector", "StoreError", "backend", "calibrate",
+    "convert", "footprint", "from_pretrained", "inspect_model", "train_indexer",
 ]
 __version__ = "0.1.0"
