@@ -8,14 +8,18 @@ called and how the prompt's KV reaches the store, and drive the session through 
 ``finish_prefill`` and ``decode``; the session never asks which adapter drives it.
 
 An adapter provides: ``windows`` (sliding-window layers ``{layer: window}``), ``capture(batch)``
-(trace one decode step for that batch, or raise ``ValueError`` when it cannot), ``default_capacity()``
-and ``install(session)``.
+(trace one decode step for that batch, or raise ``ValueError`` when it cannot), ``default_capacity()``,
+``install(session)``, and ``expect_dense_prefill(args, kwargs, capacity=...)``: the torch.compile
+backend (``lsa_rewrite.backend``) converts a model during its first call, which then runs the model's
+own code; the adapter keeps what that call was given (``DensePrefill``) and, at the next decode call,
+adopts the KV cache it filled into a new store.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
@@ -43,6 +47,30 @@ def build_program(
     program = build_decode_program(step, model, chunk_size=config.chunk_size, layer_windows=windows, indexer_layers=indexer_layers)
     check_program_inputs(program.store_keys, {s.layer: s.layout for s in program.sites})
     return program
+
+
+@dataclass
+class DensePrefill:
+    """A prefill that ran the model's own code (the first call of a ``torch.compile(backend="lsa")`` model).
+
+    ``length``: prompt tokens it was given (None when unknown); ``last_token``: step inputs of its last
+    token, for the probe (None when unknown: the first selection then waits for decode step 1);
+    ``capacity``: tokens the store must hold (``generate()``'s final length, None when unknown).
+    The adapter calls ``done()`` once the prefill is adopted or a new prefill supersedes it.
+    """
+
+    length: int | None = None
+    last_token: dict[str, torch.Tensor] | None = None
+    capacity: int | None = None
+    on_done: Callable[[], None] | None = None  # run once the prefill is adopted or superseded (the backend's cleanup)
+
+    def done(self) -> None:
+        if self.on_done is not None:
+            self.on_done()
+
+    def probe_inputs(self, length: int) -> dict[str, torch.Tensor] | None:
+        """The last prompt token's step inputs, when this prefill is the one that left ``length`` tokens."""
+        return self.last_token if self.length == length else None
 
 
 class LSASession:
@@ -122,13 +150,16 @@ class LSASession:
         self.store = previous if previous is not None and not previous.retired else None
         store.abandon("its prefill failed")
 
-    def finish_prefill(self, store: KVStore, length: int, last_token: dict[str, torch.Tensor]) -> None:
+    def finish_prefill(self, store: KVStore, length: int, last_token: dict[str, torch.Tensor] | None) -> None:
         """The prompt's KV is in the store: place the first resident set and select with real queries.
 
-        ``last_token``: step inputs of the last prompt token (the probe re-runs the step on it).
+        ``last_token``: step inputs of the last prompt token (the probe re-runs the step on it); None
+        when they are unknown (a dense prefill adopted without them): the first decode step then runs
+        over the first resident set (sink + newest chunks) and the first selection before step 1.
         """
         store.finish_prefill(length)
-        store.probe(lambda: self.step(last_token, store))
+        if last_token is not None:
+            store.probe(lambda: self.step(last_token, store))
 
     # -- decode -------------------------------------------------------------------------------
     def decode(self, inputs: dict[str, torch.Tensor], store: KVStore) -> torch.Tensor:

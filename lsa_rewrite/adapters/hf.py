@@ -4,12 +4,19 @@ The decode step is traced with the model's own ``StaticCache`` (or ``DynamicCach
 runs the model's own attention with an ``LSACache`` that hands each layer's KV to the store; decode
 calls run the session's rewritten step. ``generate()`` works unchanged (it is wrapped only to learn
 the final length the store must hold).
+
+A one-token decode call whose cache is a transformers cache (``DynamicCache``, ``StaticCache``) that
+already holds a prompt, such as the first, dense call of a ``torch.compile(backend="lsa")`` model
+leaves, is adopted: that KV goes into a new store as a prefill's would, the dense cache is emptied,
+and decoding goes on with an ``LSACache`` (returned in the output's cache field, as after a prefill).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
+import typing
 from typing import Any
 
 import torch
@@ -18,7 +25,7 @@ from ..config import LSAConfig
 from ..hf_cache import LSACache
 from ..runtime.store import StoreError
 from ..passes import AttentionSite, Binding, CapturedStep, capture_step, locate
-from ..session import model_device_dtype
+from ..session import DensePrefill, model_device_dtype
 
 _CAPTURE_PREFILL = 2  # tokens run through the capture cache before the traced decode step
 _STATIC_CAPTURE_LEN = 8  # capture-cache length: small, the rewritten graph never reads it
@@ -81,6 +88,7 @@ class HFAdapter:
         self.windows = hf_layer_windows(model.config)
         self.output_type: type | None = None  # the model's output class, learnt at the first prefill
         self.cache_field: str = self.cache_kw  # the output field that carries the cache
+        self.dense_prefill: DensePrefill | None = None  # a first call that runs the model's own code (backend)
 
     # -- tracing ------------------------------------------------------------------------------
     def capture(self, batch: int) -> CapturedStep:
@@ -128,6 +136,9 @@ class HFAdapter:
         signature = inspect.signature(original)
         original_generate = model.generate
 
+        # Dynamo must not trace the wrapper (host-side bookkeeping) when the model runs under
+        # torch.compile: the decode step it runs is already a compiled graph.
+        @torch._dynamo.disable
         @functools.wraps(original)
         def forward(*args, **kwargs):
             return self.call(session, original, signature, *args, **kwargs)
@@ -155,6 +166,14 @@ class HFAdapter:
             raise ValueError("a converted model serves decoding; compute losses on the original model")
         if kwargs.get("use_cache") is False:
             raise ValueError("a converted model always decodes from its KV store; call it without use_cache=False")
+        if cache is not None and not isinstance(cache, LSACache) and int(cache.get_seq_length()) > 0:
+            if input_ids.shape[1] != 1:
+                raise ValueError(
+                    f"a converted model keeps its KV in the LSA store; got a {type(cache).__name__} that already holds tokens "
+                    f"with {input_ids.shape[1]} new ones. It adopts such a cache only at a one-token decode call right after "
+                    "the dense prefill that filled it; otherwise start without a cache (generate() makes its own)"
+                )
+            cache = self.adopt(session, kwargs, cache)
         if isinstance(cache, LSACache) and cache.store.length:
             store = cache.store
             if input_ids.shape[0] != store.batch:
@@ -166,8 +185,7 @@ class HFAdapter:
                 position_ids = (store.length - store.valid_start).view(-1, 1)
             logits = session.decode({"input_ids": input_ids, "position_ids": position_ids[:, -1:]}, store)
             return self.output_type(logits=logits, **{self.cache_field: cache})
-        if cache is not None and not isinstance(cache, LSACache) and cache.get_seq_length() > 0:
-            raise ValueError(f"a converted model keeps its KV in the LSA store; got a {type(cache).__name__} that already holds tokens")
+        self._drop_dense_prefill()  # a converted prefill supersedes a dense one that was never adopted
         batch, length = input_ids.shape
         valid_start = left_padding(kwargs.get("attention_mask"), batch, length)
         previous = session.store
@@ -190,6 +208,122 @@ class HFAdapter:
         out[self.cache_field] = lsa_cache
         return out
 
+
+    # -- a dense prefill (torch.compile backend) ----------------------------------------------
+    def expect_dense_prefill(self, args: tuple, kwargs: dict, *, capacity: int | None = None) -> None:
+        """The model's own code is about to prefill ``model(*args, **kwargs)`` (the backend's first call):
+        keep its last token for the probe and the length ``generate()`` will reach, for the adoption."""
+        try:
+            bound = inspect.signature(self.forward).bind(*args, **kwargs).arguments
+        except TypeError:
+            bound = {}
+        ids, pos = bound.get("input_ids"), bound.get("position_ids")
+        last = None
+        if isinstance(ids, torch.Tensor) and ids.dim() == 2:
+            last = {"input_ids": ids[:, -1:]}
+            if isinstance(pos, torch.Tensor) and pos.dim() == 2 and pos.shape == ids.shape:
+                last["position_ids"] = pos[:, -1:]
+        self.dense_prefill = DensePrefill(length=ids.shape[1] if last else None, last_token=last, capacity=capacity)
+
+    def _drop_dense_prefill(self) -> None:
+        pending, self.dense_prefill = self.dense_prefill, None
+        if pending is not None:
+            pending.done()
+
+    def adopt(self, session, kwargs: dict, cache) -> LSACache:
+        """Move the prompt a transformers cache holds (a dense prefill's) into a new store; returns its ``LSACache``.
+
+        As a prefill into the store would: the store is sized by ``start_prefill``, takes every
+        layer's KV, places the first resident set and probes with the last prompt token (when the
+        dense prefill ran through ``torch.compile(backend="lsa")``, which keeps it). The dense cache
+        is emptied. Checked before anything changes: a refused cache is left as it was.
+        """
+        input_ids = kwargs["input_ids"]
+        batch = input_ids.shape[0]
+        length = int(cache.get_seq_length())
+        layers = self._dense_layers(session, cache, batch, length)
+        valid_start = self._held_padding(kwargs.get("attention_mask"), batch, length)
+        pending = self.dense_prefill or DensePrefill()
+        previous, pending_capacity = session.store, session.pending_capacity
+        session.pending_capacity = pending_capacity or pending.capacity
+        try:
+            store = session.start_prefill(batch, prompt_len=length, valid_start=valid_start)
+        finally:
+            session.pending_capacity = pending_capacity
+        try:
+            with torch.no_grad():
+                for i, (layer, held) in enumerate(layers):
+                    k, v = layer.keys[..., :held, :], layer.values[..., :held, :]
+                    if held < length:  # a sliding-window layer keeps only its last tokens; earlier ones are never read
+                        pad = (0, 0, length - held, 0)
+                        k, v = torch.nn.functional.pad(k, pad), torch.nn.functional.pad(v, pad)
+                    store.ingest(i, k, v)
+                last = pending.probe_inputs(length)
+                if last is not None and "position_ids" not in last:
+                    last = {**last, "position_ids": (length - 1 - store.valid_start).view(-1, 1)}
+                session.finish_prefill(store, length, last)
+        except BaseException:
+            session.abort_prefill(store, previous)
+            raise
+        self._drop_dense_prefill()
+        for layer, _ in layers:  # the dense KV now lives in the store
+            layer.keys = layer.values = None
+            layer.is_initialized = False
+            layer.reset()
+        if self.output_type is None:
+            self.output_type, self.cache_field = _output_type(type(self.model), self.cache_kw)
+        return LSACache(store, self.num_layers)
+
+    def _held_padding(self, mask: Any, batch: int, length: int) -> list[int]:
+        """Left padding of the ``length`` held tokens, read from a decode call's ``attention_mask``: 2D
+        (``[B, length + 1]``, as ``generate()`` passes it), or the 4D mask (or ``{attention type: mask}``)
+        that ``generate()`` builds for a ``StaticCache`` (its last query row: True or 0 where attended)."""
+        if isinstance(mask, dict):
+            mask = mask.get("full_attention")
+        elif isinstance(mask, torch.Tensor) and mask.dim() == 4 and len(self.windows) == self.num_layers and length >= min(self.windows.values()):
+            mask = None  # a sliding-window mask: its first attended key is the window's, not the padding's
+        else:
+            mask = mask if mask is not None else torch.ones(batch, length, dtype=torch.long)
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            return left_padding(mask[:, :length] if mask.shape[-1] == length + 1 else mask, batch, length)
+        if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[0] == batch and mask.shape[-1] >= length:
+            row = mask[:, 0, -1, :length]
+            return left_padding((row if row.dtype == torch.bool else row == 0).long(), batch, length)
+        raise ValueError(
+            f"cannot adopt this cache: the left padding of its {length} tokens cannot be read from this attention_mask; "
+            "pass a 2D attention_mask [batch, held + new tokens], or generate() with the default DynamicCache"
+        )
+
+    def _dense_layers(self, session, cache, batch: int, length: int) -> list[tuple[Any, int]]:
+        """``(layer, tokens it holds)`` for every layer of a dense cache, checked against the model."""
+        from transformers.cache_utils import CacheLayerMixin
+
+        layers = list(getattr(cache, "layers", None) or [])
+        if len(layers) != self.num_layers or not all(isinstance(layer, CacheLayerMixin) for layer in layers):
+            raise ValueError(
+                f"cannot adopt this {type(cache).__name__}: it has {len(layers)} attention cache layers for a model of "
+                f"{self.num_layers} layers; pass the cache the model's own prefill filled, or start without one"
+            )
+        sites = {s.layer: s for s in session.sites}
+        out = []
+        for i, layer in enumerate(layers):
+            keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+            if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor) or keys.dim() != 4:
+                raise ValueError(f"cannot adopt this {type(cache).__name__}: its layer {i} holds no KV tensors")
+            held = min(length, keys.shape[-2])
+            window = self.windows.get(i)
+            needed = length if window is None else min(length, window - 1)
+            site = sites.get(i)
+            expected = (batch, site.kv_heads, site.head_dim) if site is not None else (batch, keys.shape[1], keys.shape[-1])
+            found = (keys.shape[0], keys.shape[1], keys.shape[-1])
+            if held < needed or found != expected or values.shape != keys.shape:
+                raise ValueError(
+                    f"cannot adopt this {type(cache).__name__}: layer {i} holds {held} of the {length} tokens as "
+                    f"[batch, kv heads, head dim] = {list(found)}, the model needs {needed} as {list(expected)}; "
+                    "it was not filled by this model's prefill of this batch"
+                )
+            out.append((layer, held))
+        return out
 
     def continue_prefill(self, session, original, kwargs: dict, cache: LSACache):
         """A later turn: prefill only the new tokens, attending exactly to the whole history (``hf_cache``).
@@ -234,6 +368,21 @@ class HFAdapter:
         field = next((k for k, v in out.items() if v is extension), self.cache_field)
         out[field] = cache
         return out
+
+
+def _output_type(model_class: type, cache_kw: str) -> tuple[type, str]:
+    """The output class ``model_class.forward`` declares and its cache field (before any converted prefill ran)."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    try:
+        declared = typing.get_type_hints(model_class.forward).get("return")
+    except Exception:  # unresolvable annotations: fall back to the common class
+        declared = None
+    options = [declared, *typing.get_args(declared)]
+    output = next((t for t in options if isinstance(t, type) and dataclasses.is_dataclass(t) and "logits" in {f.name for f in dataclasses.fields(t)}), CausalLMOutputWithPast)
+    names = {f.name for f in dataclasses.fields(output)}
+    field = next((n for n in (cache_kw, "cache", "past_key_values") if n in names), cache_kw)
+    return output, field
 
 
 def _check_generation(model, kwargs) -> None:

@@ -5,6 +5,10 @@ buffers written by index assignment. ``install`` releases those buffers (a conve
 hold the dense cache); each prefill re-creates them, runs the model's own forward, moves the KV to the
 store and releases them again. A decode call (one token, at the next position) runs the session's
 rewritten step.
+
+Under ``torch.compile(model, backend="lsa")`` the first call (the prefill) runs the model's own code:
+the backend converts the model, puts the cache buffers back for that call (``expect_dense_prefill``),
+and the next decode call adopts what the prefill wrote into them, then releases them.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import torch
 
 from ..config import LSAConfig
 from ..passes import AttentionSite, CapturedStep, CaptureError, LocateError, capture_step, locate
-from ..session import model_device_dtype
+from ..session import DensePrefill, model_device_dtype
 
 _CAPTURE_POS = 2  # position of the traced decode step
 
@@ -40,6 +44,7 @@ class PlainDecoderAdapter:
         self.cache_buffers: dict[str, tuple[torch.Size, torch.dtype, torch.device]] = {}
         self.sites: list[AttentionSite] = []
         self.batch: int | None = None  # the batch its cache buffers were set up for (found by tracing)
+        self.dense_prefill: DensePrefill | None = None  # a first call that runs the model's own code (backend)
 
     # -- tracing ------------------------------------------------------------------------------
     def capture(self, batch: int) -> CapturedStep:
@@ -132,14 +137,34 @@ class PlainDecoderAdapter:
         self.set_cache_buffers(materialize=False)
         original = self.model.forward
 
+        # Dynamo must not trace the wrapper (host-side bookkeeping) when the model runs under
+        # torch.compile: the decode step it runs is already a compiled graph.
+        @torch._dynamo.disable
         @functools.wraps(original)
         def forward(*args, **kwargs):
             return self.call(session, original, *args, **kwargs)
 
         self.model.forward = forward
 
+    def expect_dense_prefill(self, args: tuple, kwargs: dict, *, capacity: int | None = None) -> None:
+        """The model's own code is about to prefill ``model(*args, **kwargs)`` (the backend's first call):
+        give it its cache buffers back, and keep its last token for the probe at the adoption."""
+        self.set_cache_buffers(materialize=True)
+        ids, pos = (list(args) + [None, None])[:2]
+        last = None
+        if isinstance(ids, torch.Tensor) and isinstance(pos, torch.Tensor) and ids.dim() == 2 and pos.dim() == 1:
+            last = {"input_ids": ids[:, -1:], "input_pos": pos[-1:]}
+        self.dense_prefill = DensePrefill(length=ids.shape[1] if last else None, last_token=last, capacity=capacity)
+
     def call(self, session, original, input_ids: torch.Tensor, input_pos: torch.Tensor, *args, **kwargs):
         batch, length = input_ids.shape
+        if self.dense_prefill is not None:
+            if length == 1 and int(input_pos[0]) > 0:
+                store = self.adopt(session, batch, int(input_pos[0]))
+                return session.decode({"input_ids": input_ids, "input_pos": input_pos}, store)
+            if int(input_pos[0]) == 0:  # a new prefill: the dense one is not needed any more
+                self._drop_dense_prefill()
+                self.set_cache_buffers(materialize=False)
         store = session.store
         decoding = store is not None and store.length and length == 1 and not (input_pos.device.type == "cpu" and int(input_pos[0]) == 0)
         if decoding:
@@ -156,12 +181,7 @@ class PlainDecoderAdapter:
         try:
             with torch.no_grad():
                 logits = original(input_ids, input_pos, *args, **kwargs)
-                for site in self.sites:
-                    k = buffers[self.buffer_name(site.k_source)].narrow(site.seq_dim, 0, length)
-                    v = buffers[self.buffer_name(site.v_source)].narrow(site.seq_dim, 0, length)
-                    if site.seq_dim == 1:  # [B, T, H, D] -> [B, H, T, D]
-                        k, v = k.transpose(1, 2), v.transpose(1, 2)
-                    store.ingest(site.layer, k, v)
+                self._ingest(store, buffers, length)
         except BaseException:
             session.abort_prefill(store, previous)
             raise
@@ -169,3 +189,47 @@ class PlainDecoderAdapter:
             self.set_cache_buffers(materialize=False)
         session.finish_prefill(store, length, {"input_ids": input_ids[:, -1:], "input_pos": input_pos[-1:]})
         return logits
+
+    def _ingest(self, store, buffers: dict[str, torch.Tensor], length: int) -> None:
+        """Every rewritten layer's first ``length`` tokens of the cache buffers into the store."""
+        for site in self.sites:
+            k = buffers[self.buffer_name(site.k_source)].narrow(site.seq_dim, 0, length)
+            v = buffers[self.buffer_name(site.v_source)].narrow(site.seq_dim, 0, length)
+            if site.seq_dim == 1:  # [B, T, H, D] -> [B, H, T, D]
+                k, v = k.transpose(1, 2), v.transpose(1, 2)
+            store.ingest(site.layer, k, v)
+
+    def adopt(self, session, batch: int, length: int):
+        """The decode call after a dense prefill (the backend's first call): what that prefill wrote into
+        the cache buffers (positions ``0..length-1``) goes into a new store as a prefill's would; the
+        buffers are released. Checked before anything changes: a refused call leaves the prefill adoptable."""
+        if batch != self.batch:
+            raise ValueError(f"this plain decoder holds a batch of {self.batch} sequences; got input_ids for a batch of {batch}")
+        pending = self.dense_prefill
+        if pending.length is not None and length != pending.length:
+            raise ValueError(
+                f"decode position {length} does not follow the {pending.length}-token prefill that ran before it; "
+                "positions must advance by one"
+            )
+        buffers = {name: self.model.get_buffer(name) for name in self.cache_buffers}
+        previous, pending_capacity = session.store, session.pending_capacity
+        session.pending_capacity = pending_capacity or pending.capacity
+        try:
+            store = session.start_prefill(batch, prompt_len=length, valid_start=[0] * batch)
+        finally:
+            session.pending_capacity = pending_capacity
+        try:
+            with torch.no_grad():
+                self._ingest(store, buffers, length)
+            session.finish_prefill(store, length, pending.probe_inputs(length))
+        except BaseException:
+            session.abort_prefill(store, previous)
+            raise
+        self._drop_dense_prefill()
+        self.set_cache_buffers(materialize=False)
+        return store
+
+    def _drop_dense_prefill(self) -> None:
+        pending, self.dense_prefill = self.dense_prefill, None
+        if pending is not None:
+            pending.done()
