@@ -25,6 +25,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(
@@ -99,7 +100,7 @@ def inspect_cmd(
 def _fail(console: Console, exc: BaseException, debug: bool) -> None:
     if debug:
         raise exc
-    console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+    console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -118,6 +119,8 @@ def calibrate_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="dump directory to write (resumed when it holds an unfinished dump)"),
     chunk_size: int = typer.Option(16, help="tokens per chunk the indexer scores (a power of two, 16-64)"),
     interval: int = typer.Option(16, help="lookahead window: decode steps between selections"),
+    sink_tokens: int = typer.Option(16, help="always-resident first tokens (left out of the labels: no selector picks them)"),
+    recent_tokens: int = typer.Option(32, help="always-resident recent tail (left out of the labels too)"),
     documents: list[Path] = typer.Option(None, "--documents", help=".txt/.jsonl files or directories (default: built-in texts and tasks)"),
     target_layers: str = typer.Option(None, help="comma-separated sparsely attended layers (default: 3 over the depth)"),
     windows: int = typer.Option(16, help="window starts sampled per document"),
@@ -131,7 +134,7 @@ def calibrate_cmd(
 
     console = Console(stderr=True)
     try:
-        config = LSAConfig(chunk_size=chunk_size, interval=interval)
+        config = LSAConfig(chunk_size=chunk_size, interval=interval, sink_tokens=sink_tokens, recent_tokens=recent_tokens)
         layers = _layers(target_layers)
         if windows < 1:
             raise ValueError(f"--windows must be >= 1, got {windows}")
@@ -704,6 +707,51 @@ def _print_bench(rows: list[dict[str, Any]], *, title: str) -> None:
     out.print(table)
     for note in notes:
         out.print(f"note: {note}", soft_wrap=True)
+
+
+@app.command("demo")
+def demo_cmd(
+    tokens: int = typer.Option(1200, help="length of the retrieval prompt (tokens)"),
+    new_tokens: int = typer.Option(24, help="tokens to generate"),
+    plot: Path = typer.Option(Path("lsa-demo-kv.png"), help="PNG of device KV bytes against context length"),
+    no_plot: bool = typer.Option(False, "--no-plot", help="skip the plot"),
+    seed: int = typer.Option(0, help="which held-out pass-key task"),
+    as_json: bool = typer.Option(False, "--json", help="print the figures as JSON"),
+    debug: bool = typer.Option(False, "--debug", help="show the traceback on errors"),
+) -> None:
+    """Dense vs LSA on a long-context retrieval prompt with the bundled SmolLM2-135M-Instruct and its trained indexer."""
+    console = Console(stderr=True)
+    try:
+        if tokens < 256 or new_tokens < 1:
+            raise ValueError(f"--tokens must be >= 256 and --new-tokens >= 1, got {tokens} and {new_tokens}")
+        if not no_plot and plot.suffix.lower() != ".png":
+            raise ValueError(f"--plot must name a .png file, got {str(plot)!r}")
+        from .demo import run_demo
+
+        with console.status("starting") as status:
+            result = run_demo(tokens=tokens, new_tokens=new_tokens, seed=seed, plot=None if no_plot else plot, progress=status.update)
+    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as exc:
+        _fail(console, exc, debug)
+    if as_json:
+        json.dump(result, sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+        return
+    task = result["task"]
+    table = Table(title=f"{result['model']}: pass key {task['answer']} in a {task['prompt_tokens']}-token prompt")
+    for column in ("", "answer", "correct", "device KV", "decode tok/s"):
+        table.add_column(column, justify="left" if column in ("", "answer") else "right")
+    dense, lsa = result["dense"], result["lsa"]
+    table.add_row("dense", dense["reply"].strip(), "yes" if dense["correct"] else "no", f"{dense['kv_bytes'] / 2**20:.1f} MiB (100%)",
+                  f"{dense['decode_tokens_per_s']:.1f}")
+    table.add_row("LSA", lsa["reply"].strip(), "yes" if lsa["correct"] else "no",
+                  f"{lsa['kv_bytes'] / 2**20:.1f} MiB ({lsa['kv_ratio']:.1%})", f"{lsa['decode_tokens_per_s']:.1f}")
+    Console().print(table)
+    console.print(
+        f"LSA: budget {result['config']['_data']['budget']} resident tokens (13.5% of the prompt + 48-token sink and tail), "
+        f"indexer {result['indexer']}; the full history ({lsa['mirror_bytes'] / 2**20:.1f} MiB) stays in the CPU mirror"
+    )
+    if "plot" in result:
+        console.print(f"wrote {result['plot']}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -68,11 +68,14 @@ def hf(one_thread):
 # -- HF ----------------------------------------------------------------------------------------
 
 
-def test_hf_multi_token_decode(hf):
-    def misuse(last, cache):
-        hf.model(input_ids=torch.cat([last, last], 1), **hf.decode_kwargs(cache))
+def test_hf_later_turn_with_a_mask_of_the_new_tokens_only(hf):
+    """Several tokens on a held cache continue the conversation (tests/test_multiturn.py); a mask that
+    covers only the new tokens, not the history, is refused before anything changes."""
 
-    hf.check_untouched(misuse, match="one token per call")
+    def misuse(last, cache):
+        hf.model(input_ids=torch.cat([last, last], 1), attention_mask=torch.ones(1, 2, dtype=torch.long), **hf.decode_kwargs(cache))
+
+    hf.check_untouched(misuse, match="cover the whole conversation")
 
 
 def test_hf_labels(hf):

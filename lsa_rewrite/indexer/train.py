@@ -36,6 +36,7 @@ from .metrics import BUDGETS, SelectionMetrics, query_aware_scores, random_score
 from .model import IndexerConfig, LSAIndexer, apply_rope, default_rank, lsa_fields
 
 LOSSES = ("bce", "focal")
+TRAINABLE = ("all", "heads")
 FOCAL_GAMMA = 2.0
 TRAIN_SPLIT, HELDOUT_SPLIT = "train", "heldout"
 CACHE_BYTES = 1 << 30  # dumps up to this size are read once and kept in memory
@@ -60,6 +61,7 @@ def train_indexer(
     weight_decay: float = 0.0,
     top_p: float | None = None,
     min_layers: int | None = None,
+    trainable: str = "all",
     progress: bool = True,
 ) -> tuple[LSAIndexer, dict[str, Any]]:
     """Train an indexer on a calibration dump; returns it and its held-out metrics.
@@ -145,7 +147,13 @@ def train_indexer(
     loss_fn = _make_loss(loss, pos_weight)
     steps_per_epoch = math.ceil(train.count / batch_windows)
     total = epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(indexer.parameters(), lr=lr, weight_decay=weight_decay)
+    if trainable not in TRAINABLE:
+        raise ValueError(f"trainable must be one of {TRAINABLE}, got {trainable!r}")
+    if trainable == "heads":  # the query projection stays the model's own (from its W_q); the rest learns
+        for t in indexer.layers:
+            for name in ("down", "norm", "up"):
+                getattr(t, name).requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in indexer.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
     cosine = lambda step: 0.1 + 0.45 * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))  # noqa: E731  (1 -> 0.1)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
 
@@ -188,6 +196,7 @@ def train_indexer(
         "batch_windows": batch_windows,
         "seed": seed,
         "label": label,
+        "trainable": trainable,
         "rank": config.rank,
         "init": init,
         "parameters": indexer.num_parameters(),
