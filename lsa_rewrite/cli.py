@@ -172,6 +172,7 @@ def train_cmd(
     device: str = typer.Option("cpu", help="cpu or cuda"),
     top_p: float = typer.Option(None, "--top-p", help="golden-label nucleus per layer (default: the dump's)"),
     min_layers: int = typer.Option(None, "--min-layers", help="golden-label layer vote (default: the dump's)"),
+    trainable: str = typer.Option("all", help="all, or heads (the query projection stays the model's own)"),
     as_json: bool = typer.Option(False, "--json", help="print the held-out metrics as JSON"),
     debug: bool = typer.Option(False, "--debug", help="show the traceback on errors"),
 ) -> None:
@@ -188,12 +189,15 @@ def train_cmd(
             raise ValueError(f"--top-p must be in (0, 1], got {top_p}")
         if min_layers is not None and min_layers < 1:
             raise ValueError(f"--min-layers must be >= 1, got {min_layers}")
+        if trainable not in ("all", "heads"):
+            raise ValueError(f"--trainable must be all or heads, got {trainable!r}")
         if not dump.is_dir():
             raise FileNotFoundError(f"no calibration dump at {str(dump)!r}: pass the directory `lsa-rewrite calibrate --out` wrote")
         from .indexer import train_indexer
 
         _, metrics = train_indexer(
-            dump, out=out, epochs=epochs, lr=lr, loss=loss, rank=rank, seed=seed, device=device, top_p=top_p, min_layers=min_layers
+            dump, out=out, epochs=epochs, lr=lr, loss=loss, rank=rank, seed=seed, device=device, top_p=top_p, min_layers=min_layers,
+            trainable=trainable,
         )
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         _fail(console, exc, debug)

@@ -162,6 +162,28 @@ def test_training_is_deterministic_under_a_seed(planted):
     assert not torch.equal(other.layers[0].down, a.layers[0].down)
 
 
+def test_trainable_heads_keeps_the_query_projection_and_learns_the_rest(planted):
+    weights = true_query_weights()
+    start, _ = train_indexer(planted, epochs=0, init_weights=weights, progress=False)
+    heads, metrics = train_indexer(planted, epochs=1, batch_windows=8, init_weights=weights, trainable="heads", progress=False)
+    for a, b in zip(start.layers, heads.layers):
+        assert torch.equal(a.down, b.down) and torch.equal(a.up, b.up) and torch.equal(a.norm, b.norm)
+        assert not torch.equal(a.head_weight, b.head_weight)
+    assert metrics["train"]["trainable"] == "heads"
+    with pytest.raises(ValueError, match="trainable"):
+        train_indexer(planted, epochs=0, trainable="query", progress=False)
+
+
+def test_relabelling_with_another_rule_changes_the_golden_rate(planted):
+    _, default = train_indexer(planted, epochs=0, progress=False)
+    _, wide = train_indexer(planted, epochs=0, top_p=0.9, min_layers=1, progress=False)
+    assert default["train"]["label"]["from"] == "the dump's labels"
+    assert wide["train"]["label"] == {
+        "rule": "nucleus", "top_p": 0.9, "min_layers": 1, "exclude": "always-resident", "from": "recomputed from the recorded masses"
+    }
+    assert wide["heldout"]["golden_rate"] > default["heldout"]["golden_rate"]
+
+
 def test_init_from_query_weights_or_recorded_queries(planted, planted_with_queries):
     weights = true_query_weights()
     _, m1 = train_indexer(planted, epochs=0, init_weights=weights, progress=False)
