@@ -123,7 +123,7 @@ def calibrate_cmd(
     recent_tokens: int = typer.Option(32, help="always-resident recent tail (left out of the labels too)"),
     documents: list[Path] = typer.Option(None, "--documents", help=".txt/.jsonl files or directories (default: built-in texts and tasks)"),
     target_layers: str = typer.Option(None, help="comma-separated sparsely attended layers (default: 3 over the depth)"),
-    windows: int = typer.Option(16, help="window starts sampled per document"),
+    windows: int = typer.Option(6, help="window starts sampled per document (tasks add 3 at their reply)"),
     max_tokens: int = typer.Option(None, help="cut documents to this many tokens (default: the model's maximum)"),
     seed: int = typer.Option(0, help="seeds documents, window starts and the held-out split"),
     fresh: bool = typer.Option(False, "--fresh", help="delete an existing dump in --out instead of resuming it"),

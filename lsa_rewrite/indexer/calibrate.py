@@ -554,7 +554,7 @@ def calibrate(
     config: LSAConfig | None = None,
     documents: Iterable[Document | Task | str | os.PathLike] | None = None,
     target_layers: Sequence[int] | None = None,
-    windows_per_document: int = 16,
+    windows_per_document: int = 6,
     heldout_fraction: float = 0.15,
     max_tokens: int | None = None,
     chat: bool | None = None,
@@ -573,7 +573,7 @@ def calibrate(
             the lookahead window. ``None``: ``LSAConfig()``.
         documents: ``Document``, ``Task`` (rendered with the chat template when ``chat`` allows), ``str``
             (a text) or paths (``.txt``/``.jsonl`` files or directories). ``None``: 18 built-in standard-
-            library texts and 30 calibration tasks of 1K-4K tokens (``default_documents``).
+            library texts of 1K-2K tokens and 120 calibration tasks of 0.8K-1.6K tokens (``default_documents``).
         target_layers: layers whose query-side inputs and key bounds are recorded; sparsely attended ones.
             ``None``: 3 spread over the depth (``default_target_layers``).
         windows_per_document: windows sampled per document; the last one always ends at the document's

@@ -623,10 +623,16 @@ def heldout_tasks(
 
 
 def default_documents(
-    tokenizer: Any, *, texts: int = 18, tasks: int = 30, min_tokens: int = 1024, max_tokens: int = 4096,
-    seed: int = 0, chat: bool | None = None,
+    tokenizer: Any, *, texts: int = 12, tasks: int = 120, min_tokens: int = 1024, max_tokens: int = 2048,
+    task_tokens: tuple[int, int] | None = (800, 1600), seed: int = 0, chat: bool | None = None,
 ) -> list[Document]:
     """What ``calibrate`` runs over by default: built-in texts and calibration tasks, interleaved.
+
+    Texts of ``min_tokens``-``max_tokens`` tokens; tasks of ``task_tokens`` (``None``: the texts' range).
+    Many short tasks rather than a few long ones: what the indexer must learn to find (the chunk an
+    answer is read from) shows up once per task, in the windows at its reply, so the number of tasks,
+    not their length, is what it generalises from (on SmolLM2, 120 tasks gave held-out answer-window
+    golden recall 0.92 at 13.5% where 30 gave 0.73; docs/indexer.md).
 
     Example::
 
@@ -634,10 +640,11 @@ def default_documents(
         >>> len(docs)
         8
     """
+    lo, hi = task_tokens if task_tokens is not None else (min_tokens, max_tokens)
     real = builtin_documents(tokenizer, min_tokens=min_tokens, max_tokens=max_tokens, count=texts, seed=seed)
     synthetic = [
         t.to_document(tokenizer, chat=chat)
-        for t in calibration_tasks(tokenizer, count=tasks, min_tokens=min_tokens, max_tokens=max_tokens, seed=seed)
+        for t in calibration_tasks(tokenizer, count=tasks, min_tokens=lo, max_tokens=hi, seed=seed)
     ]
     out: list[Document] = []
     for i in range(max(len(real), len(synthetic))):

@@ -132,7 +132,7 @@ def test_builtin_documents_are_long_real_texts_in_range():
 
 
 def test_default_documents_mix_texts_and_tasks():
-    docs = default_documents(TOK, texts=3, tasks=3, min_tokens=400, max_tokens=600, seed=0)
+    docs = default_documents(TOK, texts=3, tasks=3, min_tokens=400, max_tokens=600, task_tokens=None, seed=0)
     assert [d.source.split(":")[0] for d in docs] == ["stdlib", "task"] * 3
     assert all(d.meta["seed"] in CALIBRATION_SEEDS for d in docs if d.source.startswith("task"))
 
