@@ -168,8 +168,41 @@ def run(device: str = "cuda", *, prompt: int = 768, new_tokens: int = 48, models
             except Exception as exc:  # a failed check is reported with the others
                 row.update(error=f"{type(exc).__name__}: {exc}", ok=False)
             rows.append(row)
+        rows.append(_multiturn_exact(model, long_ids[:1].to(device), name))
         model.to("cpu")
     return rows
+
+
+def _multiturn_exact(model, prompt, name: str) -> dict[str, Any]:
+    """A later turn on the cache of a sparse generation (multi-turn over the mirror): with only the prompt
+    in the store (one new token, never fed back), the new tokens' prefill logits must equal a dense
+    forward over the whole conversation, read back from pool + mirror."""
+    import inspect
+
+    import lsa_rewrite
+    from lsa_rewrite import LSAConfig
+
+    row: dict[str, Any] = {"model": name, "check": "multi-turn exact prefill"}
+    try:
+        config = LSAConfig(budget=192, chunk_size=16, interval=16, sink_tokens=16, recent_tokens=32, recall_lag=1)
+        sparse = lsa_rewrite.convert(copy.deepcopy(model), config)
+        kw = "cache" if "cache" in inspect.signature(type(sparse).forward).parameters else "past_key_values"
+        first = sparse.generate(prompt, max_new_tokens=1, do_sample=False, return_dict_in_generate=True)
+        cache = first.cache if getattr(first, "cache", None) is not None else first.past_key_values
+        n = prompt.shape[1]
+        follow = torch.randint(3, 250, (1, 24), generator=torch.Generator().manual_seed(2)).to(prompt.device)
+        new = torch.cat([first.sequences[:, n:], follow], 1)
+        with torch.no_grad():
+            ours = sparse(input_ids=new, position_ids=torch.arange(n, n + new.shape[1], device=prompt.device)[None], use_cache=True, **{kw: cache}).logits
+            dense = model(input_ids=torch.cat([first.sequences, follow], 1)).logits[:, -new.shape[1]:]
+            step = sparse(input_ids=ours[:, -1:].argmax(-1), use_cache=True, **{kw: cache}).logits
+        store = sparse.lsa.store
+        diff = float((ours.float() - dense.float()).abs().max())
+        row.update(max_abs_diff=diff, tokens=store.length, sparse=store.slots < store.num_chunks, next_step_finite=bool(step.isfinite().all()))
+        row["ok"] = diff <= REFERENCE_TOL * 10 and row["sparse"] and row["next_step_finite"] and store.length == n + new.shape[1] + 1
+    except Exception as exc:  # reported with the other checks
+        row.update(error=f"{type(exc).__name__}: {exc}", ok=False)
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
