@@ -66,6 +66,11 @@ class LSAConfig:
             only ``recall_lag`` steps later, after the copy is done. 0 waits for the copies at the
             selection. ``None``: ``interval // 16`` (4 for the default interval of 64). Must be
             below ``interval``; the chunks kept resident cover ``interval + recall_lag`` tokens ahead.
+        fallback_budget: the needle fallback (``selector="indexer"`` only): when more chunks score above
+            the indexer's threshold than ``budget`` holds (the indexer is unsure, as on exact needle
+            lookups), a selection keeps up to this many instead (same units as ``budget``; >= it). The
+            pool is allocated at this size, so ``footprint()`` counts it; ``footprint()["widened"]``
+            counts the layer-sequence selections that widened. ``None``: off.
         seed: seed of the ``"random"`` selector.
         compile: on CUDA, compile the decode step with Inductor and replay it as a CUDA graph
             (on the CPU the rewritten graph always runs as a ``GraphModule``).
@@ -87,6 +92,7 @@ class LSAConfig:
     max_context: int | None = None
     capture_cache: str = "static"
     recall_lag: int | None = None
+    fallback_budget: float | int | None = None
     seed: int = 0
     compile: bool = True
     version: int = 1
@@ -122,6 +128,20 @@ class LSAConfig:
                 f"recall_lag must be None or an int in [0, interval={self.interval}) (decode steps a recall may take "
                 f"before its chunks join the table), got {self.recall_lag!r}"
             )
+        fallback = self.fallback_budget
+        if fallback is not None:
+            if isinstance(fallback, bool) or not isinstance(fallback, (int, float)) or type(fallback) is not type(budget):
+                raise ValueError(
+                    f"fallback_budget must be None or of the same kind as budget ({type(budget).__name__}: a fraction or a "
+                    f"token count), got {fallback!r}"
+                )
+            if fallback < budget or (isinstance(fallback, float) and fallback > 1.0):
+                raise ValueError(f"fallback_budget={fallback!r} must be >= budget={budget!r} (and <= 1.0 as a fraction)")
+            if self.selector != "indexer":
+                raise ValueError(
+                    f"fallback_budget widens past the budget when the indexer's threshold passes more chunks than it holds; "
+                    f"it needs selector='indexer', got selector={self.selector!r}"
+                )
         if self.capture_cache not in CAPTURE_CACHES:
             raise ValueError(f"capture_cache must be one of {CAPTURE_CACHES}, got {self.capture_cache!r}")
         if not isinstance(self.compile, bool):

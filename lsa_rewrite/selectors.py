@@ -20,6 +20,7 @@ around another selector.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol, Sequence, runtime_checkable
 
@@ -133,6 +134,13 @@ class IndexerSelector:
 
     def __init__(self, indexer):
         self.indexer = indexer.eval()
+
+    @property
+    def threshold_score(self) -> float:
+        """The score above which a chunk passes the indexer's threshold (the needle fallback counts
+        them): its logit under the ``max`` ensemble (scores are logits), the probability under ``mean``."""
+        p = float(self.indexer.config.threshold)
+        return math.log(p / (1.0 - p)) if self.indexer.config.ensemble == "max" else p
 
     def scores(self, layers: Sequence[LayerState], window: SelectionWindow) -> Tensor:
         by_layer = {layer.spec.layer: layer for layer in layers}

@@ -39,10 +39,14 @@ class SelectionPolicy:
 
     def __init__(
         self, config: LSAConfig, selector: Selector, *, batch: int, slots: int, num_chunks: int, capacity: int,
-        valid_start: list[int], device: torch.device,
+        valid_start: list[int], device: torch.device, base_slots: int | None = None,
     ):
         self.config, self.selector = config, selector
         self.batch, self.slots, self.num_chunks, self.capacity = batch, slots, num_chunks, capacity
+        # The needle fallback: a selection keeps base_slots chunks, up to slots when more chunks pass the
+        # selector's threshold than base_slots holds (LSAConfig.fallback_budget).
+        self.base_slots = slots if base_slots is None else base_slots
+        self.widened = torch.zeros((), dtype=torch.long, device=device)  # layer-sequence selections that widened
         self.valid_start, self.device = list(valid_start), device
         self.chunk, self.lag = config.chunk_size, config.lag
 
@@ -79,7 +83,18 @@ class SelectionPolicy:
         gone = blocked if self.config.mode != "evict" else blocked | ~available  # dropped chunks
         scores = scores.nan_to_num(nan=-torch.finfo(torch.float32).max).masked_fill(gone, -torch.inf)
         values, ids = scores.masked_fill(must, torch.inf).topk(k, dim=2)  # sorted: must-keep first
-        return ids.masked_fill(values == -torch.inf, -1)
+        ids = ids.masked_fill(values == -torch.inf, -1)
+        base = min(self.base_slots, n)
+        if base < k:
+            threshold = getattr(self.selector, "threshold_score", None)
+            keep = torch.full(ids.shape[:2], base, dtype=torch.long, device=ids.device)
+            if threshold is not None:
+                # Chunks above the threshold beyond the budget: widen up to the ceiling (the fallback).
+                passing = ((scores > threshold) & ~must & ~gone).sum(-1) + must.sum(-1)  # [L, B]
+                self.widened += (passing > base).sum()
+                keep = passing.clamp(min=base, max=k)
+            ids = ids.masked_fill(torch.arange(k, device=ids.device) >= keep.unsqueeze(-1), -1)
+        return ids
 
     def first_resident(self, length: int) -> Tensor:
         """``[B, S]`` chunk ids resident right after a prefill of ``length`` tokens: must-keep, then the newest."""

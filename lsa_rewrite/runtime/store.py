@@ -178,6 +178,9 @@ class KVStore:
         chunk_specs = [s for s in specs if s.window is None]
         self.budget_note: str | None = None  # why the budget was not applied as asked (see _plan_slots)
         self.slots = self._plan_slots(chunk_specs)
+        self.base_slots = self.slots  # what a selection keeps unless the needle fallback widens it
+        if config.fallback_budget is not None and self.slots < self.num_chunks:
+            self.slots = max(self.slots, self._plan_slots(chunk_specs, budget=config.fallback_budget))
         self.all_resident = self.slots >= self.num_chunks
         mirrored = not self.all_resident
         shapes = {s.layer: ((batch, self.num_chunks, self.chunk, s.kv_heads, s.head_dim), s.dtype) for s in chunk_specs}
@@ -205,7 +208,7 @@ class KVStore:
             self.layers[spec.layer] = layer
         self.selector = selector if selector is not None else make_selector(config.selector, seed=config.seed)
         self.policy = SelectionPolicy(
-            config, self.selector, batch=batch, slots=self.slots, num_chunks=self.num_chunks, capacity=capacity,
+            config, self.selector, batch=batch, slots=self.slots, num_chunks=self.num_chunks, capacity=capacity, base_slots=self.base_slots,
             valid_start=self.valid_start_host, device=device,
         )
         self.length = 0  # tokens held per sequence (physical, left padding included)
@@ -258,12 +261,13 @@ class KVStore:
             self._predecessor = None
 
     # -- sizing -------------------------------------------------------------------------------
-    def _plan_slots(self, chunk_specs: list[LayerSpec]) -> int:
+    def _plan_slots(self, chunk_specs: list[LayerSpec], *, budget: float | int | None = None) -> int:
         cfg, n, c = self.config, self.num_chunks, self.chunk
+        budget = cfg.budget if budget is None else budget
         if cfg.mode == "dense" or not chunk_specs:
             return n
-        if isinstance(cfg.budget, int):
-            slots = math.ceil(cfg.budget / c)
+        if isinstance(budget, int):
+            slots = math.ceil(budget / c)
         else:
             # Byte budget per sequence: pool + index + tables + query and indexer taps + the manager's
             # planned table and availability map + (recall_lag > 0) the tables a pending recall
@@ -273,29 +277,29 @@ class KVStore:
             for s in chunk_specs:
                 es = torch.empty((), dtype=s.dtype).element_size()
                 kv_token = 2 * s.kv_heads * s.head_dim * es
-                allowed += cfg.budget * self.capacity * kv_token
+                allowed += budget * self.capacity * kv_token
                 taps = s.q_heads * s.head_dim + (s.indexer_hidden + 2 * (s.indexer_rotary or s.head_dim) if s.indexer_hidden else 0)
                 fixed += n * kv_token + n * 8 * (1 + pending) + n + taps * es
                 pool_chunk += c * kv_token + 8 + 8 + 8 * pending
             slots = math.floor((allowed - fixed) / pool_chunk)
-        if slots >= n or (isinstance(cfg.budget, float) and cfg.budget >= 1.0):
+        if slots >= n or (isinstance(budget, float) and budget >= 1.0):
             return n  # the budget covers the context: everything resident, the dense outputs
         need = min_slots(cfg)
         if slots < need and 2 * need >= n:
             # A short context: sink, tail and window alone are half of it or more, so sparse attention
             # saves little; keep everything resident rather than refuse, and say so once.
             self.budget_note = (
-                f"budget {cfg.budget!r} cannot hold sink_tokens={cfg.sink_tokens}, recent_tokens={cfg.recent_tokens} and "
+                f"budget {budget!r} cannot hold sink_tokens={cfg.sink_tokens}, recent_tokens={cfg.recent_tokens} and "
                 f"interval={cfg.interval} ({need} chunks of {c}) beside a selection for a {self.capacity}-token context; "
                 "every chunk is kept resident (the dense KV footprint)"
             )
             warnings.warn(self.budget_note, LSABudgetWarning, stacklevel=4)
             return n
-        if slots < need and isinstance(cfg.budget, float):
+        if slots < need and isinstance(budget, float):
             # A fraction too small for this context's always-resident chunks: the fewest chunks that work
             # (sink, tail, window), with one warning; an int budget is an explicit size and is refused.
             self.budget_note = (
-                f"budget {cfg.budget!r} leaves {max(slots, 0)} resident chunks of {c} tokens for a {self.capacity}-token context, "
+                f"budget {budget!r} leaves {max(slots, 0)} resident chunks of {c} tokens for a {self.capacity}-token context, "
                 f"fewer than sink_tokens={cfg.sink_tokens}, recent_tokens={cfg.recent_tokens}, interval={cfg.interval} and "
                 f"recall_lag={cfg.lag} need; {need} chunks ({need * c / self.capacity:.1%} of the context) are kept resident instead"
             )
@@ -303,7 +307,7 @@ class KVStore:
             return need
         if slots < need:
             raise StoreError(
-                f"budget {cfg.budget!r} leaves {max(slots, 0)} resident chunks of {c} tokens per sequence for a "
+                f"budget {budget!r} leaves {max(slots, 0)} resident chunks of {c} tokens per sequence for a "
                 f"{self.capacity}-token context, but sink_tokens={cfg.sink_tokens}, recent_tokens={cfg.recent_tokens}, "
                 f"interval={cfg.interval} and recall_lag={cfg.lag} need {need}; raise the budget, or lower "
                 "sink_tokens/recent_tokens/interval/recall_lag"
@@ -512,7 +516,7 @@ class KVStore:
 
     def device_tensors(self) -> list[Tensor]:
         """Every tensor the store holds on the device: the graph's inputs and the manager's state."""
-        out = [getattr(self, t.name) for t in STORE_STATE] + self.mover.device_tensors()
+        out = [getattr(self, t.name) for t in STORE_STATE] + self.mover.device_tensors() + [self.policy.widened]
         for layer in self.layers.values():
             out.extend(layer.device_tensors().values())
         return out
@@ -548,6 +552,8 @@ class KVStore:
             "tokens": self.length,
             "capacity_tokens": self.capacity,
             "slots_per_sequence": self.slots,
+            "base_slots_per_sequence": self.base_slots,
+            "widened": int(self.policy.widened),
             "selections": self.selections,
             "budget_note": self.budget_note,
         }
