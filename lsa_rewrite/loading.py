@@ -98,6 +98,26 @@ def _load_gguf(path: Path, *, dtype: torch.dtype) -> tuple[nn.Module, object]:
 
     # The GGUF loader takes the directory and the file name separately.
     directory, name = path.parent, path.name
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=dtype, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name, local_files_only=True)
+    try:
+        _check_gguf(path)
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=dtype, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name, local_files_only=True)
+    except (ValueError, OSError, KeyError, IndexError, EOFError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(
+            f"{path} is not a readable GGUF checkpoint ({first}); it may be truncated or corrupt: download it again "
+            "(or check its size against the source)"
+        ) from exc
     return model, tokenizer
+
+
+def _check_gguf(path: Path) -> None:
+    """Refuse a GGUF file whose tensor data runs past its end (a truncated download) before loading it."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))  # reads the header and the tensor table; raises on a cut-off table
+    size = path.stat().st_size
+    for tensor in reader.tensors:
+        end = int(tensor.data_offset) + int(tensor.n_bytes)
+        if end > size:
+            raise ValueError(f"tensor {tensor.name!r} ends at byte {end:,} but the file has {size:,}")

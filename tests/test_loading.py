@@ -60,3 +60,12 @@ def test_gguf_without_models_extra_says_how_to_install(tmp_path, monkeypatch):
     )
     with pytest.raises(ImportError, match=r"\['gguf'\].*pip install \"lsa-rewrite\[models\]\""):
         load_model(gguf_file)
+
+
+def test_a_truncated_gguf_is_one_clear_error(smollm2_path, tmp_path):
+    """A cut-off download: one ValueError naming the file and what to do, not a reader traceback."""
+    cut = tmp_path / "SmolLM2-cut.gguf"
+    with open(smollm2_path, "rb") as f:
+        cut.write_bytes(f.read(5_000_000))
+    with pytest.raises(ValueError, match=r"SmolLM2-cut.gguf is not a readable GGUF checkpoint .*truncated or corrupt"):
+        load_model(cut)
