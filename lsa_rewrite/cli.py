@@ -494,6 +494,85 @@ def generate_cmd(
     _print_footprint(console, footprint, dense=dense, tokens=tokens, seconds=seconds)
 
 
+@app.command("chat")
+def chat_cmd(
+    model_path: Path = typer.Argument(..., metavar="MODEL", help="HF model directory, .gguf file, or a converted directory"),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="tokens per reply at most (greedy)"),
+    budget: str = BUDGET,
+    chunk_size: int = CHUNK_SIZE,
+    interval: int = INTERVAL,
+    sink_tokens: int = SINK_TOKENS,
+    recent_tokens: int = RECENT_TOKENS,
+    selector: str = SELECTOR,
+    mode: str = MODE,
+    indexer: Path = INDEXER,
+    dtype: str = DTYPE,
+    device: str = DEVICE,
+    debug: bool = DEBUG,
+) -> None:
+    """Interactive chat with MODEL converted: each turn prefills only the new message into the same store
+    (the history stays exact in the CPU mirror); an empty line or end of input ends it."""
+    console = Console(stderr=True)
+    options = dict(budget=budget, chunk_size=chunk_size, interval=interval, sink_tokens=sink_tokens, recent_tokens=recent_tokens, selector=selector, mode=mode)
+    try:
+        if max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+        torch_dtype, torch_device = _dtype(dtype), _device(device)
+        config, loaded = _lsa_settings(model_path, options, indexer)
+        if config is not None and config.mode == "evict":
+            raise ValueError("--mode evict drops chunks, so a later turn could not attend to the history; use offload for chat")
+        _check_tokenizer(model_path)
+        from .pretrained import from_pretrained
+
+        with _quiet_transformers(), console.status(f"loading and converting {model_path.name}"):
+            model, tokenizer = from_pretrained(model_path, config=config, indexer=loaded, dtype=torch_dtype, device=torch_device)
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"{str(model_path)!r} has no tokenizer with a chat template; use `lsa-rewrite generate` instead")
+    except (ValueError, OSError, ImportError, RuntimeError) as exc:
+        _fail(console, exc, debug)
+    messages: list[dict[str, str]] = []
+    out = None
+    while True:
+        try:
+            text = input("you> ")
+        except EOFError:
+            break
+        if not text.strip():
+            break
+        try:
+            ids, new = _chat_turn(tokenizer, messages, text, out, torch_device)
+            reply, out, seconds = _generate(model, tokenizer, ids, max_new_tokens=max_new_tokens, stream=True, cache=out)
+        except (ValueError, RuntimeError) as exc:
+            _fail(console, exc, debug)
+        messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+        tokens = int(out.sequences.shape[1] - ids.shape[1])
+        console.print(f"[dim]({new} new prompt tokens prefilled)[/dim]", soft_wrap=True)
+        _print_footprint(console, _footprint(model, out), dense=False, tokens=tokens, seconds=seconds)
+
+
+def _chat_turn(tokenizer, messages: list[dict[str, str]], text: str, out, device):
+    """The whole conversation's token ids for the next reply: the previous ``generate()`` output (kept
+    as it is, so its cache lines up) followed by what the chat template puts after the last reply
+    (end of that turn, the new user turn, the generation prompt). Returns (ids, new token count)."""
+    import torch
+
+    if out is None:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+        return ids.to(device), int(ids.shape[1])
+    marker = "\x00LSA-REPLY\x00"
+    rendered = tokenizer.apply_chat_template(
+        messages[:-1] + [{"role": "assistant", "content": marker}, {"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+    )
+    suffix = rendered.split(marker, 1)[1]
+    last = int(out.sequences[0, -1])
+    eos = tokenizer.eos_token_id if isinstance(tokenizer.eos_token_id, list) else [tokenizer.eos_token_id]
+    if last in eos:  # the reply already ended its turn with the end-of-turn token the template would add
+        ended = tokenizer.decode([last])
+        suffix = suffix[len(ended):] if suffix.startswith(ended) else suffix
+    new = tokenizer(suffix, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
+    return torch.cat([out.sequences, new], 1), int(new.shape[1])
+
+
 def _encode(tokenizer, prompt: str, *, chat: bool, source: Path):
     if not chat:
         return tokenizer(prompt, return_tensors="pt")["input_ids"]
@@ -503,8 +582,9 @@ def _encode(tokenizer, prompt: str, *, chat: bool, source: Path):
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
 
 
-def _generate(model, tokenizer, ids, *, max_new_tokens: int, stream: bool):
-    """Greedy generation of one reply; returns (reply text, generate() output, seconds)."""
+def _generate(model, tokenizer, ids, *, max_new_tokens: int, stream: bool, cache=None):
+    """Greedy generation of one reply (continuing ``cache``'s conversation when given, a previous
+    ``generate()`` output); returns (reply text, generate() output, seconds)."""
     import warnings
 
     import torch
@@ -516,8 +596,14 @@ def _generate(model, tokenizer, ids, *, max_new_tokens: int, stream: bool):
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LSABudgetWarning)  # footprint()["budget_note"] says it, once, in the summary
+        extra = {}
+        if cache is not None:
+            import inspect as _inspect
+
+            held = cache.cache if getattr(cache, "cache", None) is not None else cache.past_key_values
+            extra["cache" if "cache" in _inspect.signature(type(model).forward).parameters else "past_key_values"] = held
         out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, streamer=streamer, **_generate_kwargs(model, tokenizer)
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, streamer=streamer, **_generate_kwargs(model, tokenizer), **extra
         )
     seconds = time.perf_counter() - start
     reply = tokenizer.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True)

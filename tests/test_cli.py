@@ -320,3 +320,18 @@ def test_debug_shows_the_traceback(tiny, tmp_path):
     result = run("convert", tiny, "-o", tmp_path / "out", "--budget", "abc", "--debug")
     assert result.exit_code == 1
     assert isinstance(result.exception, ValueError) and "--budget must be a fraction" in str(result.exception)
+
+
+def test_chat_keeps_the_store_across_turns(converted):
+    """Interactive chat: the second turn prefills only its new tokens into the same conversation."""
+    result = CliRunner().invoke(app, ["chat", str(converted), "--max-new-tokens", "6"], input=f"{PROMPT}\nand the key again?\n\n")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("you> ") == 3  # two turns, then the empty line ends it
+    news = [int(part.split(" new prompt tokens")[0].split("(")[-1]) for part in result.stderr.split("\n") if "new prompt tokens prefilled" in part]
+    assert len(news) == 2 and news[1] < news[0] / 4, news
+    assert result.stderr.count("LSA KV on device") == 2
+
+
+def test_chat_refuses_evict_mode_before_loading(converted):
+    result = run("chat", converted, "--mode", "evict")
+    assert result.exit_code == 2 and "use offload for chat" in result.output
