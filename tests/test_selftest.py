@@ -9,9 +9,12 @@ from lsa_rewrite import selftest
 
 def test_selftest_passes_on_cpu():
     rows = selftest.run("cpu", prompt=320, new_tokens=20, models=("llama",))
-    assert [r["check"] for r in rows] == ["covering", "sparse lag 0", "sparse lag 1", "sparse lag 4", "sparse lag 4 indexer"]
+    assert [r["check"] for r in rows] == [
+        "covering", "sparse lag 0", "sparse lag 1", "sparse lag 4", "sparse lag 4 indexer", "multi-turn exact prefill"
+    ]
     assert all(r["ok"] for r in rows), rows
-    assert all(r["recalled_chunks"] > 0 and r["recall_checked"] > 0 for r in rows[1:])
+    assert all(r["recalled_chunks"] > 0 and r["recall_checked"] > 0 for r in rows[1:-1])
+    assert rows[-1]["sparse"] and rows[-1]["max_abs_diff"] <= 1e-4
 
 
 def test_selftest_reports_a_corrupted_recall(monkeypatch):
