@@ -411,6 +411,8 @@ def _make_loss(kind: str, pos_weight: float | None):
             p_true = p * target + (1 - p) * (1 - target)
             per_chunk = per_chunk * (1 - p_true).pow(FOCAL_GAMMA)
         m = mask[:, None].expand_as(logits)
+        if not bool(m.any()):  # every chunk of the batch is always resident: nothing to learn from it
+            return (logits * 0).sum()
         return per_chunk.masked_select(m).mean()
 
     return loss_fn

@@ -268,3 +268,14 @@ def test_training_runs_where_transformers_cannot_be_imported(planted, tmp_path):
     assert result["loaded"] == [], result
     assert 0.0 <= result["recall"] <= 1.0
     assert out.is_file()
+
+
+def test_a_batch_of_always_resident_chunks_only_gives_a_zero_loss():
+    from lsa_rewrite.indexer.train import _make_loss
+
+    logits = torch.randn(2, 3, 4, requires_grad=True)
+    for kind in ("bce", "focal"):
+        value = _make_loss(kind, None)(logits, torch.zeros(2, 4), torch.zeros(2, 4, dtype=torch.bool))
+        assert value.item() == 0.0
+        value.backward()  # still a graph: training steps on such a batch do nothing
+        assert torch.isfinite(logits.grad).all()
