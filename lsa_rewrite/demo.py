@@ -62,18 +62,33 @@ def _dense_kv_bytes(model: torch.nn.Module, tokens: int) -> int:
     return cfg.num_hidden_layers * 2 * heads * head_dim * tokens * es
 
 
+class _Clock:
+    """A ``generate()`` streamer that timestamps each new token (the first ``put`` is the prompt)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.calls = 0
+
+    def put(self, value) -> None:
+        self.calls += 1
+        if self.calls > 1:
+            self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
 def _generate(model, ids: torch.Tensor, new_tokens: int, tokenizer) -> tuple[str, float]:
-    """Greedy reply and decode tokens/s (the prefill is timed apart: one generate of one token)."""
-    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    """Greedy reply and decode tokens/s: the tokens after the first over the time since the first
+    (the prefill, which yields the first token, is not counted)."""
+    clock = _Clock()
     with torch.no_grad():
-        started = time.perf_counter()
-        model.generate(ids, max_new_tokens=1, **kwargs)
-        prefill = time.perf_counter() - started
-        started = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=new_tokens, **kwargs)
-        total = time.perf_counter() - started
-    steps = out.shape[1] - ids.shape[1] - 1
-    speed = steps / max(total - prefill, 1e-9) if steps > 0 else 0.0
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=tokenizer.eos_token_id,
+            max_new_tokens=new_tokens, streamer=clock,
+        )
+    t = clock.times
+    speed = (len(t) - 1) / (t[-1] - t[0]) if len(t) > 1 and t[-1] > t[0] else 0.0
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True), speed
 
 
