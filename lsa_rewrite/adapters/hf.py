@@ -191,18 +191,7 @@ class HFAdapter:
         previous = session.store
         store = session.start_prefill(batch, prompt_len=length, valid_start=valid_start)
         lsa_cache = LSACache(store, self.num_layers)
-        kwargs[self.cache_kw] = lsa_cache
-        kwargs["use_cache"] = True
-        try:
-            with torch.no_grad():
-                out = original(**kwargs)
-        except BaseException:
-            session.abort_prefill(store, previous)
-            raise
-        position_ids = kwargs.get("position_ids")
-        if position_ids is None:
-            position_ids = (length - 1 - store.valid_start).view(-1, 1)
-        session.finish_prefill(store, length, {"input_ids": input_ids[:, -1:], "position_ids": position_ids[:, -1:]})
+        out = self._prefill(session, original, kwargs, lsa_cache, previous, length)
         self.output_type = type(out)
         self.cache_field = next((k for k, v in out.items() if v is lsa_cache), self.cache_kw)
         out[self.cache_field] = lsa_cache
@@ -325,6 +314,25 @@ class HFAdapter:
             out.append((layer, held))
         return out
 
+    def _prefill(self, session, original, kwargs: dict, lsa_cache: LSACache, previous, length: int):
+        """Run the model's own forward with ``lsa_cache`` (its layers hand their KV to the new store), then
+        the session's prefill bookkeeping (first resident set, probe) for ``length`` held tokens. A failed
+        forward drops the new store and gives ``previous`` back."""
+        store = lsa_cache.store
+        kwargs[self.cache_kw] = lsa_cache
+        kwargs["use_cache"] = True
+        try:
+            with torch.no_grad():
+                out = original(**kwargs)
+        except BaseException:
+            session.abort_prefill(store, previous)
+            raise
+        input_ids, position_ids = kwargs["input_ids"], kwargs.get("position_ids")
+        if position_ids is None:
+            position_ids = (length - 1 - store.valid_start).view(-1, 1)
+        session.finish_prefill(store, length, {"input_ids": input_ids[:, -1:], "position_ids": position_ids[:, -1:]})
+        return out
+
     def continue_prefill(self, session, original, kwargs: dict, cache: LSACache):
         """A later turn: prefill only the new tokens, attending exactly to the whole history (``hf_cache``).
 
@@ -350,18 +358,7 @@ class HFAdapter:
         previous = session.store
         store = session.start_prefill(batch, prompt_len=total, valid_start=old.valid_start_host, share_mirror=False)
         extension = LSACache(store, self.num_layers, history=old)
-        kwargs[self.cache_kw] = extension
-        kwargs["use_cache"] = True
-        try:
-            with torch.no_grad():
-                out = original(**kwargs)
-        except BaseException:
-            session.abort_prefill(store, previous)
-            raise
-        position_ids = kwargs.get("position_ids")
-        if position_ids is None:
-            position_ids = (total - 1 - store.valid_start).view(-1, 1)
-        session.finish_prefill(store, total, {"input_ids": input_ids[:, -1:], "position_ids": position_ids[:, -1:]})
+        out = self._prefill(session, original, kwargs, extension, previous, total)
         old.abandon("the conversation went on in a newer store (the cache now points at it)")
         cache.rebind(store)
         self.output_type = type(out)
