@@ -20,6 +20,17 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _check_compile_backend(name: str) -> None:
+    import torch._dynamo
+
+    known = sorted(set(torch._dynamo.list_backends(exclude_tags=())) - {"lsa"})
+    if name not in known:
+        raise ValueError(
+            f"compile={name!r} is not a torch.compile backend the decode step can use; pass True (Inductor on CUDA), "
+            f"False, or one of {known}"
+        )
+
+
 def always_resident_chunks(pos: int, *, chunk_size: int, sink_tokens: int, recent_tokens: int, valid_start: int = 0) -> list[int]:
     """Chunks of the tokens before ``pos`` that stay resident whatever a selector says: the sink
     (first ``sink_tokens`` from ``valid_start``) and the recent tail (last ``recent_tokens``, at least
@@ -72,8 +83,11 @@ class LSAConfig:
             pool is allocated at this size, so ``footprint()`` counts it; ``footprint()["widened"]``
             counts the layer-sequence selections that widened. ``None``: off.
         seed: seed of the ``"random"`` selector.
-        compile: on CUDA, compile the decode step with Inductor and replay it as a CUDA graph
-            (on the CPU the rewritten graph always runs as a ``GraphModule``).
+        compile: ``True``: on CUDA, compile the decode step with Inductor and replay it as a CUDA
+            graph; on the CPU run the rewritten graph as a ``GraphModule``. A ``torch.compile``
+            backend name (``"inductor"``, ``"aot_eager"``, ...): compile the step with that backend on
+            every device (CUDA graph on CUDA only). ``False``: never compile. Either way the step is
+            compiled once per batch size: stores of other capacities (new prompt lengths) reuse it.
 
     Example::
 
@@ -94,7 +108,7 @@ class LSAConfig:
     recall_lag: int | None = None
     fallback_budget: float | int | None = None
     seed: int = 0
-    compile: bool = True
+    compile: bool | str = True
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -144,8 +158,10 @@ class LSAConfig:
                 )
         if self.capture_cache not in CAPTURE_CACHES:
             raise ValueError(f"capture_cache must be one of {CAPTURE_CACHES}, got {self.capture_cache!r}")
-        if not isinstance(self.compile, bool):
-            raise ValueError(f"compile must be True or False, got {self.compile!r}")
+        if not isinstance(self.compile, (bool, str)):
+            raise ValueError(f"compile must be True, False or a torch.compile backend name, got {self.compile!r}")
+        if isinstance(self.compile, str):
+            _check_compile_backend(self.compile)
         if self.version != 1:
             raise ValueError(f"LSAConfig version {self.version} is not supported by this lsa-rewrite (knows version 1)")
 

@@ -1,11 +1,12 @@
 """``LSASession``: the one model-agnostic runtime a converted model carries (``model.lsa``).
 
 It owns the decode programs (one rewritten graph per batch size), the current ``KVStore`` and, on
-CUDA, the compiled step; it runs the prefill bookkeeping (new store, first resident set, probe),
-every decode step (selection when due, the step, position update). Adapters
-(``lsa_rewrite.adapters``: HF ``generate()``, a plain decoder's own loop) decide how the model is
-called and how the prompt's KV reaches the store, and drive the session through ``start_prefill``,
-``finish_prefill`` and ``decode``; the session never asks which adapter drives it.
+CUDA (or wherever ``LSAConfig.compile`` names a backend), the compiled step: compiled once per batch
+size and reused by every later store, whatever its capacity. It runs the prefill bookkeeping (new
+store, first resident set, probe) and every decode step (selection when due, the step, position
+update). Adapters (``lsa_rewrite.adapters``: HF ``generate()``, a plain decoder's own loop) decide
+how the model is called and how the prompt's KV reaches the store, and drive the session through
+``start_prefill``, ``finish_prefill`` and ``decode``; the session never asks which adapter drives it.
 
 An adapter provides: ``windows`` (sliding-window layers ``{layer: window}``), ``capture(batch)``
 (trace one decode step for that batch, or raise ``ValueError`` when it cannot), ``default_capacity()``,
@@ -90,8 +91,10 @@ class LSASession:
         self.programs: dict[int, DecodeProgram] = {program.batch: program}
         self.sites: list[AttentionSite] = program.sites
         self.store: KVStore | None = None
-        self.compiled: CompiledStep | None = None  # CUDA: the current store's compiled step
-        self.compiled_modules: dict[int, Any] = {}  # batch -> torch.compile'd decode module
+        self.compiled: CompiledStep | None = None  # the current store's compiled step (when compiling)
+        # (batch, backend) -> torch.compile'd decode module; every store of that batch reuses it (its
+        # capacity dimensions are dynamic: runtime/compiled.py), whatever the prompt length
+        self.compiled_modules: dict[tuple[int, str], Any] = {}
         self.pending_capacity: int | None = None  # set by a generation wrapper that knows its final length
 
     def report(self) -> list[dict[str, Any]]:
@@ -169,14 +172,26 @@ class LSASession:
         store.after_step()
         return logits
 
+    def compile_backend(self, device: torch.device) -> str | None:
+        """The ``torch.compile`` backend the decode step runs through on ``device`` (None: the ``GraphModule``)."""
+        choice = self.config.compile
+        if choice is True:
+            return "inductor" if device.type == "cuda" else None
+        return choice or None
+
     def step(self, inputs: dict[str, torch.Tensor], store: KVStore) -> torch.Tensor:
-        """One run of the rewritten decode step at ``store.pos`` (compiled + CUDA graph on CUDA)."""
+        """One run of the rewritten decode step at ``store.pos`` (compiled, and a CUDA graph on CUDA, per
+        ``LSAConfig.compile``)."""
         program = self.program(store.batch)
+        backend = self.compile_backend(store.device)
         with torch.no_grad():
-            if store.device.type == "cuda" and self.config.compile:
-                if self.compiled is None or self.compiled.store is not store:
-                    module = self.compiled_modules.get(store.batch)
-                    self.compiled = CompiledStep(program, store, compiled=module)
-                    self.compiled_modules[store.batch] = self.compiled.compiled
+            if backend is None:
+                return program(inputs, store)
+            if self.compiled is None or self.compiled.store is not store:
+                key = (store.batch, backend)
+                graph = store.device.type == "cuda"
+                self.compiled = CompiledStep(program, store, compiled=self.compiled_modules.get(key), cuda_graph=graph, backend=backend)
+                self.compiled_modules[key] = self.compiled.compiled
+            if self.compiled.cuda_graph:
                 return self.compiled(inputs).clone()  # the graph's output buffer is reused by the next step
-            return program(inputs, store)
+            return self.compiled(inputs)

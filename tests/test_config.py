@@ -34,8 +34,9 @@ def test_frozen():
         LSAConfig(budget=512, chunk_size=1, interval=1, mode="dense", selector="random", max_context=4096, capture_cache="dynamic"),
         LSAConfig(budget=1.0, selector="indexer"),
         LSAConfig(budget=1),
+        LSAConfig(compile="aot_eager"),
     ],
-    ids=["default", "evict", "int-budget", "float-1.0", "int-1"],
+    ids=["default", "evict", "int-budget", "float-1.0", "int-1", "compile-backend"],
 )
 def test_json_round_trip(cfg):
     text = cfg.to_json()
@@ -87,6 +88,9 @@ def test_dict_form_is_versioned():
         ("max_context", 0),
         ("max_context", 100.0),
         ("capture_cache", "paged"),
+        ("compile", 1),
+        ("compile", "no-such-backend"),
+        ("compile", "lsa"),
     ],
 )
 def test_bad_value_names_the_field(field, value):

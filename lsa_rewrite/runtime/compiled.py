@@ -1,55 +1,101 @@
-"""The decode step on CUDA: compiled by Inductor once per store shape, replayed as a CUDA graph.
+"""The compiled decode step: one ``torch.compile`` per batch size, reused by every store; on CUDA one
+CUDA graph per store.
 
-``CompiledStep`` deep-copies the rewritten graph, compiles it with ``torch.compile`` (Inductor,
-``fullgraph=True``, static shapes: the store's tensors have fixed shapes for its whole life, so the
-step never recompiles as the context grows) and captures one call in a CUDA graph whose inputs are
-the store's own tensors plus static buffers for the step inputs. Each step copies the new token and
-positions into those buffers and replays the graph: no host sync and no allocation per step.
+``compile_program`` deep-copies the rewritten graph and compiles it with ``torch.compile``
+(``fullgraph=True``, static shapes but for the store's capacity dimensions). A store's tensors keep
+their shapes for its whole life, so the step never recompiles as the context grows; across
+generations only the slots per sequence ``S`` and the chunks per sequence ``N`` change with the
+capacity (prompt + new tokens, or ``max_context``). ``CompiledStep`` marks exactly those dimensions
+dynamic (the state contract names them: ``StateTensor.capacity_dims``), so a new prompt of another
+length reuses the compiled module instead of recompiling it. Every other size (batch, heads, head dim,
+chunk size, window, the model's own) stays static, and only the ``lsa::`` custom ops read the store's
+tensors, so the code Inductor generates for the rest of the step is the same as with static shapes.
+Where a capacity dimension is 1 (a store of a single chunk), Dynamo specializes it; the next store of
+another size compiles once more, dynamically, and later stores reuse that.
 
-Capture needs the step to run a few times first (warm-up); the step is idempotent for a given
-position (it rewrites the same token's K/V at the same slot), so warming up on the first real step is
-harmless. Selection and recall stay outside the graph and only write the store's tensors in place.
+On CUDA, ``CompiledStep`` also captures one call in a CUDA graph whose inputs are the store's own
+tensors plus static buffers for the step inputs. Each step copies the new token and positions into
+those buffers and replays the graph: no host sync and no allocation per step. Capture needs the step to
+run a few times first (warm-up); the step is idempotent for a given position (it rewrites the same
+token's K/V at the same slot), so warming up on the first real step is harmless. Selection and recall
+stay outside the graph and only write the store's tensors in place. A new store captures a new graph
+(its tensors are new), which takes milliseconds once the module is compiled.
 
-Not here: CPU execution (the rewritten ``GraphModule`` runs as is there).
+Not here: whether to compile at all (``LSASession``, from ``LSAConfig.compile`` and the device).
 """
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from ..passes import DecodeProgram, clone_program
+from .state import declared
 
 
 def compile_program(program: DecodeProgram, *, backend: str = "inductor"):
-    """``torch.compile`` a deep copy of the rewritten graph (static shapes, one graph)."""
+    """``torch.compile`` a deep copy of the rewritten graph (one graph; static shapes except the
+    dimensions ``CompiledStep`` marks dynamic on the store's tensors)."""
     return torch.compile(clone_program(program).module, backend=backend, fullgraph=True, dynamic=False)
 
 
+def capacity_dims(program: DecodeProgram) -> list[tuple[int, tuple[int, ...]]]:
+    """``(index among the store inputs, dims)`` of every store input with dimensions that follow the capacity."""
+    layouts = {site.layer: site.layout for site in program.sites}
+    out = []
+    for i, (layer, name) in enumerate(program.store_keys):
+        dims = declared(None if layer is None else layouts[layer], name).capacity_dims()
+        if dims:
+            out.append((i, dims))
+    return out
+
+
 class CompiledStep:
-    """One store's compiled, graph-captured decode step: ``step(inputs) -> logits`` (a static buffer)."""
+    """One store's compiled (and on CUDA graph-captured) decode step: ``step(inputs) -> logits``.
+
+    ``compiled``: a module from ``compile_program`` for the same program, shared across stores;
+    ``cuda_graph``: capture and replay one CUDA graph (CUDA only); the returned logits are then a
+    static buffer the next step overwrites. ``setup_s``: wall seconds of the first call (compiling, when
+    the module had not run yet, warm-up and capture), None before it.
+    """
 
     def __init__(self, program: DecodeProgram, store, *, compiled=None, cuda_graph: bool = True, backend: str = "inductor"):
         self.program = program
         self.store = store
-        # A compiled module is reused across stores of the same shapes (Dynamo guards on shapes).
         self.compiled = compiled if compiled is not None else compile_program(program, backend=backend)
         self.cuda_graph = cuda_graph
         self.static_inputs: dict[str, torch.Tensor] | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.output: torch.Tensor | None = None
+        self.setup_s: float | None = None
+        for i, dims in capacity_dims(program):
+            layer, name = program.store_keys[i]
+            # maybe_: a size-1 dimension may be specialized (see the module docstring) instead of failing the compile
+            torch._dynamo.maybe_mark_dynamic(store.tensor(layer, name), dims)
 
     def _args(self) -> list[torch.Tensor]:
+        # Looked up at each call, not held: a retired store's buffers must be freed with it.
         assert self.static_inputs is not None
         args = [self.static_inputs[name] for name in self.program.input_names]
         return args + [self.store.tensor(layer, name) for layer, name in self.program.store_keys]
 
     def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.static_inputs is None:
-            self.static_inputs = {name: inputs[name].clone() for name in self.program.input_names}
+        first = self.static_inputs is None
+        if first:
+            started = time.perf_counter()
+            # Fresh contiguous buffers: a clone keeps the strides of a view (the probe's last prompt token is
+            # a [B, 1] slice with the prompt's length as its stride), and Dynamo guards on strides.
+            self.static_inputs = {
+                name: torch.empty_like(inputs[name], memory_format=torch.contiguous_format) for name in self.program.input_names
+            }
         for name in self.program.input_names:
             self.static_inputs[name].copy_(inputs[name], non_blocking=True)
         if not self.cuda_graph:
-            return self.compiled(*self._args())
+            out = self.compiled(*self._args())
+            if first:
+                self.setup_s = time.perf_counter() - started
+            return out
         if self.graph is None:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -60,5 +106,7 @@ class CompiledStep:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self.output = self.compiled(*self._args())
+            torch.cuda.current_stream().synchronize()
+            self.setup_s = time.perf_counter() - started
         self.graph.replay()
         return self.output

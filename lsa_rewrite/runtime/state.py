@@ -12,6 +12,10 @@ Shapes are written with symbols resolved per layer and store:
   ``C`` tokens per chunk, ``Hq``/``Hkv`` query/KV heads, ``D`` head dim, ``W`` sliding window;
 - ``B*S``: a product (pools are flat over sequences and slots).
 
+``S`` and ``N`` follow the store's capacity (tokens it is sized for) and change from one generation to
+the next; every other size is fixed by the model and the batch. The compiled step treats the dimensions
+that involve them as dynamic (``StateTensor.capacity_dims``), so one compile serves every capacity.
+
 Dtype ``"kv"`` is the layer's KV dtype, ``"index"`` is int64, ``"bool"`` is bool.
 
 Not here: what the tensors mean to the selection policy (``runtime/policy.py``) or how chunks move
@@ -28,6 +32,7 @@ import torch
 from torch import Tensor
 
 INDEX_DTYPE = torch.long
+CAPACITY_SYMBOLS = frozenset({"S", "N"})  # sizes that follow the store's capacity (see the module docstring)
 
 
 class StateContractError(ValueError):
@@ -66,6 +71,10 @@ class StateTensor:
             except KeyError as exc:
                 raise StateContractError(f"state tensor {self.name!r}: no size given for dimension {exc.args[0]!r}") from None
         return tuple(out)
+
+    def capacity_dims(self) -> tuple[int, ...]:
+        """Indices of the dimensions whose size follows the store's capacity (they involve ``S`` or ``N``)."""
+        return tuple(i for i, sym in enumerate(self.shape) if CAPACITY_SYMBOLS & set(sym.split("*")))
 
     def resolve_dtype(self, kv_dtype: torch.dtype) -> torch.dtype:
         return {"kv": kv_dtype, "index": INDEX_DTYPE, "bool": torch.bool}[self.dtype]
