@@ -86,7 +86,7 @@ class LSAConfig:
         compile: ``True``: on CUDA, compile the decode step with Inductor and replay it as a CUDA
             graph; on the CPU run the rewritten graph as a ``GraphModule``. A ``torch.compile``
             backend name (``"inductor"``, ``"aot_eager"``, ...): compile the step with that backend on
-            every device (CUDA graph on CUDA only). ``False``: never compile. Either way the step is
+            every device (CUDA graph on CUDA only). ``False``: never compile. A compiled step is
             compiled once per batch size: stores of other capacities (new prompt lengths) reuse it.
 
     Example::
