@@ -81,6 +81,7 @@ import lsa_rewrite  # noqa: E402
 from lsa_rewrite import LSAConfig  # noqa: E402
 from lsa_rewrite.indexer import CalibrationDump, LSAIndexer, SelectionMetrics, check_compatible  # noqa: E402
 from lsa_rewrite.indexer.documents import builtin_documents, heldout_tasks  # noqa: E402
+from lsa_rewrite.indexer.dump import rule_name  # noqa: E402
 from lsa_rewrite.indexer.metrics import budget_key, query_aware_scores, random_scores, recency_scores  # noqa: E402
 from lsa_rewrite.runtime.policy import min_slots  # noqa: E402
 from lsa_rewrite.selectors import IndexerSelector, QueryAwareSelector, SelectionWindow  # noqa: E402
@@ -158,7 +159,7 @@ def recall_section(indexer: LSAIndexer | None, dump: CalibrationDump, selectors:
     documents: set[int] = set()
     with torch.no_grad():
         for record in dump.windows("heldout"):
-            golden, keep = dump.labels(record, top_p=rule["top_p"], min_layers=rule["min_layers"])
+            golden, keep = dump.labels(record, top_p=rule["top_p"], min_layers=rule["min_layers"], rule=rule["rule"])
             mass = record["mass"]
             n = golden.numel()
             doc, start, _ = (int(v) for v in record["meta"])
@@ -229,7 +230,7 @@ def label_of(indexer: LSAIndexer | None, dump: CalibrationDump) -> dict[str, Any
     """The golden-label rule the indexer was trained with (its metadata), else the dump's."""
     trained = ((getattr(indexer, "metrics", None) or {}).get("train") or {}).get("label") if indexer is not None else None
     rule = trained or dump.label
-    return {"top_p": float(rule.get("top_p", 0.6)), "min_layers": int(rule.get("min_layers", 1))}
+    return {"top_p": float(rule.get("top_p", 0.6)), "min_layers": int(rule.get("min_layers", 1)), "rule": rule_name(rule)}
 
 
 def train_table(indexer: LSAIndexer, dump: CalibrationDump, pick: list[int], seed: int) -> dict[str, Any]:

@@ -166,12 +166,13 @@ def train_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="indexer file to write (.safetensors)"),
     epochs: int = typer.Option(8, help="passes over the training windows"),
     lr: float = typer.Option(1e-3, help="learning rate (AdamW, cosine decay)"),
-    loss: str = typer.Option("bce", help="bce or focal"),
+    loss: str = typer.Option("bce", help="bce, focal, or bce+listwise (adds a KL term toward the attention shares)"),
     rank: int = typer.Option(None, help="query-tower rank (default: from the hidden size)"),
     seed: int = typer.Option(0, help="training seed (same seed, same weights)"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
     top_p: float = typer.Option(None, "--top-p", help="golden-label nucleus per layer (default: the dump's)"),
-    min_layers: int = typer.Option(None, "--min-layers", help="golden-label layer vote (default: the dump's)"),
+    min_layers: int = typer.Option(None, "--min-layers", help="golden-label layer vote of the 'vote' rule (default: the dump's)"),
+    label_rule: str = typer.Option(None, "--label-rule", help="golden labels: 'mean' (nucleus of the layer-averaged attention) or 'vote' (per-layer nucleus + layer vote); default: the dump's"),
     trainable: str = typer.Option("all", help="all, or heads (the query projection stays the model's own)"),
     as_json: bool = typer.Option(False, "--json", help="print the held-out metrics as JSON"),
     debug: bool = typer.Option(False, "--debug", help="show the traceback on errors"),
@@ -181,14 +182,18 @@ def train_cmd(
     try:
         if out.suffix != ".safetensors":
             raise ValueError(f"--out must name a .safetensors file, got {str(out)!r}")
-        if loss not in ("bce", "focal"):
-            raise ValueError(f"--loss must be bce or focal, got {loss!r}")
+        if loss not in ("bce", "focal", "bce+listwise"):
+            raise ValueError(f"--loss must be bce, focal or bce+listwise, got {loss!r}")
         if epochs < 1 or lr <= 0:
             raise ValueError(f"--epochs must be >= 1 and --lr > 0, got {epochs} and {lr}")
         if top_p is not None and not 0.0 < top_p <= 1.0:
             raise ValueError(f"--top-p must be in (0, 1], got {top_p}")
         if min_layers is not None and min_layers < 1:
             raise ValueError(f"--min-layers must be >= 1, got {min_layers}")
+        from .indexer.dump import LABEL_RULES
+
+        if label_rule is not None and label_rule not in LABEL_RULES:
+            raise ValueError(f"--label-rule must be one of {', '.join(LABEL_RULES)}, got {label_rule!r}")
         if trainable not in ("all", "heads"):
             raise ValueError(f"--trainable must be all or heads, got {trainable!r}")
         if not dump.is_dir():
@@ -196,7 +201,7 @@ def train_cmd(
         from .indexer import train_indexer
 
         _, metrics = train_indexer(
-            dump, out=out, epochs=epochs, lr=lr, loss=loss, rank=rank, seed=seed, device=device, top_p=top_p, min_layers=min_layers,
+            dump, out=out, epochs=epochs, lr=lr, loss=loss, rank=rank, seed=seed, device=device, top_p=top_p, min_layers=min_layers, label_rule=label_rule,
             trainable=trainable,
         )
     except (ValueError, FileNotFoundError, RuntimeError) as exc:

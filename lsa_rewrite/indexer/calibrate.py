@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from ..config import LSAConfig
 from .documents import Document, Task, default_documents, load_documents
-from .dump import MANIFEST, DumpWriter, golden_labels, label_rule, selectable_chunks
+from .dump import MANIFEST, DumpWriter, golden_labels, label_rule, rule_name, selectable_chunks
 
 log = logging.getLogger(__name__)
 
@@ -668,7 +668,9 @@ def calibrate(
             index = writer.add_document(doc.id, source=doc.source, tokens=len(ids), split=split[doc.id])
             for t, record in zip(starts, records):
                 selectable = selectable_chunks(record["mass"].shape[1], t, manifest["lsa_config"])
-                record["golden"] = golden_labels(record["mass"], label["top_p"], label["min_layers"], selectable=selectable)
+                record["golden"] = golden_labels(
+                    record["mass"], label["top_p"], label["min_layers"], selectable=selectable, rule=rule_name(label)
+                )
                 record["meta"] = torch.tensor([index, t, t - 1], dtype=torch.long)
                 writer.add_window(record)
             done += 1

@@ -36,10 +36,21 @@ STATIC_KEYS = ("model", "lsa_config", "target_layers", "label", "shapes")
 
 
 DEFAULT_TOP_P = 0.3
+# Golden-label rules. "mean": the nucleus of the layer-averaged attention shares; "vote": a per-layer
+# nucleus and a vote of ``min_layers`` layers (the paper's form; manifests written before the choice
+# existed call it "nucleus").
+LABEL_RULES = ("mean", "vote")
+DEFAULT_LABEL_RULE = "mean"
+
+
+def rule_name(label: dict[str, Any]) -> str:
+    """The label rule of a manifest's ``label`` entry (``"nucleus"``, the older name of ``"vote"``)."""
+    rule = label.get("rule", "vote")
+    return "vote" if rule == "nucleus" else rule
 
 
 def default_min_layers(num_sparse_layers: int) -> int:
-    """``max(1, round(0.5 * L))``: the golden rule's layer vote for ``L`` sparsely attended layers.
+    """``max(1, round(0.5 * L))``: the ``"vote"`` rule's layer vote for ``L`` sparsely attended layers.
 
     With the always-resident sink and tail left out and a nucleus of 0.3 per layer, half the layers'
     vote marks 2.9% of the selectable chunks golden on SmolLM2-135M (30 layers, 16-token chunks), the
@@ -48,21 +59,33 @@ def default_min_layers(num_sparse_layers: int) -> int:
     return max(1, round(0.5 * num_sparse_layers))
 
 
-def golden_labels(mass: Tensor, top_p: float = DEFAULT_TOP_P, min_layers: int = 1, *, selectable: Tensor | None = None) -> Tensor:
+def golden_labels(
+    mass: Tensor, top_p: float = DEFAULT_TOP_P, min_layers: int = 1, *, selectable: Tensor | None = None, rule: str = "vote"
+) -> Tensor:
     """Golden chunks from attention masses: mass [Ls, N] -> bool [N].
 
     Only ``selectable`` chunks (bool [N]; all when ``None``) take part: the always-resident sink and
     tail are no selector's choice, and they hold most of the mass (on SmolLM2 the first chunk alone
     takes 40-80% in most layers), so a nucleus over all chunks would mark little besides them. Per
-    layer, the masses over the selectable chunks are renormalised and the smallest set of chunks,
-    taken by descending mass (ties: lower chunk index first), whose mass reaches ``top_p`` is kept; a
-    chunk is golden when at least ``min_layers`` layers keep it. A layer with no mass on any
-    selectable chunk keeps none.
+    layer, the masses over the selectable chunks are renormalised into shares. Then:
+
+    - ``rule="mean"``: the shares are averaged over the layers, and the smallest set of chunks, taken by
+      descending share (ties: lower chunk index first), whose share reaches ``top_p`` is golden
+      (``min_layers`` is not used). A chunk that a third of the layers read heavily (the chunk an
+      answer is copied from) is golden even when the other layers look elsewhere.
+    - ``rule="vote"`` (the paper's form): each layer keeps its own nucleus of ``top_p``, and a chunk is
+      golden when at least ``min_layers`` layers keep it. With a vote of half the layers, the chunk a
+      retrieval answer is read from often misses the vote (SmolLM2, held-out tasks: the answer's chunk
+      ranked first by the layer-averaged share but was golden in 4 of 12), so ``"mean"`` is the default.
+
+    A layer with no mass on any selectable chunk keeps none (and adds zero to the mean).
 
     Example::
 
         >>> golden_labels(torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]]), top_p=0.6, min_layers=1)
         tensor([ True,  True,  True])
+        >>> golden_labels(torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]]), top_p=0.6, rule="mean")
+        tensor([ True, False,  True])
         >>> golden_labels(torch.tensor([[0.5, 0.3, 0.2]]), top_p=0.6, selectable=torch.tensor([False, True, True]))
         tensor([False,  True, False])
     """
@@ -72,6 +95,8 @@ def golden_labels(mass: Tensor, top_p: float = DEFAULT_TOP_P, min_layers: int = 
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if min_layers < 1:
         raise ValueError(f"min_layers must be >= 1, got {min_layers}")
+    if rule not in LABEL_RULES:
+        raise ValueError(f"rule must be one of {LABEL_RULES}, got {rule!r}")
     mass = mass.double().clamp_min(0)
     if selectable is not None:
         if selectable.shape != mass.shape[1:]:
@@ -79,6 +104,9 @@ def golden_labels(mass: Tensor, top_p: float = DEFAULT_TOP_P, min_layers: int = 
         mass = mass * selectable.to(mass.device, torch.bool)
     total = mass.sum(1, keepdim=True)
     share = torch.where(total > 0, mass / total.clamp_min(1e-300), torch.zeros_like(mass))
+    if rule == "mean":
+        share, min_layers = share.mean(0, keepdim=True), 1
+        share = torch.where(share.sum(1, keepdim=True) > 0, share / share.sum(1, keepdim=True).clamp_min(1e-300), share)
     order = torch.sort(share, dim=1, descending=True, stable=True).indices
     ranked = share.gather(1, order)
     before = ranked.cumsum(1) - ranked  # mass of the chunks ranked ahead of each one
@@ -102,10 +130,18 @@ def selectable_chunks(num_chunks: int, start: int, lsa_config: dict[str, Any]) -
     return mask
 
 
-def label_rule(num_sparse_layers: int, *, top_p: float = DEFAULT_TOP_P, min_layers: int | None = None) -> dict[str, Any]:
-    """The manifest's ``label`` entry: ``{"rule": "nucleus", "top_p": p, "min_layers": k, "exclude": "always-resident"}``."""
-    k = default_min_layers(num_sparse_layers) if min_layers is None else min_layers
-    return {"rule": "nucleus", "top_p": top_p, "min_layers": k, "exclude": "always-resident"}
+def label_rule(
+    num_sparse_layers: int, *, top_p: float = DEFAULT_TOP_P, min_layers: int | None = None, rule: str = DEFAULT_LABEL_RULE
+) -> dict[str, Any]:
+    """The manifest's ``label`` entry: ``{"rule": "mean" | "vote", "top_p": p, "min_layers": k, "exclude": "always-resident"}``
+    (``min_layers`` is the ``"vote"`` rule's; 1 under ``"mean"``)."""
+    if rule not in LABEL_RULES:
+        raise ValueError(f"rule must be one of {LABEL_RULES}, got {rule!r}")
+    if rule == "mean":
+        k = 1
+    else:
+        k = default_min_layers(num_sparse_layers) if min_layers is None else min_layers
+    return {"rule": rule, "top_p": top_p, "min_layers": k, "exclude": "always-resident"}
 
 
 def _versions() -> dict[str, str | None]:
@@ -434,20 +470,28 @@ class CalibrationDump:
             raise ValueError(f"calibration dump {self.path}: shard {entry['file']} is corrupt: {exc}") from None
         return records
 
-    def labels(self, record: dict[str, Any], *, top_p: float | None = None, min_layers: int | None = None) -> tuple[Tensor, Tensor]:
+    def labels(
+        self, record: dict[str, Any], *, top_p: float | None = None, min_layers: int | None = None, rule: str | None = None
+    ) -> tuple[Tensor, Tensor]:
         """``(golden, selectable)`` bool [N] of a window record under the label rule with the always-resident
-        chunks left out (``golden_labels``, ``selectable_chunks``); ``top_p`` / ``min_layers`` default to
-        the manifest's. The recorded labels are used as they are when neither is given and the dump's rule
-        already leaves those chunks out; otherwise (another rule, or a dump written before the rule left
-        them out) they are recomputed from the recorded masses."""
-        rule = self.label
+        chunks left out (``golden_labels``, ``selectable_chunks``); ``top_p`` / ``min_layers`` / ``rule``
+        default to the manifest's. The recorded labels are used as they are when none is given and the
+        dump's rule already leaves those chunks out; otherwise (another rule, or a dump written before the
+        rule left them out) they are recomputed from the recorded masses."""
+        stored = self.label
         mass = record["mass"]
         selectable = selectable_chunks(mass.shape[1], int(record["meta"][1]), self.lsa_config)
-        if top_p is None and min_layers is None and rule.get("exclude") == "always-resident":
+        if top_p is None and min_layers is None and rule is None and stored.get("exclude") == "always-resident":
             return record["golden"].bool() & selectable, selectable
-        p = float(rule.get("top_p", DEFAULT_TOP_P)) if top_p is None else float(top_p)
-        k = int(rule.get("min_layers", 1)) if min_layers is None else int(min_layers)
-        return golden_labels(mass, p, k, selectable=selectable), selectable
+        r = rule_name(stored) if rule is None else rule
+        p = float(stored.get("top_p", DEFAULT_TOP_P)) if top_p is None else float(top_p)
+        if min_layers is not None:
+            k = int(min_layers)
+        elif r == "vote":
+            k = int(stored.get("min_layers", 1)) if rule_name(stored) == "vote" else default_min_layers(mass.shape[0])
+        else:
+            k = 1
+        return golden_labels(mass, p, k, selectable=selectable, rule=r), selectable
 
     def windows(self, split: str | None = None) -> Iterator[dict[str, Any]]:
         """Every window record, shard by shard (only those of documents in ``split`` when given)."""

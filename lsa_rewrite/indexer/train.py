@@ -31,11 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dump import DEFAULT_TOP_P, CalibrationDump
+from .dump import DEFAULT_TOP_P, LABEL_RULES, CalibrationDump, default_min_layers, rule_name
 from .metrics import BUDGETS, SelectionMetrics, query_aware_scores, random_scores, recency_scores
 from .model import IndexerConfig, LSAIndexer, apply_rope, default_rank, lsa_fields
 
-LOSSES = ("bce", "focal")
+LOSSES = ("bce", "focal", "bce+listwise")
+LISTWISE_WEIGHT = 0.1
 TRAINABLE = ("all", "heads")
 FOCAL_GAMMA = 2.0
 TRAIN_SPLIT, HELDOUT_SPLIT = "train", "heldout"
@@ -61,6 +62,7 @@ def train_indexer(
     weight_decay: float = 0.0,
     top_p: float | None = None,
     min_layers: int | None = None,
+    label_rule: str | None = None,
     trainable: str = "all",
     progress: bool = True,
 ) -> tuple[LSAIndexer, dict[str, Any]]:
@@ -74,7 +76,9 @@ def train_indexer(
         target_layers: a subset of the dump's target layers (all of them when ``None``).
         epochs, lr, batch_windows, weight_decay: AdamW over ``epochs`` passes of the training windows,
             ``batch_windows`` windows per step, learning rate on a cosine decay to a tenth.
-        loss: ``"bce"`` or ``"focal"`` (gamma 2), over all chunks of every window.
+        loss: ``"bce"`` or ``"focal"`` (gamma 2), over all chunks of every window; ``"bce+listwise"``
+            adds ``LISTWISE_WEIGHT`` x the KL divergence from the window's layer-averaged attention shares
+            to the softmax of the logits over its selectable chunks (a ranking target on top of the labels).
         pos_weight: weight of golden chunks in the loss (``None``: 1, calibrated probabilities).
         seed: shuffling, random initialisation and the random baseline; two runs with the same
             arguments give identical weights.
@@ -82,8 +86,9 @@ def train_indexer(
         init_weights: the model's query projections ``{layer: W_q [q_heads * head_dim, hidden]}``
             (see the module docstring for what happens without them).
         ensemble: ``"max"`` or ``"mean"`` over target layers.
-        top_p, min_layers: the golden-label rule (``dump.golden_labels``, always-resident chunks left
-            out), recomputed from the dump's recorded masses; ``None``: the dump's manifest values.
+        top_p, min_layers, label_rule: the golden-label rule (``dump.golden_labels``: ``"mean"`` or
+            ``"vote"``, always-resident chunks left out), recomputed from the dump's recorded masses;
+            ``None``: the dump's manifest values (``min_layers`` only counts under ``"vote"``).
         progress: show a rich progress bar.
 
     Example::
@@ -121,17 +126,27 @@ def train_indexer(
     )
 
     cache = dump.shard_nbytes() <= CACHE_BYTES
-    relabel = top_p is not None or min_layers is not None or dump.label.get("exclude") != "always-resident"
+    stored_rule = rule_name(dump.label)
+    if label_rule is not None and label_rule not in LABEL_RULES:
+        raise ValueError(f"label_rule must be one of {LABEL_RULES}, got {label_rule!r}")
+    rule = stored_rule if label_rule is None else label_rule
+    relabel = top_p is not None or min_layers is not None or rule != stored_rule or dump.label.get("exclude") != "always-resident"
+    if min_layers is not None:
+        layers_vote = int(min_layers)
+    elif rule == "vote":
+        layers_vote = int(dump.label.get("min_layers", 1)) if stored_rule == "vote" else default_min_layers(len(dump.signature.get("sparse_layers", [])) or 1)
+    else:
+        layers_vote = 1
     label = {
-        "rule": "nucleus",
+        "rule": rule,
         "top_p": float(dump.label.get("top_p", DEFAULT_TOP_P)) if top_p is None else float(top_p),
-        "min_layers": int(dump.label.get("min_layers", 1)) if min_layers is None else int(min_layers),
+        "min_layers": layers_vote,
         "exclude": "always-resident",
         "from": "recomputed from the recorded masses" if relabel else "the dump's labels",
     }
     if not 0.0 < label["top_p"] <= 1.0 or label["min_layers"] < 1:
         raise ValueError(f"the label rule needs top_p in (0, 1] and min_layers >= 1, got top_p={top_p!r}, min_layers={min_layers!r}")
-    overrides = {"top_p": label["top_p"], "min_layers": label["min_layers"]} if relabel else {}
+    overrides = {"top_p": label["top_p"], "min_layers": label["min_layers"], "rule": rule} if relabel else {}
     train = _Windows(dump, TRAIN_SPLIT, select, cache=cache, label=overrides)
     heldout = _Windows(dump, HELDOUT_SPLIT, select, cache=cache, label=overrides)
     if train.count == 0:
@@ -169,7 +184,7 @@ def train_indexer(
             running, seen = 0.0, 0
             for batch in _batches(train.shuffled(generator), batch_windows, device):
                 logits = indexer.logits(batch["hidden"], batch["cos"], batch["sin"], batch["kmin"], batch["kmax"])
-                value = loss_fn(logits, batch["golden"], batch["mask"])
+                value = loss_fn(logits, batch)
                 optimizer.zero_grad(set_to_none=True)
                 value.backward()
                 optimizer.step()
@@ -228,7 +243,9 @@ class _Windows:
 
     def _prepare(self, record: dict[str, Any]) -> dict[str, Any]:
         sel = self.select
-        golden, selectable = self.dump.labels(record, top_p=self.label.get("top_p"), min_layers=self.label.get("min_layers"))
+        golden, selectable = self.dump.labels(
+            record, top_p=self.label.get("top_p"), min_layers=self.label.get("min_layers"), rule=self.label.get("rule")
+        )
         out = {
             "hidden": record["hidden"][sel],
             "kmin": record["kmin"][sel],
@@ -401,8 +418,10 @@ def _fit_scale_and_bias(indexer: LSAIndexer, train: _Windows) -> None:
 def _make_loss(kind: str, pos_weight: float | None):
     weight = None if pos_weight is None else torch.tensor(float(pos_weight))
 
-    def loss_fn(logits: Tensor, golden: Tensor, mask: Tensor) -> Tensor:
-        """logits [B, Lt, N], golden/mask [B, N] -> mean over every layer's real chunks."""
+    def loss_fn(logits: Tensor, batch: dict[str, Tensor | None]) -> Tensor:
+        """logits [B, Lt, N] -> mean over every layer's real selectable chunks (+ the listwise term)."""
+        golden, mask = batch["golden"], batch["mask"]
+        assert golden is not None and mask is not None
         target = golden[:, None].expand_as(logits)
         pw = weight.to(logits.device) if weight is not None else None
         per_chunk = F.binary_cross_entropy_with_logits(logits, target, reduction="none", pos_weight=pw)
@@ -413,9 +432,29 @@ def _make_loss(kind: str, pos_weight: float | None):
         m = mask[:, None].expand_as(logits)
         if not bool(m.any()):  # every chunk of the batch is always resident: nothing to learn from it
             return (logits * 0).sum()
-        return per_chunk.masked_select(m).mean()
+        value = per_chunk.masked_select(m).mean()
+        if kind == "bce+listwise":
+            value = value + LISTWISE_WEIGHT * _listwise(logits, batch["mass"], mask)
+        return value
 
     return loss_fn
+
+
+def _listwise(logits: Tensor, mass: Tensor | None, mask: Tensor) -> Tensor:
+    """KL(target || softmax(logits)) over each window's selectable chunks, per target layer; the target
+    is the layer-averaged share of the window's attention on those chunks (``golden_labels``' "mean")."""
+    assert mass is not None
+    share = mass * mask[:, None]
+    share = share / share.sum(-1, keepdim=True).clamp_min(1e-12)
+    target = share.mean(1)  # [B, N]
+    rows = mask.any(-1) & (target.sum(-1) > 0)
+    if not bool(rows.any()):
+        return (logits * 0).sum()
+    target = target / target.sum(-1, keepdim=True).clamp_min(1e-12)
+    logp = torch.log_softmax(logits.masked_fill(~mask[:, None], float("-inf")), dim=-1)  # [B, Lt, N]
+    t = target[:, None].expand_as(logp)
+    kl = torch.where(t > 0, t * (torch.log(t.clamp_min(1e-12)) - logp), torch.zeros_like(logp)).sum(-1)  # [B, Lt]
+    return kl[rows].mean()
 
 
 @torch.no_grad()
@@ -425,7 +464,7 @@ def _mean_loss(indexer: LSAIndexer, windows: _Windows, loss_fn, batch_windows: i
     for batch in _batches(windows.ordered(), batch_windows, device):
         logits = indexer.logits(batch["hidden"], batch["cos"], batch["sin"], batch["kmin"], batch["kmax"])
         chunks = int(batch["mask"].sum())
-        total, seen = total + float(loss_fn(logits, batch["golden"], batch["mask"])) * chunks, seen + chunks
+        total, seen = total + float(loss_fn(logits, batch)) * chunks, seen + chunks
     return total / max(seen, 1)
 
 

@@ -73,7 +73,7 @@ def test_dump_round_trips_with_documented_fields(family, tmp_path):
     assert sparse == ([1] if family == "gemma3" else [0, 1]) and signature["num_layers"] == config.num_hidden_layers
     assert LSAConfig.from_dict(dump.lsa_config) == CFG
     assert dump.target_layers == default_target_layers(sparse)
-    assert dump.label == {"rule": "nucleus", "top_p": 0.3, "min_layers": default_min_layers(len(sparse)), "exclude": "always-resident"}
+    assert dump.label == {"rule": "mean", "top_p": 0.3, "min_layers": 1, "exclude": "always-resident"}
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -107,7 +107,7 @@ def test_dump_round_trips_with_documented_fields(family, tmp_path):
         assert bool((record["mass"] > 0).all()) and bool((record["mass"].sum(1) <= 1 + 1e-5).all())
         selectable = torch.ones(n, dtype=torch.bool)
         selectable[[c for c in always_resident_chunks(t, chunk_size=C, sink_tokens=CFG.sink_tokens, recent_tokens=CFG.recent_tokens) if c < n]] = False
-        assert torch.equal(record["golden"], golden_labels(record["mass"], 0.3, dump.label["min_layers"], selectable=selectable))
+        assert torch.equal(record["golden"], golden_labels(record["mass"], 0.3, selectable=selectable, rule="mean"))
         assert not bool((record["golden"] & ~selectable).any())
         assert ("cos" in record) == ("sin" in record) == rope
         if rope:

@@ -7,7 +7,15 @@ import json
 import pytest
 import torch
 
-from lsa_rewrite.indexer.dump import CalibrationDump, DumpWriter, default_min_layers, golden_labels, label_rule, selectable_chunks
+from lsa_rewrite.indexer.dump import (
+    CalibrationDump,
+    DumpWriter,
+    default_min_layers,
+    golden_labels,
+    label_rule,
+    rule_name,
+    selectable_chunks,
+)
 
 LT, LS, HIDDEN, HQ, HKV, D, C = 2, 3, 16, 4, 2, 8, 16
 
@@ -75,6 +83,31 @@ def test_golden_labels_hand_computed():
     assert golden_labels(mass, top_p=0.5, min_layers=1).tolist() == [True, True, False, False, True]
 
 
+def test_golden_labels_mean_rule_hand_computed():
+    mass = torch.tensor(
+        [
+            [0.10, 0.40, 0.20, 0.00, 0.10],  # shares .125 .5 .25 0 .125
+            [0.30, 0.00, 0.00, 0.30, 0.00],  # .5 0 0 .5 0
+            [0.00, 0.35, 0.00, 0.05, 0.40],  # 0 .4375 0 .0625 .5
+        ]
+    )
+    # layer mean: .2083 .3125 .0833 .1875 .2083 -> 1 (.3125), then 0 and 4 tie (.2083; lower index
+    # first): 0 reaches .52 < .6, 4 reaches .73
+    assert golden_labels(mass, top_p=0.6, rule="mean").tolist() == [True, True, False, False, True]
+    assert golden_labels(mass, top_p=0.3, rule="mean").tolist() == [False, True, False, False, False]
+    # the vote ignores a chunk that one layer reads heavily; the mean keeps it
+    needle = torch.tensor([[0.9, 0.05, 0.05], [0.1, 0.5, 0.4], [0.1, 0.4, 0.5]])
+    assert golden_labels(needle, top_p=0.3, min_layers=2).tolist() == [False, False, False]
+    assert golden_labels(needle, top_p=0.3, rule="mean").tolist() == [True, False, False]
+    # min_layers does not apply to the mean; the selectable mask does
+    assert golden_labels(needle, top_p=0.3, min_layers=3, rule="mean").tolist() == [True, False, False]
+    keep = torch.tensor([False, True, True])
+    # over chunks 1-2 the shares are .5/.5, .556/.444, .444/.556: a tie of means, the lower index wins
+    assert golden_labels(needle, top_p=0.3, rule="mean", selectable=keep).tolist() == [False, True, False]
+    with pytest.raises(ValueError, match="rule"):
+        golden_labels(needle, rule="max")
+
+
 def test_golden_labels_edges():
     # reaching top_p exactly stops the nucleus; a layer without mass keeps nothing
     mass = torch.tensor([[0.6, 0.4], [0.0, 0.0]])
@@ -107,7 +140,11 @@ def test_selectable_chunks_follow_the_runtime_rule():
 
 def test_min_layers_rule():
     assert [default_min_layers(n) for n in (1, 4, 15, 30, 32)] == [1, 2, 8, 15, 16]
-    assert label_rule(30) == {"rule": "nucleus", "top_p": 0.3, "min_layers": 15, "exclude": "always-resident"}
+    assert label_rule(30, rule="vote") == {"rule": "vote", "top_p": 0.3, "min_layers": 15, "exclude": "always-resident"}
+    assert label_rule(30) == {"rule": "mean", "top_p": 0.3, "min_layers": 1, "exclude": "always-resident"}
+    # manifests written before the rule was a choice say "nucleus": the vote
+    assert rule_name({"rule": "nucleus", "top_p": 0.3, "min_layers": 15}) == "vote"
+    assert rule_name(label_rule(30)) == "mean"
 
 
 # -- round trip ---------------------------------------------------------------------------------

@@ -179,9 +179,23 @@ def test_relabelling_with_another_rule_changes_the_golden_rate(planted):
     _, wide = train_indexer(planted, epochs=0, top_p=0.9, min_layers=1, progress=False)
     assert default["train"]["label"]["from"] == "the dump's labels"
     assert wide["train"]["label"] == {
-        "rule": "nucleus", "top_p": 0.9, "min_layers": 1, "exclude": "always-resident", "from": "recomputed from the recorded masses"
+        "rule": "mean", "top_p": 0.9, "min_layers": 1, "exclude": "always-resident", "from": "recomputed from the recorded masses"
     }
     assert wide["heldout"]["golden_rate"] > default["heldout"]["golden_rate"]
+    # the vote: a chunk needs every sparse layer's nucleus (3 of 3) -> no more golden than the mean's
+    _, vote = train_indexer(planted, epochs=0, label_rule="vote", min_layers=len(SPARSE), progress=False)
+    assert vote["train"]["label"]["rule"] == "vote" and vote["train"]["label"]["min_layers"] == len(SPARSE)
+    assert vote["heldout"]["golden_rate"] <= default["heldout"]["golden_rate"]
+    with pytest.raises(ValueError, match="label_rule"):
+        train_indexer(planted, epochs=0, label_rule="max", progress=False)
+
+
+def test_listwise_loss_trains_toward_the_attention_shares(planted):
+    start, _ = train_indexer(planted, epochs=0, seed=2, progress=False)
+    trained, metrics = train_indexer(planted, epochs=2, batch_windows=8, seed=2, loss="bce+listwise", progress=False)
+    assert metrics["train"]["loss"] == "bce+listwise"
+    assert metrics["train"]["train_loss"][-1] < metrics["train"]["train_loss_initial"]
+    assert metrics["indexer"]["mass_recall"]["0.1"] >= metrics["untrained"]["mass_recall"]["0.1"]
 
 
 def test_init_from_query_weights_or_recorded_queries(planted, planted_with_queries):
@@ -274,8 +288,9 @@ def test_a_batch_of_always_resident_chunks_only_gives_a_zero_loss():
     from lsa_rewrite.indexer.train import _make_loss
 
     logits = torch.randn(2, 3, 4, requires_grad=True)
-    for kind in ("bce", "focal"):
-        value = _make_loss(kind, None)(logits, torch.zeros(2, 4), torch.zeros(2, 4, dtype=torch.bool))
+    for kind in ("bce", "focal", "bce+listwise"):
+        batch = {"golden": torch.zeros(2, 4), "mask": torch.zeros(2, 4, dtype=torch.bool), "mass": torch.rand(2, 5, 4)}
+        value = _make_loss(kind, None)(logits, batch)
         assert value.item() == 0.0
         value.backward()  # still a graph: training steps on such a batch do nothing
         assert torch.isfinite(logits.grad).all()
