@@ -1,10 +1,12 @@
 """The compact (fp8) CPU mirror: its chunk format, and the copies between it and the resident pool.
 
 Format (``LSAConfig(mirror="fp8")``, lossy): a chunk row ``[C, Hkv, D]`` of the model's dtype is kept
-as ``[C, Hkv, D + 1]`` bytes. Per token and KV head, ``D`` ``float8_e4m3fn`` codes of ``x / s`` and
-one scale byte ``e + 127`` (an E8M0 exponent, as in the OCP microscaling formats), where
-``s = 2**e`` is the smallest power of two with ``amax / s <= 448`` (``amax``: the largest magnitude
-of that token and head; 448 is the largest e4m3 value). Because ``s`` is a power of two, dividing by
+as ``C * Hkv * (D + 1)`` bytes (a tensor of shape ``[C, Hkv, D + 1]``, uint8): first the
+``float8_e4m3fn`` codes of ``x / s`` in the row's order (``C * Hkv * D`` bytes, so every vector of
+codes starts 16-byte aligned when D is a multiple of 16 and the kernel reads them in wide loads),
+then one scale byte ``e + 127`` per token and KV head (``C * Hkv`` bytes; an E8M0 exponent, as in the
+OCP microscaling formats), where ``s = 2**e`` is the smallest power of two with ``amax / s <= 448``
+(``amax``: the largest magnitude of that token and head; 448 is the largest e4m3 value). Because ``s`` is a power of two, dividing by
 it and multiplying back are exact, so the only error is e4m3's rounding to nearest:
 
     |x_hat - x| <= 2**-4 * |x|       where |x / s| >= 2**-6 (e4m3's normal range: 3 mantissa bits)
@@ -26,8 +28,8 @@ with a negative index moves nothing.
   pool rows, dequantised on the way. On CUDA one Triton launch reads the page-locked mirror directly
   and writes the pool in the model's dtype (the e4m3 codes are decoded with integer ops, so the
   kernel needs no fp8 support from the GPU or the interpreter); the reference elsewhere.
-- ``pack_fp8`` / ``unpack_fp8``: whole tensors ``[..., D]`` <-> ``[..., D + 1]`` (the prompt's
-  ingest, a later turn's read of the history).
+- ``pack_fp8`` / ``unpack_fp8``: whole tensors of chunk rows ``[..., C, Hkv, D]`` <-> ``[..., C, Hkv, D + 1]``
+  bytes (the prompt's ingest, a later turn's read of the history, the write-back's encoding).
 
 Not here: which chunks move (``lsa_rewrite.runtime``).
 """
@@ -60,14 +62,18 @@ def _pow2(exp: Tensor) -> Tensor:
 
 
 def pack_fp8(x: Tensor) -> Tensor:
-    """``x`` ``[..., D]`` (float) -> ``[..., D + 1]`` uint8: ``D`` e4m3 codes and one scale byte per vector.
+    """Chunk rows ``x`` ``[..., C, Hkv, D]`` (float) -> ``[..., C, Hkv, D + 1]`` uint8: per row, the e4m3
+    codes of every token and head, then one scale byte per token and head.
 
     Example::
 
-        >>> packed = pack_fp8(torch.tensor([[1.0, -0.5, 300.0]]))
-        >>> packed.shape, unpack_fp8(packed, torch.float32).tolist()
-        (torch.Size([1, 4]), [[1.0, -0.5, 288.0]])
+        >>> x = torch.tensor([1.0, -0.5, 300.0, 0.0]).view(1, 1, 4)
+        >>> packed = pack_fp8(x)
+        >>> packed.shape, unpack_fp8(packed, torch.float32).flatten().tolist()
+        (torch.Size([1, 1, 5]), [1.0, -0.5, 288.0, 0.0])
     """
+    if x.dim() < 3:
+        raise ValueError(f"pack_fp8: chunk rows [..., C, Hkv, D] expected, got {tuple(x.shape)}")
     xf = x.float()
     amax = xf.abs().amax(-1, keepdim=True)
     mant, exp = torch.frexp(amax / FP8_MAX)  # amax / 448 = mant * 2**exp, mant in [0.5, 1)
@@ -75,15 +81,19 @@ def pack_fp8(x: Tensor) -> Tensor:
     exp = exp.clamp(MIN_EXP, MAX_EXP)
     exp = torch.where(amax > FP8_MAX * _pow2(exp), exp + 1, exp).clamp(MIN_EXP, MAX_EXP)  # the division above rounded down
     codes = (xf / _pow2(exp)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
-    return torch.cat([codes, (exp + SCALE_BIAS).to(torch.uint8)], -1)
+    chunk, heads, dim = x.shape[-3:]
+    row = torch.cat([codes.flatten(-3), (exp + SCALE_BIAS).to(torch.uint8).flatten(-3)], -1)  # [..., C*Hkv*D + C*Hkv]
+    return row.view(*x.shape[:-3], chunk, heads, dim + 1)
 
 
 def unpack_fp8(packed: Tensor, dtype: torch.dtype) -> Tensor:
-    """Inverse of :func:`pack_fp8` (up to e4m3's rounding): ``[..., D + 1]`` uint8 -> ``[..., D]`` ``dtype``."""
-    if packed.dtype != torch.uint8:
-        raise ValueError(f"unpack_fp8: packed chunks are uint8 [..., D + 1], got {packed.dtype}")
-    codes = packed[..., :-1].view(torch.float8_e4m3fn).float()
-    exp = packed[..., -1:].to(torch.int32) - SCALE_BIAS
+    """Inverse of :func:`pack_fp8` (up to e4m3's rounding): ``[..., C, Hkv, D + 1]`` uint8 -> ``[..., C, Hkv, D]`` ``dtype``."""
+    if packed.dtype != torch.uint8 or packed.dim() < 3:
+        raise ValueError(f"unpack_fp8: packed chunk rows are uint8 [..., C, Hkv, D + 1], got {packed.dtype} {tuple(packed.shape)}")
+    chunk, heads, dim = packed.shape[-3], packed.shape[-2], packed.shape[-1] - 1
+    row = packed.flatten(-3)
+    codes = row[..., : chunk * heads * dim].view(torch.float8_e4m3fn).float().view(*packed.shape[:-3], chunk, heads, dim)
+    exp = row[..., chunk * heads * dim :].to(torch.int32).view(*packed.shape[:-3], chunk, heads, 1) - SCALE_BIAS
     return (codes * _pow2(exp)).to(dtype)
 
 
@@ -169,11 +179,12 @@ def unpack_chunks_ref(pool_k: Tensor, pool_v: Tensor, mirror_k: Tensor, mirror_v
 if triton is not None:
 
     @triton.jit
-    def _unpack_block(src_ptr, dst_ptr, src, dst, mask, live, DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Decode one block of packed vectors ``[BLOCK_V, D + 1]`` bytes into ``[BLOCK_V, D]`` of the pool's dtype."""
+    def _unpack_block(src_ptr, dst_ptr, codes, scales, dst, mask, live, DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Decode one block of ``BLOCK_V`` packed vectors (``codes``: offsets of their D code bytes,
+        ``scales``: of their scale bytes) into ``[BLOCK_V, D]`` of the pool's dtype at ``dst``."""
         offs_d = tl.arange(0, BLOCK_D)
-        code = tl.load(src_ptr + src[:, None] + offs_d[None, :], mask=mask, other=0).to(tl.int32)
-        scale = tl.load(src_ptr + src + DIM, mask=live, other=127).to(tl.int32)  # [BLOCK_V]; the scale byte is e + 127
+        code = tl.load(src_ptr + codes[:, None] + offs_d[None, :], mask=mask, other=0).to(tl.int32)
+        scale = tl.load(src_ptr + scales, mask=live, other=127).to(tl.int32)  # [BLOCK_V]; the scale byte is e + 127
         # e4m3fn: sign | 4 exponent bits (bias 7) | 3 mantissa bits; normal (8 + m) * 2**(e - 10), subnormal m * 2**-9
         expo = (code >> 3) & 15
         mant = code & 7
@@ -205,10 +216,12 @@ if triton is not None:
             # a negative index: nothing moves (vector form of the scalar tests, as the interpreter needs)
             live = (offs_v < vectors) & ((offs_v * 0 + dst_row) >= 0) & ((offs_v * 0 + src_row) >= 0)
             mask = live[:, None] & (tl.arange(0, BLOCK_D)[None, :] < DIM)
-            src = (src_row * vectors + offs_v) * (DIM + 1)
+            row = src_row * vectors * (DIM + 1)  # a packed row: every vector's codes, then every vector's scale byte
+            codes = row + offs_v * DIM
+            scales = row + vectors * DIM + offs_v
             dst = (dst_row * vectors + offs_v) * DIM
-            _unpack_block(mirror_k_ptr, pool_k_ptr, src, dst, mask, live, DIM, BLOCK_D)
-            _unpack_block(mirror_v_ptr, pool_v_ptr, src, dst, mask, live, DIM, BLOCK_D)
+            _unpack_block(mirror_k_ptr, pool_k_ptr, codes, scales, dst, mask, live, DIM, BLOCK_D)
+            _unpack_block(mirror_v_ptr, pool_v_ptr, codes, scales, dst, mask, live, DIM, BLOCK_D)
 
 
 DEFAULT_PROGRAMS = 16  # as lsa::copy_chunks: a few readers keep the host link busy and leave the SMs to decode
@@ -280,7 +293,7 @@ def pack_chunks(mirror_k: Tensor, mirror_v: Tensor, pool_k: Tensor, pool_v: Tens
 
         >>> pool = torch.randn(4, 2, 1, 8); mirror = torch.zeros(1, 3, 2, 1, 9, dtype=torch.uint8)
         >>> pack_chunks(mirror, mirror.clone(), pool, pool.clone(), torch.tensor([2]), torch.tensor([1]))
-        >>> bool((unpack_fp8(mirror[0, 2], torch.float32) - pool[1]).abs().le(pool[1].abs() / 16 + 1e-3).all())
+        >>> bool(((unpack_fp8(mirror[0, 2], torch.float32) - pool[1]).abs() <= pool[1].abs() / 16 + 1e-3).all())
         True
     """
     pack_chunks_impl(mirror_k, mirror_v, pool_k, pool_v, dst_rows, src_rows)
