@@ -6,6 +6,8 @@
 #   STAGE=e2e   : the Llama-3-8B-shaped end-to-end benchmark at 128K (128 steps): HF compiled StaticCache,
 #                 our runtime in mode="dense", LSA (recall_lag 4 and 0)
 #   STAGE=kernels: decode attention (LSA vs dense SDPA, both layouts) and mirror pinning
+#   STAGE=host  : host memory per sequence and decode ms/token at 128K for offload (exact mirror), offload
+#                 (fp8 mirror) and evict (benchmarks/host_memory.py, ~4 minutes)
 #   STAGE=full  : the end-to-end benchmark at 128K and 32K, 256 steps, the same three paths (~6 minutes; runs
 #                 that would start after 480 s are skipped and listed in the JSON)
 #   (kernels alone: python3 benchmarks/check_kernels_gpu.py --out FILE)
@@ -38,6 +40,8 @@ elif [ "$STAGE" = profile ]; then
       python3 benchmarks/profile_decode.py --layout mqa $case \
       > "$OUT/ncu_mqa_${case// /_}.txt" 2>&1 || echo "ncu FAILED rc=$? ($case)"
   done
+elif [ "$STAGE" = host ]; then
+  python3 benchmarks/host_memory.py --context 131072 --steps 256 --out "$OUT/host_memory.json"
 elif [ "$STAGE" = e2e ]; then
   python3 benchmarks/e2e_decode.py --contexts 131072 --steps 128 --lags 4,0 --time-budget-s 480 --out "$OUT/e2e_decode.json"
 else
