@@ -7,6 +7,10 @@ chunks decoded since the last selection to the mirror, and recalls the incoming 
 (``lsa::copy_chunks``, on a side stream on CUDA). The tables take the recalled chunks ``lag`` steps
 later, after the main stream waits for the copies' event.
 
+With the compact mirror (``LSAConfig(mirror="fp8")``) the write-back packs chunks to fp8 on the
+device before they cross to the host (``lsa::pack_chunks``) and the recall unpacks them on the way
+into the pool (``lsa::unpack_chunks``); the resident pool always holds the model's dtype.
+
 It knows nothing of selection policy (which chunks, why) or of the model; it owns the manager state
 the contract declares (``planned``, ``available``, ``dropped``: stacked ``[L, B, ...]`` here, each
 layer holds views) and the copy counters.
