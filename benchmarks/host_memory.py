@@ -157,7 +157,8 @@ def main() -> None:
     lsa_rewrite.convert(model, base)
     if not args.no_warmup:
         # compiles (Inductor + CUDA graph) the decode step of this store shape; the three options share it
-        runtime_run(model, prompt_of(context), min(steps, 2 * base.interval + 8), dataclasses.replace(base, mode="evict"))
+        # (the same steps: the store's capacity, so its shape, follows from them)
+        runtime_run(model, prompt_of(context), steps, dataclasses.replace(base, mode="evict"))
         release_store(model)
         payload["warmup_s"] = round(time.perf_counter() - started, 1)
     for name in options:
