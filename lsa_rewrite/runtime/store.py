@@ -405,7 +405,7 @@ class KVStore:
         last ``window`` tokens and zeros before them (its attention never reaches them). Refuses when
         a chunk is gone (evict mode dropped it). With ``LSAConfig(mirror="fp8")`` the chunks not
         resident come back dequantised (lossy, within the fp8 bound of ``kernels/compact_chunks.py``);
-        resident ones are exact.
+        resident ones as the pool holds them (exact, unless they were recalled from the mirror).
         """
         self._check_live()
         target = self.layers.get(layer)
