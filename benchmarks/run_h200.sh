@@ -8,6 +8,8 @@
 #   STAGE=kernels: decode attention (LSA vs dense SDPA, both layouts) and mirror pinning
 #   STAGE=soak  : new prompt lengths reuse the compiled step (compile time, TTFT: LSA, runtime dense, HF) and a
 #                 10,000-step LSA soak (recompiles, device memory, RSS) on a Llama-3.2-1B shape (~5 minutes)
+#   STAGE=host  : host memory per sequence and decode ms/token at 128K for offload (exact mirror), offload
+#                 (fp8 mirror) and evict (benchmarks/host_memory.py, ~4 minutes)
 #   STAGE=full  : the end-to-end benchmark at 128K and 32K, 256 steps, the same three paths (~6 minutes; runs
 #                 that would start after 480 s are skipped and listed in the JSON)
 #   (kernels alone: python3 benchmarks/check_kernels_gpu.py --out FILE)
@@ -42,6 +44,8 @@ elif [ "$STAGE" = profile ]; then
   done
 elif [ "$STAGE" = soak ]; then
   python3 benchmarks/recompile_soak.py --time-budget-s 420 --out "$OUT/recompile_soak.json"
+elif [ "$STAGE" = host ]; then
+  python3 benchmarks/host_memory.py --context 131072 --steps 256 --out "$OUT/host_memory.json"
 elif [ "$STAGE" = e2e ]; then
   python3 benchmarks/e2e_decode.py --contexts 131072 --steps 128 --lags 4,0 --time-budget-s 480 --out "$OUT/e2e_decode.json"
 else

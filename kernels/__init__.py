@@ -22,6 +22,7 @@ from .append_kv import (
     update_chunk_index_triton,
 )
 from .chunk_scores import chunk_scores, chunk_scores_ref, chunk_scores_triton
+from .compact_chunks import pack_chunks, pack_chunks_ref, pack_fp8, unpack_chunks, unpack_chunks_ref, unpack_chunks_triton, unpack_fp8
 from .copy_chunks import copy_chunks, copy_chunks_ref, copy_chunks_triton
 from .decode_attention import (
     ring_decode_attention,
@@ -43,6 +44,9 @@ __all__ = [
     "copy_chunks",
     "copy_chunks_ref",
     "copy_chunks_triton",
+    "pack_chunks",
+    "pack_chunks_ref",
+    "pack_fp8",
     "ring_append_kv",
     "ring_append_kv_ref",
     "ring_append_kv_triton",
@@ -53,6 +57,10 @@ __all__ = [
     "sparse_decode_attention_ref",
     "sparse_decode_attention_triton",
     "tap",
+    "unpack_chunks",
+    "unpack_chunks_ref",
+    "unpack_chunks_triton",
+    "unpack_fp8",
     "update_chunk_index",
     "update_chunk_index_ref",
     "update_chunk_index_triton",

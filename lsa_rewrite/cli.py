@@ -236,7 +236,8 @@ INTERVAL = typer.Option(None, "--interval", help="lookahead window: decode steps
 SINK_TOKENS = typer.Option(None, "--sink-tokens", help="first tokens that are always resident")
 RECENT_TOKENS = typer.Option(None, "--recent-tokens", help="most recent tokens that are always resident")
 SELECTOR = typer.Option(None, "--selector", help="query-aware, recency, random or indexer (default: indexer with --indexer, else query-aware)")
-MODE = typer.Option(None, "--mode", help="offload (CPU mirror), evict or dense")
+MODE = typer.Option(None, "--mode", help="offload (CPU mirror), evict (no mirror, no host memory per sequence) or dense")
+MIRROR = typer.Option(None, "--mirror", help="offload mode's CPU mirror: exact (lossless) or fp8 (lossy, half the host memory)")
 INDEXER = typer.Option(None, "--indexer", help="trained indexer (.safetensors from `lsa-rewrite train`); implies --selector indexer")
 DTYPE = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16: what the weights are loaded as")
 DEVICE = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)")
@@ -246,6 +247,7 @@ _DTYPES = ("float32", "bfloat16", "float16")
 _LSA_FLAGS = {
     "budget": "--budget", "chunk_size": "--chunk-size", "interval": "--interval", "sink_tokens": "--sink-tokens",
     "recent_tokens": "--recent-tokens", "selector": "--selector", "mode": "--mode",
+    "mirror": "--mirror",
 }
 
 
@@ -397,6 +399,7 @@ def convert_cmd(
     recent_tokens: int = RECENT_TOKENS,
     selector: str = SELECTOR,
     mode: str = MODE,
+    mirror: str = MIRROR,
     indexer: Path = INDEXER,
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16: what the weights are saved as"),
     debug: bool = DEBUG,
@@ -406,7 +409,7 @@ def convert_cmd(
     OUT is an HF model directory (GGUF weights dequantized) with lsa_config.json and the indexer; the conversion is checked first.
     """
     console = Console(stderr=True)
-    options = dict(budget=budget, chunk_size=chunk_size, interval=interval, sink_tokens=sink_tokens, recent_tokens=recent_tokens, selector=selector, mode=mode)
+    options = dict(budget=budget, chunk_size=chunk_size, interval=interval, sink_tokens=sink_tokens, recent_tokens=recent_tokens, selector=selector, mode=mode, mirror=mirror)
     try:
         torch_dtype = _dtype(dtype)
         config, loaded = _lsa_settings(model_path, options, indexer)
@@ -446,6 +449,7 @@ def generate_cmd(
     recent_tokens: int = RECENT_TOKENS,
     selector: str = SELECTOR,
     mode: str = MODE,
+    mirror: str = MIRROR,
     indexer: Path = INDEXER,
     dtype: str = DTYPE,
     device: str = DEVICE,
@@ -454,7 +458,7 @@ def generate_cmd(
 ) -> None:
     """Generate one reply to a prompt with MODEL converted (or dense), streamed to stdout; KV footprint on stderr."""
     console = Console(stderr=True)
-    options = dict(budget=budget, chunk_size=chunk_size, interval=interval, sink_tokens=sink_tokens, recent_tokens=recent_tokens, selector=selector, mode=mode)
+    options = dict(budget=budget, chunk_size=chunk_size, interval=interval, sink_tokens=sink_tokens, recent_tokens=recent_tokens, selector=selector, mode=mode, mirror=mirror)
     try:
         if (prompt is None) == (prompt_file is None):
             raise ValueError("pass the prompt as exactly one of --prompt TEXT and --prompt-file FILE")
@@ -510,6 +514,7 @@ def chat_cmd(
     recent_tokens: int = RECENT_TOKENS,
     selector: str = SELECTOR,
     mode: str = MODE,
+    mirror: str = MIRROR,
     indexer: Path = INDEXER,
     dtype: str = DTYPE,
     device: str = DEVICE,
@@ -518,7 +523,7 @@ def chat_cmd(
     """Interactive chat with MODEL converted: each turn prefills only the new message into the same store
     (the history stays exact in the CPU mirror); an empty line or end of input ends it."""
     console = Console(stderr=True)
-    options = dict(budget=budget, chunk_size=chunk_size, interval=interval, sink_tokens=sink_tokens, recent_tokens=recent_tokens, selector=selector, mode=mode)
+    options = dict(budget=budget, chunk_size=chunk_size, interval=interval, sink_tokens=sink_tokens, recent_tokens=recent_tokens, selector=selector, mode=mode, mirror=mirror)
     try:
         if max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
@@ -710,6 +715,7 @@ def bench_cmd(
     recent_tokens: int = RECENT_TOKENS,
     selector: str = SELECTOR,
     mode: str = MODE,
+    mirror: str = MIRROR,
     indexer: Path = INDEXER,
     dtype: str = DTYPE,
     device: str = DEVICE,
@@ -721,7 +727,7 @@ def bench_cmd(
     Dense KV: what the model's own cache holds after the run; LSA KV: footprint()'s resident_kv_bytes.
     """
     console = Console(stderr=True)
-    options = dict(budget=budget, chunk_size=chunk_size, interval=interval, sink_tokens=sink_tokens, recent_tokens=recent_tokens, selector=selector, mode=mode)
+    options = dict(budget=budget, chunk_size=chunk_size, interval=interval, sink_tokens=sink_tokens, recent_tokens=recent_tokens, selector=selector, mode=mode, mirror=mirror)
     try:
         lengths = _contexts(contexts)
         if new_tokens < 2:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 MODES = ("offload", "evict", "dense")
+MIRRORS = ("exact", "fp8")
 SELECTORS = ("query-aware", "recency", "random", "indexer")
 CAPTURE_CACHES = ("static", "dynamic")
 
@@ -64,8 +65,21 @@ class LSAConfig:
         sink_tokens: first tokens of each sequence that are always resident (attention sinks).
         recent_tokens: most recent tokens that are always resident, on top of the chunks the next
             window writes.
-        mode: ``"offload"`` keeps the full history in a CPU mirror (lossless recall); ``"evict"``
-            drops chunks that leave the pool; ``"dense"`` keeps everything resident (for checking).
+        mode: ``"offload"`` keeps the full history in a CPU mirror (recall from it); ``"evict"``
+            keeps no mirror at all: the prefill writes the first resident set (sink and the newest
+            chunks) straight into the pool, the rest of the prompt and every chunk that later leaves
+            the pool are gone (counted in ``footprint()["dropped_chunks"]``), and no host memory
+            grows with the context; ``"dense"`` keeps everything resident (for checking).
+        mirror: how offload mode's CPU mirror stores chunks. ``"exact"`` (default): in the model's
+            dtype, lossless (a recalled chunk is bit-identical to the one written). ``"fp8"``:
+            **lossy**, half the host bytes of a bf16/fp16 model (a quarter of fp32), and half the
+            bytes per recall over the host link: per token and KV head, ``head_dim``
+            ``float8_e4m3fn`` codes and one power-of-two scale byte, so a recalled value is within
+            ``2**-4 * |x| + 2**-9 * amax / 448`` of the original (``amax``: the largest magnitude of
+            its token and head). Chunks resident on the device stay in the model's dtype; only those
+            recalled from the mirror, and a later turn's read of the history (multi-turn), see the
+            rounding. Needs a torch with ``torch.float8_e4m3fn``; offload mode only (evict keeps no
+            mirror; dense and a covering budget never allocate one).
         selector: ``"query-aware"`` (training-free: current queries against chunk key bounds),
             ``"recency"`` or ``"random"`` (baselines), ``"indexer"`` (a trained indexer; needs one).
         max_context: tokens per sequence the store is sized for. ``None``: taken from ``generate()``
@@ -102,6 +116,7 @@ class LSAConfig:
     sink_tokens: int = 64
     recent_tokens: int = 128
     mode: str = "offload"
+    mirror: str = "exact"
     selector: str = "query-aware"
     max_context: int | None = None
     capture_cache: str = "static"
@@ -133,6 +148,21 @@ class LSAConfig:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.mirror not in MIRRORS:
+            raise ValueError(f"mirror must be one of {MIRRORS} ('exact': lossless; 'fp8': lossy, half the host bytes), got {self.mirror!r}")
+        if self.mirror != "exact" and self.mode == "evict":
+            raise ValueError(
+                f"mirror={self.mirror!r} with mode='evict': evict mode keeps no CPU mirror, so there is nothing to store "
+                "as fp8; use mode='offload' with mirror='fp8' (a lossy mirror in half the host memory), or leave mirror='exact'"
+            )
+        if self.mirror == "fp8":
+            import torch
+
+            if getattr(torch, "float8_e4m3fn", None) is None:
+                raise ValueError(
+                    f"mirror='fp8' needs a torch with torch.float8_e4m3fn (2.1 or later); this torch {torch.__version__} has none: "
+                    "upgrade torch or use mirror='exact'"
+                )
         if self.selector not in SELECTORS:
             raise ValueError(f"selector must be one of {SELECTORS}, got {self.selector!r}")
         if self.max_context is not None and (not _is_int(self.max_context) or self.max_context < 1):

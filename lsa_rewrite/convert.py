@@ -133,8 +133,9 @@ def footprint(model: torch.nn.Module) -> dict[str, float | int]:
     """KV bytes a converted model holds on its device, against a dense cache for the same sequences.
 
     Keys: ``resident_kv_bytes`` (every device tensor of the store: pools + chunk index + tables and
-    the memory manager's state), ``dense_kv_bytes``, ``ratio``, ``mirror_bytes`` (host),
-    ``index_bytes``, ``pool_bytes``, ``table_bytes`` (the rest of ``resident_kv_bytes``), ``dropped_chunks``,
+    the memory manager's state), ``dense_kv_bytes``, ``ratio``, ``mirror_bytes`` (the host mirror's
+    tensors), ``host_bytes`` (the host memory the store holds: the mirror's page-aligned allocation; 0
+    in evict mode), ``mirror`` (``"exact"``, ``"fp8"`` or ``"none"``), ``index_bytes``, ``pool_bytes``, ``table_bytes`` (the rest of ``resident_kv_bytes``), ``dropped_chunks``,
     ``tokens``, ``capacity_tokens``, ``slots_per_sequence``, ``selections``.
 
     Example::

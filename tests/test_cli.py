@@ -271,6 +271,7 @@ CLI_ERRORS = [
     (["convert", "{tiny}", "-o", "{tmp}/out", "--indexer", "{tmp}/nope.safetensors"], "--indexer '{tmp}/nope.safetensors' does not exist"),
     (["convert", "{tiny}", "-o", "{tmp}/out", "--indexer", "{tiny}/config.json", "--selector", "recency"], "leave out --selector"),
     (["convert", "{tiny}", "-o", "{tmp}/out", "--dtype", "int8"], "--dtype must be one of"),
+    (["convert", "{tiny}", "-o", "{tmp}/out", "--mode", "evict", "--mirror", "fp8"], "mirror='fp8' with mode='evict'"),
     (["convert", "{tmp}/nope", "-o", "{tmp}/out"], "no model at"),
     (["generate", "{tiny}"], "exactly one of --prompt TEXT and --prompt-file FILE"),
     (["generate", "{tiny}", "-p", "hi", "--prompt-file", "{tiny}/config.json"], "exactly one of"),
@@ -289,6 +290,7 @@ CLI_ERRORS = [
 CLI_ERROR_IDS = [
     "convert-out-is-model", "convert-out-is-file", "convert-out-not-empty", "convert-bad-budget", "convert-budget-range",
     "convert-chunk-size", "convert-indexer-selector-alone", "convert-missing-indexer", "convert-indexer-other-selector", "convert-dtype",
+    "convert-fp8-mirror-in-evict-mode",
     "convert-missing-model", "generate-no-prompt", "generate-two-prompts", "generate-missing-prompt-file", "generate-empty-prompt",
     "generate-max-new-tokens", "generate-dense-with-budget", "generate-device", "generate-no-tokenizer", "generate-missing-model",
     "generate-no-chat-template", "bench-contexts", "bench-new-tokens", "bench-context-too-long",

@@ -35,8 +35,9 @@ def test_frozen():
         LSAConfig(budget=1.0, selector="indexer"),
         LSAConfig(budget=1),
         LSAConfig(compile="aot_eager"),
+        LSAConfig(mirror="fp8"),
     ],
-    ids=["default", "evict", "int-budget", "float-1.0", "int-1", "compile-backend"],
+    ids=["default", "evict", "int-budget", "float-1.0", "int-1", "compile-backend", "fp8-mirror"],
 )
 def test_json_round_trip(cfg):
     text = cfg.to_json()
@@ -91,11 +92,33 @@ def test_dict_form_is_versioned():
         ("compile", 1),
         ("compile", "no-such-backend"),
         ("compile", "lsa"),
+        ("mirror", "int8"),
+        ("mirror", None),
     ],
 )
 def test_bad_value_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         LSAConfig(**{field: value})
+
+
+def test_fp8_mirror_in_evict_mode_names_both_fields():
+    with pytest.raises(ValueError, match=r"mirror='fp8' with mode='evict'.*mode='offload'"):
+        LSAConfig(mode="evict", mirror="fp8")
+
+
+def test_fp8_mirror_needs_float8(monkeypatch):
+    import torch
+
+    monkeypatch.delattr(torch, "float8_e4m3fn")
+    with pytest.raises(ValueError, match=r"mirror='fp8' needs a torch with torch.float8_e4m3fn.*mirror='exact'"):
+        LSAConfig(mirror="fp8")
+    assert LSAConfig(mirror="exact").mirror == "exact"
+
+
+def test_older_json_without_mirror_reads_as_exact():
+    d = LSAConfig().to_dict()
+    del d["_data"]["mirror"]
+    assert LSAConfig.from_dict(d).mirror == "exact"
 
 
 def test_bad_value_from_dict_names_the_field():

@@ -87,14 +87,14 @@ def assert_selection_moved_chunks(trace: ResidentTrace, model, *, mode: str, sel
     if mode == "evict":
         assert came_back == 0, "evict mode: a dropped chunk came back"
         assert lsa_rewrite.footprint(model)["dropped_chunks"] > 0
-        if selector != "recency":
-            # The first selection (right after the prefill) recalls prompt chunks from the staged
-            # prompt that the first placement (sink + newest chunks) did not hold.
-            slots = lsa_rewrite.footprint(model)["slots_per_sequence"]
-            last = (prompt_len - 1) // CHUNK
-            pads = pads or [0] * store.batch
-            older = [c for sets in trace.sets[0].values() for b, held in enumerate(sets) for c in held if pads[b] < c <= last - slots]
-            assert older, "the first selection kept only the first placement's chunks (sink + newest)"
+        # Evict mode never stages the prompt: the prefill keeps the first placement (sink + newest
+        # chunks) and the first selection can only choose among those, so no older prompt chunk is held.
+        slots = lsa_rewrite.footprint(model)["slots_per_sequence"]
+        last = (prompt_len - 1) // CHUNK
+        pads = pads or [0] * store.batch
+        older = [c for sets in trace.sets[0].values() for b, held in enumerate(sets) for c in held if pads[b] < c <= last - slots]
+        assert not older, f"evict mode held prompt chunks {sorted(set(older))} beyond its first placement: was the prompt staged?"
+        assert lsa_rewrite.footprint(model)["host_bytes"] == 0
     elif selector == "recency":
         assert came_back == 0, "recency brought an old chunk back"
     else:

@@ -7,6 +7,10 @@ chunks decoded since the last selection to the mirror, and recalls the incoming 
 (``lsa::copy_chunks``, on a side stream on CUDA). The tables take the recalled chunks ``lag`` steps
 later, after the main stream waits for the copies' event.
 
+With the compact mirror (``LSAConfig(mirror="fp8")``) the write-back packs chunks to fp8 on the
+device before they cross to the host (``lsa::pack_chunks``) and the recall unpacks them on the way
+into the pool (``lsa::unpack_chunks``); the resident pool always holds the model's dtype.
+
 It knows nothing of selection policy (which chunks, why) or of the model; it owns the manager state
 the contract declares (``planned``, ``available``, ``dropped``: stacked ``[L, B, ...]`` here, each
 layer holds views) and the copy counters.
@@ -20,6 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from ..kernels.compact_chunks import pack_chunks_impl, unpack_chunks_impl
 from ..kernels.copy_chunks import copy_chunks_problem, copy_chunks_ref, copy_chunks_triton
 from .host_memory import HostArena
 from .state import INDEX_DTYPE
@@ -52,6 +57,14 @@ def inverse_table(slot_chunk: Tensor, num_chunks: int) -> Tensor:
     return scatter_spare(table, torch.where(slot_chunk >= 0, slot_chunk, num_chunks), ids, num_chunks)
 
 
+def mirror_layout(batch: int, num_chunks: int, chunk: int, kv_heads: int, head_dim: int, dtype: torch.dtype, mirror: str) -> tuple[tuple[int, ...], torch.dtype]:
+    """(shape, dtype) of one layer's K (or V) mirror: ``[B, N, C, Hkv, D]`` in the model's dtype
+    (``"exact"``), or ``[B, N, C, Hkv, D + 1]`` packed bytes (``"fp8"``: ``kernels/compact_chunks.py``)."""
+    if mirror == "fp8":
+        return (batch, num_chunks, chunk, kv_heads, head_dim + 1), torch.uint8
+    return (batch, num_chunks, chunk, kv_heads, head_dim), dtype
+
+
 def new_mirrors(shapes: dict[int, tuple[tuple[int, ...], torch.dtype]], device: torch.device) -> dict[int, tuple[Tensor, Tensor]]:
     """Every chunk layer's (K, V) mirror, carved from one exact-size host allocation (page-locked on CUDA)."""
     arena = HostArena.for_tensors([shape for shape in shapes.values() for _ in range(2)], device)
@@ -81,10 +94,15 @@ class MemoryMover:
         batch, slots, num_chunks: store sizes.
         device: the store's device.
         side_stream: run write-back and recall on a CUDA side stream (CUDA only).
+        mirror: the mirror's format, ``"exact"`` (bitwise copies) or ``"fp8"`` (write-back packs,
+            recall unpacks: ``kernels/compact_chunks.py``).
     """
 
-    def __init__(self, num_layers: int, *, batch: int, slots: int, num_chunks: int, device: torch.device, side_stream: bool):
+    def __init__(
+        self, num_layers: int, *, batch: int, slots: int, num_chunks: int, device: torch.device, side_stream: bool, mirror: str = "exact"
+    ):
         self.layers: list[ChunkLayer] = []
+        self.compact = mirror == "fp8"
         self.batch, self.slots, self.num_chunks, self.device = batch, slots, num_chunks, device
         count = num_layers
         # The manager's state of every chunk layer, stacked [L, B, ...]: a selection plans all at once.
@@ -119,11 +137,13 @@ class MemoryMover:
         return bool(self.layers) and self.layers[0].mirror_k is not None
 
     # -- installing a selection ---------------------------------------------------------------
-    def apply(self, chosen: Tensor, *, written: range, lag: int, evict: bool, step: int) -> None:
+    def apply(self, chosen: Tensor, *, written: range, lag: int, evict: bool, step: int, recall: bool = True) -> None:
         """Install new resident sets ``[L, B, k]``: drops now, write-back + recall on the side stream, the rest after ``lag`` steps.
 
         ``written``: chunks decoded since the last selection (written back to the mirror first);
-        ``step``: the current decode step (the tables of the recall join at ``step + lag``).
+        ``step``: the current decode step (the tables of the recall join at ``step + lag``);
+        ``recall=False``: the incoming chunks are in their slots already (the first placement after a
+        prefill, which wrote them there), so nothing is copied from the mirror.
         """
         side = self.side
         main = torch.cuda.current_stream(self.device) if side is not None else None
@@ -131,7 +151,7 @@ class MemoryMover:
         mirrored = self.mirrored
         count, batch = len(layers), self.batch
         write_back = self._written_rows(written) if mirrored and len(written) else None  # before the plan: current slots
-        now, after, recall_dst, recall_src, recalled = self._plan(chosen, evict=evict, mirrored=mirrored)
+        now, after, recall_dst, recall_src, recalled = self._plan(chosen, evict=evict, mirrored=mirrored and recall)
         now_inv, after_inv = inverse_table(now, self.num_chunks), inverse_table(after, self.num_chunks)
         # `after` tables wait `lag` steps: compact copies (scatter_spare's results are slices of a wider tensor)
         after, after_inv = after.contiguous(), after_inv.contiguous()
@@ -148,22 +168,20 @@ class MemoryMover:
                     t.record_stream(side)  # made on the main stream, read here
             if write_back is not None:
                 dst, src, moved = write_back
+                write = pack_chunks_impl if self.compact else _copy
                 for i, layer in enumerate(layers):
-                    _copy(layer.mirror_k, layer.mirror_v, layer.k_pool, layer.v_pool, dst[i], src[i])
+                    write(layer.mirror_k, layer.mirror_v, layer.k_pool, layer.v_pool, dst[i], src[i])
                 self.written_back += moved
-            if mirrored:
+            if mirrored and recall:
+                copy = unpack_chunks_impl if self.compact else _copy
                 for i, layer in enumerate(layers):
-                    _copy(layer.k_pool, layer.v_pool, layer.mirror_k, layer.mirror_v, recall_dst[i], recall_src[i])
+                    copy(layer.k_pool, layer.v_pool, layer.mirror_k, layer.mirror_v, recall_dst[i], recall_src[i])
                 self.recalled += recalled
             done = torch.cuda.Event() if side is not None else None
             if done is not None:
                 done.record(side)
         self.pending = ([(layer, after[i], after_inv[i]) for i, layer in enumerate(layers)], done)
         self.swap_at = step + lag
-        if evict and mirrored:
-            if done is not None:
-                done.synchronize()  # the staged prompt is read by the recall above
-            self._drop_staging()
         if lag == 0:
             self.swap()
 
@@ -218,17 +236,6 @@ class MemoryMover:
         dst = torch.where(there, self.row_seq * self.num_chunks + ids, -1).view(count, -1)
         src = torch.where(there, self.row_seq * self.slots + slot, -1).view(count, -1)
         return dst, src, there.sum()
-
-    def _drop_staging(self) -> None:
-        """Evict mode, first selection: staged prompt chunks left out of the pool are gone."""
-        rows, n = self.planned.shape[0] * self.batch, self.num_chunks
-        planned = self.planned.view(rows, -1)
-        resident = scatter_spare(torch.zeros(rows, n, dtype=torch.bool, device=self.device), torch.where(planned >= 0, planned, n), True, n)
-        available = self.available.view(rows, n)
-        self.dropped += (available & ~resident).view(self.planned.shape[0], -1).sum(1)
-        available &= resident
-        for layer in self.layers:
-            layer.mirror_k = layer.mirror_v = None
 
     def place_identity(self) -> None:
         """Every chunk in its own slot (everything resident): chunk i lives in slot i of its sequence."""

@@ -5,11 +5,14 @@ Per rewritten layer (``ChunkLayer``) the store holds the tensors of the per-laye
 sequence, sized from the budget, never from the full context), the chunk table ``chunk_slot``
 ``[B, N]`` and its inverse ``slot_chunk`` ``[B, S]``, the chunk index ``kmin``/``kmax``
 ``[B, N, Hkv, D]`` (per-chunk key bounds, what selectors score), the query tap ``q_tap``, and the
-manager's state (``planned``, ``available``, ``dropped``). In offload mode a CPU mirror
-``[B, N, C, Hkv, D]`` per layer holds the full history (every layer's carved from one exact-size host
-allocation, page-locked when CUDA is present); in evict mode it only stages the prompt until the
-first selection, and a chunk that leaves the pool afterwards is gone and counted in ``dropped``.
-Sliding-window layers (``RingLayer``) keep an exact ring of their last ``W`` tokens.
+manager's state (``planned``, ``available``, ``dropped``). In offload mode a CPU mirror per layer
+holds the full history (every layer's carved from one exact-size host allocation, page-locked when
+CUDA is present): ``[B, N, C, Hkv, D]`` in the model's dtype (``LSAConfig.mirror="exact"``, lossless)
+or ``[B, N, C, Hkv, D + 1]`` packed fp8 bytes (``"fp8"``, lossy, half the bytes:
+``kernels/compact_chunks.py``). Evict mode has no mirror and no host memory that grows with the
+context: the prefill writes the first resident set (sink and newest chunks) straight into the pool,
+and every other chunk, of the prompt or decoded, is gone once it is not resident (counted in
+``dropped``). Sliding-window layers (``RingLayer``) keep an exact ring of their last ``W`` tokens.
 
 The store composes two parts that own the rest of the memory manager:
 
@@ -35,7 +38,8 @@ from torch import Tensor
 
 from ..config import LSAConfig
 from ..selectors import Selector, make_selector
-from .mover import MemoryMover, new_mirrors, reusable_mirrors
+from ..kernels.compact_chunks import pack_fp8, unpack_fp8
+from .mover import MemoryMover, mirror_layout, new_mirrors, reusable_mirrors
 from .policy import SelectionPolicy, min_slots
 from .state import RING_LAYER_STATE, STORE_STATE, allocate, check_tensor, layout
 
@@ -182,8 +186,9 @@ class KVStore:
         if config.fallback_budget is not None and self.slots < self.num_chunks:
             self.slots = max(self.slots, self._plan_slots(chunk_specs, budget=config.fallback_budget))
         self.all_resident = self.slots >= self.num_chunks
-        mirrored = not self.all_resident
-        shapes = {s.layer: ((batch, self.num_chunks, self.chunk, s.kv_heads, s.head_dim), s.dtype) for s in chunk_specs}
+        mirrored = not self.all_resident and config.mode == "offload"  # evict mode keeps no host copy at all
+        self.mirror = config.mirror if mirrored else None  # the mirror's format, None without one
+        shapes = {s.layer: mirror_layout(batch, self.num_chunks, self.chunk, s.kv_heads, s.head_dim, s.dtype, config.mirror) for s in chunk_specs}
         mirrors = {}
         # The store whose mirror this one shares: it is retired when this store's prefill first writes,
         # so a prefill that fails before that leaves the running generation as it was.
@@ -196,7 +201,9 @@ class KVStore:
             else:
                 mirrors = new_mirrors(shapes, device)
         self.layers: dict[int, ChunkLayer | RingLayer] = {}
-        self.mover = MemoryMover(len(chunk_specs), batch=batch, slots=self.slots, num_chunks=self.num_chunks, device=device, side_stream=mirrored)
+        self.mover = MemoryMover(
+            len(chunk_specs), batch=batch, slots=self.slots, num_chunks=self.num_chunks, device=device, side_stream=mirrored, mirror=config.mirror,
+        )
         for spec in specs:
             dims = {"B": batch, "S": self.slots, "N": self.num_chunks, "C": self.chunk, "Hq": spec.q_heads, "Hkv": spec.kv_heads, "D": spec.head_dim}
             if spec.window is None:
@@ -217,6 +224,7 @@ class KVStore:
         self.selections = 0
         self.next_selection = 1  # decode step before which the next selection runs
         self.lag = config.lag
+        self._first_keeps: tuple[int, Tensor] | None = None  # (prompt length, first resident set) the ingest placed
 
     @property
     def chunk_layers(self) -> list[ChunkLayer]:
@@ -351,17 +359,43 @@ class KVStore:
         empty = ~real.any(2)
         target.kmin[:, :chunks] = lo.masked_fill(empty, 0).to(target.kmin.dtype)
         target.kmax[:, :chunks] = hi.masked_fill(empty, 0).to(target.kmax.dtype)
+        pool_k = target.k_pool.view(batch, self.slots, c, heads, dim)
+        pool_v = target.v_pool.view(batch, self.slots, c, heads, dim)
         if self.all_resident:
             # Identity placement: chunk i lives in slot i of its sequence.
-            pool_k = target.k_pool.view(batch, self.slots, c, heads, dim)
-            pool_v = target.v_pool.view(batch, self.slots, c, heads, dim)
             pool_k[:, :chunks] = kp.to(pool_k.dtype)
             pool_v[:, :chunks] = vp.to(pool_v.dtype)
-        else:
-            # Straight into the (pinned) mirror; finish_prefill waits for these copies before reading it.
-            target.mirror_k[:, :chunks].copy_(kp, non_blocking=True)
-            target.mirror_v[:, :chunks].copy_(vp, non_blocking=True)
+            target.available[:, :chunks] = True
+            return
+        # The first resident set goes straight into the slots finish_prefill's placement gives it (the
+        # j-th kept chunk of a sequence in its slot j), exact from the prefill, not through the mirror.
+        keeps = self._first_resident_keeps(length).to(k.device)  # [B, S]
+        placed = (keeps >= 0) & (keeps < chunks)
+        seq, slot = placed.nonzero(as_tuple=True)
+        pool_k[seq, slot] = kp[seq, keeps[seq, slot]].to(pool_k.dtype)
+        pool_v[seq, slot] = vp[seq, keeps[seq, slot]].to(pool_v.dtype)
+        if target.mirror_k is None:
+            # Evict mode: the rest of the prompt is gone here, and counted; finish_prefill marks the
+            # kept chunks available.
+            kept = torch.zeros(batch, chunks, dtype=torch.bool, device=k.device)
+            kept[seq, keeps[seq, slot]] = True
+            real_chunk = ~empty.view(batch, chunks)  # holds a real token (not only left padding)
+            target.dropped += (real_chunk & ~kept).sum().to(target.dropped.device)
+            return
+        if self.mirror == "fp8":
+            # Encoded on the device (half the bytes cross to the host), then into the pinned mirror.
+            kp, vp = pack_fp8(kp), pack_fp8(vp)
+        # Into the (pinned) mirror; finish_prefill waits for these copies.
+        target.mirror_k[:, :chunks].copy_(kp, non_blocking=True)
+        target.mirror_v[:, :chunks].copy_(vp, non_blocking=True)
         target.available[:, :chunks] = True
+
+    def _first_resident_keeps(self, length: int) -> Tensor:
+        """The first resident set ``[B, S]`` (host) of a ``length``-token prompt: the same for every
+        layer's ingest and for ``finish_prefill``."""
+        if self._first_keeps is None or self._first_keeps[0] != length:
+            self._first_keeps = (length, self.policy.first_resident(length).cpu())
+        return self._first_keeps[1]
 
     def history(self, layer: int) -> tuple[Tensor, Tensor]:
         """Every token this store holds for ``layer``, exactly: K, V ``[B, Hkv, length, D]`` on the device.
@@ -369,7 +403,9 @@ class KVStore:
         For a later turn's prefill (multi-turn): resident chunks come from the pool, the others from
         the CPU mirror (offload mode keeps the whole history there); a sliding-window layer gives its
         last ``window`` tokens and zeros before them (its attention never reaches them). Refuses when
-        a chunk is gone (evict mode dropped it).
+        a chunk is gone (evict mode dropped it). With ``LSAConfig(mirror="fp8")`` the chunks not
+        resident come back dequantised (lossy, within the fp8 bound of ``kernels/compact_chunks.py``);
+        resident ones as the pool holds them (exact, unless they were recalled from the mirror).
         """
         self._check_live()
         target = self.layers.get(layer)
@@ -391,7 +427,11 @@ class KVStore:
         v = torch.zeros_like(k)
         slot = target.chunk_slot[:, :n].long()  # the table the decode step reads
         resident = slot >= 0
-        if target.mirror_k is not None:
+        if target.mirror_k is not None and self.mirror == "fp8":
+            k.copy_(unpack_fp8(target.mirror_k[:, :n].to(k.device), k.dtype))  # packed bytes cross the link, decoded there
+            v.copy_(unpack_fp8(target.mirror_v[:, :n].to(v.device), v.dtype))
+            held = resident | target.available[:, :n]
+        elif target.mirror_k is not None:
             k.copy_(target.mirror_k[:, :n])
             v.copy_(target.mirror_v[:, :n])
             held = resident | target.available[:, :n]
@@ -422,8 +462,12 @@ class KVStore:
         if self.all_resident:
             self.mover.place_identity()
             return
-        keeps = self.policy.first_resident(length).expand(len(self.chunk_layers), -1, -1)
-        self.mover.apply(keeps, written=range(0), lag=0, evict=False, step=self.steps)
+        if self._first_keeps is not None and self._first_keeps[0] != length:
+            raise StoreError(f"the prompt's KV was ingested for {self._first_keeps[0]} tokens, but the prefill finished at {length}")
+        keeps = self._first_resident_keeps(length).to(self.device).expand(len(self.chunk_layers), -1, -1)
+        self._first_keeps = None  # only the ingest needed it
+        # ingest already wrote these chunks into their slots: nothing to recall
+        self.mover.apply(keeps, written=range(0), lag=0, evict=False, step=self.steps, recall=False)
 
     # -- decode -------------------------------------------------------------------------------
     def before_step(self) -> None:
@@ -523,9 +567,12 @@ class KVStore:
 
     # -- accounting ---------------------------------------------------------------------------
     def footprint(self) -> dict[str, float | int]:
-        """Accelerator-side bytes held against what a dense cache holds for the same sequences."""
+        """Accelerator-side bytes held against what a dense cache holds for the same sequences, and the
+        host memory held for them (``host_bytes``: the mirror's page-aligned host allocation; 0 in evict
+        mode, with a covering budget and in dense mode)."""
         resident = sum(_nbytes(t) for t in self.device_tensors())
         dense = pools = index = mirror = 0
+        arenas = {}
         tokens = max(self.length, 1)
         dropped = 0
         for layer in self.layers.values():
@@ -537,6 +584,12 @@ class KVStore:
                 pools += _nbytes(layer.k_pool) + _nbytes(layer.v_pool)
                 index += layer.index_bytes
                 mirror += layer.mirror_bytes
+                for t in (layer.mirror_k, layer.mirror_v):
+                    arena = getattr(t, "_lsa_host_arena", None)
+                    if arena is not None:
+                        arenas[id(arena)] = arena.nbytes
+                    elif t is not None:
+                        arenas[id(t)] = _nbytes(t)
                 dropped += layer.dropped_chunks
             else:
                 pools += _nbytes(layer.k_ring) + _nbytes(layer.v_ring)
@@ -548,6 +601,8 @@ class KVStore:
             "index_bytes": index,
             "table_bytes": resident - pools - index,
             "mirror_bytes": mirror,
+            "mirror": self.mirror or "none",
+            "host_bytes": sum(arenas.values()),
             "dropped_chunks": dropped,
             "tokens": self.length,
             "capacity_tokens": self.capacity,

@@ -42,6 +42,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 KERNEL_MODULES = (
     "lsa_rewrite.kernels.append_kv",
     "lsa_rewrite.kernels.chunk_scores",
+    "lsa_rewrite.kernels.compact_chunks",
     "lsa_rewrite.kernels.copy_chunks",
     "lsa_rewrite.kernels.decode_attention",
 )

@@ -8,6 +8,7 @@ compared bit for bit with what was written.
 
 from __future__ import annotations
 
+import gc
 import math
 
 import pytest
@@ -15,6 +16,8 @@ import torch
 
 import lsa_rewrite.kernels  # noqa: F401  (registers torch.ops.lsa.*)
 from lsa_rewrite.config import LSAConfig
+from lsa_rewrite.kernels import pack_fp8, unpack_fp8
+from lsa_rewrite.runtime.host_memory import HostArena
 from lsa_rewrite.runtime.policy import min_slots
 from lsa_rewrite.runtime.store import ChunkLayer, KVStore, LayerSpec, LSABudgetWarning, RingLayer, StoreError
 
@@ -443,23 +446,27 @@ def test_query_aware_selection_follows_the_query_per_sequence():
 
 
 def test_evict_mode_drops_for_good():
-    batch, capacity, prompt, steps = 2, 128, 75, 50  # more prompt chunks than slots: some stay staged
+    """No host copy at any point: the prefill keeps the first resident set in the pool and the rest of the
+    prompt is gone (and counted) at once; later, every chunk that leaves the pool is gone for good."""
+    batch, capacity, prompt, steps = 2, 128, 75, 50  # more prompt chunks than slots: some are dropped at the prefill
     gen = torch.Generator().manual_seed(7)
     store = KVStore(SPECS, config(mode="evict", seed=3), batch=batch, capacity=capacity, valid_start=[0, 5])
     hist = draw_history(SPECS, batch=batch, capacity=capacity, gen=gen)
     prefill(store, hist, prompt)
     check_resident_set(store, hist)
-    assert store.footprint()["mirror_bytes"] > 0  # the prompt is staged until the first selection
-    assert store.footprint()["dropped_chunks"] == 0
+    fp = store.footprint()
+    assert fp["mirror_bytes"] == 0 and fp["host_bytes"] == 0 and fp["mirror"] == "none"
 
     prompt_chunks = set(range(math.ceil(prompt / C)))
-    assert all(prompt_chunks - held for held in resident_sets(store).values())
-    ever = {key: prompt_chunks | held for key, held in resident_sets(store).items()}
-    gone = {key: set() for key in ever}
+    held = resident_sets(store)
+    assert all(prompt_chunks - h for h in held.values())
+    ever = {key: prompt_chunks | h for key, h in held.items()}
+    gone = {key: prompt_chunks - h for key, h in held.items()}
+    assert fp["dropped_chunks"] == sum(len(g) for g in gone.values()) > 0
 
     def on_selection(store):
         check_resident_set(store, hist)
-        assert store.footprint()["mirror_bytes"] == 0
+        assert store.footprint()["host_bytes"] == 0
         for key, held in resident_sets(store).items():
             assert not (held & gone[key]), f"{key}: dropped chunks {sorted(held & gone[key])} came back"
             ever[key] |= held
@@ -468,9 +475,123 @@ def test_evict_mode_drops_for_good():
     decode(store, hist, steps, on_selection=on_selection)
 
     dropped = store.footprint()["dropped_chunks"]
-    assert dropped > 0
+    assert dropped > fp["dropped_chunks"]
     assert dropped == sum(len(g) for g in gone.values())
     assert all(s.mirror_k is None for s in chunk_layers(store).values())
+
+
+def live_host_arenas() -> int:
+    gc.collect()
+    return sum(type(o) is HostArena for o in gc.get_objects())
+
+
+@pytest.mark.parametrize("mode", ["evict", "offload"])
+def test_host_bytes_against_the_context(mode):
+    """Evict mode allocates no host memory for KV at any point (during the prompt's ingest included),
+    whatever the context; offload's mirror grows with it, and footprint() reports its allocation."""
+    host = {}
+    for capacity in (256, 2048):
+        gen = torch.Generator().manual_seed(capacity)
+        arenas = live_host_arenas()
+        store = KVStore(SPECS, config(mode=mode, seed=1), batch=2, capacity=capacity)
+        hist = draw_history(SPECS, batch=2, capacity=capacity, gen=gen)
+        prompt = capacity - 40
+        seen = [store.footprint()["host_bytes"]]
+        for layer, (k, v) in hist.items():
+            store.ingest(layer, k[:, :, :prompt], v[:, :, :prompt])
+            seen.append(store.footprint()["host_bytes"])
+        store.finish_prefill(prompt)
+        decode(store, hist, 12)
+        seen.append(store.footprint()["host_bytes"])
+        assert store.selections >= 2 and len(set(seen)) == 1, seen
+        host[capacity] = seen[0]
+        if mode == "evict":
+            assert live_host_arenas() == arenas, "evict mode allocated a host arena"
+        else:
+            arena = chunk_layers(store)[FULL.layer].mirror_k._lsa_host_arena
+            assert host[capacity] == arena.nbytes >= store.footprint()["mirror_bytes"] > 0
+        del store
+    if mode == "evict":
+        assert host == {256: 0, 2048: 0}
+    else:
+        assert host[2048] > 7 * host[256]
+
+
+# -- the fp8 mirror ----------------------------------------------------------------------------
+
+
+def test_fp8_mirror_halves_or_quarters_the_host_bytes():
+    """Per token and head, D fp8 codes and a scale byte: (D + 1) / (2 D) of bf16, (D + 1) / (4 D) of fp32."""
+    for dtype, share in ((torch.bfloat16, 2), (torch.float16, 2), (torch.float32, 4)):
+        specs = [LayerSpec(layer=i, q_heads=8, kv_heads=2, head_dim=128, dtype=dtype) for i in range(2)]
+        fp = {}
+        for mirror in ("exact", "fp8"):
+            store = KVStore(specs, config(mirror=mirror), batch=2, capacity=1024)
+            fp[mirror] = store.footprint()
+            assert fp[mirror]["mirror"] == mirror
+        assert fp["fp8"]["mirror_bytes"] * share * 128 == fp["exact"]["mirror_bytes"] * 129
+        assert fp["fp8"]["host_bytes"] / fp["exact"]["host_bytes"] <= 129 / (128 * share) + 1e-3
+        # the device side is the same: resident chunks stay in the model's dtype
+        assert fp["fp8"]["resident_kv_bytes"] == fp["exact"]["resident_kv_bytes"]
+
+
+def test_fp8_mirror_recalls_within_the_fp8_bound_and_history_is_dequantised():
+    """Decode with a random selector over the fp8 mirror: every resident chunk is either exact (it never
+    left the pool) or exactly the dequantised mirror copy (it was recalled), which is within fp8's bound;
+    the mirror holds the packed history; history() gives resident chunks exactly and the rest dequantised."""
+    batch, capacity, prompt, steps = 2, 160, 75, 60
+    gen = torch.Generator().manual_seed(5)
+    store = KVStore(SPECS, config(mirror="fp8", seed=4), batch=batch, capacity=capacity, valid_start=[0, 5])
+    hist = draw_history(SPECS, batch=batch, capacity=capacity, gen=gen)
+    prefill(store, hist, prompt)
+    lossy = 0
+
+    def check(store):
+        nonlocal lossy
+        pos = store.length
+        for layer, s in chunk_layers(store).items():
+            k_hist, v_hist = hist[layer]
+            for b in range(batch):
+                for slot, c in enumerate(s.slot_chunk[b].tolist()):
+                    written = min(C, pos - c * C)
+                    if c < 0 or written <= 0:
+                        continue
+                    for pool, full in ((s.k_pool, k_hist), (s.v_pool, v_hist)):
+                        got = pool[b * store.slots + slot, :written]
+                        want = full[b, :, c * C : c * C + written].transpose(0, 1)
+                        if not torch.equal(got, want):
+                            assert torch.equal(got, unpack_fp8(pack_fp8(want), want.dtype)), f"layer {layer} seq {b} chunk {c}"
+                            lossy += 1
+
+    decode(store, hist, steps, on_selection=check)
+    assert store.recalled_chunks > 0 and lossy > 0, "nothing came back through the fp8 mirror"
+    store.synchronize()
+    n = store.synced // C
+    for layer, s in chunk_layers(store).items():
+        k_hist, v_hist = hist[layer]
+        assert s.mirror_k.dtype == torch.uint8 and s.mirror_k.shape[-1] == s.spec.head_dim + 1
+        want = pack_fp8(k_hist[:, :, : n * C].transpose(1, 2).reshape(batch, n, C, s.spec.kv_heads, s.spec.head_dim))
+        assert torch.equal(s.mirror_k[:, :n], want)
+        # history(): resident chunks as the pool holds them (exact, or dequantised when they were recalled),
+        # the others dequantised from the mirror
+        k, v = store.history(layer)
+        length, from_mirror = store.length, 0
+        for b in range(batch):
+            resident = {c for c in s.slot_chunk[b].tolist() if c >= 0}
+            for c in range(math.ceil(length / C)):
+                got = k[b, :, c * C : min((c + 1) * C, length)]
+                exact = k_hist[b, :, c * C : min((c + 1) * C, length)]
+                rounded = unpack_fp8(pack_fp8(exact.transpose(0, 1)), exact.dtype).transpose(0, 1)
+                if c in resident:
+                    row = b * store.slots + int(s.chunk_slot[b, c])
+                    assert torch.equal(got, s.k_pool[row, : got.shape[1]].transpose(0, 1))
+                else:
+                    assert torch.equal(got, rounded) and not torch.equal(got, exact)
+                    from_mirror += 1
+        assert from_mirror > 0
+
+
+# -- rings -------------------------------------------------------------------------------------
 
 
 # -- rings -------------------------------------------------------------------------------------
