@@ -169,8 +169,68 @@ def run(device: str = "cuda", *, prompt: int = 768, new_tokens: int = 48, models
                 row.update(error=f"{type(exc).__name__}: {exc}", ok=False)
             rows.append(row)
         rows.append(_multiturn_exact(model, long_ids[:1].to(device), name))
+        rows.append(_fp8_mirror(model, long_ids.to(device), name, new_tokens))
         model.to("cpu")
     return rows
+
+
+def _fp8_mirror(model, ids, name: str, new_tokens: int) -> dict[str, Any]:
+    """The compact mirror (``LSAConfig(mirror="fp8")``): every resident chunk of the pool holds either the
+    exact KV (placed from the prefill or decoded there) or its mirror row decoded (recalled through
+    ``lsa::unpack_chunks``), bit for bit, and some were recalled; the logits stay close to the exact
+    mirror's run (the fp8 bound; ``tests/test_fp8_mirror.py`` uses the same tolerances)."""
+    import lsa_rewrite
+    from lsa_rewrite import LSAConfig
+    from lsa_rewrite.kernels import unpack_fp8
+
+    row: dict[str, Any] = {"model": name, "check": "fp8 mirror recall"}
+    try:
+        base = dict(budget=192, chunk_size=16, interval=16, sink_tokens=16, recent_tokens=32, recall_lag=1)
+        exact = lsa_rewrite.convert(copy.deepcopy(model), LSAConfig(**base))
+        want_seq, want = _greedy(exact, ids, new_tokens)
+        compact = lsa_rewrite.convert(copy.deepcopy(model), LSAConfig(**base, mirror="fp8"))
+        seq, logits = _greedy(compact, ids, new_tokens)
+        store = compact.lsa.store
+        store.synchronize()
+        if ids.is_cuda:
+            torch.cuda.synchronize()
+        upto = store.synced // store.chunk
+        decoded = checked = mismatches = 0
+        for layer in store.chunk_layers:
+            for b in range(store.batch):
+                for slot, chunk in enumerate(layer.host_slot_chunk[b]):
+                    if not 0 <= chunk < upto:
+                        continue
+                    r = b * store.slots + slot
+                    k, v = layer.k_pool[r], layer.v_pool[r]
+                    dk = unpack_fp8(layer.mirror_k[b, chunk].to(k.device), k.dtype)
+                    dv = unpack_fp8(layer.mirror_v[b, chunk].to(v.device), v.dtype)
+                    checked += 1
+                    if torch.equal(k, dk) and torch.equal(v, dv):
+                        decoded += 1
+                    else:  # then the exact values, which round to the mirror's row
+                        mismatches += not (torch.equal(unpack_fp8(_pack(k), k.dtype), dk) and torch.equal(unpack_fp8(_pack(v), v.dtype), dv))
+        # logits compared while both runs fed back the same tokens (a different greedy token changes the context)
+        n = ids.shape[1]
+        differs = (seq[:, n:] != want_seq[:, n:]).any(0).nonzero()
+        same = int(differs[0]) + 1 if differs.numel() else seq.shape[1] - n
+        diff = (logits[:same].float() - want[:same].float()).abs()
+        row.update(steps_compared=same, checked=checked, decoded_from_mirror=decoded, mismatches=mismatches, recalled_chunks=store.recalled_chunks,
+                   mean_abs_diff_vs_exact=float(diff.mean()), max_abs_diff_vs_exact=float(diff.max()),
+                   host_bytes=lsa_rewrite.footprint(compact)["host_bytes"], host_bytes_exact=lsa_rewrite.footprint(exact)["host_bytes"])
+        row["ok"] = (
+            checked > 0 and mismatches == 0 and decoded > 0 and store.recalled_chunks > 0 and row["mean_abs_diff_vs_exact"] <= 0.15
+            and row["host_bytes"] < row["host_bytes_exact"] and bool(logits.isfinite().all())
+        )
+    except Exception as exc:  # reported with the other checks
+        row.update(error=f"{type(exc).__name__}: {exc}", ok=False)
+    return row
+
+
+def _pack(x):
+    from lsa_rewrite.kernels import pack_fp8
+
+    return pack_fp8(x)
 
 
 def _multiturn_exact(model, prompt, name: str) -> dict[str, Any]:
