@@ -219,7 +219,12 @@ def soak_run(model, path: str, *, steps: int, generations: int, prompts: list[in
             **soak_checks(gens, samples, device_slack=device_slack, rss_slack=rss_slack)}
 
 
-def soak_checks(gens: list[dict], samples: list[dict], *, device_slack: int, rss_slack: int) -> dict:
+def soak_checks(gens: list[dict], samples: list[dict], *, device_slack: int, rss_slack: int, warmup: int = 1) -> dict:
+    """No compiles; no device growth within a generation; across generations of the same prompt length, no
+    growth of peak/sampled device memory or RSS. The first ``warmup`` generations are left out of the
+    across-generation check: they make one-time allocations (on the H200 the warm-up stream's cuBLAS
+    workspace, 32 MiB, and Inductor's buffers: run 48 peaked 41 MB lower in generation 0 than in 2 and 4,
+    which were within 0.5 MB of each other)."""
     checks = {}
     checks["no_compiles"] = {"graphs_compiled": samples[-1]["graphs_compiled"] if samples else 0}
     checks["no_compiles"]["ok"] = checks["no_compiles"]["graphs_compiled"] == 0
@@ -233,7 +238,7 @@ def soak_checks(gens: list[dict], samples: list[dict], *, device_slack: int, rss
                                    "ok": all(r["allocated_growth"] <= device_slack for r in within)}
     across = []
     for length in sorted({g["prompt_tokens"] for g in gens}):
-        same = [g for g in gens if g["prompt_tokens"] == length]
+        same = [g for g in gens if g["prompt_tokens"] == length and g["generation"] >= warmup]
         if len(same) < 2:
             continue
         first, last = same[0], same[-1]
@@ -246,7 +251,7 @@ def soak_checks(gens: list[dict], samples: list[dict], *, device_slack: int, rss
             "rss_growth_max": max((b["rss"] - a["rss"] for a, b in pairs), default=0),
         })
     checks["across_generations"] = {
-        "rows": across, "device_slack_bytes": device_slack, "rss_slack_bytes": rss_slack,
+        "rows": across, "device_slack_bytes": device_slack, "rss_slack_bytes": rss_slack, "warmup_generations": warmup,
         "ok": all(r["peak_allocated_growth"] <= device_slack and r["allocated_growth_max"] <= device_slack
                   and r["rss_growth_max"] <= rss_slack for r in across),
     }

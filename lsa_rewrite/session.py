@@ -188,6 +188,8 @@ class LSASession:
             if backend is None:
                 return program(inputs, store)
             if self.compiled is None or self.compiled.store is not store:
+                if self.compiled is not None:
+                    self.compiled.release()  # the previous store's graph (on CUDA its memory pool goes back now)
                 key = (store.batch, backend)
                 graph = store.device.type == "cuda"
                 self.compiled = CompiledStep(program, store, compiled=self.compiled_modules.get(key), cuda_graph=graph, backend=backend)

@@ -51,6 +51,18 @@ def capacity_dims(program: DecodeProgram) -> list[tuple[int, tuple[int, ...]]]:
     return out
 
 
+_WARMUP_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _warmup_stream(device: int) -> torch.cuda.Stream:
+    """One side stream per device for every step's warm-up before capture. cuBLAS keeps a workspace
+    (32 MiB on the H200) for each stream it has run on, for the life of the process: a new stream per
+    store grew device memory by 32 MiB per generation (benchmarks/NOTES.md, run 47)."""
+    if device not in _WARMUP_STREAMS:
+        _WARMUP_STREAMS[device] = torch.cuda.Stream(device)
+    return _WARMUP_STREAMS[device]
+
+
 class CompiledStep:
     """One store's compiled (and on CUDA graph-captured) decode step: ``step(inputs) -> logits``.
 
@@ -73,6 +85,16 @@ class CompiledStep:
             layer, name = program.store_keys[i]
             # maybe_: a size-1 dimension may be specialized (see the module docstring) instead of failing the compile
             torch._dynamo.maybe_mark_dynamic(store.tensor(layer, name), dims)
+
+    def release(self) -> None:
+        """Free what this step holds for its store: the CUDA graph (``reset`` returns its private memory
+        pool, the intermediates of the captured step, to the allocator at once rather than whenever the
+        last reference to the graph goes), the static input buffers and the store reference. The
+        compiled module stays (the session reuses it)."""
+        if self.graph is not None:
+            self.graph.reset()
+        self.graph = self.output = self.static_inputs = None
+        self.store = None
 
     def _args(self) -> list[torch.Tensor]:
         # Looked up at each call, not held: a retired store's buffers must be freed with it.
@@ -97,7 +119,7 @@ class CompiledStep:
                 self.setup_s = time.perf_counter() - started
             return out
         if self.graph is None:
-            side = torch.cuda.Stream()
+            side = _warmup_stream(torch.cuda.current_device())
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(3):  # compile + autotune + settle allocations before capture
