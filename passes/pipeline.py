@@ -73,7 +73,12 @@ def _bind(step: CapturedStep, model: torch.nn.Module) -> tuple[fx.GraphModule, l
             if binding.kind == "input":
                 input_names.append(binding.name)
                 continue
-            if binding.kind == "param":
+            if binding.kind == "param" and _is_dtensor(_attr(model, binding.name)):
+                # a tensor-parallel model traced on its local view (lsa_rewrite/tensor_parallel.py): the graph
+                # reads the rank's shard, held by reference (the DTensor's own local tensor, no copy)
+                target = f"lsa_local_{node.name}"
+                gm.register_buffer(target, step.examples[node.name], persistent=False)
+            elif binding.kind == "param":
                 target = f"model.{binding.name}"
             else:  # constants seen at capture are kept by value
                 target = f"lsa_const_{node.name}"
@@ -88,6 +93,19 @@ def _bind(step: CapturedStep, model: torch.nn.Module) -> tuple[fx.GraphModule, l
     finally:
         del gm._modules["model"]
     return module, input_names
+
+
+def _attr(model: torch.nn.Module, name: str):
+    owner, _, leaf = name.rpartition(".")
+    return getattr(model.get_submodule(owner) if owner else model, leaf)
+
+
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(t, DTensor)
 
 
 def clone_program(program: DecodeProgram) -> DecodeProgram:

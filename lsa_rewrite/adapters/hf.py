@@ -26,6 +26,7 @@ from ..hf_cache import LSACache
 from ..runtime.store import StoreError
 from ..passes import AttentionSite, Binding, CapturedStep, capture_step, locate
 from ..session import DensePrefill, model_device_dtype
+from ..tensor_parallel import TensorParallelPlan
 
 _CAPTURE_PREFILL = 2  # tokens run through the capture cache before the traced decode step
 _STATIC_CAPTURE_LEN = 8  # capture-cache length: small, the rewritten graph never reads it
@@ -89,9 +90,18 @@ class HFAdapter:
         self.output_type: type | None = None  # the model's output class, learnt at the first prefill
         self.cache_field: str = self.cache_kw  # the output field that carries the cache
         self.dense_prefill: DensePrefill | None = None  # a first call that runs the model's own code (backend)
+        # DTensor weights (transformers' tp_plan): checked here, before anything is converted; the step is
+        # traced on the rank's local view (tensor_parallel.py)
+        self.tp: TensorParallelPlan | None = TensorParallelPlan.from_model(model)
 
     # -- tracing ------------------------------------------------------------------------------
     def capture(self, batch: int) -> CapturedStep:
+        if self.tp is None:
+            return self._capture(batch)
+        with self.tp.local_view(self.model):
+            return self._capture(batch)
+
+    def _capture(self, batch: int) -> CapturedStep:
         from transformers import DynamicCache, StaticCache
 
         model = self.model
@@ -123,7 +133,10 @@ class HFAdapter:
     def trace(self) -> tuple[CapturedStep, list[AttentionSite]]:
         """Capture one decode step (batch 1) and locate its attention sites (the graph is not changed)."""
         step = self.capture(1)
-        return step, locate(step, layer_windows=self.windows)
+        sites = locate(step, layer_windows=self.windows)
+        if self.tp is not None:
+            self.tp.check_heads(sites, self.model.config)
+        return step, sites
 
     def default_capacity(self) -> int:
         return int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
