@@ -21,6 +21,7 @@ from . import handling
 from .adapters import is_hf_model, make_adapter
 from .config import LSAConfig
 from .session import LSASession, build_program, model_device_dtype
+from .tensor_parallel import TensorParallelError
 
 log = logging.getLogger("lsa_rewrite")
 
@@ -56,6 +57,11 @@ def convert(model: torch.nn.Module, config: LSAConfig | None = None, *, indexer:
     if getattr(model, "lsa", None) is not None:
         raise ValueError("this model is already converted (it has `model.lsa`); convert the original model once")
     adapter = make_adapter(model, config)
+    if adapter.tp is not None and config.selector == "indexer":
+        raise TensorParallelError(
+            "selector='indexer' is not supported on a tensor-parallel model yet (the indexer's heads would have to be "
+            "sliced to each rank's KV heads); use selector='query-aware' (all-reduced across ranks) or convert the unsharded model"
+        )
     indexer = _indexer(model, config, indexer)
     step, _ = adapter.trace()
     layers = tuple(indexer.config.target_layers) if indexer is not None else ()
@@ -129,8 +135,15 @@ def inspect_model(model: torch.nn.Module, config: LSAConfig | None = None) -> li
     return [s.describe() for s in sites]
 
 
-def footprint(model: torch.nn.Module) -> dict[str, float | int]:
+_SUMMED = ("resident_kv_bytes", "dense_kv_bytes", "pool_bytes", "index_bytes", "table_bytes", "mirror_bytes", "host_bytes")
+
+
+def footprint(model: torch.nn.Module, *, across_ranks: bool = False) -> dict[str, float | int]:
     """KV bytes a converted model holds on its device, against a dense cache for the same sequences.
+
+    On a tensor-parallel model (transformers' ``tp_plan``) the bytes are this rank's (its KV heads
+    only), and ``tp_rank``/``tp_size`` say which rank; ``across_ranks=True`` sums the byte counts over
+    the tensor-parallel group instead (an all-reduce: call it on every rank at once).
 
     Keys: ``resident_kv_bytes`` (every device tensor of the store: pools + chunk index + tables and
     the memory manager's state), ``dense_kv_bytes``, ``ratio``, ``mirror_bytes`` (the host mirror's
@@ -148,4 +161,19 @@ def footprint(model: torch.nn.Module) -> dict[str, float | int]:
         raise ValueError("footprint() needs a converted model: call lsa_rewrite.convert(model) first")
     if runtime.store is None:
         raise ValueError("the converted model holds no sequences yet: run generate() (or a prefill) first")
-    return runtime.store.footprint()
+    out = runtime.store.footprint()
+    tp = getattr(runtime.adapter, "tp", None)
+    if tp is None:
+        if across_ranks:
+            raise ValueError("footprint(across_ranks=True) needs a tensor-parallel model; this one is not sharded")
+        return out
+    out.update(tp_rank=tp.rank, tp_size=tp.size)
+    if across_ranks:
+        import torch.distributed as dist
+
+        counts = torch.tensor([out[k] for k in _SUMMED], dtype=torch.float64)
+        dist.all_reduce(counts, group=tp.group)
+        out.update({k: int(v) for k, v in zip(_SUMMED, counts.tolist())})
+        out["ratio"] = out["resident_kv_bytes"] / out["dense_kv_bytes"] if out["dense_kv_bytes"] else 0.0
+        out["tp_rank"] = None
+    return out

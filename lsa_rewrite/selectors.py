@@ -158,6 +158,43 @@ class IndexerSelector:
         return scores.expand(len(layers), -1, -1)
 
 
+class AllReduceSelector:
+    """Another selector's scores, agreed across tensor-parallel ranks by an all-reduce, so that every rank
+    keeps the same resident set (and recalls the same chunks) although each holds only its own KV heads.
+
+    With ``op="max"`` around the query-aware selector (a max over query heads) the agreed score is the
+    max over all heads of the model, the single-process score. Runs outside the compiled step, once per
+    selection: ``[L, B, N]`` float32 per rank. Every rank of ``group`` must select at the same steps
+    (they do: the schedule depends only on positions).
+
+    Example::
+
+        >>> sel = AllReduceSelector(QueryAwareSelector(), group=dist.group.WORLD)
+        >>> sel.scores(store.chunk_layers, window)   # the same tensor on every rank
+    """
+
+    def __init__(self, inner: Selector, *, group, op: str = "max"):
+        import torch.distributed as dist
+
+        ops = {"max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}
+        if op not in ops:
+            raise ValueError(f"AllReduceSelector op must be one of {sorted(ops)}, got {op!r}")
+        self.inner, self.group, self.op = inner, group, ops[op]
+        self.name = inner.name
+
+    def __getattr__(self, name: str):  # threshold_score and the like come from the wrapped selector
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def scores(self, layers: Sequence[LayerState], window: SelectionWindow) -> Tensor:
+        import torch.distributed as dist
+
+        scores = self.inner.scores(layers, window).float().contiguous()
+        dist.all_reduce(scores, op=self.op, group=self.group)
+        return scores
+
+
 def make_selector(name: str, *, seed: int = 0, indexer: object | None = None) -> Selector:
     """The selector named by ``LSAConfig.selector`` (a fresh one: the random selector's generator restarts).
 

@@ -29,7 +29,7 @@ from .passes import AttentionSite, DecodeProgram, build_decode_program
 from .runtime.compiled import CompiledStep
 from .runtime.state import check_program_inputs
 from .runtime.store import KVStore, LayerSpec, StoreError
-from .selectors import make_selector
+from .selectors import AllReduceSelector, make_selector
 
 log = logging.getLogger("lsa_rewrite")
 
@@ -143,9 +143,19 @@ class LSASession:
         self.store = KVStore(
             self.layer_specs(), self.config, batch=batch, capacity=capacity, valid_start=valid_start, device=device,
             reuse=self.store if share_mirror else None,
-            selector=make_selector(self.config.selector, seed=self.config.seed, indexer=self.indexer),
+            selector=self.selector(),
         )
         return self.store
+
+    def selector(self):
+        """A fresh selector for a new store. Under tensor parallelism (``adapter.tp``) the query-aware
+        scores are all-reduced (max) so every rank keeps the resident set the unsharded model would;
+        recency and random scores are already the same on every rank."""
+        selector = make_selector(self.config.selector, seed=self.config.seed, indexer=self.indexer)
+        tp = getattr(self.adapter, "tp", None)
+        if tp is not None and tp.size > 1 and self.config.selector == "query-aware":
+            selector = AllReduceSelector(selector, group=tp.group, op="max")
+        return selector
 
     def abort_prefill(self, store: KVStore, previous: KVStore | None) -> None:
         """A prefill into ``store`` failed: drop it, and give the running generation back its store when

@@ -19,6 +19,7 @@ import inspect
 import torch
 
 from ..config import LSAConfig
+from ..tensor_parallel import TensorParallelError, is_dtensor
 from ..passes import AttentionSite, CapturedStep, CaptureError, LocateError, capture_step, locate
 from ..session import DensePrefill, model_device_dtype
 
@@ -29,8 +30,14 @@ class PlainDecoderAdapter:
     """How to trace, prefill and call a plain decoder with module-buffer KV caches."""
 
     input_names = ("input_ids", "input_pos")
+    tp = None  # tensor parallelism is read from transformers' tp_plan (HF models only)
 
     def __init__(self, model: torch.nn.Module, config: LSAConfig):
+        if any(is_dtensor(p) for p in model.parameters()):
+            raise TensorParallelError(
+                f"{type(model).__name__} has DTensor (sharded) parameters; lsa-rewrite converts tensor-parallel models "
+                "loaded by transformers with a tp_plan only. Convert the unsharded decoder, one per process"
+            )
         self.model, self.config = model, config
         self.forward = model.forward
         params = [p for p in inspect.signature(model.forward).parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]

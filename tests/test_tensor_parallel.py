@@ -1,0 +1,163 @@
+"""A tensor-parallel HF model (transformers' tp_plan, DTensor weights) converted on every rank.
+
+Two CPU processes over gloo load the tiny Llama with ``DistributedConfig(tp_size=2)`` and convert it.
+At a covering budget the greedy tokens and logits equal the unsharded dense model's; at budget 0.25
+every rank's store holds only its own KV head, within the budget, and the ranks keep the same
+resident set (query-aware scores all-reduced). Plans the local view cannot run are refused before
+anything is converted.
+"""
+
+from __future__ import annotations
+
+import socket
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from helpers import hf_greedy, no_eos
+from zoo import make_model
+
+import lsa_rewrite
+from lsa_rewrite import LSAConfig
+
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(),
+    reason="needs torch.distributed with the gloo backend (two CPU processes stand in for two GPUs)",
+)
+
+WORLD = 2
+COVERING = LSAConfig(budget=4096, chunk_size=16, interval=16, sink_tokens=16, recent_tokens=16)
+QUARTER = LSAConfig(budget=0.25, chunk_size=16, interval=16, sink_tokens=16, recent_tokens=32)
+SHORT, LONG, NEW = 40, 512, 32
+
+
+def _prompt(batch: int, length: int, seed: int) -> torch.Tensor:
+    return torch.randint(3, 250, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _load_sharded(path: str):
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    model = AutoModelForCausalLM.from_pretrained(path, distributed_config=DistributedConfig(tp_size=WORLD), dtype=torch.float32)
+    return no_eos(model.eval())
+
+
+def _worker(rank: int, path: str, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        from lsa_rewrite.tensor_parallel import TensorParallelError
+
+        result = {}
+        model = lsa_rewrite.convert(_load_sharded(path), COVERING)
+        result["sites"] = [(s.q_heads, s.kv_heads) for s in model.lsa.sites]
+        result["covering"] = hf_greedy(model, _prompt(2, SHORT, 0), NEW)
+        del model
+
+        model = lsa_rewrite.convert(_load_sharded(path), QUARTER)
+        result["quarter"] = hf_greedy(model, _prompt(1, LONG, 1), NEW)
+        result["footprint"] = lsa_rewrite.footprint(model)
+        result["total"] = lsa_rewrite.footprint(model, across_ranks=True)
+        store = model.lsa.store
+        result["pool_heads"] = [layer.k_pool.shape[-2] for layer in store.chunk_layers]
+        result["mirror_heads"] = [layer.mirror_k.shape[-2] for layer in store.chunk_layers]
+        result["index_heads"] = [layer.kmin.shape[-2] for layer in store.chunk_layers]
+        result["tables"] = [layer.chunk_slot.clone() for layer in store.chunk_layers]
+        result["slot_chunk"] = [layer.slot_chunk.clone() for layer in store.chunk_layers]
+        result["kv_chunk_bytes"] = sum(2 * 16 * s.kv_heads * s.head_dim * 4 for s in model.lsa.sites)
+        del model, store
+
+        refused = _load_sharded(path)
+        refused._tp_plan = {**refused._tp_plan, "model.norm": "sequence_parallel"}
+        forward = refused.forward
+        try:
+            lsa_rewrite.convert(refused, COVERING)
+        except TensorParallelError as exc:
+            result["refused"] = str(exc)
+        result["untouched"] = getattr(refused, "lsa", None) is None and refused.forward == forward
+        refused._tp_plan = {k: v for k, v in refused._tp_plan.items() if k != "model.norm"}
+        try:
+            lsa_rewrite.convert(refused, LSAConfig(selector="indexer"), indexer="unused.safetensors")
+        except TensorParallelError as exc:
+            result["refused_indexer"] = str(exc)
+        torch.save(result, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    import torch.multiprocessing as mp
+
+    model = no_eos(make_model("llama"))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / "llama")
+        model.save_pretrained(path)
+        mp.spawn(_worker, args=(path, _free_port(), tmp), nprocs=WORLD, join=True)
+        results = [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return model, results
+
+
+def test_each_rank_traces_and_stores_its_own_heads(ranks):
+    model, results = ranks
+    q, kv = model.config.num_attention_heads, model.config.num_key_value_heads
+    for r in results:
+        assert r["sites"] == [(q // WORLD, kv // WORLD)] * model.config.num_hidden_layers
+        assert r["pool_heads"] == r["mirror_heads"] == r["index_heads"] == [kv // WORLD] * model.config.num_hidden_layers
+
+
+def test_covering_budget_equals_the_unsharded_dense_model(ranks):
+    model, results = ranks
+    dense_seq, dense_logits = hf_greedy(model, _prompt(2, SHORT, 0), NEW)
+    for r in results:
+        seq, logits = r["covering"]
+        assert torch.equal(seq, dense_seq)
+        torch.testing.assert_close(logits, dense_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_quarter_budget_per_rank_footprint_and_one_resident_set(ranks):
+    model, results = ranks
+    for r in results:
+        fp = r["footprint"]
+        slack = r["kv_chunk_bytes"] / fp["dense_kv_bytes"]
+        assert fp["tp_size"] == WORLD and fp["tokens"] == LONG + NEW - 1
+        assert 0.1 < fp["ratio"] <= 0.25 + slack, fp
+        assert fp["selections"] >= 3 and fp["mirror_bytes"] > 0
+    ranks_fp = [r["footprint"] for r in results]
+    assert {fp["tp_rank"] for fp in ranks_fp} == set(range(WORLD))
+    total = results[0]["total"]
+    assert total == results[1]["total"]
+    assert total["resident_kv_bytes"] == sum(fp["resident_kv_bytes"] for fp in ranks_fp)
+    sites = [(model.config.num_key_value_heads, model.config.head_dim)] * model.config.num_hidden_layers
+    assert total["dense_kv_bytes"] == (LONG + NEW - 1) * sum(2 * h * d * 4 for h, d in sites)
+    # the all-reduced scores give every rank the same chunk tables (only the heads in the pools differ)
+    for a, b in zip(results[0]["tables"] + results[0]["slot_chunk"], results[1]["tables"] + results[1]["slot_chunk"]):
+        assert torch.equal(a, b)
+    assert torch.equal(results[0]["quarter"][0], results[1]["quarter"][0])
+
+
+def test_quarter_budget_follows_the_unsharded_lsa_model(ranks):
+    model, results = ranks
+    from helpers import converted_copy
+
+    seq, logits = hf_greedy(no_eos(converted_copy(model, QUARTER)), _prompt(1, LONG, 1), NEW)
+    tp_seq, tp_logits = results[0]["quarter"]
+    assert torch.equal(tp_seq, seq)
+    torch.testing.assert_close(tp_logits, logits, atol=1e-3, rtol=1e-3)
+
+
+def test_unsupported_plans_are_refused_before_converting(ranks):
+    _, results = ranks
+    for r in results:
+        assert "sequence_parallel" in r["refused"] and "model.norm" in r["refused"]
+        assert r["untouched"]
+        assert "selector='indexer'" in r["refused_indexer"]
