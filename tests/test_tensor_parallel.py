@@ -9,6 +9,7 @@ anything is converted.
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import tempfile
 from pathlib import Path
@@ -29,6 +30,8 @@ pytestmark = pytest.mark.skipif(
 
 WORLD = 2
 COVERING = LSAConfig(budget=4096, chunk_size=16, interval=16, sink_tokens=16, recent_tokens=16)
+# the covering run goes through torch.compile (the step that failed on DTensor.to_local before the local view)
+COMPILED = dataclasses.replace(COVERING, compile="aot_eager")
 QUARTER = LSAConfig(budget=0.25, chunk_size=16, interval=16, sink_tokens=16, recent_tokens=32)
 SHORT, LONG, NEW = 40, 512, 32
 
@@ -58,9 +61,12 @@ def _worker(rank: int, path: str, port: int, out: str) -> None:
         from lsa_rewrite.tensor_parallel import TensorParallelError
 
         result = {}
-        model = lsa_rewrite.convert(_load_sharded(path), COVERING)
+        model = lsa_rewrite.convert(_load_sharded(path), COMPILED)
         result["sites"] = [(s.q_heads, s.kv_heads) for s in model.lsa.sites]
         result["covering"] = hf_greedy(model, _prompt(2, SHORT, 0), NEW)
+        result["compiled"] = model.lsa.compiled is not None
+        graph = model.lsa.programs[2].module.graph
+        result["collectives"] = [str(n.target) for n in graph.nodes if "c10d_functional" in str(n.target)]
         del model
 
         model = lsa_rewrite.convert(_load_sharded(path), QUARTER)
@@ -112,6 +118,8 @@ def test_each_rank_traces_and_stores_its_own_heads(ranks):
     q, kv = model.config.num_attention_heads, model.config.num_key_value_heads
     for r in results:
         assert r["sites"] == [(q // WORLD, kv // WORLD)] * model.config.num_hidden_layers
+        assert r["collectives"].count("_c10d_functional.all_reduce") == 1 + 2 * model.config.num_hidden_layers
+        assert r["collectives"].count("_c10d_functional.all_gather_into_tensor") == 1
         assert r["pool_heads"] == r["mirror_heads"] == r["index_heads"] == [kv // WORLD] * model.config.num_hidden_layers
 
 
@@ -120,6 +128,7 @@ def test_covering_budget_equals_the_unsharded_dense_model(ranks):
     dense_seq, dense_logits = hf_greedy(model, _prompt(2, SHORT, 0), NEW)
     for r in results:
         seq, logits = r["covering"]
+        assert r["compiled"], "the covering run should decode through the compiled step"
         assert torch.equal(seq, dense_seq)
         torch.testing.assert_close(logits, dense_logits, atol=1e-4, rtol=1e-4)
 
