@@ -4,7 +4,8 @@ Public API:
 - ``LSAConfig``: what stays resident and how it is chosen.
 - ``convert(model, config, *, indexer=None)``: rewrite a decoder's decode step to attend over a
   budget-sized resident set of KV chunks (full history in a CPU mirror).
-- ``footprint(model)``: resident KV bytes against a dense cache.
+- ``footprint(model)``: resident KV bytes against a dense cache (per rank, or summed with
+  ``across_ranks=True``, for a tensor-parallel model: transformers' ``tp_plan``, docs/serving.md).
 - ``from_pretrained(path)``: load a directory written by a converted model's ``save_pretrained``
   (or ``lsa-rewrite convert``) and convert it with the saved settings; returns ``(model, tokenizer)``.
 - ``calibrate(model, tokenizer, out_dir, ...)`` and ``train_indexer(dump, ...)``: record a calibration
@@ -30,8 +31,9 @@ from typing import Any
 from . import kernels  # noqa: F401  (registers the lsa:: custom ops)
 from .config import LSAConfig
 from .runtime.store import KVStore, LSABudgetWarning, StoreError
-from .selectors import PerLayerSelector, SelectionWindow, Selector
+from .selectors import AllReduceSelector, PerLayerSelector, SelectionWindow, Selector
 from .session import LSASession
+from .tensor_parallel import TensorParallelError, TensorParallelPlan
 
 # The conversion entry points import transformers (HF adapter); they load on first use, so that
 # `lsa_rewrite.indexer` (backbone-free training) imports in a process without transformers.
@@ -65,7 +67,8 @@ class _Package(types.ModuleType):
 sys.modules[__name__].__class__ = _Package
 
 __all__ = [
-    "KVStore", "LSABudgetWarning", "LSAConfig", "LSASession", "PerLayerSelector", "SelectionWindow", "Selector", "StoreError", "backend", "calibrate",
+    "AllReduceSelector", "KVStore", "LSABudgetWarning", "LSAConfig", "LSASession", "PerLayerSelector", "SelectionWindow", "Selector", "StoreError",
+    "TensorParallelError", "TensorParallelPlan", "backend", "calibrate",
     "convert", "footprint", "from_pretrained", "inspect_model", "train_indexer",
 ]
 __version__ = "0.1.0"

@@ -42,7 +42,15 @@ import torch.nn.functional as F
 
 
 class TensorParallelError(ValueError):
-    """A tensor-parallel model that lsa-rewrite cannot convert (the message says what and what to do)."""
+    """A tensor-parallel model that lsa-rewrite cannot convert (the message says what and what to do).
+
+    Example::
+
+        >>> try:
+        ...     lsa_rewrite.convert(model_with_sequence_parallel_norms)
+        ... except lsa_rewrite.TensorParallelError as exc:
+        ...     print(exc)   # names the plan entry and the styles that are supported
+    """
 
 
 _LINEAR_STYLES = {"colwise", "rowwise", "colwise_gather_output", "colwise_rep"}
