@@ -171,9 +171,11 @@ def footprint(model: torch.nn.Module, *, across_ranks: bool = False) -> dict[str
     if across_ranks:
         import torch.distributed as dist
 
-        counts = torch.tensor([out[k] for k in _SUMMED], dtype=torch.float64)
+        # on the store's device for NCCL (it has no CPU tensors), on the CPU for gloo
+        device = runtime.store.device if dist.get_backend(tp.group) == "nccl" else torch.device("cpu")
+        counts = torch.tensor([out[k] for k in _SUMMED], dtype=torch.float64, device=device)
         dist.all_reduce(counts, group=tp.group)
-        out.update({k: int(v) for k, v in zip(_SUMMED, counts.tolist())})
+        out.update({k: int(v) for k, v in zip(_SUMMED, counts.cpu().tolist())})
         out["ratio"] = out["resident_kv_bytes"] / out["dense_kv_bytes"] if out["dense_kv_bytes"] else 0.0
         out["tp_rank"] = None
     return out

@@ -250,9 +250,16 @@ def _local_forward(module: torch.nn.Module, sharded: ShardedModule, plan: Tensor
         return rowwise
 
     if style in ("colwise_gather_output", "colwise_rep"):
+        world = plan.size
+
         def gather(x: torch.Tensor) -> torch.Tensor:
-            y = F.linear(x, module.weight, module.bias)
-            return funcol.all_gather_single(y.contiguous(), y.dim() - 1, group)
+            y = F.linear(x, module.weight, module.bias).contiguous()
+            # the c10d functional ops themselves (funcol's all-gather wrappers differ between torch 2.11 and
+            # 2.13, and 2.11's chunk-and-cat helper is skipped by Dynamo): gather along dim 0, then
+            # move the rank dimension next to the sharded last one
+            g = torch.ops._c10d_functional.all_gather_into_tensor(y, world, group)
+            g = torch.ops._c10d_functional.wait_tensor(g)
+            return g.view(world, *y.shape).movedim(0, -2).reshape(*y.shape[:-1], world * y.shape[-1])
         return gather
 
     if style == "embedding_rowwise":
