@@ -299,7 +299,7 @@ def task_section(model, tokenizer, indexer, selectors: list[str], budgets: list[
 
     out["dense"] = run(model)
     print(f"tasks  dense: {out['dense']['correct']}/{len(tasks)}  ({out['dense']['seconds']} s)", flush=True)
-    save()
+    save("tasks", out)
     for selector in selectors:
         for fraction in budgets:
             budget = resident_budget(fraction, context)
@@ -315,7 +315,7 @@ def task_section(model, tokenizer, indexer, selectors: list[str], budgets: list[
                 f"tasks  {selector:12s} {fraction:6.1%} ({budget['resident_tokens']} tokens{', minimum' if budget['minimum_applied'] else ''}): "
                 f"{result['correct']}/{len(tasks)}  ({result['seconds']} s)", flush=True,
             )
-            save()
+            save("tasks", out)
     return out
 
 
@@ -406,7 +406,7 @@ def kl_section(model, tokenizer, indexer, selectors: list[str], budgets: list[fl
                 f"kl     {selector:12s} {fraction:6.1%} ({budget['resident_tokens']} tokens{', minimum' if budget['minimum_applied'] else ''}): "
                 f"KL {result['kl_mean']:.4f}, top-1 {result['top1_agreement']:.3f}  ({result['seconds']} s)", flush=True,
             )
-            save()
+            save("kl", out)
     return out
 
 
@@ -561,7 +561,12 @@ def main(argv: list[str] | None = None) -> None:
                  "interval": lsa.get("interval"), "heldout_documents": [d["id"] for d in dump.documents if d["split"] == "heldout"]},
         "complete": False,
     }
-    save = lambda: write_json(args.out, payload)  # noqa: E731  (after each section and run: a long run keeps its partial results)
+    def save(section: str | None = None, partial: dict | None = None) -> None:
+        """Write the payload (after each section and run: a long run keeps its partial results, the
+        section still running included)."""
+        if section is not None:
+            payload[section] = partial
+        write_json(args.out, payload)
 
     # 1. recall (needs no model)
     t0 = time.perf_counter()

@@ -76,7 +76,8 @@ def golden_labels(
     - ``rule="vote"`` (the paper's form): each layer keeps its own nucleus of ``top_p``, and a chunk is
       golden when at least ``min_layers`` layers keep it. With a vote of half the layers, the chunk a
       retrieval answer is read from often misses the vote (SmolLM2, held-out tasks: the answer's chunk
-      ranked first by the layer-averaged share but was golden in 4 of 12), so ``"mean"`` is the default.
+      ranked first or second by the layer-averaged share in 10 of 12 but was golden in 4), so ``"mean"``
+      is the default.
 
     A layer with no mass on any selectable chunk keeps none (and adds zero to the mean).
 
