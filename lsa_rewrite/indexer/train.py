@@ -451,7 +451,8 @@ def _listwise(logits: Tensor, mass: Tensor | None, mask: Tensor) -> Tensor:
     if not bool(rows.any()):
         return (logits * 0).sum()
     target = target / target.sum(-1, keepdim=True).clamp_min(1e-12)
-    logp = torch.log_softmax(logits.masked_fill(~mask[:, None], float("-inf")), dim=-1)  # [B, Lt, N]
+    # a finite fill: a window without selectable chunks gives a finite (unused) row, not NaN gradients
+    logp = torch.log_softmax(logits.masked_fill(~mask[:, None], torch.finfo(logits.dtype).min), dim=-1)  # [B, Lt, N]
     t = target[:, None].expand_as(logp)
     kl = torch.where(t > 0, t * (torch.log(t.clamp_min(1e-12)) - logp), torch.zeros_like(logp)).sum(-1)  # [B, Lt]
     return kl[rows].mean()

@@ -294,3 +294,15 @@ def test_a_batch_of_always_resident_chunks_only_gives_a_zero_loss():
         assert value.item() == 0.0
         value.backward()  # still a graph: training steps on such a batch do nothing
         assert torch.isfinite(logits.grad).all()
+
+
+def test_listwise_loss_with_a_window_without_selectable_chunks_has_finite_gradients():
+    from lsa_rewrite.indexer.train import _make_loss
+
+    logits = torch.randn(2, 3, 4, requires_grad=True)
+    mask = torch.tensor([[False] * 4, [True, True, False, True]])
+    batch = {"golden": torch.tensor([[0.0] * 4, [1.0, 0, 0, 0]]), "mask": mask, "mass": torch.rand(2, 5, 4)}
+    value = _make_loss("bce+listwise", None)(logits, batch)
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(logits.grad).all()
+    assert (logits.grad[0] == 0).all() and (logits.grad[1, :, 2] == 0).all()  # masked chunks learn nothing
