@@ -71,3 +71,19 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {path}")
+
+
+def time_budget(started: float, budget_s: float | None, skipped: list[str]) -> Callable[[str], bool]:
+    """``due(what)``: whether a run may start within ``budget_s`` seconds of ``started`` (``perf_counter``);
+    a run that may not is listed in ``skipped`` (the JSON says what was left out) and announced."""
+    import time
+
+    def due(what: str) -> bool:
+        elapsed = time.perf_counter() - started
+        if budget_s is not None and elapsed > budget_s:
+            skipped.append(f"{what}: not started, {elapsed:.0f} s of the {budget_s:.0f} s budget used")
+            print("skipped", what, flush=True)
+            return False
+        return True
+
+    return due

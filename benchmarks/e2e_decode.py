@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import COPY_BANDWIDTH, DEVICE, environment, sync, write_json  # noqa: E402
+from common import COPY_BANDWIDTH, DEVICE, environment, sync, time_budget, write_json  # noqa: E402
 
 import lsa_rewrite  # noqa: E402
 from lsa_rewrite import LSAConfig  # noqa: E402
@@ -311,12 +311,7 @@ def main() -> None:
         "skipped": [], "results": {},
     }
 
-    def due(what: str) -> bool:
-        if args.time_budget_s is not None and time.perf_counter() - started > args.time_budget_s:
-            payload["skipped"].append(f"{what}: not started, {time.perf_counter() - started:.0f} s of the {args.time_budget_s:.0f} s budget used")
-            print("skipped", what, flush=True)
-            return False
-        return True
+    due = time_budget(started, args.time_budget_s, payload["skipped"])
 
     def record(ctx: int, name: str, res: dict) -> None:
         add_floor(res, weights)

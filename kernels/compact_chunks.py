@@ -42,7 +42,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from .copy_chunks import _reachable, copy_chunks_problem, copy_chunks_ref, copy_chunks_triton
+from .copy_chunks import copy_chunks_problem, copy_chunks_ref, copy_chunks_triton
 
 try:
     import triton
@@ -254,18 +254,6 @@ def unpack_chunks_triton(
     )
 
 
-def unpack_chunks_problem(tensors: tuple[Tensor, ...]) -> str | None:
-    """Why the Triton kernel cannot take these operands on the GPU (None: it can)."""
-    if triton is None:
-        return "Triton is not installed"
-    if not all(_reachable(t) for t in tensors):
-        return "an operand is pageable host memory (the mirror must be page-locked)"
-    devices = {t.device for t in tensors if t.is_cuda}
-    if len(devices) > 1:
-        return f"operands live on several GPUs: {sorted(map(str, devices))}"
-    return None
-
-
 @functools.lru_cache(maxsize=None)
 def _warn_reference_fallback(problem: str) -> None:
     warnings.warn(f"lsa::unpack_chunks runs its PyTorch reference: {problem}", RuntimeWarning, stacklevel=3)
@@ -275,7 +263,7 @@ def unpack_chunks_impl(pool_k: Tensor, pool_v: Tensor, mirror_k: Tensor, mirror_
     """The Triton kernel when a GPU operand is involved and every operand is reachable from it, else the reference."""
     tensors = (pool_k, pool_v, mirror_k, mirror_v, dst_rows, src_rows)
     if any(t.is_cuda for t in tensors):
-        problem = unpack_chunks_problem(tensors)
+        problem = copy_chunks_problem(tensors)  # the same operand rules as the exact copy
         if problem is None:
             return unpack_chunks_triton(*tensors)
         _warn_reference_fallback(problem)

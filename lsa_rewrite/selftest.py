@@ -181,7 +181,7 @@ def _fp8_mirror(model, ids, name: str, new_tokens: int) -> dict[str, Any]:
     mirror's run (the fp8 bound; ``tests/test_fp8_mirror.py`` uses the same tolerances)."""
     import lsa_rewrite
     from lsa_rewrite import LSAConfig
-    from lsa_rewrite.kernels import unpack_fp8
+    from lsa_rewrite.kernels import pack_fp8, unpack_fp8
 
     row: dict[str, Any] = {"model": name, "check": "fp8 mirror recall"}
     try:
@@ -209,7 +209,7 @@ def _fp8_mirror(model, ids, name: str, new_tokens: int) -> dict[str, Any]:
                     if torch.equal(k, dk) and torch.equal(v, dv):
                         decoded += 1
                     else:  # then the exact values, which round to the mirror's row
-                        mismatches += not (torch.equal(unpack_fp8(_pack(k), k.dtype), dk) and torch.equal(unpack_fp8(_pack(v), v.dtype), dv))
+                        mismatches += not (torch.equal(unpack_fp8(pack_fp8(k), k.dtype), dk) and torch.equal(unpack_fp8(pack_fp8(v), v.dtype), dv))
         # logits compared while both runs fed back the same tokens (a different greedy token changes the context)
         n = ids.shape[1]
         differs = (seq[:, n:] != want_seq[:, n:]).any(0).nonzero()
@@ -225,12 +225,6 @@ def _fp8_mirror(model, ids, name: str, new_tokens: int) -> dict[str, Any]:
     except Exception as exc:  # reported with the other checks
         row.update(error=f"{type(exc).__name__}: {exc}", ok=False)
     return row
-
-
-def _pack(x):
-    from lsa_rewrite.kernels import pack_fp8
-
-    return pack_fp8(x)
 
 
 def _multiturn_exact(model, prompt, name: str) -> dict[str, Any]:

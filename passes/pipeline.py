@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from lsa_rewrite.tensor_parallel import is_dtensor
+
 from .capture import CapturedStep
 from .indexer_taps import TapIndexerInputsPass
 from .locate import AttentionSite, LocateAttentionPass
@@ -73,7 +75,7 @@ def _bind(step: CapturedStep, model: torch.nn.Module) -> tuple[fx.GraphModule, l
             if binding.kind == "input":
                 input_names.append(binding.name)
                 continue
-            if binding.kind == "param" and _is_dtensor(_attr(model, binding.name)):
+            if binding.kind == "param" and is_dtensor(_attr(model, binding.name)):
                 # a tensor-parallel model traced on its local view (lsa_rewrite/tensor_parallel.py): the graph
                 # reads the rank's shard, held by reference (the DTensor's own local tensor, no copy)
                 target = f"lsa_local_{node.name}"
@@ -98,14 +100,6 @@ def _bind(step: CapturedStep, model: torch.nn.Module) -> tuple[fx.GraphModule, l
 def _attr(model: torch.nn.Module, name: str):
     owner, _, leaf = name.rpartition(".")
     return getattr(model.get_submodule(owner) if owner else model, leaf)
-
-
-def _is_dtensor(t) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        return False
-    return isinstance(t, DTensor)
 
 
 def clone_program(program: DecodeProgram) -> DecodeProgram:
