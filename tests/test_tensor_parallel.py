@@ -3,7 +3,8 @@
 Two CPU processes over gloo load the tiny Llama with ``DistributedConfig(tp_size=2)`` and convert it.
 At a covering budget the greedy tokens and logits equal the unsharded dense model's; at budget 0.25
 every rank's store holds only its own KV head, within the budget, and the ranks keep the same
-resident set (query-aware scores all-reduced). Plans the local view cannot run are refused before
+resident set (query-aware scores all-reduced); sampling (one seed on every rank) and a later turn on
+the same cache agree across ranks and with the unsharded model. Plans the local view cannot run are refused before
 anything is converted.
 """
 
@@ -54,6 +55,23 @@ def _load_sharded(path: str):
     return no_eos(model.eval())
 
 
+def _sample(model, ids: torch.Tensor) -> torch.Tensor:
+    torch.manual_seed(7)
+    return model.generate(ids, max_new_tokens=NEW, do_sample=True, top_k=20, temperature=1.5)
+
+
+def _two_turns(model) -> list[torch.Tensor]:
+    """Two turns on one cache (multi-turn over the mirror); the sequences of each."""
+    import inspect
+
+    kw = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    out = model.generate(_prompt(1, LONG, 3), max_new_tokens=12, do_sample=False, return_dict_in_generate=True)
+    cache = getattr(out, "cache", None) or out.past_key_values
+    again = model.generate(torch.cat([out.sequences, _prompt(1, 40, 4)], 1), max_new_tokens=12, do_sample=False,
+                           return_dict_in_generate=True, **{kw: cache})
+    return [out.sequences, again.sequences]
+
+
 def _worker(rank: int, path: str, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
@@ -80,7 +98,13 @@ def _worker(rank: int, path: str, port: int, out: str) -> None:
         result["tables"] = [layer.chunk_slot.clone() for layer in store.chunk_layers]
         result["slot_chunk"] = [layer.slot_chunk.clone() for layer in store.chunk_layers]
         result["kv_chunk_bytes"] = sum(2 * 16 * s.kv_heads * s.head_dim * 4 for s in model.lsa.sites)
-        del model, store
+        del store
+        # sampling: every rank draws from the same seed (as transformers' TP generate needs), so the ranks
+        # agree on each token; a later turn on the same cache prefills only the new tokens on every rank
+        result["sampled"] = _sample(model, _prompt(1, LONG, 2))
+        result["turns"] = _two_turns(model)
+        result["turn_footprint"] = lsa_rewrite.footprint(model)
+        del model
 
         refused = _load_sharded(path)
         refused._tp_plan = {**refused._tp_plan, "model.norm": "sequence_parallel"}
@@ -170,3 +194,17 @@ def test_unsupported_plans_are_refused_before_converting(ranks):
         assert "sequence_parallel" in r["refused"] and "model.norm" in r["refused"]
         assert r["untouched"]
         assert "selector='indexer'" in r["refused_indexer"]
+
+
+def test_sampling_and_a_later_turn_agree_across_ranks_and_with_the_unsharded_model(ranks):
+    model, results = ranks
+    from helpers import converted_copy
+
+    single = no_eos(converted_copy(model, QUARTER))
+    sampled = _sample(single, _prompt(1, LONG, 2))
+    turns = _two_turns(single)
+    for r in results:
+        assert torch.equal(r["sampled"], sampled)
+        assert all(torch.equal(a, b) for a, b in zip(r["turns"], turns))
+        fp = r["turn_footprint"]
+        assert fp["tokens"] == turns[1].shape[1] - 1 and fp["ratio"] < 0.5, fp
