@@ -30,7 +30,8 @@ shard through ``from_pretrained`` as a user would. JSON is written by rank 0 aft
 
     torchrun --nproc-per-node 2 benchmarks/e2e_tp.py --contexts 131072 --batches 1,4
     torchrun --nproc-per-node 2 benchmarks/e2e_tp.py --contexts 524288 --batches 1
-    torchrun --nproc-per-node 2 benchmarks/e2e_tp.py --tiny      # the script on a tiny model, CPU (gloo)
+    torchrun --nproc-per-node 2 benchmarks/e2e_tp.py --contexts 524288 --prefill-window 4096 --allreduce nccl,one-shot
+  torchrun --nproc-per-node 2 benchmarks/e2e_tp.py --tiny      # the script on a tiny model, CPU (gloo)
 """
 
 from __future__ import annotations
@@ -110,6 +111,17 @@ def use_local_prefill(model, window: int) -> None:
     model.set_attn_implementation(LOCAL_PREFILL)
 
 
+def use_one_shot_all_reduce(group_name: str) -> None:
+    """Let Inductor lower the step's small all-reduces (<= 128 KB, sum) as PyTorch's one-shot all-reduce
+    over symmetric memory (each rank reads its peers' buffers over NVLink, P2P, no multicast) instead of
+    NCCL: ``_collective.auto_select`` with symmetric memory enabled for the tensor-parallel group."""
+    import torch._inductor.config as inductor_config
+    from torch.distributed._symmetric_memory import enable_symm_mem_for_group
+
+    enable_symm_mem_for_group(group_name)
+    inductor_config._collective.auto_select = True
+
+
 def floor_of(res: dict, weights: int) -> None:
     res["weights_bytes_per_gpu"] = weights
     res["floor_bytes_per_gpu"] = weights + res["kv_gpu_bytes"]
@@ -129,6 +141,9 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="where rank 0 saves the random checkpoint (default: a temp folder, removed at the end)")
     parser.add_argument("--prefill-window", type=int, default=0,
                         help="run prompts' attention over a local causal window of this many tokens (0: exact; decode is always exact)")
+    parser.add_argument("--allreduce", default="nccl",
+                        help="how the compiled step's all-reduces are lowered, one or both in order: nccl, one-shot "
+                             "(symmetric memory; CUDA only); the one-shot paths are named *_one_shot")
     parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU with gloo: checks the script, not a measurement")
     parser.add_argument("--out", default="benchmarks/results/e2e_tp.json")
     args = parser.parse_args()
@@ -147,6 +162,11 @@ def main() -> None:
     unknown = sorted(set(paths) - {"lsa_tp", "dense_tp", "lsa_1gpu"})
     if unknown:
         raise SystemExit(f"unknown --paths {unknown}; choose from lsa_tp, dense_tp, lsa_1gpu")
+    allreduces = args.allreduce.split(",")
+    if set(allreduces) - {"nccl", "one-shot"} or len(set(allreduces)) != len(allreduces):
+        raise SystemExit(f"--allreduce takes nccl and/or one-shot, got {args.allreduce!r}")
+    if "one-shot" in allreduces and DEVICE != "cuda":
+        raise SystemExit("--allreduce one-shot needs CUDA GPUs (symmetric memory); use --allreduce nccl on the CPU")
     chunk = 16 if args.tiny else 64
     lsa_config = LSAConfig(budget=0.135, chunk_size=chunk, interval=chunk, sink_tokens=chunk, recent_tokens=2 * chunk, recall_lag=4)
     dense_config = dataclasses.replace(lsa_config, mode="dense")
@@ -154,6 +174,7 @@ def main() -> None:
         "benchmark": "e2e_tp", "environment": {**environment(), "gpus": world, "dist_backend": backend}, "tiny": args.tiny,
         "model": f"Llama-3-8B shape, random bf16 weights, {layers} layers" + (" (tiny: hidden 64, CPU check)" if args.tiny else ""),
         "layers": layers, "steps": steps, "lsa_config": lsa_config.to_dict(),
+        "allreduce": allreduces,
         "prefill_attention": (f"local causal window of {args.prefill_window} tokens (prompt KV = each layer's projections; decode exact; "
                               "prefill times not comparable with an exact prefill)") if args.prefill_window else "exact",
         "floor": f"per GPU: (this rank's weight bytes + its device KV bytes) / {COPY_BANDWIDTH / 1e12} TB/s",
@@ -179,11 +200,13 @@ def main() -> None:
         row = payload["results"].setdefault(key, {})
         row[name] = {k: v for k, v in res.items() if k != "windows"} | {"windows": res.get("windows", [])[:4]}
         vs = row.setdefault("vs", {})
-        if "lsa_tp" in row and "lsa_1gpu" in row:
-            vs["lsa_tp_vs_lsa_1gpu_speedup"] = round(row["lsa_1gpu"]["ms_per_token"] / row["lsa_tp"]["ms_per_token"], 2)
-        if "lsa_tp" in row and "dense_tp" in row:
-            vs["lsa_tp_vs_dense_tp_speedup"] = round(row["dense_tp"]["ms_per_token"] / row["lsa_tp"]["ms_per_token"], 2)
-            vs["lsa_tp_vs_dense_tp_kv_fraction"] = round(row["lsa_tp"]["kv_gpu_bytes"] / row["dense_tp"]["kv_gpu_bytes"], 4)
+        for suffix in ("", "_one_shot"):
+            lsa, dense = row.get("lsa_tp" + suffix), row.get("dense_tp" + suffix)
+            if lsa and "lsa_1gpu" in row:
+                vs[f"lsa_tp{suffix}_vs_lsa_1gpu_speedup"] = round(row["lsa_1gpu"]["ms_per_token"] / lsa["ms_per_token"], 2)
+            if lsa and dense:
+                vs[f"lsa_tp{suffix}_vs_dense_tp{suffix}_speedup"] = round(dense["ms_per_token"] / lsa["ms_per_token"], 2)
+                vs[f"lsa_tp{suffix}_vs_dense_tp{suffix}_kv_fraction"] = round(lsa["kv_gpu_bytes"] / dense["kv_gpu_bytes"], 4)
         print(name, key, {k: v for k, v in res.items() if k not in ("windows", "footprint", "path", "per_rank")}, flush=True)
         payload["elapsed_s"] = round(time.perf_counter() - started, 1)
         write_json(args.out, payload)
@@ -247,10 +270,18 @@ def main() -> None:
     weights = local_bytes(model)
     vocab = model.config.vocab_size
     lsa_rewrite.convert(model, lsa_config)
-    runs = [(ctx, batch, name, cfg) for ctx in contexts for batch in batches
+    runs = [(ctx, batch, name + ("" if reduce == "nccl" else "_one_shot"), cfg, reduce)
+            for reduce in allreduces for ctx in contexts for batch in batches
             for name, cfg in (("lsa_tp", lsa_config), ("dense_tp", dense_config)) if name in paths]
-    for ctx, batch, name, cfg in runs:
+    lowering = "nccl"
+    for ctx, batch, name, cfg, reduce in runs:
         key = f"{ctx}/B{batch}"
+        if reduce != lowering:
+            use_one_shot_all_reduce(model.lsa.adapter.tp.group_name)
+            torch._dynamo.reset()  # the next compile lowers the step's all-reduces afresh
+            model.lsa.compiled = None
+            model.lsa.compiled_modules.clear()
+            lowering = reduce
         if not agree(due(f"{name} {key}")):
             continue
         res = guarded(f"{name} {key}", lambda: runtime_run(model, prompt_of(ctx, batch, vocab), steps, cfg))
