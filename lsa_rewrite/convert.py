@@ -21,7 +21,6 @@ from . import handling
 from .adapters import is_hf_model, make_adapter
 from .config import LSAConfig
 from .session import LSASession, build_program, model_device_dtype
-from .tensor_parallel import TensorParallelError
 
 log = logging.getLogger("lsa_rewrite")
 
@@ -57,11 +56,6 @@ def convert(model: torch.nn.Module, config: LSAConfig | None = None, *, indexer:
     if getattr(model, "lsa", None) is not None:
         raise ValueError("this model is already converted (it has `model.lsa`); convert the original model once")
     adapter = make_adapter(model, config)
-    if adapter.tp is not None and config.selector == "indexer":
-        raise TensorParallelError(
-            "selector='indexer' is not supported on a tensor-parallel model yet (the indexer's heads would have to be "
-            "sliced to each rank's KV heads); use selector='query-aware' (all-reduced across ranks) or convert the unsharded model"
-        )
     indexer = _indexer(model, config, indexer)
     step, _ = adapter.trace()
     layers = tuple(indexer.config.target_layers) if indexer is not None else ()

@@ -132,8 +132,13 @@ class IndexerSelector:
 
     name = "indexer"
 
-    def __init__(self, indexer):
+    def __init__(self, indexer, *, kv_heads: slice | None = None, group=None):
+        """``kv_heads``/``group`` under tensor parallelism: the KV heads this rank's chunk index holds and
+        the ranks' process group; each rank sums its heads' share of every target layer's score and the
+        shares are all-reduced (sum) before the scale, bias and ensemble, so every rank ranks chunks as
+        the unsharded model would (the query tower reads the full hidden state, which every rank has)."""
         self.indexer = indexer.eval()
+        self.kv_heads, self.group = kv_heads, group
 
     @property
     def threshold_score(self) -> float:
@@ -150,8 +155,13 @@ class IndexerSelector:
             for i, target in enumerate(self.indexer.config.target_layers):
                 layer = by_layer[target]
                 q, w = self.indexer.query(i, layer.idx_x, layer.idx_cos if rope else None, layer.idx_sin if rope else None)
-                logits.append(self.indexer.layer_logits(i, q, w, layer.kmin, layer.kmax))
-            stacked = torch.stack(logits)  # [Lt, B, N]
+                logits.append(self.indexer.head_sum(i, q, w, layer.kmin, layer.kmax, kv_heads=self.kv_heads))
+            sums = torch.stack(logits)  # [Lt, B, N]
+            if self.group is not None:
+                import torch.distributed as dist
+
+                dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.group)
+            stacked = torch.stack([self.indexer.finish_logits(i, z) for i, z in enumerate(sums)])
             # Ranked by logits where that is the same order: a sigmoid saturates to 1.0 in float32 (z > ~17)
             # and would leave the top chunks tied.
             scores = stacked.amax(0) if self.indexer.config.ensemble == "max" else torch.sigmoid(stacked).mean(0)

@@ -29,7 +29,7 @@ from .passes import AttentionSite, DecodeProgram, build_decode_program
 from .runtime.compiled import CompiledStep
 from .runtime.state import check_program_inputs
 from .runtime.store import KVStore, LayerSpec, StoreError
-from .selectors import AllReduceSelector, make_selector
+from .selectors import AllReduceSelector, IndexerSelector, make_selector
 
 log = logging.getLogger("lsa_rewrite")
 
@@ -149,10 +149,13 @@ class LSASession:
 
     def selector(self):
         """A fresh selector for a new store. Under tensor parallelism (``adapter.tp``) the query-aware
-        scores are all-reduced (max) so every rank keeps the resident set the unsharded model would;
-        recency and random scores are already the same on every rank."""
-        selector = make_selector(self.config.selector, seed=self.config.seed, indexer=self.indexer)
+        scores are all-reduced (max) and the indexer's per-head score sums (sum) so every rank keeps the
+        resident set the unsharded model would; recency and random scores are already the same on every rank."""
         tp = getattr(self.adapter, "tp", None)
+        if tp is not None and tp.size > 1 and self.config.selector == "indexer":
+            per_rank = self.indexer.config.kv_heads // tp.size  # colwise shards: contiguous head ranges
+            return IndexerSelector(self.indexer, kv_heads=slice(tp.rank * per_rank, (tp.rank + 1) * per_rank), group=tp.group)
+        selector = make_selector(self.config.selector, seed=self.config.seed, indexer=self.indexer)
         if tp is not None and tp.size > 1 and self.config.selector == "query-aware":
             selector = AllReduceSelector(selector, group=tp.group, op="max")
         return selector

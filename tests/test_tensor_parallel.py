@@ -3,13 +3,14 @@
 Two CPU processes over gloo load the tiny Llama with ``DistributedConfig(tp_size=2)`` and convert it.
 At a covering budget the greedy tokens and logits equal the unsharded dense model's; at budget 0.25
 every rank's store holds only its own KV head, within the budget, and the ranks keep the same
-resident set (query-aware scores all-reduced); sampling (one seed on every rank) and a later turn on
+resident set (query-aware scores all-reduced, or the indexer's per-head score sums); sampling (one seed on every rank) and a later turn on
 the same cache agree across ranks and with the unsharded model. Plans the local view cannot run are refused before
 anything is converted.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import socket
 import tempfile
@@ -34,6 +35,7 @@ COVERING = LSAConfig(budget=4096, chunk_size=16, interval=16, sink_tokens=16, re
 # the covering run goes through torch.compile (the step that failed on DTensor.to_local before the local view)
 COMPILED = dataclasses.replace(COVERING, compile="aot_eager")
 QUARTER = LSAConfig(budget=0.25, chunk_size=16, interval=16, sink_tokens=16, recent_tokens=32)
+INDEXED = dataclasses.replace(QUARTER, selector="indexer")
 SHORT, LONG, NEW = 40, 512, 32
 
 
@@ -72,7 +74,7 @@ def _two_turns(model) -> list[torch.Tensor]:
     return [out.sequences, again.sequences]
 
 
-def _worker(rank: int, path: str, port: int, out: str) -> None:
+def _worker(rank: int, path: str, port: int, out: str, indexer) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
@@ -114,11 +116,16 @@ def _worker(rank: int, path: str, port: int, out: str) -> None:
         except TensorParallelError as exc:
             result["refused"] = str(exc)
         result["untouched"] = getattr(refused, "lsa", None) is None and refused.forward == forward
-        refused._tp_plan = {k: v for k, v in refused._tp_plan.items() if k != "model.norm"}
-        try:
-            lsa_rewrite.convert(refused, LSAConfig(selector="indexer"), indexer="unused.safetensors")
-        except TensorParallelError as exc:
-            result["refused_indexer"] = str(exc)
+        del refused
+
+        # the indexer: each rank scores with its own KV heads' share, the shares summed across ranks
+        model = lsa_rewrite.convert(_load_sharded(path), INDEXED, indexer=indexer)
+        result["indexed"] = hf_greedy(model, _prompt(1, LONG, 5), NEW)
+        store = model.lsa.store
+        result["indexed_tables"] = [layer.chunk_slot.clone() for layer in store.chunk_layers]
+        result["indexed_selector"] = (type(store.selector).__name__, store.selector.kv_heads)
+        result["indexed_selections"] = store.selections
+        del model, store
         torch.save(result, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -132,13 +139,27 @@ def ranks():
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "llama")
         model.save_pretrained(path)
-        mp.spawn(_worker, args=(path, _free_port(), tmp), nprocs=WORLD, join=True)
+        indexer = _indexer(model)
+        mp.spawn(_worker, args=(path, _free_port(), tmp, indexer), nprocs=WORLD, join=True)
         results = [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-    return model, results
+    return model, indexer, results
+
+
+def _indexer(model):
+    """An indexer for the tiny Llama: initialised from its query projections, then every parameter moved
+    by seeded noise, so that heads weigh differently and the per-head sums matter."""
+    from lsa_rewrite.indexer.from_model import indexer_from_model
+
+    indexer = indexer_from_model(model, INDEXED, target_layers=[0, 1])
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in indexer.parameters():
+            p.add_(0.3 * p.abs().mean() * torch.randn(p.shape, generator=g))
+    return indexer
 
 
 def test_each_rank_traces_and_stores_its_own_heads(ranks):
-    model, results = ranks
+    model, _, results = ranks
     q, kv = model.config.num_attention_heads, model.config.num_key_value_heads
     for r in results:
         assert r["sites"] == [(q // WORLD, kv // WORLD)] * model.config.num_hidden_layers
@@ -148,7 +169,7 @@ def test_each_rank_traces_and_stores_its_own_heads(ranks):
 
 
 def test_covering_budget_equals_the_unsharded_dense_model(ranks):
-    model, results = ranks
+    model, _, results = ranks
     dense_seq, dense_logits = hf_greedy(model, _prompt(2, SHORT, 0), NEW)
     for r in results:
         seq, logits = r["covering"]
@@ -158,7 +179,7 @@ def test_covering_budget_equals_the_unsharded_dense_model(ranks):
 
 
 def test_quarter_budget_per_rank_footprint_and_one_resident_set(ranks):
-    model, results = ranks
+    model, _, results = ranks
     for r in results:
         fp = r["footprint"]
         slack = r["kv_chunk_bytes"] / fp["dense_kv_bytes"]
@@ -179,7 +200,7 @@ def test_quarter_budget_per_rank_footprint_and_one_resident_set(ranks):
 
 
 def test_quarter_budget_follows_the_unsharded_lsa_model(ranks):
-    model, results = ranks
+    model, _, results = ranks
     from helpers import converted_copy
 
     seq, logits = hf_greedy(no_eos(converted_copy(model, QUARTER)), _prompt(1, LONG, 1), NEW)
@@ -189,15 +210,14 @@ def test_quarter_budget_follows_the_unsharded_lsa_model(ranks):
 
 
 def test_unsupported_plans_are_refused_before_converting(ranks):
-    _, results = ranks
+    _, _, results = ranks
     for r in results:
         assert "sequence_parallel" in r["refused"] and "model.norm" in r["refused"]
         assert r["untouched"]
-        assert "selector='indexer'" in r["refused_indexer"]
 
 
 def test_sampling_and_a_later_turn_agree_across_ranks_and_with_the_unsharded_model(ranks):
-    model, results = ranks
+    model, _, results = ranks
     from helpers import converted_copy
 
     single = no_eos(converted_copy(model, QUARTER))
@@ -208,3 +228,18 @@ def test_sampling_and_a_later_turn_agree_across_ranks_and_with_the_unsharded_mod
         assert all(torch.equal(a, b) for a, b in zip(r["turns"], turns))
         fp = r["turn_footprint"]
         assert fp["tokens"] == turns[1].shape[1] - 1 and fp["ratio"] < 0.5, fp
+
+
+def test_indexer_selector_sums_head_shares_across_ranks_like_the_unsharded_model(ranks):
+    model, indexer, results = ranks
+    single = no_eos(lsa_rewrite.convert(copy.deepcopy(model), INDEXED, indexer=indexer))
+    seq, logits = hf_greedy(single, _prompt(1, LONG, 5), NEW)
+    tables = [layer.chunk_slot for layer in single.lsa.store.chunk_layers]
+    assert single.lsa.store.selections >= 3
+    kv = model.config.num_key_value_heads
+    for rank, r in enumerate(results):
+        assert r["indexed_selector"] == ("IndexerSelector", slice(rank * kv // WORLD, (rank + 1) * kv // WORLD))
+        tp_seq, tp_logits = r["indexed"]
+        assert torch.equal(tp_seq, seq)
+        torch.testing.assert_close(tp_logits, logits, atol=1e-3, rtol=1e-3)
+        assert all(torch.equal(a, b) for a, b in zip(r["indexed_tables"], tables))

@@ -277,15 +277,30 @@ class LSAIndexer(nn.Module):
     def layer_logits(self, i: int, q: Tensor, w: Tensor, kmin: Tensor, kmax: Tensor) -> Tensor:
         """Document tower and score of target layer number ``i``: q [B, Hq, D], w [B, Hq],
         kmin/kmax [B, N, Hkv, D] (any float dtype) -> logits [B, N] (``z + bias``, float32)."""
+        return self.finish_logits(i, self.head_sum(i, q, w, kmin, kmax))
+
+    def head_sum(self, i: int, q: Tensor, w: Tensor, kmin: Tensor, kmax: Tensor, *, kv_heads: slice | None = None) -> Tensor:
+        """The head sum ``z`` of target layer ``i`` before its scale and bias: q [B, Hq, D], w [B, Hq] (all
+        heads), kmin/kmax [B, N, Hk, D] over the KV heads ``kv_heads`` (default: all ``Hkv``) -> [B, N].
+        The sum runs over those KV heads and their query heads only, so the head sums of disjoint KV head
+        ranges (tensor-parallel ranks) add up to the whole model's."""
         cfg, target = self.config, self.layers[i]
+        heads = kv_heads if kv_heads is not None else slice(0, cfg.kv_heads)
         batch = q.shape[0]
         lo, hi = kmin.float(), kmax.float()
-        centre = target.centre_gain * ((lo + hi) * 0.5)  # [B, N, Hkv, D]
-        half = target.half_gain * ((hi - lo) * 0.5)
-        qg = q.float().view(batch, cfg.kv_heads, cfg.group, cfg.head_dim)  # head h -> kv head h // G, as repeat_kv
+        if lo.shape[-2] != len(range(cfg.kv_heads)[heads]):
+            raise ValueError(f"kmin/kmax hold {lo.shape[-2]} KV heads, but kv_heads={heads} selects {len(range(cfg.kv_heads)[heads])}")
+        centre = target.centre_gain[heads] * ((lo + hi) * 0.5)  # [B, N, Hk, D]
+        half = target.half_gain[heads] * ((hi - lo) * 0.5)
+        qg = q.float().view(batch, cfg.kv_heads, cfg.group, cfg.head_dim)[:, heads]  # head h -> kv head h // G, as repeat_kv
         # q . centre + |q| . half: with s = t = 1 the largest q . k over the chunk's key box (the query-aware bound)
-        dots = torch.einsum("bkgd,bnkd->bnkg", qg, centre) + torch.einsum("bkgd,bnkd->bnkg", qg.abs(), half)  # [B, N, Hkv, G]
-        z = (dots.relu() * w.float().view(batch, 1, cfg.kv_heads, cfg.group)).sum((-2, -1))  # [B, N]
+        dots = torch.einsum("bkgd,bnkd->bnkg", qg, centre) + torch.einsum("bkgd,bnkd->bnkg", qg.abs(), half)  # [B, N, Hk, G]
+        weights = w.float().view(batch, cfg.kv_heads, cfg.group)[:, heads]
+        return (dots.relu() * weights.unsqueeze(1)).sum((-2, -1))  # [B, N]
+
+    def finish_logits(self, i: int, z: Tensor) -> Tensor:
+        """Target layer ``i``'s logits from its (whole-model) head sum ``z`` [..., N]: ``z * scale + bias``."""
+        target = self.layers[i]
         return z * target.log_scale.exp() + target.bias
 
     def ensemble(self, logits_list: list[Tensor] | tuple[Tensor, ...] | Tensor) -> Tensor:
