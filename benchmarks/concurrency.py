@@ -27,13 +27,15 @@ Filling the GPU takes time: ``N`` x one prefill (~12-15 s at 128K and 32 layers)
 (``--layers``) make each prefill faster but let more sequences fit (weights and KV per sequence both
 shrink), so the time to fill the device barely changes; what ``--layers`` changes is the ratio of
 weights to KV per sequence (reported). ``--time-budget-s`` caps ``N`` to what the remaining time can
-prefill (estimated from the pilot), and the bound then says ``time``; ``--modes`` with ``--merge`` runs
-modes in separate device calls into one JSON (the pilot is reused from it). An out-of-memory error is
+prefill (estimated from the pilot), and the bound then says ``time``; ``--modes`` with ``--merge JSON``
+runs modes in separate device calls into one JSON (the earlier call's modes and pilot are kept, each
+mode with its own date). An out-of-memory error is
 caught and recorded, the mode is retried once at 85% of its ``N`` when time allows, and the next mode
 runs. JSON is written after every mode.
 
-    python benchmarks/concurrency.py --time-budget-s 540 --out benchmarks/results/concurrency.json
-    python benchmarks/concurrency.py --modes lsa_evict --merge --time-budget-s 540 --out benchmarks/results/concurrency.json
+    python benchmarks/concurrency.py --modes runtime_dense,lsa_exact,lsa_fp8 --time-budget-s 540 --out benchmarks/results/concurrency.json
+    python benchmarks/concurrency.py --modes lsa_evict --merge benchmarks/results/concurrency.json --time-budget-s 520 \
+        --out benchmarks/results/concurrency.json          # a second device call: evict fills the GPU for ~8 minutes
     python benchmarks/concurrency.py --tiny --out /tmp/concurrency_tiny.json     # the script itself, CPU, seconds
 """
 
@@ -266,7 +268,8 @@ def main() -> None:
                         help="plan N so every mode's prefill fits in this many seconds from the start (one device call is 10 minutes)")
     parser.add_argument("--mode-overhead-s", type=float, default=None,
                         help="seconds per mode besides the prefills, for --time-budget-s: store and mirror allocation, compile, decode (default 60; --tiny: 2)")
-    parser.add_argument("--merge", action="store_true", help="keep the other modes' results (and the pilot) of an existing --out of the same shape")
+    parser.add_argument("--merge", default=None, metavar="JSON",
+                        help="keep the other modes' results (and the pilot) of this earlier JSON of the same shape (e.g. an earlier device call's)")
     parser.add_argument("--inject-oom", default="", help="modes whose first attempt raises an out-of-memory error on purpose (checks the recovery)")
     parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU: checks the script in seconds (not a measurement)")
     parser.add_argument("--out", default="benchmarks/results/concurrency.json")
@@ -312,14 +315,16 @@ def main() -> None:
         "skipped": [], "results": {},
     }
     out_path = Path(args.out)
-    if args.merge and out_path.exists():
-        old = json.loads(out_path.read_text())
+    if args.merge and not Path(args.merge).exists():
+        raise SystemExit(f"--merge {args.merge}: no such file; pass the JSON an earlier call wrote, or leave --merge out")
+    if args.merge:
+        old = json.loads(Path(args.merge).read_text())
         if all(old.get(k) == v for k, v in shape.items()):
             payload["results"] = {k: v for k, v in old.get("results", {}).items() if k not in modes}
             if "pilot" in old:
                 payload["pilot"] = {**old["pilot"], "from": old.get("environment", {}).get("date")}
         else:
-            print(f"--merge: {out_path} has another shape ({ {k: old.get(k) for k in shape} }); starting afresh", flush=True)
+            print(f"--merge: {args.merge} has another shape ({ {k: old.get(k) for k in shape} }); starting afresh", flush=True)
     due = time_budget(started, args.time_budget_s, payload["skipped"])
 
     def prompts(n: int) -> torch.Tensor:
