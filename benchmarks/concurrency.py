@@ -122,6 +122,9 @@ def per_sequence_bytes(model, config: LSAConfig, capacity: int) -> dict:
     device_alloc = allocated() - before
     slots, chunks = store.slots, store.num_chunks
     del store
+    gc.collect()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()  # the free memory the plan reads next must not miss this store's blocks
     host = 0
     if config.mode == "offload" and slots < chunks:
         for s in specs:
