@@ -31,7 +31,7 @@ prefill (estimated from the pilot), and the bound then says ``time``; ``--modes`
 runs modes in separate device calls into one JSON (the earlier call's modes and pilot are kept, each
 mode with its own date). An out-of-memory error is
 caught and recorded, the mode is retried once at 85% of its ``N`` when time allows, and the next mode
-runs. JSON is written after every mode.
+runs (any other error is recorded with its traceback, and the next mode runs too). JSON is written after every mode.
 
     python benchmarks/concurrency.py --modes runtime_dense,lsa_exact,lsa_fp8 --time-budget-s 540 --out benchmarks/results/concurrency.json
     python benchmarks/concurrency.py --modes lsa_evict --merge benchmarks/results/concurrency.json --time-budget-s 520 \
@@ -49,6 +49,7 @@ import json
 import math
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -382,10 +383,13 @@ def main() -> None:
         while n >= 1:
             try:
                 measured = run_mode(model, config, prompts(n), steps, capacity, inject_oom=name in inject and not res["attempts"])
-            except Exception as exc:  # noqa: BLE001 - an OOM is recorded and the next mode runs
-                if not is_oom(exc):
-                    raise
+            except Exception as exc:  # noqa: BLE001 - recorded; the next mode runs
                 res["attempts"].append({"n": n, "error": f"{type(exc).__name__}: {str(exc)[:400]}"})
+                if not is_oom(exc):
+                    res["attempts"][-1]["traceback"] = traceback.format_exc()[-3000:]
+                    res["n"], res["bound"] = 0, f"failed at N = {n} ({type(exc).__name__})"
+                    print(name, "failed:", res["attempts"][-1]["error"], flush=True)
+                    break
                 print(name, "out of memory at N =", n, flush=True)
             else:
                 res["attempts"].append({"n": n, "ok": True})
