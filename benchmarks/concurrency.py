@@ -163,9 +163,11 @@ def pilot(model, prompt: torch.Tensor, base: LSAConfig, capacity: int) -> dict:
 
 
 @torch.no_grad()
-def run_mode(model, config: LSAConfig, prompt: torch.Tensor, steps: int, capacity: int, *, inject_oom: bool = False) -> dict:
+def run_mode(model, config: LSAConfig, prompt: torch.Tensor, steps: int, capacity: int, *, inject_oom: bool = False,
+             on_prefill=None) -> dict:
     """Prefill ``prompt`` ``[N, T]`` through the converted model (``config.prefill_batch`` rows at a time)
-    into one store, then decode the N sequences together for ``steps`` steps."""
+    into one store, then decode the N sequences together for ``steps`` steps. ``on_prefill(partial)``:
+    called with the prefill's measurements before the decode starts (a run stopped there keeps them)."""
     kw = cache_kw(model)
     runtime = model.lsa
     release(model)
@@ -194,6 +196,19 @@ def run_mode(model, config: LSAConfig, prompt: torch.Tensor, steps: int, capacit
         prefill_peak = peak()
         store = cache.store
         fp_after_prefill = store.footprint()
+        init_s, probe_s = breakdown.get("store_init", 0.0), breakdown.get("probe", 0.0)
+        prefilled = {
+            "n": n, "prefill_batch": config.prefill_batch, "capture_s": round(capture_s, 1),
+            "prefill_s": round(prefill_s, 2), "prefill_breakdown_s": {k: round(v, 2) for k, v in breakdown.items()},
+            "prefill_s_per_sequence": round((prefill_s - init_s - probe_s) / n, 2),
+            "allocated_at_start_bytes": start_alloc, "peak_device_prefill_bytes": prefill_peak,
+            "prefill_working_set_bytes": prefill_peak - start_alloc - fp_after_prefill["resident_kv_bytes"] if DEVICE == "cuda" else 0,
+            "device_kv_bytes": fp_after_prefill["resident_kv_bytes"], "host_bytes": fp_after_prefill["host_bytes"],
+            "mirror": fp_after_prefill["mirror"], "dense_kv_bytes": fp_after_prefill["dense_kv_bytes"],
+            "slots_per_sequence": fp_after_prefill["slots_per_sequence"],
+        }
+        if on_prefill is not None:
+            on_prefill(prefilled)
         reset_peak()
         t0 = time.perf_counter()
         for _ in range(3):  # compile (new batch size) and CUDA-graph capture; LSA compiled in the probe already
@@ -209,24 +224,17 @@ def run_mode(model, config: LSAConfig, prompt: torch.Tensor, steps: int, capacit
         decode_s = time.perf_counter() - t0
         decode_peak = peak()
     fp = lsa_rewrite.footprint(model)
-    init_s, probe_s = breakdown.get("store_init", 0.0), breakdown.get("probe", 0.0)
     result = {
-        "n": n, "prefill_batch": config.prefill_batch,
-        "prefill_s": round(prefill_s, 2), "prefill_breakdown_s": {k: round(v, 2) for k, v in breakdown.items()},
-        "prefill_s_per_sequence": round((prefill_s - init_s - probe_s) / n, 2),
-        "capture_s": round(capture_s, 1), "warmup_s": round(warm_s, 1), "steps": steps,
+        **prefilled,
+        "warmup_s": round(warm_s, 1), "steps": steps,
         "ms_per_step": round(decode_s / steps * 1e3, 3),
         "aggregate_tokens_per_s": round(n * steps / decode_s, 1),
         "tokens_per_s_per_sequence": round(steps / decode_s, 2),
         "selections_in_timed_loop": store.selections - selections_before,
         "recompiles_in_timed_loop": counters["stats"]["unique_graphs"] - graphs_before,
-        "allocated_at_start_bytes": start_alloc,
-        "peak_device_prefill_bytes": prefill_peak, "peak_device_decode_bytes": decode_peak,
-        "peak_device_bytes": max(prefill_peak, decode_peak),
-        "prefill_working_set_bytes": prefill_peak - start_alloc - fp_after_prefill["resident_kv_bytes"] if DEVICE == "cuda" else 0,
-        "device_kv_bytes": fp["resident_kv_bytes"], "host_bytes": fp["host_bytes"], "mirror": fp["mirror"],
-        "dense_kv_bytes": fp["dense_kv_bytes"], "dropped_chunks": fp["dropped_chunks"], "slots_per_sequence": fp["slots_per_sequence"],
-        "rss_peak_over_before_bytes": rss.peak - rss.before,
+        "peak_device_decode_bytes": decode_peak, "peak_device_bytes": max(prefill_peak, decode_peak),
+        "device_kv_bytes": fp["resident_kv_bytes"], "host_bytes": fp["host_bytes"], "dropped_chunks": fp["dropped_chunks"],
+        "rss_peak_over_before_bytes": rss.peak - rss.before, "status": "done",
     }
     del cache, store, token
     release(model)
@@ -382,12 +390,17 @@ def main() -> None:
             payload["skipped"].append(f"{name}: not run, N = 0 ({sizing['bound']} bound: {sizing['n_by']})")
         while n >= 1:
             try:
-                measured = run_mode(model, config, prompts(n), steps, capacity, inject_oom=name in inject and not res["attempts"])
+                def prefilled(partial: dict) -> None:
+                    res.update(partial, status="prefilled; decode not finished")
+                    record()
+
+                measured = run_mode(model, config, prompts(n), steps, capacity, inject_oom=name in inject and not res["attempts"],
+                                    on_prefill=prefilled)
             except Exception as exc:  # noqa: BLE001 - recorded; the next mode runs
                 res["attempts"].append({"n": n, "error": f"{type(exc).__name__}: {str(exc)[:400]}"})
                 if not is_oom(exc):
                     res["attempts"][-1]["traceback"] = traceback.format_exc()[-3000:]
-                    res["n"], res["bound"] = 0, f"failed at N = {n} ({type(exc).__name__})"
+                    res["n"], res["bound"], res["status"] = 0, f"failed at N = {n} ({type(exc).__name__})", "failed"
                     print(name, "failed:", res["attempts"][-1]["error"], flush=True)
                     break
                 print(name, "out of memory at N =", n, flush=True)
@@ -402,7 +415,7 @@ def main() -> None:
             if len(res["attempts"]) >= 2 or retry < 1 or (
                 args.time_budget_s is not None and elapsed + overhead + retry * seconds_per_sequence > args.time_budget_s
             ):
-                res["n"], res["bound"] = 0, f"out of memory at N = {n}"
+                res["n"], res["bound"], res["status"] = 0, f"out of memory at N = {n}", "failed"
                 break
             n = retry
             res["n"], res["bound"] = n, f"out of memory at N = {res['attempts'][0]['n']}; retried at 85%"
