@@ -10,6 +10,10 @@
 #                 10,000-step LSA soak (recompiles, device memory, RSS) on a Llama-3.2-1B shape (~5 minutes)
 #   STAGE=host  : host memory per sequence and decode ms/token at 128K for offload (exact mirror), offload
 #                 (fp8 mirror) and evict (benchmarks/host_memory.py, ~4 minutes)
+#   STAGE=concurrency: the largest batch of 128K sequences per mode, allocated (prefilled one at a time into one
+#                 store) and decoded together: runtime dense, LSA exact mirror, LSA fp8 mirror (~8 minutes)
+#   STAGE=concurrency-evict: the same for LSA evict (~8.5 minutes), merged with benchmarks/results/concurrency.json
+#                 (the first stage's JSON, copied into the tree before this call)
 #   STAGE=full  : the end-to-end benchmark at 128K and 32K, 256 steps, the same three paths (~6 minutes; runs
 #                 that would start after 480 s are skipped and listed in the JSON)
 #   (kernels alone: python3 benchmarks/check_kernels_gpu.py --out FILE)
@@ -46,6 +50,10 @@ elif [ "$STAGE" = soak ]; then
   python3 benchmarks/recompile_soak.py --time-budget-s 420 --out "$OUT/recompile_soak.json"
 elif [ "$STAGE" = host ]; then
   python3 benchmarks/host_memory.py --context 131072 --steps 256 --out "$OUT/host_memory.json"
+elif [ "$STAGE" = concurrency ]; then
+  python3 benchmarks/concurrency.py --modes runtime_dense,lsa_exact,lsa_fp8 --time-budget-s 540 --out "$OUT/concurrency.json"
+elif [ "$STAGE" = concurrency-evict ]; then
+  python3 benchmarks/concurrency.py --modes lsa_evict --merge benchmarks/results/concurrency.json --time-budget-s 520 --out "$OUT/concurrency.json"
 elif [ "$STAGE" = e2e ]; then
   python3 benchmarks/e2e_decode.py --contexts 131072 --steps 128 --lags 4,0 --time-budget-s 480 --out "$OUT/e2e_decode.json"
 else

@@ -102,6 +102,15 @@ class LSAConfig:
             backend name (``"inductor"``, ``"aot_eager"``, ...): compile the step with that backend on
             every device (CUDA graph on CUDA only). ``False``: never compile. A compiled step is
             compiled once per batch size: stores of other capacities (new prompt lengths) reuse it.
+        prefill_batch: prompts per prefill forward. ``None``: a batch of prompts is prefilled in one
+            forward of the model (the dense attention's working set for every row at once). An int
+            ``p >= 1``: the batch is prefilled ``p`` rows at a time into the one store sized for the
+            whole batch, then decodes together, so peak device memory during the prefill is the
+            weights, the store and one piece's working set (its activations, and one layer's KV of
+            ``p`` rows at a time). Left padding, the mirror options and every mode (``"dense"``
+            included) work as for the whole batch, with the same tokens. The first call of a
+            ``torch.compile(backend="lsa")`` model runs the model's own code over the whole batch and
+            does not apply it.
 
     Example::
 
@@ -124,6 +133,7 @@ class LSAConfig:
     fallback_budget: float | int | None = None
     seed: int = 0
     compile: bool | str = True
+    prefill_batch: int | None = None
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -192,6 +202,11 @@ class LSAConfig:
             raise ValueError(f"compile must be True, False or a torch.compile backend name, got {self.compile!r}")
         if isinstance(self.compile, str):
             _check_compile_backend(self.compile)
+        if self.prefill_batch is not None and (not _is_int(self.prefill_batch) or self.prefill_batch < 1):
+            raise ValueError(
+                f"prefill_batch must be None (prefill a batch of prompts in one forward) or an int >= 1 (prompts per "
+                f"prefill forward, e.g. 1 to prefill one sequence at a time), got {self.prefill_batch!r}"
+            )
         if self.version != 1:
             raise ValueError(f"LSAConfig version {self.version} is not supported by this lsa-rewrite (knows version 1)")
 

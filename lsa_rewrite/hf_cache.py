@@ -11,6 +11,10 @@ whole history back from the previous store (its resident pool and CPU mirror, ex
 new tokens' KV, hands that to the new store and to the layer's attention, so the new tokens attend to
 everything that came before. One layer's full KV is the working buffer, freed after the layer. The
 cache object the user holds is then pointed at the new store (``rebind``).
+
+A batch prefilled a few prompts at a time (``LSAConfig.prefill_batch``) runs one forward per piece,
+each with an ``LSACache`` of the piece's ``rows``: its layers hand their KV (and read their history)
+for those sequences only.
 """
 
 from __future__ import annotations
@@ -25,11 +29,12 @@ class _LSALayer(CacheLayerMixin):
     is_compileable = False
     is_sliding = False
 
-    def __init__(self, store: KVStore, layer: int, history: KVStore | None = None):
+    def __init__(self, store: KVStore, layer: int, history: KVStore | None = None, rows: slice | None = None):
         super().__init__()
         self.store = store
         self.layer = layer
         self.history = history  # the previous turn's store, while a later turn's tokens are prefilled
+        self.rows = rows  # the sequences of the store's batch this prefill forward runs (None: all)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.is_initialized = True
@@ -41,10 +46,10 @@ class _LSALayer(CacheLayerMixin):
                 f"got {key_states.shape[-2]} new tokens after {self.store.length} outside a converted model's forward"
             )
         if self.history is not None:
-            old_k, old_v = self.history.history(self.layer)
+            old_k, old_v = self.history.history(self.layer, rows=self.rows)
             key_states = torch.cat([old_k.to(key_states.dtype), key_states], dim=-2)
             value_states = torch.cat([old_v.to(value_states.dtype), value_states], dim=-2)
-        self.store.ingest(self.layer, key_states, value_states)
+        self.store.ingest(self.layer, key_states, value_states, rows=self.rows)
         return key_states, value_states
 
     @property
@@ -77,15 +82,17 @@ class LSACache(Cache):
         True
     """
 
-    def __init__(self, store: KVStore, num_layers: int, *, history: KVStore | None = None):
-        super().__init__(layers=[_LSALayer(store, i, history) for i in range(num_layers)])
+    def __init__(self, store: KVStore, num_layers: int, *, history: KVStore | None = None, rows: slice | None = None):
+        """``history``: the previous turn's store (a later turn's prefill); ``rows``: the sequences of the
+        store's batch a prefill forward with this cache runs (``LSAConfig.prefill_batch``; None: all)."""
+        super().__init__(layers=[_LSALayer(store, i, history, rows) for i in range(num_layers)])
         self.store = store
 
     def rebind(self, store: KVStore) -> None:
         """Point this cache at ``store`` (a later turn's), so the object the caller holds keeps working."""
         self.store = store
         for layer in self.layers:
-            layer.store, layer.history = store, None
+            layer.store, layer.history, layer.rows = store, None, None
 
     def __repr__(self) -> str:
         return f"LSACache(tokens={self.store.length}, capacity={self.store.capacity}, batch={self.store.batch})"

@@ -7,6 +7,10 @@ store, first resident set, probe) and every decode step (selection when due, the
 update). Adapters (``lsa_rewrite.adapters``: HF ``generate()``, a plain decoder's own loop) decide
 how the model is called and how the prompt's KV reaches the store, and drive the session through
 ``start_prefill``, ``finish_prefill`` and ``decode``; the session never asks which adapter drives it.
+A batch of prompts is prefilled in pieces of ``LSAConfig.prefill_batch`` rows (``prefill_pieces``:
+one forward of the model per piece, each piece's KV into its rows of the one store sized for the
+whole batch; ``split_rows`` / ``join_rows`` cut a call's arguments and join its outputs), then
+decodes as one batch.
 
 An adapter provides: ``windows`` (sliding-window layers ``{layer: window}``), ``capture(batch)``
 (trace one decode step for that batch, or raise ``ValueError`` when it cannot), ``default_capacity()``,
@@ -48,6 +52,36 @@ def build_program(
     program = build_decode_program(step, model, chunk_size=config.chunk_size, layer_windows=windows, indexer_layers=indexer_layers)
     check_program_inputs(program.store_keys, {s.layer: s.layout for s in program.sites})
     return program
+
+
+def split_rows(value: Any, rows: slice, batch: int) -> Any:
+    """``value`` cut to the sequences ``rows`` of a ``batch``: tensors of two or more dims whose first
+    is ``batch`` (input ids, attention masks, position ids), inside tuples, lists and dicts too; anything
+    else (``cache_position`` ``[T]``, flags, caches) as it is."""
+    if isinstance(value, torch.Tensor):
+        return value[rows] if value.dim() >= 2 and value.shape[0] == batch else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(split_rows(v, rows, batch) for v in value)
+    if isinstance(value, dict):
+        return {k: split_rows(v, rows, batch) for k, v in value.items()}
+    return value
+
+
+def join_rows(parts: list[Any]) -> Any:
+    """The outputs of a batch's prefill pieces as one batch's: tensors concatenated along the batch
+    dimension (inside tuples, lists and dicts too, a model output's fields included); anything else
+    from the first piece."""
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts, 0) if first.dim() >= 1 else first
+    if isinstance(first, dict):  # plain dicts and transformers' ModelOutput (an OrderedDict)
+        joined = {k: join_rows([p[k] for p in parts]) for k in first.keys()}
+        return type(first)(**joined) if type(first) is not dict else joined
+    if isinstance(first, (tuple, list)):
+        return type(first)(join_rows(list(vs)) for vs in zip(*parts))
+    return first
 
 
 @dataclass
@@ -123,6 +157,12 @@ class LSASession:
         ]
 
     # -- prefill ------------------------------------------------------------------------------
+    def prefill_pieces(self, batch: int) -> list[slice]:
+        """The rows of a ``batch``-prompt prefill, one model forward each (``LSAConfig.prefill_batch``;
+        None: all rows in one forward)."""
+        size = self.config.prefill_batch or batch
+        return [slice(start, min(start + size, batch)) for start in range(0, batch, size)]
+
     def start_prefill(self, batch: int, *, prompt_len: int, valid_start: list[int], share_mirror: bool = True) -> KVStore:
         """A new store for ``batch`` sequences about to take a ``prompt_len``-token prefill.
 

@@ -25,7 +25,7 @@ from ..config import LSAConfig
 from ..hf_cache import LSACache
 from ..runtime.store import StoreError
 from ..passes import AttentionSite, Binding, CapturedStep, capture_step, locate
-from ..session import DensePrefill, model_device_dtype
+from ..session import DensePrefill, join_rows, model_device_dtype, split_rows
 from ..tensor_parallel import TensorParallelPlan
 
 _CAPTURE_PREFILL = 2  # tokens run through the capture cache before the traced decode step
@@ -327,16 +327,34 @@ class HFAdapter:
             out.append((layer, held))
         return out
 
-    def _prefill(self, session, original, kwargs: dict, lsa_cache: LSACache, previous, length: int):
+    def _prefill(self, session, original, kwargs: dict, lsa_cache: LSACache, previous, length: int, *, history=None):
         """Run the model's own forward with ``lsa_cache`` (its layers hand their KV to the new store), then
         the session's prefill bookkeeping (first resident set, probe) for ``length`` held tokens. A failed
-        forward drops the new store and gives ``previous`` back."""
+        forward drops the new store and gives ``previous`` back.
+
+        With ``LSAConfig.prefill_batch`` below the batch, the forward runs once per piece of rows, each
+        with its own ``LSACache`` of those rows (``history``: a later turn's previous store), and the
+        pieces' outputs are joined into the batch's (their cache field is ``lsa_cache``)."""
         store = lsa_cache.store
-        kwargs[self.cache_kw] = lsa_cache
+        batch = store.batch
         kwargs["use_cache"] = True
         try:
             with torch.no_grad():
-                out = original(**kwargs)
+                parts = []
+                for rows in session.prefill_pieces(batch):
+                    if rows.stop - rows.start == batch:
+                        piece, cache = dict(kwargs), lsa_cache
+                    else:
+                        piece = {k: split_rows(v, rows, batch) for k, v in kwargs.items()}
+                        cache = LSACache(store, self.num_layers, history=history, rows=rows)
+                    piece[self.cache_kw] = cache
+                    out = original(**piece)
+                    for key in [k for k, v in out.items() if v is cache]:
+                        out[key] = lsa_cache
+                    parts.append(out)
+                    del piece, out
+                out = join_rows(parts)
+                del parts
         except BaseException:
             session.abort_prefill(store, previous)
             raise
@@ -371,7 +389,7 @@ class HFAdapter:
         previous = session.store
         store = session.start_prefill(batch, prompt_len=total, valid_start=old.valid_start_host, share_mirror=False)
         extension = LSACache(store, self.num_layers, history=old)
-        out = self._prefill(session, original, kwargs, extension, previous, total)
+        out = self._prefill(session, original, kwargs, extension, previous, total, history=old)
         old.abandon("the conversation went on in a newer store (the cache now points at it)")
         cache.rebind(store)
         self.output_type = type(out)

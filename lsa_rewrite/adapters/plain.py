@@ -3,8 +3,9 @@
 The model is called as ``model(input_ids [B, T], input_pos [T])`` and keeps its KV cache in module
 buffers written by index assignment. ``install`` releases those buffers (a converted model must not
 hold the dense cache); each prefill re-creates them, runs the model's own forward, moves the KV to the
-store and releases them again. A decode call (one token, at the next position) runs the session's
-rewritten step.
+store and releases them again (with ``LSAConfig.prefill_batch``, once per piece of rows, with buffers
+of the piece's batch, so the dense cache of the whole batch never exists). A decode call (one token,
+at the next position) runs the session's rewritten step.
 
 Under ``torch.compile(model, backend="lsa")`` the first call (the prefill) runs the model's own code:
 the backend converts the model, puts the cache buffers back for that call (``expect_dense_prefill``),
@@ -21,7 +22,7 @@ import torch
 from ..config import LSAConfig
 from ..tensor_parallel import TensorParallelError, is_dtensor
 from ..passes import AttentionSite, CapturedStep, CaptureError, LocateError, capture_step, locate
-from ..session import DensePrefill, model_device_dtype
+from ..session import DensePrefill, join_rows, model_device_dtype, split_rows
 
 _CAPTURE_POS = 2  # position of the traced decode step
 
@@ -118,17 +119,21 @@ class PlainDecoderAdapter:
         """The module-buffer name of a cache placeholder found by the passes."""
         return self._bindings[node.name].name
 
-    def set_cache_buffers(self, materialize: bool) -> dict[str, torch.Tensor]:
-        """Re-create (zeros) or release (empty) the model's cache buffers; returns what is set."""
-        return self.materialize_cache_buffers(self.model, self.cache_buffers, materialize=materialize)
+    def set_cache_buffers(self, materialize: bool, *, batch: int | None = None) -> dict[str, torch.Tensor]:
+        """Re-create (zeros) or release (empty) the model's cache buffers; returns what is set.
+        ``batch``: re-create them for that many sequences (a prefill piece) instead of their own batch."""
+        return self.materialize_cache_buffers(self.model, self.cache_buffers, materialize=materialize, batch=batch)
 
     @staticmethod
-    def materialize_cache_buffers(model: torch.nn.Module, buffers: dict, *, materialize: bool = True) -> dict[str, torch.Tensor]:
-        """Set ``model``'s cache buffers ``{name: (shape, dtype, device)}`` to zeros (or release them)."""
+    def materialize_cache_buffers(model: torch.nn.Module, buffers: dict, *, materialize: bool = True, batch: int | None = None) -> dict[str, torch.Tensor]:
+        """Set ``model``'s cache buffers ``{name: (shape, dtype, device)}`` to zeros (or release them);
+        ``batch``: with that many rows along their first (batch) dimension instead of ``shape``'s."""
         out = {}
         for name, (shape, dtype, device) in buffers.items():
             module_name, _, leaf = name.rpartition(".")
             module = model.get_submodule(module_name)
+            if batch is not None:
+                shape = (batch, *shape[1:])
             value = torch.zeros(shape, dtype=dtype, device=device) if materialize else torch.empty(0, dtype=dtype, device=device)
             module._buffers[leaf] = value
             out[name] = value
@@ -184,11 +189,23 @@ class PlainDecoderAdapter:
             raise ValueError(f"a prefill must start at position 0, got {int(input_pos[0])}")
         previous = session.store
         store = session.start_prefill(batch, prompt_len=length, valid_start=[0] * batch)
-        buffers = self.set_cache_buffers(materialize=True)
         try:
+            parts = []
             with torch.no_grad():
-                logits = original(input_ids, input_pos, *args, **kwargs)
-                self._ingest(store, buffers, length)
+                # One forward per piece of rows (LSAConfig.prefill_batch), each with cache buffers of
+                # its own batch, re-created for it and released after its KV is in the store.
+                for rows in session.prefill_pieces(batch):
+                    size = rows.stop - rows.start
+                    buffers = self.set_cache_buffers(materialize=True, batch=None if size == batch else size)
+                    if size == batch:
+                        parts.append(original(input_ids, input_pos, *args, **kwargs))
+                    else:
+                        parts.append(original(input_ids[rows], input_pos, *split_rows(args, rows, batch), **split_rows(kwargs, rows, batch)))
+                    self._ingest(store, buffers, length, rows=None if size == batch else rows)
+                    del buffers
+                    self.set_cache_buffers(materialize=False)
+                logits = join_rows(parts)
+                del parts
         except BaseException:
             session.abort_prefill(store, previous)
             raise
@@ -197,14 +214,15 @@ class PlainDecoderAdapter:
         session.finish_prefill(store, length, {"input_ids": input_ids[:, -1:], "input_pos": input_pos[-1:]})
         return logits
 
-    def _ingest(self, store, buffers: dict[str, torch.Tensor], length: int) -> None:
-        """Every rewritten layer's first ``length`` tokens of the cache buffers into the store."""
+    def _ingest(self, store, buffers: dict[str, torch.Tensor], length: int, *, rows: slice | None = None) -> None:
+        """Every rewritten layer's first ``length`` tokens of the cache buffers into the store (``rows``:
+        the sequences of the store's batch those buffers hold; None: all)."""
         for site in self.sites:
             k = buffers[self.buffer_name(site.k_source)].narrow(site.seq_dim, 0, length)
             v = buffers[self.buffer_name(site.v_source)].narrow(site.seq_dim, 0, length)
             if site.seq_dim == 1:  # [B, T, H, D] -> [B, H, T, D]
                 k, v = k.transpose(1, 2), v.transpose(1, 2)
-            store.ingest(site.layer, k, v)
+            store.ingest(site.layer, k, v, rows=rows)
 
     def adopt(self, session, batch: int, length: int):
         """The decode call after a dense prefill (the backend's first call): what that prefill wrote into

@@ -19,7 +19,8 @@ The store composes two parts that own the rest of the memory manager:
 - ``SelectionPolicy`` (``runtime/policy.py``): which chunks stay (sink, tail, window, selector scores);
 - ``MemoryMover`` (``runtime/mover.py``): slots, mirror, write-back and recall copies, streams.
 
-Schedule (outside the decode step): ``ingest`` takes each layer's prompt KV, ``finish_prefill``
+Schedule (outside the decode step): ``ingest`` takes each layer's prompt KV (for the whole batch, or
+for a few of its sequences at a time: ``LSAConfig.prefill_batch``), ``finish_prefill``
 places the first resident set, ``probe`` fills the query taps and runs the first selection, then
 around every decode step ``before_step`` (selection when due, position) and ``after_step``. Each
 sequence of a batch has its own resident set. Nothing here allocates per decode step except at
@@ -136,8 +137,9 @@ class RingLayer:
 class KVStore:
     """All rewritten layers' KV for one batch of sequences, plus the manager that fills it.
 
-    Life cycle: ``KVStore(...)`` sizes and allocates; ``ingest(layer, k, v)`` takes each layer's
-    prompt KV during the dense prefill; ``finish_prefill()`` places the first resident set; then for
+    Life cycle: ``KVStore(...)`` sizes and allocates for the whole batch; ``ingest(layer, k, v)`` takes
+    each layer's prompt KV during the dense prefill (``rows=``: a few sequences of the batch at a
+    time, ``LSAConfig.prefill_batch``); ``finish_prefill()`` places the first resident set; then for
     every decode token ``before_step()`` (selection when due, position update), the compiled step,
     and ``after_step()``.
 
@@ -323,11 +325,22 @@ class KVStore:
         return slots
 
     # -- prefill ------------------------------------------------------------------------------
-    def ingest(self, layer: int, k: Tensor, v: Tensor) -> None:
-        """Take one layer's prompt KV ``[B, Hkv, T, D]`` (positions 0..T-1) during prefill."""
+    def ingest(self, layer: int, k: Tensor, v: Tensor, *, rows: slice | None = None) -> None:
+        """Take one layer's prompt KV ``[b, Hkv, T, D]`` (positions 0..T-1) during prefill.
+
+        ``rows``: the sequences of the batch this KV belongs to (``LSAConfig.prefill_batch``: a batch
+        prefilled a few prompts at a time); None: the whole batch. Every row takes the same ``T``
+        (left padding included); ``finish_prefill`` runs once every row of every layer is in.
+        """
         self._check_live()
         if self.steps or self.length:
             raise StoreError("the store takes one prefill per sequence batch; start a new generation for a new prompt")
+        rows = self._rows(rows)
+        if k.shape[0] != rows.stop - rows.start or v.shape != k.shape:
+            raise StoreError(
+                f"prefill KV of {k.shape[0]} sequences (K {tuple(k.shape)}, V {tuple(v.shape)}) for rows "
+                f"{rows.start}..{rows.stop - 1} of a batch of {self.batch}; pass rows= matching the KV's batch dimension"
+            )
         target = self.layers.get(layer)
         if target is None:
             return
@@ -335,14 +348,14 @@ class KVStore:
         batch, heads, length, dim = k.shape
         if length > self.capacity:
             raise StoreError(f"prompt of {length} tokens exceeds the store capacity of {self.capacity}; raise LSAConfig.max_context")
-        k = k.detach().transpose(1, 2)  # [B, T, Hkv, D]
+        k = k.detach().transpose(1, 2)  # [b, T, Hkv, D]
         v = v.detach().transpose(1, 2)
         if isinstance(target, RingLayer):
             w = target.spec.window
             lo = max(0, length - w)
             slots = torch.arange(lo, length, device=k.device) % w
-            target.k_ring[:, slots] = k[:, lo:].to(target.k_ring.dtype)
-            target.v_ring[:, slots] = v[:, lo:].to(target.v_ring.dtype)
+            target.k_ring[rows, slots] = k[:, lo:].to(target.k_ring.dtype)
+            target.v_ring[rows, slots] = v[:, lo:].to(target.v_ring.dtype)
             return
         c = self.chunk
         chunks = math.ceil(length / c)
@@ -351,25 +364,27 @@ class KVStore:
         vp = torch.nn.functional.pad(v, (0, 0, 0, 0, 0, padded - length)).view(batch, chunks, c, heads, dim)
         # Key bounds over the real tokens only (left padding and the unfilled tail are excluded).
         position = torch.arange(padded, device=k.device).view(1, chunks, c, 1, 1)
-        start = torch.tensor(self.valid_start_host, device=k.device).view(batch, 1, 1, 1, 1)
+        start = torch.tensor(self.valid_start_host[rows], device=k.device).view(batch, 1, 1, 1, 1)
         real = (position >= start) & (position < length)
         kf = kp.float()
         lo = torch.where(real, kf, torch.inf).amin(2)
         hi = torch.where(real, kf, -torch.inf).amax(2)
+        del kf
         empty = ~real.any(2)
-        target.kmin[:, :chunks] = lo.masked_fill(empty, 0).to(target.kmin.dtype)
-        target.kmax[:, :chunks] = hi.masked_fill(empty, 0).to(target.kmax.dtype)
-        pool_k = target.k_pool.view(batch, self.slots, c, heads, dim)
-        pool_v = target.v_pool.view(batch, self.slots, c, heads, dim)
+        target.kmin[rows, :chunks] = lo.masked_fill(empty, 0).to(target.kmin.dtype)
+        target.kmax[rows, :chunks] = hi.masked_fill(empty, 0).to(target.kmax.dtype)
+        del lo, hi
+        pool_k = target.k_pool.view(self.batch, self.slots, c, heads, dim)[rows]
+        pool_v = target.v_pool.view(self.batch, self.slots, c, heads, dim)[rows]
         if self.all_resident:
             # Identity placement: chunk i lives in slot i of its sequence.
             pool_k[:, :chunks] = kp.to(pool_k.dtype)
             pool_v[:, :chunks] = vp.to(pool_v.dtype)
-            target.available[:, :chunks] = True
+            target.available[rows, :chunks] = True
             return
         # The first resident set goes straight into the slots finish_prefill's placement gives it (the
         # j-th kept chunk of a sequence in its slot j), exact from the prefill, not through the mirror.
-        keeps = self._first_resident_keeps(length).to(k.device)  # [B, S]
+        keeps = self._first_resident_keeps(length)[rows].to(k.device)  # [b, S]
         placed = (keeps >= 0) & (keeps < chunks)
         seq, slot = placed.nonzero(as_tuple=True)
         pool_k[seq, slot] = kp[seq, keeps[seq, slot]].to(pool_k.dtype)
@@ -386,9 +401,20 @@ class KVStore:
             # Encoded on the device (half the bytes cross to the host), then into the pinned mirror.
             kp, vp = pack_fp8(kp), pack_fp8(vp)
         # Into the (pinned) mirror; finish_prefill waits for these copies.
-        target.mirror_k[:, :chunks].copy_(kp, non_blocking=True)
-        target.mirror_v[:, :chunks].copy_(vp, non_blocking=True)
-        target.available[:, :chunks] = True
+        target.mirror_k[rows, :chunks].copy_(kp, non_blocking=True)
+        target.mirror_v[rows, :chunks].copy_(vp, non_blocking=True)
+        target.available[rows, :chunks] = True
+
+    def _rows(self, rows: slice | None) -> slice:
+        """``rows`` as a slice ``start:stop`` of this store's batch (None: all of it), checked."""
+        if rows is None:
+            return slice(0, self.batch)
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise StoreError(f"rows must be a slice start:stop of the batch's sequences, got {rows!r}")
+        start, stop, _ = rows.indices(self.batch)
+        if rows.start is not None and not 0 <= rows.start < self.batch or rows.stop is not None and not 0 < rows.stop <= self.batch or start >= stop:
+            raise StoreError(f"rows {rows.start}:{rows.stop} are not a non-empty range of the store's {self.batch} sequences")
+        return slice(start, stop)
 
     def _first_resident_keeps(self, length: int) -> Tensor:
         """The first resident set ``[B, S]`` (host) of a ``length``-token prompt: the same for every
@@ -397,8 +423,8 @@ class KVStore:
             self._first_keeps = (length, self.policy.first_resident(length).cpu())
         return self._first_keeps[1]
 
-    def history(self, layer: int) -> tuple[Tensor, Tensor]:
-        """Every token this store holds for ``layer``, exactly: K, V ``[B, Hkv, length, D]`` on the device.
+    def history(self, layer: int, *, rows: slice | None = None) -> tuple[Tensor, Tensor]:
+        """Every token this store holds for ``layer``, exactly: K, V ``[b, Hkv, length, D]`` on the device.
 
         For a later turn's prefill (multi-turn): resident chunks come from the pool, the others from
         the CPU mirror (offload mode keeps the whole history there); a sliding-window layer gives its
@@ -406,46 +432,51 @@ class KVStore:
         a chunk is gone (evict mode dropped it). With ``LSAConfig(mirror="fp8")`` the chunks not
         resident come back dequantised (lossy, within the fp8 bound of ``kernels/compact_chunks.py``);
         resident ones as the pool holds them (exact, unless they were recalled from the mirror).
+        ``rows``: only these sequences of the batch (a later turn prefilled a few prompts at a time,
+        ``LSAConfig.prefill_batch``); None: all of them.
         """
         self._check_live()
         target = self.layers.get(layer)
         if target is None:
             raise StoreError(f"layer {layer} keeps no KV in this store")
+        rows = self._rows(rows)
         self.synchronize()  # outstanding recall and write-back copies
-        b, length, c = self.batch, self.length, self.chunk
+        b, length, c = rows.stop - rows.start, self.length, self.chunk
         if isinstance(target, RingLayer):
             w = target.spec.window
             k = target.k_ring.new_zeros(b, length, *target.k_ring.shape[2:])
             v = torch.zeros_like(k)
             lo = max(0, length - w)
             ring = torch.arange(lo, length, device=k.device) % w
-            k[:, lo:], v[:, lo:] = target.k_ring[:, ring], target.v_ring[:, ring]
+            k[:, lo:], v[:, lo:] = target.k_ring[rows, ring], target.v_ring[rows, ring]
             return k.transpose(1, 2), v.transpose(1, 2)
         n = math.ceil(length / c)
         heads, dim = target.k_pool.shape[2:]
         k = target.k_pool.new_zeros(b, n, c, heads, dim)
         v = torch.zeros_like(k)
-        slot = target.chunk_slot[:, :n].long()  # the table the decode step reads
+        slot = target.chunk_slot[rows, :n].long()  # the table the decode step reads
         resident = slot >= 0
         if target.mirror_k is not None and self.mirror == "fp8":
-            k.copy_(unpack_fp8(target.mirror_k[:, :n].to(k.device), k.dtype))  # packed bytes cross the link, decoded there
-            v.copy_(unpack_fp8(target.mirror_v[:, :n].to(v.device), v.dtype))
-            held = resident | target.available[:, :n]
+            k.copy_(unpack_fp8(target.mirror_k[rows, :n].to(k.device), k.dtype))  # packed bytes cross the link, decoded there
+            v.copy_(unpack_fp8(target.mirror_v[rows, :n].to(v.device), v.dtype))
+            held = resident | target.available[rows, :n]
         elif target.mirror_k is not None:
-            k.copy_(target.mirror_k[:, :n])
-            v.copy_(target.mirror_v[:, :n])
-            held = resident | target.available[:, :n]
+            k.copy_(target.mirror_k[rows, :n])
+            v.copy_(target.mirror_v[rows, :n])
+            held = resident | target.available[rows, :n]
         else:
             held = resident
-        real = torch.arange(n, device=k.device).view(1, n) >= torch.tensor([s // c for s in self.valid_start_host], device=k.device).view(b, 1)
+        starts = [s // c for s in self.valid_start_host[rows]]
+        real = torch.arange(n, device=k.device).view(1, n) >= torch.tensor(starts, device=k.device).view(b, 1)
         if bool((real & ~held.to(real.device)).any()):
             raise StoreError(
                 "this store no longer holds the whole history (mode='evict' dropped chunks), so a later turn cannot "
                 "attend to it exactly; convert with LSAConfig(mode='offload') for multi-turn use"
             )
-        rows = (torch.arange(b, device=slot.device).view(b, 1) * self.slots + slot)[resident]
-        k[resident] = target.k_pool[rows]
-        v[resident] = target.v_pool[rows]
+        seqs = torch.arange(rows.start, rows.stop, device=slot.device).view(b, 1)
+        pool_rows = (seqs * self.slots + slot)[resident]
+        k[resident] = target.k_pool[pool_rows]
+        v[resident] = target.v_pool[pool_rows]
         k = k.view(b, n * c, heads, dim)[:, :length].transpose(1, 2)
         v = v.view(b, n * c, heads, dim)[:, :length].transpose(1, 2)
         return k, v
