@@ -87,3 +87,35 @@ def time_budget(started: float, budget_s: float | None, skipped: list[str]) -> C
         return True
 
     return due
+
+
+LOCAL_PREFILL = "lsa_bench_local_prefill"
+
+
+def use_local_prefill(model, window: int) -> None:
+    """Register and select an attention function that runs prompts (more than ``window`` query tokens)
+    over a local causal window and anything shorter (the decode step, which convert() traces) through
+    transformers' SDPA function unchanged."""
+    import torch.nn.functional as F
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        t = query.shape[2]
+        if t <= window or key.shape[2] != t:  # decode steps, short prompts, a later turn: exact
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        rep = query.shape[1] // key.shape[1]
+        out = torch.empty_like(query)
+        for s in range(0, t, window):
+            e, ks = min(s + window, t), max(0, s - window)
+            qi = torch.arange(s, e, device=query.device)[:, None]
+            kj = torch.arange(ks, e, device=query.device)[None, :]
+            k = key[:, :, ks:e].repeat_interleave(rep, 1)
+            v = value[:, :, ks:e].repeat_interleave(rep, 1)
+            out[:, :, s:e] = F.scaled_dot_product_attention(query[:, :, s:e], k, v, attn_mask=kj <= qi, scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register(LOCAL_PREFILL, attention)
+    AttentionMaskInterface.register(LOCAL_PREFILL, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    model.set_attn_implementation(LOCAL_PREFILL)
