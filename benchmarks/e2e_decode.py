@@ -20,6 +20,8 @@ versions and date after every path, so a run stopped early keeps what it measure
 
     python benchmarks/e2e_decode.py --contexts 131072,32768 --out benchmarks/results/e2e_decode.json
     python benchmarks/e2e_decode.py --tiny      # the script itself on a tiny model, CPU, seconds
+    python benchmarks/e2e_decode.py --contexts 1048576 --paths lsa --lags 4 --prefill-chunk 65536 --mirror fp8 --layers 8
+                                                # a million tokens, prefilled 64K at a time (issue 13 item 3)
 """
 
 from __future__ import annotations
@@ -284,6 +286,11 @@ def main() -> None:
     parser.add_argument("--lags", default="4,0", help="recall_lag values run side by side at the largest context (first: all contexts)")
     parser.add_argument("--time-budget-s", type=float, default=None,
                         help="skip the runs that would start after this many seconds (one device call is 10 minutes)")
+    parser.add_argument("--prefill-chunk", type=int, default=None,
+                        help="LSAConfig.prefill_chunk for the runtime paths: prompt tokens per prefill forward (a multiple of 64); "
+                             "default: the prompt in one forward")
+    parser.add_argument("--mirror", default="exact", help="LSAConfig.mirror of the LSA paths: exact or fp8 (a 1M-token exact mirror "
+                                                           "of the 8B shape, 131 GB, exceeds a 128 GB host)")
     parser.add_argument("--tiny", action="store_true", help="tiny model: checks the script itself on the CPU in seconds (not a measurement)")
     parser.add_argument("--out", default="benchmarks/results/e2e_decode.json")
     args = parser.parse_args()
@@ -300,7 +307,8 @@ def main() -> None:
     model = build_model(layers, tiny=args.tiny)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     embedding = model.get_input_embeddings().weight
-    lsa_config = LSAConfig(budget=0.135, chunk_size=64, interval=64, sink_tokens=64, recent_tokens=128, recall_lag=lags[0])
+    lsa_config = LSAConfig(budget=0.135, chunk_size=64, interval=64, sink_tokens=64, recent_tokens=128, recall_lag=lags[0],
+                           prefill_chunk=args.prefill_chunk, mirror=args.mirror)
     payload = {
         "benchmark": "e2e_decode", "environment": env, "tiny": args.tiny,
         "model": f"Llama-3-8B shape, random bf16 weights, {layers} layers" + (" (tiny: hidden 64, CPU check)" if args.tiny else ""),

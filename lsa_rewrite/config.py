@@ -111,6 +111,16 @@ class LSAConfig:
             included) work as for the whole batch, with the same tokens. The first call of a
             ``torch.compile(backend="lsa")`` model runs the model's own code over the whole batch and
             does not apply it.
+        prefill_chunk: prompt tokens per prefill forward (HF models). ``None``: the prompt is
+            prefilled in one forward. An int (a multiple of ``chunk_size``): a longer prompt is
+            prefilled in pieces of that many tokens, each attending exactly to everything before it
+            (read back one layer at a time from the store: the mirror in offload mode, the pool in
+            dense mode) and streamed into the store and the mirror as it goes, so peak device memory
+            during the prefill is the weights, the store and one piece's working set (its activations,
+            and one layer's history while that layer runs). Needs the history of earlier pieces:
+            ``mode="offload"`` or ``"dense"`` (evict keeps none); with ``mirror="fp8"`` the earlier
+            pieces are read back dequantised (lossy, as a later turn's history is). Applies to the
+            first prefill of a generation (a later turn's new tokens run in one piece).
 
     Example::
 
@@ -134,6 +144,7 @@ class LSAConfig:
     seed: int = 0
     compile: bool | str = True
     prefill_batch: int | None = None
+    prefill_chunk: int | None = None
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -207,6 +218,18 @@ class LSAConfig:
                 f"prefill_batch must be None (prefill a batch of prompts in one forward) or an int >= 1 (prompts per "
                 f"prefill forward, e.g. 1 to prefill one sequence at a time), got {self.prefill_batch!r}"
             )
+        chunk = self.prefill_chunk
+        if chunk is not None:
+            if not _is_int(chunk) or chunk < self.chunk_size or chunk % self.chunk_size:
+                raise ValueError(
+                    f"prefill_chunk must be None (prefill a prompt in one forward) or a multiple of chunk_size={self.chunk_size} "
+                    f"(prompt tokens per prefill forward, e.g. {64 * self.chunk_size}), got {chunk!r}"
+                )
+            if self.mode == "evict":
+                raise ValueError(
+                    "prefill_chunk needs the KV of earlier pieces to attend to, which mode='evict' does not keep; use "
+                    "mode='offload' (the mirror holds it) or prefill in one forward (prefill_chunk=None)"
+                )
         if self.version != 1:
             raise ValueError(f"LSAConfig version {self.version} is not supported by this lsa-rewrite (knows version 1)")
 

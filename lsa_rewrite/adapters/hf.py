@@ -341,15 +341,17 @@ class HFAdapter:
         try:
             with torch.no_grad():
                 parts = []
+                size = session.config.prefill_chunk
                 for rows in session.prefill_pieces(batch):
-                    if rows.stop - rows.start == batch:
-                        piece, cache = dict(kwargs), lsa_cache
+                    whole = rows.stop - rows.start == batch
+                    piece = dict(kwargs) if whole else {k: split_rows(v, rows, batch) for k, v in kwargs.items()}
+                    if size is not None and history is None and length > size:
+                        out = self._prefill_in_pieces(original, piece, store, None if whole else rows, length, size)
                     else:
-                        piece = {k: split_rows(v, rows, batch) for k, v in kwargs.items()}
-                        cache = LSACache(store, self.num_layers, history=history, rows=rows)
-                    piece[self.cache_kw] = cache
-                    out = original(**piece)
-                    for key in [k for k, v in out.items() if v is cache]:
+                        cache = lsa_cache if whole else LSACache(store, self.num_layers, history=history, rows=rows)
+                        piece[self.cache_kw] = cache
+                        out = original(**piece)
+                    for key in [k for k, v in out.items() if isinstance(v, LSACache)]:
                         out[key] = lsa_cache
                     parts.append(out)
                     del piece, out
@@ -362,6 +364,48 @@ class HFAdapter:
         if position_ids is None:
             position_ids = (length - 1 - store.valid_start).view(-1, 1)
         session.finish_prefill(store, length, {"input_ids": input_ids[:, -1:], "position_ids": position_ids[:, -1:]})
+        return out
+
+    def _prefill_in_pieces(self, original, kwargs: dict, store, rows: slice | None, length: int, size: int):
+        """One prefill forward per ``size`` tokens of the prompt (``LSAConfig.prefill_chunk``), in order:
+        each piece's layers put its KV into the store and attend over the earlier pieces read back from
+        it (``LSACache(piece=...)``). The output is the last piece's, with the logits the caller asked
+        for (``logits_to_keep``: the last ones come from the last piece; 0 or absent: every piece's,
+        joined)."""
+        ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
+        position_ids, cache_position = kwargs.get("position_ids"), kwargs.get("cache_position")
+        takes_keep = "logits_to_keep" in inspect.signature(original).parameters
+        keep = kwargs.get("logits_to_keep", 0) if takes_keep else 0
+        last_start = (length - 1) // size * size
+        every = not (isinstance(keep, int) and 0 < keep <= length - last_start)  # all positions' logits, joined
+        logits = []
+        out = None
+        for start in range(0, length, size):
+            end = min(start + size, length)
+            piece = dict(kwargs)
+            piece["input_ids"] = ids[:, start:end]
+            if isinstance(mask, torch.Tensor):
+                piece["attention_mask"] = mask[:, :end]
+            if isinstance(position_ids, torch.Tensor):
+                piece["position_ids"] = position_ids[:, start:end]
+            if isinstance(cache_position, torch.Tensor):
+                piece["cache_position"] = cache_position[start:end]
+            if takes_keep:
+                piece["logits_to_keep"] = 0 if every else (keep if end == length else 1)
+            piece[self.cache_kw] = LSACache(store, self.num_layers, rows=rows, piece=(start, length))
+            del out
+            out = original(**piece)
+            if every:
+                logits.append(out.logits)
+            del piece
+        if every:
+            joined = torch.cat(logits, dim=1)
+            del logits
+            if isinstance(keep, int) and keep > 0:
+                joined = joined[:, -keep:]
+            elif isinstance(keep, torch.Tensor):
+                joined = joined[:, keep]
+            out["logits"] = joined
         return out
 
     def continue_prefill(self, session, original, kwargs: dict, cache: LSACache):

@@ -187,6 +187,12 @@ class PlainDecoderAdapter:
             return session.decode({"input_ids": input_ids, "input_pos": input_pos}, store)
         if int(input_pos[0]) != 0:
             raise ValueError(f"a prefill must start at position 0, got {int(input_pos[0])}")
+        chunk = session.config.prefill_chunk
+        if chunk is not None and length > chunk:
+            raise ValueError(
+                f"LSAConfig(prefill_chunk={chunk}) prefills a prompt a piece at a time on HF models only; this plain decoder "
+                f"prefills its {length} tokens through its own cache buffers in one forward: convert it with prefill_chunk=None"
+            )
         previous = session.store
         store = session.start_prefill(batch, prompt_len=length, valid_start=[0] * batch)
         try:

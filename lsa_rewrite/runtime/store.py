@@ -325,12 +325,16 @@ class KVStore:
         return slots
 
     # -- prefill ------------------------------------------------------------------------------
-    def ingest(self, layer: int, k: Tensor, v: Tensor, *, rows: slice | None = None) -> None:
-        """Take one layer's prompt KV ``[b, Hkv, T, D]`` (positions 0..T-1) during prefill.
+    def ingest(self, layer: int, k: Tensor, v: Tensor, *, rows: slice | None = None, start: int = 0, prompt_len: int | None = None) -> None:
+        """Take one layer's prompt KV ``[b, Hkv, T, D]`` (positions ``start..start+T-1``) during prefill.
 
         ``rows``: the sequences of the batch this KV belongs to (``LSAConfig.prefill_batch``: a batch
         prefilled a few prompts at a time); None: the whole batch. Every row takes the same ``T``
         (left padding included); ``finish_prefill`` runs once every row of every layer is in.
+        ``start``: where this piece of the prompt begins (``LSAConfig.prefill_chunk``: a prompt
+        prefilled a piece at a time, in order), a multiple of the chunk size; 0: the whole prompt.
+        ``prompt_len``: the whole prompt's length when this is one of its pieces (default: the end of
+        this piece), for the first resident set.
         """
         self._check_live()
         if self.steps or self.length:
@@ -346,54 +350,62 @@ class KVStore:
             return
         self._take_over()
         batch, heads, length, dim = k.shape
-        if length > self.capacity:
-            raise StoreError(f"prompt of {length} tokens exceeds the store capacity of {self.capacity}; raise LSAConfig.max_context")
+        c = self.chunk
+        if start % c or start < 0:
+            raise StoreError(f"a prompt piece must start at a multiple of the chunk size {c}, got start={start}")
+        end = start + length  # this piece covers positions start..end-1
+        if end > self.capacity:
+            raise StoreError(f"prompt of {end} tokens exceeds the store capacity of {self.capacity}; raise LSAConfig.max_context")
+        if prompt_len is not None and prompt_len < end:
+            raise StoreError(f"a prompt piece ending at {end} is past the prompt's {prompt_len} tokens")
         k = k.detach().transpose(1, 2)  # [b, T, Hkv, D]
         v = v.detach().transpose(1, 2)
         if isinstance(target, RingLayer):
             w = target.spec.window
             lo = max(0, length - w)
-            slots = torch.arange(lo, length, device=k.device) % w
+            slots = torch.arange(start + lo, end, device=k.device) % w
             target.k_ring[rows, slots] = k[:, lo:].to(target.k_ring.dtype)
             target.v_ring[rows, slots] = v[:, lo:].to(target.v_ring.dtype)
             return
-        c = self.chunk
+        first = start // c  # this piece's first chunk
         chunks = math.ceil(length / c)
         padded = chunks * c
         kp = torch.nn.functional.pad(k, (0, 0, 0, 0, 0, padded - length)).view(batch, chunks, c, heads, dim)
         vp = torch.nn.functional.pad(v, (0, 0, 0, 0, 0, padded - length)).view(batch, chunks, c, heads, dim)
         # Key bounds over the real tokens only (left padding and the unfilled tail are excluded).
-        position = torch.arange(padded, device=k.device).view(1, chunks, c, 1, 1)
-        start = torch.tensor(self.valid_start_host[rows], device=k.device).view(batch, 1, 1, 1, 1)
-        real = (position >= start) & (position < length)
+        position = start + torch.arange(padded, device=k.device).view(1, chunks, c, 1, 1)
+        valid = torch.tensor(self.valid_start_host[rows], device=k.device).view(batch, 1, 1, 1, 1)
+        real = (position >= valid) & (position < end)
         kf = kp.float()
         lo = torch.where(real, kf, torch.inf).amin(2)
         hi = torch.where(real, kf, -torch.inf).amax(2)
         del kf
         empty = ~real.any(2)
-        target.kmin[rows, :chunks] = lo.masked_fill(empty, 0).to(target.kmin.dtype)
-        target.kmax[rows, :chunks] = hi.masked_fill(empty, 0).to(target.kmax.dtype)
+        span = slice(first, first + chunks)
+        target.kmin[rows, span] = lo.masked_fill(empty, 0).to(target.kmin.dtype)
+        target.kmax[rows, span] = hi.masked_fill(empty, 0).to(target.kmax.dtype)
         del lo, hi
         pool_k = target.k_pool.view(self.batch, self.slots, c, heads, dim)[rows]
         pool_v = target.v_pool.view(self.batch, self.slots, c, heads, dim)[rows]
         if self.all_resident:
             # Identity placement: chunk i lives in slot i of its sequence.
-            pool_k[:, :chunks] = kp.to(pool_k.dtype)
-            pool_v[:, :chunks] = vp.to(pool_v.dtype)
-            target.available[rows, :chunks] = True
+            pool_k[:, span] = kp.to(pool_k.dtype)
+            pool_v[:, span] = vp.to(pool_v.dtype)
+            target.available[rows, span] = True
             return
         # The first resident set goes straight into the slots finish_prefill's placement gives it (the
         # j-th kept chunk of a sequence in its slot j), exact from the prefill, not through the mirror.
-        keeps = self._first_resident_keeps(length)[rows].to(k.device)  # [b, S]
-        placed = (keeps >= 0) & (keeps < chunks)
+        # Its keeps are chunk indices of the whole prompt: this piece places those it holds.
+        keeps = self._first_resident_keeps(prompt_len if prompt_len is not None else end)[rows].to(k.device)  # [b, S]
+        placed = (keeps >= first) & (keeps < first + chunks)
         seq, slot = placed.nonzero(as_tuple=True)
-        pool_k[seq, slot] = kp[seq, keeps[seq, slot]].to(pool_k.dtype)
-        pool_v[seq, slot] = vp[seq, keeps[seq, slot]].to(pool_v.dtype)
+        pool_k[seq, slot] = kp[seq, keeps[seq, slot] - first].to(pool_k.dtype)
+        pool_v[seq, slot] = vp[seq, keeps[seq, slot] - first].to(pool_v.dtype)
         if target.mirror_k is None:
             # Evict mode: the rest of the prompt is gone here, and counted; finish_prefill marks the
             # kept chunks available.
             kept = torch.zeros(batch, chunks, dtype=torch.bool, device=k.device)
-            kept[seq, keeps[seq, slot]] = True
+            kept[seq, keeps[seq, slot] - first] = True
             real_chunk = ~empty.view(batch, chunks)  # holds a real token (not only left padding)
             target.dropped += (real_chunk & ~kept).sum().to(target.dropped.device)
             return
@@ -401,9 +413,9 @@ class KVStore:
             # Encoded on the device (half the bytes cross to the host), then into the pinned mirror.
             kp, vp = pack_fp8(kp), pack_fp8(vp)
         # Into the (pinned) mirror; finish_prefill waits for these copies.
-        target.mirror_k[rows, :chunks].copy_(kp, non_blocking=True)
-        target.mirror_v[rows, :chunks].copy_(vp, non_blocking=True)
-        target.available[rows, :chunks] = True
+        target.mirror_k[rows, span].copy_(kp, non_blocking=True)
+        target.mirror_v[rows, span].copy_(vp, non_blocking=True)
+        target.available[rows, span] = True
 
     def _rows(self, rows: slice | None) -> slice:
         """``rows`` as a slice ``start:stop`` of this store's batch (None: all of it), checked."""
@@ -423,7 +435,7 @@ class KVStore:
             self._first_keeps = (length, self.policy.first_resident(length).cpu())
         return self._first_keeps[1]
 
-    def history(self, layer: int, *, rows: slice | None = None) -> tuple[Tensor, Tensor]:
+    def history(self, layer: int, *, rows: slice | None = None, length: int | None = None) -> tuple[Tensor, Tensor]:
         """Every token this store holds for ``layer``, exactly: K, V ``[b, Hkv, length, D]`` on the device.
 
         For a later turn's prefill (multi-turn): resident chunks come from the pool, the others from
@@ -433,7 +445,9 @@ class KVStore:
         resident come back dequantised (lossy, within the fp8 bound of ``kernels/compact_chunks.py``);
         resident ones as the pool holds them (exact, unless they were recalled from the mirror).
         ``rows``: only these sequences of the batch (a later turn prefilled a few prompts at a time,
-        ``LSAConfig.prefill_batch``); None: all of them.
+        ``LSAConfig.prefill_batch``); None: all of them. ``length``: the first ``length`` tokens only,
+        while a prompt is still being prefilled a piece at a time (``LSAConfig.prefill_chunk``: the
+        pieces ingested so far); default: everything held.
         """
         self._check_live()
         target = self.layers.get(layer)
@@ -441,7 +455,11 @@ class KVStore:
             raise StoreError(f"layer {layer} keeps no KV in this store")
         rows = self._rows(rows)
         self.synchronize()  # outstanding recall and write-back copies
-        b, length, c = rows.stop - rows.start, self.length, self.chunk
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # a prefill piece's copies into the mirror
+        if length is not None and not 0 <= length <= max(self.length, self.capacity):
+            raise StoreError(f"history of {length} tokens asked of a store of capacity {self.capacity}")
+        b, length, c = rows.stop - rows.start, self.length if length is None else length, self.chunk
         if isinstance(target, RingLayer):
             w = target.spec.window
             k = target.k_ring.new_zeros(b, length, *target.k_ring.shape[2:])
@@ -454,7 +472,11 @@ class KVStore:
         heads, dim = target.k_pool.shape[2:]
         k = target.k_pool.new_zeros(b, n, c, heads, dim)
         v = torch.zeros_like(k)
-        slot = target.chunk_slot[rows, :n].long()  # the table the decode step reads
+        if self.all_resident:
+            # Identity placement (chunk i in slot i), also before finish_prefill writes the tables.
+            slot = torch.arange(n, device=target.chunk_slot.device).expand(b, n)
+        else:
+            slot = target.chunk_slot[rows, :n].long()  # the table the decode step reads
         resident = slot >= 0
         if target.mirror_k is not None and self.mirror == "fp8":
             k.copy_(unpack_fp8(target.mirror_k[rows, :n].to(k.device), k.dtype))  # packed bytes cross the link, decoded there
