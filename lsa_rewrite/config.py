@@ -120,7 +120,9 @@ class LSAConfig:
             and one layer's history while that layer runs). Needs the history of earlier pieces:
             ``mode="offload"`` or ``"dense"`` (evict keeps none); with ``mirror="fp8"`` the earlier
             pieces are read back dequantised (lossy, as a later turn's history is). Applies to the
-            first prefill of a generation (a later turn's new tokens run in one piece).
+            first prefill of a generation (a later turn's new tokens run in one piece); the first
+            call of a ``torch.compile(backend="lsa")`` model runs the model's own code over the whole
+            prompt and does not apply it; plain decoders refuse a longer prompt with it.
 
     Example::
 
