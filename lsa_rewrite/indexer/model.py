@@ -65,6 +65,18 @@ class IndexerConfig:
         ensemble: how target layers' probabilities combine: ``"max"`` (default) or ``"mean"``.
         rope: queries get the model's rotary embedding (the cos/sin recorded at the query position).
         threshold: probability above which a chunk is predicted to be attended.
+        neighbour_margin: the span rule (``None``: off). A needle sentence often spans two or three
+            chunks: each target layer's logit of a chunk is raised to its better neighbour's minus this
+            margin (logits, >= 0), so that the neighbours of a high-scoring chunk follow it into the
+            resident set. Applied at selection time and in the held-out metrics, not in the training loss.
+        neighbour_min_slots: the span rule applies only to selections that keep at least this many
+            chunks per sequence (sink and tail included; ``SelectionWindow.slots``): at a budget of a few
+            chunks the neighbours would take the places of other candidates.
+        hysteresis_decay: selection-to-selection memory (``None``: off). A chunk's score is raised to
+            its score at the previous selection of the same sequence minus this decay (logits, >= 0), so
+            a chunk found at one selection is not dropped at the next by a query that looks elsewhere
+            (e.g. a reply token restating the question). State held by the runtime's selector, reset
+            with each new store (every prefill); no effect on the per-window held-out metrics.
 
     Example::
 
@@ -82,6 +94,9 @@ class IndexerConfig:
     ensemble: str = "max"
     rope: bool = True
     threshold: float = 0.5
+    neighbour_margin: float | None = None
+    neighbour_min_slots: int = 0
+    hysteresis_decay: float | None = None
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -104,6 +119,14 @@ class IndexerConfig:
             raise ValueError(f"rope must be True or False, got {self.rope!r}")
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold must be a probability in (0, 1), got {self.threshold!r}")
+        for name in ("neighbour_margin", "hysteresis_decay"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < math.inf):
+                raise ValueError(f"{name} must be None (off) or a finite number of logits >= 0, got {value!r}")
+        if not _is_int(self.neighbour_min_slots) or self.neighbour_min_slots < 0:
+            raise ValueError(
+                f"neighbour_min_slots must be an int >= 0 (0: the span rule at every budget), got {self.neighbour_min_slots!r}"
+            )
         if self.version != 1:
             raise ValueError(f"IndexerConfig version {self.version} is not supported by this lsa-rewrite (knows version 1)")
 
@@ -288,6 +311,13 @@ class LSAIndexer(nn.Module):
         z = (dots.relu() * w.float().view(batch, 1, cfg.kv_heads, cfg.group)).sum((-2, -1))  # [B, N]
         return z * target.log_scale.exp() + target.bias
 
+    def spread(self, logits: Tensor, *, slots: int | None = None) -> Tensor:
+        """The span rule (``config.neighbour_margin``) over the last axis of ``logits`` [..., N]: each chunk's
+        logit raised to ``max(own, best neighbour - margin)``. Unchanged when the rule is off, or when
+        ``slots`` (chunks the selection keeps per sequence) is below ``config.neighbour_min_slots``;
+        ``slots=None`` (unknown, e.g. the held-out metrics) applies it."""
+        return spread_neighbours(logits, self.config.neighbour_margin, slots=slots, min_slots=self.config.neighbour_min_slots)
+
     def ensemble(self, logits_list: list[Tensor] | tuple[Tensor, ...] | Tensor) -> Tensor:
         """Per-layer logits (a list of [B, N], or [B, Lt, N]) -> probabilities [B, N] (max or mean over layers)."""
         logits = torch.stack(list(logits_list), dim=1) if isinstance(logits_list, (list, tuple)) else logits_list
@@ -304,8 +334,9 @@ class LSAIndexer(nn.Module):
         return torch.stack(out, dim=1)
 
     def forward(self, x: Tensor, cos: Tensor | None, sin: Tensor | None, kmin: Tensor, kmax: Tensor) -> Tensor:
-        """x [B, Lt, hidden], cos/sin [B, D] (or None), kmin/kmax [B, Lt, N, Hkv, D] -> probabilities [B, N]."""
-        return self.ensemble(self.logits(x, cos, sin, kmin, kmax))
+        """x [B, Lt, hidden], cos/sin [B, D] (or None), kmin/kmax [B, Lt, N, Hkv, D] -> probabilities [B, N]
+        (with the span rule of ``config.neighbour_margin``, as the runtime scores; ``logits`` is without it)."""
+        return self.ensemble(self.spread(self.logits(x, cos, sin, kmin, kmax)))
 
     def _check_layers(self, x: Tensor, kmin: Tensor, kmax: Tensor) -> None:
         lt = len(self.layers)
@@ -393,6 +424,22 @@ class LSAIndexer(nn.Module):
         indexer.signature, indexer.lsa, indexer.metrics = fields["signature"] or {}, fields["lsa"] or {}, fields["metrics"]
         indexer.source = str(path)
         return indexer.to(device)
+
+
+def spread_neighbours(logits: Tensor, margin: float | None, *, slots: int | None = None, min_slots: int = 0) -> Tensor:
+    """``max(own, max(left, right) - margin)`` along the last axis (chunks); the first and last chunk have
+    one neighbour. ``margin=None``, or ``slots`` given and below ``min_slots``: ``logits`` unchanged.
+
+    Example::
+
+        >>> spread_neighbours(torch.tensor([0.0, 5.0, 0.0, 1.0]), 1.0)
+        tensor([4., 5., 4., 1.])
+    """
+    if margin is None or (slots is not None and slots < min_slots) or logits.shape[-1] < 2:
+        return logits
+    after = torch.cat([logits[..., 1:], logits[..., -1:]], dim=-1)  # the last chunk: its own value (no-op)
+    before = torch.cat([logits[..., :1], logits[..., :-1]], dim=-1)
+    return torch.maximum(logits, torch.maximum(after, before) - margin)
 
 
 def lsa_fields(lsa: dict | None) -> dict[str, Any]:
