@@ -129,19 +129,14 @@ class IndexerSelector:
     At each target layer it runs the query tower on the tapped query-projection input (``idx_x``) and
     rotary ``idx_cos``/``idx_sin`` of the latest token, scores every chunk's key bounds (``kmin``/``kmax``)
     with the document tower, and ensembles the target layers; the one ``[B, N]`` map ranks chunks for
-    every layer. The indexer's scoring rules (``IndexerConfig``) apply here: the span rule
-    (``neighbour_margin``: each layer's logits, before the ensemble) and the hysteresis
-    (``hysteresis_decay``: a chunk keeps its previous selection's score minus the decay). The
-    hysteresis state is this selector's, per sequence of the batch; the runtime makes a fresh selector
-    for every store (every prefill), and a window that does not start after the previous one (a new
-    sequence) or another batch shape resets it too (``reset()`` by hand).
+    every layer. The indexer's span rule (``IndexerConfig.neighbour_margin``) applies to each target
+    layer's logits before the ensemble.
     """
 
     name = "indexer"
 
     def __init__(self, indexer):
         self.indexer = indexer.eval()
-        self.memory: tuple[Tensor, int] | None = None  # (the last selection's scores [B, N], its window start)
 
     @property
     def threshold_score(self) -> float:
@@ -149,10 +144,6 @@ class IndexerSelector:
         them): its logit under the ``max`` ensemble (scores are logits), the probability under ``mean``."""
         p = float(self.indexer.config.threshold)
         return math.log(p / (1.0 - p)) if self.indexer.config.ensemble == "max" else p
-
-    def reset(self) -> None:
-        """Forget the previous selection (the hysteresis starts over)."""
-        self.memory = None
 
     def scores(self, layers: Sequence[LayerState], window: SelectionWindow) -> Tensor:
         by_layer = {layer.spec.layer: layer for layer in layers}
@@ -165,33 +156,15 @@ class IndexerSelector:
                 q, w = self.indexer.query(i, layer.idx_x, layer.idx_cos if rope else None, layer.idx_sin if rope else None)
                 logits.append(self.indexer.layer_logits(i, q, w, layer.kmin, layer.kmax))
             stacked = torch.stack(logits)  # [Lt, B, N]
-            if cfg.neighbour_margin is not None or cfg.hysteresis_decay is not None:
-                # Chunks not written yet score nothing: they must not lend their score to a neighbour
-                # or carry one into the next selection.
+            if cfg.neighbour_margin is not None:
+                # Chunks not written yet score nothing: they neither lend a score to a neighbour nor take one.
                 unwritten = torch.arange(stacked.shape[-1], device=stacked.device) >= window.written_chunks
+                stacked = self.indexer.spread(stacked.masked_fill(unwritten, -torch.inf), slots=window.slots)
                 stacked = stacked.masked_fill(unwritten, -torch.inf)
-            stacked = self.indexer.spread(stacked, slots=window.slots)
             # Ranked by logits where that is the same order: a sigmoid saturates to 1.0 in float32 (z > ~17)
             # and would leave the top chunks tied.
             scores = stacked.amax(0) if cfg.ensemble == "max" else torch.sigmoid(stacked).mean(0)
-            scores = self._hysteresis(scores, window)
         return scores.expand(len(layers), -1, -1)
-
-    def _hysteresis(self, scores: Tensor, window: SelectionWindow) -> Tensor:
-        """``max(scores, previous - decay)`` (in logits; under the mean ensemble on the logit of the
-        probability), and remember the result for the next selection."""
-        decay = self.indexer.config.hysteresis_decay
-        if decay is None:
-            return scores
-        memory = self.memory
-        if memory is not None and memory[0].shape == scores.shape and memory[1] < window.start:
-            previous = memory[0].to(scores.device)
-            if self.indexer.config.ensemble == "max":
-                scores = torch.maximum(scores, previous - decay)
-            else:
-                scores = torch.maximum(scores, torch.sigmoid(torch.logit(previous) - decay))
-        self.memory = (scores.clone(), window.start)
-        return scores
 
 
 class AllReduceSelector:

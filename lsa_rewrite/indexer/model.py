@@ -72,11 +72,6 @@ class IndexerConfig:
         neighbour_min_slots: the span rule applies only to selections that keep at least this many
             chunks per sequence (sink and tail included; ``SelectionWindow.slots``): at a budget of a few
             chunks the neighbours would take the places of other candidates.
-        hysteresis_decay: selection-to-selection memory (``None``: off). A chunk's score is raised to
-            its score at the previous selection of the same sequence minus this decay (logits, >= 0), so
-            a chunk found at one selection is not dropped at the next by a query that looks elsewhere
-            (e.g. a reply token restating the question). State held by the runtime's selector, reset
-            with each new store (every prefill); no effect on the per-window held-out metrics.
 
     Example::
 
@@ -96,7 +91,6 @@ class IndexerConfig:
     threshold: float = 0.5
     neighbour_margin: float | None = None
     neighbour_min_slots: int = 0
-    hysteresis_decay: float | None = None
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -119,10 +113,9 @@ class IndexerConfig:
             raise ValueError(f"rope must be True or False, got {self.rope!r}")
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold must be a probability in (0, 1), got {self.threshold!r}")
-        for name in ("neighbour_margin", "hysteresis_decay"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < math.inf):
-                raise ValueError(f"{name} must be None (off) or a finite number of logits >= 0, got {value!r}")
+        margin = self.neighbour_margin
+        if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0.0 <= margin < math.inf):
+            raise ValueError(f"neighbour_margin must be None (off) or a finite number of logits >= 0, got {margin!r}")
         if not _is_int(self.neighbour_min_slots) or self.neighbour_min_slots < 0:
             raise ValueError(
                 f"neighbour_min_slots must be an int >= 0 (0: the span rule at every budget), got {self.neighbour_min_slots!r}"

@@ -66,7 +66,6 @@ def train_indexer(
     trainable: str = "all",
     neighbour_margin: float | None = None,
     neighbour_min_slots: int = 0,
-    hysteresis_decay: float | None = None,
     progress: bool = True,
 ) -> tuple[LSAIndexer, dict[str, Any]]:
     """Train an indexer on a calibration dump; returns it and its held-out metrics.
@@ -92,11 +91,9 @@ def train_indexer(
         top_p, min_layers, label_rule: the golden-label rule (``dump.golden_labels``: ``"mean"`` or
             ``"vote"``, always-resident chunks left out), recomputed from the dump's recorded masses;
             ``None``: the dump's manifest values (``min_layers`` only counts under ``"vote"``).
-        neighbour_margin, neighbour_min_slots, hysteresis_decay: the scoring rules saved in the
-            indexer's config (``IndexerConfig``; they do not change the loss): the span rule is applied
-            in the held-out metrics of the trained and the untrained indexer; the hysteresis, which
-            links successive selections of one sequence, has no effect on them (windows are scored
-            one by one).
+        neighbour_margin, neighbour_min_slots: the span rule, saved in the indexer's config
+            (``IndexerConfig``); it does not change the loss, and the held-out metrics of the trained
+            and the untrained indexer apply it.
         progress: show a rich progress bar.
 
     Example::
@@ -133,7 +130,6 @@ def train_indexer(
         rope=bool(shapes.get("rope", False)),
         neighbour_margin=neighbour_margin,
         neighbour_min_slots=neighbour_min_slots,
-        hysteresis_decay=hysteresis_decay,
     )
 
     cache = dump.shard_nbytes() <= CACHE_BYTES

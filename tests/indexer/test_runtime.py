@@ -148,7 +148,7 @@ def test_indexer_target_layer_must_be_sparse():
         indexer_from_model(base, LSAConfig(chunk_size=16), target_layers=[0])
 
 
-# -- the indexer's scoring rules at selection time (IndexerConfig.neighbour_margin, hysteresis_decay) --
+# -- the indexer's span rule at selection time (IndexerConfig.neighbour_margin) --
 
 
 def _with_rules(indexer, **rules):
@@ -191,28 +191,6 @@ def llama_indexer():
     return indexer_from_model(base, LSAConfig(chunk_size=16, interval=16, selector="indexer"), target_layers=[0, 1])
 
 
-def test_hysteresis_keeps_the_previous_selection_minus_the_decay(llama_indexer):
-    decay = 0.5
-    plain = IndexerSelector(llama_indexer)
-    sticky = IndexerSelector(_with_rules(llama_indexer, hysteresis_decay=decay))
-    first, second = _fake_layers(llama_indexer, seed=1), _fake_layers(llama_indexer, seed=2)
-    written = 10  # window start 160: chunks 0..9 written
-    s1 = sticky.scores(first, _window(160))[0]
-    torch.testing.assert_close(s1[:, :written], plain.scores(first, _window(160))[0][:, :written])
-    assert torch.all(s1[:, written:] == -torch.inf)  # unwritten chunks score nothing
-    raw2 = plain.scores(second, _window(176))[0][:, :written]
-    s2 = sticky.scores(second, _window(176))[0][:, :written]
-    want = torch.maximum(raw2, s1[:, :written] - decay)
-    torch.testing.assert_close(s2, want)
-    assert (want > raw2).any(), "the test needs a chunk that the memory raises"
-    # the memory decays again at the next selection, and a window that does not start later resets it
-    s3 = sticky.scores(second, _window(192))[0][:, :written]
-    torch.testing.assert_close(s3, torch.maximum(plain.scores(second, _window(192))[0][:, :written], s2 - decay))
-    torch.testing.assert_close(sticky.scores(first, _window(160))[0][:, :written], s1[:, :written])
-    sticky.reset()
-    assert sticky.memory is None
-
-
 def test_span_rule_in_the_selector_follows_the_slots(llama_indexer):
     from lsa_rewrite.indexer.model import spread_neighbours
 
@@ -223,24 +201,19 @@ def test_span_rule_in_the_selector_follows_the_slots(llama_indexer):
     # per target layer, then the max ensemble: the same as the rule over the ensembled logits
     torch.testing.assert_close(ruled.scores(layers, _window(160, slots=8))[0][:, :10], spread_neighbours(raw, 0.2))
     torch.testing.assert_close(ruled.scores(layers, _window(160, slots=7))[0][:, :10], raw)  # too few slots: off
+    full = ruled.scores(layers, _window(160, slots=8))[0]
+    assert torch.all(full[:, 10:] == -torch.inf)  # chunks not written yet (window start 160) score nothing
+    lifted = ruled.scores(layers, _window(144, slots=8))[0][:, :9]  # chunk 9 unwritten: it lends chunk 8 nothing
+    torch.testing.assert_close(lifted, spread_neighbours(plain.scores(layers, _window(144))[0][:, :9], 0.2))
     assert not torch.allclose(spread_neighbours(raw, 0.2), raw)
 
 
-def test_scoring_rules_keep_dense_exactness_and_reset_with_each_store():
-    """At a covering budget the rules change nothing; a second generate() starts a new store, whose
-    selector has no memory of the first."""
+def test_span_rule_keeps_dense_exactness():
+    """At a covering budget the span rule changes nothing."""
     base = make_model("llama").eval()
     config = LSAConfig(budget=512, chunk_size=16, interval=16, selector="indexer")  # covering: 200 + 24 tokens
-    indexer = _with_rules(indexer_from_model(base, config), neighbour_margin=0.1, hysteresis_decay=1.0)
+    indexer = _with_rules(indexer_from_model(base, config), neighbour_margin=0.1)
     converted = lsa_rewrite.convert(copy.deepcopy(base), config, indexer=indexer)
     ids = _ids()
     want = base.generate(ids, max_new_tokens=24, do_sample=False)
     assert torch.equal(converted.generate(ids, max_new_tokens=24, do_sample=False), want)
-    small = lsa_rewrite.convert(
-        copy.deepcopy(base), LSAConfig(budget=96, chunk_size=16, interval=16, sink_tokens=16, recent_tokens=16, selector="indexer"), indexer=indexer
-    )
-    small.generate(ids, max_new_tokens=24, do_sample=False)
-    first = small.lsa.store.selector
-    assert small.lsa.store.selections >= 2 and first.memory is not None and first.memory[1] > PROMPT
-    small.generate(ids[:, :100], max_new_tokens=2, do_sample=False)
-    assert small.lsa.store.selector is not first and small.lsa.store.selector.memory[1] <= 100 + 2
