@@ -171,7 +171,10 @@ def recall_section(indexer: LSAIndexer | None, dump: CalibrationDump, selectors:
             mass = record["mass"]
             n = golden.numel()
             doc, start, _ = (int(v) for v in record["meta"])
-            window = SelectionWindow(start=start, interval=int(lsa["interval"]), lag=0, chunk_size=int(lsa["chunk_size"]), valid_start=(0,))
+            window = SelectionWindow(
+                start=start, interval=int(lsa["interval"]), lag=0, chunk_size=int(lsa["chunk_size"]), valid_start=(0,),
+                sink_tokens=int(lsa["sink_tokens"]), recent_tokens=int(lsa["recent_tokens"]),
+            )
             # The per-layer state a selector reads at run time, batch of one, from the recorded tensors.
             layers = [
                 SimpleNamespace(
@@ -195,6 +198,7 @@ def recall_section(indexer: LSAIndexer | None, dump: CalibrationDump, selectors:
                     record["sin"][None] if rope else None,
                     record["kmin"][pick][None],
                     record["kmax"][pick][None],
+                    lenders=keep[None],
                 )[0]
                 scorers["indexer"].add(ranking, golden, mass, probs=probs, selectable=keep)
             if "query-aware" in scorers:

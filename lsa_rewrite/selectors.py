@@ -41,6 +41,7 @@ class SelectionWindow:
         chunk_size: tokens per chunk.
         valid_start: first real position of each sequence (left padding before it).
         slots: chunks the selection keeps per sequence, sink and tail included (``None``: not given).
+        sink_tokens, recent_tokens: the always-resident sink and tail (``LSAConfig``; 0: not given).
     """
 
     start: int
@@ -49,11 +50,26 @@ class SelectionWindow:
     chunk_size: int
     valid_start: tuple[int, ...]
     slots: int | None = None
+    sink_tokens: int = 0
+    recent_tokens: int = 0
 
     @property
     def written_chunks(self) -> int:
         """Chunks that hold at least one token before the window."""
         return -(-self.start // self.chunk_size)
+
+    def selectable(self, num_chunks: int, device: torch.device | str | None = None) -> Tensor:
+        """``[B, num_chunks]`` bool: written chunks that are neither sink nor tail nor left padding only
+        (the chunks a selector chooses among; the policy keeps the others or cannot use them)."""
+        from .config import always_resident_chunks
+
+        c = self.chunk_size
+        out = torch.zeros(len(self.valid_start), num_chunks, dtype=torch.bool)
+        for b, first in enumerate(self.valid_start):
+            out[b, first // c : min(self.written_chunks, num_chunks)] = True
+            resident = always_resident_chunks(self.start, chunk_size=c, sink_tokens=self.sink_tokens, recent_tokens=self.recent_tokens, valid_start=first)
+            out[b, [i for i in resident if i < num_chunks]] = False
+        return out.to(device) if device is not None else out
 
 
 class LayerState(Protocol):
@@ -130,7 +146,7 @@ class IndexerSelector:
     rotary ``idx_cos``/``idx_sin`` of the latest token, scores every chunk's key bounds (``kmin``/``kmax``)
     with the document tower, and ensembles the target layers; the one ``[B, N]`` map ranks chunks for
     every layer. The indexer's span rule (``IndexerConfig.neighbour_margin``) applies to each target
-    layer's logits before the ensemble.
+    layer's logits before the ensemble, with the selectable chunks of the window as lenders.
     """
 
     name = "indexer"
@@ -157,10 +173,11 @@ class IndexerSelector:
                 logits.append(self.indexer.layer_logits(i, q, w, layer.kmin, layer.kmax))
             stacked = torch.stack(logits)  # [Lt, B, N]
             if cfg.neighbour_margin is not None:
-                # Chunks not written yet score nothing: they neither lend a score to a neighbour nor take one.
+                # Only selectable chunks lend their score to a neighbour: not the sink and tail (kept
+                # anyway), not chunks unwritten yet, which also take none.
+                lenders = window.selectable(stacked.shape[-1], stacked.device)  # [B, N]
                 unwritten = torch.arange(stacked.shape[-1], device=stacked.device) >= window.written_chunks
-                stacked = self.indexer.spread(stacked.masked_fill(unwritten, -torch.inf), slots=window.slots)
-                stacked = stacked.masked_fill(unwritten, -torch.inf)
+                stacked = self.indexer.spread(stacked, slots=window.slots, lenders=lenders).masked_fill(unwritten, -torch.inf)
             # Ranked by logits where that is the same order: a sigmoid saturates to 1.0 in float32 (z > ~17)
             # and would leave the top chunks tied.
             scores = stacked.amax(0) if cfg.ensemble == "max" else torch.sigmoid(stacked).mean(0)

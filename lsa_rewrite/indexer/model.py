@@ -304,12 +304,15 @@ class LSAIndexer(nn.Module):
         z = (dots.relu() * w.float().view(batch, 1, cfg.kv_heads, cfg.group)).sum((-2, -1))  # [B, N]
         return z * target.log_scale.exp() + target.bias
 
-    def spread(self, logits: Tensor, *, slots: int | None = None) -> Tensor:
+    def spread(self, logits: Tensor, *, slots: int | None = None, lenders: Tensor | None = None) -> Tensor:
         """The span rule (``config.neighbour_margin``) over the last axis of ``logits`` [..., N]: each chunk's
-        logit raised to ``max(own, best neighbour - margin)``. Unchanged when the rule is off, or when
-        ``slots`` (chunks the selection keeps per sequence) is below ``config.neighbour_min_slots``;
-        ``slots=None`` (unknown, e.g. the held-out metrics) applies it."""
-        return spread_neighbours(logits, self.config.neighbour_margin, slots=slots, min_slots=self.config.neighbour_min_slots)
+        logit raised to ``max(own, best lending neighbour - margin)``. ``lenders`` (bool, broadcast to
+        ``logits``): the chunks whose score may raise a neighbour, the selectable ones (``None``: all);
+        the always-resident sink and tail are kept anyway, and the chunks beside them are not the
+        rest of a needle. Unchanged when the rule is off, or when ``slots`` (chunks the selection keeps
+        per sequence) is below ``config.neighbour_min_slots``; ``slots=None`` (unknown) applies it."""
+        cfg = self.config
+        return spread_neighbours(logits, cfg.neighbour_margin, slots=slots, min_slots=cfg.neighbour_min_slots, lenders=lenders)
 
     def ensemble(self, logits_list: list[Tensor] | tuple[Tensor, ...] | Tensor) -> Tensor:
         """Per-layer logits (a list of [B, N], or [B, Lt, N]) -> probabilities [B, N] (max or mean over layers)."""
@@ -326,10 +329,13 @@ class LSAIndexer(nn.Module):
             out.append(self.layer_logits(i, q, w, kmin[:, i], kmax[:, i]))
         return torch.stack(out, dim=1)
 
-    def forward(self, x: Tensor, cos: Tensor | None, sin: Tensor | None, kmin: Tensor, kmax: Tensor) -> Tensor:
+    def forward(
+        self, x: Tensor, cos: Tensor | None, sin: Tensor | None, kmin: Tensor, kmax: Tensor, *, lenders: Tensor | None = None
+    ) -> Tensor:
         """x [B, Lt, hidden], cos/sin [B, D] (or None), kmin/kmax [B, Lt, N, Hkv, D] -> probabilities [B, N]
-        (with the span rule of ``config.neighbour_margin``, as the runtime scores; ``logits`` is without it)."""
-        return self.ensemble(self.spread(self.logits(x, cos, sin, kmin, kmax)))
+        (with the span rule of ``config.neighbour_margin``, as the runtime scores; ``logits`` is without it).
+        ``lenders`` [B, N] bool: the selectable chunks (see ``spread``)."""
+        return self.ensemble(self.spread(self.logits(x, cos, sin, kmin, kmax), lenders=None if lenders is None else lenders[:, None]))
 
     def _check_layers(self, x: Tensor, kmin: Tensor, kmax: Tensor) -> None:
         lt = len(self.layers)
@@ -419,9 +425,12 @@ class LSAIndexer(nn.Module):
         return indexer.to(device)
 
 
-def spread_neighbours(logits: Tensor, margin: float | None, *, slots: int | None = None, min_slots: int = 0) -> Tensor:
-    """``max(own, max(left, right) - margin)`` along the last axis (chunks); the first and last chunk have
-    one neighbour. ``margin=None``, or ``slots`` given and below ``min_slots``: ``logits`` unchanged.
+def spread_neighbours(
+    logits: Tensor, margin: float | None, *, slots: int | None = None, min_slots: int = 0, lenders: Tensor | None = None
+) -> Tensor:
+    """``max(own, max(left, right) - margin)`` along the last axis (chunks), where only ``lenders`` (bool,
+    broadcast to ``logits``; ``None``: every chunk) raise a neighbour; the first and last chunk have one
+    neighbour. ``margin=None``, or ``slots`` given and below ``min_slots``: ``logits`` unchanged.
 
     Example::
 
@@ -430,8 +439,10 @@ def spread_neighbours(logits: Tensor, margin: float | None, *, slots: int | None
     """
     if margin is None or (slots is not None and slots < min_slots) or logits.shape[-1] < 2:
         return logits
-    after = torch.cat([logits[..., 1:], logits[..., -1:]], dim=-1)  # the last chunk: its own value (no-op)
-    before = torch.cat([logits[..., :1], logits[..., :-1]], dim=-1)
+    source = logits if lenders is None else logits.masked_fill(~lenders, -torch.inf)
+    none = torch.full_like(source[..., :1], -torch.inf)
+    after = torch.cat([source[..., 1:], none], dim=-1)  # the right neighbour's score
+    before = torch.cat([none, source[..., :-1]], dim=-1)
     return torch.maximum(logits, torch.maximum(after, before) - margin)
 
 

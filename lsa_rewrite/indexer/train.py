@@ -502,9 +502,10 @@ def _evaluate(
         golden, mass, keep = record["golden"], record["mass"], record["selectable"]
         n = golden.shape[0]
         args = (batch["hidden"], batch["cos"], batch["sin"], batch["kmin"], batch["kmax"])
-        probs = indexer(*args)[0]
+        lenders = keep[None]  # the span rule, as at run time: only selectable chunks raise a neighbour
+        probs = indexer(*args, lenders=lenders)[0]
         scorers["indexer"].add(probs, golden, mass, probs=probs, selectable=keep)
-        base = untrained(*args)[0]
+        base = untrained(*args, lenders=lenders)[0]
         scorers["untrained"].add(base, golden, mass, probs=base, selectable=keep)
         scorers["recency"].add(recency_scores(n), golden, mass, selectable=keep)
         scorers["random"].add(random_scores(n, generator=generator), golden, mass, selectable=keep)

@@ -191,21 +191,42 @@ def llama_indexer():
     return indexer_from_model(base, LSAConfig(chunk_size=16, interval=16, selector="indexer"), target_layers=[0, 1])
 
 
-def test_span_rule_in_the_selector_follows_the_slots(llama_indexer):
+def test_selection_window_selectable_chunks():
+    from lsa_rewrite.selectors import SelectionWindow
+
+    window = SelectionWindow(start=160, interval=16, lag=0, chunk_size=16, valid_start=(0, 40), sink_tokens=16, recent_tokens=32)
+    sel = window.selectable(12)
+    # sequence 0: sink chunk 0, tail chunks 8-9 (positions 128-159), chunks 10-11 unwritten
+    assert sel[0].tolist() == [False] + [True] * 7 + [False] * 4
+    # sequence 1 starts at 40: chunks 0-1 are left padding only, its sink is chunks 2-3 (positions 40-55)
+    assert sel[1].tolist() == [False] * 4 + [True] * 4 + [False] * 4
+
+
+def test_span_rule_in_the_selector_follows_the_slots_and_selectable_lenders(llama_indexer):
     from lsa_rewrite.indexer.model import spread_neighbours
 
     layers = _fake_layers(llama_indexer, seed=3)
     ruled = IndexerSelector(_with_rules(llama_indexer, neighbour_margin=0.2, neighbour_min_slots=8))
     plain = IndexerSelector(llama_indexer)
-    raw = plain.scores(layers, _window(160))[0][:, :10]
+    window = _window(160, slots=8)
+    raw = plain.scores(layers, window)[0][:, :10]
+    lenders = window.selectable(10)
     # per target layer, then the max ensemble: the same as the rule over the ensembled logits
-    torch.testing.assert_close(ruled.scores(layers, _window(160, slots=8))[0][:, :10], spread_neighbours(raw, 0.2))
+    want = spread_neighbours(raw, 0.2, lenders=lenders)
+    torch.testing.assert_close(ruled.scores(layers, window)[0][:, :10], want)
     torch.testing.assert_close(ruled.scores(layers, _window(160, slots=7))[0][:, :10], raw)  # too few slots: off
-    full = ruled.scores(layers, _window(160, slots=8))[0]
+    assert not torch.allclose(want, raw)
+    full = ruled.scores(layers, window)[0]
     assert torch.all(full[:, 10:] == -torch.inf)  # chunks not written yet (window start 160) score nothing
-    lifted = ruled.scores(layers, _window(144, slots=8))[0][:, :9]  # chunk 9 unwritten: it lends chunk 8 nothing
-    torch.testing.assert_close(lifted, spread_neighbours(plain.scores(layers, _window(144))[0][:, :9], 0.2))
-    assert not torch.allclose(spread_neighbours(raw, 0.2), raw)
+
+
+def test_sink_and_tail_lend_no_score():
+    from lsa_rewrite.indexer.model import spread_neighbours
+
+    z = torch.tensor([9.0, 0.0, 0.0, 5.0, 0.0, 0.0, 8.0])  # chunk 0: sink, chunk 6: tail
+    lenders = torch.tensor([False, True, True, True, True, True, False])
+    torch.testing.assert_close(spread_neighbours(z, 1.0, lenders=lenders), torch.tensor([9.0, 0.0, 4.0, 5.0, 4.0, 0.0, 8.0]))
+    torch.testing.assert_close(spread_neighbours(z, 1.0), torch.tensor([9.0, 8.0, 4.0, 5.0, 4.0, 7.0, 8.0]))
 
 
 def test_span_rule_keeps_dense_exactness():
