@@ -306,3 +306,25 @@ def test_listwise_loss_with_a_window_without_selectable_chunks_has_finite_gradie
     value.backward()
     assert torch.isfinite(value) and torch.isfinite(logits.grad).all()
     assert (logits.grad[0] == 0).all() and (logits.grad[1, :, 2] == 0).all()  # masked chunks learn nothing
+
+
+def test_span_rule_is_saved_and_used_in_the_held_out_metrics(planted, tmp_path):
+    """``neighbour_margin`` changes no weight (not in the loss) but is saved and applied in the metrics;
+    the CLI passes it through and refuses a negative margin."""
+    from typer.testing import CliRunner
+
+    from lsa_rewrite.cli import app
+
+    plain, m_plain = train_indexer(planted, epochs=1, batch_windows=8, seed=1, progress=False)
+    ruled, m_ruled = train_indexer(planted, epochs=1, batch_windows=8, seed=1, neighbour_margin=0.0, progress=False)
+    for name, tensor in plain.state_dict().items():
+        assert torch.equal(tensor, ruled.state_dict()[name]), name
+    assert ruled.config.neighbour_margin == 0.0 and plain.config.neighbour_margin is None
+    assert m_ruled["indexer"] != m_plain["indexer"]  # margin 0: every chunk beside a likely one ties with it
+    out = tmp_path / "ruled.safetensors"
+    result = CliRunner().invoke(app, ["train", str(planted), "--out", str(out), "--epochs", "1", "--neighbour-margin", "0.5", "--neighbour-min-slots", "9"])
+    assert result.exit_code == 0, result.output
+    config = LSAIndexer.load(out).config
+    assert (config.neighbour_margin, config.neighbour_min_slots) == (0.5, 9)
+    bad = CliRunner().invoke(app, ["train", str(planted), "--out", str(out), "--neighbour-margin", "-1"])
+    assert bad.exit_code == 2 and "--neighbour-margin must be a number of logits >= 0" in " ".join(bad.output.split())
