@@ -178,8 +178,8 @@ def train_cmd(
         None, "--neighbour-margin",
         help="span rule saved with the indexer: a chunk's logit is raised to its best selectable neighbour's minus this margin (default: off)",
     ),
-    neighbour_min_slots: int = typer.Option(
-        0, "--neighbour-min-slots", help="the span rule only for selections keeping at least this many chunks per sequence"
+    neighbour_min_free: int = typer.Option(
+        0, "--neighbour-min-free", help="the span rule only for selections with at least this many free slots (beyond sink, tail and window)"
     ),
     as_json: bool = typer.Option(False, "--json", help="print the held-out metrics as JSON"),
     debug: bool = typer.Option(False, "--debug", help="show the traceback on errors"),
@@ -205,15 +205,15 @@ def train_cmd(
             raise ValueError(f"--trainable must be all or heads, got {trainable!r}")
         if neighbour_margin is not None and not 0.0 <= neighbour_margin < float("inf"):
             raise ValueError(f"--neighbour-margin must be a number of logits >= 0 (leave it out for no span rule), got {neighbour_margin}")
-        if neighbour_min_slots < 0:
-            raise ValueError(f"--neighbour-min-slots must be >= 0, got {neighbour_min_slots}")
+        if neighbour_min_free < 0:
+            raise ValueError(f"--neighbour-min-free must be >= 0, got {neighbour_min_free}")
         if not dump.is_dir():
             raise FileNotFoundError(f"no calibration dump at {str(dump)!r}: pass the directory `lsa-rewrite calibrate --out` wrote")
         from .indexer import train_indexer
 
         _, metrics = train_indexer(
             dump, out=out, epochs=epochs, lr=lr, loss=loss, rank=rank, seed=seed, device=device, top_p=top_p, min_layers=min_layers, label_rule=label_rule,
-            trainable=trainable, neighbour_margin=neighbour_margin, neighbour_min_slots=neighbour_min_slots,
+            trainable=trainable, neighbour_margin=neighbour_margin, neighbour_min_free=neighbour_min_free,
         )
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         _fail(console, exc, debug)

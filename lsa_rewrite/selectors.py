@@ -58,6 +58,22 @@ class SelectionWindow:
         """Chunks that hold at least one token before the window."""
         return -(-self.start // self.chunk_size)
 
+    @property
+    def free_slots(self) -> int | None:
+        """Slots per sequence left to the selector beyond the sink, the tail and the chunks the window
+        writes (the fewest over the batch); ``None`` when ``slots`` is not given."""
+        if self.slots is None:
+            return None
+        from .config import always_resident_chunks
+
+        c = self.chunk_size
+        window = range(max(self.start - 1, 0) // c, (self.start + self.interval + self.lag - 1) // c + 1)
+        kept = [
+            len(set(always_resident_chunks(self.start, chunk_size=c, sink_tokens=self.sink_tokens, recent_tokens=self.recent_tokens, valid_start=v)) | set(window))
+            for v in self.valid_start
+        ]
+        return self.slots - max(kept, default=0)
+
     def selectable(self, num_chunks: int, device: torch.device | str | None = None) -> Tensor:
         """``[B, num_chunks]`` bool: written chunks that are neither sink nor tail nor left padding only
         (the chunks a selector chooses among; the policy keeps the others or cannot use them)."""
@@ -177,7 +193,7 @@ class IndexerSelector:
                 # anyway), not chunks unwritten yet, which also take none.
                 lenders = window.selectable(stacked.shape[-1], stacked.device)  # [B, N]
                 unwritten = torch.arange(stacked.shape[-1], device=stacked.device) >= window.written_chunks
-                stacked = self.indexer.spread(stacked, slots=window.slots, lenders=lenders).masked_fill(unwritten, -torch.inf)
+                stacked = self.indexer.spread(stacked, slots=window.free_slots, lenders=lenders).masked_fill(unwritten, -torch.inf)
             # Ranked by logits where that is the same order: a sigmoid saturates to 1.0 in float32 (z > ~17)
             # and would leave the top chunks tied.
             scores = stacked.amax(0) if cfg.ensemble == "max" else torch.sigmoid(stacked).mean(0)

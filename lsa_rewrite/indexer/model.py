@@ -69,9 +69,10 @@ class IndexerConfig:
             chunks: each target layer's logit of a chunk is raised to its better neighbour's minus this
             margin (logits, >= 0), so that the neighbours of a high-scoring chunk follow it into the
             resident set. Applied at selection time and in the held-out metrics, not in the training loss.
-        neighbour_min_slots: the span rule applies only to selections that keep at least this many
-            chunks per sequence (sink and tail included; ``SelectionWindow.slots``): at a budget of a few
-            chunks the neighbours would take the places of other candidates.
+        neighbour_min_free: the span rule applies only to selections with at least this many free
+            slots per sequence (``SelectionWindow.free_slots``: slots beyond the sink, the tail and the
+            window's own chunks): with one or two free slots a neighbour would take the place of the
+            second-best candidate.
 
     Example::
 
@@ -90,7 +91,7 @@ class IndexerConfig:
     rope: bool = True
     threshold: float = 0.5
     neighbour_margin: float | None = None
-    neighbour_min_slots: int = 0
+    neighbour_min_free: int = 0
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -116,9 +117,9 @@ class IndexerConfig:
         margin = self.neighbour_margin
         if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0.0 <= margin < math.inf):
             raise ValueError(f"neighbour_margin must be None (off) or a finite number of logits >= 0, got {margin!r}")
-        if not _is_int(self.neighbour_min_slots) or self.neighbour_min_slots < 0:
+        if not _is_int(self.neighbour_min_free) or self.neighbour_min_free < 0:
             raise ValueError(
-                f"neighbour_min_slots must be an int >= 0 (0: the span rule at every budget), got {self.neighbour_min_slots!r}"
+                f"neighbour_min_free must be an int >= 0 (free slots; 0: the span rule at every budget), got {self.neighbour_min_free!r}"
             )
         if self.version != 1:
             raise ValueError(f"IndexerConfig version {self.version} is not supported by this lsa-rewrite (knows version 1)")
@@ -309,10 +310,10 @@ class LSAIndexer(nn.Module):
         logit raised to ``max(own, best lending neighbour - margin)``. ``lenders`` (bool, broadcast to
         ``logits``): the chunks whose score may raise a neighbour, the selectable ones (``None``: all);
         the always-resident sink and tail are kept anyway, and the chunks beside them are not the
-        rest of a needle. Unchanged when the rule is off, or when ``slots`` (chunks the selection keeps
-        per sequence) is below ``config.neighbour_min_slots``; ``slots=None`` (unknown) applies it."""
+        rest of a needle. Unchanged when the rule is off, or when ``slots`` (the selection's free slots
+        per sequence) is below ``config.neighbour_min_free``; ``slots=None`` (unknown) applies it."""
         cfg = self.config
-        return spread_neighbours(logits, cfg.neighbour_margin, slots=slots, min_slots=cfg.neighbour_min_slots, lenders=lenders)
+        return spread_neighbours(logits, cfg.neighbour_margin, slots=slots, min_slots=cfg.neighbour_min_free, lenders=lenders)
 
     def ensemble(self, logits_list: list[Tensor] | tuple[Tensor, ...] | Tensor) -> Tensor:
         """Per-layer logits (a list of [B, N], or [B, Lt, N]) -> probabilities [B, N] (max or mean over layers)."""

@@ -90,8 +90,8 @@ def test_config_round_trip_and_tuple():
         ({"neighbour_margin": -0.1}, "neighbour_margin must be None \\(off\\) or a finite number of logits >= 0"),
         ({"neighbour_margin": True}, "neighbour_margin must be None"),
         ({"neighbour_margin": float("inf")}, "neighbour_margin must be None \\(off\\) or a finite"),
-        ({"neighbour_min_slots": -1}, "neighbour_min_slots must be an int >= 0"),
-        ({"neighbour_min_slots": 2.0}, "neighbour_min_slots must be an int >= 0"),
+        ({"neighbour_min_free": -1}, "neighbour_min_free must be an int >= 0"),
+        ({"neighbour_min_free": 2.0}, "neighbour_min_free must be an int >= 0"),
     ],
 )
 def test_config_checks(overrides, message):
@@ -100,13 +100,13 @@ def test_config_checks(overrides, message):
 
 
 def test_scoring_rules_round_trip_and_default_off():
-    cfg = make_config(neighbour_margin=0.25, neighbour_min_slots=9)
+    cfg = make_config(neighbour_margin=0.25, neighbour_min_free=9)
     assert IndexerConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     old = make_config().to_dict()  # a file written before the rules existed: its config lacks the fields
-    for key in ("neighbour_margin", "neighbour_min_slots"):
+    for key in ("neighbour_margin", "neighbour_min_free"):
         del old["_data"][key]
     loaded = IndexerConfig.from_dict(old)
-    assert loaded.neighbour_margin is None and loaded.neighbour_min_slots == 0
+    assert loaded.neighbour_margin is None and loaded.neighbour_min_free == 0
 
 
 def test_span_rule_raises_neighbours_of_a_high_chunk():

@@ -192,6 +192,8 @@ def llama_indexer():
 
 
 def test_selection_window_selectable_chunks():
+    import dataclasses
+
     from lsa_rewrite.selectors import SelectionWindow
 
     window = SelectionWindow(start=160, interval=16, lag=0, chunk_size=16, valid_start=(0, 40), sink_tokens=16, recent_tokens=32)
@@ -200,13 +202,16 @@ def test_selection_window_selectable_chunks():
     assert sel[0].tolist() == [False] + [True] * 7 + [False] * 4
     # sequence 1 starts at 40: chunks 0-1 are left padding only, its sink is chunks 2-3 (positions 40-55)
     assert sel[1].tolist() == [False] * 4 + [True] * 4 + [False] * 4
+    assert window.free_slots is None
+    # 12 slots: sink 0 (2-3 for sequence 1), tail 8-9, the window's chunk 10 -> 8 free (7 for sequence 1)
+    assert dataclasses.replace(window, slots=12).free_slots == 7
 
 
 def test_span_rule_in_the_selector_follows_the_slots_and_selectable_lenders(llama_indexer):
     from lsa_rewrite.indexer.model import spread_neighbours
 
     layers = _fake_layers(llama_indexer, seed=3)
-    ruled = IndexerSelector(_with_rules(llama_indexer, neighbour_margin=0.2, neighbour_min_slots=8))
+    ruled = IndexerSelector(_with_rules(llama_indexer, neighbour_margin=0.2, neighbour_min_free=4))
     plain = IndexerSelector(llama_indexer)
     window = _window(160, slots=8)
     raw = plain.scores(layers, window)[0][:, :10]
@@ -214,7 +219,8 @@ def test_span_rule_in_the_selector_follows_the_slots_and_selectable_lenders(llam
     # per target layer, then the max ensemble: the same as the rule over the ensembled logits
     want = spread_neighbours(raw, 0.2, lenders=lenders)
     torch.testing.assert_close(ruled.scores(layers, window)[0][:, :10], want)
-    torch.testing.assert_close(ruled.scores(layers, _window(160, slots=7))[0][:, :10], raw)  # too few slots: off
+    assert window.free_slots == 6  # 8 slots, less chunk 9 (the last token's) and chunk 10 (the window's)
+    torch.testing.assert_close(ruled.scores(layers, _window(160, slots=5))[0][:, :10], raw)  # 3 free slots: off
     assert not torch.allclose(want, raw)
     full = ruled.scores(layers, window)[0]
     assert torch.all(full[:, 10:] == -torch.inf)  # chunks not written yet (window start 160) score nothing

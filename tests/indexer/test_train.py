@@ -322,9 +322,9 @@ def test_span_rule_is_saved_and_used_in_the_held_out_metrics(planted, tmp_path):
     assert ruled.config.neighbour_margin == 0.0 and plain.config.neighbour_margin is None
     assert m_ruled["indexer"] != m_plain["indexer"]  # margin 0: every chunk beside a likely one ties with it
     out = tmp_path / "ruled.safetensors"
-    result = CliRunner().invoke(app, ["train", str(planted), "--out", str(out), "--epochs", "1", "--neighbour-margin", "0.5", "--neighbour-min-slots", "9"])
+    result = CliRunner().invoke(app, ["train", str(planted), "--out", str(out), "--epochs", "1", "--neighbour-margin", "0.5", "--neighbour-min-free", "9"])
     assert result.exit_code == 0, result.output
     config = LSAIndexer.load(out).config
-    assert (config.neighbour_margin, config.neighbour_min_slots) == (0.5, 9)
+    assert (config.neighbour_margin, config.neighbour_min_free) == (0.5, 9)
     bad = CliRunner().invoke(app, ["train", str(planted), "--out", str(out), "--neighbour-margin", "-1"])
     assert bad.exit_code == 2 and "--neighbour-margin must be a number of logits >= 0" in " ".join(bad.output.split())
