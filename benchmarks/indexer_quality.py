@@ -191,7 +191,11 @@ def recall_section(indexer: LSAIndexer | None, dump: CalibrationDump, selectors:
             if index_selector is not None and "indexer" in scorers:
                 # IndexerSelector ranks by the ensembled logits (max) or probabilities (mean); the
                 # probabilities give the threshold metrics.
-                ranking = index_selector.scores(layers, window)[0, 0]
+                # k free slots (the budget's selectable chunks): slots = k + the sink, tail and window chunks
+                held = -dataclasses.replace(window, slots=0).free_slots
+                ranking = lambda k, layers=layers, window=window, held=held: index_selector.scores(  # noqa: E731
+                    layers, dataclasses.replace(window, slots=k + held)
+                )[0, 0]
                 probs = indexer(
                     record["hidden"][pick][None].float(),
                     record["cos"][None] if rope else None,

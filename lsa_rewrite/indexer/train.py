@@ -502,11 +502,11 @@ def _evaluate(
         golden, mass, keep = record["golden"], record["mass"], record["selectable"]
         n = golden.shape[0]
         args = (batch["hidden"], batch["cos"], batch["sin"], batch["kmin"], batch["kmax"])
-        lenders = keep[None]  # the span rule, as at run time: only selectable chunks raise a neighbour
-        probs = indexer(*args, lenders=lenders)[0]
-        scorers["indexer"].add(probs, golden, mass, probs=probs, selectable=keep)
-        base = untrained(*args, lenders=lenders)[0]
-        scorers["untrained"].add(base, golden, mass, probs=base, selectable=keep)
+        for name, model in (("indexer", indexer), ("untrained", untrained)):
+            # The span rule as at run time: only selectable chunks raise a neighbour, and only when the
+            # budget's k chunks leave enough free slots (neighbour_min_free).
+            probs = model(*args, lenders=keep[None])[0]
+            scorers[name].add(_ranking(model, args, keep), golden, mass, probs=probs, selectable=keep)
         scorers["recency"].add(recency_scores(n), golden, mass, selectable=keep)
         scorers["random"].add(random_scores(n, generator=generator), golden, mass, selectable=keep)
         query = record.get("query")
@@ -531,6 +531,12 @@ def _evaluate(
     if query_source is not None:
         out["query_aware"]["query_source"] = query_source
     return out
+
+
+def _ranking(indexer: LSAIndexer, args: tuple, keep: Tensor):
+    """``k -> [N]`` probabilities under the span rule for a selection of ``k`` free slots."""
+    logits = indexer.logits(*args)  # [1, Lt, N]
+    return lambda k: indexer.ensemble(indexer.spread(logits, slots=k, lenders=keep[None, None]))[0]
 
 
 def _model_queries(weights: dict[int, Tensor], layers: list[int], record: dict[str, Any], config: IndexerConfig) -> Tensor:
