@@ -506,6 +506,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="3 tasks, 1 KL text, 16 KL steps, budgets 5 and 13.5 (explicit options win)")
     parser.add_argument("--neighbour-margin", type=float, help="override the indexer's span rule (IndexerConfig.neighbour_margin, logits; negative: off)")
     parser.add_argument("--neighbour-min-free", type=int, help="override IndexerConfig.neighbour_min_free (free slots below which the span rule is off)")
+    parser.add_argument("--neighbour-top", type=int, help="override IndexerConfig.neighbour_top (0: every selectable chunk lends)")
     parser.add_argument("--fallback-factor", type=float,
                         help="indexer runs: LSAConfig.fallback_budget = this many times the budget's tokens (the needle fallback; default: off)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random selector")
@@ -543,13 +544,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def scoring_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``--neighbour-margin`` / ``--neighbour-min-free`` overrides of the indexer's saved span rule
+    """The ``--neighbour-margin`` / ``--neighbour-min-free`` / ``--neighbour-top`` overrides of the indexer's saved span rule
     (a negative margin: the rule off)."""
     rules: dict[str, Any] = {}
     if args.neighbour_margin is not None:
         rules["neighbour_margin"] = None if args.neighbour_margin < 0 else args.neighbour_margin
     if args.neighbour_min_free is not None:
         rules["neighbour_min_free"] = args.neighbour_min_free
+    if args.neighbour_top is not None:
+        rules["neighbour_top"] = None if args.neighbour_top < 1 else args.neighbour_top
     return rules
 
 

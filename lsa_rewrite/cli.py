@@ -181,6 +181,9 @@ def train_cmd(
     neighbour_min_free: int = typer.Option(
         0, "--neighbour-min-free", help="the span rule only for selections with at least this many free slots (beyond sink, tail and window)"
     ),
+    neighbour_top: int = typer.Option(
+        None, "--neighbour-top", help="the span rule: only the N highest selectable chunks of each target layer lend (default: all)"
+    ),
     as_json: bool = typer.Option(False, "--json", help="print the held-out metrics as JSON"),
     debug: bool = typer.Option(False, "--debug", help="show the traceback on errors"),
 ) -> None:
@@ -207,6 +210,8 @@ def train_cmd(
             raise ValueError(f"--neighbour-margin must be a number of logits >= 0 (leave it out for no span rule), got {neighbour_margin}")
         if neighbour_min_free < 0:
             raise ValueError(f"--neighbour-min-free must be >= 0, got {neighbour_min_free}")
+        if neighbour_top is not None and neighbour_top < 1:
+            raise ValueError(f"--neighbour-top must be >= 1 (leave it out for every selectable chunk), got {neighbour_top}")
         if not dump.is_dir():
             raise FileNotFoundError(f"no calibration dump at {str(dump)!r}: pass the directory `lsa-rewrite calibrate --out` wrote")
         from .indexer import train_indexer
@@ -214,6 +219,7 @@ def train_cmd(
         _, metrics = train_indexer(
             dump, out=out, epochs=epochs, lr=lr, loss=loss, rank=rank, seed=seed, device=device, top_p=top_p, min_layers=min_layers, label_rule=label_rule,
             trainable=trainable, neighbour_margin=neighbour_margin, neighbour_min_free=neighbour_min_free,
+            neighbour_top=neighbour_top,
         )
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         _fail(console, exc, debug)

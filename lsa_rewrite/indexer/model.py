@@ -69,6 +69,9 @@ class IndexerConfig:
             chunks: each target layer's logit of a chunk is raised to its better neighbour's minus this
             margin (logits, >= 0), so that the neighbours of a high-scoring chunk follow it into the
             resident set. Applied at selection time and in the held-out metrics, not in the training loss.
+        neighbour_top: only the ``neighbour_top`` highest selectable chunks of each target layer lend
+            (``None``: every selectable chunk): with several similar needles (distractor keys) their
+            neighbours would otherwise crowd out the other candidates.
         neighbour_min_free: the span rule applies only to selections with at least this many free
             slots per sequence (``SelectionWindow.free_slots``: slots beyond the sink, the tail and the
             window's own chunks): with one or two free slots a neighbour would take the place of the
@@ -92,6 +95,7 @@ class IndexerConfig:
     threshold: float = 0.5
     neighbour_margin: float | None = None
     neighbour_min_free: int = 0
+    neighbour_top: int | None = None
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -117,6 +121,8 @@ class IndexerConfig:
         margin = self.neighbour_margin
         if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0.0 <= margin < math.inf):
             raise ValueError(f"neighbour_margin must be None (off) or a finite number of logits >= 0, got {margin!r}")
+        if self.neighbour_top is not None and (not _is_int(self.neighbour_top) or self.neighbour_top < 1):
+            raise ValueError(f"neighbour_top must be None (every selectable chunk lends) or an int >= 1, got {self.neighbour_top!r}")
         if not _is_int(self.neighbour_min_free) or self.neighbour_min_free < 0:
             raise ValueError(
                 f"neighbour_min_free must be an int >= 0 (free slots; 0: the span rule at every budget), got {self.neighbour_min_free!r}"
@@ -313,7 +319,9 @@ class LSAIndexer(nn.Module):
         rest of a needle. Unchanged when the rule is off, or when ``slots`` (the selection's free slots
         per sequence) is below ``config.neighbour_min_free``; ``slots=None`` (unknown) applies it."""
         cfg = self.config
-        return spread_neighbours(logits, cfg.neighbour_margin, slots=slots, min_slots=cfg.neighbour_min_free, lenders=lenders)
+        return spread_neighbours(
+            logits, cfg.neighbour_margin, slots=slots, min_slots=cfg.neighbour_min_free, lenders=lenders, top=cfg.neighbour_top
+        )
 
     def ensemble(self, logits_list: list[Tensor] | tuple[Tensor, ...] | Tensor) -> Tensor:
         """Per-layer logits (a list of [B, N], or [B, Lt, N]) -> probabilities [B, N] (max or mean over layers)."""
@@ -427,11 +435,18 @@ class LSAIndexer(nn.Module):
 
 
 def spread_neighbours(
-    logits: Tensor, margin: float | None, *, slots: int | None = None, min_slots: int = 0, lenders: Tensor | None = None
+    logits: Tensor,
+    margin: float | None,
+    *,
+    slots: int | None = None,
+    min_slots: int = 0,
+    lenders: Tensor | None = None,
+    top: int | None = None,
 ) -> Tensor:
     """``max(own, max(left, right) - margin)`` along the last axis (chunks), where only ``lenders`` (bool,
-    broadcast to ``logits``; ``None``: every chunk) raise a neighbour; the first and last chunk have one
-    neighbour. ``margin=None``, or ``slots`` given and below ``min_slots``: ``logits`` unchanged.
+    broadcast to ``logits``; ``None``: every chunk), and of those only the ``top`` highest (``None``: all),
+    raise a neighbour; the first and last chunk have one neighbour. ``margin=None``, or ``slots`` given and
+    below ``min_slots``: ``logits`` unchanged.
 
     Example::
 
@@ -441,6 +456,9 @@ def spread_neighbours(
     if margin is None or (slots is not None and slots < min_slots) or logits.shape[-1] < 2:
         return logits
     source = logits if lenders is None else logits.masked_fill(~lenders, -torch.inf)
+    if top is not None and top < logits.shape[-1]:
+        cut = source.topk(top, dim=-1).values[..., -1:]  # the top-th highest lender's logit
+        source = source.masked_fill(source < cut, -torch.inf)
     none = torch.full_like(source[..., :1], -torch.inf)
     after = torch.cat([source[..., 1:], none], dim=-1)  # the right neighbour's score
     before = torch.cat([none, source[..., :-1]], dim=-1)

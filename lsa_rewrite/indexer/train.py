@@ -66,6 +66,7 @@ def train_indexer(
     trainable: str = "all",
     neighbour_margin: float | None = None,
     neighbour_min_free: int = 0,
+    neighbour_top: int | None = None,
     progress: bool = True,
 ) -> tuple[LSAIndexer, dict[str, Any]]:
     """Train an indexer on a calibration dump; returns it and its held-out metrics.
@@ -91,7 +92,7 @@ def train_indexer(
         top_p, min_layers, label_rule: the golden-label rule (``dump.golden_labels``: ``"mean"`` or
             ``"vote"``, always-resident chunks left out), recomputed from the dump's recorded masses;
             ``None``: the dump's manifest values (``min_layers`` only counts under ``"vote"``).
-        neighbour_margin, neighbour_min_free: the span rule, saved in the indexer's config
+        neighbour_margin, neighbour_min_free, neighbour_top: the span rule, saved in the indexer's config
             (``IndexerConfig``); it does not change the loss, and the held-out metrics of the trained
             and the untrained indexer apply it.
         progress: show a rich progress bar.
@@ -130,6 +131,7 @@ def train_indexer(
         rope=bool(shapes.get("rope", False)),
         neighbour_margin=neighbour_margin,
         neighbour_min_free=neighbour_min_free,
+        neighbour_top=neighbour_top,
     )
 
     cache = dump.shard_nbytes() <= CACHE_BYTES

@@ -91,6 +91,7 @@ def test_config_round_trip_and_tuple():
         ({"neighbour_margin": True}, "neighbour_margin must be None"),
         ({"neighbour_margin": float("inf")}, "neighbour_margin must be None \\(off\\) or a finite"),
         ({"neighbour_min_free": -1}, "neighbour_min_free must be an int >= 0"),
+        ({"neighbour_top": 0}, "neighbour_top must be None \\(every selectable chunk lends\\) or an int >= 1"),
         ({"neighbour_min_free": 2.0}, "neighbour_min_free must be an int >= 0"),
     ],
 )
@@ -100,13 +101,13 @@ def test_config_checks(overrides, message):
 
 
 def test_scoring_rules_round_trip_and_default_off():
-    cfg = make_config(neighbour_margin=0.25, neighbour_min_free=9)
+    cfg = make_config(neighbour_margin=0.25, neighbour_min_free=9, neighbour_top=2)
     assert IndexerConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     old = make_config().to_dict()  # a file written before the rules existed: its config lacks the fields
-    for key in ("neighbour_margin", "neighbour_min_free"):
+    for key in ("neighbour_margin", "neighbour_min_free", "neighbour_top"):
         del old["_data"][key]
     loaded = IndexerConfig.from_dict(old)
-    assert loaded.neighbour_margin is None and loaded.neighbour_min_free == 0
+    assert loaded.neighbour_margin is None and loaded.neighbour_min_free == 0 and loaded.neighbour_top is None
 
 
 def test_span_rule_raises_neighbours_of_a_high_chunk():
@@ -116,6 +117,11 @@ def test_span_rule_raises_neighbours_of_a_high_chunk():
     assert spread_neighbours(z, None) is z
     assert spread_neighbours(z, 1.0, slots=4, min_slots=5) is z  # too few slots: off
     torch.testing.assert_close(spread_neighbours(z, 1.0, slots=5, min_slots=5), out)
+    # only the top lenders of each row raise neighbours (distractor needles do not crowd the budget)
+    many = torch.tensor([0.0, 9.0, 0.0, 0.0, 7.0, 0.0, 0.0, 6.0, 0.0])
+    torch.testing.assert_close(spread_neighbours(many, 1.0, top=1), torch.tensor([8.0, 9.0, 8.0, 0.0, 7.0, 0.0, 0.0, 6.0, 0.0]))
+    torch.testing.assert_close(spread_neighbours(many, 1.0, top=2), torch.tensor([8.0, 9.0, 8.0, 6.0, 7.0, 6.0, 0.0, 6.0, 0.0]))
+    torch.testing.assert_close(spread_neighbours(many, 1.0, top=9), spread_neighbours(many, 1.0))
     # through the indexer: forward applies the rule per target layer before the ensemble, logits() does not
     g = torch.Generator().manual_seed(5)
     plain = LSAIndexer.random_init(make_config(), generator=g)

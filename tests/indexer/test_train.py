@@ -325,10 +325,10 @@ def test_span_rule_is_saved_and_used_in_the_held_out_metrics(planted, tmp_path):
     for key in ("golden_recall", "mass_recall"):  # no budget leaves that many free slots: the rule never ranks
         assert m_gated["indexer"][key] == m_plain["indexer"][key]
     out = tmp_path / "ruled.safetensors"
-    result = CliRunner().invoke(app, ["train", str(planted), "--out", str(out), "--epochs", "1", "--neighbour-margin", "0.5", "--neighbour-min-free", "9"])
+    result = CliRunner().invoke(app, ["train", str(planted), "--out", str(out), "--epochs", "1", "--neighbour-margin", "0.5", "--neighbour-min-free", "9", "--neighbour-top", "2"])
     assert result.exit_code == 0, result.output
     config = LSAIndexer.load(out).config
-    assert (config.neighbour_margin, config.neighbour_min_free) == (0.5, 9)
+    assert (config.neighbour_margin, config.neighbour_min_free, config.neighbour_top) == (0.5, 9, 2)
     bad = CliRunner().invoke(app, ["train", str(planted), "--out", str(out), "--neighbour-margin", "-1"])
     assert bad.exit_code == 2 and "--neighbour-margin must be a number of logits >= 0" in " ".join(bad.output.split())
 
