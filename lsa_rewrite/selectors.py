@@ -58,33 +58,32 @@ class SelectionWindow:
         """Chunks that hold at least one token before the window."""
         return -(-self.start // self.chunk_size)
 
+    def always_resident(self, valid_start: int) -> list[int]:
+        """Sink and tail chunks of a sequence starting at ``valid_start`` (``config.always_resident_chunks``)."""
+        from .config import always_resident_chunks
+
+        return always_resident_chunks(
+            self.start, chunk_size=self.chunk_size, sink_tokens=self.sink_tokens, recent_tokens=self.recent_tokens, valid_start=valid_start
+        )
+
     @property
     def free_slots(self) -> int | None:
         """Slots per sequence left to the selector beyond the sink, the tail and the chunks the window
         writes (the fewest over the batch); ``None`` when ``slots`` is not given."""
         if self.slots is None:
             return None
-        from .config import always_resident_chunks
-
         c = self.chunk_size
-        window = range(max(self.start - 1, 0) // c, (self.start + self.interval + self.lag - 1) // c + 1)
-        kept = [
-            len(set(always_resident_chunks(self.start, chunk_size=c, sink_tokens=self.sink_tokens, recent_tokens=self.recent_tokens, valid_start=v)) | set(window))
-            for v in self.valid_start
-        ]
-        return self.slots - max(kept, default=0)
+        window = set(range(max(self.start - 1, 0) // c, (self.start + self.interval + self.lag - 1) // c + 1))
+        return self.slots - max((len(set(self.always_resident(v)) | window) for v in self.valid_start), default=0)
 
     def selectable(self, num_chunks: int, device: torch.device | str | None = None) -> Tensor:
         """``[B, num_chunks]`` bool: written chunks that are neither sink nor tail nor left padding only
         (the chunks a selector chooses among; the policy keeps the others or cannot use them)."""
-        from .config import always_resident_chunks
-
         c = self.chunk_size
         out = torch.zeros(len(self.valid_start), num_chunks, dtype=torch.bool)
         for b, first in enumerate(self.valid_start):
             out[b, first // c : min(self.written_chunks, num_chunks)] = True
-            resident = always_resident_chunks(self.start, chunk_size=c, sink_tokens=self.sink_tokens, recent_tokens=self.recent_tokens, valid_start=first)
-            out[b, [i for i in resident if i < num_chunks]] = False
+            out[b, [i for i in self.always_resident(first) if i < num_chunks]] = False
         return out.to(device) if device is not None else out
 
 
