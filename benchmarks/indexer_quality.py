@@ -60,6 +60,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
+import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import gc  # noqa: E402
 import inspect  # noqa: E402
@@ -97,10 +98,17 @@ QA_MEAN_RANK = "query-aware (mean rank)"  # recall only: train.py's query-aware 
 # -- budgets ------------------------------------------------------------------------------------
 
 
-def lsa_config(selector: str, budget_tokens: int, *, max_context: int | None = None, seed: int = 0) -> LSAConfig:
+def lsa_config(
+    selector: str, budget_tokens: int, *, max_context: int | None = None, seed: int = 0, fallback_factor: float | None = None
+) -> LSAConfig:
+    """``fallback_factor``: the indexer's needle fallback (``LSAConfig.fallback_budget``) up to this many
+    times the budget's tokens, rounded down to whole chunks (indexer runs only)."""
+    fallback = None
+    if fallback_factor is not None and selector == "indexer":
+        fallback = max(budget_tokens, int(budget_tokens * fallback_factor) // CHUNK * CHUNK)
     return LSAConfig(
         budget=budget_tokens, chunk_size=CHUNK, interval=INTERVAL, sink_tokens=SINK, recent_tokens=RECENT,
-        recall_lag=LAG, selector=selector, mode="offload", max_context=max_context, seed=seed,
+        recall_lag=LAG, selector=selector, mode="offload", max_context=max_context, seed=seed, fallback_budget=fallback,
     )
 
 
@@ -163,7 +171,10 @@ def recall_section(indexer: LSAIndexer | None, dump: CalibrationDump, selectors:
             mass = record["mass"]
             n = golden.numel()
             doc, start, _ = (int(v) for v in record["meta"])
-            window = SelectionWindow(start=start, interval=int(lsa["interval"]), lag=0, chunk_size=int(lsa["chunk_size"]), valid_start=(0,))
+            window = SelectionWindow(
+                start=start, interval=int(lsa["interval"]), lag=0, chunk_size=int(lsa["chunk_size"]), valid_start=(0,),
+                sink_tokens=int(lsa["sink_tokens"]), recent_tokens=int(lsa["recent_tokens"]),
+            )
             # The per-layer state a selector reads at run time, batch of one, from the recorded tensors.
             layers = [
                 SimpleNamespace(
@@ -180,13 +191,18 @@ def recall_section(indexer: LSAIndexer | None, dump: CalibrationDump, selectors:
             if index_selector is not None and "indexer" in scorers:
                 # IndexerSelector ranks by the ensembled logits (max) or probabilities (mean); the
                 # probabilities give the threshold metrics.
-                ranking = index_selector.scores(layers, window)[0, 0]
+                # k free slots (the budget's selectable chunks): slots = k + the sink, tail and window chunks
+                held = -dataclasses.replace(window, slots=0).free_slots
+                ranking = lambda k, layers=layers, window=window, held=held: index_selector.scores(  # noqa: E731
+                    layers, dataclasses.replace(window, slots=k + held)
+                )[0, 0]
                 probs = indexer(
                     record["hidden"][pick][None].float(),
                     record["cos"][None] if rope else None,
                     record["sin"][None] if rope else None,
                     record["kmin"][pick][None],
                     record["kmax"][pick][None],
+                    lenders=keep[None],
                 )[0]
                 scorers["indexer"].add(ranking, golden, mass, probs=probs, selectable=keep)
             if "query-aware" in scorers:
@@ -285,15 +301,18 @@ def task_section(model, tokenizer, indexer, selectors: list[str], budgets: list[
 
     def run(m) -> dict[str, Any]:
         started = time.perf_counter()
-        replies, ratios = [], []
+        replies, ratios, widened = [], [], []
         for prompt in prompts:
             replies.append(generate_reply(m, tokenizer, prompt, args.new_tokens))
             if hasattr(m, "lsa"):
-                ratios.append(lsa_rewrite.footprint(m)["ratio"])
+                footprint = lsa_rewrite.footprint(m)
+                ratios.append(footprint["ratio"])
+                widened.append(footprint.get("widened", 0))
         correct = [t.answer in r for t, r in zip(tasks, replies)]
         result = {"correct": sum(correct), "accuracy": sum(correct) / len(tasks), "per_task": correct, "replies": replies}
         if ratios:
             result["footprint_ratio_mean"] = round(statistics.mean(ratios), 4)
+            result["widened_per_task"] = widened  # layer-sequence selections the needle fallback widened
         result["seconds"] = round(time.perf_counter() - started, 1)
         return result
 
@@ -304,7 +323,7 @@ def task_section(model, tokenizer, indexer, selectors: list[str], budgets: list[
         for fraction in budgets:
             budget = resident_budget(fraction, context)
             started = time.perf_counter()
-            converted = convert_copy(model, lsa_config(selector, budget["resident_tokens"], seed=args.seed), indexer)
+            converted = convert_copy(model, lsa_config(selector, budget["resident_tokens"], seed=args.seed, fallback_factor=args.fallback_factor), indexer)
             convert_s = time.perf_counter() - started
             result = {"selector": selector, "budget": budget_key(fraction), **budget, **run(converted), "convert_seconds": round(convert_s, 1)}
             result["fractions_effective_per_task"] = [round(budget["resident_tokens"] / n, 4) for n in lengths]
@@ -371,7 +390,9 @@ def kl_section(model, tokenizer, indexer, selectors: list[str], budgets: list[fl
         for fraction in budgets:
             budget = resident_budget(fraction, prefix)
             started = time.perf_counter()
-            converted = convert_copy(model, lsa_config(selector, budget["resident_tokens"], max_context=prefix + steps, seed=args.seed), indexer)
+            converted = convert_copy(model, lsa_config(
+                selector, budget["resident_tokens"], max_context=prefix + steps, seed=args.seed, fallback_factor=args.fallback_factor
+            ), indexer)
             kls, agree, per_doc, ratios = [], [], [], []
             with torch.no_grad():
                 for ids, reference in zip(sequences, dense_logprobs):
@@ -483,6 +504,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-tasks", action="store_true")
     parser.add_argument("--skip-kl", action="store_true")
     parser.add_argument("--quick", action="store_true", help="3 tasks, 1 KL text, 16 KL steps, budgets 5 and 13.5 (explicit options win)")
+    parser.add_argument("--neighbour-margin", type=float, help="override the indexer's span rule (IndexerConfig.neighbour_margin, logits; negative: off)")
+    parser.add_argument("--neighbour-min-free", type=int, help="override IndexerConfig.neighbour_min_free (free slots below which the span rule is off)")
+    parser.add_argument("--neighbour-top", type=int, help="override IndexerConfig.neighbour_top (0: every selectable chunk lends)")
+    parser.add_argument("--fallback-factor", type=float,
+                        help="indexer runs: LSAConfig.fallback_budget = this many times the budget's tokens (the needle fallback; default: off)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random selector")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", default="benchmarks/results/indexer_quality.json")
@@ -500,6 +526,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, (full, quick) in quick_defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
+    if args.fallback_factor is not None and args.fallback_factor < 1:
+        parser.error(f"--fallback-factor must be >= 1 (a ceiling of at least the budget), got {args.fallback_factor}")
     for name in ("tasks", "kl_docs", "kl_steps", "task_tokens", "new_tokens", "kl_prefix"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -515,6 +543,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def scoring_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``--neighbour-margin`` / ``--neighbour-min-free`` / ``--neighbour-top`` overrides of the indexer's saved span rule
+    (a negative margin: the rule off)."""
+    rules: dict[str, Any] = {}
+    if args.neighbour_margin is not None:
+        rules["neighbour_margin"] = None if args.neighbour_margin < 0 else args.neighbour_margin
+    if args.neighbour_min_free is not None:
+        rules["neighbour_min_free"] = args.neighbour_min_free
+    if args.neighbour_top is not None:
+        rules["neighbour_top"] = None if args.neighbour_top < 1 else args.neighbour_top
+    return rules
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
@@ -524,6 +565,9 @@ def main(argv: list[str] | None = None) -> None:
     if dump.count("heldout") == 0:
         raise SystemExit(f"calibration dump {args.dump} has no held-out windows (split 'heldout') to measure recall on")
     indexer = LSAIndexer.load(args.indexer) if args.indexer else None
+    rules = scoring_overrides(args)
+    if indexer is not None and rules:  # a variant of the saved scoring rules (benchmark only)
+        indexer.config = dataclasses.replace(indexer.config, **rules)
     if indexer is not None:
         check_compatible(indexer, dump.signature, dump.lsa_config)  # the dump's model and chunk size
         absent = [layer for layer in indexer.config.target_layers if layer not in dump.target_layers]
@@ -552,9 +596,9 @@ def main(argv: list[str] | None = None) -> None:
         "selectors": args.selectors,
         "budgets": args.budgets,
         "lsa": {"chunk_size": CHUNK, "interval": INTERVAL, "sink_tokens": SINK, "recent_tokens": RECENT, "recall_lag": LAG,
-                "mode": "offload", "min_resident_tokens": min_slots(lsa_config("recency", CHUNK)) * CHUNK},
+                "mode": "offload", "fallback_factor": args.fallback_factor, "min_resident_tokens": min_slots(lsa_config("recency", CHUNK)) * CHUNK},
         "indexer": None if indexer is None else {
-            "file": str(args.indexer), "config": indexer.config.to_dict(), "signature": indexer.signature, "lsa": indexer.lsa,
+            "file": str(args.indexer), "config": indexer.config.to_dict(), "scoring_overrides": rules, "signature": indexer.signature, "lsa": indexer.lsa,
             "parameters": indexer.num_parameters(), "trained_metrics": indexer.metrics,
         },
         "dump": {"path": str(args.dump), "target_layers": dump.target_layers, "label": dump.label, "chunk_size": lsa.get("chunk_size"),

@@ -174,6 +174,16 @@ def train_cmd(
     min_layers: int = typer.Option(None, "--min-layers", help="golden-label layer vote of the 'vote' rule (default: the dump's)"),
     label_rule: str = typer.Option(None, "--label-rule", help="golden labels: 'mean' (nucleus of the layer-averaged attention) or 'vote' (per-layer nucleus + layer vote); default: the dump's"),
     trainable: str = typer.Option("all", help="all, or heads (the query projection stays the model's own)"),
+    neighbour_margin: float = typer.Option(
+        None, "--neighbour-margin",
+        help="span rule saved with the indexer: a chunk's logit is raised to its best selectable neighbour's minus this margin (default: off)",
+    ),
+    neighbour_min_free: int = typer.Option(
+        0, "--neighbour-min-free", help="the span rule only for selections with at least this many free slots (beyond sink, tail and window)"
+    ),
+    neighbour_top: int = typer.Option(
+        None, "--neighbour-top", help="the span rule: only the N highest selectable chunks of each target layer lend (default: all)"
+    ),
     as_json: bool = typer.Option(False, "--json", help="print the held-out metrics as JSON"),
     debug: bool = typer.Option(False, "--debug", help="show the traceback on errors"),
 ) -> None:
@@ -196,13 +206,20 @@ def train_cmd(
             raise ValueError(f"--label-rule must be one of {', '.join(LABEL_RULES)}, got {label_rule!r}")
         if trainable not in ("all", "heads"):
             raise ValueError(f"--trainable must be all or heads, got {trainable!r}")
+        if neighbour_margin is not None and not 0.0 <= neighbour_margin < float("inf"):
+            raise ValueError(f"--neighbour-margin must be a number of logits >= 0 (leave it out for no span rule), got {neighbour_margin}")
+        if neighbour_min_free < 0:
+            raise ValueError(f"--neighbour-min-free must be >= 0, got {neighbour_min_free}")
+        if neighbour_top is not None and neighbour_top < 1:
+            raise ValueError(f"--neighbour-top must be >= 1 (leave it out for every selectable chunk), got {neighbour_top}")
         if not dump.is_dir():
             raise FileNotFoundError(f"no calibration dump at {str(dump)!r}: pass the directory `lsa-rewrite calibrate --out` wrote")
         from .indexer import train_indexer
 
         _, metrics = train_indexer(
             dump, out=out, epochs=epochs, lr=lr, loss=loss, rank=rank, seed=seed, device=device, top_p=top_p, min_layers=min_layers, label_rule=label_rule,
-            trainable=trainable,
+            trainable=trainable, neighbour_margin=neighbour_margin, neighbour_min_free=neighbour_min_free,
+            neighbour_top=neighbour_top,
         )
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         _fail(console, exc, debug)

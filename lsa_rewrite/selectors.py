@@ -40,6 +40,8 @@ class SelectionWindow:
         lag: steps before this selection's recalled chunks join the tables.
         chunk_size: tokens per chunk.
         valid_start: first real position of each sequence (left padding before it).
+        slots: chunks the selection keeps per sequence, sink and tail included (``None``: not given).
+        sink_tokens, recent_tokens: the always-resident sink and tail (``LSAConfig``; 0: not given).
     """
 
     start: int
@@ -47,11 +49,42 @@ class SelectionWindow:
     lag: int
     chunk_size: int
     valid_start: tuple[int, ...]
+    slots: int | None = None
+    sink_tokens: int = 0
+    recent_tokens: int = 0
 
     @property
     def written_chunks(self) -> int:
         """Chunks that hold at least one token before the window."""
         return -(-self.start // self.chunk_size)
+
+    def always_resident(self, valid_start: int) -> list[int]:
+        """Sink and tail chunks of a sequence starting at ``valid_start`` (``config.always_resident_chunks``)."""
+        from .config import always_resident_chunks
+
+        return always_resident_chunks(
+            self.start, chunk_size=self.chunk_size, sink_tokens=self.sink_tokens, recent_tokens=self.recent_tokens, valid_start=valid_start
+        )
+
+    @property
+    def free_slots(self) -> int | None:
+        """Slots per sequence left to the selector beyond the sink, the tail and the chunks the window
+        writes (the fewest over the batch); ``None`` when ``slots`` is not given."""
+        if self.slots is None:
+            return None
+        c = self.chunk_size
+        window = set(range(max(self.start - 1, 0) // c, (self.start + self.interval + self.lag - 1) // c + 1))
+        return self.slots - max((len(set(self.always_resident(v)) | window) for v in self.valid_start), default=0)
+
+    def selectable(self, num_chunks: int, device: torch.device | str | None = None) -> Tensor:
+        """``[B, num_chunks]`` bool: written chunks that are neither sink nor tail nor left padding only
+        (the chunks a selector chooses among; the policy keeps the others or cannot use them)."""
+        c = self.chunk_size
+        out = torch.zeros(len(self.valid_start), num_chunks, dtype=torch.bool)
+        for b, first in enumerate(self.valid_start):
+            out[b, first // c : min(self.written_chunks, num_chunks)] = True
+            out[b, [i for i in self.always_resident(first) if i < num_chunks]] = False
+        return out.to(device) if device is not None else out
 
 
 class LayerState(Protocol):
@@ -126,8 +159,9 @@ class IndexerSelector:
 
     At each target layer it runs the query tower on the tapped query-projection input (``idx_x``) and
     rotary ``idx_cos``/``idx_sin`` of the latest token, scores every chunk's key bounds (``kmin``/``kmax``)
-    with the document tower, and ensembles the target layers; the one ``[B, N]`` probability map ranks
-    chunks for every layer.
+    with the document tower, and ensembles the target layers; the one ``[B, N]`` map ranks chunks for
+    every layer. The indexer's span rule (``IndexerConfig.neighbour_margin``) applies to each target
+    layer's logits before the ensemble, with the selectable chunks of the window as lenders.
     """
 
     name = "indexer"
@@ -149,10 +183,11 @@ class IndexerSelector:
 
     def scores(self, layers: Sequence[LayerState], window: SelectionWindow) -> Tensor:
         by_layer = {layer.spec.layer: layer for layer in layers}
-        rope = self.indexer.config.rope
+        cfg = self.indexer.config
+        rope = cfg.rope
         logits = []
         with torch.no_grad():
-            for i, target in enumerate(self.indexer.config.target_layers):
+            for i, target in enumerate(cfg.target_layers):
                 layer = by_layer[target]
                 q, w = self.indexer.query(i, layer.idx_x, layer.idx_cos if rope else None, layer.idx_sin if rope else None)
                 logits.append(self.indexer.head_sum(i, q, w, layer.kmin, layer.kmax, kv_heads=self.kv_heads))
@@ -162,9 +197,15 @@ class IndexerSelector:
 
                 dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.group)
             stacked = torch.stack([self.indexer.finish_logits(i, z) for i, z in enumerate(sums)])
+            if cfg.neighbour_margin is not None:
+                # Only selectable chunks lend their score to a neighbour: not the sink and tail (kept
+                # anyway), not chunks unwritten yet, which also take none.
+                lenders = window.selectable(stacked.shape[-1], stacked.device)  # [B, N]
+                unwritten = torch.arange(stacked.shape[-1], device=stacked.device) >= window.written_chunks
+                stacked = self.indexer.spread(stacked, slots=window.free_slots, lenders=lenders).masked_fill(unwritten, -torch.inf)
             # Ranked by logits where that is the same order: a sigmoid saturates to 1.0 in float32 (z > ~17)
             # and would leave the top chunks tied.
-            scores = stacked.amax(0) if self.indexer.config.ensemble == "max" else torch.sigmoid(stacked).mean(0)
+            scores = stacked.amax(0) if cfg.ensemble == "max" else torch.sigmoid(stacked).mean(0)
         return scores.expand(len(layers), -1, -1)
 
 

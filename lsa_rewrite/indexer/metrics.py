@@ -17,7 +17,7 @@ Not here: anything that needs the model.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -56,24 +56,36 @@ class SelectionMetrics:
         self.has_probs = False
 
     def add(
-        self, scores: Tensor, golden: Tensor, mass: Tensor, *, probs: Tensor | None = None, selectable: Tensor | None = None
+        self,
+        scores: Tensor | Callable[[int], Tensor],
+        golden: Tensor,
+        mass: Tensor,
+        *,
+        probs: Tensor | None = None,
+        selectable: Tensor | None = None,
     ) -> None:
         """One window: scores [N] (higher = keep first), golden bool [N], mass [Ls, N], probs [N] optional;
-        ``selectable`` bool [N]: the chunks a selector chooses among (all when ``None``)."""
-        scores, golden, mass = scores.detach().float().cpu(), golden.detach().bool().cpu(), mass.detach().float().cpu()
-        if selectable is not None:
-            keep = selectable.detach().bool().cpu()
-            scores, golden, mass = scores[keep], golden[keep], mass[:, keep]
-            probs = probs.detach()[keep.to(probs.device)] if probs is not None else None
-        n = scores.numel()
+        ``selectable`` bool [N]: the chunks a selector chooses among (all when ``None``). ``scores`` may be
+        a function of the number of chunks a budget keeps (``k -> [N]``), for a ranking that depends on
+        it (the indexer's span rule, off below ``IndexerConfig.neighbour_min_free``)."""
+        golden, mass = golden.detach().bool().cpu(), mass.detach().float().cpu()
+        keep = selectable.detach().bool().cpu() if selectable is not None else torch.ones(golden.shape[0], dtype=torch.bool)
+        golden, mass = golden[keep], mass[:, keep]
+        if probs is not None and selectable is not None:
+            probs = probs.detach()[keep.to(probs.device)]
+        n = int(keep.sum())
         if n == 0:  # nothing to choose: every written chunk is always resident
             return
-        order = torch.sort(scores, descending=True, stable=True).indices
+        rank = scores if callable(scores) else (lambda k, fixed=scores: fixed)
+        orders: dict[int, Tensor] = {}
         positives = int(golden.sum())
         layer_mass = mass.sum(1)  # [Ls]
         live = layer_mass > 0
         for j, fraction in enumerate(self.budgets):
-            kept = order[: budget_chunks(fraction, n)]
+            k = budget_chunks(fraction, n)
+            if k not in orders:
+                orders[k] = torch.sort(rank(k).detach().float().cpu()[keep], descending=True, stable=True).indices
+            kept = orders[k][:k]
             if positives:
                 self.golden_recall[j] += float(golden[kept].sum()) / positives
             if live.any():

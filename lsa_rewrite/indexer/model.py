@@ -65,6 +65,17 @@ class IndexerConfig:
         ensemble: how target layers' probabilities combine: ``"max"`` (default) or ``"mean"``.
         rope: queries get the model's rotary embedding (the cos/sin recorded at the query position).
         threshold: probability above which a chunk is predicted to be attended.
+        neighbour_margin: the span rule (``None``: off). A needle sentence often spans two or three
+            chunks: each target layer's logit of a chunk is raised to its better neighbour's minus this
+            margin (logits, >= 0), so that the neighbours of a high-scoring chunk follow it into the
+            resident set. Applied at selection time and in the held-out metrics, not in the training loss.
+        neighbour_top: only the ``neighbour_top`` highest selectable chunks of each target layer lend
+            (``None``: every selectable chunk): with several similar needles (distractor keys) their
+            neighbours would otherwise crowd out the other candidates.
+        neighbour_min_free: the span rule applies only to selections with at least this many free
+            slots per sequence (``SelectionWindow.free_slots``: slots beyond the sink, the tail and the
+            window's own chunks): with one or two free slots a neighbour would take the place of the
+            second-best candidate.
 
     Example::
 
@@ -82,6 +93,9 @@ class IndexerConfig:
     ensemble: str = "max"
     rope: bool = True
     threshold: float = 0.5
+    neighbour_margin: float | None = None
+    neighbour_min_free: int = 0
+    neighbour_top: int | None = None
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -104,6 +118,15 @@ class IndexerConfig:
             raise ValueError(f"rope must be True or False, got {self.rope!r}")
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold must be a probability in (0, 1), got {self.threshold!r}")
+        margin = self.neighbour_margin
+        if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0.0 <= margin < math.inf):
+            raise ValueError(f"neighbour_margin must be None (off) or a finite number of logits >= 0, got {margin!r}")
+        if self.neighbour_top is not None and (not _is_int(self.neighbour_top) or self.neighbour_top < 1):
+            raise ValueError(f"neighbour_top must be None (every selectable chunk lends) or an int >= 1, got {self.neighbour_top!r}")
+        if not _is_int(self.neighbour_min_free) or self.neighbour_min_free < 0:
+            raise ValueError(
+                f"neighbour_min_free must be an int >= 0 (free slots; 0: the span rule at every budget), got {self.neighbour_min_free!r}"
+            )
         if self.version != 1:
             raise ValueError(f"IndexerConfig version {self.version} is not supported by this lsa-rewrite (knows version 1)")
 
@@ -303,6 +326,18 @@ class LSAIndexer(nn.Module):
         target = self.layers[i]
         return z * target.log_scale.exp() + target.bias
 
+    def spread(self, logits: Tensor, *, slots: int | None = None, lenders: Tensor | None = None) -> Tensor:
+        """The span rule (``config.neighbour_margin``) over the last axis of ``logits`` [..., N]: each chunk's
+        logit raised to ``max(own, best lending neighbour - margin)``. ``lenders`` (bool, broadcast to
+        ``logits``): the chunks whose score may raise a neighbour, the selectable ones (``None``: all);
+        the always-resident sink and tail are kept anyway, and the chunks beside them are not the
+        rest of a needle. Unchanged when the rule is off, or when ``slots`` (the selection's free slots
+        per sequence) is below ``config.neighbour_min_free``; ``slots=None`` (unknown) applies it."""
+        cfg = self.config
+        return spread_neighbours(
+            logits, cfg.neighbour_margin, slots=slots, min_slots=cfg.neighbour_min_free, lenders=lenders, top=cfg.neighbour_top
+        )
+
     def ensemble(self, logits_list: list[Tensor] | tuple[Tensor, ...] | Tensor) -> Tensor:
         """Per-layer logits (a list of [B, N], or [B, Lt, N]) -> probabilities [B, N] (max or mean over layers)."""
         logits = torch.stack(list(logits_list), dim=1) if isinstance(logits_list, (list, tuple)) else logits_list
@@ -318,9 +353,13 @@ class LSAIndexer(nn.Module):
             out.append(self.layer_logits(i, q, w, kmin[:, i], kmax[:, i]))
         return torch.stack(out, dim=1)
 
-    def forward(self, x: Tensor, cos: Tensor | None, sin: Tensor | None, kmin: Tensor, kmax: Tensor) -> Tensor:
-        """x [B, Lt, hidden], cos/sin [B, D] (or None), kmin/kmax [B, Lt, N, Hkv, D] -> probabilities [B, N]."""
-        return self.ensemble(self.logits(x, cos, sin, kmin, kmax))
+    def forward(
+        self, x: Tensor, cos: Tensor | None, sin: Tensor | None, kmin: Tensor, kmax: Tensor, *, lenders: Tensor | None = None
+    ) -> Tensor:
+        """x [B, Lt, hidden], cos/sin [B, D] (or None), kmin/kmax [B, Lt, N, Hkv, D] -> probabilities [B, N]
+        (with the span rule of ``config.neighbour_margin``, as the runtime scores; ``logits`` is without it).
+        ``lenders`` [B, N] bool: the selectable chunks (see ``spread``)."""
+        return self.ensemble(self.spread(self.logits(x, cos, sin, kmin, kmax), lenders=None if lenders is None else lenders[:, None]))
 
     def _check_layers(self, x: Tensor, kmin: Tensor, kmax: Tensor) -> None:
         lt = len(self.layers)
@@ -408,6 +447,37 @@ class LSAIndexer(nn.Module):
         indexer.signature, indexer.lsa, indexer.metrics = fields["signature"] or {}, fields["lsa"] or {}, fields["metrics"]
         indexer.source = str(path)
         return indexer.to(device)
+
+
+def spread_neighbours(
+    logits: Tensor,
+    margin: float | None,
+    *,
+    slots: int | None = None,
+    min_slots: int = 0,
+    lenders: Tensor | None = None,
+    top: int | None = None,
+) -> Tensor:
+    """``max(own, max(left, right) - margin)`` along the last axis (chunks), where only ``lenders`` (bool,
+    broadcast to ``logits``; ``None``: every chunk), and of those only the ``top`` highest (``None``: all),
+    raise a neighbour; the first and last chunk have one neighbour. ``margin=None``, or ``slots`` given and
+    below ``min_slots``: ``logits`` unchanged.
+
+    Example::
+
+        >>> spread_neighbours(torch.tensor([0.0, 5.0, 0.0, 1.0]), 1.0)
+        tensor([4., 5., 4., 1.])
+    """
+    if margin is None or (slots is not None and slots < min_slots) or logits.shape[-1] < 2:
+        return logits
+    source = logits if lenders is None else logits.masked_fill(~lenders, -torch.inf)
+    if top is not None and top < logits.shape[-1]:
+        cut = source.topk(top, dim=-1).values[..., -1:]  # the top-th highest lender's logit
+        source = source.masked_fill(source < cut, -torch.inf)
+    none = torch.full_like(source[..., :1], -torch.inf)
+    after = torch.cat([source[..., 1:], none], dim=-1)  # the right neighbour's score
+    before = torch.cat([none, source[..., :-1]], dim=-1)
+    return torch.maximum(logits, torch.maximum(after, before) - margin)
 
 
 def lsa_fields(lsa: dict | None) -> dict[str, Any]:

@@ -64,6 +64,9 @@ def train_indexer(
     min_layers: int | None = None,
     label_rule: str | None = None,
     trainable: str = "all",
+    neighbour_margin: float | None = None,
+    neighbour_min_free: int = 0,
+    neighbour_top: int | None = None,
     progress: bool = True,
 ) -> tuple[LSAIndexer, dict[str, Any]]:
     """Train an indexer on a calibration dump; returns it and its held-out metrics.
@@ -89,6 +92,9 @@ def train_indexer(
         top_p, min_layers, label_rule: the golden-label rule (``dump.golden_labels``: ``"mean"`` or
             ``"vote"``, always-resident chunks left out), recomputed from the dump's recorded masses;
             ``None``: the dump's manifest values (``min_layers`` only counts under ``"vote"``).
+        neighbour_margin, neighbour_min_free, neighbour_top: the span rule, saved in the indexer's config
+            (``IndexerConfig``); it does not change the loss, and the held-out metrics of the trained
+            and the untrained indexer apply it.
         progress: show a rich progress bar.
 
     Example::
@@ -123,6 +129,9 @@ def train_indexer(
         target_layers=tuple(chosen),
         ensemble=ensemble,
         rope=bool(shapes.get("rope", False)),
+        neighbour_margin=neighbour_margin,
+        neighbour_min_free=neighbour_min_free,
+        neighbour_top=neighbour_top,
     )
 
     cache = dump.shard_nbytes() <= CACHE_BYTES
@@ -495,10 +504,11 @@ def _evaluate(
         golden, mass, keep = record["golden"], record["mass"], record["selectable"]
         n = golden.shape[0]
         args = (batch["hidden"], batch["cos"], batch["sin"], batch["kmin"], batch["kmax"])
-        probs = indexer(*args)[0]
-        scorers["indexer"].add(probs, golden, mass, probs=probs, selectable=keep)
-        base = untrained(*args)[0]
-        scorers["untrained"].add(base, golden, mass, probs=base, selectable=keep)
+        for name, model in (("indexer", indexer), ("untrained", untrained)):
+            # The span rule as at run time: only selectable chunks raise a neighbour, and only when the
+            # budget's k chunks leave enough free slots (neighbour_min_free).
+            probs = model(*args, lenders=keep[None])[0]
+            scorers[name].add(_ranking(model, args, keep), golden, mass, probs=probs, selectable=keep)
         scorers["recency"].add(recency_scores(n), golden, mass, selectable=keep)
         scorers["random"].add(random_scores(n, generator=generator), golden, mass, selectable=keep)
         query = record.get("query")
@@ -523,6 +533,12 @@ def _evaluate(
     if query_source is not None:
         out["query_aware"]["query_source"] = query_source
     return out
+
+
+def _ranking(indexer: LSAIndexer, args: tuple, keep: Tensor):
+    """``k -> [N]`` probabilities under the span rule for a selection of ``k`` free slots."""
+    logits = indexer.logits(*args)  # [1, Lt, N]
+    return lambda k: indexer.ensemble(indexer.spread(logits, slots=k, lenders=keep[None, None]))[0]
 
 
 def _model_queries(weights: dict[int, Tensor], layers: list[int], record: dict[str, Any], config: IndexerConfig) -> Tensor:

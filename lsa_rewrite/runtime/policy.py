@@ -52,7 +52,10 @@ class SelectionPolicy:
 
     def window(self, pos: int) -> SelectionWindow:
         cfg = self.config
-        return SelectionWindow(start=pos, interval=cfg.interval, lag=self.lag, chunk_size=self.chunk, valid_start=tuple(self.valid_start))
+        return SelectionWindow(
+            start=pos, interval=cfg.interval, lag=self.lag, chunk_size=self.chunk, valid_start=tuple(self.valid_start),
+            slots=self.base_slots, sink_tokens=cfg.sink_tokens, recent_tokens=cfg.recent_tokens,
+        )
 
     def must_keep(self, b: int, pos: int) -> list[int]:
         """Sink chunks, recent tail, and every chunk written during the next window (sequence ``b``)."""

@@ -10,7 +10,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lsa_rewrite.indexer.model import IndexerConfig, LSAIndexer, apply_rope, check_compatible, default_rank, rotate_half
+from lsa_rewrite.indexer.model import (
+    IndexerConfig,
+    LSAIndexer,
+    apply_rope,
+    check_compatible,
+    default_rank,
+    rotate_half,
+    spread_neighbours,
+)
 
 HIDDEN, HQ, HKV, D = 32, 4, 2, 8
 LAYERS = (1, 3)
@@ -79,11 +87,51 @@ def test_config_round_trip_and_tuple():
         ({"rope": 1}, "rope must be True or False"),
         ({"threshold": 1.0}, "threshold must be a probability"),
         ({"version": 2}, "version 2 is not supported"),
+        ({"neighbour_margin": -0.1}, "neighbour_margin must be None \\(off\\) or a finite number of logits >= 0"),
+        ({"neighbour_margin": True}, "neighbour_margin must be None"),
+        ({"neighbour_margin": float("inf")}, "neighbour_margin must be None \\(off\\) or a finite"),
+        ({"neighbour_min_free": -1}, "neighbour_min_free must be an int >= 0"),
+        ({"neighbour_top": 0}, "neighbour_top must be None \\(every selectable chunk lends\\) or an int >= 1"),
+        ({"neighbour_min_free": 2.0}, "neighbour_min_free must be an int >= 0"),
     ],
 )
 def test_config_checks(overrides, message):
     with pytest.raises(ValueError, match=message):
         make_config(**overrides)
+
+
+def test_scoring_rules_round_trip_and_default_off():
+    cfg = make_config(neighbour_margin=0.25, neighbour_min_free=9, neighbour_top=2)
+    assert IndexerConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    old = make_config().to_dict()  # a file written before the rules existed: its config lacks the fields
+    for key in ("neighbour_margin", "neighbour_min_free", "neighbour_top"):
+        del old["_data"][key]
+    loaded = IndexerConfig.from_dict(old)
+    assert loaded.neighbour_margin is None and loaded.neighbour_min_free == 0 and loaded.neighbour_top is None
+
+
+def test_span_rule_raises_neighbours_of_a_high_chunk():
+    z = torch.tensor([[0.0, 5.0, 0.0, 1.0, -3.0], [9.0, 0.0, 0.0, 0.0, 0.0]])
+    out = spread_neighbours(z, 1.0)
+    torch.testing.assert_close(out, torch.tensor([[4.0, 5.0, 4.0, 1.0, 0.0], [9.0, 8.0, 0.0, 0.0, 0.0]]))
+    assert spread_neighbours(z, None) is z
+    assert spread_neighbours(z, 1.0, slots=4, min_slots=5) is z  # too few slots: off
+    torch.testing.assert_close(spread_neighbours(z, 1.0, slots=5, min_slots=5), out)
+    # only the top lenders of each row raise neighbours (distractor needles do not crowd the budget)
+    many = torch.tensor([0.0, 9.0, 0.0, 0.0, 7.0, 0.0, 0.0, 6.0, 0.0])
+    torch.testing.assert_close(spread_neighbours(many, 1.0, top=1), torch.tensor([8.0, 9.0, 8.0, 0.0, 7.0, 0.0, 0.0, 6.0, 0.0]))
+    torch.testing.assert_close(spread_neighbours(many, 1.0, top=2), torch.tensor([8.0, 9.0, 8.0, 6.0, 7.0, 6.0, 0.0, 6.0, 0.0]))
+    torch.testing.assert_close(spread_neighbours(many, 1.0, top=9), spread_neighbours(many, 1.0))
+    # through the indexer: forward applies the rule per target layer before the ensemble, logits() does not
+    g = torch.Generator().manual_seed(5)
+    plain = LSAIndexer.random_init(make_config(), generator=g)
+    ruled = LSAIndexer(make_config(neighbour_margin=0.5))
+    ruled.load_state_dict(plain.state_dict())
+    x, cos, sin, kmin, kmax = random_inputs()
+    raw = plain.logits(x, cos, sin, kmin, kmax)
+    torch.testing.assert_close(ruled.logits(x, cos, sin, kmin, kmax), raw)
+    torch.testing.assert_close(ruled(x, cos, sin, kmin, kmax), torch.sigmoid(spread_neighbours(raw, 0.5)).amax(1))
+    assert not torch.allclose(ruled(x, cos, sin, kmin, kmax), plain(x, cos, sin, kmin, kmax))
 
 
 def test_config_from_dict_refuses_unknown_fields():

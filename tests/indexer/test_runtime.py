@@ -146,3 +146,101 @@ def test_indexer_target_layer_must_be_sparse():
     base = make_model("gemma3").eval()
     with pytest.raises(ValueError, match="not a sparsely attended layer"):
         indexer_from_model(base, LSAConfig(chunk_size=16), target_layers=[0])
+
+
+# -- the indexer's span rule at selection time (IndexerConfig.neighbour_margin) --
+
+
+def _with_rules(indexer, **rules):
+    """The same weights under other scoring rules."""
+    import dataclasses
+
+    other = LSAIndexer(dataclasses.replace(indexer.config, **rules))
+    other.load_state_dict(indexer.state_dict())
+    other.signature, other.lsa, other.metrics, other.source = indexer.signature, indexer.lsa, indexer.metrics, indexer.source
+    return other
+
+
+def _fake_layers(indexer, *, seed, chunks=12):
+    """Per-layer state a selector reads (batch 2), random but fixed by ``seed``."""
+    from types import SimpleNamespace
+
+    cfg = indexer.config
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for layer in cfg.target_layers:
+        centre = torch.randn(2, chunks, cfg.kv_heads, cfg.head_dim, generator=g)
+        half = torch.rand(2, chunks, cfg.kv_heads, cfg.head_dim, generator=g)
+        angle = torch.rand(2, cfg.head_dim // 2, generator=g).repeat(1, 2)
+        out.append(SimpleNamespace(
+            spec=SimpleNamespace(layer=layer), kmin=centre - half, kmax=centre + half,
+            idx_x=torch.randn(2, cfg.hidden_size, generator=g), idx_cos=angle.cos(), idx_sin=angle.sin(),
+        ))
+    return out
+
+
+def _window(start, slots=None):
+    from lsa_rewrite.selectors import SelectionWindow
+
+    return SelectionWindow(start=start, interval=16, lag=0, chunk_size=16, valid_start=(0, 0), slots=slots)
+
+
+@pytest.fixture(scope="module")
+def llama_indexer():
+    base = make_model("llama").eval()
+    return indexer_from_model(base, LSAConfig(chunk_size=16, interval=16, selector="indexer"), target_layers=[0, 1])
+
+
+def test_selection_window_selectable_chunks():
+    import dataclasses
+
+    from lsa_rewrite.selectors import SelectionWindow
+
+    window = SelectionWindow(start=160, interval=16, lag=0, chunk_size=16, valid_start=(0, 40), sink_tokens=16, recent_tokens=32)
+    sel = window.selectable(12)
+    # sequence 0: sink chunk 0, tail chunks 8-9 (positions 128-159), chunks 10-11 unwritten
+    assert sel[0].tolist() == [False] + [True] * 7 + [False] * 4
+    # sequence 1 starts at 40: chunks 0-1 are left padding only, its sink is chunks 2-3 (positions 40-55)
+    assert sel[1].tolist() == [False] * 4 + [True] * 4 + [False] * 4
+    assert window.free_slots is None
+    # 12 slots: sink 0 (2-3 for sequence 1), tail 8-9, the window's chunk 10 -> 8 free (7 for sequence 1)
+    assert dataclasses.replace(window, slots=12).free_slots == 7
+
+
+def test_span_rule_in_the_selector_follows_the_slots_and_selectable_lenders(llama_indexer):
+    from lsa_rewrite.indexer.model import spread_neighbours
+
+    layers = _fake_layers(llama_indexer, seed=3)
+    ruled = IndexerSelector(_with_rules(llama_indexer, neighbour_margin=0.2, neighbour_min_free=4))
+    plain = IndexerSelector(llama_indexer)
+    window = _window(160, slots=8)
+    raw = plain.scores(layers, window)[0][:, :10]
+    lenders = window.selectable(10)
+    # per target layer, then the max ensemble: the same as the rule over the ensembled logits
+    want = spread_neighbours(raw, 0.2, lenders=lenders)
+    torch.testing.assert_close(ruled.scores(layers, window)[0][:, :10], want)
+    assert window.free_slots == 6  # 8 slots, less chunk 9 (the last token's) and chunk 10 (the window's)
+    torch.testing.assert_close(ruled.scores(layers, _window(160, slots=5))[0][:, :10], raw)  # 3 free slots: off
+    assert not torch.allclose(want, raw)
+    full = ruled.scores(layers, window)[0]
+    assert torch.all(full[:, 10:] == -torch.inf)  # chunks not written yet (window start 160) score nothing
+
+
+def test_sink_and_tail_lend_no_score():
+    from lsa_rewrite.indexer.model import spread_neighbours
+
+    z = torch.tensor([9.0, 0.0, 0.0, 5.0, 0.0, 0.0, 8.0])  # chunk 0: sink, chunk 6: tail
+    lenders = torch.tensor([False, True, True, True, True, True, False])
+    torch.testing.assert_close(spread_neighbours(z, 1.0, lenders=lenders), torch.tensor([9.0, 0.0, 4.0, 5.0, 4.0, 0.0, 8.0]))
+    torch.testing.assert_close(spread_neighbours(z, 1.0), torch.tensor([9.0, 8.0, 4.0, 5.0, 4.0, 7.0, 8.0]))
+
+
+def test_span_rule_keeps_dense_exactness():
+    """At a covering budget the span rule changes nothing."""
+    base = make_model("llama").eval()
+    config = LSAConfig(budget=512, chunk_size=16, interval=16, selector="indexer")  # covering: 200 + 24 tokens
+    indexer = _with_rules(indexer_from_model(base, config), neighbour_margin=0.1)
+    converted = lsa_rewrite.convert(copy.deepcopy(base), config, indexer=indexer)
+    ids = _ids()
+    want = base.generate(ids, max_new_tokens=24, do_sample=False)
+    assert torch.equal(converted.generate(ids, max_new_tokens=24, do_sample=False), want)

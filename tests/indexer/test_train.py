@@ -306,3 +306,47 @@ def test_listwise_loss_with_a_window_without_selectable_chunks_has_finite_gradie
     value.backward()
     assert torch.isfinite(value) and torch.isfinite(logits.grad).all()
     assert (logits.grad[0] == 0).all() and (logits.grad[1, :, 2] == 0).all()  # masked chunks learn nothing
+
+
+def test_span_rule_is_saved_and_used_in_the_held_out_metrics(planted, tmp_path):
+    """``neighbour_margin`` changes no weight (not in the loss) but is saved and applied in the metrics;
+    the CLI passes it through and refuses a negative margin."""
+    from typer.testing import CliRunner
+
+    from lsa_rewrite.cli import app
+
+    plain, m_plain = train_indexer(planted, epochs=1, batch_windows=8, seed=1, progress=False)
+    ruled, m_ruled = train_indexer(planted, epochs=1, batch_windows=8, seed=1, neighbour_margin=0.0, progress=False)
+    for name, tensor in plain.state_dict().items():
+        assert torch.equal(tensor, ruled.state_dict()[name]), name
+    assert ruled.config.neighbour_margin == 0.0 and plain.config.neighbour_margin is None
+    assert m_ruled["indexer"]["golden_recall"] != m_plain["indexer"]["golden_recall"]  # margin 0: neighbours tie
+    _, m_gated = train_indexer(planted, epochs=1, batch_windows=8, seed=1, neighbour_margin=0.0, neighbour_min_free=10**6, progress=False)
+    for key in ("golden_recall", "mass_recall"):  # no budget leaves that many free slots: the rule never ranks
+        assert m_gated["indexer"][key] == m_plain["indexer"][key]
+    out = tmp_path / "ruled.safetensors"
+    result = CliRunner().invoke(app, ["train", str(planted), "--out", str(out), "--epochs", "1", "--neighbour-margin", "0.5", "--neighbour-min-free", "9", "--neighbour-top", "2"])
+    assert result.exit_code == 0, result.output
+    config = LSAIndexer.load(out).config
+    assert (config.neighbour_margin, config.neighbour_min_free, config.neighbour_top) == (0.5, 9, 2)
+    bad = CliRunner().invoke(app, ["train", str(planted), "--out", str(out), "--neighbour-margin", "-1"])
+    assert bad.exit_code == 2 and "--neighbour-margin must be a number of logits >= 0" in " ".join(bad.output.split())
+
+
+def test_selection_metrics_rank_per_budget_with_a_function_of_k():
+    """A ranking that depends on how many chunks the budget keeps (the gated span rule) is asked per budget."""
+    from lsa_rewrite.indexer.metrics import SelectionMetrics
+
+    golden = torch.tensor([False, True, False, False, True, False, False, False, False, False])
+    mass = golden.float()[None]
+    asked = []
+
+    def ranking(k):
+        asked.append(k)
+        return torch.arange(10.0) if k < 3 else -torch.arange(10.0)  # few chunks: newest first; else oldest first
+
+    m = SelectionMetrics((0.1, 0.5))
+    m.add(ranking, golden, mass)
+    assert asked == [1, 5]
+    recall = m.result()["golden_recall"]
+    assert recall == {"0.1": 0.0, "0.5": 1.0}  # k=1 keeps chunk 9; k=5 keeps chunks 0-4
