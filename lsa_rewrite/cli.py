@@ -126,6 +126,7 @@ def calibrate_cmd(
     windows: int = typer.Option(6, help="window starts sampled per document (tasks add 3 at their reply)"),
     max_tokens: int = typer.Option(None, help="cut documents to this many tokens (default: the model's maximum)"),
     seed: int = typer.Option(0, help="seeds documents, window starts and the held-out split"),
+    tasks: int = typer.Option(120, help="synthetic retrieval tasks among the built-in documents (without --documents)"),
     fresh: bool = typer.Option(False, "--fresh", help="delete an existing dump in --out instead of resuming it"),
     debug: bool = typer.Option(False, "--debug", help="show the traceback on errors"),
 ) -> None:
@@ -138,6 +139,10 @@ def calibrate_cmd(
         layers = _layers(target_layers)
         if windows < 1:
             raise ValueError(f"--windows must be >= 1, got {windows}")
+        if tasks < 0:
+            raise ValueError(f"--tasks must be >= 0, got {tasks}")
+        if documents and tasks != 120:
+            raise ValueError("--tasks sets the built-in documents' task count; with --documents, put the tasks in those files")
         for path in documents or []:
             if not path.exists():
                 raise FileNotFoundError(f"--documents {str(path)!r} does not exist")
@@ -150,7 +155,7 @@ def calibrate_cmd(
             raise ValueError(f"{model_path} has no tokenizer; calibration tokenizes documents with the model's own tokenizer")
         dump = calibrate(
             model, tokenizer, out, config=config, documents=documents or None, target_layers=layers, windows_per_document=windows,
-            max_tokens=max_tokens, seed=seed, resume=not fresh,
+            max_tokens=max_tokens, seed=seed, tasks=tasks, resume=not fresh,
         )
     except (ValueError, FileNotFoundError, ImportError, RuntimeError) as exc:
         _fail(console, exc, debug)

@@ -326,3 +326,20 @@ def test_user_files_and_texts_as_documents(tmp_path):
     assert [d["source"] for d in dump.documents] == ["file:notes.txt", "file:rows.jsonl", "text"]
     assert [d["tokens"] for d in dump.documents] == [120, 130, 110]
     assert dump.documents[1]["id"] == "row"
+
+
+def test_default_documents_take_the_task_count(tmp_path, monkeypatch):
+    """``calibrate(documents=None, tasks=N)`` runs the built-in documents with N calibration tasks."""
+    seen = {}
+
+    def fake_default_documents(tokenizer, **kwargs):
+        seen.update(kwargs)
+        return _documents()
+
+    monkeypatch.setattr(calibrate_module, "default_documents", fake_default_documents)
+    dump = _run(make_model("llama"), tmp_path / "dump", None, tasks=7, seed=3)
+    assert seen["tasks"] == 7 and seen["seed"] == 3
+    assert len(CalibrationDump(dump).manifest["documents"]) == len(_documents())
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="tasks must be an int >= 0"):
+            _run(make_model("llama"), tmp_path / "bad", None, tasks=bad)
