@@ -73,6 +73,25 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> None:
     print(f"wrote {path}")
 
 
+def release_store(model) -> None:
+    """Let a converted model's store (device tensors, host mirror) and its compiled step's CUDA graph go,
+    so that the next run allocates from nothing (no-op for a model without a store)."""
+    import gc
+
+    runtime = getattr(model, "lsa", None)
+    if runtime is not None:
+        if runtime.store is not None:
+            runtime.store.synchronize()
+        runtime.store = None
+        if runtime.compiled is not None:
+            runtime.compiled.release()
+        runtime.compiled = None
+    gc.collect()
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
 def time_budget(started: float, budget_s: float | None, skipped: list[str]) -> Callable[[str], bool]:
     """``due(what)``: whether a run may start within ``budget_s`` seconds of ``started`` (``perf_counter``);
     a run that may not is listed in ``skipped`` (the JSON says what was left out) and announced."""

@@ -55,7 +55,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEVICE, environment, sync, time_budget, use_local_prefill, write_json  # noqa: E402
+from common import DEVICE, environment, release_store, sync, time_budget, use_local_prefill, write_json  # noqa: E402
 from e2e_decode import build_model, cache_kw, timed_store_methods  # noqa: E402
 from host_memory import RssSampler, _meminfo_bytes  # noqa: E402
 
@@ -94,21 +94,6 @@ def reset_peak() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def release(model) -> None:
-    """Let the session's store (device tensors, host mirror) and its CUDA graph go."""
-    runtime = model.lsa
-    if runtime.store is not None:
-        runtime.store.synchronize()
-    runtime.store = None
-    if runtime.compiled is not None:
-        runtime.compiled.release()
-    runtime.compiled = None
-    gc.collect()
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-
-
 def per_sequence_bytes(model, config: LSAConfig, capacity: int) -> dict:
     """Device and host bytes one sequence of ``config`` takes in a store of ``capacity`` tokens.
 
@@ -141,7 +126,7 @@ def pilot(model, prompt: torch.Tensor, base: LSAConfig, capacity: int) -> dict:
     """One sequence prefilled alone (evict sizing, step not compiled): the prefill's working set on
     the device (its peak above the weights and the store) and its seconds (model forward + ingest)."""
     runtime = model.lsa
-    release(model)
+    release_store(model)
     runtime.config = dataclasses.replace(base, mode="evict", mirror="exact", compile=False, prefill_batch=1)
     runtime.pending_capacity = capacity
     reset_peak()
@@ -155,7 +140,7 @@ def pilot(model, prompt: torch.Tensor, base: LSAConfig, capacity: int) -> dict:
     del out
     store_bytes = runtime.store.footprint()["resident_kv_bytes"]
     working = peak() - before - store_bytes if DEVICE == "cuda" else 0
-    release(model)
+    release_store(model)
     runtime.pending_capacity = None
     forward = total - breakdown.get("store_init", 0.0) - breakdown.get("probe", 0.0)
     return {"prefill_s": round(total, 2), "forward_and_ingest_s": round(forward, 2), "breakdown_s": {k: round(v, 2) for k, v in breakdown.items()},
@@ -170,7 +155,7 @@ def run_mode(model, config: LSAConfig, prompt: torch.Tensor, steps: int, capacit
     called with the prefill's measurements before the decode starts (a run stopped there keeps them)."""
     kw = cache_kw(model)
     runtime = model.lsa
-    release(model)
+    release_store(model)
     runtime.config = config
     runtime.pending_capacity = capacity
     n = prompt.shape[0]
@@ -237,7 +222,7 @@ def run_mode(model, config: LSAConfig, prompt: torch.Tensor, steps: int, capacit
         "rss_peak_over_before_bytes": rss.peak - rss.before, "status": "done",
     }
     del cache, store, token
-    release(model)
+    release_store(model)
     runtime.pending_capacity = None
     return result
 
@@ -375,7 +360,7 @@ def main() -> None:
         if not due(name):
             continue
         config = dataclasses.replace(base, **MODES[name])
-        release(model)
+        release_store(model)
         per_seq = per_sequence_bytes(model, config, capacity)
         free_device = torch.cuda.mem_get_info()[0] if DEVICE == "cuda" else None
         host_available = _meminfo_bytes("MemAvailable")
@@ -418,7 +403,7 @@ def main() -> None:
                 res.update(measured)
                 break
             finally:
-                release(model)
+                release_store(model)
             retry = int(n * 0.85)
             elapsed = time.perf_counter() - started
             if len(res["attempts"]) >= 2 or retry < 1 or (

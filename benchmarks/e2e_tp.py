@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import COPY_BANDWIDTH, DEVICE, environment, time_budget, use_local_prefill, write_json  # noqa: E402
+from common import COPY_BANDWIDTH, DEVICE, environment, release_store, time_budget, use_local_prefill, write_json  # noqa: E402
 from e2e_decode import build_model, runtime_run  # noqa: E402
 
 import lsa_rewrite  # noqa: E402
@@ -65,18 +65,6 @@ def local_bytes(model: torch.nn.Module) -> int:
         local = p.to_local() if hasattr(p, "to_local") else p
         total += local.numel() * local.element_size()
     return total
-
-
-def free_runtime(model) -> None:
-    """Let a converted model's store and compiled step go before the next path allocates its own."""
-    runtime = getattr(model, "lsa", None)
-    if runtime is not None and runtime.store is not None:
-        runtime.store.synchronize()
-        runtime.store = None
-        runtime.compiled = None
-    gc.collect()
-    if DEVICE == "cuda":
-        torch.cuda.empty_cache()
 
 
 def use_one_shot_all_reduce(group_name: str) -> None:
@@ -217,7 +205,7 @@ def main() -> None:
                             res["batch"] = batch
                             res["kv_total_bytes"] = res["kv_gpu_bytes"]
                             record(f"{ctx}/B{batch}", "lsa_1gpu", res, weights)
-            free_runtime(full)
+            release_store(full)
         del full
         gc.collect()
         if DEVICE == "cuda":
@@ -257,7 +245,7 @@ def main() -> None:
         brief = None if res is None else {k: res[k] for k in ("ms_per_token", "prefill_s", "peak_gpu_gb", "decode_peak_gpu_gb", "kv_gpu_bytes")}
         dist.all_gather_object(gathered, brief)
         if not all(gathered):  # every rank sees the same list: all skip together
-            free_runtime(model)
+            release_store(model)
             continue
         total = lsa_rewrite.footprint(model, across_ranks=True)
         if rank == 0:
@@ -266,7 +254,7 @@ def main() -> None:
             res["footprint_total"] = total
             res["ms_per_token_max_over_ranks"] = max(g["ms_per_token"] for g in gathered)
             record(key, name, res, weights, per_rank=gathered)
-        free_runtime(model)
+        release_store(model)
     if rank == 0:
         payload["elapsed_s"] = round(time.perf_counter() - started, 1)
         write_json(args.out, payload)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import sys
 import threading
 import time
@@ -33,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEVICE, environment, write_json  # noqa: E402
+from common import DEVICE, environment, release_store, write_json  # noqa: E402
 from e2e_decode import add_floor, build_model, runtime_run  # noqa: E402
 
 import lsa_rewrite  # noqa: E402
@@ -94,19 +93,6 @@ class RssSampler:
         self._thread.join()
         self.after = _status_kib("VmRSS") * 1024
         self.peak = max(self.peak, self.after)
-
-
-def release_store(model) -> None:
-    """Drop the session's store (and with it its mirror), so the next option starts from nothing on the host."""
-    runtime = model.lsa
-    if runtime.store is not None:
-        runtime.store.synchronize()
-    runtime.store = None
-    runtime.compiled = None
-    gc.collect()
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
 
 
 def main() -> None:
