@@ -20,6 +20,8 @@ versions and date after every path, so a run stopped early keeps what it measure
 
     python benchmarks/e2e_decode.py --contexts 131072,32768 --out benchmarks/results/e2e_decode.json
     python benchmarks/e2e_decode.py --tiny      # the script itself on a tiny model, CPU, seconds
+    python benchmarks/e2e_decode.py --contexts 131072 --paths runtime_dense,lsa --lags 4 --also-prefill-chunk 16384
+                                                # prefill in 16K pieces against the one-forward prefills (item 3's 1.1x)
     python benchmarks/e2e_decode.py --contexts 1048576 --paths lsa --lags 4 --prefill-chunk 65536 --mirror fp8 --layers 8
                                                 # a million tokens, prefilled 64K at a time (issue 13 item 3)
 """
@@ -274,6 +276,7 @@ def compare(lsa: dict, dense: dict) -> dict:
         "peak_gpu_ratio": round(lsa["peak_gpu_gb"] / dense["peak_gpu_gb"], 3) if dense["peak_gpu_gb"] else None,
         "decode_peak_gpu_ratio": round(lsa["decode_peak_gpu_gb"] / dense["decode_peak_gpu_gb"], 3) if dense["decode_peak_gpu_gb"] else None,
         "floor_ratio": round(dense["floor_bytes"] / lsa["floor_bytes"], 2),
+        "prefill_time_ratio": round(lsa["prefill_s"] / dense["prefill_s"], 3) if lsa.get("prefill_s") and dense.get("prefill_s") else None,
     }
 
 
@@ -289,6 +292,9 @@ def main() -> None:
     parser.add_argument("--prefill-chunk", type=int, default=None,
                         help="LSAConfig.prefill_chunk for the runtime paths: prompt tokens per prefill forward (a multiple of 64); "
                              "default: the prompt in one forward")
+    parser.add_argument("--also-prefill-chunk", type=int, default=None,
+                        help="also run LSA with this prefill_chunk at every context (path lsa_chunkT), beside the one-forward "
+                             "prefill: prefill time against the dense prefill in one run")
     parser.add_argument("--mirror", default="exact", help="LSAConfig.mirror of the LSA paths: exact or fp8 (a 1M-token exact mirror "
                                                            "of the 8B shape, 131 GB, exceeds a 128 GB host)")
     parser.add_argument("--tiny", action="store_true", help="tiny model: checks the script itself on the CPU in seconds (not a measurement)")
@@ -351,6 +357,8 @@ def main() -> None:
             runs.append((ctx, "runtime_dense", dataclasses.replace(lsa_config, mode="dense")))
         if "lsa" in paths:
             runs.append((ctx, "lsa", lsa_config))
+            if args.also_prefill_chunk:
+                runs.append((ctx, f"lsa_chunk{args.also_prefill_chunk}", dataclasses.replace(lsa_config, prefill_chunk=args.also_prefill_chunk)))
             if i == 0:
                 runs += [(ctx, f"lsa_lag{lag}", dataclasses.replace(lsa_config, recall_lag=lag)) for lag in lags[1:]]
     for ctx, name, config in runs:

@@ -1,0 +1,293 @@
+"""Benchmark: where an LSA decode step's time goes, against its bandwidth floor (issue 13, item 2).
+
+One Llama-3-8B-shaped model (random bf16 weights), B=1, LSA 13.5% (chunk 64, interval 64, the
+``e2e_decode.py`` config), per context and recall lag, after one prefill:
+
+- ``loop``: the decode loop as ``e2e_decode.py`` times it (selection + recall every 64 steps included);
+- ``loop_no_select``: the same loop with the store's selection turned off (the resident set stays):
+  the step and its per-token host work; ``loop - loop_no_select`` is what the windows cost per token;
+- ``replay``: the compiled step's CUDA graph replayed back to back: the step's GPU time alone;
+- ``kernels``: a profile of 10 replays, kernel time per step by kind (GEMMs, decode attention, KV
+  append, other Inductor kernels, the rest) with the bandwidth each achieves (weights / GEMM time,
+  resident KV / attention time);
+- ``window``: a profile of one whole window of the loop (64 steps and its selection): GPU time of the
+  recall copies, of the selection's own kernels, and of the steps, against 64 replays;
+- ``variants`` (first context only): the same step compiled with other Inductor settings
+  (``--variants``), each timed by replay and by the loop. These switches live here, not in the
+  library, until one wins.
+
+Floors: (weights + resident KV bytes) / 4.2 TB/s; the input embedding is gathered, not read, so the
+step's true floor is lower by its bytes / 4.2 TB/s (``floor_ms_without_embedding``).
+
+    python benchmarks/step_breakdown.py --contexts 131072 --lags 4,8 --variants default,coordinate_descent,max_autotune_gemm
+    python benchmarks/step_breakdown.py --contexts 524288 --prefill-window 4096
+    python benchmarks/step_breakdown.py --tiny      # the script itself on a tiny model, CPU, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import COPY_BANDWIDTH, DEVICE, environment, release_store, sync, time_budget, use_local_prefill, write_json  # noqa: E402
+from e2e_decode import build_model, cache_kw  # noqa: E402
+
+import lsa_rewrite  # noqa: E402
+from lsa_rewrite import LSAConfig  # noqa: E402
+
+VARIANTS = {  # Inductor settings the decode step is compiled with (torch._inductor.config names)
+    "default": {},
+    "coordinate_descent": {"coordinate_descent_tuning": True},
+    "max_autotune_gemm": {"max_autotune_gemm": True},
+    "max_autotune_gemm_cd": {"max_autotune_gemm": True, "coordinate_descent_tuning": True},
+}
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    if "copy_chunks" in low or "unpack_chunks" in low or "pack_chunks" in low:
+        return "recall_copies"
+    if "decode" in low and ("attn" in low or "attention" in low or "merge" in low or "split" in low):
+        return "decode_attention"
+    if "append" in low:
+        return "kv_append"
+    if any(tag in low for tag in ("gemm", "gemv", "nvjet", "cutlass", "xmma", "sm90_", "sm100_", "splitk", "cublas")):
+        return "gemm"
+    if low.startswith("triton_"):
+        return "inductor_triton"
+    if "memcpy" in low or "memset" in low:
+        return "memcpy_memset"
+    return "other"
+
+
+def kernel_times(prof) -> dict[str, float]:
+    """Kernel name -> total device microseconds in a profile (CUDA kernels and memcpys only)."""
+    out: dict[str, float] = defaultdict(float)
+    for evt in prof.key_averages():
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            out[evt.key] += evt.self_device_time_total
+    return dict(out)
+
+
+def profile(fn, *, cuda: bool) -> dict[str, float]:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch_profile(activities=activities) as prof:
+        fn()
+        sync()
+    return kernel_times(prof) if cuda else {}
+
+
+def by_kind(times: dict[str, float], per: int) -> dict[str, float]:
+    kinds: dict[str, float] = defaultdict(float)
+    for name, us in times.items():
+        kinds[kind_of(name)] += us / per / 1e3
+    return {k: round(v, 4) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}
+
+
+def top_kernels(times: dict[str, float], per: int, n: int = 12) -> list[dict]:
+    rows = sorted(times.items(), key=lambda kv: -kv[1])[:n]
+    return [{"kernel": name[:160], "kind": kind_of(name), "ms_per_step": round(us / per / 1e3, 4)} for name, us in rows]
+
+
+def timed_loop(model, kw: str, cache, token: torch.Tensor, steps: int) -> tuple[float, torch.Tensor]:
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        token = model(input_ids=token, **{kw: cache}).logits[:, -1:].argmax(-1)
+    sync()
+    return (time.perf_counter() - t0) / steps * 1e3, token
+
+
+def replay_ms(graph, calls: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.replay()
+    start.record()
+    for _ in range(calls):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / calls
+
+
+@torch.no_grad()
+def measure(model, kw: str, cache, token: torch.Tensor, steps: int, interval: int, weights: int, embedding: int) -> tuple[dict, torch.Tensor]:
+    runtime = model.lsa
+    store = cache.store
+    cuda = DEVICE == "cuda"
+    res: dict = {}
+    res["loop_ms"], token = timed_loop(model, kw, cache, token, steps)
+    original = store.select
+    store.select = lambda *a, **k: None
+    try:
+        res["loop_no_select_ms"], token = timed_loop(model, kw, cache, token, steps)
+    finally:
+        store.select = original
+    res["windows_ms_per_token"] = round(res["loop_ms"] - res["loop_no_select_ms"], 3)
+    fp = lsa_rewrite.footprint(model)
+    kv = fp["resident_kv_bytes"]
+    floor = (weights + kv) / COPY_BANDWIDTH * 1e3
+    res.update(kv_gpu_bytes=kv, floor_ms=round(floor, 3), floor_ms_without_embedding=round(floor - embedding / COPY_BANDWIDTH * 1e3, 3))
+    if cuda and runtime.compiled is not None and runtime.compiled.graph is not None:
+        graph = runtime.compiled.graph
+        res["replay_ms"] = round(replay_ms(graph, steps), 3)
+        reps = 10
+        times = profile(lambda: [graph.replay() for _ in range(reps)], cuda=True)
+        kinds = by_kind(times, reps)
+        res["kernels_ms_per_step"] = kinds
+        res["kernels_sum_ms"] = round(sum(kinds.values()), 3)
+        res["top_kernels"] = top_kernels(times, reps)
+        gemm = kinds.get("gemm", 0.0)
+        attn = kinds.get("decode_attention", 0.0)
+        res["gemm_tb_per_s"] = round((weights - embedding) / (gemm * 1e-3) / 1e12, 2) if gemm else None
+        res["attention_tb_per_s"] = round(kv / (attn * 1e-3) / 1e12, 2) if attn else None
+        step_kernels = set(times)
+        # one whole window of the loop: its steps, its selection, its recall copies
+        def window():
+            nonlocal token
+            for _ in range(interval):
+                token = model(input_ids=token, **{kw: cache}).logits[:, -1:].argmax(-1)
+        sync()
+        t0 = time.perf_counter()
+        wtimes = profile(window, cuda=True)
+        wall = (time.perf_counter() - t0) * 1e3
+        copies = sum(us for n, us in wtimes.items() if kind_of(n) == "recall_copies") / 1e3
+        selection = sum(us for n, us in wtimes.items() if n not in step_kernels and kind_of(n) != "recall_copies") / 1e3
+        steps_gpu = sum(us for n, us in wtimes.items() if n in step_kernels) / 1e3
+        res["window"] = {
+            "wall_ms_profiled": round(wall, 1), "steps_kernels_ms": round(steps_gpu, 2),
+            "steps_kernels_ms_per_step": round(steps_gpu / interval, 3), "recall_copies_ms": round(copies, 2),
+            "selection_kernels_ms": round(selection, 2), "replay_ms_x_interval": round(res["replay_ms"] * interval, 2),
+            "selection_top": top_kernels({n: us for n, us in wtimes.items() if n not in step_kernels}, 1, 8),
+        }
+    res["x_floor"] = round(res["loop_ms"] / floor, 3)
+    for key in ("loop_ms", "loop_no_select_ms"):
+        res[key] = round(res[key], 3)
+    return res, token
+
+
+@torch.no_grad()
+def prefill(model, prompt: torch.Tensor, config: LSAConfig, steps: int):
+    runtime = model.lsa
+    release_store(model)
+    runtime.config = config
+    runtime.pending_capacity = prompt.shape[1] + 8 * steps + 16 * config.interval
+    t0 = time.perf_counter()
+    out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+    cache = out[runtime.adapter.cache_field]
+    token = out.logits[:, -1:].argmax(-1)
+    sync()
+    prefill_s = time.perf_counter() - t0
+    kw = cache_kw(model)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        token = model(input_ids=token, **{kw: cache}).logits[:, -1:].argmax(-1)
+    sync()
+    return cache, token, round(prefill_s, 2), round(time.perf_counter() - t0, 2)
+
+
+def forget_compiled(model) -> None:
+    runtime = model.lsa
+    if runtime.compiled is not None:
+        runtime.compiled.release()
+    runtime.compiled = None
+    runtime.compiled_modules.clear()
+    torch._dynamo.reset()
+    gc.collect()
+
+
+@torch.no_grad()
+def recompile(model, kw: str, cache, token: torch.Tensor, options: dict) -> tuple[torch.Tensor, float]:
+    """Throw the compiled step away and compile it again under Inductor ``options``."""
+    import torch._inductor.config as inductor_config
+
+    forget_compiled(model)
+    t0 = time.perf_counter()
+    with inductor_config.patch(options):
+        token = model(input_ids=token, **{kw: cache}).logits[:, -1:].argmax(-1)
+        sync()
+    return token, round(time.perf_counter() - t0, 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--contexts", default=None, help="prompt lengths (default 131072; --tiny: 4096)")
+    parser.add_argument("--lags", default="4", help="recall_lag values, one prefill each (the first: the variants too)")
+    parser.add_argument("--variants", default="default", help=f"Inductor settings for the step, first context and lag: {','.join(VARIANTS)}")
+    parser.add_argument("--steps", type=int, default=None, help="timed decode steps per loop (default 256; --tiny: 128)")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default 32)")
+    parser.add_argument("--prefill-window", type=int, default=None,
+                        help="run the prompts' attention over a local window of this many tokens (prefill time only; decode exact)")
+    parser.add_argument("--time-budget-s", type=float, default=None)
+    parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU: checks the script, not a measurement")
+    parser.add_argument("--out", default="benchmarks/results/step_breakdown.json")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    contexts = [int(c) for c in (args.contexts or ("4096" if args.tiny else "131072")).split(",")]
+    lags = [int(x) for x in args.lags.split(",")]
+    variants = args.variants.split(",")
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"unknown --variants {unknown}; choose from {sorted(VARIANTS)}")
+    steps = args.steps or (128 if args.tiny else 256)
+    layers = args.layers or (2 if args.tiny else 32)
+    model = build_model(layers, tiny=args.tiny)
+    if args.prefill_window:
+        use_local_prefill(model, args.prefill_window)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    emb = model.get_input_embeddings().weight
+    embedding = emb.numel() * emb.element_size()
+    base = LSAConfig(budget=0.135, chunk_size=64, interval=64, sink_tokens=64, recent_tokens=128, recall_lag=lags[0])
+    lsa_rewrite.convert(model, base)
+    kw = cache_kw(model)
+    payload = {
+        "benchmark": "step_breakdown", "environment": environment(), "tiny": args.tiny,
+        "model": f"Llama-3-8B shape, random bf16 weights, {layers} layers", "weights_bytes": weights, "embedding_bytes": embedding,
+        "batch": 1, "steps": steps, "lsa_config": base.to_dict(), "prefill_window": args.prefill_window,
+        "floor": f"(weights_bytes + kv_gpu_bytes) / {COPY_BANDWIDTH / 1e12} TB/s", "skipped": [], "results": [],
+    }
+    due = time_budget(started, args.time_budget_s, payload["skipped"])
+    for ci, ctx in enumerate(contexts):
+        torch.manual_seed(ctx)
+        prompt = torch.randint(0, model.config.vocab_size, (1, ctx), device=DEVICE)
+        for li, lag in enumerate(lags):
+            if not due(f"{ctx} lag {lag}"):
+                continue
+            config = dataclasses.replace(base, recall_lag=lag)
+            cache, token, prefill_s, first_steps_s = prefill(model, prompt, config, steps)
+            names = variants if (ci == 0 and li == 0) else ["default"]
+            for vi, name in enumerate(names):
+                if vi and not due(f"{ctx} lag {lag} {name}"):
+                    continue
+                compile_s = None
+                if vi or name != "default":
+                    token, compile_s = recompile(model, kw, cache, token, VARIANTS[name])
+                res, token = measure(model, kw, cache, token, steps, config.interval, weights, embedding)
+                res.update(context=ctx, recall_lag=lag, variant=name, inductor=VARIANTS[name], prefill_s=prefill_s,
+                           first_steps_s=first_steps_s, recompile_s=compile_s)
+                payload["results"].append(res)
+                print({k: v for k, v in res.items() if k not in ("top_kernels", "window")}, flush=True)
+                if "window" in res:
+                    print("  window:", {k: v for k, v in res["window"].items() if k != "selection_top"}, flush=True)
+                payload["elapsed_s"] = round(time.perf_counter() - started, 1)
+                write_json(args.out, payload)
+            if any(name != "default" for name in names):  # the next prefill compiles its step afresh, by default
+                forget_compiled(model)
+            del cache
+    release_store(model)
+    payload["elapsed_s"] = round(time.perf_counter() - started, 1)
+    write_json(args.out, payload)
+
+
+if __name__ == "__main__":
+    main()
