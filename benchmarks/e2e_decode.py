@@ -295,6 +295,8 @@ def main() -> None:
     parser.add_argument("--also-prefill-chunk", type=int, default=None,
                         help="also run LSA with this prefill_chunk at every context (path lsa_chunkT), beside the one-forward "
                              "prefill: prefill time against the dense prefill in one run")
+    parser.add_argument("--recall-lag-max", type=int, default=None,
+                        help="LSAConfig.recall_lag_max of the LSA paths (recalled chunks join once their copies are done, by this step)")
     parser.add_argument("--mirror", default="exact", help="LSAConfig.mirror of the LSA paths: exact or fp8 (a 1M-token exact mirror "
                                                            "of the 8B shape, 131 GB, exceeds a 128 GB host)")
     parser.add_argument("--tiny", action="store_true", help="tiny model: checks the script itself on the CPU in seconds (not a measurement)")
@@ -314,7 +316,7 @@ def main() -> None:
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     embedding = model.get_input_embeddings().weight
     lsa_config = LSAConfig(budget=0.135, chunk_size=64, interval=64, sink_tokens=64, recent_tokens=128, recall_lag=lags[0],
-                           prefill_chunk=args.prefill_chunk, mirror=args.mirror)
+                           prefill_chunk=args.prefill_chunk, mirror=args.mirror, recall_lag_max=args.recall_lag_max)
     payload = {
         "benchmark": "e2e_decode", "environment": env, "tiny": args.tiny,
         "model": f"Llama-3-8B shape, random bf16 weights, {layers} layers" + (" (tiny: hidden 64, CPU check)" if args.tiny else ""),

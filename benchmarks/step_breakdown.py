@@ -12,14 +12,18 @@ One Llama-3-8B-shaped model (random bf16 weights), B=1, LSA 13.5% (chunk 64, int
   resident KV / attention time);
 - ``window``: a profile of one whole window of the loop (64 steps and its selection): GPU time of the
   recall copies, of the selection's own kernels, and of the steps, against 64 replays;
-- ``variants`` (first context only): the same step compiled with other Inductor settings
+- ``variants`` (first context and lag only): the same step compiled with other Inductor settings
   (``--variants``), each timed by replay and by the loop. These switches live here, not in the
-  library, until one wins.
+  library, until one wins;
+- ``--lag-max`` and ``--copy-programs``: every context and lag is measured again with the store's
+  ``recall_lag_max`` (``LSAConfig.recall_lag_max``; ``none``: the lag) and the recall copy kernel's
+  program count (``kernels/copy_chunks.py``) set to each value (no new prefill, no recompile).
 
 Floors: (weights + resident KV bytes) / 4.2 TB/s; the input embedding is gathered, not read, so the
 step's true floor is lower by its bytes / 4.2 TB/s (``floor_ms_without_embedding``).
 
-    python benchmarks/step_breakdown.py --contexts 131072 --lags 4,8 --variants default,coordinate_descent,max_autotune_gemm
+    python benchmarks/step_breakdown.py --contexts 131072 --lags 4,8 --variants default,inductor_defaults,max_autotune_gemm
+    python benchmarks/step_breakdown.py --contexts 131072,524288 --lag-max none,63 --copy-programs 16,8 --prefill-window 4096
     python benchmarks/step_breakdown.py --contexts 524288 --prefill-window 4096
     python benchmarks/step_breakdown.py --tiny      # the script itself on a tiny model, CPU, seconds
 """
@@ -43,11 +47,14 @@ from e2e_decode import build_model, cache_kw  # noqa: E402
 import lsa_rewrite  # noqa: E402
 from lsa_rewrite import LSAConfig  # noqa: E402
 
-VARIANTS = {  # Inductor settings the decode step is compiled with (torch._inductor.config names)
-    "default": {},
+VARIANTS = {  # Inductor settings the decode step is compiled with, in place of the library's INDUCTOR_OPTIONS
+    "default": None,  # the library's own (lsa_rewrite/runtime/compiled.py)
+    "inductor_defaults": {},  # Inductor's defaults: cuBLAS for the projections (the library's choice before run 57)
     "coordinate_descent": {"coordinate_descent_tuning": True},
     "max_autotune_gemm": {"max_autotune_gemm": True},
-    "max_autotune_gemm_cd": {"max_autotune_gemm": True, "coordinate_descent_tuning": True},
+    "cd_all_directions": {"coordinate_descent_tuning": True, "coordinate_descent_check_all_directions": True},
+    "cd_radius2": {"coordinate_descent_tuning": True, "coordinate_descent_search_radius": 2},
+    "cd_autotune_pointwise": {"coordinate_descent_tuning": True, "max_autotune_pointwise": True},
 }
 
 
@@ -177,11 +184,12 @@ def measure(model, kw: str, cache, token: torch.Tensor, steps: int, interval: in
 
 
 @torch.no_grad()
-def prefill(model, prompt: torch.Tensor, config: LSAConfig, steps: int):
+def prefill(model, prompt: torch.Tensor, config: LSAConfig, steps: int, measures: int):
     runtime = model.lsa
     release_store(model)
     runtime.config = config
-    runtime.pending_capacity = prompt.shape[1] + 8 * steps + 16 * config.interval
+    # each measurement decodes two loops and a window (plus a step per recompile)
+    runtime.pending_capacity = prompt.shape[1] + measures * (2 * steps + 2 * config.interval) + 4 * config.interval
     t0 = time.perf_counter()
     out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
     cache = out[runtime.adapter.cache_field]
@@ -207,16 +215,30 @@ def forget_compiled(model) -> None:
 
 
 @torch.no_grad()
-def recompile(model, kw: str, cache, token: torch.Tensor, options: dict) -> tuple[torch.Tensor, float]:
-    """Throw the compiled step away and compile it again under Inductor ``options``."""
-    import torch._inductor.config as inductor_config
+def recompile(model, kw: str, cache, token: torch.Tensor, options: dict | None) -> tuple[torch.Tensor, float]:
+    """Throw the compiled step away and compile it again with Inductor ``options`` (None: the library's)."""
+    from lsa_rewrite.runtime import compiled
 
     forget_compiled(model)
+    library = compiled.INDUCTOR_OPTIONS
+    compiled.INDUCTOR_OPTIONS = library if options is None else options
     t0 = time.perf_counter()
-    with inductor_config.patch(options):
+    try:
         token = model(input_ids=token, **{kw: cache}).logits[:, -1:].argmax(-1)
         sync()
+    finally:
+        compiled.INDUCTOR_OPTIONS = library
     return token, round(time.perf_counter() - t0, 1)
+
+
+def set_copy_programs(programs: int) -> int:
+    """Set the recall copy kernel's default program count; returns the previous one."""
+    import importlib
+
+    copy_chunks = importlib.import_module("lsa_rewrite.kernels.copy_chunks")  # the module, not the op the package exports
+    previous = copy_chunks.copy_chunks_triton.__kwdefaults__["programs"]
+    copy_chunks.copy_chunks_triton.__kwdefaults__["programs"] = programs
+    return previous
 
 
 def main() -> None:
@@ -224,6 +246,8 @@ def main() -> None:
     parser.add_argument("--contexts", default=None, help="prompt lengths (default 131072; --tiny: 4096)")
     parser.add_argument("--lags", default="4", help="recall_lag values, one prefill each (the first: the variants too)")
     parser.add_argument("--variants", default="default", help=f"Inductor settings for the step, first context and lag: {','.join(VARIANTS)}")
+    parser.add_argument("--lag-max", default="none", help="recall_lag_max values measured on every store (none: the lag)")
+    parser.add_argument("--copy-programs", default=None, help="recall copy kernel program counts measured on every store (default: the library's)")
     parser.add_argument("--steps", type=int, default=None, help="timed decode steps per loop (default 256; --tiny: 128)")
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default 32)")
     parser.add_argument("--prefill-window", type=int, default=None,
@@ -239,6 +263,8 @@ def main() -> None:
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         raise SystemExit(f"unknown --variants {unknown}; choose from {sorted(VARIANTS)}")
+    lag_maxes = [None if x == "none" else int(x) for x in args.lag_max.split(",")]
+    copy_programs = [int(x) for x in args.copy_programs.split(",")] if args.copy_programs else [None]
     steps = args.steps or (128 if args.tiny else 256)
     layers = args.layers or (2 if args.tiny else 32)
     model = build_model(layers, tiny=args.tiny)
@@ -264,23 +290,35 @@ def main() -> None:
             if not due(f"{ctx} lag {lag}"):
                 continue
             config = dataclasses.replace(base, recall_lag=lag)
-            cache, token, prefill_s, first_steps_s = prefill(model, prompt, config, steps)
             names = variants if (ci == 0 and li == 0) else ["default"]
+            cache, token, prefill_s, first_steps_s = prefill(model, prompt, config, steps, len(names) * len(lag_maxes) * len(copy_programs))
             for vi, name in enumerate(names):
                 if vi and not due(f"{ctx} lag {lag} {name}"):
                     continue
                 compile_s = None
                 if vi or name != "default":
                     token, compile_s = recompile(model, kw, cache, token, VARIANTS[name])
-                res, token = measure(model, kw, cache, token, steps, config.interval, weights, embedding)
-                res.update(context=ctx, recall_lag=lag, variant=name, inductor=VARIANTS[name], prefill_s=prefill_s,
-                           first_steps_s=first_steps_s, recompile_s=compile_s)
-                payload["results"].append(res)
-                print({k: v for k, v in res.items() if k not in ("top_kernels", "window")}, flush=True)
-                if "window" in res:
-                    print("  window:", {k: v for k, v in res["window"].items() if k != "selection_top"}, flush=True)
-                payload["elapsed_s"] = round(time.perf_counter() - started, 1)
-                write_json(args.out, payload)
+                for lag_max in lag_maxes:
+                    for programs in copy_programs:
+                        if not due(f"{ctx} lag {lag} {name} lag_max {lag_max} programs {programs}"):
+                            continue
+                        cache.store.lag_max = lag if lag_max is None else max(lag, min(lag_max, config.interval - 1))
+                        previous = set_copy_programs(programs) if programs else None
+                        try:
+                            res, token = measure(model, kw, cache, token, steps, config.interval, weights, embedding)
+                        finally:
+                            if previous is not None:
+                                set_copy_programs(previous)
+                        res.update(context=ctx, recall_lag=lag, recall_lag_max=cache.store.lag_max, copy_programs=programs,
+                                   variant=name, inductor=VARIANTS[name], prefill_s=prefill_s, first_steps_s=first_steps_s,
+                                   recompile_s=compile_s)
+                        payload["results"].append(res)
+                        print({k: v for k, v in res.items() if k not in ("top_kernels", "window")}, flush=True)
+                        if "window" in res:
+                            print("  window:", {k: v for k, v in res["window"].items() if k != "selection_top"}, flush=True)
+                        payload["elapsed_s"] = round(time.perf_counter() - started, 1)
+                        write_json(args.out, payload)
+                cache.store.lag_max = config.lag_max
             if any(name != "default" for name in names):  # the next prefill compiles its step afresh, by default
                 forget_compiled(model)
             del cache

@@ -91,6 +91,15 @@ class LSAConfig:
             only ``recall_lag`` steps later, after the copy is done. 0 waits for the copies at the
             selection. ``None``: ``interval // 16`` (4 for the default interval of 64). Must be
             below ``interval``; the chunks kept resident cover ``interval + recall_lag`` tokens ahead.
+        recall_lag_max: the latest decode step after a selection at which its recalled chunks join.
+            ``None`` (default): ``recall_lag``, so they join exactly ``recall_lag`` steps later (the
+            main stream waits there for copies still running) and outputs are reproducible run to run.
+            An int in ``[recall_lag, interval)``: from ``recall_lag`` steps on they join at the first
+            step whose copies are done (the host checks the copies' event without blocking) and the
+            main stream waits only at ``recall_lag_max``. Decode then never stalls on a recall that the
+            window's remaining steps can hide (a long context recalls gigabytes per window over the host
+            link), but the step at which recalled chunks join depends on timing, so sparse outputs may
+            differ between runs. CUDA only in effect (elsewhere the copies are done at the selection).
         fallback_budget: the needle fallback (``selector="indexer"`` only): when more chunks score above
             the indexer's threshold than ``budget`` holds (the indexer is unsure, as on exact needle
             lookups), a selection keeps up to this many instead (same units as ``budget``; >= it). The
@@ -142,6 +151,7 @@ class LSAConfig:
     max_context: int | None = None
     capture_cache: str = "static"
     recall_lag: int | None = None
+    recall_lag_max: int | None = None
     fallback_budget: float | int | None = None
     seed: int = 0
     compile: bool | str = True
@@ -195,6 +205,13 @@ class LSAConfig:
                 f"recall_lag must be None or an int in [0, interval={self.interval}) (decode steps a recall may take "
                 f"before its chunks join the table), got {self.recall_lag!r}"
             )
+        if self.recall_lag_max is not None and (
+            not _is_int(self.recall_lag_max) or not self.lag <= self.recall_lag_max < self.interval
+        ):
+            raise ValueError(
+                f"recall_lag_max must be None or an int in [recall_lag={self.lag}, interval={self.interval}) (the latest "
+                f"decode step after a selection at which its recalled chunks join), got {self.recall_lag_max!r}"
+            )
         fallback = self.fallback_budget
         if fallback is not None:
             if isinstance(fallback, bool) or not isinstance(fallback, (int, float)) or type(fallback) is not type(budget):
@@ -239,6 +256,11 @@ class LSAConfig:
     def lag(self) -> int:
         """The recall lag in effect: ``recall_lag``, or ``interval // 16`` when it is ``None``."""
         return self.interval // 16 if self.recall_lag is None else self.recall_lag
+
+    @property
+    def lag_max(self) -> int:
+        """The latest step a recall may join at: ``recall_lag_max``, or the lag in effect when it is ``None``."""
+        return self.lag if self.recall_lag_max is None else self.recall_lag_max
 
     def to_dict(self) -> dict[str, Any]:
         """Stable, versioned dict form (``_type``, ``_version``, ``_data``)."""

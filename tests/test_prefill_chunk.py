@@ -140,3 +140,34 @@ def test_plain_decoder_refuses_a_longer_prompt():
 def test_round_trips_through_json():
     config = dataclasses.replace(SPARSE, prefill_chunk=64)
     assert LSAConfig.from_json(config.to_json()) == config
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_pieces_attend_without_a_materialised_mask(family, monkeypatch):
+    """After the first piece, a piece's full-attention layers run SDPA with the bottom-right causal bias
+    (no ``[T, P + T]`` mask in memory; sliding-window layers keep transformers' own mask), every
+    position's logits still equal the dense model's, and the model's attention setting is ``"sdpa"``
+    again afterwards."""
+    from torch.nn.attention.bias import CausalBias
+
+    from lsa_rewrite.adapters import piece_attention
+
+    model = no_eos(make_model(family))
+    ids, _ = _left_padded([200], seed=4)
+    converted = no_eos(converted_copy(model, dataclasses.replace(SPARSE, prefill_chunk=64)))
+    seen = []
+    real = piece_attention._sdpa
+
+    def spy(query, key, value, attn_mask=None, **kwargs):
+        seen.append((query.shape[2], key.shape[2], type(attn_mask).__name__))
+        return real(query, key, value, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(piece_attention, "_sdpa", spy)
+    with torch.no_grad():
+        ours = converted(input_ids=ids).logits
+        dense = model(input_ids=ids).logits
+    torch.testing.assert_close(ours, dense, atol=1e-4, rtol=0)
+    assert seen and all(kind == CausalBias.__name__ and kv > q for q, kv, kind in seen), seen
+    assert {kv for _, kv, _ in seen} == {128, 192, 200}  # every piece after the first, full-attention layers
+    text = getattr(converted.config, "text_config", converted.config)
+    assert converted.config._attn_implementation == "sdpa" and text._attn_implementation == "sdpa"

@@ -27,6 +27,7 @@ from ..runtime.store import StoreError
 from ..passes import AttentionSite, Binding, CapturedStep, capture_step, locate
 from ..session import DensePrefill, join_rows, model_device_dtype, split_rows
 from ..tensor_parallel import TensorParallelPlan
+from .piece_attention import pieced_prefill_attention
 
 _CAPTURE_PREFILL = 2  # tokens run through the capture cache before the traced decode step
 _STATIC_CAPTURE_LEN = 8  # capture-cache length: small, the rewritten graph never reads it
@@ -371,14 +372,28 @@ class HFAdapter:
         each piece's layers put its KV into the store and attend over the earlier pieces read back from
         it (``LSACache(piece=...)``). The output is the last piece's, with the logits the caller asked
         for (``logits_to_keep``: the last ones come from the last piece; 0 or absent: every piece's,
-        joined)."""
-        ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
-        position_ids, cache_position = kwargs.get("position_ids"), kwargs.get("cache_position")
+        joined). The pieces run the model's SDPA attention without a materialised mask
+        (``piece_attention.py``)."""
         takes_keep = "logits_to_keep" in inspect.signature(original).parameters
         keep = kwargs.get("logits_to_keep", 0) if takes_keep else 0
         last_start = (length - 1) // size * size
         every = not (isinstance(keep, int) and 0 < keep <= length - last_start)  # all positions' logits, joined
-        logits = []
+        logits: list[torch.Tensor] = []
+        with pieced_prefill_attention(self.model.config):
+            out = self._run_pieces(original, kwargs, store, rows, length, size, every, keep, takes_keep, logits)
+        if every:
+            joined = torch.cat(logits, dim=1)
+            del logits
+            if isinstance(keep, int) and keep > 0:
+                joined = joined[:, -keep:]
+            elif isinstance(keep, torch.Tensor):
+                joined = joined[:, keep]
+            out["logits"] = joined
+        return out
+
+    def _run_pieces(self, original, kwargs: dict, store, rows, length: int, size: int, every: bool, keep, takes_keep: bool, logits: list):
+        ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
+        position_ids, cache_position = kwargs.get("position_ids"), kwargs.get("cache_position")
         out = None
         for start in range(0, length, size):
             end = min(start + size, length)
@@ -398,14 +413,6 @@ class HFAdapter:
             if every:
                 logits.append(out.logits)
             del piece
-        if every:
-            joined = torch.cat(logits, dim=1)
-            del logits
-            if isinstance(keep, int) and keep > 0:
-                joined = joined[:, -keep:]
-            elif isinstance(keep, torch.Tensor):
-                joined = joined[:, keep]
-            out["logits"] = joined
         return out
 
     def continue_prefill(self, session, original, kwargs: dict, cache: LSACache):

@@ -34,10 +34,20 @@ from ..passes import DecodeProgram, clone_program
 from .state import declared
 
 
+# Inductor settings for the decode step. ``coordinate_descent_tuning`` makes Inductor lower a matmul
+# with one row (every projection of a B=1 decode step) to a fused Triton reduction it tunes, instead of
+# a cuBLAS call: on the H200, 8B shape, 128K, B=1, the step's GPU time went from 5.96 to 5.56 ms
+# (weight reads 3.4 -> ~3.5 TB/s, and the norms and activations fuse into them), at the cost of a
+# longer first compile (~79 s against ~37 s; Inductor's on-disk caches keep later processes' compiles
+# short). benchmarks/step_breakdown.py, benchmarks/NOTES.md run 57.
+INDUCTOR_OPTIONS = {"coordinate_descent_tuning": True}
+
+
 def compile_program(program: DecodeProgram, *, backend: str = "inductor"):
     """``torch.compile`` a deep copy of the rewritten graph (one graph; static shapes except the
-    dimensions ``CompiledStep`` marks dynamic on the store's tensors)."""
-    return torch.compile(clone_program(program).module, backend=backend, fullgraph=True, dynamic=False)
+    dimensions ``CompiledStep`` marks dynamic on the store's tensors); Inductor with ``INDUCTOR_OPTIONS``."""
+    options = dict(INDUCTOR_OPTIONS) if backend == "inductor" else None
+    return torch.compile(clone_program(program).module, backend=backend, fullgraph=True, dynamic=False, options=options)
 
 
 def capacity_dims(program: DecodeProgram) -> list[tuple[int, tuple[int, ...]]]:

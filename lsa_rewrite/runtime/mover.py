@@ -117,7 +117,7 @@ class MemoryMover:
         # decode step `swap_at`, when the main stream waits for them and installs the tables.
         self.side = torch.cuda.Stream(device) if side_stream and device.type == "cuda" else None
         self.pending: tuple[list[tuple["ChunkLayer", Tensor, Tensor]], object] | None = None
-        self.swap_at = -1
+        self.swap_at = self.swap_by = -1
 
     def layer_state(self, i: int) -> tuple[Tensor, Tensor, Tensor]:
         """Views of layer ``i``'s manager state: (planned [B, S], available [B, N], dropped [])."""
@@ -137,11 +137,15 @@ class MemoryMover:
         return bool(self.layers) and self.layers[0].mirror_k is not None
 
     # -- installing a selection ---------------------------------------------------------------
-    def apply(self, chosen: Tensor, *, written: range, lag: int, evict: bool, step: int, recall: bool = True) -> None:
+    def apply(
+        self, chosen: Tensor, *, written: range, lag: int, evict: bool, step: int, recall: bool = True, lag_max: int | None = None
+    ) -> None:
         """Install new resident sets ``[L, B, k]``: drops now, write-back + recall on the side stream, the rest after ``lag`` steps.
 
         ``written``: chunks decoded since the last selection (written back to the mirror first);
-        ``step``: the current decode step (the tables of the recall join at ``step + lag``);
+        ``step``: the current decode step (the tables of the recall join at ``step + lag``, or, with
+        ``lag_max`` > ``lag``, at the first step from then on whose copies are done, and at
+        ``step + lag_max`` at the latest: ``swap_due``);
         ``recall=False``: the incoming chunks are in their slots already (the first placement after a
         prefill, which wrote them there), so nothing is copied from the mirror.
         """
@@ -182,6 +186,7 @@ class MemoryMover:
                 done.record(side)
         self.pending = ([(layer, after[i], after_inv[i]) for i, layer in enumerate(layers)], done)
         self.swap_at = step + lag
+        self.swap_by = step + max(lag, lag if lag_max is None else lag_max)
         if lag == 0:
             self.swap()
 
@@ -246,7 +251,12 @@ class MemoryMover:
         self.available.fill_(True)
 
     def swap_due(self, step: int) -> bool:
-        return self.pending is not None and step >= self.swap_at
+        """Whether the pending tables go in before decode step ``step``: from ``swap_at`` on once the
+        recall copies are done (a non-blocking query of their event), at ``swap_by`` in any case."""
+        if self.pending is None or step < self.swap_at:
+            return False
+        done = self.pending[1]
+        return step >= self.swap_by or done is None or done.query()
 
     def swap(self) -> None:
         """Install the tables of the last selection once its recall copies are done (on the main stream)."""

@@ -226,6 +226,7 @@ class KVStore:
         self.selections = 0
         self.next_selection = 1  # decode step before which the next selection runs
         self.lag = config.lag
+        self.lag_max = config.lag_max
         self._first_keeps: tuple[int, Tensor] | None = None  # (prompt length, first resident set) the ingest placed
 
     @property
@@ -586,9 +587,11 @@ class KVStore:
         scores and ranks (``SelectionPolicy.choose``), the mover plans slots, drops what leaves at
         once, writes back the chunks decoded since the last selection and recalls the incoming ones
         (on a side stream on CUDA); the recalled chunks join the tables ``lag`` decode steps later
-        (``LSAConfig.recall_lag``; 0: right here), after the main stream waits for the copies.
+        (``LSAConfig.recall_lag``; 0: right here), after the main stream waits for the copies (with
+        ``LSAConfig.recall_lag_max``: at the first step from then on whose copies are done, at most
+        ``recall_lag_max`` steps later). An explicit ``lag`` is exact (``recall_lag_max`` does not apply).
         """
-        lag = self.lag if lag is None else lag
+        lag, lag_max = (self.lag, self.lag_max) if lag is None else (lag, lag)
         self.mover.swap()  # a pending recall from the last selection goes in first
         layers = self.chunk_layers
         if not layers:
@@ -596,7 +599,7 @@ class KVStore:
         pos, c = self.length, self.chunk
         written = range(self.synced // c, math.ceil(pos / c))
         chosen = self.policy.choose(layers, self.mover.available, pos)
-        self.mover.apply(chosen, written=written, lag=lag, evict=self.config.mode == "evict", step=self.steps)
+        self.mover.apply(chosen, written=written, lag=lag, lag_max=lag_max, evict=self.config.mode == "evict", step=self.steps)
         self.synced = pos
         self.selections += 1
 

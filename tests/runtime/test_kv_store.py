@@ -689,3 +689,58 @@ def test_state_contract_device_check_accepts_an_unindexed_device():
     assert same_device(torch.device("cuda", 1), torch.device("cuda", 1))
     assert not same_device(torch.device("cuda", 1), torch.device("cuda", 0))
     assert not same_device(torch.device("cpu"), torch.device("cuda"))
+
+
+def test_recall_lag_max_is_checked_against_lag_and_interval():
+    assert LSAConfig(interval=8, recall_lag=2).lag_max == 2
+    assert LSAConfig(interval=8, recall_lag=2, recall_lag_max=7).lag_max == 7
+    for bad in (1, 8, 1.5, True):
+        with pytest.raises(ValueError, match="recall_lag_max must be None or an int in \\[recall_lag=2, interval=8\\)"):
+            LSAConfig(interval=8, recall_lag=2, recall_lag_max=bad)
+
+
+class _CopiesDoneAt:
+    """Stands in for the recall copies' CUDA event: ``query()`` is True once ``clock[0] >= at``."""
+
+    def __init__(self, clock: list[int], at: int):
+        self.clock, self.at = clock, at
+
+    def query(self) -> bool:
+        return self.clock[0] >= self.at
+
+
+@pytest.mark.parametrize("done_at, expected", [(3, 3), (5, 5), (99, 6)])
+def test_recall_lag_max_swaps_once_the_copies_are_done(done_at, expected):
+    """Between ``recall_lag`` and ``recall_lag_max`` steps after a selection, the recalled chunks join at
+    the first step whose copies are done (a non-blocking query), and at ``recall_lag_max`` at the latest."""
+    store = KVStore(SPECS, config(budget=64, interval=8, recall_lag=2, recall_lag_max=6), batch=2, capacity=160, valid_start=[0, 3])
+    hist = draw_history(SPECS, batch=2, capacity=160, gen=torch.Generator().manual_seed(5))
+    prefill(store, hist, 51)
+    mover = store.mover
+    mover.apply(store.policy.choose(store.chunk_layers, mover.available, store.length), written=range(0), lag=2, lag_max=6, evict=False, step=0)
+    clock = [0]
+    mover.pending = (mover.pending[0], _CopiesDoneAt(clock, done_at))
+    due = []
+    for step in range(10):
+        clock[0] = step
+        due.append(mover.swap_due(step))
+    assert due.index(True) == max(2, min(expected, 6))
+    assert all(due[due.index(True):])
+
+
+def test_recall_lag_max_without_a_side_stream_is_the_lag():
+    """Where copies finish at the selection (no CUDA side stream), ``recall_lag_max`` changes nothing:
+    the same tables at every step as with ``recall_lag`` alone."""
+    tables = []
+    for lag_max in (None, 6):
+        store = KVStore(SPECS, config(budget=64, interval=8, recall_lag=2, recall_lag_max=lag_max, seed=3), batch=2, capacity=160, valid_start=[0, 3])
+        hist = draw_history(SPECS, batch=2, capacity=160, gen=torch.Generator().manual_seed(6))
+        prefill(store, hist, 51)
+        seen = []
+        for _ in range(40):
+            store.before_step()
+            seen.append({key: sorted(v) for key, v in resident_sets(store).items()})
+            write_token(store, hist)
+            store.after_step()
+        tables.append(seen)
+    assert tables[0] == tables[1]

@@ -1,0 +1,114 @@
+"""Benchmark: where a 128K prefill's time goes, one forward against pieces (issue 13, item 3).
+
+One Llama-3-8B-shaped model (random bf16 weights), B=1, converted once; per path a warm-up prefill
+(page-locks the mirror, loads kernels), then a second prefill under ``torch.profiler``: wall time,
+GPU kernel time by kind (attention, GEMMs, host<->device copies, other), the GPU's idle time (wall
+minus busy, kernels on one stream) and the host's time blocked in stream/device synchronisation.
+Paths: ``dense`` (``mode="dense"``, one forward), ``lsa`` (13.5%, one forward), ``lsa_chunkT``
+(``prefill_chunk=T``). The decode step is not compiled (``compile=False``): this measures the prefill.
+
+    python benchmarks/prefill_profile.py --context 131072 --prefill-chunk 16384
+    python benchmarks/prefill_profile.py --tiny      # the script itself on the CPU, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DEVICE, environment, release_store, sync, write_json  # noqa: E402
+from e2e_decode import build_model  # noqa: E402
+
+import lsa_rewrite  # noqa: E402
+from lsa_rewrite import LSAConfig  # noqa: E402
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    if "flash" in low or "fmha" in low or "attention" in low or ("cutlass" in low and "attn" in low):
+        return "attention"
+    if "memcpy htod" in low or "memcpy dtoh" in low or "memcpy dtod" in low or "memset" in low:
+        return low.split("(")[0].strip()
+    if any(tag in low for tag in ("gemm", "gemv", "nvjet", "xmma", "sm90_", "cublas", "splitk")):
+        return "gemm"
+    if "copy" in low or "cat" in low or "index" in low or "gather" in low or "scatter" in low:
+        return "copies/index"
+    return "other"
+
+
+@torch.no_grad()
+def run(model, prompt: torch.Tensor, config: LSAConfig) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    runtime = model.lsa
+    runtime.config = config
+    runtime.pending_capacity = prompt.shape[1] + 64
+    for warm in (True, False):
+        if config.mode == "dense":
+            release_store(model)  # (a sparse store of the same shape hands its page-locked mirror on)
+        sync()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+        t0 = time.perf_counter()
+        if warm:
+            model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+            sync()
+            warm_s = time.perf_counter() - t0
+            continue
+        with profile(activities=activities) as prof:
+            model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+            sync()
+        wall = time.perf_counter() - t0
+    kinds: dict[str, float] = defaultdict(float)
+    blocked = 0.0
+    for evt in prof.key_averages():
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            kinds[kind_of(evt.key)] += evt.self_device_time_total / 1e6
+        elif "Synchronize" in evt.key:
+            blocked += evt.self_cpu_time_total / 1e6
+    busy = sum(kinds.values())
+    top = sorted(((e.key[:120], e.self_device_time_total / 1e6) for e in prof.key_averages()
+                  if e.device_type == torch.autograd.DeviceType.CUDA), key=lambda kv: -kv[1])[:10]
+    return {
+        "warm_prefill_s": round(warm_s, 2), "profiled_prefill_s": round(wall, 2),
+        "gpu_busy_s": round(busy, 2), "gpu_idle_s": round(wall - busy, 2), "host_blocked_in_sync_s": round(blocked, 2),
+        "by_kind_s": {k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+        "top_kernels_s": [{"kernel": k, "s": round(v, 3)} for k, v in top],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--context", type=int, default=None, help="prompt tokens (default 131072; --tiny: 2048)")
+    parser.add_argument("--prefill-chunk", type=int, default=None, help="piece size of the pieced path (default 16384; --tiny: 512)")
+    parser.add_argument("--paths", default="dense,lsa,lsa_chunk")
+    parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--out", default="benchmarks/results/prefill_profile.json")
+    args = parser.parse_args()
+    ctx = args.context or (2048 if args.tiny else 131072)
+    piece = args.prefill_chunk or (512 if args.tiny else 16384)
+    model = build_model(args.layers or (2 if args.tiny else 32), tiny=args.tiny)
+    base = LSAConfig(budget=0.135, chunk_size=64, interval=64, sink_tokens=64, recent_tokens=128, compile=False)
+    lsa_rewrite.convert(model, base)
+    torch.manual_seed(ctx)
+    prompt = torch.randint(0, model.config.vocab_size, (1, ctx), device=DEVICE)
+    configs = {"dense": dataclasses.replace(base, mode="dense"), "lsa": base, "lsa_chunk": dataclasses.replace(base, prefill_chunk=piece)}
+    payload = {"benchmark": "prefill_profile", "environment": environment(), "tiny": args.tiny, "context": ctx, "prefill_chunk": piece,
+               "model": f"Llama-3-8B shape, random bf16 weights, {args.layers or (2 if args.tiny else 32)} layers", "results": {}}
+    for name in args.paths.split(","):
+        res = run(model, prompt, configs[name])
+        payload["results"][name] = res
+        print(name, res, flush=True)
+        write_json(args.out, payload)
+    release_store(model)
+
+
+if __name__ == "__main__":
+    main()
