@@ -62,7 +62,7 @@ def run(model, prompt: torch.Tensor, config: LSAConfig) -> dict:
             warm_s = time.perf_counter() - t0
             continue
         with profile(activities=activities) as prof:
-            model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+            logits = model(input_ids=prompt, use_cache=True, logits_to_keep=1).logits[:, -1].float()
             sync()
         wall = time.perf_counter() - t0
     kinds: dict[str, float] = defaultdict(float)
@@ -75,7 +75,11 @@ def run(model, prompt: torch.Tensor, config: LSAConfig) -> dict:
     busy = sum(kinds.values())
     top = sorted(((e.key[:120], e.self_device_time_total / 1e6) for e in prof.key_averages()
                   if e.device_type == torch.autograd.DeviceType.CUDA), key=lambda kv: -kv[1])[:10]
+    from lsa_rewrite.adapters import piece_attention
+
+    chosen = sorted({getattr(k, "__name__", None) for k in piece_attention._CHOSEN.values()} - {None})
     return {
+        "last_logits": logits, "piece_kernels": chosen,
         "warm_prefill_s": round(warm_s, 2), "profiled_prefill_s": round(wall, 2),
         "gpu_busy_s": round(busy, 2), "gpu_idle_s": round(wall - busy, 2), "host_blocked_in_sync_s": round(blocked, 2),
         "by_kind_s": {k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
@@ -99,11 +103,18 @@ def main() -> None:
     lsa_rewrite.convert(model, base)
     torch.manual_seed(ctx)
     prompt = torch.randint(0, model.config.vocab_size, (1, ctx), device=DEVICE)
+    reference = None
     configs = {"dense": dataclasses.replace(base, mode="dense"), "lsa": base, "lsa_chunk": dataclasses.replace(base, prefill_chunk=piece)}
     payload = {"benchmark": "prefill_profile", "environment": environment(), "tiny": args.tiny, "context": ctx, "prefill_chunk": piece,
                "model": f"Llama-3-8B shape, random bf16 weights, {args.layers or (2 if args.tiny else 32)} layers", "results": {}}
     for name in args.paths.split(","):
         res = run(model, prompt, configs[name])
+        logits = res.pop("last_logits")
+        if name == "dense":
+            reference = logits
+        elif "dense" in payload["results"]:
+            res["last_logits_max_abs_diff_vs_dense"] = round(float((logits - reference).abs().max()), 5)
+            res["same_next_token_as_dense"] = bool(logits.argmax(-1).eq(reference.argmax(-1)).all())
         payload["results"][name] = res
         print(name, res, flush=True)
         write_json(args.out, payload)

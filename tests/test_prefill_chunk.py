@@ -142,12 +142,14 @@ def test_round_trips_through_json():
     assert LSAConfig.from_json(config.to_json()) == config
 
 
+@pytest.mark.parametrize("path", ["merged", "bias"])
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
-def test_pieces_attend_without_a_materialised_mask(family, monkeypatch):
-    """After the first piece, a piece's full-attention layers run SDPA with the bottom-right causal bias
-    (no ``[T, P + T]`` mask in memory; sliding-window layers keep transformers' own mask), every
-    position's logits still equal the dense model's, and the model's attention setting is ``"sdpa"``
-    again afterwards."""
+def test_pieces_attend_without_a_materialised_mask(family, path, monkeypatch):
+    """After the first piece, a piece's full-attention layers attend without a ``[T, P + T]`` mask
+    (sliding-window layers keep transformers' own mask): two fused attentions merged by their
+    log-sum-exps where a kernel passes its check (the CPU's flash kernel here), else SDPA with the
+    bottom-right causal bias. Either way every position's logits equal the dense model's, and the
+    model's attention setting is ``"sdpa"`` again afterwards."""
     from torch.nn.attention.bias import CausalBias
 
     from lsa_rewrite.adapters import piece_attention
@@ -156,13 +158,24 @@ def test_pieces_attend_without_a_materialised_mask(family, monkeypatch):
     ids, _ = _left_padded([200], seed=4)
     converted = no_eos(converted_copy(model, dataclasses.replace(SPARSE, prefill_chunk=64)))
     seen = []
-    real = piece_attention._sdpa
+    if path == "bias":
+        monkeypatch.setattr(piece_attention, "_kernel_for", lambda query: None)
+        real = piece_attention._sdpa
 
-    def spy(query, key, value, attn_mask=None, **kwargs):
-        seen.append((query.shape[2], key.shape[2], type(attn_mask).__name__))
-        return real(query, key, value, attn_mask=attn_mask, **kwargs)
+        def spy(query, key, value, attn_mask=None, **kwargs):
+            seen.append((query.shape[2], key.shape[2], type(attn_mask).__name__))
+            return real(query, key, value, attn_mask=attn_mask, **kwargs)
 
-    monkeypatch.setattr(piece_attention, "_sdpa", spy)
+        monkeypatch.setattr(piece_attention, "_sdpa", spy)
+    else:
+        real = piece_attention.attend_piece
+
+        def spy(query, key, value, scale):
+            out = real(query, key, value, scale)
+            seen.append((query.shape[2], key.shape[2], CausalBias.__name__ if out is not None else None))
+            return out
+
+        monkeypatch.setattr(piece_attention, "attend_piece", spy)
     with torch.no_grad():
         ours = converted(input_ids=ids).logits
         dense = model(input_ids=ids).logits
@@ -171,3 +184,22 @@ def test_pieces_attend_without_a_materialised_mask(family, monkeypatch):
     assert {kv for _, kv, _ in seen} == {128, 192, 200}  # every piece after the first, full-attention layers
     text = getattr(converted.config, "text_config", converted.config)
     assert converted.config._attn_implementation == "sdpa" and text._attn_implementation == "sdpa"
+
+
+def test_merged_piece_attention_matches_the_causal_bias():
+    """``attend_piece`` (history + own piece, merged by log-sum-exps) against SDPA with the bottom-right
+    causal bias, in float32 and bfloat16, with a history longer and shorter than the piece."""
+    import torch.nn.functional as F
+    from torch.nn.attention.bias import causal_lower_right
+
+    from lsa_rewrite.adapters.piece_attention import attend_piece
+
+    gen = torch.Generator().manual_seed(11)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        for t, p in ((48, 128), (64, 16)):
+            q = torch.randn(2, 4, t, 32, generator=gen).to(dtype)
+            k, v = (torch.randn(2, 4, p + t, 32, generator=gen).to(dtype) for _ in range(2))
+            out = attend_piece(q, k, v, 0.2)
+            want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=causal_lower_right(t, p + t), scale=0.2)
+            assert out is not None and out.dtype == dtype
+            torch.testing.assert_close(out.float(), want, atol=tol, rtol=0)

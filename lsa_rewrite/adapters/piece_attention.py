@@ -11,9 +11,16 @@ attention registered here, for the prefill's forwards only:
 - the mask function returns no mask exactly where the mask would be plain bottom-right causal (the
   model's causal mask function, no padding); anything else (sliding windows, padding, packed
   sequences) gets transformers' own SDPA mask;
-- the attention function runs a piece with no mask through SDPA with
-  ``torch.nn.attention.bias.causal_lower_right`` (a fused kernel, no mask in memory); everything else
-  goes to transformers' SDPA function unchanged.
+- the attention function runs a piece with no mask as two fused attentions merged by their
+  log-sum-exps: the piece's queries over the history (no mask at all) and over the piece itself (the
+  square causal mask every fused kernel has). Only the private ATen ops return the log-sum-exp:
+  cuDNN's on CUDA (the kernel SDPA picks for a one-forward causal prefill on the H200; PyTorch's own
+  flash kernel, which the bottom-right causal bias dispatches to, took 13.3 s against cuDNN's 8.1 s for
+  a 128K prompt's attention: benchmarks/NOTES.md run 60), then PyTorch's flash kernel, and the CPU
+  flash kernel. Each is checked once per device, dtype and head size against a small reference
+  before it is used; where none passes (or on other devices) a piece runs SDPA with
+  ``torch.nn.attention.bias.causal_lower_right`` (fused, no mask in memory). Everything else goes to
+  transformers' SDPA function unchanged.
 """
 
 from __future__ import annotations
@@ -30,6 +37,78 @@ _registered = False
 def _sdpa(*args, **kwargs) -> torch.Tensor:
     """The SDPA call of a mask-free piece (one name, so a test can watch it)."""
     return F.scaled_dot_product_attention(*args, **kwargs)
+
+
+def _cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float):
+    out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)
+    return out[0], out[1]
+
+
+def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float):
+    out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+    return out[0], out[1]
+
+
+def _flash_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float):
+    out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+    return out[0], out[1]
+
+
+_KERNELS = {"cuda": (_cudnn, _flash), "cpu": (_flash_cpu,)}
+_CHOSEN: dict[tuple, object] = {}
+
+
+def _passes(kernel, device: torch.device, dtype: torch.dtype, dim: int) -> bool:
+    """Whether ``kernel`` runs here and returns the attention and its natural-log log-sum-exp, against
+    a float32 reference on a small random problem (history part and causal part)."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, dim, generator=gen).to(device, dtype) for n in (64, 192, 192))
+    scale = dim**-0.5
+    try:
+        for causal, keys in ((False, slice(None)), (True, slice(128, None))):
+            kk, vv = k[:, :, keys], v[:, :, keys]
+            out, lse = kernel(q, kk, vv, causal, scale)
+            scores = (q.float() @ kk.float().transpose(-1, -2)) * scale
+            if causal:
+                scores = scores.masked_fill(torch.ones(64, 64, dtype=torch.bool, device=device).triu(1), float("-inf"))
+            want_lse = scores.logsumexp(-1)
+            want = scores.softmax(-1) @ vv.float()
+            lse = lse.float().reshape(want_lse.shape)
+            if not (torch.allclose(lse, want_lse, atol=2e-2, rtol=0) and torch.allclose(out.float(), want, atol=3e-2, rtol=0)):
+                return False
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return False
+    return True
+
+
+def _kernel_for(query: torch.Tensor):
+    key = (query.device, query.dtype, query.shape[-1])
+    if key not in _CHOSEN:
+        _CHOSEN[key] = next((kern for kern in _KERNELS.get(query.device.type, ()) if _passes(kern, *key)), None)
+    return _CHOSEN[key]
+
+
+def attend_piece(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """Attention of a piece's ``T`` queries over ``P`` history keys (all visible) and its own ``T`` keys
+    (causal): ``query`` ``[B, H, T, D]``, ``key``/``value`` ``[B, H, P + T, D]`` (heads already
+    matched), computed as two fused attentions merged by their log-sum-exps. None where no fused
+    kernel with a log-sum-exp passes its check here (the caller then uses the causal bias)."""
+    kernel = _kernel_for(query)
+    if kernel is None:
+        return None
+    t = query.shape[2]
+    p = key.shape[2] - t
+    past, past_lse = kernel(query, key[:, :, :p], value[:, :, :p], False, scale)
+    own, own_lse = kernel(query, key[:, :, p:], value[:, :, p:], True, scale)
+    past_lse = past_lse.float().reshape(query.shape[:-1])
+    own_lse = own_lse.float().reshape(query.shape[:-1])
+    top = torch.maximum(past_lse, own_lse)
+    w_past, w_own = (past_lse - top).exp(), (own_lse - top).exp()
+    total = (w_past + w_own).unsqueeze(-1)
+    out = past.float() * (w_past.unsqueeze(-1) / total) + own.float() * (w_own.unsqueeze(-1) / total)
+    return out.to(query.dtype)
 
 
 def _register() -> None:
@@ -57,14 +136,17 @@ def _register() -> None:
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         if attention_mask is not None or q_len == 1 or q_len == kv_len or not causal or kv_len < q_len:
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
-        from torch.nn.attention.bias import causal_lower_right
-
         groups = query.shape[1] // key.shape[1]
         if groups > 1:
             key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
-        out = _sdpa(
-            query, key, value, attn_mask=causal_lower_right(q_len, kv_len), dropout_p=dropout if module.training else 0.0, scale=scaling
-        )
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        out = None if (module.training and dropout) else attend_piece(query, key, value, scale)
+        if out is None:
+            from torch.nn.attention.bias import causal_lower_right
+
+            out = _sdpa(
+                query, key, value, attn_mask=causal_lower_right(q_len, kv_len), dropout_p=dropout if module.training else 0.0, scale=scaling
+            )
         return out.transpose(1, 2).contiguous(), None
 
     AttentionInterface.register(PIECE_SDPA, piece_attention)
