@@ -271,6 +271,11 @@ class MemoryMover:
             layer.chunk_slot.copy_(chunk_slot)
 
     def synchronize(self) -> None:
-        """Wait for outstanding recall and write-back copies (e.g. before reading the mirror)."""
+        """Wait for outstanding recall and write-back copies (e.g. before reading the mirror on the host)."""
         if self.side is not None:
             self.side.synchronize()
+
+    def wait_on_current_stream(self) -> None:
+        """Make the current stream wait for outstanding recall and write-back copies (the host does not)."""
+        if self.side is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.side)

@@ -375,7 +375,7 @@ class KVStore:
         vp = torch.nn.functional.pad(v, (0, 0, 0, 0, 0, padded - length)).view(batch, chunks, c, heads, dim)
         # Key bounds over the real tokens only (left padding and the unfilled tail are excluded).
         position = start + torch.arange(padded, device=k.device).view(1, chunks, c, 1, 1)
-        valid = torch.tensor(self.valid_start_host[rows], device=k.device).view(batch, 1, 1, 1, 1)
+        valid = self._to_device(torch.tensor(self.valid_start_host[rows]), k.device).view(batch, 1, 1, 1, 1)
         real = (position >= valid) & (position < end)
         kf = kp.float()
         lo = torch.where(real, kf, torch.inf).amin(2)
@@ -397,16 +397,18 @@ class KVStore:
         # The first resident set goes straight into the slots finish_prefill's placement gives it (the
         # j-th kept chunk of a sequence in its slot j), exact from the prefill, not through the mirror.
         # Its keeps are chunk indices of the whole prompt: this piece places those it holds.
-        keeps = self._first_resident_keeps(prompt_len if prompt_len is not None else end)[rows].to(k.device)  # [b, S]
+        # (index arithmetic on the host, where the keeps are: no host sync per layer and piece)
+        keeps = self._first_resident_keeps(prompt_len if prompt_len is not None else end)[rows]  # [b, S]
         placed = (keeps >= first) & (keeps < first + chunks)
         seq, slot = placed.nonzero(as_tuple=True)
-        pool_k[seq, slot] = kp[seq, keeps[seq, slot] - first].to(pool_k.dtype)
-        pool_v[seq, slot] = vp[seq, keeps[seq, slot] - first].to(pool_v.dtype)
+        seq, slot, held = (self._to_device(t, k.device) for t in (seq, slot, keeps[seq, slot] - first))
+        pool_k[seq, slot] = kp[seq, held].to(pool_k.dtype)
+        pool_v[seq, slot] = vp[seq, held].to(pool_v.dtype)
         if target.mirror_k is None:
             # Evict mode: the rest of the prompt is gone here, and counted; finish_prefill marks the
             # kept chunks available.
             kept = torch.zeros(batch, chunks, dtype=torch.bool, device=k.device)
-            kept[seq, keeps[seq, slot] - first] = True
+            kept[seq, held] = True
             real_chunk = ~empty.view(batch, chunks)  # holds a real token (not only left padding)
             target.dropped += (real_chunk & ~kept).sum().to(target.dropped.device)
             return
@@ -417,6 +419,13 @@ class KVStore:
         target.mirror_k[rows, span].copy_(kp, non_blocking=True)
         target.mirror_v[rows, span].copy_(vp, non_blocking=True)
         target.available[rows, span] = True
+
+    @staticmethod
+    def _to_device(host: Tensor, device: torch.device) -> Tensor:
+        """A small host tensor on ``device`` without making the host wait (page-locked first on CUDA)."""
+        if device.type != "cuda":
+            return host.to(device)
+        return host.pin_memory().to(device, non_blocking=True)
 
     def _rows(self, rows: slice | None) -> slice:
         """``rows`` as a slice ``start:stop`` of this store's batch (None: all of it), checked."""
@@ -455,9 +464,10 @@ class KVStore:
         if target is None:
             raise StoreError(f"layer {layer} keeps no KV in this store")
         rows = self._rows(rows)
-        self.synchronize()  # outstanding recall and write-back copies
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()  # a prefill piece's copies into the mirror
+        # Outstanding recall and write-back copies (a side stream) come first; the prefill's copies into
+        # the mirror are on this stream already. The GPU waits, not the host: a prefill in pieces reads
+        # every layer's history once per piece.
+        self.mover.wait_on_current_stream()
         if length is not None and not 0 <= length <= max(self.length, self.capacity):
             raise StoreError(f"history of {length} tokens asked of a store of capacity {self.capacity}")
         b, length, c = rows.stop - rows.start, self.length if length is None else length, self.chunk
@@ -480,26 +490,29 @@ class KVStore:
             slot = target.chunk_slot[rows, :n].long()  # the table the decode step reads
         resident = slot >= 0
         if target.mirror_k is not None and self.mirror == "fp8":
-            k.copy_(unpack_fp8(target.mirror_k[rows, :n].to(k.device), k.dtype))  # packed bytes cross the link, decoded there
-            v.copy_(unpack_fp8(target.mirror_v[rows, :n].to(v.device), v.dtype))
-            held = resident | target.available[rows, :n]
+            # packed bytes cross the link, decoded there
+            k.copy_(unpack_fp8(target.mirror_k[rows, :n].to(k.device, non_blocking=True), k.dtype))
+            v.copy_(unpack_fp8(target.mirror_v[rows, :n].to(v.device, non_blocking=True), v.dtype))
         elif target.mirror_k is not None:
-            k.copy_(target.mirror_k[rows, :n])
-            v.copy_(target.mirror_v[rows, :n])
-            held = resident | target.available[rows, :n]
-        else:
-            held = resident
-        starts = [s // c for s in self.valid_start_host[rows]]
-        real = torch.arange(n, device=k.device).view(1, n) >= torch.tensor(starts, device=k.device).view(b, 1)
-        if bool((real & ~held.to(real.device)).any()):
-            raise StoreError(
-                "this store no longer holds the whole history (mode='evict' dropped chunks), so a later turn cannot "
-                "attend to it exactly; convert with LSAConfig(mode='offload') for multi-turn use"
-            )
+            k.copy_(target.mirror_k[rows, :n], non_blocking=True)
+            v.copy_(target.mirror_v[rows, :n], non_blocking=True)
+        if target.mirror_k is None and self.config.mode == "evict":
+            # Only evict mode drops chunks (offload keeps every one in the mirror, dense in the pool):
+            # check there, on the host, that every real chunk is still held.
+            starts = [s // c for s in self.valid_start_host[rows]]
+            real = torch.arange(n, device=k.device).view(1, n) >= torch.tensor(starts, device=k.device).view(b, 1)
+            if bool((real & ~resident.to(real.device)).any()):
+                raise StoreError(
+                    "this store no longer holds the whole history (mode='evict' dropped chunks), so a later turn cannot "
+                    "attend to it exactly; convert with LSAConfig(mode='offload') for multi-turn use"
+                )
+        # Resident chunks from the pool (exact, and newer than the mirror for chunks decoded since the last
+        # write-back): a gather of every chunk's slot and a select, so the host never waits on a mask.
         seqs = torch.arange(rows.start, rows.stop, device=slot.device).view(b, 1)
-        pool_rows = (seqs * self.slots + slot)[resident]
-        k[resident] = target.k_pool[pool_rows]
-        v[resident] = target.v_pool[pool_rows]
+        pool_rows = (seqs * self.slots + slot.clamp_min(0)).view(-1)
+        keep = resident.view(b, n, 1, 1, 1)
+        k = torch.where(keep, target.k_pool.index_select(0, pool_rows).view_as(k), k)
+        v = torch.where(keep, target.v_pool.index_select(0, pool_rows).view_as(v), v)
         k = k.view(b, n * c, heads, dim)[:, :length].transpose(1, 2)
         v = v.view(b, n * c, heads, dim)[:, :length].transpose(1, 2)
         return k, v
@@ -604,7 +617,7 @@ class KVStore:
         self.selections += 1
 
     def synchronize(self) -> None:
-        """Wait for outstanding recall and write-back copies (e.g. before reading the mirror)."""
+        """Wait for outstanding recall and write-back copies (e.g. before reading the mirror on the host)."""
         self.mover.synchronize()
 
     # -- graph binding ------------------------------------------------------------------------
