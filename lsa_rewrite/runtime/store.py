@@ -507,12 +507,15 @@ class KVStore:
                     "attend to it exactly; convert with LSAConfig(mode='offload') for multi-turn use"
                 )
         # Resident chunks from the pool (exact, and newer than the mirror for chunks decoded since the last
-        # write-back): a gather of every chunk's slot and a select, so the host never waits on a mask.
-        seqs = torch.arange(rows.start, rows.stop, device=slot.device).view(b, 1)
-        pool_rows = (seqs * self.slots + slot.clamp_min(0)).view(-1)
-        keep = resident.view(b, n, 1, 1, 1)
-        k = torch.where(keep, target.k_pool.index_select(0, pool_rows).view_as(k), k)
-        v = torch.where(keep, target.v_pool.index_select(0, pool_rows).view_as(v), v)
+        # write-back): a gather of every chunk's slot and a select, so the host never waits on a mask. Not
+        # needed while a prompt is still being prefilled into an exact mirror: the pool's chunks are copies
+        # of the mirror's then, and the gather would double the history's device memory for nothing.
+        if target.mirror_k is None or self.mirror == "fp8" or self.length:
+            seqs = torch.arange(rows.start, rows.stop, device=slot.device).view(b, 1)
+            pool_rows = (seqs * self.slots + slot.clamp_min(0)).view(-1)
+            keep = resident.view(b, n, 1, 1, 1)
+            k = torch.where(keep, target.k_pool.index_select(0, pool_rows).view_as(k), k)
+            v = torch.where(keep, target.v_pool.index_select(0, pool_rows).view_as(v), v)
         k = k.view(b, n * c, heads, dim)[:, :length].transpose(1, 2)
         v = v.view(b, n * c, heads, dim)[:, :length].transpose(1, 2)
         return k, v
