@@ -36,10 +36,10 @@ from .state import declared
 
 # Inductor settings for the decode step. ``coordinate_descent_tuning`` makes Inductor lower a matmul
 # with one row (every projection of a B=1 decode step) to a fused Triton reduction it tunes, instead of
-# a cuBLAS call: on the H200, 8B shape, 128K, B=1, the step's GPU time went from 5.96 to 5.56 ms
-# (weight reads 3.4 -> ~3.5 TB/s, and the norms and activations fuse into them), at the cost of a
-# longer first compile (~79 s against ~37 s; Inductor's on-disk caches keep later processes' compiles
-# short). benchmarks/step_breakdown.py, benchmarks/NOTES.md run 57.
+# a cuBLAS call: on the H200, 8B shape, 128K, B=1, the step's GPU time went from 5.96 ms to 5.25-5.56
+# ms across compiles (the projections read the weights at ~3.6 TB/s instead of 3.4, and the norms and
+# activations fuse into them), at the cost of a longer first compile (~80 s against ~37 s; Inductor's
+# on-disk caches keep later processes' compiles short). benchmarks/step_breakdown.py, NOTES runs 57-60.
 INDUCTOR_OPTIONS = {"coordinate_descent_tuning": True}
 
 
