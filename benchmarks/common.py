@@ -66,6 +66,19 @@ def time_cuda_graph(fn: Callable[[], Any], *, iters: int = 50, warmup: int = 5, 
     return statistics.median(times)
 
 
+def timed_prefill(model, prompt: torch.Tensor):
+    """Prefill ``prompt`` through a converted HF model (the last position's logits only), the GPU synced
+    before the clock stops: ``(cache, greedy next token [B, 1], seconds)``."""
+    import time
+
+    t0 = time.perf_counter()
+    out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+    cache = out[model.lsa.adapter.cache_field]
+    token = out.logits[:, -1:].argmax(-1)
+    sync()
+    return cache, token, time.perf_counter() - t0
+
+
 def write_json(path: str | Path, payload: dict[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

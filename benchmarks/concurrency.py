@@ -55,7 +55,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEVICE, environment, release_store, sync, time_budget, use_local_prefill, write_json  # noqa: E402
+from common import DEVICE, environment, release_store, sync, time_budget, timed_prefill, use_local_prefill, write_json  # noqa: E402
 from e2e_decode import build_model, cache_kw, timed_store_methods  # noqa: E402
 from host_memory import RssSampler, _meminfo_bytes  # noqa: E402
 
@@ -169,15 +169,9 @@ def run_mode(model, config: LSAConfig, prompt: torch.Tensor, steps: int, capacit
 
     with RssSampler() as rss:
         with timed_store_methods(breakdown):
-            t0 = time.perf_counter()
             if inject_oom:
                 raise InjectedOOM("injected out-of-memory error (--inject-oom), before the store was allocated")
-            out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-            cache = out[runtime.adapter.cache_field]
-            token = out.logits[:, -1:].argmax(-1)
-            sync()
-            prefill_s = time.perf_counter() - t0
-        del out
+            cache, token, prefill_s = timed_prefill(model, prompt)
         prefill_peak = peak()
         store = cache.store
         fp_after_prefill = store.footprint()

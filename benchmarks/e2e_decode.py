@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import COPY_BANDWIDTH, DEVICE, environment, sync, time_budget, write_json  # noqa: E402
+from common import COPY_BANDWIDTH, DEVICE, environment, sync, time_budget, timed_prefill, write_json  # noqa: E402
 
 import lsa_rewrite  # noqa: E402
 from lsa_rewrite import LSAConfig  # noqa: E402
@@ -185,13 +185,7 @@ def runtime_run(model, prompt: torch.Tensor, steps: int, config: LSAConfig) -> d
     reset_peak()
     breakdown: dict[str, float] = {}
     with timed_store_methods(breakdown):
-        t0 = time.perf_counter()
-        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-        cache = out[runtime.adapter.cache_field]
-        token = out.logits[:, -1:].argmax(-1)
-        sync()
-        prefill_s = time.perf_counter() - t0
-    del out
+        cache, token, prefill_s = timed_prefill(model, prompt)
     store = cache.store
     windows: list[dict] = []
     original_select = store.select

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import COPY_BANDWIDTH, DEVICE, environment, release_store, sync, time_budget, use_local_prefill, write_json  # noqa: E402
+from common import COPY_BANDWIDTH, DEVICE, environment, release_store, sync, time_budget, timed_prefill, use_local_prefill, write_json  # noqa: E402
 from e2e_decode import build_model, cache_kw  # noqa: E402
 
 import lsa_rewrite  # noqa: E402
@@ -190,12 +190,7 @@ def prefill(model, prompt: torch.Tensor, config: LSAConfig, steps: int, measures
     runtime.config = config
     # each measurement decodes two loops and a window (plus a step per recompile)
     runtime.pending_capacity = prompt.shape[1] + measures * (2 * steps + 2 * config.interval) + 4 * config.interval
-    t0 = time.perf_counter()
-    out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-    cache = out[runtime.adapter.cache_field]
-    token = out.logits[:, -1:].argmax(-1)
-    sync()
-    prefill_s = time.perf_counter() - t0
+    cache, token, prefill_s = timed_prefill(model, prompt)
     kw = cache_kw(model)
     t0 = time.perf_counter()
     for _ in range(3):

@@ -23,6 +23,13 @@ _ALIGN = 4096  # every tensor starts on a page boundary
 _REGISTER_FLAGS = 0x01 | 0x02  # cudaHostRegisterPortable | cudaHostRegisterMapped: every context, device-addressable
 
 
+def to_device(host: Tensor, device: torch.device) -> Tensor:
+    """A small host tensor on ``device`` without making the host wait (page-locked first on CUDA)."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def _aligned(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
 

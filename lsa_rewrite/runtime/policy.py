@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..config import LSAConfig, always_resident_chunks
 from ..selectors import SelectionWindow, Selector
+from .host_memory import to_device
 from .state import INDEX_DTYPE
 
 
@@ -77,7 +78,7 @@ class SelectionPolicy:
             must[b, self.must_keep(b, pos)] = True
             blocked[b, math.ceil(pos / c) :] = True  # not yet written
             blocked[b, : self.valid_start[b] // c] = True  # left padding only
-        must, blocked = self._to_device(must), self._to_device(blocked)
+        must, blocked = to_device(must, self.device), to_device(blocked, self.device)
         k = min(self.slots, n)
         scores = self.selector.scores(layers, self.window(pos)).float()  # [L, B, N]
         expected = (len(layers), self.batch, n)
@@ -110,8 +111,3 @@ class SelectionPolicy:
             keeps[b, : len(keep)] = torch.tensor(keep, dtype=INDEX_DTYPE)
         return keeps.to(self.device)
 
-    def _to_device(self, host: Tensor) -> Tensor:
-        """A small host tensor on the device without making the host wait (pinned on CUDA)."""
-        if self.device.type != "cuda":
-            return host.to(self.device)
-        return host.pin_memory().to(self.device, non_blocking=True)

@@ -40,6 +40,7 @@ from torch import Tensor
 from ..config import LSAConfig
 from ..selectors import Selector, make_selector
 from ..kernels.compact_chunks import pack_fp8, unpack_fp8
+from .host_memory import to_device
 from .mover import MemoryMover, mirror_layout, new_mirrors, reusable_mirrors
 from .policy import SelectionPolicy, min_slots
 from .state import RING_LAYER_STATE, STORE_STATE, allocate, check_tensor, layout
@@ -375,7 +376,7 @@ class KVStore:
         vp = torch.nn.functional.pad(v, (0, 0, 0, 0, 0, padded - length)).view(batch, chunks, c, heads, dim)
         # Key bounds over the real tokens only (left padding and the unfilled tail are excluded).
         position = start + torch.arange(padded, device=k.device).view(1, chunks, c, 1, 1)
-        valid = self._to_device(torch.tensor(self.valid_start_host[rows]), k.device).view(batch, 1, 1, 1, 1)
+        valid = to_device(torch.tensor(self.valid_start_host[rows]), k.device).view(batch, 1, 1, 1, 1)
         real = (position >= valid) & (position < end)
         kf = kp.float()
         lo = torch.where(real, kf, torch.inf).amin(2)
@@ -401,7 +402,7 @@ class KVStore:
         keeps = self._first_resident_keeps(prompt_len if prompt_len is not None else end)[rows]  # [b, S]
         placed = (keeps >= first) & (keeps < first + chunks)
         seq, slot = placed.nonzero(as_tuple=True)
-        seq, slot, held = (self._to_device(t, k.device) for t in (seq, slot, keeps[seq, slot] - first))
+        seq, slot, held = (to_device(t, k.device) for t in (seq, slot, keeps[seq, slot] - first))
         pool_k[seq, slot] = kp[seq, held].to(pool_k.dtype)
         pool_v[seq, slot] = vp[seq, held].to(pool_v.dtype)
         if target.mirror_k is None:
@@ -419,13 +420,6 @@ class KVStore:
         target.mirror_k[rows, span].copy_(kp, non_blocking=True)
         target.mirror_v[rows, span].copy_(vp, non_blocking=True)
         target.available[rows, span] = True
-
-    @staticmethod
-    def _to_device(host: Tensor, device: torch.device) -> Tensor:
-        """A small host tensor on ``device`` without making the host wait (page-locked first on CUDA)."""
-        if device.type != "cuda":
-            return host.to(device)
-        return host.pin_memory().to(device, non_blocking=True)
 
     def _rows(self, rows: slice | None) -> slice:
         """``rows`` as a slice ``start:stop`` of this store's batch (None: all of it), checked."""
