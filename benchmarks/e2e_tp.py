@@ -100,6 +100,8 @@ def main() -> None:
     parser.add_argument("--allreduce", default="nccl",
                         help="how the compiled step's all-reduces are lowered, one or both in order: nccl, one-shot "
                              "(symmetric memory; CUDA only); the one-shot paths are named *_one_shot")
+    parser.add_argument("--recall-lag-max", type=int, default=None,
+                        help="LSAConfig.recall_lag_max of the LSA paths (recalled chunks join once their copies are done, by this step)")
     parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU with gloo: checks the script, not a measurement")
     parser.add_argument("--out", default="benchmarks/results/e2e_tp.json")
     args = parser.parse_args()
@@ -124,7 +126,8 @@ def main() -> None:
     if "one-shot" in allreduces and DEVICE != "cuda":
         raise SystemExit("--allreduce one-shot needs CUDA GPUs (symmetric memory); use --allreduce nccl on the CPU")
     chunk = 16 if args.tiny else 64
-    lsa_config = LSAConfig(budget=0.135, chunk_size=chunk, interval=chunk, sink_tokens=chunk, recent_tokens=2 * chunk, recall_lag=4)
+    lsa_config = LSAConfig(budget=0.135, chunk_size=chunk, interval=chunk, sink_tokens=chunk, recent_tokens=2 * chunk, recall_lag=4,
+                           recall_lag_max=args.recall_lag_max)
     dense_config = dataclasses.replace(lsa_config, mode="dense")
     payload = {
         "benchmark": "e2e_tp", "environment": {**environment(), "gpus": world, "dist_backend": backend}, "tiny": args.tiny,

@@ -55,6 +55,9 @@ VARIANTS = {  # Inductor settings the decode step is compiled with, in place of 
     "cd_all_directions": {"coordinate_descent_tuning": True, "coordinate_descent_check_all_directions": True},
     "cd_radius2": {"coordinate_descent_tuning": True, "coordinate_descent_search_radius": 2},
     "cd_autotune_pointwise": {"coordinate_descent_tuning": True, "max_autotune_pointwise": True},
+    # weights folded as constants: Inductor's freezing passes concatenate the projections that share an input
+    # (q/k/v, gate/up) into one matmul each; keeps a second copy of those weights (~9 GB at the 8B shape)
+    "cd_freezing": {"coordinate_descent_tuning": True, "freezing": True},
 }
 
 

@@ -203,3 +203,43 @@ def test_merged_piece_attention_matches_the_causal_bias():
             want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=causal_lower_right(t, p + t), scale=0.2)
             assert out is not None and out.dtype == dtype
             torch.testing.assert_close(out.float(), want, atol=tol, rtol=0)
+
+
+def test_history_of_the_next_layer_is_read_ahead(monkeypatch):
+    """A piece reads every layer's history in model order; each read starts the next layer's (on CUDA on
+    a side stream), so all but the first layer of a piece find theirs staged; a read that does not match
+    the staged one (another layer, length or rows) gets its own, exact."""
+    from lsa_rewrite.runtime.store import KVStore
+
+    hits: list[bool] = []
+    original = KVStore._mirror_read
+
+    def spy(self, layer, rows, n):
+        hits.append(self._staged is not None and self._staged[0] == (layer, rows.start, rows.stop, n))
+        return original(self, layer, rows, n)
+
+    monkeypatch.setattr(KVStore, "_mirror_read", spy)
+    model = no_eos(make_model("llama"))
+    converted = no_eos(converted_copy(model, dataclasses.replace(SPARSE, prefill_chunk=64)))
+    ids = torch.randint(3, 250, (1, 230), generator=torch.Generator().manual_seed(5))
+    converted.generate(ids, max_new_tokens=1, do_sample=False)
+    store = converted.lsa.store
+    layers = sorted(layer.spec.layer for layer in store.chunk_layers)
+    assert len(layers) >= 2 and store._staged is None  # nothing held once the prompt is in
+    per_piece = [False] + [True] * (len(layers) - 1)
+    assert hits == per_piece * 3  # pieces 2, 3 and 4 read history
+
+    def fresh(layer, length):
+        store._drop_staged()
+        return store.history(layer, length=length)
+
+    first, second = layers[:2]
+    want = fresh(second, 128)
+    store.history(first, length=64)  # stages `second` at 64 tokens
+    got = store.history(second, length=128)  # another length: its own read
+    assert (store._staged is not None) == (len(layers) > 2)  # `second` staged the layer after it, if any
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    store.history(first, length=96)
+    for a, b in zip(store.history(second, length=96), fresh(second, 96)):
+        assert torch.equal(a, b)

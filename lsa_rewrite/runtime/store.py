@@ -229,6 +229,9 @@ class KVStore:
         self.lag = config.lag
         self.lag_max = config.lag_max
         self._first_keeps: tuple[int, Tensor] | None = None  # (prompt length, first resident set) the ingest placed
+        # (layer, rows, chunks), copy-done event, K, V: the next layer's history being read ahead (_stage_next)
+        self._staged: tuple | None = None
+        self._stage_stream: torch.cuda.Stream | None = None
 
     @property
     def chunk_layers(self) -> list[ChunkLayer]:
@@ -247,6 +250,7 @@ class KVStore:
     def _retire(self, reason: str) -> None:
         """Give up this store: wait for its copies, drop its device buffers, refuse further use."""
         self.synchronize()
+        self._drop_staged()
         self.retired = reason
         self.mover.pending = None
         for layer in self.layers.values():
@@ -475,21 +479,24 @@ class KVStore:
             return k.transpose(1, 2), v.transpose(1, 2)
         n = math.ceil(length / c)
         heads, dim = target.k_pool.shape[2:]
-        k = target.k_pool.new_zeros(b, n, c, heads, dim)
-        v = torch.zeros_like(k)
+        if target.mirror_k is not None:
+            # Every chunk comes from the mirror (then the pool's resident ones over it): no zero fill.
+            raw_k, raw_v = self._mirror_read(layer, rows, n)
+            if self.mirror == "fp8":  # packed bytes crossed the link, decoded here
+                k, v = unpack_fp8(raw_k, target.k_pool.dtype), unpack_fp8(raw_v, target.k_pool.dtype)
+            else:
+                k, v = raw_k, raw_v
+            if length is not None:
+                self._stage_next(layer, rows, n)
+        else:
+            k = target.k_pool.new_zeros(b, n, c, heads, dim)
+            v = torch.zeros_like(k)
         if self.all_resident:
             # Identity placement (chunk i in slot i), also before finish_prefill writes the tables.
             slot = torch.arange(n, device=target.chunk_slot.device).expand(b, n)
         else:
             slot = target.chunk_slot[rows, :n].long()  # the table the decode step reads
         resident = slot >= 0
-        if target.mirror_k is not None and self.mirror == "fp8":
-            # packed bytes cross the link, decoded there
-            k.copy_(unpack_fp8(target.mirror_k[rows, :n].to(k.device, non_blocking=True), k.dtype))
-            v.copy_(unpack_fp8(target.mirror_v[rows, :n].to(v.device, non_blocking=True), v.dtype))
-        elif target.mirror_k is not None:
-            k.copy_(target.mirror_k[rows, :n], non_blocking=True)
-            v.copy_(target.mirror_v[rows, :n], non_blocking=True)
         if target.mirror_k is None and self.config.mode == "evict":
             # Only evict mode drops chunks (offload keeps every one in the mirror, dense in the pool):
             # check there, on the host, that every real chunk is still held.
@@ -514,11 +521,62 @@ class KVStore:
         v = v.view(b, n * c, heads, dim)[:, :length].transpose(1, 2)
         return k, v
 
+    def _mirror_read(self, layer: int, rows: slice, n: int) -> tuple[Tensor, Tensor]:
+        """Chunks ``[rows, :n]`` of ``layer``'s mirror (as stored: packed with an fp8 mirror) on the
+        device: the copy :meth:`_stage_next` started for them, or a non-blocking copy now (after the
+        prefill's own copies into the mirror, which are earlier on this stream)."""
+        staged = self._drop_staged()
+        if staged is not None and staged[0] == (layer, rows.start, rows.stop, n):
+            return staged[2], staged[3]
+        target = self.layers[layer]
+        return (target.mirror_k[rows, :n].to(self.device, non_blocking=True),
+                target.mirror_v[rows, :n].to(self.device, non_blocking=True))
+
+    def _drop_staged(self) -> tuple | None:
+        """Take the staged read (None if there is none); the current stream waits for its copy either way,
+        so that its buffers are reused only after the side stream is done writing them."""
+        staged, self._staged = self._staged, None
+        if staged is not None and staged[1] is not None:
+            torch.cuda.current_stream(self.device).wait_event(staged[1])
+        return staged
+
+    def _stage_next(self, layer: int, rows: slice, n: int) -> None:
+        """A prompt prefilled in pieces reads each layer's history once per piece, in model order: start
+        copying the next sparsely attended layer's (the same rows and chunks) on a side stream, so the
+        host-to-device read overlaps this layer's attention instead of preceding the next one's. Costs
+        one layer's history of device memory more while a piece runs; the last layer stages nothing (the
+        next piece's history is longer)."""
+        later = [i for i in self.layers if i > layer and isinstance(self.layers[i], ChunkLayer)]
+        if not later:
+            return
+        nxt = self.layers[min(later)]
+        if nxt.mirror_k is None:
+            return
+        if self.device.type != "cuda":
+            raw = (nxt.mirror_k[rows, :n].to(self.device), nxt.mirror_v[rows, :n].to(self.device))
+            self._staged = ((nxt.spec.layer, rows.start, rows.stop, n), None, *raw)
+            return
+        current = torch.cuda.current_stream(self.device)
+        if self._stage_stream is None:
+            self._stage_stream = torch.cuda.Stream(self.device)
+        # Allocated on the current stream (which frees them after waiting for the copy's event), filled on
+        # the side stream once the current stream's earlier copies into the mirror are done.
+        raw_k = torch.empty(nxt.mirror_k[rows, :n].shape, dtype=nxt.mirror_k.dtype, device=self.device)
+        raw_v = torch.empty_like(raw_k)
+        self._stage_stream.wait_stream(current)
+        with torch.cuda.stream(self._stage_stream):
+            raw_k.copy_(nxt.mirror_k[rows, :n], non_blocking=True)
+            raw_v.copy_(nxt.mirror_v[rows, :n], non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self._stage_stream)
+        self._staged = ((nxt.spec.layer, rows.start, rows.stop, n), done, raw_k, raw_v)
+
     def finish_prefill(self, length: int) -> None:
         """Record the prompt length and place the first resident set (sink + newest chunks)."""
         if length >= self.capacity:
             raise StoreError(f"prompt of {length} tokens leaves no room to decode in a store of {self.capacity}; raise LSAConfig.max_context")
         self._take_over()
+        self._drop_staged()  # nothing reads ahead once the prompt is in
         self.length = self.synced = length
         self.next_selection = 1
         if self.device.type == "cuda":
