@@ -2,8 +2,9 @@
 
 One Llama-3-8B-shaped model (random bf16 weights), B=1, converted once; per path a warm-up prefill
 (page-locks the mirror, loads kernels), then a second prefill under ``torch.profiler``: wall time,
-GPU kernel time by kind (attention, GEMMs, host<->device copies, other), the GPU's idle time (wall
-minus busy, kernels on one stream) and the host's time blocked in stream/device synchronisation.
+GPU kernel time by kind (attention, GEMMs, host<->device copies, other), the GPU's busy time (the
+union of its kernels' and copies' intervals, every stream) and idle time (wall minus busy), how much
+of the host-to-device copies ran under other work, and the host's time blocked in synchronisation.
 Paths: ``dense`` (``mode="dense"``, one forward), ``lsa`` (13.5%, one forward), ``lsa_chunkT``
 (``prefill_chunk=T``). The decode step is not compiled (``compile=False``): this measures the prefill.
 
@@ -14,6 +15,7 @@ Paths: ``dense`` (``mode="dense"``, one forward), ``lsa`` (13.5%, one forward), 
 from __future__ import annotations
 
 import argparse
+import bisect
 import dataclasses
 import sys
 import time
@@ -43,8 +45,33 @@ def kind_of(name: str) -> str:
     return "other"
 
 
+def _merged(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[list[float]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def _union_length(spans: list[tuple[float, float]]) -> float:
+    return sum(b - a for a, b in _merged(spans))
+
+
+def _overlap(a: float, b: float, merged: list[tuple[float, float]]) -> float:
+    """Length of ``[a, b)`` covered by ``merged`` (sorted, disjoint)."""
+    i = bisect.bisect_right(merged, (a, float("inf"))) - 1
+    total = 0.0
+    for lo, hi in merged[max(i, 0):]:
+        if lo >= b:
+            break
+        total += max(0.0, min(b, hi) - max(a, lo))
+    return total
+
+
 @torch.no_grad()
-def run(model, prompt: torch.Tensor, config: LSAConfig) -> dict:
+def run(model, prompt: torch.Tensor, config: LSAConfig, trace: str | None = None) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     runtime = model.lsa
@@ -62,6 +89,8 @@ def run(model, prompt: torch.Tensor, config: LSAConfig) -> dict:
         logits = model(input_ids=prompt, use_cache=True, logits_to_keep=1).logits[:, -1].float()
         sync()
     wall = time.perf_counter() - t0
+    if trace:
+        prof.export_chrome_trace(trace)  # chrome://tracing or ui.perfetto.dev: every stream's kernels and copies
     kinds: dict[str, float] = defaultdict(float)
     blocked = 0.0
     for evt in prof.key_averages():
@@ -69,7 +98,13 @@ def run(model, prompt: torch.Tensor, config: LSAConfig) -> dict:
             kinds[kind_of(evt.key)] += evt.self_device_time_total / 1e6
         elif "Synchronize" in evt.key:
             blocked += evt.self_cpu_time_total / 1e6
-    busy = sum(kinds.values())
+    # Device intervals (kernels and copies, every stream): busy = their union; how much of the
+    # host-to-device copies ran under other work (a side stream's reads overlapping the compute)
+    spans = [(e.time_range.start, e.time_range.end, e.name.lower()) for e in prof.events()
+             if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start]
+    busy = _union_length([(a, b) for a, b, _ in spans]) / 1e6
+    others = _merged([(a, b) for a, b, name in spans if "memcpy htod" not in name])
+    htod_hidden = sum(_overlap(a, b, others) for a, b, name in spans if "memcpy htod" in name) / 1e6
     top = sorted(((e.key[:120], e.self_device_time_total / 1e6) for e in prof.key_averages()
                   if e.device_type == torch.autograd.DeviceType.CUDA), key=lambda kv: -kv[1])[:10]
     from lsa_rewrite.adapters import piece_attention
@@ -79,6 +114,7 @@ def run(model, prompt: torch.Tensor, config: LSAConfig) -> dict:
         "last_logits": logits, "piece_kernels": chosen,
         "warm_prefill_s": round(warm_s, 2), "profiled_prefill_s": round(wall, 2),
         "gpu_busy_s": round(busy, 2), "gpu_idle_s": round(wall - busy, 2), "host_blocked_in_sync_s": round(blocked, 2),
+        "kernel_time_sum_s": round(sum(kinds.values()), 2), "htod_under_other_work_s": round(htod_hidden, 3),
         "by_kind_s": {k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
         "top_kernels_s": [{"kernel": k, "s": round(v, 3)} for k, v in top],
     }
@@ -91,6 +127,7 @@ def main() -> None:
     parser.add_argument("--paths", default="dense,lsa,lsa_chunk")
     parser.add_argument("--layers", type=int, default=None)
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--trace", default=None, help="folder for a Chrome trace of each path's profiled prefill (PATH.json)")
     parser.add_argument("--out", default="benchmarks/results/prefill_profile.json")
     args = parser.parse_args()
     ctx = args.context or (2048 if args.tiny else 131072)
@@ -105,7 +142,11 @@ def main() -> None:
     payload = {"benchmark": "prefill_profile", "environment": environment(), "tiny": args.tiny, "context": ctx, "prefill_chunk": piece,
                "model": f"Llama-3-8B shape, random bf16 weights, {args.layers or (2 if args.tiny else 32)} layers", "results": {}}
     for name in args.paths.split(","):
-        res = run(model, prompt, configs[name])
+        trace = None
+        if args.trace:
+            Path(args.trace).mkdir(parents=True, exist_ok=True)
+            trace = str(Path(args.trace) / f"{name}.json")
+        res = run(model, prompt, configs[name], trace)
         logits = res.pop("last_logits")
         if name == "dense":
             reference = logits

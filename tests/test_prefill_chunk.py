@@ -12,6 +12,7 @@ forwards see pieces of at most ``T`` tokens; bad values are refused with what to
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import pytest
 import torch
@@ -188,7 +189,8 @@ def test_pieces_attend_without_a_materialised_mask(family, path, monkeypatch):
 
 def test_merged_piece_attention_matches_the_causal_bias():
     """``attend_piece`` (history + own piece, merged by log-sum-exps) against SDPA with the bottom-right
-    causal bias, in float32 and bfloat16, with a history longer and shorter than the piece."""
+    causal bias, in float32 and bfloat16, with a history longer and shorter than the piece, one KV head
+    per query head and grouped queries (4 query heads on 2 and on 1 KV heads)."""
     import torch.nn.functional as F
     from torch.nn.attention.bias import causal_lower_right
 
@@ -196,11 +198,12 @@ def test_merged_piece_attention_matches_the_causal_bias():
 
     gen = torch.Generator().manual_seed(11)
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
-        for t, p in ((48, 128), (64, 16)):
+        for (t, p), kv_heads in itertools.product(((48, 128), (64, 16)), (4, 2, 1)):
             q = torch.randn(2, 4, t, 32, generator=gen).to(dtype)
-            k, v = (torch.randn(2, 4, p + t, 32, generator=gen).to(dtype) for _ in range(2))
+            k, v = (torch.randn(2, kv_heads, p + t, 32, generator=gen).to(dtype) for _ in range(2))
             out = attend_piece(q, k, v, 0.2)
-            want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=causal_lower_right(t, p + t), scale=0.2)
+            kr, vr = (x.float().repeat_interleave(4 // kv_heads, 1) for x in (k, v))
+            want = F.scaled_dot_product_attention(q.float(), kr, vr, attn_mask=causal_lower_right(t, p + t), scale=0.2)
             assert out is not None and out.dtype == dtype
             torch.testing.assert_close(out.float(), want, atol=tol, rtol=0)
 

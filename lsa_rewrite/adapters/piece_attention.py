@@ -92,16 +92,28 @@ def _kernel_for(query: torch.Tensor):
 
 def attend_piece(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor | None:
     """Attention of a piece's ``T`` queries over ``P`` history keys (all visible) and its own ``T`` keys
-    (causal): ``query`` ``[B, H, T, D]``, ``key``/``value`` ``[B, H, P + T, D]`` (heads already
-    matched), computed as two fused attentions merged by their log-sum-exps. None where no fused
-    kernel with a log-sum-exp passes its check here (the caller then uses the causal bias)."""
+    (causal): ``query`` ``[B, H, T, D]``, ``key``/``value`` ``[B, Hkv, P + T, D]`` (``H`` a multiple of
+    ``Hkv``: grouped queries, head ``h`` reading KV head ``h // (H / Hkv)``), computed as two fused
+    attentions merged by their log-sum-exps. The history is never repeated per query head: with no
+    mask, a KV head's group of query heads is one longer query block (``[B, Hkv, g * T, D]``); only the
+    piece's own ``T`` keys are repeated for the causal part. None where no fused kernel with a
+    log-sum-exp passes its check here (the caller then uses the causal bias)."""
     kernel = _kernel_for(query)
     if kernel is None:
         return None
-    t = query.shape[2]
+    b, h, t, d = query.shape
+    kv_heads = key.shape[1]
+    if h % kv_heads:
+        raise ValueError(f"attend_piece: {h} query heads do not share {kv_heads} KV heads evenly")
+    g = h // kv_heads
     p = key.shape[2] - t
-    past, past_lse = kernel(query, key[:, :, :p], value[:, :, :p], False, scale)
-    own, own_lse = kernel(query, key[:, :, p:], value[:, :, p:], True, scale)
+    folded = query.reshape(b, kv_heads, g * t, d)
+    past, past_lse = kernel(folded, key[:, :, :p], value[:, :, :p], False, scale)
+    past = past.reshape(b, h, t, d)
+    own_k, own_v = key[:, :, p:], value[:, :, p:]
+    if g > 1:
+        own_k, own_v = own_k.repeat_interleave(g, 1), own_v.repeat_interleave(g, 1)
+    own, own_lse = kernel(query, own_k, own_v, True, scale)
     past_lse = past_lse.float().reshape(query.shape[:-1])
     own_lse = own_lse.float().reshape(query.shape[:-1])
     top = torch.maximum(past_lse, own_lse)
@@ -136,13 +148,14 @@ def _register() -> None:
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         if attention_mask is not None or q_len == 1 or q_len == kv_len or not causal or kv_len < q_len:
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
-        groups = query.shape[1] // key.shape[1]
-        if groups > 1:
-            key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
         out = None if (module.training and dropout) else attend_piece(query, key, value, scale)
         if out is None:
             from torch.nn.attention.bias import causal_lower_right
+
+            groups = query.shape[1] // key.shape[1]
+            if groups > 1:
+                key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
 
             out = _sdpa(
                 query, key, value, attn_mask=causal_lower_right(q_len, kv_len), dropout_p=dropout if module.training else 0.0, scale=scaling
