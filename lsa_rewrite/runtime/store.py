@@ -231,6 +231,7 @@ class KVStore:
         self._first_keeps: tuple[int, Tensor] | None = None  # (prompt length, first resident set) the ingest placed
         # (layer, rows, chunks), copy-done event, K, V: the next layer's history being read ahead (_stage_next)
         self._staged: tuple | None = None
+        self._piece: tuple | None = None  # (rows, first chunk, chunks, prompt length), its device indices (_piece_index)
         self._stage_stream: torch.cuda.Stream | None = None
 
     @property
@@ -380,7 +381,8 @@ class KVStore:
         vp = torch.nn.functional.pad(v, (0, 0, 0, 0, 0, padded - length)).view(batch, chunks, c, heads, dim)
         # Key bounds over the real tokens only (left padding and the unfilled tail are excluded).
         position = start + torch.arange(padded, device=k.device).view(1, chunks, c, 1, 1)
-        valid = to_device(torch.tensor(self.valid_start_host[rows]), k.device).view(batch, 1, 1, 1, 1)
+        index = self._piece_index(rows, first, chunks, prompt_len if prompt_len is not None else end)
+        valid = index["valid"].view(batch, 1, 1, 1, 1)
         real = (position >= valid) & (position < end)
         kf = kp.float()
         lo = torch.where(real, kf, torch.inf).amin(2)
@@ -401,12 +403,7 @@ class KVStore:
             return
         # The first resident set goes straight into the slots finish_prefill's placement gives it (the
         # j-th kept chunk of a sequence in its slot j), exact from the prefill, not through the mirror.
-        # Its keeps are chunk indices of the whole prompt: this piece places those it holds.
-        # (index arithmetic on the host, where the keeps are: no host sync per layer and piece)
-        keeps = self._first_resident_keeps(prompt_len if prompt_len is not None else end)[rows]  # [b, S]
-        placed = (keeps >= first) & (keeps < first + chunks)
-        seq, slot = placed.nonzero(as_tuple=True)
-        seq, slot, held = (to_device(t, k.device) for t in (seq, slot, keeps[seq, slot] - first))
+        seq, slot, held = index["seq"], index["slot"], index["held"]
         pool_k[seq, slot] = kp[seq, held].to(pool_k.dtype)
         pool_v[seq, slot] = vp[seq, held].to(pool_v.dtype)
         if target.mirror_k is None:
@@ -424,6 +421,23 @@ class KVStore:
         target.mirror_k[rows, span].copy_(kp, non_blocking=True)
         target.mirror_v[rows, span].copy_(vp, non_blocking=True)
         target.available[rows, span] = True
+
+    def _piece_index(self, rows: slice, first: int, chunks: int, prompt_len: int) -> dict[str, Tensor]:
+        """Device index tensors of one prompt piece (rows, first chunk, chunk count), the same for every
+        layer: made once per piece, so that a layer's ingest queues no host-to-device copy (one would
+        wait behind a read-ahead of the next layer's history on the copy engine). ``valid``: each row's
+        first real position; ``seq``, ``slot``, ``held`` (sparse stores): the first resident chunks this piece holds
+        (the keeps are chunk indices of the whole prompt, computed on the host: no host sync)."""
+        key = (rows.start, rows.stop, first, chunks, prompt_len)
+        if self._piece is None or self._piece[0] != key:
+            host = {"valid": torch.tensor(self.valid_start_host[rows])}
+            if not self.all_resident:  # (identity placement otherwise)
+                keeps = self._first_resident_keeps(prompt_len)[rows]  # [b, S]
+                placed = (keeps >= first) & (keeps < first + chunks)
+                seq, slot = placed.nonzero(as_tuple=True)
+                host.update(seq=seq, slot=slot, held=keeps[seq, slot] - first)
+            self._piece = (key, {name: to_device(t, self.device) for name, t in host.items()})
+        return self._piece[1]
 
     def _rows(self, rows: slice | None) -> slice:
         """``rows`` as a slice ``start:stop`` of this store's batch (None: all of it), checked."""
@@ -577,6 +591,7 @@ class KVStore:
             raise StoreError(f"prompt of {length} tokens leaves no room to decode in a store of {self.capacity}; raise LSAConfig.max_context")
         self._take_over()
         self._drop_staged()  # nothing reads ahead once the prompt is in
+        self._piece = None
         self.length = self.synced = length
         self.next_selection = 1
         if self.device.type == "cuda":
