@@ -428,7 +428,7 @@ class KVStore:
         wait behind a read-ahead of the next layer's history on the copy engine). ``valid``: each row's
         first real position; ``seq``, ``slot``, ``held`` (sparse stores): the first resident chunks this piece holds
         (the keeps are chunk indices of the whole prompt, computed on the host: no host sync)."""
-        key = (rows.start, rows.stop, first, chunks, prompt_len)
+        key = (rows.start, rows.stop, first, chunks, prompt_len, tuple(self.valid_start_host[rows]))
         if self._piece is None or self._piece[0] != key:
             host = {"valid": torch.tensor(self.valid_start_host[rows])}
             if not self.all_resident:  # (identity placement otherwise)
@@ -577,6 +577,8 @@ class KVStore:
         # the side stream once the current stream's earlier copies into the mirror are done.
         raw_k = torch.empty(nxt.mirror_k[rows, :n].shape, dtype=nxt.mirror_k.dtype, device=self.device)
         raw_v = torch.empty_like(raw_k)
+        for t in (raw_k, raw_v):  # freed unread (a prefill that failed), their memory waits for the copy
+            t.record_stream(self._stage_stream)
         self._stage_stream.wait_stream(current)
         with torch.cuda.stream(self._stage_stream):
             raw_k.copy_(nxt.mirror_k[rows, :n], non_blocking=True)
