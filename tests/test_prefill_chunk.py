@@ -246,3 +246,8 @@ def test_history_of_the_next_layer_is_read_ahead(monkeypatch):
     store.history(first, length=96)
     for a, b in zip(store.history(second, length=96), fresh(second, 96)):
         assert torch.equal(a, b)
+    # what history() returns is the caller's: writing to it changes nothing the store holds
+    for t in store.history(second, length=128):
+        t.add_(1.0)
+    for a, b in zip(fresh(second, 128), want):
+        assert torch.equal(a, b)

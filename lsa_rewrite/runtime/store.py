@@ -543,8 +543,9 @@ class KVStore:
         if staged is not None and staged[0] == (layer, rows.start, rows.stop, n):
             return staged[2], staged[3]
         target = self.layers[layer]
-        return (target.mirror_k[rows, :n].to(self.device, non_blocking=True),
-                target.mirror_v[rows, :n].to(self.device, non_blocking=True))
+        # (a copy even where the mirror is on the device's side already: the caller may write to it)
+        return (target.mirror_k[rows, :n].to(self.device, non_blocking=True, copy=True),
+                target.mirror_v[rows, :n].to(self.device, non_blocking=True, copy=True))
 
     def _drop_staged(self) -> tuple | None:
         """Take the staged read (None if there is none); the current stream waits for its copy either way,
@@ -567,7 +568,7 @@ class KVStore:
         if nxt.mirror_k is None:
             return
         if self.device.type != "cuda":
-            raw = (nxt.mirror_k[rows, :n].to(self.device), nxt.mirror_v[rows, :n].to(self.device))
+            raw = (nxt.mirror_k[rows, :n].to(self.device, copy=True), nxt.mirror_v[rows, :n].to(self.device, copy=True))
             self._staged = ((nxt.spec.layer, rows.start, rows.stop, n), None, *raw)
             return
         current = torch.cuda.current_stream(self.device)
