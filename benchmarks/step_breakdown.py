@@ -47,6 +47,7 @@ from e2e_decode import build_model, cache_kw  # noqa: E402
 import lsa_rewrite  # noqa: E402
 from lsa_rewrite import LSAConfig  # noqa: E402
 
+VISIBLE_WRITES = "lsa_visible_writes"  # a variant key handled by `recompile`, not passed to Inductor
 VARIANTS = {  # Inductor settings the decode step is compiled with, in place of the library's INDUCTOR_OPTIONS
     "default": None,  # the library's own (lsa_rewrite/runtime/compiled.py)
     "inductor_defaults": {},  # Inductor's defaults: cuBLAS for the projections (the library's choice before run 57)
@@ -58,6 +59,10 @@ VARIANTS = {  # Inductor settings the decode step is compiled with, in place of 
     # weights folded as constants: Inductor's freezing passes concatenate the projections that share an input
     # (q/k/v, gate/up) into one matmul each; keeps a second copy of those weights (~9 GB at the 8B shape)
     "cd_freezing": {"coordinate_descent_tuning": True, "freezing": True},
+    # the store writes (K/V append, chunk bounds, taps) as the kernels' PyTorch references instead of the
+    # custom ops, so Inductor sees indexed stores it can fuse with the kernels making K/V (not an Inductor
+    # setting: `recompile` rewrites the graph it compiles)
+    "cd_visible_writes": {"coordinate_descent_tuning": True, VISIBLE_WRITES: True},
 }
 
 
@@ -218,15 +223,37 @@ def recompile(model, kw: str, cache, token: torch.Tensor, options: dict | None) 
     from lsa_rewrite.runtime import compiled
 
     forget_compiled(model)
-    library = compiled.INDUCTOR_OPTIONS
+    library, clone = compiled.INDUCTOR_OPTIONS, compiled.clone_program
+    options = None if options is None else dict(options)
+    if options is not None and options.pop(VISIBLE_WRITES, False):
+        compiled.clone_program = lambda program: visible_writes(clone(program))
     compiled.INDUCTOR_OPTIONS = library if options is None else options
     t0 = time.perf_counter()
     try:
         token = model(input_ids=token, **{kw: cache}).logits[:, -1:].argmax(-1)
         sync()
     finally:
-        compiled.INDUCTOR_OPTIONS = library
+        compiled.INDUCTOR_OPTIONS, compiled.clone_program = library, clone
     return token, round(time.perf_counter() - t0, 1)
+
+
+def _tap_ref(dst: torch.Tensor, src: torch.Tensor) -> None:
+    dst.copy_(src.reshape(dst.shape))
+
+
+def visible_writes(program):
+    """``program`` (a clone) with the store-writing custom ops replaced by their PyTorch references."""
+    import lsa_rewrite.kernels as K
+
+    ops = torch.ops.lsa
+    swap = {ops.append_kv.default: K.append_kv_ref, ops.update_chunk_index.default: K.update_chunk_index_ref,
+            ops.ring_append_kv.default: K.ring_append_kv_ref, ops.tap.default: _tap_ref}
+    gm = program.module
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in swap:
+            node.target = swap[node.target]
+    gm.recompile()
+    return program
 
 
 def set_copy_programs(programs: int) -> int:
