@@ -167,7 +167,9 @@ def calibrate_cmd(
 
 @app.command("train")
 def train_cmd(
-    dump: Path = typer.Argument(..., metavar="DUMP", help="calibration dump directory (from `lsa-rewrite calibrate`)"),
+    dump: list[Path] = typer.Argument(
+        ..., metavar="DUMP...", help="calibration dump directory (from `lsa-rewrite calibrate`); several: one indexer trained on all of their windows"
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="indexer file to write (.safetensors)"),
     epochs: int = typer.Option(8, help="passes over the training windows"),
     lr: float = typer.Option(1e-3, help="learning rate (AdamW, cosine decay)"),
@@ -192,7 +194,7 @@ def train_cmd(
     as_json: bool = typer.Option(False, "--json", help="print the held-out metrics as JSON"),
     debug: bool = typer.Option(False, "--debug", help="show the traceback on errors"),
 ) -> None:
-    """Train an indexer from a calibration dump alone (the model is never loaded); report held-out metrics."""
+    """Train an indexer from calibration dumps alone (the model is never loaded); report held-out metrics."""
     console = Console(stderr=True)
     try:
         if out.suffix != ".safetensors":
@@ -217,12 +219,13 @@ def train_cmd(
             raise ValueError(f"--neighbour-min-free must be >= 0, got {neighbour_min_free}")
         if neighbour_top is not None and neighbour_top < 1:
             raise ValueError(f"--neighbour-top must be >= 1 (leave it out for every selectable chunk), got {neighbour_top}")
-        if not dump.is_dir():
-            raise FileNotFoundError(f"no calibration dump at {str(dump)!r}: pass the directory `lsa-rewrite calibrate --out` wrote")
+        for path in dump:
+            if not path.is_dir():
+                raise FileNotFoundError(f"no calibration dump at {str(path)!r}: pass the directory `lsa-rewrite calibrate --out` wrote")
         from .indexer import train_indexer
 
         _, metrics = train_indexer(
-            dump, out=out, epochs=epochs, lr=lr, loss=loss, rank=rank, seed=seed, device=device, top_p=top_p, min_layers=min_layers, label_rule=label_rule,
+            dump[0] if len(dump) == 1 else dump, out=out, epochs=epochs, lr=lr, loss=loss, rank=rank, seed=seed, device=device, top_p=top_p, min_layers=min_layers, label_rule=label_rule,
             trainable=trainable, neighbour_margin=neighbour_margin, neighbour_min_free=neighbour_min_free,
             neighbour_top=neighbour_top,
         )

@@ -25,7 +25,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +45,7 @@ CALIBRATION_WINDOWS = 512
 
 
 def train_indexer(
-    dump: str | os.PathLike | CalibrationDump,
+    dump: str | os.PathLike | CalibrationDump | Sequence[str | os.PathLike | CalibrationDump],
     *,
     out: str | os.PathLike | None = None,
     rank: int | None = None,
@@ -72,7 +72,10 @@ def train_indexer(
     """Train an indexer on a calibration dump; returns it and its held-out metrics.
 
     Args:
-        dump: a dump directory or an open ``CalibrationDump``.
+        dump: a dump directory or an open ``CalibrationDump``, or several of them (calibrations of one
+            model at different lengths or on different documents, each with its own held-out split):
+            their windows train one indexer. They must agree on the model signature, target layers,
+            shapes, chunk size, interval and label rule (sink and tail may differ).
         out: write the indexer here (``.safetensors``, with config, model signature, the dump's
             ``chunk_size``/``interval`` and the metrics in its metadata).
         rank: query-tower rank (``default_rank`` of the model's hidden size when ``None``).
@@ -110,7 +113,12 @@ def train_indexer(
             raise ValueError(f"{name} must be an int >= {0 if name == 'epochs' else 1}, got {value!r}")
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr!r}")
-    dump = dump if isinstance(dump, CalibrationDump) else CalibrationDump(dump)
+    dumps = [d if isinstance(d, CalibrationDump) else CalibrationDump(d) for d in ([dump] if isinstance(dump, (str, os.PathLike, CalibrationDump)) else dump)]
+    if not dumps:
+        raise ValueError("train_indexer needs at least one calibration dump")
+    dump = dumps[0]
+    for other in dumps[1:]:
+        _check_compatible(dump, other)
     device = torch.device(device)
     shapes = dump.shapes
     layers_in_dump = dump.target_layers
@@ -134,7 +142,7 @@ def train_indexer(
         neighbour_top=neighbour_top,
     )
 
-    cache = dump.shard_nbytes() <= CACHE_BYTES
+    cache = sum(d.shard_nbytes() for d in dumps) <= CACHE_BYTES
     stored_rule = rule_name(dump.label)
     if label_rule is not None and label_rule not in LABEL_RULES:
         raise ValueError(f"label_rule must be one of {LABEL_RULES}, got {label_rule!r}")
@@ -156,10 +164,11 @@ def train_indexer(
     if not 0.0 < label["top_p"] <= 1.0 or label["min_layers"] < 1:
         raise ValueError(f"the label rule needs top_p in (0, 1] and min_layers >= 1, got top_p={top_p!r}, min_layers={min_layers!r}")
     overrides = {"top_p": label["top_p"], "min_layers": label["min_layers"], "rule": rule} if relabel else {}
-    train = _Windows(dump, TRAIN_SPLIT, select, cache=cache, label=overrides)
-    heldout = _Windows(dump, HELDOUT_SPLIT, select, cache=cache, label=overrides)
+    train = _Windows(dumps, TRAIN_SPLIT, select, cache=cache, label=overrides)
+    heldout = _Windows(dumps, HELDOUT_SPLIT, select, cache=cache, label=overrides)
     if train.count == 0:
-        raise ValueError(f"calibration dump {dump.path} has no windows of split {TRAIN_SPLIT!r} to train on")
+        names = ", ".join(str(d.path) for d in dumps)
+        raise ValueError(f"calibration dump{'s' if len(dumps) > 1 else ''} {names} ha{'ve' if len(dumps) > 1 else 's'} no windows of split {TRAIN_SPLIT!r} to train on")
 
     generator = torch.Generator().manual_seed(seed)
     indexer, init = _initial_indexer(config, train, init_weights, generator)
@@ -210,7 +219,8 @@ def train_indexer(
     metrics = _evaluate(indexer, untrained, heldout, init_weights=init_weights, select_layers=chosen, seed=seed)
     metrics["train"] = {
         "windows": train.count,
-        "documents": sum(1 for doc in dump.documents if doc["split"] == TRAIN_SPLIT),
+        "documents": sum(1 for d in dumps for doc in d.documents if doc["split"] == TRAIN_SPLIT),
+        "dumps": [str(d.path) for d in dumps],
         "epochs": epochs,
         "steps": total,
         "lr": lr,
@@ -239,20 +249,45 @@ def train_indexer(
 # -- data ---------------------------------------------------------------------------------------
 
 
-class _Windows:
-    """The windows of one split, with the dump's target layers narrowed to the trained ones."""
+def _check_compatible(first: CalibrationDump, other: CalibrationDump) -> None:
+    """Refuse to train one indexer on dumps of different models, layers or chunking, naming the field."""
+    fields = {
+        "model signature": (first.signature, other.signature),
+        "target layers": (list(first.target_layers), list(other.target_layers)),
+        "shapes": (first.shapes, other.shapes),
+        "chunk_size": (lsa_fields(first.lsa_config).get("chunk_size"), lsa_fields(other.lsa_config).get("chunk_size")),
+        "interval": (lsa_fields(first.lsa_config).get("interval"), lsa_fields(other.lsa_config).get("interval")),
+        "label rule": ({k: v for k, v in first.label.items() if k != "exclude"}, {k: v for k, v in other.label.items() if k != "exclude"}),
+    }
+    for name, (a, b) in fields.items():
+        if a != b:
+            raise ValueError(
+                f"calibration dumps {first.path} and {other.path} differ in {name} ({a!r} against {b!r}); "
+                "train one indexer on dumps of the same model, target layers, chunk size, interval and label rule"
+            )
 
-    def __init__(self, dump: CalibrationDump, split: str, select: list[int], *, cache: bool, label: dict[str, Any] | None = None) -> None:
-        self.dump, self.split, self.select = dump, split, select
+
+class _Windows:
+    """The windows of one split of one or more dumps, with the target layers narrowed to the trained ones
+    (each window labelled by its own dump: their sink and tail may differ)."""
+
+    def __init__(
+        self, dump: CalibrationDump | Sequence[CalibrationDump], split: str, select: list[int], *, cache: bool, label: dict[str, Any] | None = None
+    ) -> None:
+        self.dumps = [dump] if isinstance(dump, CalibrationDump) else list(dump)
+        self.dump, self.split, self.select = self.dumps[0], split, select
         self.label = dict(label or {})
-        self.count = dump.count(split)
+        self.count = sum(d.count(split) for d in self.dumps)
         self._cached: list[dict[str, Any]] | None = None
         if cache and self.count:
-            self._cached = [self._prepare(r) for r in dump.windows(split)]
+            self._cached = [self._prepare(r, d) for d in self.dumps for r in d.windows(split)]
 
-    def _prepare(self, record: dict[str, Any]) -> dict[str, Any]:
+    def _shards(self) -> list[tuple[CalibrationDump, int]]:
+        return [(d, j) for d in self.dumps for j in range(d.num_shards)]
+
+    def _prepare(self, record: dict[str, Any], dump: CalibrationDump | None = None) -> dict[str, Any]:
         sel = self.select
-        golden, selectable = self.dump.labels(
+        golden, selectable = (dump or self.dump).labels(
             record, top_p=self.label.get("top_p"), min_layers=self.label.get("min_layers"), rule=self.label.get("rule")
         )
         out = {
@@ -273,8 +308,8 @@ class _Windows:
         if self._cached is not None:
             yield from self._cached
             return
-        for j in range(self.dump.num_shards):
-            yield from (self._prepare(r) for r in self.dump.shard(j, split=self.split))
+        for d, j in self._shards():
+            yield from (self._prepare(r, d) for r in d.shard(j, split=self.split))
 
     def shuffled(self, generator: torch.Generator) -> Iterator[dict[str, Any]]:
         """A seeded order: a global permutation when cached, else shards in a random order, each shuffled."""
@@ -282,8 +317,10 @@ class _Windows:
             for i in torch.randperm(len(self._cached), generator=generator).tolist():
                 yield self._cached[i]
             return
-        for j in torch.randperm(self.dump.num_shards, generator=generator).tolist():
-            records = [self._prepare(r) for r in self.dump.shard(j, split=self.split)]
+        shards = self._shards()
+        for i in torch.randperm(len(shards), generator=generator).tolist():
+            d, j = shards[i]
+            records = [self._prepare(r, d) for r in d.shard(j, split=self.split)]
             for i in torch.randperm(len(records), generator=generator).tolist():
                 yield records[i]
 

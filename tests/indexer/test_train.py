@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -350,3 +351,43 @@ def test_selection_metrics_rank_per_budget_with_a_function_of_k():
     assert asked == [1, 5]
     recall = m.result()["golden_recall"]
     assert recall == {"0.1": 0.0, "0.5": 1.0}  # k=1 keeps chunk 9; k=5 keeps chunks 0-4
+
+
+def test_several_dumps_train_one_indexer(planted, tmp_path):
+    """Dumps of one model (calibrated separately: other lengths, other documents) train one indexer on
+    all their windows, each held-out split kept; a one-dump list is the dump; dumps of another model,
+    chunking or label rule are refused with the field named (CLI too)."""
+    from typer.testing import CliRunner
+
+    from lsa_rewrite.cli import app
+
+    second = write_planted_dump(tmp_path / "second", docs=(6, 2), seed=5)
+    alone, m_alone = train_indexer(planted, epochs=1, batch_windows=8, seed=2, progress=False)
+    listed, _ = train_indexer([planted], epochs=1, batch_windows=8, seed=2, progress=False)
+    for name, tensor in alone.state_dict().items():
+        assert torch.equal(tensor, listed.state_dict()[name]), name
+    both, m_both = train_indexer([planted, second], epochs=2, batch_windows=8, seed=2, progress=False)
+    assert m_both["train"]["windows"] == m_alone["train"]["windows"] + 6 * 12
+    assert m_both["heldout"]["windows"] == m_alone["heldout"]["windows"] + 2 * 12
+    assert m_both["train"]["documents"] == 14 + 6 and m_both["train"]["dumps"] == [str(planted), str(second)]
+    assert m_both["indexer"]["golden_recall"]["0.25"] > m_both["random"]["golden_recall"]["0.25"]  # it learnt from both
+
+    def edited(name, change):
+        path = tmp_path / name
+        shutil.copytree(second, path)
+        manifest = json.loads((path / "manifest.json").read_text())
+        change(manifest)
+        (path / "manifest.json").write_text(json.dumps(manifest))
+        return path
+
+    other_chunk = edited("chunk", lambda m: m["lsa_config"]["_data"].update(chunk_size=2 * C))
+    other_model = edited("model", lambda m: m["model"].update(num_layers=8))
+    for path, field in ((other_chunk, "chunk_size"), (other_model, "model signature")):
+        with pytest.raises(ValueError, match=f"differ in {field}"):
+            train_indexer([planted, path], epochs=1, progress=False)
+    out = tmp_path / "both.safetensors"
+    result = CliRunner().invoke(app, ["train", str(planted), str(second), "--out", str(out), "--epochs", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout[result.stdout.index("{"):])["train"]["dumps"] == [str(planted), str(second)] and out.exists()
+    bad = CliRunner().invoke(app, ["train", str(planted), str(other_chunk), "--out", str(out)])
+    assert bad.exit_code == 2 and "differ in chunk_size" in " ".join(bad.output.split())
