@@ -18,8 +18,9 @@ def test_a_dropped_converted_model_is_freed(caplog):
     base = make_model("llama").eval()
     refs = []
     # No log records while the models live, and none kept: pytest keeps every record of a test (with its
-    # arguments, e.g. Dynamo's DEBUG trace of the tensors it fakes) until the test ends, which once held a
-    # dropped model's weights here (a CI run on 2026-11-30) without anything of the library holding them.
+    # arguments, e.g. Dynamo's DEBUG trace of the tensors it fakes) until the test ends. A CI run on
+    # 2026-11-30 found one of the three dropped models still referenced (never reproduced in ~10 runs of
+    # this file or of the files before it); the records held by pytest are the suspect.
     trace = logging.getLogger("torch.__trace")
     was = trace.disabled
     trace.disabled = True
