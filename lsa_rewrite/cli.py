@@ -225,7 +225,7 @@ def train_cmd(
         from .indexer import train_indexer
 
         _, metrics = train_indexer(
-            dump[0] if len(dump) == 1 else dump, out=out, epochs=epochs, lr=lr, loss=loss, rank=rank, seed=seed, device=device, top_p=top_p, min_layers=min_layers, label_rule=label_rule,
+            dump, out=out, epochs=epochs, lr=lr, loss=loss, rank=rank, seed=seed, device=device, top_p=top_p, min_layers=min_layers, label_rule=label_rule,
             trainable=trainable, neighbour_margin=neighbour_margin, neighbour_min_free=neighbour_min_free,
             neighbour_top=neighbour_top,
         )

@@ -168,7 +168,7 @@ def train_indexer(
     heldout = _Windows(dumps, HELDOUT_SPLIT, select, cache=cache, label=overrides)
     if train.count == 0:
         names = ", ".join(str(d.path) for d in dumps)
-        raise ValueError(f"calibration dump{'s' if len(dumps) > 1 else ''} {names} ha{'ve' if len(dumps) > 1 else 's'} no windows of split {TRAIN_SPLIT!r} to train on")
+        raise ValueError(f"no windows of split {TRAIN_SPLIT!r} to train on in calibration dump(s) {names}")
 
     generator = torch.Generator().manual_seed(seed)
     indexer, init = _initial_indexer(config, train, init_weights, generator)
@@ -321,8 +321,8 @@ class _Windows:
         for i in torch.randperm(len(shards), generator=generator).tolist():
             d, j = shards[i]
             records = [self._prepare(r, d) for r in d.shard(j, split=self.split)]
-            for i in torch.randperm(len(records), generator=generator).tolist():
-                yield records[i]
+            for k in torch.randperm(len(records), generator=generator).tolist():
+                yield records[k]
 
 
 def _collate(records: list[dict[str, Any]], device: torch.device) -> dict[str, Tensor | None]:

@@ -231,7 +231,7 @@ class KVStore:
         self._first_keeps: tuple[int, Tensor] | None = None  # (prompt length, first resident set) the ingest placed
         # (layer, rows, chunks), copy-done event, K, V: the next layer's history being read ahead (_stage_next)
         self._staged: tuple | None = None
-        self._piece: tuple | None = None  # (rows, first chunk, chunks, prompt length), its device indices (_piece_index)
+        self._piece: tuple | None = None  # the current piece's key and device index tensors (_piece_index)
         self._stage_stream: torch.cuda.Stream | None = None
 
     @property
