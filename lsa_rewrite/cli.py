@@ -191,6 +191,10 @@ def train_cmd(
     neighbour_top: int = typer.Option(
         None, "--neighbour-top", help="the span rule: only the N highest selectable chunks of each target layer lend (default: all)"
     ),
+    reply_weight: int = typer.Option(
+        1, "--reply-weight",
+        help="times per epoch each window at a task's reply (where the answer is read) is seen; the others once",
+    ),
     as_json: bool = typer.Option(False, "--json", help="print the held-out metrics as JSON"),
     debug: bool = typer.Option(False, "--debug", help="show the traceback on errors"),
 ) -> None:
@@ -219,6 +223,8 @@ def train_cmd(
             raise ValueError(f"--neighbour-min-free must be >= 0, got {neighbour_min_free}")
         if neighbour_top is not None and neighbour_top < 1:
             raise ValueError(f"--neighbour-top must be >= 1 (leave it out for every selectable chunk), got {neighbour_top}")
+        if reply_weight < 1:
+            raise ValueError(f"--reply-weight must be >= 1 (1: reply windows count like the others), got {reply_weight}")
         for path in dump:
             if not path.is_dir():
                 raise FileNotFoundError(f"no calibration dump at {str(path)!r}: pass the directory `lsa-rewrite calibrate --out` wrote")
@@ -227,7 +233,7 @@ def train_cmd(
         _, metrics = train_indexer(
             dump, out=out, epochs=epochs, lr=lr, loss=loss, rank=rank, seed=seed, device=device, top_p=top_p, min_layers=min_layers, label_rule=label_rule,
             trainable=trainable, neighbour_margin=neighbour_margin, neighbour_min_free=neighbour_min_free,
-            neighbour_top=neighbour_top,
+            neighbour_top=neighbour_top, reply_weight=reply_weight,
         )
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         _fail(console, exc, debug)

@@ -667,11 +667,10 @@ def calibrate(
         done = len(tokenized) - len(todo)
         for doc, ids in todo:
             rng = random.Random(f"windows:{seed}:{doc.id}")
-            starts = window_starts(
-                len(ids), chunk=chunk, interval=interval, count=windows_per_document, rng=rng, answer=_answer_token(doc, tokenizer, len(ids))
-            )
+            answer = _answer_token(doc, tokenizer, len(ids))
+            starts = window_starts(len(ids), chunk=chunk, interval=interval, count=windows_per_document, rng=rng, answer=answer)
             records = _run_document(recorder, ids, starts)
-            index = writer.add_document(doc.id, source=doc.source, tokens=len(ids), split=split[doc.id])
+            index = writer.add_document(doc.id, source=doc.source, tokens=len(ids), split=split[doc.id], answer=answer)
             for t, record in zip(starts, records):
                 selectable = selectable_chunks(record["mass"].shape[1], t, manifest["lsa_config"])
                 record["golden"] = golden_labels(

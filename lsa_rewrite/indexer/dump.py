@@ -256,16 +256,25 @@ class DumpWriter:
         """Windows on disk."""
         return sum(shard["windows"] for shard in self.manifest["shards"])
 
-    def add_document(self, id: str, *, source: str, tokens: int, split: str) -> int:
-        """Begin a document (the previous one is finished); returns its index, the ``meta[0]`` of its windows."""
+    def add_document(self, id: str, *, source: str, tokens: int, split: str, answer: int | None = None) -> int:
+        """Begin a document (the previous one is finished); returns its index, the ``meta[0]`` of its windows.
+
+        ``answer``: for a task, the token index where its reply starts (windows starting there or later
+        are the reply's: ``CalibrationDump.at_reply``); ``None`` for running text.
+        """
         self._check_writable()
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if answer is not None and not (isinstance(answer, int) and 0 <= answer < int(tokens)):
+            raise ValueError(f"answer must be a token index in [0, {int(tokens)}) of document {id!r}, got {answer!r}")
         id = str(id)
         if id in self.finished or any(doc["id"] == id for doc in self._pending_docs):
             raise ValueError(f"document {id!r} is already in the dump at {self.dir}")
         self._end_document()
-        self._pending_docs.append({"id": id, "source": str(source), "tokens": int(tokens), "split": split})
+        entry: dict[str, Any] = {"id": id, "source": str(source), "tokens": int(tokens), "split": split}
+        if answer is not None:
+            entry["answer"] = int(answer)
+        self._pending_docs.append(entry)
         self._open = True
         self.manifest["complete"] = False
         return len(self.manifest["documents"]) + len(self._pending_docs) - 1
@@ -439,6 +448,28 @@ class CalibrationDump:
             total += sum(1 for record in self._shard_meta(j) if self.documents[record]["split"] == split)
         return total
 
+    @property
+    def has_replies(self) -> bool:
+        """Whether the manifest records where any document's reply starts (dumps written since the field
+        exists; older ones hold the same windows without saying which are a reply's)."""
+        return any("answer" in doc for doc in self.documents)
+
+    def at_reply(self, record: dict[str, Any]) -> bool:
+        """Whether a window record starts at or after its document's reply (a task's answer being read)."""
+        doc = self.documents[int(record["meta"][0])]
+        return "answer" in doc and int(record["meta"][1]) >= int(doc["answer"])
+
+    def count_replies(self, split: str | None = None) -> int:
+        """Windows at a reply (``at_reply``) of documents in ``split`` (all when ``None``), from the shard lists."""
+        if not self.has_replies:
+            return 0
+        total = 0
+        for j in range(self.num_shards):
+            for record in self._shard_windows(j):
+                doc = self.documents[record[0]]
+                total += (split is None or doc["split"] == split) and "answer" in doc and record[1] >= doc["answer"]
+        return total
+
     def shard_nbytes(self) -> int:
         return sum((self.path / shard["file"]).stat().st_size for shard in self.manifest["shards"])
 
@@ -498,6 +529,14 @@ class CalibrationDump:
         """Every window record, shard by shard (only those of documents in ``split`` when given)."""
         for j in range(self.num_shards):
             yield from self.shard(j, split=split)
+
+    def _shard_windows(self, j: int) -> list[tuple[int, int]]:
+        """(document index, window start) of each window of shard ``j`` (reads only the ``meta`` tensors)."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.path / self.manifest["shards"][j]["file"]), framework="pt") as f:
+            ids = json.loads((f.metadata() or {})["windows"])
+            return [tuple(int(v) for v in f.get_tensor(f"{i}.meta")[:2]) for i in ids]  # type: ignore[misc]
 
     def _shard_meta(self, j: int) -> list[int]:
         """Document index of each window of shard ``j`` (reads the shard's header only)."""

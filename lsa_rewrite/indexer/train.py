@@ -67,6 +67,7 @@ def train_indexer(
     neighbour_margin: float | None = None,
     neighbour_min_free: int = 0,
     neighbour_top: int | None = None,
+    reply_weight: int = 1,
     progress: bool = True,
 ) -> tuple[LSAIndexer, dict[str, Any]]:
     """Train an indexer on a calibration dump; returns it and its held-out metrics.
@@ -98,6 +99,10 @@ def train_indexer(
         neighbour_margin, neighbour_min_free, neighbour_top: the span rule, saved in the indexer's config
             (``IndexerConfig``); it does not change the loss, and the held-out metrics of the trained
             and the untrained indexer apply it.
+        reply_weight: each training window at a task's reply (``CalibrationDump.at_reply``: where the
+            reply reads the answer out of the context) is seen this many times per epoch, the others
+            once. 1: every window alike. Needs dumps that record reply positions (calibrated by this
+            version); held-out metrics are unweighted.
         progress: show a rich progress bar.
 
     Example::
@@ -113,12 +118,22 @@ def train_indexer(
             raise ValueError(f"{name} must be an int >= {0 if name == 'epochs' else 1}, got {value!r}")
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr!r}")
+    if not isinstance(reply_weight, int) or isinstance(reply_weight, bool) or reply_weight < 1:
+        raise ValueError(f"reply_weight must be an int >= 1 (times a reply window is seen per epoch), got {reply_weight!r}")
     dumps = [d if isinstance(d, CalibrationDump) else CalibrationDump(d) for d in ([dump] if isinstance(dump, (str, os.PathLike, CalibrationDump)) else dump)]
     if not dumps:
         raise ValueError("train_indexer needs at least one calibration dump")
     dump = dumps[0]
     for other in dumps[1:]:
         _check_compatible(dump, other)
+    if reply_weight > 1:
+        unmarked = [str(d.path) for d in dumps if not d.has_replies]
+        if unmarked:
+            raise ValueError(
+                f"reply_weight={reply_weight} needs dumps that record where each task's reply starts; "
+                f"{', '.join(unmarked)} do(es) not (calibrated by an older version or without tasks): "
+                "calibrate again, or train with reply_weight=1"
+            )
     device = torch.device(device)
     shapes = dump.shapes
     layers_in_dump = dump.target_layers
@@ -164,7 +179,7 @@ def train_indexer(
     if not 0.0 < label["top_p"] <= 1.0 or label["min_layers"] < 1:
         raise ValueError(f"the label rule needs top_p in (0, 1] and min_layers >= 1, got top_p={top_p!r}, min_layers={min_layers!r}")
     overrides = {"top_p": label["top_p"], "min_layers": label["min_layers"], "rule": rule} if relabel else {}
-    train = _Windows(dumps, TRAIN_SPLIT, select, cache=cache, label=overrides)
+    train = _Windows(dumps, TRAIN_SPLIT, select, cache=cache, label=overrides, reply_weight=reply_weight)
     heldout = _Windows(dumps, HELDOUT_SPLIT, select, cache=cache, label=overrides)
     if train.count == 0:
         names = ", ".join(str(d.path) for d in dumps)
@@ -178,7 +193,7 @@ def train_indexer(
     indexer.to(device)
 
     loss_fn = _make_loss(loss, pos_weight)
-    steps_per_epoch = math.ceil(train.count / batch_windows)
+    steps_per_epoch = math.ceil(train.epoch_count / batch_windows)
     total = epochs * steps_per_epoch
     if trainable not in TRAINABLE:
         raise ValueError(f"trainable must be one of {TRAINABLE}, got {trainable!r}")
@@ -219,6 +234,8 @@ def train_indexer(
     metrics = _evaluate(indexer, untrained, heldout, init_weights=init_weights, select_layers=chosen, seed=seed)
     metrics["train"] = {
         "windows": train.count,
+        "reply_windows": train.reply_count,
+        "reply_weight": reply_weight,
         "documents": sum(1 for d in dumps for doc in d.documents if doc["split"] == TRAIN_SPLIT),
         "dumps": [str(d.path) for d in dumps],
         "epochs": epochs,
@@ -272,15 +289,28 @@ class _Windows:
     (each window labelled by its own dump: their sink and tail may differ)."""
 
     def __init__(
-        self, dump: CalibrationDump | Sequence[CalibrationDump], split: str, select: list[int], *, cache: bool, label: dict[str, Any] | None = None
+        self,
+        dump: CalibrationDump | Sequence[CalibrationDump],
+        split: str,
+        select: list[int],
+        *,
+        cache: bool,
+        label: dict[str, Any] | None = None,
+        reply_weight: int = 1,
     ) -> None:
         self.dumps = [dump] if isinstance(dump, CalibrationDump) else list(dump)
         self.dump, self.split, self.select = self.dumps[0], split, select
         self.label = dict(label or {})
+        self.reply_weight = int(reply_weight)
         self.count = sum(d.count(split) for d in self.dumps)
+        self.reply_count = sum(d.count_replies(split) for d in self.dumps)
+        self.epoch_count = self.count + (self.reply_weight - 1) * self.reply_count  # windows drawn per epoch
         self._cached: list[dict[str, Any]] | None = None
         if cache and self.count:
             self._cached = [self._prepare(r, d) for d in self.dumps for r in d.windows(split)]
+
+    def _repeats(self, record: dict[str, Any]) -> int:
+        return self.reply_weight if record["reply"] else 1
 
     def _shards(self) -> list[tuple[CalibrationDump, int]]:
         return [(d, j) for d in self.dumps for j in range(d.num_shards)]
@@ -299,6 +329,7 @@ class _Windows:
             "mass": record["mass"],
             "cos": record.get("cos"),
             "sin": record.get("sin"),
+            "reply": (dump or self.dump).at_reply(record),
         }
         if "query" in record:
             out["query"] = record["query"][sel]
@@ -312,15 +343,17 @@ class _Windows:
             yield from (self._prepare(r, d) for r in d.shard(j, split=self.split))
 
     def shuffled(self, generator: torch.Generator) -> Iterator[dict[str, Any]]:
-        """A seeded order: a global permutation when cached, else shards in a random order, each shuffled."""
+        """A seeded order: a global permutation when cached, else shards in a random order, each shuffled;
+        a reply window appears ``reply_weight`` times (``epoch_count`` windows in all)."""
         if self._cached is not None:
-            for i in torch.randperm(len(self._cached), generator=generator).tolist():
-                yield self._cached[i]
+            pool = [r for r in self._cached for _ in range(self._repeats(r))]
+            for i in torch.randperm(len(pool), generator=generator).tolist():
+                yield pool[i]
             return
         shards = self._shards()
         for i in torch.randperm(len(shards), generator=generator).tolist():
             d, j = shards[i]
-            records = [self._prepare(r, d) for r in d.shard(j, split=self.split)]
+            records = [r for r in (self._prepare(r, d) for r in d.shard(j, split=self.split)) for _ in range(self._repeats(r))]
             for k in torch.randperm(len(records), generator=generator).tolist():
                 yield records[k]
 

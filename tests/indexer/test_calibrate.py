@@ -119,6 +119,10 @@ def test_dump_round_trips_with_documented_fields(family, tmp_path):
         extra = {t for t in (answer, answer + I // 4, answer + I // 2) if t < tokens} if answer is not None else set()
         assert ts == sorted(set(ts)) and extra <= set(ts) and dump.documents[doc]["tokens"] - I in ts
         assert len(set(ts) - extra) == 3
+        # The manifest says where each task's reply starts; the windows from there on are the reply's.
+        assert dump.documents[doc].get("answer") == answer
+        assert {t for t in ts if dump.at_reply({"meta": torch.tensor([doc, t, t - 1])})} == ({t for t in ts if t >= answer} if answer is not None else set())
+    assert dump.has_replies and dump.count_replies() == sum(1 for r in dump.windows() if dump.at_reply(r)) > 0
 
 
 def _rope(x, cos, sin):

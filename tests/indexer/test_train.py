@@ -391,3 +391,58 @@ def test_several_dumps_train_one_indexer(planted, tmp_path):
     assert json.loads(result.stdout[result.stdout.index("{"):])["train"]["dumps"] == [str(planted), str(second)] and out.exists()
     bad = CliRunner().invoke(app, ["train", str(planted), str(other_chunk), "--out", str(out)])
     assert bad.exit_code == 2 and "differ in chunk_size" in " ".join(bad.output.split())
+
+
+def test_reply_weight_repeats_the_windows_at_a_reply(planted, tmp_path):
+    """``reply_weight=R``: a training window at or after its task's reply start (recorded in the manifest)
+    is drawn R times per epoch, the others once, held-out windows are not weighted; the training differs
+    from R=1 by that alone. Dumps without reply positions are refused for R > 1 (CLI too)."""
+    from typer.testing import CliRunner
+
+    from lsa_rewrite.cli import app
+    from lsa_rewrite.indexer.dump import CalibrationDump
+
+    marked = tmp_path / "marked"
+    shutil.copytree(planted, marked)
+    manifest = json.loads((marked / "manifest.json").read_text())
+    for entry in manifest["documents"][::2]:
+        entry["answer"] = 320  # windows start at multiples of 16 in [128, 512]
+    (marked / "manifest.json").write_text(json.dumps(manifest))
+
+    dump = CalibrationDump(marked)
+    assert dump.has_replies and not CalibrationDump(planted).has_replies
+    replies = [(int(r["meta"][0]), int(r["meta"][1])) for r in dump.windows("train") if dump.at_reply(r)]
+    want = [(d, t) for r in dump.windows("train") for d, t in [r["meta"][:2].tolist()] if d % 2 == 0 and t >= 320]
+    assert replies == want and 0 < len(replies) < dump.count("train")
+    assert dump.count_replies("train") == len(replies) and dump.count_replies() > len(replies)  # held-out ones too
+
+    for cache in (True, False):
+        windows = train_module._Windows(dump, "train", [0, 1], cache=cache, reply_weight=3)
+        drawn = [(tuple(w["hidden"].flatten().tolist()), w["reply"]) for w in windows.shuffled(torch.Generator().manual_seed(0))]
+        assert len(drawn) == windows.epoch_count == dump.count("train") + 2 * len(replies)
+        counts: dict[tuple, int] = {}
+        for key, _ in drawn:
+            counts[key] = counts.get(key, 0) + 1
+        assert sorted(counts.values()) == sorted([3] * len(replies) + [1] * (dump.count("train") - len(replies)))
+        assert all(counts[key] == (3 if reply else 1) for key, reply in drawn)
+
+    one, m_one = train_indexer(marked, epochs=1, batch_windows=8, seed=2, progress=False)
+    three, m_three = train_indexer(marked, epochs=1, batch_windows=8, seed=2, reply_weight=3, progress=False)
+    assert m_three["train"]["reply_weight"] == 3 and m_three["train"]["reply_windows"] == len(replies)
+    assert m_three["train"]["steps"] == math.ceil((dump.count("train") + 2 * len(replies)) / 8) > m_one["train"]["steps"]
+    assert m_three["heldout"]["windows"] == m_one["heldout"]["windows"]
+    assert any(not torch.equal(a, b) for a, b in zip(one.state_dict().values(), three.state_dict().values()))
+    plain, _ = train_indexer(planted, epochs=1, batch_windows=8, seed=2, progress=False)
+    for name, tensor in plain.state_dict().items():  # weight 1 ignores the reply marks
+        assert torch.equal(tensor, one.state_dict()[name]), name
+
+    with pytest.raises(ValueError, match="record where each task's reply starts"):
+        train_indexer(planted, epochs=1, reply_weight=2, progress=False)
+    with pytest.raises(ValueError, match="reply_weight must be an int >= 1"):
+        train_indexer(marked, epochs=1, reply_weight=0, progress=False)
+    out = tmp_path / "r.safetensors"
+    result = CliRunner().invoke(app, ["train", str(marked), "--out", str(out), "--epochs", "1", "--reply-weight", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout[result.stdout.index("{"):])["train"]["reply_weight"] == 3
+    bad = CliRunner().invoke(app, ["train", str(planted), "--out", str(out), "--reply-weight", "2"])
+    assert bad.exit_code == 2 and "reply starts" in " ".join(bad.output.split())
