@@ -3,6 +3,7 @@
 Not a test (CI has no GPU): run it by hand on the GPU machine.
 
     python benchmarks/check_kernels_gpu.py --out results.json [--sweep] [--no-compile]
+    python benchmarks/check_kernels_gpu.py --only sparse_append --out FILE   # the fused attention + append alone
 
 1. Correctness at realistic shapes (32 q / 8 kv heads, head_dim 128, bf16, 64-token chunks, a resident
    set of 13.5% of a 128K context, batch 1 and 8): every Triton launcher against its PyTorch reference
@@ -274,6 +275,57 @@ def check_append(batch: int, chunk: int) -> None:
     emit(check_equal(f"ring_append_kv op B={batch}", [r["k_ring"], r["v_ring"]], expected))
 
 
+def append_store(batch: int, chunk: int, *, seed: int, opens_chunk: bool = False, drop_last: bool = False) -> dict:
+    """``sparse_inputs`` plus what ``sparse_decode_attention_append`` writes: the inverse table
+    ``chunk_slot``, random chunk bounds, the token and a poisoned query tap. ``opens_chunk``: ``pos`` is the
+    first token of its chunk; ``drop_last``: the last sequence's chunk of ``pos`` has no slot (its write is
+    dropped, the token not attended)."""
+    x = sparse_inputs(batch, chunk, seed=seed)
+    bounds = bounds_inputs(batch, chunk, seed=seed + 1)
+    x.update(kmin=bounds["kmin"], kmax=bounds["kmax"])
+    if opens_chunk:
+        x["pos"] = (x["pos"] // chunk) * chunk
+    tail = int(x["pos"]) // chunk
+    if drop_last:
+        x["slot_chunk"][batch - 1][x["slot_chunk"][batch - 1] == tail] = -1
+    chunk_slot = torch.full((batch, CONTEXT // chunk), -1, dtype=torch.long, device="cuda")
+    slots = x["slot_chunk"].shape[1]
+    for row in range(batch):  # the inverse of slot_chunk
+        filled = x["slot_chunk"][row] >= 0
+        chunk_slot[row, x["slot_chunk"][row][filled]] = torch.arange(slots, device="cuda")[filled]
+    x["chunk_slot"] = chunk_slot
+    x["k_new"] = torch.randn(batch, KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
+    x["v_new"] = torch.randn_like(x["k_new"])
+    x["q_tap"] = torch.full_like(x["q"], float("nan"))
+    return x
+
+
+APPEND_OPERANDS = ("q", "k_pool", "v_pool", "slot_chunk", "pos", "valid_start", "k_new", "v_new", "chunk_slot", "kmin", "kmax", "q_tap")
+APPEND_STATE = ("k_pool", "v_pool", "kmin", "kmax", "q_tap")
+
+
+def check_sparse_append(batch: int, chunk: int) -> None:
+    """The fused step of a sparse layer (attention + append + bounds + query tap) against its reference
+    on the GPU: the output within bf16 tolerance, the store bit for bit; mid-chunk and chunk-opening
+    positions, a sequence whose chunk of ``pos`` has no slot; the launcher and the op (PDL on sm90)."""
+    scale = HEAD_DIM**-0.5
+    for opens in (False, True):
+        x = append_store(batch, chunk, seed=71 + batch, opens_chunk=opens, drop_last=batch > 1)
+        tag = f"sparse+append B={batch} C={chunk} pos%C={int(x['pos']) % chunk}"
+        expected = {k: (v.clone() if k in APPEND_STATE else v) for k, v in x.items()}
+        ref = K.sparse_decode_attention_append_ref(*(expected[n] for n in APPEND_OPERANDS), scale=scale)
+        for via in ("launcher", "op"):
+            got = {k: (v.clone() if k in APPEND_STATE else v) for k, v in x.items()}
+            args = [got[n] for n in APPEND_OPERANDS]
+            if via == "launcher":
+                out = torch.full_like(x["q"], float("nan"))
+                K.sparse_decode_attention_append_triton(*args, scale=scale, out=out)
+            else:
+                out = torch.ops.lsa.sparse_decode_attention_append(*args, scale, 0.0)
+            emit(check_close(f"{tag} {via}", out, ref, **BF16))
+            emit(check_equal(f"{tag} {via} store and tap", [got[n] for n in APPEND_STATE], [expected[n] for n in APPEND_STATE]))
+
+
 def check_scores(batch: int, chunk: int) -> None:
     x = bounds_inputs(batch, chunk, seed=11 + batch)
     ref = K.chunk_scores_ref(x["q"], x["kmin"], x["kmax"])
@@ -448,6 +500,28 @@ def time_append(batch: int, chunk: int, iters: int) -> None:
     emit({"kernel": "append_kv", "batch": batch, **time_calls([plain], iters)})
 
 
+def time_sparse_append(batch: int, chunk: int, iters: int, layers: int = 8) -> None:
+    """A sparse layer's step as the rewrite emits it (``sparse_decode_attention_append``: two launches)
+    against the ops it replaces (``append_kv``, ``update_chunk_index``, ``tap``, ``sparse_decode_attention``:
+    five), over ``layers`` stores in turn (graph-replay time per layer)."""
+    stores = [append_store(batch, chunk, seed=81 + i) for i in range(layers)]
+    scale = HEAD_DIM**-0.5
+
+    def fused(x):
+        torch.ops.lsa.sparse_decode_attention_append(*(x[n] for n in APPEND_OPERANDS), scale, 0.0)
+
+    def unfused(x):
+        torch.ops.lsa.append_kv(x["k_pool"], x["v_pool"], x["k_new"], x["v_new"], x["pos"], x["chunk_slot"])
+        torch.ops.lsa.update_chunk_index(x["kmin"], x["kmax"], x["k_new"], x["pos"], chunk)
+        torch.ops.lsa.tap(x["q_tap"], x["q"])
+        torch.ops.lsa.sparse_decode_attention(x["q"], x["k_pool"], x["v_pool"], x["slot_chunk"], x["pos"], x["valid_start"], scale, 0.0)
+
+    nbytes = sparse_bytes(stores[0])
+    for name, step in (("sparse+append fused (2 launches)", fused), ("sparse+append unfused (5 launches)", unfused)):
+        calls = [(lambda x=x: step(x)) for x in stores]
+        emit(with_bandwidth({"kernel": name, "batch": batch, "chunk": chunk, "layers": layers, **time_calls(calls, iters)}, nbytes))
+
+
 def time_scores(batch: int, chunk: int, iters: int) -> None:
     first = bounds_inputs(batch, chunk, seed=61)
     nbytes = 2 * first["kmin"].numel() * first["kmin"].element_size()
@@ -495,6 +569,8 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=100)
     parser.add_argument("--sweep", action="store_true", help="also time split-kernel launch configurations")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile(reduce-overhead) check")
+    parser.add_argument("--only", choices=["sparse_append"], default=None,
+                        help="sparse_append: only the fused attention + append op (check and time, batch 1 and 8)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: this script checks and times the Triton kernels on a GPU", file=sys.stderr)
@@ -512,6 +588,14 @@ def main() -> int:
     print(json.dumps(meta), flush=True)
     torch.manual_seed(0)
 
+    if args.only == "sparse_append":
+        with torch.inference_mode():
+            for batch in (1, 8):
+                check_sparse_append(batch, 64)
+            for batch in (1, 8):
+                time_sparse_append(batch, 64, args.iters)
+        return report(args.out, meta)
+
     with torch.inference_mode():
         check_coverage()
         for batch in (1, 8):
@@ -519,6 +603,7 @@ def main() -> int:
                 check_sparse(batch, chunk, softcap)
             check_ring(batch)
             check_append(batch, 64)
+            check_sparse_append(batch, 64)
             check_scores(batch, 64)
         check_graph_and_compile(2, 64, compile_too=False)
     if not args.no_compile:
@@ -531,12 +616,17 @@ def main() -> int:
                 time_sparse(batch, chunk, args.iters)
             time_ring(batch, args.iters)
             time_append(batch, 64, args.iters)
+            time_sparse_append(batch, 64, args.iters)
             time_scores(batch, 64, args.iters)
             time_dense_sdpa(batch, args.iters)
         if args.sweep:
             sweep(args.iters)
 
-    args.out.write_text(json.dumps(dict(meta=meta, failures=FAILURES, records=RECORDS), indent=1))
+    return report(args.out, meta)
+
+
+def report(out: Path, meta: dict) -> int:
+    out.write_text(json.dumps(dict(meta=meta, failures=FAILURES, records=RECORDS), indent=1))
     summary = [r for r in RECORDS if "kernel" in r]
     print("\nkernel                          B    eager ms  graph ms  TB/s")
     for r in summary:
@@ -544,7 +634,7 @@ def main() -> int:
     if FAILURES:
         print(f"\n{len(FAILURES)} MISMATCHES:", *FAILURES, sep="\n  ", file=sys.stderr)
         return 1
-    print(f"\nall {sum('check' in r for r in RECORDS)} checks passed; results in {args.out}")
+    print(f"\nall {sum('check' in r for r in RECORDS)} checks passed; results in {out}")
     return 0
 
 

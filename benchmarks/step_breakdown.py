@@ -25,6 +25,7 @@ step's true floor is lower by its bytes / 4.2 TB/s (``floor_ms_without_embedding
     python benchmarks/step_breakdown.py --contexts 131072 --lags 4,8 --variants default,inductor_defaults,max_autotune_gemm
     python benchmarks/step_breakdown.py --contexts 131072,524288 --lag-max none,63 --copy-programs 16,8 --prefill-window 4096
     python benchmarks/step_breakdown.py --contexts 524288 --prefill-window 4096
+    python benchmarks/step_breakdown.py --lag-max 63 --prefill-window 4096 --variants default,cd_unfused_append
     python benchmarks/step_breakdown.py --tiny      # the script itself on a tiny model, CPU, seconds
 """
 
@@ -47,7 +48,7 @@ from e2e_decode import build_model, cache_kw  # noqa: E402
 import lsa_rewrite  # noqa: E402
 from lsa_rewrite import LSAConfig  # noqa: E402
 
-VISIBLE_WRITES = "lsa_visible_writes"  # a variant key handled by `recompile`, not passed to Inductor
+GRAPH = "lsa_graph"  # a variant key handled by `recompile` (a rewrite of the step's graph), not passed to Inductor
 VARIANTS = {  # Inductor settings the decode step is compiled with, in place of the library's INDUCTOR_OPTIONS
     "default": None,  # the library's own (lsa_rewrite/runtime/compiled.py)
     "inductor_defaults": {},  # Inductor's defaults: cuBLAS for the projections (the library's choice before run 57)
@@ -62,12 +63,20 @@ VARIANTS = {  # Inductor settings the decode step is compiled with, in place of 
     # the store writes (K/V append, chunk bounds, taps) as the kernels' PyTorch references instead of the
     # custom ops, so Inductor sees indexed stores it can fuse with the kernels making K/V (not an Inductor
     # setting: `recompile` rewrites the graph it compiles)
-    "cd_visible_writes": {"coordinate_descent_tuning": True, VISIBLE_WRITES: True},
+    "cd_visible_writes": {"coordinate_descent_tuning": True, GRAPH: "visible_writes"},
+    # the step as the rewrite emitted it before run 68: `append_kv`, `update_chunk_index`, `tap` and
+    # `sparse_decode_attention` per sparse layer (five launches) instead of the fused
+    # `sparse_decode_attention_append` (two)
+    "cd_unfused_append": {"coordinate_descent_tuning": True, GRAPH: "unfused_append"},
 }
 
 
 def kind_of(name: str) -> str:
     low = name.lower()
+    # Inductor's kernels first: their names list the ops they were fused from, which may include an
+    # lsa op's name (the K/V projection feeding the append); until run 68 those counted as kv_append
+    if low.startswith(("triton_red_", "triton_per_", "triton_poi_", "triton_tem_")):
+        return "inductor_triton"
     if "copy_chunks" in low or "unpack_chunks" in low or "pack_chunks" in low:
         return "recall_copies"
     if "decode" in low and ("attn" in low or "attention" in low or "merge" in low or "split" in low):
@@ -225,8 +234,9 @@ def recompile(model, kw: str, cache, token: torch.Tensor, options: dict | None) 
     forget_compiled(model)
     library, clone = compiled.INDUCTOR_OPTIONS, compiled.clone_program
     options = None if options is None else dict(options)
-    if options is not None and options.pop(VISIBLE_WRITES, False):
-        compiled.clone_program = lambda program: visible_writes(clone(program))
+    transform = None if options is None else GRAPH_TRANSFORMS[options.pop(GRAPH)] if GRAPH in options else None
+    if transform is not None:
+        compiled.clone_program = lambda program: transform(clone(program))
     compiled.INDUCTOR_OPTIONS = library if options is None else options
     t0 = time.perf_counter()
     try:
@@ -241,19 +251,51 @@ def _tap_ref(dst: torch.Tensor, src: torch.Tensor) -> None:
     dst.copy_(src.reshape(dst.shape))
 
 
-def visible_writes(program):
-    """``program`` (a clone) with the store-writing custom ops replaced by their PyTorch references."""
+def _append_visible(q, k_pool, v_pool, slot_chunk, pos, valid_start, k_new, v_new, chunk_slot, kmin, kmax, q_tap, scale, softcap=0.0):
+    """``lsa::sparse_decode_attention_append`` with its writes as PyTorch references, the attention as its op."""
     import lsa_rewrite.kernels as K
 
+    K.append_kv_ref(k_pool, v_pool, k_new, v_new, pos, chunk_slot)
+    K.update_chunk_index_ref(kmin, kmax, k_new, pos, k_pool.shape[1])
+    _tap_ref(q_tap, q)
+    return torch.ops.lsa.sparse_decode_attention(q, k_pool, v_pool, slot_chunk, pos, valid_start, scale, softcap)
+
+
+def _append_unfused(q, k_pool, v_pool, slot_chunk, pos, valid_start, k_new, v_new, chunk_slot, kmin, kmax, q_tap, scale, softcap=0.0):
+    """``lsa::sparse_decode_attention_append`` as the four ops the rewrite emitted before it (five launches)."""
     ops = torch.ops.lsa
-    swap = {ops.append_kv.default: K.append_kv_ref, ops.update_chunk_index.default: K.update_chunk_index_ref,
-            ops.ring_append_kv.default: K.ring_append_kv_ref, ops.tap.default: _tap_ref}
+    ops.append_kv(k_pool, v_pool, k_new, v_new, pos, chunk_slot)
+    ops.update_chunk_index(kmin, kmax, k_new, pos, k_pool.shape[1])
+    ops.tap(q_tap, q)
+    return ops.sparse_decode_attention(q, k_pool, v_pool, slot_chunk, pos, valid_start, scale, softcap)
+
+
+def _swap_targets(program, swap: dict):
     gm = program.module
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in swap:
             node.target = swap[node.target]
     gm.recompile()
     return program
+
+
+def visible_writes(program):
+    """``program`` (a clone) with the store-writing custom ops replaced by their PyTorch references."""
+    import lsa_rewrite.kernels as K
+
+    ops = torch.ops.lsa
+    return _swap_targets(program, {
+        ops.sparse_decode_attention_append.default: _append_visible, ops.ring_append_kv.default: K.ring_append_kv_ref,
+        ops.tap.default: _tap_ref,
+    })
+
+
+def unfused_append(program):
+    """``program`` (a clone) with each fused sparse layer step as the separate ops (the rewrite before run 68)."""
+    return _swap_targets(program, {torch.ops.lsa.sparse_decode_attention_append.default: _append_unfused})
+
+
+GRAPH_TRANSFORMS = {"visible_writes": visible_writes, "unfused_append": unfused_append}
 
 
 def set_copy_programs(programs: int) -> int:

@@ -6,6 +6,13 @@ Ops (namespace ``lsa``):
   positions ``chunk * C + j``. A token takes part when its slot is filled, its position is at most
   ``pos`` (the token being decoded, already appended) and at least ``valid_start[b]`` (left padding).
   GQA-aware: query head ``h`` reads kv head ``h // (Hq // Hkv)``, as repeat_kv and ``enable_gqa`` do.
+- ``sparse_decode_attention_append``: a sparse layer's whole decode step, what the rewrite emits:
+  ``append_kv`` of the token at ``pos``, ``update_chunk_index`` of its key, ``tap`` of the query into
+  ``q_tap``, then ``sparse_decode_attention``. On CUDA it is the attention's two launches and no more:
+  the split programs read the pool strictly below ``pos``, and the merge adds the token itself as one
+  more partial (``q . k_new``, ``v_new``) and writes it into its pool slot, its chunk's bounds and the
+  tap, while the split kernel still runs (no launch of its own; nothing in the launch reads what it
+  writes).
 - ``ring_decode_attention``: exact attention over a sliding-window layer's ring of ``W`` tokens.
 
 Scores are computed in float32; optional tanh soft-capping (``softcap > 0``) matches Gemma-2 style
@@ -27,7 +34,7 @@ Where no position takes part at all, the kernels return zeros (the reference ret
 The launchers take each launch choice as a keyword argument (split count, tokens per block, query-group
 rows, warps, stages, PDL; default: the heuristics below), for benchmarks; the ops use the defaults.
 
-Per call on CUDA: two launches, no host sync (``pos`` and ``valid_start`` are read on the device), a
+Per call on CUDA (either sparse op): two launches, no host sync (``pos`` and ``valid_start`` are read on the device), a
 grid fixed by shapes alone (so CUDA graphs replay it), one allocation (the output, which a custom op
 must return fresh; a graph replay reuses its address), and a float32 workspace of split partials
 cached per shape and device, shared by every layer of that shape: safe in stream order, not across
@@ -49,6 +56,8 @@ try:
     import triton.language as tl
 except ImportError:  # Triton ships for Linux only; every op then runs its reference.
     triton = None
+
+from .append_kv import _check_append, _check_bounds, append_kv_ref, update_chunk_index_ref
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, *, scale: float, softcap: float) -> Tensor:
@@ -92,6 +101,31 @@ def sparse_decode_attention_ref(
     return _attend(q, k, v, valid, scale=scale, softcap=softcap)
 
 
+def sparse_decode_attention_append_ref(
+    q: Tensor,
+    k_pool: Tensor,
+    v_pool: Tensor,
+    slot_chunk: Tensor,
+    pos: Tensor,
+    valid_start: Tensor,
+    k_new: Tensor,
+    v_new: Tensor,
+    chunk_slot: Tensor,
+    kmin: Tensor,
+    kmax: Tensor,
+    q_tap: Tensor,
+    *,
+    scale: float,
+    softcap: float = 0.0,
+) -> Tensor:
+    """Reference for ``lsa::sparse_decode_attention_append`` (pure PyTorch): ``append_kv_ref``,
+    ``update_chunk_index_ref`` (chunk size: the pool's), the query tap, then ``sparse_decode_attention_ref``."""
+    append_kv_ref(k_pool, v_pool, k_new, v_new, pos, chunk_slot)
+    update_chunk_index_ref(kmin, kmax, k_new, pos, k_pool.shape[1])
+    q_tap.copy_(q.reshape(q_tap.shape))
+    return sparse_decode_attention_ref(q, k_pool, v_pool, slot_chunk, pos, valid_start, scale=scale, softcap=softcap)
+
+
 def ring_decode_attention_ref(
     q: Tensor, k_ring: Tensor, v_ring: Tensor, pos: Tensor, valid_start: Tensor, *, scale: float, softcap: float = 0.0
 ) -> Tensor:
@@ -129,6 +163,7 @@ if triton is not None:
         HEAD_DIM: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
         USE_PDL: tl.constexpr,
+        BEFORE_POS: tl.constexpr,
     ):
         """One (sequence, kv head, split): partial attention of the kv head's query group.
 
@@ -139,7 +174,8 @@ if triton is not None:
         per query head of the group, the unnormalised accumulator to ``ws_o`` ``[B, Hq, splits,
         HEAD_DIM]`` and the running max (log2 domain) and sum of exponentials to ``ws_ml``
         ``[B, Hq, splits, 2]``. With ``USE_PDL`` it lets the merge kernel launch once its K/V loop is
-        done (that kernel waits for this grid's results before reading).
+        done (that kernel waits for this grid's results before reading). With ``BEFORE_POS`` (pool
+        only) the positions strictly below ``pos`` take part: the merge adds the token at ``pos``.
         """
         tl.static_assert(BLOCK_G >= 16, "tl.dot needs at least 16 rows: pad the query group")
         tl.static_assert(BLOCK_N >= 16)
@@ -162,6 +198,11 @@ if triton is not None:
         q = tl.load(q_ptrs, mask=mask_g[:, None], other=0.0)  # [BLOCK_G, HEAD_DIM]; padded rows are 0
 
         pos = tl.load(pos_ptr)
+        # the last position read from the pool: ``pos`` itself, or (``BEFORE_POS``) the one before it,
+        # whose slot row the merge kernel writes in this same step
+        last = pos
+        if BEFORE_POS:
+            last = pos - 1
         valid_start = tl.load(valid_start_ptr + pid_b)
         k_base = k_ptr + pid_b * stride_k_b + pid_kv * stride_k_h + offs_d[None, :] * stride_k_d
         v_base = v_ptr + pid_b * stride_v_b + pid_kv * stride_v_h + offs_d[None, :] * stride_v_d
@@ -193,7 +234,7 @@ if triton is not None:
                     chunk = tl.load(table_ptr + pid_b * stride_table_b + slot * stride_table_s, mask=slot < window, other=-1)
                     position = chunk * CHUNK + token
                     # an empty slot (chunk -1) has only negative positions: position >= 0 tests fill
-                    mask_n = (position >= 0) & (position <= pos) & (position >= valid_start)
+                    mask_n = (position >= 0) & (position <= last) & (position >= valid_start)
                 else:
                     slot = blk // SUBS
                     first = (blk % SUBS) * BLOCK_N
@@ -203,7 +244,7 @@ if triton is not None:
                     # int64 position compares per token cost ~30 more instructions per block (run 23)
                     base = chunk * CHUNK + first
                     lo = tl.minimum(tl.maximum(valid_start - base, 0), BLOCK_N).to(tl.int32)
-                    hi = tl.where(chunk >= 0, tl.minimum(tl.maximum(pos - base, -1), BLOCK_N), -1).to(tl.int32)
+                    hi = tl.where(chunk >= 0, tl.minimum(tl.maximum(last - base, -1), BLOCK_N), -1).to(tl.int32)
                     mask_n = (offs_n >= lo) & (offs_n <= hi)
                     token = first + offs_n
                 k_offs = slot * stride_k_slot + token * stride_k_n
@@ -249,10 +290,26 @@ if triton is not None:
         stride_wo_b, stride_wo_h, stride_wo_s,
         stride_wml_b, stride_wml_h, stride_wml_s,
         stride_out_b, stride_out_h, stride_out_d,
+        # the token at ``pos`` (``APPEND`` only; stand-ins otherwise)
+        q_ptr, k_new_ptr, v_new_ptr, pos_ptr, valid_start_ptr, table_ptr,
+        k_pool_ptr, v_pool_ptr, kmin_ptr, kmax_ptr, q_tap_ptr,
+        group, num_chunks, num_bounds, slots_per_seq, scale, softcap,
+        stride_q_b, stride_q_h, stride_q_d,
+        stride_kn_b, stride_kn_h, stride_kn_d,
+        stride_vn_b, stride_vn_h, stride_vn_d,
+        stride_table_b, stride_table_n,
+        stride_kp_row, stride_kp_tok, stride_kp_h, stride_kp_d,
+        stride_vp_row, stride_vp_tok, stride_vp_h, stride_vp_d,
+        stride_kmin_b, stride_kmin_n, stride_kmin_h, stride_kmin_d,
+        stride_kmax_b, stride_kmax_n, stride_kmax_h, stride_kmax_d,
+        stride_tap_b, stride_tap_h, stride_tap_d,
         TILE_S: tl.constexpr,
         BLOCK_D: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         USE_PDL: tl.constexpr,
+        APPEND: tl.constexpr,
+        USE_SOFTCAP: tl.constexpr,
+        CHUNK: tl.constexpr,
     ):
         """One (sequence, query head, ``BLOCK_D`` slice of the head dim): merge the splits' partials.
 
@@ -261,13 +318,72 @@ if triton is not None:
         Many splits take wide tiles over narrow slices (more programs, fewer serial steps).
         With ``USE_PDL`` the kernel is a programmatic dependent launch: it may start while the split
         kernel is still running and waits for its results (``griddepcontrol.wait``) before reading.
+
+        ``APPEND`` (the split kernel ran with ``BEFORE_POS``): before waiting for the split partials
+        (none of this touches them), the program computes the token's score ``q . k_new``, stores its
+        slice of the query into ``q_tap``, and, in the first query head of each kv head's group, writes
+        its slice of the token into the pool slot and folds the key into the chunk's bounds
+        (``append_kv`` + ``update_chunk_index``, same rules). The split programs never read that row or
+        those bounds, and every later reader is a later launch on the stream. In the merge the token
+        joins as one more partial (value ``v_new``) where ``append_kv`` writes it (its chunk has a slot,
+        ``chunk_slot[b, pos // C] >= 0``) and it is not left padding.
         """
-        if USE_PDL:
-            tl.extra.cuda.gdc_wait()
         pid_b = tl.program_id(0).to(tl.int64)
         pid_h = tl.program_id(1).to(tl.int64)
         offs_s = tl.arange(0, TILE_S)
         offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+        if APPEND:
+            # Inputs of the step that kernels before the split kernel wrote (complete before it began):
+            # read, and the token's score computed, before waiting for the split partials.
+            kv_head = pid_h // group
+            offs_k = tl.arange(0, HEAD_DIM)
+            q_row = tl.load(q_ptr + pid_b * stride_q_b + pid_h * stride_q_h + offs_k * stride_q_d)
+            # the key as the pool holds it (its dtype), as the split kernel would have read it
+            k_row = tl.load(k_new_ptr + pid_b * stride_kn_b + kv_head * stride_kn_h + offs_k * stride_kn_d)
+            qk = tl.sum(q_row.to(tl.float32) * k_row.to(k_pool_ptr.dtype.element_ty).to(tl.float32), 0)
+            if USE_SOFTCAP:
+                x = qk * (scale / softcap)
+                t = tl.exp2(tl.abs(x) * (-2.0 * _LOG2E))
+                tanh_x = (1.0 - t) / (1.0 + t)
+                s_new = tl.where(x < 0.0, -tanh_x, tanh_x) * (softcap * _LOG2E)
+            else:
+                s_new = qk * (scale * _LOG2E)
+            v_new = tl.load(v_new_ptr + pid_b * stride_vn_b + kv_head * stride_vn_h + offs_d * stride_vn_d)
+            v_new = v_new.to(v_pool_ptr.dtype.element_ty)
+            pos = tl.load(pos_ptr)
+            logical = pos // CHUNK
+            offset = pos - logical * CHUNK
+            slot = tl.load(table_ptr + pid_b * stride_table_b + logical * stride_table_n, mask=logical < num_chunks, other=-1)
+            visible = (slot >= 0) & (pos >= tl.load(valid_start_ptr + pid_b))
+            # The token's writes, also before the wait: the split programs never read the row at ``pos``
+            # (masked), the bounds or the tap, and every later reader is a later (non-PDL) launch.
+            q_part = tl.load(q_ptr + pid_b * stride_q_b + pid_h * stride_q_h + offs_d * stride_q_d)
+            tl.store(q_tap_ptr + pid_b * stride_tap_b + pid_h * stride_tap_h + offs_d * stride_tap_d,
+                     q_part.to(q_tap_ptr.dtype.element_ty))
+            if pid_h % group == 0:
+                k_part = tl.load(k_new_ptr + pid_b * stride_kn_b + kv_head * stride_kn_h + offs_d * stride_kn_d)
+                # a chunk without a slot (-1) is not written anywhere (vector form of "slot >= 0")
+                mask_w = (offs_d * 0 + slot) >= 0
+                row = pid_b * slots_per_seq + slot
+                k_dst = k_pool_ptr + row * stride_kp_row + offset * stride_kp_tok + kv_head * stride_kp_h + offs_d * stride_kp_d
+                v_dst = v_pool_ptr + row * stride_vp_row + offset * stride_vp_tok + kv_head * stride_vp_h + offs_d * stride_vp_d
+                tl.store(k_dst, k_part.to(k_pool_ptr.dtype.element_ty), mask=mask_w)
+                tl.store(v_dst, v_new, mask=mask_w)
+                # the chunk bounds, as ``_append_token_kernel`` folds them: the key in the bounds' dtype,
+                # min/max in fp32 (exact), and the chunk's first token resets them
+                mask_b = (offs_d * 0 + logical) < num_bounds
+                kmin_ptrs = kmin_ptr + pid_b * stride_kmin_b + logical * stride_kmin_n + kv_head * stride_kmin_h + offs_d * stride_kmin_d
+                kmax_ptrs = kmax_ptr + pid_b * stride_kmax_b + logical * stride_kmax_n + kv_head * stride_kmax_h + offs_d * stride_kmax_d
+                key = k_part.to(kmin_ptr.dtype.element_ty).to(tl.float32)
+                opens = (offs_d * 0 + offset) == 0
+                old_min = tl.load(kmin_ptrs, mask=mask_b & ~opens, other=0.0).to(tl.float32)
+                old_max = tl.load(kmax_ptrs, mask=mask_b & ~opens, other=0.0).to(tl.float32)
+                new_min = tl.where(opens, key, tl.minimum(old_min, key))
+                new_max = tl.where(opens, key, tl.maximum(old_max, key))
+                tl.store(kmin_ptrs, new_min.to(kmin_ptr.dtype.element_ty), mask=mask_b)
+                tl.store(kmax_ptrs, new_max.to(kmax_ptr.dtype.element_ty), mask=mask_b)
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
         o_base = ws_o_ptr + pid_b * stride_wo_b + pid_h * stride_wo_h
         ml_base = ws_ml_ptr + pid_b * stride_wml_b + pid_h * stride_wml_h
 
@@ -290,10 +406,18 @@ if triton is not None:
             acc_lane = acc_lane * alpha[:, None] + weight[:, None] * acc
             m_lane = m_new
 
-        weight = tl.exp2(m_lane - tl.max(m_lane, 0))  # [TILE_S]; lanes that saw only padding weigh 0
+        m_all = tl.max(m_lane, 0)
+        if APPEND:
+            m_all = tl.where(visible, tl.maximum(m_all, s_new), m_all)
+        weight = tl.exp2(m_lane - m_all)  # [TILE_S]; lanes that saw only padding weigh 0
         total = tl.sum(weight * l_lane, 0)
+        acc_all = tl.sum(weight[:, None] * acc_lane, 0)
+        if APPEND:
+            w_new = tl.where(visible, tl.exp2(tl.minimum(s_new - m_all, 0.0)), 0.0)  # min: no overflow where unused
+            total += w_new
+            acc_all += w_new * v_new.to(tl.float32)
         # nothing attended at all (total 0, acc 0): write zeros rather than 0/0
-        out = tl.sum(weight[:, None] * acc_lane, 0) / tl.where(total > 0.0, total, 1.0)
+        out = acc_all / tl.where(total > 0.0, total, 1.0)
         out_ptrs = out_ptr + pid_b * stride_out_b + pid_h * stride_out_h + offs_d * stride_out_d
         tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty))
 
@@ -495,6 +619,27 @@ def _sparse_problem(q, k_pool, v_pool, slot_chunk, pos, valid_start) -> str | No
     return None
 
 
+def _append_problem(q, k_pool, v_pool, slot_chunk, pos, valid_start, k_new, v_new, chunk_slot, kmin, kmax, q_tap) -> str | None:
+    """Why the fused attention + append kernels cannot take these operands (None: they can)."""
+    problem = _sparse_problem(q, k_pool, v_pool, slot_chunk, pos, valid_start)
+    if problem is not None:
+        return problem
+    token = (q.shape[0], *k_pool.shape[2:])
+    if tuple(k_new.shape) != token or tuple(v_new.shape) != token:
+        return f"k_new/v_new {tuple(k_new.shape)} / {tuple(v_new.shape)} must be [B, Hkv, D] = {token}"
+    if chunk_slot.dim() != 2 or chunk_slot.shape[0] != q.shape[0] or chunk_slot.dtype != torch.int64:
+        return f"chunk_slot must be [B, N] int64, got {chunk_slot.dtype} {tuple(chunk_slot.shape)}"
+    if kmin.shape != kmax.shape or kmin.dim() != 4 or tuple(kmin.shape[2:]) != token[1:] or kmin.shape[0] != q.shape[0]:
+        return f"bounds {tuple(kmin.shape)} / {tuple(kmax.shape)} must be [B, N, Hkv, D] for token {token}"
+    if tuple(q_tap.shape) != tuple(q.shape):
+        return f"q_tap {tuple(q_tap.shape)} must be shaped like q {tuple(q.shape)}"
+    if any(t.dtype not in _SUPPORTED_DTYPES for t in (k_new, v_new, kmin, kmax, q_tap)):
+        return "k_new, v_new, the bounds and q_tap must be fp16, bf16 or fp32"
+    if len({t.device for t in (q, k_new, v_new, chunk_slot, kmin, kmax, q_tap)}) != 1:
+        return "operands live on different devices"
+    return None
+
+
 def _ring_problem(q, k_ring, v_ring, pos, valid_start) -> str | None:
     problem = _decode_problem(q, k_ring, v_ring, pos, valid_start)
     if problem is None and k_ring.shape[0] != q.shape[0]:
@@ -512,9 +657,11 @@ def _launch_decode(
     is_ring: bool, chunk: int, block_n: int, num_blocks: int, window: int,
     k_strides: tuple[int, int, int], v_strides: tuple[int, int, int],
     scale: float, softcap: float, num_splits: int | None, group_rows: int | None,
-    num_warps: int | None, num_stages: int | None, pdl: bool, out: Tensor | None,
+    num_warps: int | None, num_stages: int | None, pdl: bool, out: Tensor | None, append: dict | None = None,
 ) -> Tensor:
-    """Shared by both launchers. ``*_strides``: (sequence, slot, token) strides of K/V."""
+    """Shared by the launchers. ``*_strides``: (sequence, slot, token) strides of K/V. ``append``: the
+    token at ``pos`` and the tensors it is written to (see ``_launch_merge``); the split kernel then
+    reads the pool strictly below ``pos``."""
     batch, q_heads, head_dim = q.shape
     kv_heads = k.shape[2]
     group = q_heads // kv_heads
@@ -545,9 +692,10 @@ def _launch_decode(
         HEAD_DIM=head_dim,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         USE_PDL=pdl,
+        BEFORE_POS=append is not None,
         **config,
     )
-    _launch_merge((ws_o, ws_ml), out, splits, pdl=pdl)
+    _launch_merge((ws_o, ws_ml), out, splits, pdl=pdl, append=append, scale=scale, softcap=softcap)
     return out
 
 
@@ -595,22 +743,50 @@ def _merge_tiles(splits: int, head_dim: int) -> tuple[int, int]:
     return tile_s, block_d
 
 
-def _launch_merge(ws: tuple[Tensor, Tensor], out: Tensor, splits: int, *, pdl: bool = False) -> None:
+def _launch_merge(
+    ws: tuple[Tensor, Tensor], out: Tensor, splits: int, *, pdl: bool = False, append: dict | None = None,
+    scale: float = 1.0, softcap: float = 0.0,
+) -> None:
     """The merge kernel over ``splits`` partials of ``ws`` (see ``_workspace``) into ``out``: one
     program per query head and slice of the head dim; ``pdl``: a programmatic dependent launch (the
-    split kernel before it must have been launched with ``USE_PDL``)."""
+    split kernel before it must have been launched with ``USE_PDL``). ``append`` (keys ``q``,
+    ``k_new``, ``v_new``, ``pos``, ``valid_start``, ``chunk_slot``, ``k_pool``, ``v_pool``, ``kmin``,
+    ``kmax``, ``q_tap``): add the token at ``pos`` and write it (the split kernel must have run with
+    ``BEFORE_POS``); ``scale``/``softcap`` are its score's."""
     extra = {"launch_pdl": True} if pdl else {}
     batch, q_heads, head_dim = out.shape
     tile_s, block_d = _merge_tiles(splits, head_dim)
+    if append is None:
+        # stand-ins for the token's operands: the APPEND branch is compiled out
+        a = dict(q=out, k_new=out, v_new=out, pos=out, valid_start=out, chunk_slot=out.view(batch, -1),
+                 k_pool=out.unsqueeze(0), v_pool=out.unsqueeze(0), kmin=out.unsqueeze(0), kmax=out.unsqueeze(0), q_tap=out)
+        group = num_chunks = num_bounds = slots_per_seq = 1
+    else:
+        a = append
+        group = q_heads // a["k_pool"].shape[2]
+        num_chunks, num_bounds = a["chunk_slot"].shape[1], a["kmin"].shape[1]
+        slots_per_seq = a["k_pool"].shape[0] // batch
     _decode_merge_kernel[(batch, q_heads, head_dim // block_d)](
         ws[0], ws[1], out, splits,
         ws[0].stride(0), ws[0].stride(1), ws[0].stride(2),
         ws[1].stride(0), ws[1].stride(1), ws[1].stride(2),
         out.stride(0), out.stride(1), out.stride(2),
+        a["q"], a["k_new"], a["v_new"], a["pos"], a["valid_start"], a["chunk_slot"],
+        a["k_pool"], a["v_pool"], a["kmin"], a["kmax"], a["q_tap"],
+        group, num_chunks, num_bounds, slots_per_seq, float(scale), float(softcap),
+        a["q"].stride(0), a["q"].stride(1), a["q"].stride(2),
+        a["k_new"].stride(0), a["k_new"].stride(1), a["k_new"].stride(2),
+        a["v_new"].stride(0), a["v_new"].stride(1), a["v_new"].stride(2),
+        a["chunk_slot"].stride(0), a["chunk_slot"].stride(1),
+        *a["k_pool"].stride(), *a["v_pool"].stride(), *a["kmin"].stride(), *a["kmax"].stride(),
+        a["q_tap"].stride(0), a["q_tap"].stride(1), a["q_tap"].stride(2),
         TILE_S=tile_s,
         BLOCK_D=block_d,
         HEAD_DIM=head_dim,
         USE_PDL=pdl,
+        APPEND=append is not None,
+        USE_SOFTCAP=softcap > 0.0,
+        CHUNK=a["k_pool"].shape[1] if append is not None else 1,
         num_warps=4,
         **extra,
     )
@@ -671,6 +847,58 @@ def sparse_decode_attention_triton(
         v_strides=(slots * v_pool.stride(0), v_pool.stride(0), v_pool.stride(1)),
         scale=scale, softcap=softcap, num_splits=num_splits, group_rows=group_rows,
         num_warps=num_warps, num_stages=num_stages, pdl=use_pdl, out=out,
+    )
+
+
+def sparse_decode_attention_append_triton(
+    q: Tensor,
+    k_pool: Tensor,
+    v_pool: Tensor,
+    slot_chunk: Tensor,
+    pos: Tensor,
+    valid_start: Tensor,
+    k_new: Tensor,
+    v_new: Tensor,
+    chunk_slot: Tensor,
+    kmin: Tensor,
+    kmax: Tensor,
+    q_tap: Tensor,
+    *,
+    scale: float,
+    softcap: float = 0.0,
+    num_splits: int | None = None,
+    min_block_tokens: int = _MIN_BLOCK_TOKENS,
+    group_rows: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    pdl: bool | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
+    """Triton launcher of ``lsa::sparse_decode_attention_append``: the two launches of
+    ``sparse_decode_attention_triton`` and nothing else. The split kernel reads the pool strictly below
+    ``pos``; the merge kernel adds the token at ``pos`` (``k_new``/``v_new`` ``[B, Hkv, D]``) as one
+    more partial, writes it into its pool slot and chunk bounds (``append_kv`` + ``update_chunk_index``,
+    chunk size: the pool's) and copies ``q`` into ``q_tap`` (``lsa::tap``). Same launch options.
+    """
+    use_pdl = _check_launch_options(
+        "sparse_decode_attention_append (Triton)", q.device, min_block_tokens=min_block_tokens, group_rows=group_rows,
+        num_warps=num_warps, num_stages=num_stages, pdl=pdl,
+    )
+    problem = _append_problem(q, k_pool, v_pool, slot_chunk, pos, valid_start, k_new, v_new, chunk_slot, kmin, kmax, q_tap)
+    if problem is not None:
+        raise ValueError(f"sparse_decode_attention_append (Triton): {problem}")
+    slots = slot_chunk.shape[1]
+    chunk, _, head_dim = k_pool.shape[1:]
+    block_n, num_blocks = _sparse_blocks(slots, chunk, head_dim, k_pool.element_size(), min_block_tokens)
+    append = dict(q=q, k_new=k_new, v_new=v_new, pos=pos, valid_start=valid_start, chunk_slot=chunk_slot,
+                  k_pool=k_pool, v_pool=v_pool, kmin=kmin, kmax=kmax, q_tap=q_tap)
+    return _launch_decode(
+        q, k_pool, v_pool, slot_chunk, pos, valid_start,
+        is_ring=False, chunk=chunk, block_n=block_n, window=slots, num_blocks=num_blocks,
+        k_strides=(slots * k_pool.stride(0), k_pool.stride(0), k_pool.stride(1)),
+        v_strides=(slots * v_pool.stride(0), v_pool.stride(0), v_pool.stride(1)),
+        scale=scale, softcap=softcap, num_splits=num_splits, group_rows=group_rows,
+        num_warps=num_warps, num_stages=num_stages, pdl=use_pdl, out=out, append=append,
     )
 
 
@@ -772,6 +1000,68 @@ def sparse_decode_attention(
 
 @sparse_decode_attention.register_fake
 def _(q, k_pool, v_pool, slot_chunk, pos, valid_start, scale, softcap=0.0):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("lsa::sparse_decode_attention_append", mutates_args=("k_pool", "v_pool", "kmin", "kmax", "q_tap"))
+def sparse_decode_attention_append(
+    q: Tensor,
+    k_pool: Tensor,
+    v_pool: Tensor,
+    slot_chunk: Tensor,
+    pos: Tensor,
+    valid_start: Tensor,
+    k_new: Tensor,
+    v_new: Tensor,
+    chunk_slot: Tensor,
+    kmin: Tensor,
+    kmax: Tensor,
+    q_tap: Tensor,
+    scale: float,
+    softcap: float = 0.0,
+) -> Tensor:
+    """One decode step of a sparse layer's store: append the token at ``pos`` (``append_kv``), fold its
+    key into its chunk's bounds (``update_chunk_index``, chunk size: the pool's), tap the query
+    (``tap``), and return ``sparse_decode_attention`` over the pool with the token in it.
+
+    On CUDA this is the two launches of the attention alone: the token is added in the merge, which
+    also writes it (see ``sparse_decode_attention_append_triton``).
+
+    Example::
+
+        >>> q = torch.randn(1, 4, 8); k_new = torch.randn(1, 2, 8); v_new = torch.randn(1, 2, 8)
+        >>> k = torch.randn(1 * 2, 16, 2, 8); v = torch.randn_like(k)
+        >>> slot_chunk = torch.tensor([[0, 3]]); chunk_slot = torch.tensor([[0, -1, -1, 1]])
+        >>> kmin = torch.zeros(1, 4, 2, 8); kmax = torch.zeros(1, 4, 2, 8); q_tap = torch.zeros(1, 4, 8)
+        >>> out = sparse_decode_attention_append(q, k, v, slot_chunk, torch.tensor([50]), torch.zeros(1, dtype=torch.long),
+        ...                                      k_new, v_new, chunk_slot, kmin, kmax, q_tap, 8 ** -0.5)
+        >>> bool(torch.equal(k[1, 50 - 48], k_new[0]))
+        True
+    """
+    _check_query("sparse_decode_attention_append", q, k_pool, v_pool, pos, valid_start)
+    if slot_chunk.dim() != 2 or k_pool.shape[0] != slot_chunk.shape[0] * slot_chunk.shape[1] or slot_chunk.shape[0] != q.shape[0]:
+        raise ValueError(
+            f"sparse_decode_attention_append: pool {tuple(k_pool.shape)} and slot table {tuple(slot_chunk.shape)} do not match batch {q.shape[0]}"
+        )
+    _check_append(k_pool, v_pool, k_new, v_new, pos, chunk_slot)
+    _check_bounds(kmin, kmax, k_new)
+    if q_tap.numel() != q.numel():
+        raise ValueError(f"sparse_decode_attention_append: q_tap {tuple(q_tap.shape)} and q {tuple(q.shape)} differ in size")
+    if q.is_cuda:
+        problem = _append_problem(q, k_pool, v_pool, slot_chunk, pos, valid_start, k_new, v_new, chunk_slot, kmin, kmax, q_tap)
+        if problem is None:
+            return sparse_decode_attention_append_triton(
+                q, k_pool, v_pool, slot_chunk, pos, valid_start, k_new, v_new, chunk_slot, kmin, kmax, q_tap,
+                scale=scale, softcap=softcap,
+            )
+        _warn_reference_fallback("sparse_decode_attention_append", problem)
+    return sparse_decode_attention_append_ref(
+        q, k_pool, v_pool, slot_chunk, pos, valid_start, k_new, v_new, chunk_slot, kmin, kmax, q_tap, scale=scale, softcap=softcap
+    )
+
+
+@sparse_decode_attention_append.register_fake
+def _(q, k_pool, v_pool, slot_chunk, pos, valid_start, k_new, v_new, chunk_slot, kmin, kmax, q_tap, scale, softcap=0.0):
     return torch.empty_like(q)
 
 

@@ -49,7 +49,7 @@ def build_program(
     step, model: torch.nn.Module, config: LSAConfig, windows: dict[int, int], indexer_layers: tuple[int, ...] = ()
 ) -> DecodeProgram:
     """Locate, rewrite, verify and bind a captured step, and check its store inputs against the state contract."""
-    program = build_decode_program(step, model, chunk_size=config.chunk_size, layer_windows=windows, indexer_layers=indexer_layers)
+    program = build_decode_program(step, model, layer_windows=windows, indexer_layers=indexer_layers)
     check_program_inputs(program.store_keys, {s.layer: s.layout for s in program.sites})
     return program
 

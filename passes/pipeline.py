@@ -44,14 +44,14 @@ def locate(step: CapturedStep, *, layer_windows: dict[int, int] | None = None) -
 
 
 def build_decode_program(
-    step: CapturedStep, model: torch.nn.Module, *, chunk_size: int, layer_windows: dict[int, int] | None = None,
+    step: CapturedStep, model: torch.nn.Module, *, layer_windows: dict[int, int] | None = None,
     indexer_layers: tuple[int, ...] = (),
 ) -> DecodeProgram:
     """Locate, (tap the indexer's inputs at ``indexer_layers``,) rewrite, verify and bind ``step`` (its graph is modified in place)."""
     sites = LocateAttentionPass(layer_windows)(step)
     if indexer_layers:
         TapIndexerInputsPass(indexer_layers)(step, sites)
-    store_keys = RewriteAttentionPass(chunk_size)(step, sites)
+    store_keys = RewriteAttentionPass()(step, sites)
     VerifyRewritePass()(step, sites)
     module, input_names = _bind(step, model)
     batch = sites[0].batch

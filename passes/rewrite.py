@@ -9,11 +9,15 @@ Before::
 
 After (``action="rewrite"``)::
 
-    lsa.append_kv(k_pool, v_pool, k_new.select(seq, 0), v_new.select(seq, 0), pos, chunk_slot)
-    lsa.update_chunk_index(kmin, kmax, k_new.select(seq, 0), pos, C)
-    lsa.tap(q_tap, q.select(2, 0))
     lsa.tap(idx_x, x); lsa.tap(idx_cos, cos); lsa.tap(idx_sin, sin)   # indexer target layers only
-    out = lsa.sparse_decode_attention(q.select(2, 0), k_pool, v_pool, slot_chunk, pos, valid_start, scale, softcap).unsqueeze(2)
+    out = lsa.sparse_decode_attention_append(
+        q.select(2, 0), k_pool, v_pool, slot_chunk, pos, valid_start,
+        k_new.select(seq, 0), v_new.select(seq, 0), chunk_slot, kmin, kmax, q_tap, scale, softcap,
+    ).unsqueeze(2)
+
+One op per sparse layer does what ``lsa.append_kv``, ``lsa.update_chunk_index`` (the pool's chunk size),
+``lsa.tap(q_tap, q)`` and ``lsa.sparse_decode_attention`` do in that order; on CUDA it is the attention's
+two launches alone (the token is added, written and tapped in the merge kernel: no launch of its own).
 
 After (``action="ring"``, sliding-window layers)::
 
@@ -51,9 +55,6 @@ OPS = torch.ops.lsa
 class RewriteAttentionPass(GraphPass):
     """Replace cache writes and dense attention with LSA store ops (see module docstring)."""
 
-    def __init__(self, chunk_size: int):
-        self.chunk_size = chunk_size
-
     def __call__(self, step: CapturedStep, sites: list[AttentionSite]) -> list[tuple[int | None, str]]:
         graph = step.graph_module.graph
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -84,17 +85,16 @@ class RewriteAttentionPass(GraphPass):
                         (q_tok, tensors["k_ring"], tensors["v_ring"], pos, valid_start, site.scale, site.softcap),
                     )
                 else:
-                    graph.call_function(OPS.append_kv.default, (tensors["k_pool"], tensors["v_pool"], k_tok, v_tok, pos, tensors["chunk_slot"]))
-                    graph.call_function(OPS.update_chunk_index.default, (tensors["kmin"], tensors["kmax"], k_tok, pos, self.chunk_size))
-                    graph.call_function(OPS.tap.default, (tensors["q_tap"], q_tok))
                     if site.indexer is not None:
                         graph.call_function(OPS.tap.default, (tensors["idx_x"], site.indexer.x))
                         if site.indexer.cos is not None:
                             graph.call_function(OPS.tap.default, (tensors["idx_cos"], site.indexer.cos))
                             graph.call_function(OPS.tap.default, (tensors["idx_sin"], site.indexer.sin))
                     out = graph.call_function(
-                        OPS.sparse_decode_attention.default,
-                        (q_tok, tensors["k_pool"], tensors["v_pool"], tensors["slot_chunk"], pos, valid_start, site.scale, site.softcap),
+                        OPS.sparse_decode_attention_append.default,
+                        (q_tok, tensors["k_pool"], tensors["v_pool"], tensors["slot_chunk"], pos, valid_start,
+                         k_tok, v_tok, tensors["chunk_slot"], tensors["kmin"], tensors["kmax"], tensors["q_tap"],
+                         site.scale, site.softcap),
                     )
                 out4 = graph.call_method("unsqueeze", (out, 2))  # [B, Hq, 1, D]
             site.attn.replace_all_uses_with(out4)

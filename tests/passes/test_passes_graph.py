@@ -36,9 +36,11 @@ def test_rewritten_graph_reads_only_the_store(family):
     targets = _targets(program)
     sparse = sum(s.action == "rewrite" for s in sites)
     ring = sum(s.action == "ring" for s in sites)
-    assert targets.count(LSA.sparse_decode_attention.default) == sparse
-    assert targets.count(LSA.append_kv.default) == sparse
-    assert targets.count(LSA.update_chunk_index.default) == sparse
+    # one fused op per sparse layer: the token's append, its chunk bounds, the query tap and the attention
+    assert targets.count(LSA.sparse_decode_attention_append.default) == sparse
+    for unfused in (LSA.sparse_decode_attention, LSA.append_kv, LSA.update_chunk_index):
+        assert targets.count(unfused.default) == 0
+    assert targets.count(LSA.tap.default) == 0  # no indexer here; the query tap is the fused op's
     assert targets.count(LSA.ring_decode_attention.default) == ring
     assert targets.count(LSA.ring_append_kv.default) == ring
     counts = count_targets(program.module.graph)
@@ -94,10 +96,10 @@ def test_verify_rejects_a_graph_that_still_reads_the_cache():
 
 
 def test_pass_uuids_are_stable_and_distinct():
-    passes = [LocateAttentionPass(), RewriteAttentionPass(16), VerifyRewritePass()]
+    passes = [LocateAttentionPass(), RewriteAttentionPass(), VerifyRewritePass()]
     ids = [p.uuid() for p in passes]
     assert len(set(ids)) == 3
-    assert ids == [p.uuid() for p in (LocateAttentionPass(), RewriteAttentionPass(64), VerifyRewritePass())]
+    assert ids == [p.uuid() for p in (LocateAttentionPass(), RewriteAttentionPass(), VerifyRewritePass())]
 
 
 def test_locate_does_not_change_the_graph():
