@@ -102,7 +102,7 @@ def train_indexer(
         reply_weight: each training window at a task's reply (``CalibrationDump.at_reply``: where the
             reply reads the answer out of the context) is seen this many times per epoch, the others
             once. 1: every window alike. Needs dumps that record reply positions (calibrated by this
-            version); held-out metrics are unweighted.
+            version; a dump of running text alone may join them); held-out metrics are unweighted.
         progress: show a rich progress bar.
 
     Example::
@@ -127,12 +127,14 @@ def train_indexer(
     for other in dumps[1:]:
         _check_compatible(dump, other)
     if reply_weight > 1:
-        unmarked = [str(d.path) for d in dumps if not d.has_replies]
-        if unmarked:
+        # a dump of tasks without reply positions was written before calibration recorded them; a dump
+        # of running text alone has no replies to weight and joins as it is
+        unmarked = [str(d.path) for d in dumps if not d.has_replies and any(doc["source"].startswith("task:") for doc in d.documents)]
+        if unmarked or not any(d.has_replies for d in dumps):
+            names = ", ".join(unmarked or [str(d.path) for d in dumps])
             raise ValueError(
-                f"reply_weight={reply_weight} needs dumps that record where each task's reply starts; "
-                f"{', '.join(unmarked)} do(es) not (calibrated by an older version or without tasks): "
-                "calibrate again, or train with reply_weight=1"
+                f"reply_weight={reply_weight} needs dumps that record where each task's reply starts; {names} "
+                "do(es) not (calibrated by an older version, or without tasks): calibrate again, or train with reply_weight=1"
             )
     device = torch.device(device)
     shapes = dump.shapes

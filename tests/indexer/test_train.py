@@ -437,7 +437,17 @@ def test_reply_weight_repeats_the_windows_at_a_reply(planted, tmp_path):
         assert torch.equal(tensor, one.state_dict()[name]), name
 
     with pytest.raises(ValueError, match="record where each task's reply starts"):
-        train_indexer(planted, epochs=1, reply_weight=2, progress=False)
+        train_indexer(planted, epochs=1, reply_weight=2, progress=False)  # no dump has replies
+    old_tasks = tmp_path / "old_tasks"  # tasks calibrated before reply positions were recorded
+    shutil.copytree(planted, old_tasks)
+    manifest = json.loads((old_tasks / "manifest.json").read_text())
+    for entry in manifest["documents"]:
+        entry["source"] = "task:passkey"
+    (old_tasks / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=f"{old_tasks} do.es. not"):
+        train_indexer([marked, old_tasks], epochs=1, reply_weight=2, progress=False)
+    _, m_text = train_indexer([marked, planted], epochs=1, batch_windows=8, reply_weight=3, progress=False)  # running text joins
+    assert m_text["train"]["reply_windows"] == len(replies) and m_text["train"]["windows"] == 2 * dump.count("train")
     with pytest.raises(ValueError, match="reply_weight must be an int >= 1"):
         train_indexer(marked, epochs=1, reply_weight=0, progress=False)
     out = tmp_path / "r.safetensors"
