@@ -26,6 +26,7 @@ step's true floor is lower by its bytes / 4.2 TB/s (``floor_ms_without_embedding
     python benchmarks/step_breakdown.py --contexts 131072,524288 --lag-max none,63 --copy-programs 16,8 --prefill-window 4096
     python benchmarks/step_breakdown.py --contexts 524288 --prefill-window 4096
     python benchmarks/step_breakdown.py --lag-max 63 --prefill-window 4096 --variants default,cd_unfused_append
+    python benchmarks/step_breakdown.py --lag-max 63 --prefill-window 4096 --variants default,cd_no_gemv,cd_gemv_all
     python benchmarks/step_breakdown.py --tiny      # the script itself on a tiny model, CPU, seconds
 """
 
@@ -68,6 +69,15 @@ VARIANTS = {  # Inductor settings the decode step is compiled with, in place of 
     # `sparse_decode_attention` per sparse layer (five launches) instead of the fused
     # `sparse_decode_attention_append` (two)
     "cd_unfused_append": {"coordinate_descent_tuning": True, GRAPH: "unfused_append"},
+    # the step without `LowerSmallMLinearPass`: every `lsa::small_m_linear` back to `F.linear`, which Inductor
+    # lowers itself (the library's step before run 70)
+    "cd_no_gemv": {"coordinate_descent_tuning": True, GRAPH: "no_gemv"},
+    # the GEMV only where x is not a norm's output (`LowerSmallMLinearPass(normed_inputs=False)`: o and down
+    # at the Llama shape); q/k/v, gate/up and the lm head as `F.linear`, whose Inductor lowering computes
+    # the norm inside the product's kernel. Since run 70 the library's own choice, so the same as `default`
+    "cd_gemv_unnormed": {"coordinate_descent_tuning": True, GRAPH: "gemv_unnormed"},
+    # every projection as the GEMV, norm inputs included (run 70's `default`: slower)
+    "cd_gemv_all": {"coordinate_descent_tuning": True, GRAPH: "gemv_all"},
 }
 
 
@@ -170,7 +180,7 @@ def measure(model, kw: str, cache, token: torch.Tensor, steps: int, interval: in
         kinds = by_kind(times, reps)
         res["kernels_ms_per_step"] = kinds
         res["kernels_sum_ms"] = round(sum(kinds.values()), 3)
-        res["top_kernels"] = top_kernels(times, reps)
+        res["top_kernels"] = top_kernels(times, reps, 48)
         gemm = kinds.get("gemm", 0.0)
         attn = kinds.get("decode_attention", 0.0)
         res["gemm_tb_per_s"] = round((weights - embedding) / (gemm * 1e-3) / 1e12, 2) if gemm else None
@@ -295,7 +305,55 @@ def unfused_append(program):
     return _swap_targets(program, {torch.ops.lsa.sparse_decode_attention_append.default: _append_unfused})
 
 
-GRAPH_TRANSFORMS = {"visible_writes": visible_writes, "unfused_append": unfused_append}
+def no_gemv(program):
+    """``program`` (a clone) with every ``lsa::small_m_linear`` (``LowerSmallMLinearPass``) back to ``F.linear``."""
+    return _swap_targets(program, {torch.ops.lsa.small_m_linear.default: torch.nn.functional.linear})
+
+
+def gemv_unnormed(program):
+    """``program`` (a clone) with the GEMV ops whose x is a norm's output back to ``F.linear`` (what
+    ``LowerSmallMLinearPass(normed_inputs=False)`` leaves)."""
+    from lsa_rewrite.passes.small_m_linear import normed
+
+    gm = program.module
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.lsa.small_m_linear.default and normed(node.args[0]):
+            node.target = torch.nn.functional.linear
+    gm.recompile()
+    return program
+
+
+def gemv_all(program):
+    """``program`` (a clone) with every projection of a batch-1 to 16 step lowered to ``lsa::small_m_linear``."""
+    from lsa_rewrite.passes import LowerSmallMLinearPass
+
+    LowerSmallMLinearPass(normed_inputs=True)(program.module)
+    return program
+
+
+GRAPH_TRANSFORMS = {
+    "visible_writes": visible_writes, "unfused_append": unfused_append, "no_gemv": no_gemv, "gemv_unnormed": gemv_unnormed,
+    "gemv_all": gemv_all,
+}
+
+
+def load_gemv_table(path: str) -> dict:
+    """Put the launch table that ``benchmarks/gemv.py`` chose (its JSON's ``table``) into the GEMV's
+    ``TABLE`` for this process; returns what was loaded (nothing, with a message, when the file is missing)."""
+    import importlib
+    import json
+
+    gemv = importlib.import_module("lsa_rewrite.kernels.small_m_linear")  # the module, not the op the package exports
+    try:
+        table = json.loads(Path(path).read_text())["table"]
+    except (OSError, KeyError, ValueError) as exc:
+        print(f"--gemv-table {path}: not loaded ({type(exc).__name__}: {exc}); the library's table is used", flush=True)
+        return {}
+    for key, config in table.items():
+        n, k = (int(v) for v in key.split(","))
+        gemv.TABLE[(n, k)] = gemv.GemvConfig(**config)
+    print(f"--gemv-table {path}: {table}", flush=True)
+    return table
 
 
 def set_copy_programs(programs: int) -> int:
@@ -320,10 +378,13 @@ def main() -> None:
     parser.add_argument("--prefill-window", type=int, default=None,
                         help="run the prompts' attention over a local window of this many tokens (prefill time only; decode exact)")
     parser.add_argument("--time-budget-s", type=float, default=None)
+    parser.add_argument("--gemv-table", default=None,
+                        help="a benchmarks/gemv.py JSON whose launch table replaces the GEMV's own for this run")
     parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU: checks the script, not a measurement")
     parser.add_argument("--out", default="benchmarks/results/step_breakdown.json")
     args = parser.parse_args()
     started = time.perf_counter()
+    gemv_table = load_gemv_table(args.gemv_table) if args.gemv_table else None
     contexts = [int(c) for c in (args.contexts or ("4096" if args.tiny else "131072")).split(",")]
     lags = [int(x) for x in args.lags.split(",")]
     variants = args.variants.split(",")
@@ -348,6 +409,7 @@ def main() -> None:
         "model": f"Llama-3-8B shape, random bf16 weights, {layers} layers", "weights_bytes": weights, "embedding_bytes": embedding,
         "batch": 1, "steps": steps, "lsa_config": base.to_dict(), "prefill_window": args.prefill_window,
         "floor": f"(weights_bytes + kv_gpu_bytes) / {COPY_BANDWIDTH / 1e12} TB/s", "skipped": [], "results": [],
+        "gemv_table": gemv_table,
     }
     due = time_budget(started, args.time_budget_s, payload["skipped"])
     for ci, ctx in enumerate(contexts):

@@ -35,9 +35,11 @@ from .decode_attention import (
     sparse_decode_attention_ref,
     sparse_decode_attention_triton,
 )
+from .small_m_linear import GemvConfig, small_m_linear, small_m_linear_ref, small_m_linear_triton
 from .tap import tap
 
 __all__ = [
+    "GemvConfig",
     "append_kv",
     "append_kv_ref",
     "append_kv_triton",
@@ -62,6 +64,9 @@ __all__ = [
     "sparse_decode_attention_append_triton",
     "sparse_decode_attention_ref",
     "sparse_decode_attention_triton",
+    "small_m_linear",
+    "small_m_linear_ref",
+    "small_m_linear_triton",
     "tap",
     "unpack_chunks",
     "unpack_chunks_ref",

@@ -1,4 +1,5 @@
-"""FX passes of lsa-rewrite: capture a decode step, locate attention + KV-cache writes, rewrite, verify.
+"""FX passes of lsa-rewrite: capture a decode step, locate attention + KV-cache writes, rewrite, verify,
+and (CUDA, fp16/bf16) lower the step's projections to a GEMV op.
 
 Installed as ``lsa_rewrite.passes``. One pass per file; ``pipeline.py`` holds the explicit order.
 """
@@ -8,6 +9,7 @@ from .indexer_taps import IndexerTap, TapIndexerInputsPass
 from .locate import AttentionSite, LocateAttentionPass, LocateError
 from .pipeline import DecodeProgram, build_decode_program, clone_program, locate
 from .rewrite import RewriteAttentionPass
+from .small_m_linear import LowerSmallMLinearPass
 from .verify import VerifyError, VerifyRewritePass, count_targets
 
 __all__ = [
@@ -19,6 +21,7 @@ __all__ = [
     "IndexerTap",
     "LocateAttentionPass",
     "LocateError",
+    "LowerSmallMLinearPass",
     "RewriteAttentionPass",
     "TapIndexerInputsPass",
     "VerifyError",

@@ -1,8 +1,12 @@
 """The ordered pass pipeline: captured step -> verified, bound decode program.
 
-``LocateAttentionPass`` -> (``TapIndexerInputsPass``) -> ``RewriteAttentionPass`` -> ``VerifyRewritePass`` -> bind. Binding turns
-parameter placeholders into ``get_attr`` of ``model.<name>`` (no copies: the program shares the
-model's parameters) and leaves as inputs only the step inputs and the store tensors.
+``LocateAttentionPass`` -> (``TapIndexerInputsPass``) -> ``RewriteAttentionPass`` -> ``VerifyRewritePass`` -> bind
+-> ``LowerSmallMLinearPass``. Binding turns parameter placeholders into ``get_attr`` of ``model.<name>``
+(no copies: the program shares the model's parameters) and leaves as inputs only the step inputs and the
+store tensors. The last pass needs the bound weights (their device and dtype): in a batch-1 step whose
+weights are fp16/bf16 CUDA tensors it lowers the projections that do not read a norm's output (Llama: o
+and down) to ``lsa::small_m_linear``; a CPU program, a batched step and a tensor-parallel step are left
+as they are (see ``build_decode_program``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from .capture import CapturedStep
 from .indexer_taps import TapIndexerInputsPass
 from .locate import AttentionSite, LocateAttentionPass
 from .rewrite import RewriteAttentionPass
+from .small_m_linear import LowerSmallMLinearPass
 from .verify import VerifyRewritePass
 
 
@@ -47,13 +52,21 @@ def build_decode_program(
     step: CapturedStep, model: torch.nn.Module, *, layer_windows: dict[int, int] | None = None,
     indexer_layers: tuple[int, ...] = (),
 ) -> DecodeProgram:
-    """Locate, (tap the indexer's inputs at ``indexer_layers``,) rewrite, verify and bind ``step`` (its graph is modified in place)."""
+    """Locate, (tap the indexer's inputs at ``indexer_layers``,) rewrite, verify and bind ``step`` (its graph
+    is modified in place), then lower some projections of a CUDA fp16/bf16 batch-1 step to the GEMV op."""
     sites = LocateAttentionPass(layer_windows)(step)
     if indexer_layers:
         TapIndexerInputsPass(indexer_layers)(step, sites)
     store_keys = RewriteAttentionPass()(step, sites)
     VerifyRewritePass()(step, sites)
     module, input_names = _bind(step, model)
+    if not any(is_dtensor(p) for p in model.parameters()):
+        # What was measured faster (H200, 8B shape, 128K, benchmarks/NOTES.md run 70): one row, and only
+        # where x is not a norm's output (o, down): graph replay 5.325 -> 5.045 ms in one process.
+        # Lowering every projection was slower (5.369): Inductor computes a norm inside the reduction
+        # that reads it, the GEMV needs a kernel of its own for it. Four rows on the GEMV's dot path ran
+        # below Inductor's lowering for o and down; the tensor-parallel step was not measured.
+        LowerSmallMLinearPass(max_rows=1, normed_inputs=False)(module)
     batch = sites[0].batch
     return DecodeProgram(module, input_names, store_keys, sites, batch)
 

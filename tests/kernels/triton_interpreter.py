@@ -45,6 +45,7 @@ KERNEL_MODULES = (
     "lsa_rewrite.kernels.compact_chunks",
     "lsa_rewrite.kernels.copy_chunks",
     "lsa_rewrite.kernels.decode_attention",
+    "lsa_rewrite.kernels.small_m_linear",
 )
 POISON = float("nan")
 _interpreted: dict[object, InterpretedFunction] = {}  # Python function -> its interpreted form
