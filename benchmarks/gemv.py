@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import math
 import os
 import sys
@@ -40,7 +41,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, write_json  # noqa: E402
+from common import environment, time_cuda_graph, write_json  # noqa: E402
 
 import lsa_rewrite.kernels  # noqa: E402, F401  (registers the op)
 
@@ -118,28 +119,13 @@ def time_calls(problem: Problem, run, *, cuda: bool, calls: int = 24, replays: i
         t0 = time.perf_counter()
         run(problem.x, problem.weights[0], outs[0])
         return (time.perf_counter() - t0) * 1e3
-    calls = max(calls, problem.copies)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for i in range(2):
-            run(problem.x, problem.weights[i % problem.copies], outs[i % 2])
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            run(problem.x, problem.weights[i % problem.copies], outs[i % 2])
-    graph.replay()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    del graph
-    return sorted(times)[len(times) // 2]
+    counter = itertools.count()
+
+    def call() -> None:  # each captured call reads the next weight copy (out of L2) into the other output
+        i = next(counter)
+        run(problem.x, problem.weights[i % problem.copies], outs[i % 2])
+
+    return time_cuda_graph(call, iters=max(calls, problem.copies), warmup=2, repeats=replays)
 
 
 def gemv_runner(config: GemvConfig | None, pdl: bool | None = None):

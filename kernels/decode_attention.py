@@ -830,24 +830,46 @@ def sparse_decode_attention_triton(
     - ``pdl``: launch the merge as a programmatic dependent launch (None: on sm90+; True elsewhere is
       refused).
     """
+    return _launch_sparse(
+        q, k_pool, v_pool, slot_chunk, pos, valid_start, append=None, scale=scale, softcap=softcap, num_splits=num_splits,
+        min_block_tokens=min_block_tokens, group_rows=group_rows, num_warps=num_warps, num_stages=num_stages, pdl=pdl, out=out,
+    )
+
+
+def _launch_sparse(
+    q: Tensor, k_pool: Tensor, v_pool: Tensor, slot_chunk: Tensor, pos: Tensor, valid_start: Tensor, *,
+    append: dict[str, Tensor] | None, scale: float, softcap: float, num_splits: int | None, min_block_tokens: int,
+    group_rows: int | None, num_warps: int | None, num_stages: int | None, pdl: bool | None, out: Tensor | None,
+) -> Tensor:
+    """The two launchers' shared body: checks, the block plan over the slot table, the launches;
+    ``append`` (the token's operands by name) makes it the fused op's."""
+    op = "sparse_decode_attention" if append is None else "sparse_decode_attention_append"
     use_pdl = _check_launch_options(
-        "sparse_decode_attention (Triton)", q.device, min_block_tokens=min_block_tokens, group_rows=group_rows,
+        f"{op} (Triton)", q.device, min_block_tokens=min_block_tokens, group_rows=group_rows,
         num_warps=num_warps, num_stages=num_stages, pdl=pdl,
     )
-    problem = _sparse_problem(q, k_pool, v_pool, slot_chunk, pos, valid_start)
+    if append is None:
+        problem = _sparse_problem(q, k_pool, v_pool, slot_chunk, pos, valid_start)
+    else:
+        problem = _append_problem(q, k_pool, v_pool, slot_chunk, pos, valid_start, *(append[name] for name in _APPEND_OPERANDS))
     if problem is not None:
-        raise ValueError(f"sparse_decode_attention (Triton): {problem}")
+        raise ValueError(f"{op} (Triton): {problem}")
     slots = slot_chunk.shape[1]
     chunk, _, head_dim = k_pool.shape[1:]
     block_n, num_blocks = _sparse_blocks(slots, chunk, head_dim, k_pool.element_size(), min_block_tokens)
+    if append is not None:
+        append = dict(append, q=q, pos=pos, valid_start=valid_start, k_pool=k_pool, v_pool=v_pool)
     return _launch_decode(
         q, k_pool, v_pool, slot_chunk, pos, valid_start,
         is_ring=False, chunk=chunk, block_n=block_n, window=slots, num_blocks=num_blocks,
         k_strides=(slots * k_pool.stride(0), k_pool.stride(0), k_pool.stride(1)),
         v_strides=(slots * v_pool.stride(0), v_pool.stride(0), v_pool.stride(1)),
         scale=scale, softcap=softcap, num_splits=num_splits, group_rows=group_rows,
-        num_warps=num_warps, num_stages=num_stages, pdl=use_pdl, out=out,
+        num_warps=num_warps, num_stages=num_stages, pdl=use_pdl, out=out, append=append,
     )
+
+
+_APPEND_OPERANDS = ("k_new", "v_new", "chunk_slot", "kmin", "kmax", "q_tap")  # _append_problem's order after the attention's
 
 
 def sparse_decode_attention_append_triton(
@@ -880,25 +902,10 @@ def sparse_decode_attention_append_triton(
     more partial, writes it into its pool slot and chunk bounds (``append_kv`` + ``update_chunk_index``,
     chunk size: the pool's) and copies ``q`` into ``q_tap`` (``lsa::tap``). Same launch options.
     """
-    use_pdl = _check_launch_options(
-        "sparse_decode_attention_append (Triton)", q.device, min_block_tokens=min_block_tokens, group_rows=group_rows,
-        num_warps=num_warps, num_stages=num_stages, pdl=pdl,
-    )
-    problem = _append_problem(q, k_pool, v_pool, slot_chunk, pos, valid_start, k_new, v_new, chunk_slot, kmin, kmax, q_tap)
-    if problem is not None:
-        raise ValueError(f"sparse_decode_attention_append (Triton): {problem}")
-    slots = slot_chunk.shape[1]
-    chunk, _, head_dim = k_pool.shape[1:]
-    block_n, num_blocks = _sparse_blocks(slots, chunk, head_dim, k_pool.element_size(), min_block_tokens)
-    append = dict(q=q, k_new=k_new, v_new=v_new, pos=pos, valid_start=valid_start, chunk_slot=chunk_slot,
-                  k_pool=k_pool, v_pool=v_pool, kmin=kmin, kmax=kmax, q_tap=q_tap)
-    return _launch_decode(
-        q, k_pool, v_pool, slot_chunk, pos, valid_start,
-        is_ring=False, chunk=chunk, block_n=block_n, window=slots, num_blocks=num_blocks,
-        k_strides=(slots * k_pool.stride(0), k_pool.stride(0), k_pool.stride(1)),
-        v_strides=(slots * v_pool.stride(0), v_pool.stride(0), v_pool.stride(1)),
-        scale=scale, softcap=softcap, num_splits=num_splits, group_rows=group_rows,
-        num_warps=num_warps, num_stages=num_stages, pdl=use_pdl, out=out, append=append,
+    append = dict(k_new=k_new, v_new=v_new, chunk_slot=chunk_slot, kmin=kmin, kmax=kmax, q_tap=q_tap)
+    return _launch_sparse(
+        q, k_pool, v_pool, slot_chunk, pos, valid_start, append=append, scale=scale, softcap=softcap, num_splits=num_splits,
+        min_block_tokens=min_block_tokens, group_rows=group_rows, num_warps=num_warps, num_stages=num_stages, pdl=pdl, out=out,
     )
 
 

@@ -61,11 +61,10 @@ def build_decode_program(
     VerifyRewritePass()(step, sites)
     module, input_names = _bind(step, model)
     if not any(is_dtensor(p) for p in model.parameters()):
-        # What was measured faster (H200, 8B shape, 128K, benchmarks/NOTES.md run 70): one row, and only
-        # where x is not a norm's output (o, down): graph replay 5.325 -> 5.045 ms in one process.
-        # Lowering every projection was slower (5.369): Inductor computes a norm inside the reduction
-        # that reads it, the GEMV needs a kernel of its own for it. Four rows on the GEMV's dot path ran
-        # below Inductor's lowering for o and down; the tensor-parallel step was not measured.
+        # One row only, and only where x is not a norm's output: Inductor computes a norm inside the
+        # reduction that reads it (the GEMV would need a kernel of its own for it), and at four rows its
+        # lowering beat the GEMV's dot path (H200, benchmarks/NOTES.md run 70). Tensor-parallel steps:
+        # not measured, left to Inductor.
         LowerSmallMLinearPass(max_rows=1, normed_inputs=False)(module)
     batch = sites[0].batch
     return DecodeProgram(module, input_names, store_keys, sites, batch)

@@ -48,10 +48,8 @@ def test_a_dropped_converted_model_is_freed(caplog):
     finally:
         trace.disabled = was
     caplog.clear()
-    # Freed within a second: a reference held for a moment by a background thread (two CI runs of
-    # 2026-11-30 found one of the three models alive right after the loop; never reproduced in this file
-    # or in the directories run before it) is not a leak. A model still alive after that is, and the
-    # message names what holds it.
+    # Freed within a second: a reference held for a moment (e.g. by a background thread) is not a leak;
+    # a model still alive after that is, and the message names what holds it.
     for _ in range(10):
         gc.collect()
         alive = [r for r in refs if r() is not None]
