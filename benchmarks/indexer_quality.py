@@ -465,6 +465,12 @@ def print_table(payload: dict[str, Any]) -> None:
 
     if tasks:
         add("dense", "100%", {}, tasks["dense"], {"kl_mean": 0.0, "top1_agreement": 1.0} if kl else None, None)
+    ceiling = next((rec["golden_recall_ceiling"] for rec in recall.values() if "golden_recall_ceiling" in rec), None)
+    if ceiling:  # golden recall of a perfect ranking: a window's golden set can be larger than the budget
+        for fraction in payload["budgets"]:
+            key = budget_key(fraction)
+            add("perfect ranking", f"{fraction:.1%}", {"golden_recall": ceiling}, None, None, key)
+        table.add_section()
     for selector in [*payload["selectors"], QA_MEAN_RANK]:
         if selector not in recall and not any(key[0] == selector for key in (*task_runs, *kl_runs)):
             continue

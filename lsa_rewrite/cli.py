@@ -254,6 +254,9 @@ def train_cmd(
             for b in budgets:
                 table.add_column(f"golden@{b}", justify="right")
         table.add_row(name, *["-" if recall.get(b) is None else f"{recall[b]:.3f}" for b in budgets])
+    ceiling = next((row["golden_recall_ceiling"] for row in metrics.values() if isinstance(row, dict) and "golden_recall_ceiling" in row), None)
+    if ceiling and budgets:  # what a perfect ranking reaches: the golden sets can be larger than a budget
+        table.add_row("(perfect ranking)", *["-" if ceiling.get(b) is None else f"{ceiling[b]:.3f}" for b in budgets])
     Console().print(table)
     console.print(f"wrote {out}")
 

@@ -4,8 +4,10 @@ Per window (``scores``/``golden`` ``[N]``, ``mass`` ``[Ls, N]``), over the windo
 (all but the always-resident sink and tail, which no selector chooses), at each budget fraction f of
 those N chunks (k = ceil(f N), top-k by score, on top of the always-resident ones):
 - golden recall: golden chunks kept / golden chunks (windows without a golden chunk are skipped);
-- attention-mass recall: per sparse layer, mass on kept chunks / mass on all N selectable chunks, mean over layers.
-Both are averaged over windows. With probabilities, precision / recall / F1 at the threshold are
+- attention-mass recall: per sparse layer, mass on kept chunks / mass on all N selectable chunks, mean over layers;
+- golden-recall ceiling: ``min(1, k / golden chunks)``, the golden recall of a perfect ranking (a window
+  with more golden chunks than the budget keeps cannot be recalled in full by any selector).
+All are averaged over windows. With probabilities, precision / recall / F1 at the threshold are
 counted over all chunks of all windows, with the share of chunks above the threshold (how often the
 manager would widen past the budget).
 
@@ -51,6 +53,8 @@ class SelectionMetrics:
         self.windows = 0
         self.golden_windows = 0
         self.golden_recall = [0.0] * len(self.budgets)
+        self.golden_ceiling = [0.0] * len(self.budgets)
+        self.golden_share = 0.0
         self.mass_recall = [0.0] * len(self.budgets)
         self.tp = self.fp = self.fn = self.chunks = 0
         self.has_probs = False
@@ -88,12 +92,14 @@ class SelectionMetrics:
             kept = orders[k][:k]
             if positives:
                 self.golden_recall[j] += float(golden[kept].sum()) / positives
+                self.golden_ceiling[j] += min(1.0, k / positives)
             if live.any():
                 self.mass_recall[j] += float((mass[:, kept].sum(1)[live] / layer_mass[live]).mean())
             else:
                 self.mass_recall[j] += 1.0
         self.windows += 1
         self.golden_windows += positives > 0
+        self.golden_share += positives / n
         self.chunks += n
         if probs is not None:
             self.has_probs = True
@@ -107,6 +113,11 @@ class SelectionMetrics:
         out: dict[str, Any] = {
             "golden_recall": {k: (v / self.golden_windows if self.golden_windows else None) for k, v in zip(keys, self.golden_recall)},
             "mass_recall": {k: (v / self.windows if self.windows else None) for k, v in zip(keys, self.mass_recall)},
+            # what a perfect ranking would reach, and the mean share of the selectable chunks that are golden
+            "golden_recall_ceiling": {
+                k: (v / self.golden_windows if self.golden_windows else None) for k, v in zip(keys, self.golden_ceiling)
+            },
+            "golden_share": self.golden_share / self.windows if self.windows else None,
         }
         if self.has_probs:
             tp, fp, fn = self.tp, self.fp, self.fn

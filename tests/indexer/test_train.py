@@ -349,8 +349,11 @@ def test_selection_metrics_rank_per_budget_with_a_function_of_k():
     m = SelectionMetrics((0.1, 0.5))
     m.add(ranking, golden, mass)
     assert asked == [1, 5]
-    recall = m.result()["golden_recall"]
-    assert recall == {"0.1": 0.0, "0.5": 1.0}  # k=1 keeps chunk 9; k=5 keeps chunks 0-4
+    result = m.result()
+    assert result["golden_recall"] == {"0.1": 0.0, "0.5": 1.0}  # k=1 keeps chunk 9; k=5 keeps chunks 0-4
+    # a perfect ranking keeps one of the two golden chunks at k=1 and both at k=5
+    assert result["golden_recall_ceiling"] == {"0.1": 0.5, "0.5": 1.0}
+    assert result["golden_share"] == pytest.approx(0.2)
 
 
 def test_several_dumps_train_one_indexer(planted, tmp_path):
