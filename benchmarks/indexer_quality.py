@@ -81,7 +81,7 @@ from common import environment, write_json  # noqa: E402
 import lsa_rewrite  # noqa: E402
 from lsa_rewrite import LSAConfig  # noqa: E402
 from lsa_rewrite.indexer import CalibrationDump, LSAIndexer, SelectionMetrics, check_compatible  # noqa: E402
-from lsa_rewrite.indexer.documents import builtin_documents, heldout_tasks  # noqa: E402
+from lsa_rewrite.indexer.documents import ALL_TASK_KINDS, TASK_KINDS, UNSEEN_KINDS, builtin_documents, heldout_tasks  # noqa: E402
 from lsa_rewrite.indexer.dump import rule_name  # noqa: E402
 from lsa_rewrite.indexer.metrics import budget_key, query_aware_scores, random_scores, recency_scores  # noqa: E402
 from lsa_rewrite.runtime.policy import min_slots  # noqa: E402
@@ -276,7 +276,9 @@ def generate_reply(model, tokenizer, ids: torch.Tensor, new_tokens: int) -> str:
 
 def task_section(model, tokenizer, indexer, selectors: list[str], budgets: list[float], args, save, calibration_ids: set[str]) -> dict[str, Any]:
     """Dense and per-(selector, budget) accuracy on held-out retrieval tasks."""
-    tasks = heldout_tasks(tokenizer, count=args.tasks, min_tokens=args.task_tokens, max_tokens=args.task_tokens, seed=args.task_seed)
+    tasks = heldout_tasks(
+        tokenizer, count=args.tasks, min_tokens=args.task_tokens, max_tokens=args.task_tokens, seed=args.task_seed, kinds=args.task_kinds
+    )
     overlap = sorted(calibration_ids & {t.id for t in tasks})
     if overlap:  # held-out seeds never collide with calibration's; a dump of held-out tasks would
         raise SystemExit(f"tasks {overlap} are calibration documents of the dump")
@@ -290,6 +292,7 @@ def task_section(model, tokenizer, indexer, selectors: list[str], budgets: list[
         "count": len(tasks),
         "task_tokens": args.task_tokens,
         "task_seed": args.task_seed,
+        "task_kinds": list(args.task_kinds),
         "chat_template": chat,
         "new_tokens": args.new_tokens,
         "prompt_tokens": lengths,
@@ -500,6 +503,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tasks", type=int, help="held-out retrieval tasks (default 12; --quick: 3)")
     parser.add_argument("--task-tokens", type=int, default=1200, help="tokens of each task's untemplated prompt")
     parser.add_argument("--task-seed", type=int, default=0, help="user seed of heldout_tasks (held-out seed range)")
+    parser.add_argument("--task-kinds", default=",".join(TASK_KINDS),
+                        help=f"comma list of task kinds, in turn (default: calibration's {','.join(TASK_KINDS)}; "
+                             f"kinds calibration never generates: {','.join(UNSEEN_KINDS)})"),
     parser.add_argument("--new-tokens", type=int, default=32,
                         help="tokens generated per task (16 cut SmolLM2's dense replies before a 7-digit key or an 8-character value)")
     parser.add_argument("--kl-docs", type=int, help="held-out long texts for the KL (default 2; --quick: 1)")
@@ -528,6 +534,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if any(not 0 < p <= 100 for p in percents):
         parser.error(f"--budgets are percentages in (0, 100], got {percents}")
     args.budgets = [p / 100 for p in percents]
+    args.task_kinds = tuple(k.strip() for k in args.task_kinds.split(",") if k.strip())
+    if not args.task_kinds or set(args.task_kinds) - set(ALL_TASK_KINDS):
+        parser.error(f"--task-kinds: unknown {sorted(set(args.task_kinds) - set(ALL_TASK_KINDS))}; choose from {','.join(ALL_TASK_KINDS)}")
     quick_defaults = {"tasks": (12, 3), "kl_docs": (2, 1), "kl_steps": (48, 16)}
     for name, (full, quick) in quick_defaults.items():
         if getattr(args, name) is None:

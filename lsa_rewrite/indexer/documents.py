@@ -36,6 +36,10 @@ from pathlib import Path
 from typing import Any
 
 TASK_KINDS = ("passkey", "multikey", "kv", "vartrack", "multihop")
+# Kinds that calibration never generates (its default is ``TASK_KINDS``): the same retrieval of a number
+# by its key, phrased in ways the indexer was not trained on, to measure how it carries to unseen prompts.
+UNSEEN_KINDS = ("vault", "extension", "catalogue")
+ALL_TASK_KINDS = TASK_KINDS + UNSEEN_KINDS
 FILLERS = ("sentences", "text")
 
 # Disjoint seed ranges: calibration tasks draw from the first, held-out evaluation tasks from the second.
@@ -75,7 +79,7 @@ class Task:
     """A synthetic long-context retrieval task: context with facts hidden in filler, then a question.
 
     Args:
-        kind: one of ``TASK_KINDS``.
+        kind: one of ``TASK_KINDS`` (what calibration generates) or ``UNSEEN_KINDS`` (evaluation only).
         prompt_text: context and question, untemplated.
         answer: the expected answer (for ``vartrack``, variable names joined by ``", "``).
         needle_spans: ``(start, end)`` character spans in ``prompt_text`` of the facts the answer needs.
@@ -528,7 +532,28 @@ def _task_parts(kind: str, rng: random.Random) -> tuple[list[tuple[float, str]],
         q = rng.randrange(k)
         question = f"What number is in the locker whose key {people[q]} keeps? Answer with the number only."
         return first + second, [q, k + q], question, "The number is", numbers[q]
-    raise ValueError(f"unknown task kind {kind!r}; choose one of {TASK_KINDS}")
+    if kind == "vault":
+        words = rng.sample(_WORDS, rng.randint(2, 4))
+        codes = [_number(rng, 6) for _ in words]
+        needles = [(rng.random(), f"Security memo: the {w} vault opens with code {c}; do not share it.") for w, c in zip(words, codes)]
+        q = rng.randrange(len(words))
+        question = f"Which code opens the {words[q]} vault? Reply with the code only."
+        return needles, [q], question, f"The {words[q]} vault opens with code", codes[q]
+    if kind == "extension":
+        people = rng.sample(_NAMES, rng.randint(3, 5))
+        numbers = [_number(rng, 4) for _ in people]
+        needles = [(rng.random(), f"Staff directory entry: {p} can be reached on extension {n}.") for p, n in zip(people, numbers)]
+        q = rng.randrange(len(people))
+        question = f"On which phone extension can {people[q]} be reached? Give just the extension."
+        return needles, [q], question, f"{people[q]} can be reached on extension", numbers[q]
+    if kind == "catalogue":
+        items = [_hex(rng, 6).upper() for _ in range(rng.randint(3, 6))]
+        prices = [_number(rng, 5) for _ in items]
+        needles = [(rng.random(), f"Catalogue line: article {i} is priced at {p} credits.") for i, p in zip(items, prices)]
+        q = rng.randrange(len(items))
+        question = f"How many credits does article {items[q]} cost according to the catalogue? Only the number, please."
+        return needles, [q], question, f"Article {items[q]} costs", prices[q]
+    raise ValueError(f"unknown task kind {kind!r}; choose one of {ALL_TASK_KINDS}")
 
 
 def make_task(kind: str, tokenizer: Any, *, tokens: int, seed: int, filler: str = "sentences") -> Task:
@@ -544,8 +569,8 @@ def make_task(kind: str, tokenizer: Any, *, tokens: int, seed: int, filler: str 
         >>> task.answer.isdigit()
         True
     """
-    if kind not in TASK_KINDS:
-        raise ValueError(f"unknown task kind {kind!r}; choose one of {TASK_KINDS}")
+    if kind not in ALL_TASK_KINDS:
+        raise ValueError(f"unknown task kind {kind!r}; choose one of {ALL_TASK_KINDS}")
     if filler not in FILLERS:
         raise ValueError(f"filler must be one of {FILLERS}, got {filler!r}")
     if not isinstance(tokens, int) or tokens < 64:
@@ -577,8 +602,8 @@ def _tasks(
     split: str, tokenizer: Any, *, count: int, min_tokens: int, max_tokens: int, seed: int,
     kinds: Sequence[str], filler: str | None,
 ) -> list[Task]:
-    if not kinds or any(k not in TASK_KINDS for k in kinds):
-        raise ValueError(f"kinds must be a non-empty subset of {TASK_KINDS}, got {kinds!r}")
+    if isinstance(kinds, str) or not kinds or any(k not in ALL_TASK_KINDS for k in kinds):
+        raise ValueError(f"kinds must be a non-empty sequence of task kinds from {ALL_TASK_KINDS}, got {kinds!r}")
     if not (isinstance(min_tokens, int) and isinstance(max_tokens, int) and 64 <= min_tokens <= max_tokens):
         raise ValueError(f"need 64 <= min_tokens <= max_tokens, got min_tokens={min_tokens!r}, max_tokens={max_tokens!r}")
     out = []

@@ -13,7 +13,9 @@ import pytest
 from lsa_rewrite.indexer.documents import (
     CALIBRATION_SEEDS,
     HELDOUT_SEEDS,
+    ALL_TASK_KINDS,
     TASK_KINDS,
+    UNSEEN_KINDS,
     ByteTokenizer,
     Document,
     builtin_documents,
@@ -64,7 +66,7 @@ def test_calibration_and_heldout_seeds_are_disjoint():
         task_seed("test", 0, 0)
 
 
-@pytest.mark.parametrize("kind", TASK_KINDS)
+@pytest.mark.parametrize("kind", ALL_TASK_KINDS)
 @pytest.mark.parametrize("filler", ["sentences", "text"])
 def test_task_holds_its_facts_and_length(kind, filler):
     tokens = 800
@@ -93,8 +95,25 @@ def test_task_holds_its_facts_and_length(kind, filler):
     outside = text
     for a, b in sorted(task.needle_spans, reverse=True):
         outside = outside[:a] + outside[b:]
-    if kind in ("passkey", "multikey", "kv", "multihop"):
+    if kind in ("passkey", "multikey", "kv", "multihop", *UNSEEN_KINDS):
         assert task.answer not in outside
+    if kind in UNSEEN_KINDS:  # the reply cue names the queried key, not the answer
+        key = {"vault": task.cue.split()[1], "extension": task.cue.split()[0], "catalogue": task.cue.split()[1]}[kind]
+        assert task.answer not in task.cue and key in question and key in needles[0]
+
+
+def test_calibration_never_generates_the_unseen_kinds():
+    """Calibration's default kinds leave ``UNSEEN_KINDS`` out, so a held-out run over them measures prompts
+    phrased as the indexer never saw; asking for an unknown kind names the known ones."""
+    assert not set(UNSEEN_KINDS) & set(TASK_KINDS)
+    kinds = {t.kind for t in calibration_tasks(TOK, count=2 * len(TASK_KINDS), min_tokens=300, max_tokens=300)}
+    assert kinds == set(TASK_KINDS)
+    unseen = heldout_tasks(TOK, count=6, min_tokens=300, max_tokens=300, kinds=UNSEEN_KINDS)
+    assert [t.kind for t in unseen] == list(UNSEEN_KINDS) * 2
+    with pytest.raises(ValueError, match="vault"):
+        heldout_tasks(TOK, count=1, kinds=("lottery",))
+    with pytest.raises(ValueError, match="sequence"):
+        heldout_tasks(TOK, count=1, kinds="vault")
 
 
 def test_task_rendering_chat_and_completion():
