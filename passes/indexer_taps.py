@@ -31,12 +31,13 @@ from __future__ import annotations
 import logging
 import operator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
 
 from .capture import CapturedStep, example_value
-from .locate import AttentionSite, GraphPass, LocateError, _is_cat, _is_view
+from .locate import AttentionSite, GraphPass, LocateError, _is_cat, _is_view, evaluate_nodes
 
 log = logging.getLogger("lsa_rewrite.passes")
 
@@ -55,11 +56,15 @@ class IndexerTap:
     transposed: bool  # weight is [in, out] (addmm / Conv1D), else [out, in]
     hidden: int = 0
     rotary: int = 0  # R: rotated channels per head (0: no rotary)
+    # The projection's output features that hold the query, in its (head, dim) order, where they are not
+    # its first Hq * D (a fused qkv laid out per head or per KV group); None: the first ones.
+    rows: torch.Tensor | None = None
 
     def query_weight(self, model: torch.nn.Module, rows: int) -> torch.Tensor:
         """The model's query rows ``W_q`` ``[Hq * D, hidden]``."""
         weight = model.get_parameter(self.weight).detach()
-        return weight[:, :rows].t() if self.transposed else weight[:rows]
+        index = self.rows.to(weight.device) if self.rows is not None and len(self.rows) == rows else slice(0, rows)
+        return weight[:, index].t() if self.transposed else weight[index]
 
 
 def _is_mul(node) -> bool:
@@ -119,8 +124,28 @@ def _ancestors(node: fx.Node, depth: int) -> list[fx.Node]:
     return out
 
 
+_MATMUL = {torch.matmul, operator.matmul}
+_TRANSPOSES = {"t", "mT", "T"}
+
+
+def _weight_operand(node: Any, params: set[str]) -> tuple[fx.Node, bool] | None:
+    """``(weight placeholder, stored [out, in])`` when ``node`` is a model weight or its transpose."""
+    if isinstance(node, fx.Node) and node.name in params:
+        return node, False  # x @ W: W is [in, out]
+    if isinstance(node, fx.Node):
+        method = node.target if node.op == "call_method" else None
+        transposed = method in _TRANSPOSES or (
+            (method == "transpose" or (node.op == "call_function" and node.target is torch.transpose)) and sorted(a % 2 for a in node.args[1:3]) == [0, 1]
+        ) or (node.op == "call_function" and node.target is getattr and node.args[1:] in (("T",), ("mT",)))
+        base = node.args[0] if node.args else None
+        if transposed and isinstance(base, fx.Node) and base.name in params:
+            return base, True  # x @ W.T: W is [out, in], as in nn.Linear
+    return None
+
+
 def _projection(q: fx.Node, params: set[str]) -> tuple[fx.Node, fx.Node, bool] | None:
-    """``(projection node, its input x, transposed)``: the nearest parameter projection upstream of ``q``."""
+    """``(projection node, its input x, transposed)``: the nearest parameter projection upstream of ``q``:
+    ``linear(x, W)``, ``addmm(b, x, W)`` or ``x @ W.T`` / ``x @ W`` (a hand-written linear, e.g. Falcon's)."""
     seen: set[fx.Node] = set()
     frontier = [q]
     while frontier and len(seen) < _SEARCH_LIMIT:
@@ -136,8 +161,69 @@ def _projection(q: fx.Node, params: set[str]) -> tuple[fx.Node, fx.Node, bool] |
             weight = node.args[2]
             if isinstance(weight, fx.Node) and weight.name in params:
                 return node, node.args[1], True
+        if ((node.op == "call_function" and node.target in _MATMUL) or (node.op == "call_method" and node.target == "matmul")) and len(node.args) >= 2:
+            found = _weight_operand(node.args[1], params)
+            if found is not None:
+                return node, node.args[0], not found[1]
         frontier.extend(node.all_input_nodes)
     return None
+
+
+def _weight_name(projection: fx.Node, transposed: bool) -> fx.Node:
+    if projection.target in _LINEAR:
+        return projection.args[1]
+    if projection.target is torch.addmm:
+        return projection.args[2]
+    operand = projection.args[1]
+    return operand if operand.op == "placeholder" else operand.args[0]
+
+
+def _whole_query(q0: fx.Node, site: AttentionSite) -> fx.Node | None:
+    """The query before rotary embedding, all ``D`` channels of every head (``[B, Hq, 1, D]``): ``q0`` itself,
+    or, under partial rotary (``q0`` is the rotated channels only), the view ``q0`` was sliced from."""
+    node = q0
+    while isinstance(node, fx.Node):
+        value = example_value(node)
+        if value is not None and tuple(value.shape) == (site.batch, site.q_heads, 1, site.head_dim):
+            return node
+        if not _is_view(node):
+            return None
+        node = node.args[0]
+    return None
+
+
+def _query_rows(step: CapturedStep, projection: fx.Node, q0: fx.Node, batch: int) -> torch.Tensor | None:
+    """The projection's output features that hold the query ``q0`` ``[B, Hq, 1, D]``, in its (head, dim)
+    order, when they are not simply the first ``Hq * D``: found by running the ops between them (views,
+    slices, splits) on the features' indices in place of the projection's output. None when they are the
+    first ones, or when the query is not a selection of the output (a norm after the projection)."""
+    out = projection
+    users = list(projection.users)
+    if projection.target not in _LINEAR and projection.target is not torch.addmm and len(users) == 1:
+        bias = users[0]  # x @ W.T + b
+        if bias.op == "call_function" and bias.target in (torch.add, operator.add) and any(
+            isinstance(a, fx.Node) and a.op == "placeholder" for a in bias.args
+        ):
+            out = bias
+    value = example_value(out)
+    if value is None or value.dim() < 1:
+        return None
+    features = value.shape[-1]
+    index = torch.arange(features, dtype=torch.float64, device=value.device).expand(value.shape).contiguous()
+    try:
+        found = evaluate_nodes(step, [q0], given={out: index})
+    except Exception:  # the ops between them do not run on a float64 index tensor: not a plain selection
+        return None
+    if not found:
+        return None
+    rows = found[0]
+    if not isinstance(rows, torch.Tensor) or rows.dim() != 4 or rows.shape[0] != batch:
+        return None
+    rows = rows[0].reshape(-1).cpu()
+    if not bool((rows == rows.round()).all()) or rows.min() < 0 or rows.max() >= features or len(rows.unique()) != len(rows):
+        return None
+    rows = rows.long()
+    return None if torch.equal(rows, torch.arange(len(rows))) else rows
 
 
 class TapIndexerInputsPass(GraphPass):
@@ -162,9 +248,11 @@ class TapIndexerInputsPass(GraphPass):
                     f"layer {layer}: no query projection (linear or addmm with a model weight) found upstream of the attention's "
                     "query, so the indexer has no hidden state to read; use selector='query-aware' for this model"
                 )
-            _, x, transposed = found
-            weight = step.bindings[found[0].args[2 if transposed else 1].name].name
+            projection, x, transposed = found
+            weight = step.bindings[_weight_name(projection, transposed).name].name
             tap = IndexerTap(x=x, cos=rope[1] if rope else None, sin=rope[2] if rope else None, weight=weight, transposed=transposed)
+            query = _whole_query(q0, site)
+            tap.rows = _query_rows(step, projection, query, site.batch) if query is not None else None
             tap.hidden = example_value(x).numel() // site.batch
             if rope:
                 tap.rotary = example_value(rope[1]).numel() // site.batch

@@ -57,6 +57,16 @@ VIEW_FUNCS = {
     torch.repeat_interleave, operator.getitem, torch.Tensor.contiguous, torch.Tensor.to,
 }
 WRITE_METHODS = {"index_copy_", "index_put_"}
+# Arithmetic on attention scores, out of place and in place (``scores /= sqrt(d)`` traces to ``itruediv``).
+MUL_FUNCS = {operator.mul, torch.mul, operator.imul}
+DIV_FUNCS = {operator.truediv, torch.div, operator.itruediv}
+ADD_FUNCS = {operator.add, torch.add, operator.iadd}
+MUL_METHODS = {"mul", "__mul__", "mul_", "__imul__"}
+DIV_METHODS = {"div", "__truediv__", "div_", "__itruediv__"}
+ADD_METHODS = {"add", "__add__", "add_", "__iadd__"}
+MASK_FILL_METHODS = {"masked_fill", "masked_fill_"}
+# A mask's values: 0 where attended, at most this where not (-inf, the dtype's min, -1e4 in older code).
+MASKED_AT_MOST = -1e4
 WRITE_FUNCS = {operator.setitem, torch.Tensor.index_copy_, torch.Tensor.index_put_}
 CAT_FUNCS = {torch.cat, torch.concat, torch.concatenate}
 
@@ -89,6 +99,9 @@ class AttentionSite:
     reason: str = ""
     dtype: torch.dtype = torch.float32
     indexer: Any = None  # IndexerTap (passes/indexer_taps.py) when the indexer reads this layer
+    # What the dense attention masks its scores with, dropped by the rewrite (the store masks by position):
+    # ("bias", x) added to the scores or SDPA's attn_mask, ("fill", x) the value masked scores are set to.
+    masks: list[tuple[str, Any]] = field(default_factory=list)
 
     @property
     def layout(self) -> str:
@@ -188,6 +201,130 @@ def _depends_on(node: Any, target: fx.Node, limit: int = 400) -> bool:
     return False
 
 
+def _keeps_keys(before: fx.Node, after: fx.Node) -> bool:
+    """Whether re-viewing scores ``before`` as ``after`` keeps the key axis last and the elements as they are."""
+    a, b = example_value(before), example_value(after)
+    return a is not None and b is not None and a.dim() >= 1 and b.dim() >= 1 and a.shape[-1] == b.shape[-1] and a.numel() == b.numel()
+
+
+def _is_cache_input(node: Any, step: CapturedStep, writes: dict[fx.Node, list[fx.Node]]) -> bool:
+    if not isinstance(node, fx.Node) or node.op != "placeholder":
+        return False
+    binding = step.bindings.get(node.name)
+    return node in writes or (binding is not None and binding.kind == "cache")
+
+
+def _refuse_derived_kv(attn: fx.Node, operand: Any, step: CapturedStep, placeholders, writes, limit: int = 200) -> None:
+    """Raise when ``operand`` (an attention's keys or values) is computed from a KV cache rather than read
+    from it through views and copies: the keys/values the attention uses are not what the cache holds
+    (multi-head latent attention caches a latent that a projection expands; differential attention
+    splits and rejoins cached values), so the store's chunks could not stand in for them."""
+    if not isinstance(operand, fx.Node):
+        return
+    src, _ = _walk_back(operand)
+    seen: set[fx.Node] = set()
+    stack = [src]
+    while stack and len(seen) < limit:
+        n = stack.pop()
+        if not isinstance(n, fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        if _is_cache_input(n, step, writes):
+            raise LocateError(
+                f"attention {attn.name} reads the KV cache {n.name} through {src.format_node()}, not through views or copies: "
+                "its keys or values are computed from what the cache holds (a latent expanded by a projection, as in the "
+                "multi-head latent attention of DeepSeek-V2/V3 and MiniCPM3, or cached values split and recombined, as in "
+                "differential attention). The sparse kernels attend over cached keys and values as they are, so lsa-rewrite "
+                "cannot convert this model: run it unconverted"
+            )
+        stack.extend(n.all_input_nodes)
+
+
+def _check_shared_caches(sites: list[AttentionSite]) -> None:
+    """One attention per cache: layers that attend over another layer's cache (KV sharing) are refused."""
+    by_layer: dict[int, AttentionSite] = {}
+    for site in sites:
+        first = by_layer.setdefault(site.layer, site)
+        if first is not site:
+            raise LocateError(
+                f"attention sites {first.index} ({first.attn.name}) and {site.index} ({site.attn.name}) both read cache layer {site.layer}: "
+                "a layer attends over another layer's keys and values (cross-layer KV sharing, as in Gemma-3n). "
+                "lsa-rewrite keeps one store layer per attention and cannot convert this model: run it unconverted"
+            )
+
+
+def evaluate_nodes(step: CapturedStep, nodes: list[fx.Node], *, given: dict[fx.Node, torch.Tensor] | None = None) -> list[torch.Tensor] | None:
+    """The values ``nodes`` took in the captured step, recomputed from the step's example inputs by
+    running only the nodes they depend on (a mask is built from positions and lengths, a few ops);
+    ``given`` replaces some nodes by values of the caller's (what they depend on is not run). None when
+    that subgraph writes in place (its inputs were already updated by the capture run)."""
+    graph = step.graph_module.graph
+    given = given or {}
+    needed: set[fx.Node] = set()
+    stack = list(nodes)
+    while stack:
+        n = stack.pop()
+        if n in needed:
+            continue
+        needed.add(n)
+        if n not in given:
+            stack.extend(n.all_input_nodes)
+    if any(_writes_in_place(n) for n in needed if n not in given):
+        return None
+    sub = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    inputs = []
+    for n in graph.nodes:
+        if n in given:
+            env[n] = sub.placeholder(f"given_{n.name}")
+            inputs.append(given[n])
+        elif n in needed:
+            env[n] = sub.node_copy(n, lambda a: env[a])
+            if n.op == "placeholder":
+                inputs.append(step.examples[n.name])
+    sub.output(tuple(env[n] for n in nodes))
+    module = fx.GraphModule(step.graph_module, sub)
+    with torch.no_grad():
+        return list(module(*inputs))
+
+
+def _writes_in_place(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("__")
+    if node.op == "call_function":
+        if node.target in (operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv):
+            return True
+        schema = getattr(node.target, "_schema", None)
+        return bool(schema is not None and schema.is_mutable)
+    return False
+
+
+def _check_masks(step: CapturedStep, sites: list[AttentionSite]) -> None:
+    """What the rewrite drops from each attention must be a mask: added terms (or SDPA's ``attn_mask``)
+    are booleans or 0 / very negative, and masked scores are set to a very negative constant. A position
+    bias (ALiBi) or any other term that changes attended scores is refused: the store masks by position
+    and adds nothing."""
+    entries = [(site, kind, value) for site in sites for kind, value in site.masks]
+    nodes = list(dict.fromkeys(value for _, _, value in entries if isinstance(value, fx.Node)))
+    values = dict(zip(nodes, evaluate_nodes(step, nodes) or [])) if nodes else {}
+    for site, kind, value in entries:
+        tensor = values.get(value) if isinstance(value, fx.Node) else torch.tensor(float(value))
+        if tensor is None or not isinstance(tensor, torch.Tensor) or tensor.dtype == torch.bool:
+            continue
+        tensor = tensor.detach().float()
+        masked = tensor <= MASKED_AT_MOST
+        ok = bool(masked.all()) if kind == "fill" else bool((masked | (tensor == 0)).all())
+        if not ok:
+            bad = tensor[~masked] if kind == "fill" else tensor[~(masked | (tensor == 0))]
+            what = "sets masked scores to" if kind == "fill" else "adds to its scores"
+            raise LocateError(
+                f"the attention at layer {site.layer} ({site.attn.name}) {what} a term that is not a mask (values such as "
+                f"{bad.flatten()[0].item():.4g}, where a mask holds 0 or at most {MASKED_AT_MOST:g}): a position bias such as "
+                "ALiBi, or a learned bias. The sparse kernels mask by position and add no bias, so lsa-rewrite cannot "
+                "convert this model: run it unconverted"
+            )
+
+
 class LocateAttentionPass(GraphPass):
     """Find every attention over a KV cache and pair it with the cache's writes.
 
@@ -209,6 +346,13 @@ class LocateAttentionPass(GraphPass):
         attentions = [n for n in graph.nodes if n.op == "call_function" and n.target in SDPA_TARGETS]
         attentions += [n for n in graph.nodes if _is_matmul(n) and self._cache_source(n.args[1], placeholders, writes) is not None]
         if not attentions:
+            for node in graph.nodes:  # an eager chain whose keys are computed from a cache, not read from it
+                if _is_softmax(node):
+                    score, _ = _walk_back(node.args[0] if node.args else None)
+                    while isinstance(score, fx.Node) and not _is_matmul(score) and score.all_input_nodes:
+                        score = score.args[0] if isinstance(score.args[0], fx.Node) else score.all_input_nodes[0]
+                    if isinstance(score, fx.Node) and _is_matmul(score):
+                        _refuse_derived_kv(score, score.args[1], step, placeholders, writes)
             raise LocateError(
                 "found no attention in the traced step (neither scaled_dot_product_attention nor a "
                 "matmul -> softmax -> matmul chain over a cache); lsa-rewrite converts decoders whose "
@@ -225,10 +369,11 @@ class LocateAttentionPass(GraphPass):
                 sites.append(site)
                 consumed.add(site.attn)
         if not sites:
+            for node in attentions:
+                _refuse_derived_kv(node, node.args[1], step, placeholders, writes)
             raise LocateError("found attention ops but none of them reads a KV cache written in this step; nothing to convert")
-        layers = [s.layer for s in sites]
-        if len(set(layers)) != len(layers):
-            raise LocateError(f"two attention sites claim the same cache layer ({layers}); cannot convert this graph safely")
+        _check_shared_caches(sites)
+        _check_masks(step, sites)
         rewritten = sum(s.action == "rewrite" for s in sites)
         log.info("LocateAttentionPass: %d attention sites (%d sparse, %d sliding-window)", len(sites), rewritten, len(sites) - rewritten)
         return sites
@@ -277,18 +422,26 @@ class LocateAttentionPass(GraphPass):
             gqa = "enable_gqa" if node.kwargs.get("enable_gqa", False) else "none"
             softcap = 0.0
             attn = node
+            mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
+            masks = [("bias", mask)] if mask is not None else []
             k_src = self._cache_source(k, placeholders, writes)
             v_src = self._cache_source(v, placeholders, writes)
             if k_src is None and v_src is None:
+                _refuse_derived_kv(node, k, step, placeholders, writes)
+                _refuse_derived_kv(node, v, step, placeholders, writes)
                 return None
         else:
             form = "eager"
             k_src = self._cache_source(node.args[1], placeholders, writes)
             q = node.args[0]
             chain = self._eager_chain(node, placeholders, writes)
-            attn, v, scale, softcap = chain
+            attn, v, scale, softcap, masks = chain
             v_src = self._cache_source(v, placeholders, writes)
             gqa = "none"
+        if k_src is None:
+            _refuse_derived_kv(node, k if form == "sdpa" else node.args[1], step, placeholders, writes)
+        if v_src is None:
+            _refuse_derived_kv(node, v, step, placeholders, writes)
         if k_src is None or v_src is None:
             raise LocateError(
                 f"attention {node.name} reads a KV cache for {'keys' if k_src else 'values'} only; "
@@ -317,7 +470,7 @@ class LocateAttentionPass(GraphPass):
             index=index, layer=layer, form=form, cache_op=cache_op, q=q, attn=attn, k_source=k_ph, v_source=v_ph,
             k_new=k_new, v_new=v_new, seq_dim=seq_dim, removable=list(dict.fromkeys(k_rm + v_rm)),
             q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim, batch=batch, scale=float(scale), softcap=float(softcap),
-            gqa=gqa, window=window, dtype=cache_val.dtype,
+            gqa=gqa, window=window, dtype=cache_val.dtype, masks=masks,
         )
         if window is not None:
             site.action, site.reason = "ring", f"sliding window {window} already bounds its KV"
@@ -326,43 +479,68 @@ class LocateAttentionPass(GraphPass):
         return site
 
     def _eager_chain(self, score: fx.Node, placeholders, writes):
-        """From ``matmul(q, k^T)`` to ``matmul(p, v)``: returns (output node, v operand, scale, softcap)."""
+        """From ``matmul(q, k^T)`` to ``matmul(p, v)``: returns (output node, v operand, scale, softcap, masks)."""
         node = score
         factors: list[tuple[str, float]] = []
+        masks: list[tuple[str, Any]] = []
         saw_softmax = False
         while True:
             users = list(node.users)
             if len(users) != 1:
                 raise LocateError(f"eager attention at {score.name}: {node.name} has {len(users)} users, expected a single chain to softmax")
             nxt = users[0]
+            method = _method(nxt)
+            func = nxt.target if nxt.op == "call_function" else None
             if _is_matmul(nxt) and saw_softmax:
                 if nxt.args[0] is not node:
                     raise LocateError(f"eager attention at {score.name}: probabilities are not the left operand of {nxt.name}")
-                return nxt, nxt.args[1], self._scale(factors, score), self._softcap(factors)
+                return nxt, nxt.args[1], self._scale(factors, score), self._softcap(factors), masks
             if _is_softmax(nxt):
                 saw_softmax = True
-            elif nxt.op == "call_function" and nxt.target in (operator.mul, torch.mul, operator.truediv, torch.div) or _method(nxt) in ("mul", "div", "__mul__", "__truediv__"):
+            elif func in MUL_FUNCS or func in DIV_FUNCS or method in MUL_METHODS or method in DIV_METHODS:
                 other = nxt.args[1] if nxt.args[0] is node else nxt.args[0]
                 value = _const(other)
                 if value is None:
                     raise LocateError(f"eager attention at {score.name}: {nxt.name} scales scores by a non-constant; cannot read the scale")
-                divides = nxt.target in (operator.truediv, torch.div) or _method(nxt) in ("div", "__truediv__")
+                divides = func in DIV_FUNCS or method in DIV_METHODS
                 if saw_softmax:
                     raise LocateError(f"eager attention at {score.name}: {nxt.name} rescales probabilities after softmax")
                 factors.append(("div" if divides else "mul", value))
-            elif nxt.op == "call_function" and nxt.target in (operator.add, torch.add) or _method(nxt) in ("add", "masked_fill"):
+            elif func in ADD_FUNCS or method in ADD_METHODS:
                 other = nxt.args[1] if nxt.args[0] is node else nxt.args[0]
                 if _depends_on(other, score):
                     raise LocateError(f"eager attention at {score.name}: {nxt.name} adds a score-dependent term; not a mask")
                 if saw_softmax:
                     raise LocateError(f"eager attention at {score.name}: {nxt.name} modifies probabilities after softmax")
-            elif (nxt.op == "call_function" and nxt.target in (torch.tanh,)) or _method(nxt) == "tanh":
+                masks.append(("bias", other))
+            elif method in MASK_FILL_METHODS or func is torch.where:
+                # scores.masked_fill(cond, value) or torch.where(cond, scores, value): positions set to a constant
+                if func is torch.where:
+                    cond, kept, fill = nxt.args[0], nxt.args[1], nxt.args[2]
+                    if kept is not node:  # where(cond, value, scores): the mask is the inverse condition
+                        kept, fill = fill, kept
+                else:
+                    kept, cond, fill = nxt.args[0], nxt.args[1], nxt.args[2]
+                if kept is not node or _depends_on(cond, score) or _depends_on(fill, score):
+                    raise LocateError(f"eager attention at {score.name}: {nxt.format_node()} mixes scores in a way that is not a mask")
+                if saw_softmax:
+                    raise LocateError(f"eager attention at {score.name}: {nxt.name} modifies probabilities after softmax")
+                masks.append(("fill", fill))
+            elif (func in (torch.tanh,)) or method == "tanh":
                 factors.append(("tanh", 0.0))
-            elif nxt.op == "call_function" and nxt.target in (torch.nn.functional.dropout,):
+            elif func in (torch.nn.functional.dropout,):
                 if nxt.kwargs.get("training", nxt.args[2] if len(nxt.args) > 2 else True) and (nxt.kwargs.get("p", nxt.args[1] if len(nxt.args) > 1 else 0.5) or 0) > 0:
                     raise LocateError(f"eager attention at {score.name}: dropout is active; convert a model in eval mode")
-            elif _is_view(nxt) and _method(nxt) in ("to", "float", "half", "bfloat16", "type_as", "contiguous", "type", None):
+            elif _is_view(nxt) and method in ("to", "float", "half", "bfloat16", "type_as", "contiguous", "type", None) and func is not torch.reshape:
                 pass
+            elif (method in ("view", "reshape") or func is torch.reshape) and _keeps_keys(node, nxt):
+                pass  # scores re-viewed ([B*H, 1, S] <-> [B, H, 1, S]); the key axis stays last
+            elif _is_cat(nxt):
+                raise LocateError(
+                    f"eager attention at {score.name}: {nxt.format_node()} joins extra logits to the scores before softmax "
+                    "(attention sinks, as in gpt-oss); the sparse kernels normalise over the cached keys only, so "
+                    "lsa-rewrite cannot convert this model: run it unconverted"
+                )
             else:
                 raise LocateError(f"eager attention at {score.name}: unsupported op {nxt.format_node()} between scores and values")
             node = nxt

@@ -12,11 +12,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from zoo import (
-    ATTN_IMPLEMENTATIONS,
     HF_FAMILIES,
     SLIDING_FAMILIES,
     SLIDING_WINDOW,
     ZOO_NAMES,
+    attn_implementations,
+    attns_in_tests,
     make_config,
     make_input_ids,
     make_model,
@@ -36,8 +37,10 @@ def greedy_without_cache(model, ids: torch.Tensor, *, steps: int) -> tuple[torch
     return ids, torch.stack(step_logits, dim=1)  # [B, T + steps], [B, steps, V]
 
 
-@pytest.mark.parametrize("attn_implementation", ATTN_IMPLEMENTATIONS)
-@pytest.mark.parametrize("name", HF_FAMILIES)
+_CASES = [(n, a) for n in HF_FAMILIES for a in attns_in_tests(n)]
+
+
+@pytest.mark.parametrize(("name", "attn_implementation"), _CASES, ids=[f"{n}-{a}" for n, a in _CASES])
 @torch.no_grad()
 def test_hf_generate_matches_loop_without_cache(name, attn_implementation):
     model = make_model(name, attn_implementation=attn_implementation)
@@ -91,11 +94,12 @@ def test_sliding_window_changes_logits_past_the_window(name):
     # Guards the zoo's purpose for these families: if a config field were silently ignored, sliding
     # layers would attend to everything and tests meant for sliding windows would test nothing.
     ids = make_input_ids(batch=1, seq_len=3 * SLIDING_WINDOW)
-    windowed = make_model(name)(ids).logits
+    attn = attn_implementations(name)[0]
+    windowed = make_model(name, attn_implementation=attn)(ids).logits
     config = make_config(name)
     config.sliding_window = 4 * SLIDING_WINDOW
     torch.manual_seed(0)  # make_model's seed, so the weights match
-    unwindowed = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()(ids).logits
+    unwindowed = AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()(ids).logits
 
     torch.testing.assert_close(windowed[:, :SLIDING_WINDOW], unwindowed[:, :SLIDING_WINDOW])
     assert (windowed[:, -1] - unwindowed[:, -1]).abs().max() > 1e-3

@@ -24,7 +24,7 @@ import torch
 from ..config import LSAConfig
 from ..hf_cache import LSACache
 from ..runtime.store import StoreError
-from ..passes import AttentionSite, Binding, CapturedStep, capture_step, locate
+from ..passes import AttentionSite, Binding, CapturedStep, CaptureError, capture_step, locate
 from ..session import DensePrefill, join_rows, model_device_dtype, split_rows
 from ..tensor_parallel import TensorParallelPlan
 from .piece_attention import pieced_prefill_attention
@@ -41,8 +41,80 @@ def is_hf_model(model: torch.nn.Module) -> bool:
     return isinstance(model, PreTrainedModel)
 
 
+# Layer types (transformers' ``config.layer_types`` / ``get_layer_types_and_kwargs``) lsa-rewrite converts:
+# softmax attention over the whole cache (rewritten to sparse) or over a sliding window (kept as an exact ring),
+# and layers that keep no cache of their own ("dummy": no attention, or a layer that reuses another's cache,
+# which the passes refuse when they find it).
+_FULL_TYPES = {"full_attention", "attention", "global", "global_attention"}
+_SLIDING_TYPES = {"sliding_attention", "local_attention", "reference_sliding_attention"}
+_CACHELESS_TYPES = {"dummy", "moe", "mlp"}
+_REFUSED_TYPES = {
+    "chunked_attention": "attend within fixed chunks of the sequence (chunked attention, as in Llama 4), a mask "
+    "neither the sparse kernels nor the sliding-window ring apply",
+    "linear_attention": "keep a recurrent state instead of a KV cache (linear attention or state-space layers)",
+    "conv": "keep a convolution state instead of a KV cache (short-convolution layers)",
+    "hybrid": "run a state-space mixer beside their attention and keep its recurrent state in the cache",
+    "hybrid_sliding": "run a state-space mixer beside their attention and keep its recurrent state in the cache",
+    "indexed_attention": "select their keys with a learned indexer of their own (DeepSeek sparse attention)",
+    "heavily_compressed_attention": "attend over compressed keys and values",
+    "compressed_sparse_attention": "attend over compressed keys and values",
+}
+
+
+def _hf_layer_types(config: Any) -> list[tuple[str, int | None]] | None:
+    """``(layer type, sliding window)`` per layer, as transformers builds its caches from the config (None
+    where this transformers has no such helper)."""
+    try:
+        from transformers.cache_utils import get_layer_types_and_kwargs
+    except ImportError:  # pragma: no cover - older transformers: the config fields below
+        return None
+    getter = getattr(config, "get_text_config", None)
+    text = getter(decoder=True) if callable(getter) else config
+    try:
+        types, kwargs = get_layer_types_and_kwargs(text)
+    except (AttributeError, TypeError, KeyError):  # pragma: no cover - a config the helper does not read
+        return None
+    return [(str(t), kw.get("sliding_window")) for t, kw in zip(types, kwargs)]
+
+
 def hf_layer_windows(config: Any) -> dict[int, int]:
-    """Sliding-window layers of an HF config: ``{layer: window}`` (declarative, from the config)."""
+    """Sliding-window layers of an HF config: ``{layer: window}`` (declarative, from the config).
+
+    The layer types come from transformers' own reading of the config (``layer_types``, per-layer
+    ``sliding_window``) where this transformers has it, else from ``layer_types`` / ``sliding_window`` /
+    ``use_sliding_window``; GPT-Neo's ``attention_layers`` / ``window_size`` ("local" layers) are read too.
+    A layer that is not softmax attention over a KV cache (chunked attention, linear attention, state-space
+    or convolution layers, ...) raises ``ValueError`` naming it: no layer is ever converted as full
+    attention when the model attends otherwise.
+    """
+    local = getattr(config, "attention_layers", None)
+    if getattr(config, "layer_types", None) is None and isinstance(local, (list, tuple)) and "local" in local:
+        window = getattr(config, "window_size", None)
+        if not window:
+            raise ValueError(f"{type(config).__name__} has local attention layers but no window_size; cannot tell their window")
+        return {i: int(window) for i, t in enumerate(local) if t == "local"}
+    layers = _hf_layer_types(config)
+    if layers is None:
+        return _config_windows(config)
+    windows: dict[int, int] = {}
+    refused: dict[str, list[int]] = {}
+    for i, (kind, window) in enumerate(layers):
+        if kind in _SLIDING_TYPES and window:
+            windows[i] = int(window)
+        elif kind not in _FULL_TYPES | _CACHELESS_TYPES and not (kind in _SLIDING_TYPES and not window):
+            refused.setdefault(kind, []).append(i)
+    if refused:
+        kind, where = next(iter(refused.items()))
+        why = _REFUSED_TYPES.get(kind, "are a kind of layer lsa-rewrite does not know")
+        raise ValueError(
+            f"{type(config).__name__}: layers {where} are {kind!r} layers (config.layer_types), which {why}. lsa-rewrite "
+            "converts decoders whose layers are softmax attention over a KV cache (full or sliding-window), so it cannot "
+            "convert this model: run it unconverted"
+        )
+    return windows
+
+
+def _config_windows(config: Any) -> dict[int, int]:
     window = getattr(config, "sliding_window", None)
     if not window:
         return {}
@@ -52,6 +124,25 @@ def hf_layer_windows(config: Any) -> dict[int, int]:
     if getattr(config, "use_sliding_window", True):
         return {i: int(window) for i in range(config.num_hidden_layers)}
     return {}
+
+
+def _refuse_alibi(model: torch.nn.Module) -> None:
+    """A config that says its attention adds ALiBi position biases (``alibi``, ``attn_config.alibi``,
+    ``position_embedding_type="alibi"``) is refused before anything is traced: the sparse kernels add no
+    bias. (The passes also refuse any non-mask term added to attention scores that they find in the graph.)"""
+    config = model.config
+    attn_config = getattr(config, "attn_config", None)
+    flags = (
+        getattr(config, "alibi", None),
+        attn_config.get("alibi") if isinstance(attn_config, dict) else getattr(attn_config, "alibi", None),
+        getattr(config, "position_embedding_type", None) == "alibi" or None,
+    )
+    if any(flag is True for flag in flags):
+        raise ValueError(
+            f"{type(model).__name__}'s config adds ALiBi position biases to its attention scores; the sparse kernels mask "
+            "by position and add no bias, so lsa-rewrite cannot convert this model: run it unconverted (or use a variant "
+            "of the model with rotary or learned position embeddings)"
+        )
 
 
 def left_padding(mask: torch.Tensor | None, batch: int, length: int) -> list[int]:
@@ -81,12 +172,20 @@ class HFAdapter:
         self.forward = model.forward  # the model's own forward, also after install() wraps it
         params = inspect.signature(model.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
-        if self.cache_kw not in params or "position_ids" not in params:
+        if self.cache_kw not in params:
             raise ValueError(
-                f"{type(model).__name__}.forward takes neither `cache` nor `past_key_values` with `position_ids`; "
+                f"{type(model).__name__}.forward takes neither `cache` nor `past_key_values`; "
                 "lsa-rewrite converts causal LMs that decode with a KV cache"
             )
+        if "position_ids" not in params:
+            raise ValueError(
+                f"{type(model).__name__}.forward takes no `position_ids`: lsa-rewrite runs every decode step with the token's "
+                "position as an input. Decoders without one place tokens by other means, typically ALiBi biases on the "
+                "attention scores (BLOOM, MPT), which the sparse kernels do not apply; lsa-rewrite cannot convert this "
+                "model: run it unconverted"
+            )
         self.num_layers = int(model.config.num_hidden_layers)
+        _refuse_alibi(model)
         self.windows = hf_layer_windows(model.config)
         self.output_type: type | None = None  # the model's output class, learnt at the first prefill
         self.cache_field: str = self.cache_kw  # the output field that carries the cache
@@ -114,8 +213,17 @@ class HFAdapter:
         warm = torch.zeros(batch, _CAPTURE_PREFILL, dtype=torch.long, device=device)
         warm_pos = torch.arange(_CAPTURE_PREFILL, device=device).expand(batch, -1)
         forward = self.forward
-        with torch.no_grad():
-            forward(input_ids=warm, position_ids=warm_pos, use_cache=True, **{self.cache_kw: cache})
+        try:
+            with torch.no_grad():
+                forward(input_ids=warm, position_ids=warm_pos, use_cache=True, **{self.cache_kw: cache})
+        except Exception as exc:  # the model's own code, before any tracing: say what was run
+            other = "dynamic" if self.config.capture_cache == "static" else "static"
+            raise CaptureError(
+                f"{type(model).__name__}'s own forward failed on a {_CAPTURE_PREFILL}-token prompt with a {type(cache).__name__} "
+                f"(what lsa-rewrite fills before tracing one decode step): {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}. Try LSAConfig(capture_cache={other!r}); if that fails too, "
+                "this model does not decode with a transformers KV cache as lsa-rewrite needs"
+            ) from exc
         cache_tensors: dict[int, Binding] = {}
         for i, layer in enumerate(cache.layers):
             for attr, value in vars(layer).items():
