@@ -5,6 +5,7 @@ Installed as ``lsa_rewrite.passes``. One pass per file; ``pipeline.py`` holds th
 """
 
 from .capture import Binding, CapturedStep, CaptureError, capture_step
+from .concat_linear import ConcatSharedInputLinearPass
 from .indexer_taps import IndexerTap, TapIndexerInputsPass
 from .locate import AttentionSite, LocateAttentionPass, LocateError
 from .pipeline import DecodeProgram, build_decode_program, clone_program, locate
@@ -17,6 +18,7 @@ __all__ = [
     "Binding",
     "CaptureError",
     "CapturedStep",
+    "ConcatSharedInputLinearPass",
     "DecodeProgram",
     "IndexerTap",
     "LocateAttentionPass",

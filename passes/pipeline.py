@@ -6,7 +6,8 @@
 store tensors. The last pass needs the bound weights (their device and dtype): in a batch-1 step whose
 weights are fp16/bf16 CUDA tensors it lowers the projections that do not read a norm's output (Llama: o
 and down) to ``lsa::small_m_linear``; a CPU program, a batched step and a tensor-parallel step are left
-as they are (see ``build_decode_program``).
+as they are (see ``build_decode_program``). ``ConcatSharedInputLinearPass`` (q/k/v and gate/up as one
+product each) is not run: it measured slower (benchmarks/NOTES.md run 72).
 """
 
 from __future__ import annotations
@@ -63,8 +64,10 @@ def build_decode_program(
     if not any(is_dtensor(p) for p in model.parameters()):
         # One row only, and only where x is not a norm's output: Inductor computes a norm inside the
         # reduction that reads it (the GEMV would need a kernel of its own for it), and at four rows its
-        # lowering beat the GEMV's dot path (H200, benchmarks/NOTES.md run 70). Tensor-parallel steps:
-        # not measured, left to Inductor.
+        # lowering beat the GEMV's dot path (H200, benchmarks/NOTES.md run 70). Tensor-parallel steps are
+        # left to Inductor: with o and down as the GEMV the two-GPU 512K step was 0.55 ms slower (run 73;
+        # likely because their outputs feed the all-reduces, which Inductor lowers over symmetric memory
+        # only on buffers it allocates itself; not checked).
         LowerSmallMLinearPass(max_rows=1, normed_inputs=False)(module)
     batch = sites[0].batch
     return DecodeProgram(module, input_names, store_keys, sites, batch)
