@@ -25,13 +25,22 @@ own projections of the prompt, and every decode step attends exactly (the decode
 benchmark measures); only the prefill time and the prompt's hidden states differ, and the JSON says so.
 With random weights the KV carries no meaning either way.
 
+``--tp-variants default,gemv,...``: after each ``lsa_tp`` path's run, its decode step is compiled again
+with each named graph transform (``TP_VARIANTS``; ``default``: the library's step, re-timed the same way
+for the A/B) and timed for ``--steps`` steps on the same store (no new prefill: the store is sized for
+the extra steps), as ``variants`` in that path's result. Compare the variants with each other: in run 73
+the re-timed default ran 0.28 ms/token above the path's own loop. The transforms live here, not in the
+library, until one is measured faster. On two GPUs ``dense_tp`` runs before ``lsa_tp`` (it compiles the
+step both share).
+
 The random weights are saved once (rank 0, safetensors in ``--workdir``) so that every rank loads its
 shard through ``from_pretrained`` as a user would. JSON is written by rank 0 after every path.
 
     torchrun --nproc-per-node 2 benchmarks/e2e_tp.py --contexts 131072 --batches 1,4
     torchrun --nproc-per-node 2 benchmarks/e2e_tp.py --contexts 524288 --batches 1
     torchrun --nproc-per-node 2 benchmarks/e2e_tp.py --contexts 524288 --prefill-window 4096 --allreduce nccl,one-shot
-  torchrun --nproc-per-node 2 benchmarks/e2e_tp.py --tiny      # the script on a tiny model, CPU (gloo)
+    torchrun --nproc-per-node 2 benchmarks/e2e_tp.py --contexts 524288 --prefill-window 4096 --allreduce one-shot --tp-variants default,gemv
+    torchrun --nproc-per-node 2 benchmarks/e2e_tp.py --tiny      # the script on a tiny model, CPU (gloo)
 """
 
 from __future__ import annotations
@@ -54,8 +63,78 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import COPY_BANDWIDTH, DEVICE, environment, release_store, time_budget, use_local_prefill, write_json  # noqa: E402
 from e2e_decode import build_model, runtime_run  # noqa: E402
 
+import e2e_decode  # noqa: E402
 import lsa_rewrite  # noqa: E402
 from lsa_rewrite import LSAConfig  # noqa: E402
+
+
+def _gemv(normed_inputs: bool):
+    def transform(program):
+        from lsa_rewrite.passes import LowerSmallMLinearPass
+
+        LowerSmallMLinearPass(max_rows=1, normed_inputs=normed_inputs, devices=(DEVICE,))(program.module)
+        return program
+    return transform
+
+
+def _concat(program):
+    from lsa_rewrite.passes.concat_linear import ConcatSharedInputLinearPass
+
+    ConcatSharedInputLinearPass(local_shards=True, devices=(DEVICE,))(program.module)
+    return program
+
+
+# Graph transforms of a tensor-parallel rank's decode step (its weights are the rank's local shards), applied
+# to the library's program before compiling (``--tp-variants``):
+TP_VARIANTS = {
+    "default": None,  # the library's step (no GEMV for tensor-parallel steps: passes/pipeline.py)
+    # LowerSmallMLinearPass as the library runs it on one GPU: the one-row products whose x is not a norm's
+    # output (o and down: per rank 4096x2048 and 4096x7168) as lsa::small_m_linear
+    "gemv": _gemv(False),
+    "gemv_all": _gemv(True),  # every projection of the rank as the GEMV
+    # q/k/v and gate/up shards concatenated (copies: the DTensors keep theirs; not memory-neutral)
+    "concat": _concat,
+    "gemv_concat": lambda program: _gemv(False)(_concat(program)),
+}
+
+
+def forget_compiled(model) -> None:
+    runtime = model.lsa
+    if runtime.compiled is not None:
+        runtime.compiled.release()
+    runtime.compiled = None
+    runtime.compiled_modules.clear()
+    torch._dynamo.reset()
+    gc.collect()
+
+
+@torch.no_grad()
+def time_variant(model, cache, token: torch.Tensor, select, transform, steps: int) -> tuple[dict, torch.Tensor]:
+    """The step recompiled with ``transform`` (None: the library's), then ``steps`` decode steps on the store
+    ``cache`` holds, timed as ``runtime_run`` times them (3 untimed steps first: compile and capture);
+    ``select``: the store's own selection (``runtime_run`` leaves one that syncs to time each window)."""
+    from lsa_rewrite.runtime import compiled
+
+    kw = e2e_decode.cache_kw(model)
+    forget_compiled(model)
+    cache.store.select = select
+    clone = compiled.clone_program
+    if transform is not None:
+        compiled.clone_program = lambda program: transform(clone(program))
+    try:
+        t0 = time.perf_counter()
+        for _ in range(3):
+            token = model(input_ids=token, **{kw: cache}).logits[:, -1:].argmax(-1)
+        e2e_decode.sync()
+        compile_s = time.perf_counter() - t0
+    finally:
+        compiled.clone_program = clone
+    t0 = time.perf_counter()
+    for _ in range(steps - 3):
+        token = model(input_ids=token, **{kw: cache}).logits[:, -1:].argmax(-1)
+    e2e_decode.sync()
+    decode_s = time.perf_counter() - t0
+    return {"ms_per_token": round(decode_s / (steps - 3) * 1e3, 3), "compile_s": round(compile_s, 1)}, token
 
 
 def local_bytes(model: torch.nn.Module) -> int:
@@ -102,6 +181,9 @@ def main() -> None:
                              "(symmetric memory; CUDA only); the one-shot paths are named *_one_shot")
     parser.add_argument("--recall-lag-max", type=int, default=None,
                         help="LSAConfig.recall_lag_max of the LSA paths (recalled chunks join once their copies are done, by this step)")
+    parser.add_argument("--tp-variants", default="default",
+                        help=f"decode-step variants timed on each lsa_tp path's store after its run, in order: {','.join(TP_VARIANTS)} "
+                             "(only 'default': none)")
     parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU with gloo: checks the script, not a measurement")
     parser.add_argument("--out", default="benchmarks/results/e2e_tp.json")
     args = parser.parse_args()
@@ -125,6 +207,11 @@ def main() -> None:
         raise SystemExit(f"--allreduce takes nccl and/or one-shot, got {args.allreduce!r}")
     if "one-shot" in allreduces and DEVICE != "cuda":
         raise SystemExit("--allreduce one-shot needs CUDA GPUs (symmetric memory); use --allreduce nccl on the CPU")
+    tp_variants = args.tp_variants.split(",")
+    if set(tp_variants) - set(TP_VARIANTS):
+        raise SystemExit(f"unknown --tp-variants {sorted(set(tp_variants) - set(TP_VARIANTS))}; choose from {', '.join(TP_VARIANTS)}")
+    if tp_variants == ["default"]:
+        tp_variants = []
     chunk = 16 if args.tiny else 64
     lsa_config = LSAConfig(budget=0.135, chunk_size=chunk, interval=chunk, sink_tokens=chunk, recent_tokens=2 * chunk, recall_lag=4,
                            recall_lag_max=args.recall_lag_max)
@@ -133,7 +220,7 @@ def main() -> None:
         "benchmark": "e2e_tp", "environment": {**environment(), "gpus": world, "dist_backend": backend}, "tiny": args.tiny,
         "model": f"Llama-3-8B shape, random bf16 weights, {layers} layers" + (" (tiny: hidden 64, CPU check)" if args.tiny else ""),
         "layers": layers, "steps": steps, "lsa_config": lsa_config.to_dict(),
-        "allreduce": allreduces,
+        "allreduce": allreduces, "tp_variants": tp_variants,
         "prefill_attention": (f"local causal window of {args.prefill_window} tokens (prompt KV = each layer's projections; decode exact; "
                               "prefill times not comparable with an exact prefill)") if args.prefill_window else "exact",
         "floor": f"per GPU: (this rank's weight bytes + its device KV bytes) / {COPY_BANDWIDTH / 1e12} TB/s",
@@ -166,6 +253,11 @@ def main() -> None:
             if lsa and dense:
                 vs[f"lsa_tp{suffix}_vs_dense_tp{suffix}_speedup"] = round(dense["ms_per_token"] / lsa["ms_per_token"], 2)
                 vs[f"lsa_tp{suffix}_vs_dense_tp{suffix}_kv_fraction"] = round(lsa["kv_gpu_bytes"] / dense["kv_gpu_bytes"], 4)
+            for variant, v in (lsa or {}).get("variants", {}).items():
+                if "lsa_1gpu" in row:
+                    vs[f"lsa_tp{suffix}@{variant}_vs_lsa_1gpu_speedup"] = round(row["lsa_1gpu"]["ms_per_token"] / v["ms_per_token"], 2)
+                if dense:
+                    vs[f"lsa_tp{suffix}@{variant}_vs_dense_tp{suffix}_speedup"] = round(dense["ms_per_token"] / v["ms_per_token"], 2)
         print(name, key, {k: v for k, v in res.items() if k not in ("windows", "footprint", "path", "per_rank")}, flush=True)
         payload["elapsed_s"] = round(time.perf_counter() - started, 1)
         write_json(args.out, payload)
@@ -231,8 +323,19 @@ def main() -> None:
     lsa_rewrite.convert(model, lsa_config)
     runs = [(ctx, batch, name + ("" if reduce == "nccl" else "_one_shot"), cfg, reduce)
             for reduce in allreduces for ctx in contexts for batch in batches
-            for name, cfg in (("lsa_tp", lsa_config), ("dense_tp", dense_config)) if name in paths]
+            for name, cfg in (("dense_tp", dense_config), ("lsa_tp", lsa_config)) if name in paths]
     lowering = "nccl"
+    # the lsa_tp paths with variants: a store sized for their extra steps, and the prefill's cache and token kept
+    timed_prefill, prefilled, headroom = e2e_decode.timed_prefill, {}, [0]
+
+    def prefill_keeping(model, prompt, *a, **k):
+        if headroom[0]:
+            model.lsa.pending_capacity += headroom[0]
+        cache, token, seconds = timed_prefill(model, prompt, *a, **k)
+        prefilled.update(cache=cache, token=token, select=cache.store.select)  # runtime_run leaves its timed select in place
+        return cache, token, seconds
+
+    e2e_decode.timed_prefill = prefill_keeping
     for ctx, batch, name, cfg, reduce in runs:
         key = f"{ctx}/B{batch}"
         if reduce != lowering:
@@ -243,7 +346,24 @@ def main() -> None:
             lowering = reduce
         if not agree(due(f"{name} {key}")):
             continue
+        variants = tp_variants if name.startswith("lsa_tp") else []
+        headroom[0] = len(variants) * (steps + 2 * cfg.interval)
+        prefilled.clear()
         res = guarded(f"{name} {key}", lambda: runtime_run(model, prompt_of(ctx, batch, vocab), steps, cfg))
+        if res is not None and variants:
+            res["variants"] = {}
+            token = prefilled["token"]
+            for variant in variants:
+                if not agree(due(f"{name} {key} @{variant}")):
+                    continue
+                out = guarded(f"{name} {key} @{variant}", lambda: time_variant(model, prefilled["cache"], token, prefilled["select"],
+                                                                                  TP_VARIANTS[variant], steps))
+                if out is None:
+                    break
+                res["variants"][variant], token = out
+                print(f"{name} {key} @{variant}", res["variants"][variant], flush=True)
+            forget_compiled(model)  # the next path compiles the library's step
+        prefilled.clear()
         gathered = [None] * world
         brief = None if res is None else {k: res[k] for k in ("ms_per_token", "prefill_s", "peak_gpu_gb", "decode_peak_gpu_gb", "kv_gpu_bytes")}
         dist.all_gather_object(gathered, brief)

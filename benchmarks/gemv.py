@@ -20,6 +20,7 @@ several times (as a decode step streams distinct weights), milliseconds per call
 time. ``--time-budget-s`` skips what would start after it; the JSON is written after every shape.
 
     python benchmarks/gemv.py --out benchmarks/results/gemv.json --time-budget-s 170
+    python benchmarks/gemv.py --shapes tp2 --out benchmarks/results/gemv_tp2.json   # one rank's shards at TP 2
     python benchmarks/gemv.py --tiny     # the script itself on tiny shapes, CPU, Triton's interpreter
 """
 
@@ -49,6 +50,9 @@ GEMV = importlib.import_module("lsa_rewrite.kernels.small_m_linear")  # the modu
 GemvConfig = GEMV.GemvConfig
 
 SHAPES = {"q_o": (4096, 4096), "k_v": (1024, 4096), "gate_up": (14336, 4096), "down": (4096, 14336), "lm_head": (128256, 4096)}
+# one rank's shards of the same model under tensor parallelism over 2 GPUs (benchmarks/e2e_tp.py): q, k/v,
+# gate/up split by rows, o and down by columns
+TP2_SHAPES = {"q_tp2": (2048, 4096), "k_v_tp2": (512, 4096), "o_tp2": (4096, 2048), "gate_up_tp2": (7168, 4096), "down_tp2": (4096, 7168)}
 TINY_SHAPES = {"a": (40, 96), "b": (24, 200)}
 DTYPE = torch.bfloat16
 L2_BYTES = 60 * 1024 * 1024
@@ -56,7 +60,7 @@ TOL = 1e-2  # relative to the fp32 reference: bf16 output rounding is ~4e-3
 
 
 def candidates(n: int, k: int, sms: int) -> list[GemvConfig]:
-    """Launch configurations swept at one row: reduction-path tiles of 4-16K elements (4 or 8 warps), each with the
+    """Launch configurations swept at one row: reduction-path tiles of 2-16K elements (4 or 8 warps), each with the
     smallest split reaching 2 programs per SM (the two 512-wide tiles with twice that too), and two
     dot-path tiles."""
     cap = 1 << max(4, (k - 1).bit_length())  # tiles no wider than K's power of two (tiny shapes)
@@ -69,7 +73,10 @@ def candidates(n: int, k: int, sms: int) -> list[GemvConfig]:
 
     out: list[GemvConfig] = []
     for bn, bk, warps, doubled in ((8, 512, 4, True), (16, 512, 4, True), (16, 256, 4, False), (32, 256, 8, False),
-                                   (8, 1024, 4, False), (4, 1024, 4, False), (16, 512, 8, False), (32, 512, 8, False)):
+                                   (8, 1024, 4, False), (4, 1024, 4, False), (16, 512, 8, False), (32, 512, 8, False),
+                                   # narrower and longer tiles (run 70's best were the narrowest swept, 4 x 1024)
+                                   (2, 1024, 4, False), (2, 2048, 4, False), (2, 2048, 8, False), (4, 2048, 8, False),
+                                   (1, 2048, 4, False), (1, 4096, 4, False), (1, 4096, 8, False)):
         bk = min(bk, cap)
         blocks, tiles = math.ceil(n / bn), math.ceil(k / bk)
         split = split_for(blocks, tiles, 2)
@@ -223,6 +230,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/gemv.json")
     parser.add_argument("--time-budget-s", type=float, default=None)
+    parser.add_argument("--shapes", default="8b", choices=("8b", "tp2"),
+                        help="8b: the Llama-3-8B projections; tp2: one rank's shards of them under tensor parallelism over 2 GPUs")
     parser.add_argument("--no-inductor", action="store_true", help="skip the torch.compile baseline")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU under Triton's interpreter: checks the script")
     args = parser.parse_args()
@@ -238,8 +247,8 @@ def main() -> int:
     cuda = torch.cuda.is_available() and not args.tiny
     device = "cuda" if cuda else "cpu"
     sms = torch.cuda.get_device_properties(0).multi_processor_count if cuda else 4
-    shapes = TINY_SHAPES if args.tiny else SHAPES
-    payload: dict = {"benchmark": "gemv", "environment": environment(), "dtype": str(DTYPE), "tiny": args.tiny,
+    shapes = TINY_SHAPES if args.tiny else TP2_SHAPES if args.shapes == "tp2" else SHAPES
+    payload: dict = {"benchmark": "gemv", "environment": environment(), "dtype": str(DTYPE), "tiny": args.tiny, "shapes": args.shapes,
                      "skipped": [], "failures": [], "table": {}, "records": []}
 
     def due(what: str) -> bool:

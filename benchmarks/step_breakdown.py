@@ -27,6 +27,8 @@ step's true floor is lower by its bytes / 4.2 TB/s (``floor_ms_without_embedding
     python benchmarks/step_breakdown.py --contexts 524288 --prefill-window 4096
     python benchmarks/step_breakdown.py --lag-max 63 --prefill-window 4096 --variants default,cd_unfused_append
     python benchmarks/step_breakdown.py --lag-max 63 --prefill-window 4096 --variants default,cd_no_gemv,cd_gemv_all
+    python benchmarks/step_breakdown.py --lag-max 63 --prefill-window 4096 --variants default,cd_freezing,cd_concat,cd_concat_qkv
+    python benchmarks/step_breakdown.py --lag-max 63 --prefill-window 4096 --variants default,cd_gemv_table,default --gemv-table gemv.json
     python benchmarks/step_breakdown.py --tiny      # the script itself on a tiny model, CPU, seconds
 """
 
@@ -78,6 +80,13 @@ VARIANTS = {  # Inductor settings the decode step is compiled with, in place of 
     "cd_gemv_unnormed": {"coordinate_descent_tuning": True, GRAPH: "gemv_unnormed"},
     # every projection as the GEMV, norm inputs included (run 70's `default`: slower)
     "cd_gemv_all": {"coordinate_descent_tuning": True, GRAPH: "gemv_all"},
+    # the products sharing an input as one product by the concatenated weights, split
+    # (`ConcatSharedInputLinearPass`: q/k/v and gate/up; the weights moved into one storage per group, no copy)
+    "cd_concat": {"coordinate_descent_tuning": True, GRAPH: "concat"},
+    # the same for groups of three or more only: q/k/v (gate/up stay two products, silu * up fused into up's kernel)
+    "cd_concat_qkv": {"coordinate_descent_tuning": True, GRAPH: "concat_qkv"},
+    # the library's step with the GEMV launch table of `--gemv-table` (which then applies to this variant only)
+    "cd_gemv_table": {"coordinate_descent_tuning": True},
 }
 
 
@@ -331,28 +340,64 @@ def gemv_all(program):
     return program
 
 
+TRANSFORM_NOTES: dict = {}  # what the last graph transform reported (the concat variants: groups, memory)
+
+
+def concat(program, min_group: int = 2):
+    """``program`` (a clone) with ``ConcatSharedInputLinearPass(min_group=...)`` applied (after the library's
+    passes); the model's grouped weights move into one storage per group (values unchanged, kept after the variant)."""
+    from lsa_rewrite.passes.concat_linear import ConcatSharedInputLinearPass
+
+    cuda = DEVICE == "cuda"
+    before = torch.cuda.memory_allocated() if cuda else 0
+    replaced = ConcatSharedInputLinearPass(min_group=min_group, devices=(DEVICE,))(program.module)
+    if cuda:
+        torch.cuda.synchronize()
+    TRANSFORM_NOTES.clear()
+    TRANSFORM_NOTES.update(concat_products=replaced, concat_min_group=min_group,
+                           memory_allocated_change_bytes=(torch.cuda.memory_allocated() - before) if cuda else None)
+    print("concat:", TRANSFORM_NOTES, flush=True)
+    return program
+
+
 GRAPH_TRANSFORMS = {
     "visible_writes": visible_writes, "unfused_append": unfused_append, "no_gemv": no_gemv, "gemv_unnormed": gemv_unnormed,
-    "gemv_all": gemv_all,
+    "gemv_all": gemv_all, "concat": concat, "concat_qkv": lambda program: concat(program, 3),
 }
 
 
-def load_gemv_table(path: str) -> dict:
-    """Put the launch table that ``benchmarks/gemv.py`` chose (its JSON's ``table``) into the GEMV's
-    ``TABLE`` for this process; returns what was loaded (nothing, with a message, when the file is missing)."""
+def _gemv_module():
     import importlib
+
+    return importlib.import_module("lsa_rewrite.kernels.small_m_linear")  # the module, not the op the package exports
+
+
+LIBRARY_GEMV_TABLE = dict(_gemv_module().TABLE)
+
+
+def set_gemv_table(table: dict | None) -> None:
+    """The GEMV's ``TABLE``: the library's, updated with ``table`` (a ``benchmarks/gemv.py`` JSON's ``table``)."""
+    gemv = _gemv_module()
+    gemv.TABLE.clear()
+    gemv.TABLE.update(LIBRARY_GEMV_TABLE)
+    for key, config in (table or {}).items():
+        n, k = (int(v) for v in key.split(","))
+        gemv.TABLE[(n, k)] = gemv.GemvConfig(**config)
+
+
+def load_gemv_table(path: str, *, apply: bool = True) -> dict:
+    """The launch table that ``benchmarks/gemv.py`` chose (its JSON's ``table``), put into the GEMV's ``TABLE``
+    for this process unless ``apply`` is false; returns it (nothing, with a message, when the file is missing)."""
     import json
 
-    gemv = importlib.import_module("lsa_rewrite.kernels.small_m_linear")  # the module, not the op the package exports
     try:
         table = json.loads(Path(path).read_text())["table"]
     except (OSError, KeyError, ValueError) as exc:
         print(f"--gemv-table {path}: not loaded ({type(exc).__name__}: {exc}); the library's table is used", flush=True)
         return {}
-    for key, config in table.items():
-        n, k = (int(v) for v in key.split(","))
-        gemv.TABLE[(n, k)] = gemv.GemvConfig(**config)
-    print(f"--gemv-table {path}: {table}", flush=True)
+    if apply:
+        set_gemv_table(table)
+    print(f"--gemv-table {path}: {table}" + ("" if apply else " (variant cd_gemv_table only)"), flush=True)
     return table
 
 
@@ -379,12 +424,14 @@ def main() -> None:
                         help="run the prompts' attention over a local window of this many tokens (prefill time only; decode exact)")
     parser.add_argument("--time-budget-s", type=float, default=None)
     parser.add_argument("--gemv-table", default=None,
-                        help="a benchmarks/gemv.py JSON whose launch table replaces the GEMV's own for this run")
+                        help="a benchmarks/gemv.py JSON whose launch table replaces the GEMV's own for this run "
+                             "(for the cd_gemv_table variant only, when that variant is named)")
     parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU: checks the script, not a measurement")
     parser.add_argument("--out", default="benchmarks/results/step_breakdown.json")
     args = parser.parse_args()
     started = time.perf_counter()
-    gemv_table = load_gemv_table(args.gemv_table) if args.gemv_table else None
+    table_variant = "cd_gemv_table" in args.variants.split(",")
+    gemv_table = load_gemv_table(args.gemv_table, apply=not table_variant) if args.gemv_table else None
     contexts = [int(c) for c in (args.contexts or ("4096" if args.tiny else "131072")).split(",")]
     lags = [int(x) for x in args.lags.split(",")]
     variants = args.variants.split(",")
@@ -425,8 +472,18 @@ def main() -> None:
                 if vi and not due(f"{ctx} lag {lag} {name}"):
                     continue
                 compile_s = None
+                TRANSFORM_NOTES.clear()
+                if table_variant:  # the launches are captured in the step's CUDA graph when it is compiled
+                    set_gemv_table(gemv_table if name == "cd_gemv_table" else None)
                 if vi or name != "default":
-                    token, compile_s = recompile(model, kw, cache, token, VARIANTS[name])
+                    try:
+                        token, compile_s = recompile(model, kw, cache, token, VARIANTS[name])
+                    except Exception as exc:  # one variant failing to compile must not lose the others
+                        payload["skipped"].append(f"{ctx} lag {lag} {name}: {type(exc).__name__}: {str(exc)[:500]}")
+                        print("variant failed:", payload["skipped"][-1], flush=True)
+                        forget_compiled(model)
+                        continue
+                notes = dict(TRANSFORM_NOTES)
                 for lag_max in lag_maxes:
                     for programs in copy_programs:
                         if not due(f"{ctx} lag {lag} {name} lag_max {lag_max} programs {programs}"):
@@ -440,7 +497,8 @@ def main() -> None:
                                 set_copy_programs(previous)
                         res.update(context=ctx, recall_lag=lag, recall_lag_max=cache.store.lag_max, copy_programs=programs,
                                    variant=name, inductor=VARIANTS[name], prefill_s=prefill_s, first_steps_s=first_steps_s,
-                                   recompile_s=compile_s)
+                                   recompile_s=compile_s, transform=notes or None,
+                                   gemv_in_step=any("small_m_gemv" in k["kernel"] for k in res.get("top_kernels", [])) if "top_kernels" in res else None)
                         payload["results"].append(res)
                         print({k: v for k, v in res.items() if k not in ("top_kernels", "window")}, flush=True)
                         if "window" in res:

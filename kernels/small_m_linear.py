@@ -12,8 +12,10 @@ a matrix-vector product bound by memory bandwidth. Inductor lowers them (with
 it fused into them: in the 8B step at 128K the down projection (silu * up computed inside it) read its
 weights at 2.9-3.5 TB/s and the o projection (a split reduction) at ~2.1 (benchmarks/NOTES.md, runs 68
 and 70); this kernel reads those two at 3.56 TB/s in the step (3.95 and 3.34 back to back), with a
-launch table per shape and a programmatic dependent launch that overlaps the previous kernel's tail. Alone, on plain inputs, it is not faster than
-Inductor's reduction (run 70: 3.3-4.5 TB/s against 3.3-4.6, but for k/v, 2.1 against 1.3).
+launch table per shape and a programmatic dependent launch that overlaps the previous kernel's tail. Alone, on plain inputs, run 70's
+launches were not faster than Inductor's reduction (3.3-4.5 TB/s against 3.3-4.6, but for k/v, 2.1 against
+1.3); run 74's narrower, longer tiles are, but for down (q/o 3.73 against run 70's Inductor 3.34, k/v 2.56
+against 1.30, gate/up 4.25 against 4.22, lm head 4.61 against 4.56; down 3.98 against 4.11).
 ``LowerSmallMLinearPass`` (``passes/small_m_linear.py``) puts the op into the compiled decode step where
 that was measured to pay.
 
@@ -96,15 +98,16 @@ class GemvConfig:
 
 # One-row launch configurations by (N, K), the Llama-3-8B projection shapes: q/o (4096, 4096), k/v with
 # 8 kv heads (1024, 4096), gate/up (14336, 4096), down (4096, 14336), lm head (128256, 4096): the fastest
-# of benchmarks/gemv.py's sweep on an H200 (run 70, results/gemv.json; graph-replayed back to back over
-# weights 4x the L2 cache, PDL on): 3.34, 2.11, 3.97, 3.95 and 4.46 TB/s. Narrow tiles won (4-8 rows of
-# 512-1024): more programs, each with two tiles in flight. Other shapes take ``default_config``.
+# of benchmarks/gemv.py's sweep on an H200 (run 74, results/gemv.json; graph-replayed back to back over
+# weights 4x the L2 cache, PDL on): 3.73, 2.56, 4.25, 3.98 and 4.61 TB/s (run 70's table, 4-8 x 512-1024
+# tiles: 3.34, 2.11, 3.97, 3.95, 4.46). Narrow, long tiles won (1-4 rows of 1024-4096): more programs,
+# each streaming long contiguous rows with the next tile in flight. Other shapes take ``default_config``.
 TABLE: dict[tuple[int, int], GemvConfig] = {
-    (4096, 4096): GemvConfig(block_n=4, block_k=1024),
-    (1024, 4096): GemvConfig(block_n=4, block_k=1024, split_k=2),
-    (14336, 4096): GemvConfig(block_n=8, block_k=512),
+    (4096, 4096): GemvConfig(block_n=2, block_k=2048),
+    (1024, 4096): GemvConfig(block_n=2, block_k=2048, num_warps=8),
+    (14336, 4096): GemvConfig(block_n=2, block_k=2048),
     (4096, 14336): GemvConfig(block_n=4, block_k=1024),
-    (128256, 4096): GemvConfig(block_n=64, block_k=128, num_stages=4, dot=True),
+    (128256, 4096): GemvConfig(block_n=1, block_k=4096),
 }
 
 
@@ -135,9 +138,10 @@ def _pow2_floor(n: int) -> int:
 def default_config(rows: int, n: int, k: int, device: torch.device) -> GemvConfig:
     """The launch for ``rows`` x ``[n, k]``: ``TABLE`` for one row where it has the shape, else a heuristic.
     One row: 4 x 1024 weight tiles (within 3% of run 70's best on every 8B shape, and its choice for
-    q/o, k/v and down), split along K until 2 programs per SM (each split keeping 2+ tiles). More rows:
-    the dot path with 64 x 128 tiles, split until 4 programs per SM (each split keeping 4+ tiles; run 70
-    timed this launch at M=4: see ``benchmarks/results/gemv.json``)."""
+    q/o, k/v and down; run 74's narrower 2 x 2048 tiles were 10-18% faster on q/o and k/v, untried on
+    other shapes), split along K until 2 programs per SM (each split keeping 2+ tiles). More rows:
+    the dot path with 64 x 128 tiles, split until 4 programs per SM (each split keeping 4+ tiles; runs 70
+    and 74 timed this launch at M=4: see ``benchmarks/results/gemv.json``)."""
     if rows == 1 and (n, k) in TABLE:
         return TABLE[(n, k)]
     if rows == 1:
