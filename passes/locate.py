@@ -452,7 +452,11 @@ class LocateAttentionPass(GraphPass):
         cache_val = example_value(k_ph)
         q_val = example_value(q)
         if q_val is None or q_val.dim() != 4 or q_val.shape[2] != 1:
-            raise LocateError(f"attention {node.name}: query shape {None if q_val is None else tuple(q_val.shape)} is not [B, H, 1, D] (one decode token)")
+            raise LocateError(
+                f"attention {node.name}: query shape {None if q_val is None else tuple(q_val.shape)} is not [B, H, 1, D] (one decode "
+                "token, heads apart from the batch; older code that folds heads into the batch, [B * H, 1, D], is not recognised). "
+                "Try attn_implementation='sdpa' if the model has it; otherwise lsa-rewrite cannot convert this model: run it unconverted"
+            )
         batch, q_heads, _, head_dim = q_val.shape
         if cache_val.dim() != 4 or seq_dim not in (1, 2):
             raise LocateError(f"cache {k_ph.name} has layout {tuple(cache_val.shape)} with sequence dim {seq_dim}; expected [B, H, S, D] or [B, S, H, D]")
@@ -542,7 +546,11 @@ class LocateAttentionPass(GraphPass):
                     "lsa-rewrite cannot convert this model: run it unconverted"
                 )
             else:
-                raise LocateError(f"eager attention at {score.name}: unsupported op {nxt.format_node()} between scores and values")
+                raise LocateError(
+                    f"eager attention at {score.name}: unsupported op {nxt.format_node()} between scores and values (lsa-rewrite "
+                    "recognises scaling, softcapping, masks, casts and dropout there). Try attn_implementation='sdpa' if the model "
+                    "has it; otherwise lsa-rewrite cannot convert this model: run it unconverted"
+                )
             node = nxt
 
     @staticmethod

@@ -5,7 +5,8 @@ The HF families are ``zoo.REFUSED`` (tiny configs showing each feature: ALiBi, m
 attention, differential attention, attention sinks, chunked attention, cross-layer KV sharing, linear
 attention / state-space / convolution layers). The plain-PyTorch decoders below show the graph-level
 check behind the ALiBi refusal: whatever the config says, a term added to attention scores that is not
-a mask (0 or very negative) is refused, and a real float mask is not.
+a mask (0 or very negative) is refused, and a real float mask is not. Last, a family that traces only over
+a DynamicCache (``zoo.DYNAMIC_CAPTURE_ONLY``) is told to use ``capture_cache="dynamic"``, and then converts.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from zoo import REFUSED, make_refused
+from helpers import hf_greedy, no_eos
+from zoo import DYNAMIC_CAPTURE_ONLY, REFUSED, make_refused
 
 import lsa_rewrite
 from lsa_rewrite import LSAConfig
-from lsa_rewrite.passes import LocateError
+from lsa_rewrite.passes import CaptureError, LocateError
 
 NEW = 6
 
@@ -113,3 +115,20 @@ def test_a_float_causal_mask_is_a_mask(eager):
     model = BiasedDecoder(bias=False, eager=eager).eval()
     rows = lsa_rewrite.inspect_model(model, LSAConfig(chunk_size=16))
     assert [r["action"] for r in rows] == ["rewrite"]
+
+
+@pytest.mark.parametrize("family", list(DYNAMIC_CAPTURE_ONLY))
+def test_a_model_that_traces_only_over_a_dynamic_cache_is_told_so(family):
+    """The static capture fails (the model is left as it was) with an error that names the way out, and
+    that way converts the model exactly (covering budget = dense)."""
+    model = no_eos(make_refused(family, attn_implementation="sdpa"))
+    ids = torch.randint(3, 250, (1, 40), generator=torch.Generator().manual_seed(0))
+    dense = hf_greedy(model, ids, NEW)
+    before, forward = _state(model), model.forward
+    with pytest.raises(CaptureError, match="try LSAConfig\\(capture_cache='dynamic'\\)"):
+        lsa_rewrite.convert(model, LSAConfig(chunk_size=16))
+    _assert_untouched(model, before, forward)
+    converted = lsa_rewrite.convert(model, LSAConfig(chunk_size=16, budget=4096, capture_cache="dynamic"))
+    sequences, logits = hf_greedy(converted, ids, NEW)
+    assert torch.equal(sequences, dense[0])
+    assert (logits - dense[1]).abs().max() <= 1e-4

@@ -17,7 +17,8 @@ multi-query attention, local attention layers. They are built through ``AutoConf
 family the installed transformers lacks is reported, not an import error. ``HF_FAMILIES`` (what every
 parametrised zoo test runs) takes a representative few of them (``DEFAULT_SWEEP``); ``LSA_ZOO=all`` in the
 environment runs the zoo tests over every family, and ``benchmarks/supported_models.py`` sweeps them all.
-``REFUSED`` lists families ``convert()`` refuses, with the configs that show why.
+``REFUSED`` lists families ``convert()`` refuses, with the configs that show why; ``DYNAMIC_CAPTURE_ONLY``
+those that convert only with ``LSAConfig(capture_cache="dynamic")``.
 """
 
 from __future__ import annotations
@@ -257,6 +258,13 @@ REFUSED: dict[str, tuple[Callable[[], PretrainedConfig], str]] = {
     "lfm2": (_auto("lfm2", **_DECODER, layer_types=["conv", "full_attention"]), "'conv' layers"),
 }
 
+# Families that trace only over a DynamicCache: convert(model, LSAConfig(capture_cache="dynamic")). BioGPT reads
+# its positions back from the attention mask, a data-dependent length over a StaticCache.
+DYNAMIC_CAPTURE_ONLY: dict[str, Callable[[], PretrainedConfig]] = {
+    "biogpt": _auto("biogpt", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    max_position_embeddings=MAX_POSITIONS, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **_GPT),
+}
+
 HF_CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
     "llama": _llama,
     "qwen2": _qwen2,
@@ -312,9 +320,11 @@ def _make_hf(name: str, *, attn_implementation: str = "sdpa", seed: int = 0) -> 
 
 
 def make_refused(name: str, *, attn_implementation: str = "eager", seed: int = 0) -> nn.Module:
-    """A tiny model of a family ``convert()`` refuses (``REFUSED``), built like the zoo's."""
+    """A tiny model of a family ``convert()`` refuses (``REFUSED``) or converts only with a DynamicCache capture
+    (``DYNAMIC_CAPTURE_ONLY``), built like the zoo's."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(REFUSED[name][0](), attn_implementation=attn_implementation)
+    build = REFUSED[name][0] if name in REFUSED else DYNAMIC_CAPTURE_ONLY[name]
+    model = AutoModelForCausalLM.from_config(build(), attn_implementation=attn_implementation)
     return model.to(torch.float32).eval()
 
 

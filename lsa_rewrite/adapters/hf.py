@@ -237,7 +237,14 @@ class HFAdapter:
         def step(input_ids, position_ids):
             return forward(input_ids=input_ids, position_ids=position_ids, use_cache=True, **{kw: cache}).logits
 
-        return capture_step(step, (ids, pos), input_names=self.input_names, model=model, cache_tensors=cache_tensors)
+        try:
+            return capture_step(step, (ids, pos), input_names=self.input_names, model=model, cache_tensors=cache_tensors)
+        except CaptureError as exc:
+            if self.config.capture_cache != "static":
+                raise
+            # Some models cannot be traced over a StaticCache (positions read back from a mask, a length that
+            # becomes data-dependent) but can over a DynamicCache: say so.
+            raise CaptureError(f"{exc}. It was traced with a StaticCache: try LSAConfig(capture_cache='dynamic')") from exc
 
     def trace(self) -> tuple[CapturedStep, list[AttentionSite]]:
         """Capture one decode step (batch 1) and locate its attention sites (the graph is not changed)."""
