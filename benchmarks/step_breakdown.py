@@ -29,6 +29,7 @@ step's true floor is lower by its bytes / 4.2 TB/s (``floor_ms_without_embedding
     python benchmarks/step_breakdown.py --lag-max 63 --prefill-window 4096 --variants default,cd_no_gemv,cd_gemv_all
     python benchmarks/step_breakdown.py --lag-max 63 --prefill-window 4096 --variants default,cd_freezing,cd_concat,cd_concat_qkv
     python benchmarks/step_breakdown.py --lag-max 63 --prefill-window 4096 --variants default,cd_gemv_table,default --gemv-table gemv.json
+    python benchmarks/step_breakdown.py --lag-max 63 --prefill-window 4096 --variants default,cd_gemv_norm,cd_gemv_norm_nolmhead
     python benchmarks/step_breakdown.py --tiny      # the script itself on a tiny model, CPU, seconds
 """
 
@@ -87,6 +88,12 @@ VARIANTS = {  # Inductor settings the decode step is compiled with, in place of 
     "cd_concat_qkv": {"coordinate_descent_tuning": True, GRAPH: "concat_qkv"},
     # the library's step with the GEMV launch table of `--gemv-table` (which then applies to this variant only)
     "cd_gemv_table": {"coordinate_descent_tuning": True},
+    # the library's step (o and down as the GEMV) with every product of a Llama-style RMSNorm's output (q/k/v,
+    # gate/up, the lm head) as `lsa::small_m_linear_rmsnorm`: the GEMV with the norm in its prologue
+    # (`LowerSmallMLinearPass(fuse_norm=True)`), so no norm kernel of its own
+    "cd_gemv_norm": {"coordinate_descent_tuning": True, GRAPH: "gemv_norm"},
+    # the same but the lm head left to Inductor (its norm + product as the op's PyTorch reference)
+    "cd_gemv_norm_nolmhead": {"coordinate_descent_tuning": True, GRAPH: "gemv_norm_nolmhead"},
 }
 
 
@@ -340,6 +347,25 @@ def gemv_all(program):
     return program
 
 
+def gemv_norm(program, lm_head: bool = True):
+    """``program`` (a clone) with the one-row products of an RMSNorm's output as ``lsa::small_m_linear_rmsnorm``
+    (``LowerSmallMLinearPass(max_rows=1, normed_inputs=False, fuse_norm=True)`` after the library's passes);
+    ``lm_head=False``: the last of them (the lm head) back to the op's reference, which Inductor lowers itself."""
+    from lsa_rewrite.kernels.small_m_linear import small_m_linear_rmsnorm_ref
+    from lsa_rewrite.passes import LowerSmallMLinearPass
+
+    fused_op = torch.ops.lsa.small_m_linear_rmsnorm.default
+    lowered = LowerSmallMLinearPass(max_rows=1, normed_inputs=False, fuse_norm=True)(program.module)
+    fused = [n for n in program.module.graph.nodes if n.op == "call_function" and n.target is fused_op]
+    if not lm_head and fused:
+        fused[-1].target = small_m_linear_rmsnorm_ref
+        program.module.recompile()
+    TRANSFORM_NOTES.clear()
+    TRANSFORM_NOTES.update(gemv_lowered=lowered, gemv_norm_fused=len(fused) - (0 if lm_head else 1))
+    print("gemv_norm:", TRANSFORM_NOTES, flush=True)
+    return program
+
+
 TRANSFORM_NOTES: dict = {}  # what the last graph transform reported (the concat variants: groups, memory)
 
 
@@ -363,6 +389,7 @@ def concat(program, min_group: int = 2):
 GRAPH_TRANSFORMS = {
     "visible_writes": visible_writes, "unfused_append": unfused_append, "no_gemv": no_gemv, "gemv_unnormed": gemv_unnormed,
     "gemv_all": gemv_all, "concat": concat, "concat_qkv": lambda program: concat(program, 3),
+    "gemv_norm": gemv_norm, "gemv_norm_nolmhead": lambda program: gemv_norm(program, lm_head=False),
 }
 
 

@@ -428,3 +428,260 @@ def small_m_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> 
 def _(x, weight, bias=None):
     _check_linear(x, weight, bias)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+# -- the same product with an RMSNorm prologue ---------------------------------------------------
+#
+# ``lsa::small_m_linear_rmsnorm(x, norm_weight, eps, weight, bias=None)`` is
+# ``F.linear(rmsnorm(x) * norm_weight, weight, bias)`` with the norm computed in the order of Hugging Face's
+# ``LlamaRMSNorm`` (and Qwen2/Qwen3/Mistral's copies of it): ``h = x.to(float32)``,
+# ``h = h * rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)``, ``n = norm_weight * h.to(x.dtype)`` (a product
+# of two fp16/bf16 tensors, rounded to x's dtype), then the linear layer. The Triton kernel rounds at the
+# same two places, so the product's input agrees with the unfused model's bit for bit but for the order of
+# the sum of squares (and Triton's ``rsqrt``): one bf16 rounding at most, rarely.
+#
+# Why: Inductor fuses each RMSNorm into the reductions that read it (q/k/v, gate/up, the lm head), so
+# lowering those products to the plain GEMV cost ~3 norm kernels per layer and made the 8B step slower
+# (benchmarks/NOTES.md run 70). Here every program normalizes x itself (one row of K elements: 8 KB at
+# K = 4096, read from L2 by every program): the sum of squares over the whole row first, then its weight
+# tiles as in the one-row GEMV with each x tile scaled on the fly. One row only (a batch-1 decode step).
+# Measured (H200, run 76, the GEMV's TABLE launches): 9-36% slower per call than the plain GEMV on a normed
+# x (q 2.84 against 3.74 TB/s, k/v 1.87 / 2.54, gate/up 3.51 / 4.20, lm head 4.15 / 4.54), and the 8B step
+# with every normed product fused 0.38 ms slower than Inductor's fused reductions: the prologue (x from L2
+# and a block reduction before the second weight tile) is not hidden in programs of one or two tiles. So
+# the library does not use it yet (benchmarks/NOTES.md says what to try next).
+
+
+def small_m_linear_rmsnorm_ref(x: Tensor, norm_weight: Tensor, eps: float, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """Reference for ``lsa::small_m_linear_rmsnorm``: Llama's RMSNorm of ``x`` (last dimension), then ``F.linear``."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return F.linear(norm_weight * h.to(x.dtype), weight, bias)
+
+
+def _check_rmsnorm_linear(x: Tensor, norm_weight: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+    _check_linear(x, weight, bias)
+    if tuple(norm_weight.shape) != (weight.shape[1],):
+        raise ValueError(f"small_m_linear_rmsnorm: norm_weight must be [K] = [{weight.shape[1]}], got {tuple(norm_weight.shape)}")
+
+
+if triton is not None:
+
+    @triton.jit
+    def _small_m_gemv_rmsnorm_kernel(
+        x_ptr, g_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr,
+        N, K, eps,
+        stride_wn,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        K_SPLIT: tl.constexpr,
+        SPLIT_K: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        EVEN_N: tl.constexpr,
+        NORM_BLOCK: tl.constexpr,
+        ONE_TILE: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        USE_PDL: tl.constexpr,
+    ):
+        """Program (n, s) of the one-row GEMV (``_small_m_gemv_kernel`` with ``DOT=False``) over
+        ``xn = (g * (x * rsqrt(mean(x^2) + eps)).to(dtype)).to(dtype)``: the sum of squares over all of x
+        (``NORM_BLOCK`` at a time; ``ONE_TILE``: x is one tile, loaded once for both), then the weight tiles."""
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        dtype = x_ptr.dtype.element_ty
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_n = offs_n < N
+        k_begin = pid_s * K_SPLIT
+        k_stop = tl.minimum(K, k_begin + K_SPLIT)
+        w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
+        cols = k_begin + offs_k
+        # The first tile before the PDL wait: the weights are no kernel's output (x is: after it).
+        if EVEN_K:
+            if EVEN_N:
+                w = tl.load(w_rows + cols[None, :])
+            else:
+                w = tl.load(w_rows + cols[None, :], mask=mask_n[:, None], other=0.0)
+        else:
+            w = tl.load(w_rows + cols[None, :], mask=mask_n[:, None] & (cols < k_stop)[None, :], other=0.0)
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        # the norm: mean of squares over the whole row, in fp32
+        if ONE_TILE:
+            if EVEN_K:
+                x_one = tl.load(x_ptr + cols).to(tl.float32)
+            else:
+                x_one = tl.load(x_ptr + cols, mask=cols < k_stop, other=0.0).to(tl.float32)
+            ss = tl.sum(x_one * x_one, 0)
+        else:
+            offs_r = tl.arange(0, NORM_BLOCK)
+            sq = tl.zeros([NORM_BLOCK], tl.float32)
+            for r0 in range(0, K, NORM_BLOCK):
+                xr = tl.load(x_ptr + r0 + offs_r, mask=r0 + offs_r < K, other=0.0).to(tl.float32)
+                sq += xr * xr
+            ss = tl.sum(sq, 0)
+        scale = tl.math.rsqrt(ss / K + eps)
+        acc2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        for _ in range(1, K_SPLIT // BLOCK_K):
+            nxt = cols + BLOCK_K
+            # the next tile's load goes out before this tile's arithmetic
+            if EVEN_K:
+                if EVEN_N:
+                    w_next = tl.load(w_rows + nxt[None, :])
+                else:
+                    w_next = tl.load(w_rows + nxt[None, :], mask=mask_n[:, None], other=0.0)
+                xv = tl.load(x_ptr + cols)
+                gv = tl.load(g_ptr + cols)
+            else:
+                w_next = tl.load(w_rows + nxt[None, :], mask=mask_n[:, None] & (nxt < k_stop)[None, :], other=0.0)
+                xv = tl.load(x_ptr + cols, mask=cols < k_stop, other=0.0)
+                gv = tl.load(g_ptr + cols, mask=cols < k_stop, other=0.0)
+            xn = (xv.to(tl.float32) * scale).to(dtype)
+            xn = (gv.to(tl.float32) * xn.to(tl.float32)).to(dtype)
+            acc2 += w.to(tl.float32) * xn.to(tl.float32)[None, :]
+            w = w_next
+            cols = nxt
+        if ONE_TILE:
+            xf = x_one
+            if EVEN_K:
+                gv = tl.load(g_ptr + cols)
+            else:
+                gv = tl.load(g_ptr + cols, mask=cols < k_stop, other=0.0)
+        else:
+            if EVEN_K:
+                xf = tl.load(x_ptr + cols).to(tl.float32)
+                gv = tl.load(g_ptr + cols)
+            else:
+                xf = tl.load(x_ptr + cols, mask=cols < k_stop, other=0.0).to(tl.float32)
+                gv = tl.load(g_ptr + cols, mask=cols < k_stop, other=0.0)
+        xn = (xf * scale).to(dtype)
+        xn = (gv.to(tl.float32) * xn.to(tl.float32)).to(dtype)
+        acc2 += w.to(tl.float32) * xn.to(tl.float32)[None, :]
+        acc = tl.sum(acc2, 1)  # [BLOCK_N]
+
+        y_ptrs = y_ptr + offs_n
+        if SPLIT_K == 1:
+            out = acc
+            if HAS_BIAS:
+                out += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask_n)
+        else:
+            part = part_ptr + offs_n  # [SPLIT_K, 1, N] fp32
+            tl.store(part + pid_s.to(tl.int64) * N, acc, mask=mask_n)
+            # every thread's partial is out before one thread counts the program in (release, gpu scope)
+            tl.debug_barrier()
+            arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+            last = (offs_n * 0 + arrived) == SPLIT_K - 1  # [BLOCK_N] (vector form: the interpreter needs it)
+            mask_last = mask_n & last
+            total = tl.zeros([BLOCK_N], tl.float32)
+            for s in range(SPLIT_K):  # split order, whichever program arrived last
+                total += tl.load(part + s * N, mask=mask_last, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(b_ptr + offs_n, mask=mask_last, other=0.0).to(tl.float32)
+            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask_last)
+            # ready for the next call (one lane stores)
+            tl.store(count_ptr + pid_n + offs_n * 0, offs_n * 0, mask=last & (offs_n == pid_n * BLOCK_N))
+
+
+def small_m_linear_rmsnorm_problem(x: Tensor, norm_weight: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> str | None:
+    """Why the fused Triton kernel cannot take these operands (None: it can)."""
+    _check_rmsnorm_linear(x, norm_weight, weight, bias)
+    problem = _reachable_problem(x, weight, bias)
+    if problem is not None:
+        return problem
+    if x.numel() != x.shape[-1]:
+        return f"x holds {x.numel() // max(1, x.shape[-1])} rows; the fused norm takes one"
+    if not norm_weight.is_cuda or norm_weight.device != x.device or norm_weight.dtype != x.dtype or norm_weight.stride(0) != 1:
+        return "norm_weight must be a contiguous CUDA tensor of x's dtype on x's device"
+    return None
+
+
+def small_m_linear_rmsnorm_triton(
+    x: Tensor, norm_weight: Tensor, eps: float, weight: Tensor, bias: Optional[Tensor] = None, *,
+    config: GemvConfig | None = None, pdl: bool | None = None, out: Tensor | None = None,
+) -> Tensor:
+    """Triton launcher of ``lsa::small_m_linear_rmsnorm`` (one row of x): one launch on the current stream,
+    no host sync; ``config`` (default: ``default_config``, the GEMV's ``TABLE``), ``pdl`` and ``out`` as in
+    ``small_m_linear_triton`` (``out``: a ``[1, N]`` buffer)."""
+    _check_rmsnorm_linear(x, norm_weight, weight, bias)
+    if triton is None:
+        raise ValueError("small_m_linear_rmsnorm (Triton): Triton is not installed")
+    k = x.shape[-1]
+    n = weight.shape[0]
+    if x.numel() != k:
+        raise ValueError(f"small_m_linear_rmsnorm (Triton): x holds {x.numel() // max(1, k)} rows; the fused norm takes one")
+    if x.dtype not in SUPPORTED_DTYPES or weight.dtype != x.dtype or norm_weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise ValueError(f"small_m_linear_rmsnorm (Triton): x, norm_weight, weight and bias must share one of {SUPPORTED_DTYPES}")
+    x2 = x.reshape(1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if weight.stride(1) != 1 or norm_weight.stride(0) != 1:
+        raise ValueError("small_m_linear_rmsnorm (Triton): weight and norm_weight must be contiguous along K")
+    config = config or default_config(1, n, k, x.device)
+    _check_config(config, 1)
+    if config.dot:
+        raise ValueError(f"small_m_linear_rmsnorm (Triton): the fused norm has the reduction path only (dot=False), got {config}")
+    if pdl is None:
+        pdl = _use_pdl(x.device)
+    if out is None:
+        result = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
+        out = result.view(1, n)
+    elif tuple(out.shape) != (1, n) or out.dtype != x.dtype or out.stride(1) != 1:
+        raise ValueError(f"small_m_linear_rmsnorm (Triton): out must be a [1, {n}] {x.dtype} buffer, got {tuple(out.shape)} {out.dtype}")
+    else:
+        result = out.view(*x.shape[:-1], n)
+    tiles = triton.cdiv(k, config.block_k)
+    k_split = triton.cdiv(tiles, config.split_k) * config.block_k
+    splits = triton.cdiv(k, k_split)
+    blocks = triton.cdiv(n, config.block_n)
+    if splits > 1:
+        part, count = _workspace(x.device, splits * n, blocks)
+    else:
+        part, count = out, out  # unused
+    extra = {"launch_pdl": True} if pdl else {}
+    _small_m_gemv_rmsnorm_kernel[(blocks, splits)](
+        x2, norm_weight, weight, bias if bias is not None else out, out, part, count,
+        n, k, float(eps),
+        weight.stride(0),
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+        K_SPLIT=k_split,
+        SPLIT_K=splits,
+        EVEN_K=k % k_split == 0,
+        EVEN_N=n % config.block_n == 0,
+        NORM_BLOCK=min(2048, max(16, triton.next_power_of_2(k))),
+        ONE_TILE=splits == 1 and k_split == config.block_k,
+        HAS_BIAS=bias is not None,
+        USE_PDL=bool(pdl),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+        **extra,
+    )
+    return result
+
+
+@torch.library.custom_op("lsa::small_m_linear_rmsnorm", mutates_args=())
+def small_m_linear_rmsnorm(x: Tensor, norm_weight: Tensor, eps: float, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``F.linear(LlamaRMSNorm(x), weight, bias)`` (see ``small_m_linear_rmsnorm_ref``): on CUDA for one row
+    of fp16/bf16 the Triton GEMV with the norm in its prologue, else the reference.
+
+    Example::
+
+        >>> x = torch.randn(1, 1, 8); g = torch.rand(8); w = torch.randn(3, 8)
+        >>> bool(torch.allclose(small_m_linear_rmsnorm(x, g, 1e-6, w), small_m_linear_rmsnorm_ref(x, g, 1e-6, w)))
+        True
+    """
+    _check_rmsnorm_linear(x, norm_weight, weight, bias)
+    if x.is_cuda:
+        problem = small_m_linear_rmsnorm_problem(x, norm_weight, weight, bias)
+        if problem is None:
+            return small_m_linear_rmsnorm_triton(x, norm_weight, eps, weight, bias)
+        _warn_reference_fallback(problem)
+    return small_m_linear_rmsnorm_ref(x, norm_weight, eps, weight, bias)
+
+
+@small_m_linear_rmsnorm.register_fake
+def _(x, norm_weight, eps, weight, bias=None):
+    _check_rmsnorm_linear(x, norm_weight, weight, bias)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))

@@ -67,7 +67,8 @@ def build_decode_program(
         # lowering beat the GEMV's dot path (H200, benchmarks/NOTES.md run 70). Tensor-parallel steps are
         # left to Inductor: with o and down as the GEMV the two-GPU 512K step was 0.55 ms slower (run 73;
         # likely because their outputs feed the all-reduces, which Inductor lowers over symmetric memory
-        # only on buffers it allocates itself; not checked).
+        # only on buffers it allocates itself; not checked). ``fuse_norm`` (q/k/v, gate/up and the lm head
+        # as the GEMV with the RMSNorm in its prologue) is off: the step was 0.38 ms slower with it (run 76).
         LowerSmallMLinearPass(max_rows=1, normed_inputs=False)(module)
     batch = sites[0].batch
     return DecodeProgram(module, input_names, store_keys, sites, batch)
