@@ -216,6 +216,8 @@ class HFAdapter:
         try:
             with torch.no_grad():
                 forward(input_ids=warm, position_ids=warm_pos, use_cache=True, **{self.cache_kw: cache})
+        except torch.OutOfMemoryError:
+            raise
         except Exception as exc:  # the model's own code, before any tracing: say what was run
             other = "dynamic" if self.config.capture_cache == "static" else "static"
             raise CaptureError(
