@@ -112,6 +112,8 @@ def _shape(model: nn.Module) -> dict[str, int]:
     hidden = int(getattr(config, "hidden_size", None) or config.n_embd)
     q_heads = int(getattr(config, "num_attention_heads", None) or config.n_head)
     kv_heads = int(getattr(config, "num_key_value_heads", None) or q_heads)
+    if getattr(config, "multi_query", False) and not getattr(config, "new_decoder_architecture", False):
+        kv_heads = 1  # multi-query attention whatever the head counts say (Falcon's first layout)
     head_dim = getattr(config, "head_dim", None) or hidden // q_heads
     return {"hidden": hidden, "q_heads": q_heads, "kv_heads": kv_heads, "head_dim": int(head_dim)}
 
