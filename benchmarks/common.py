@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import platform
 import statistics
@@ -151,3 +152,14 @@ def use_local_prefill(model, window: int) -> None:
     AttentionInterface.register(LOCAL_PREFILL, attention)
     AttentionMaskInterface.register(LOCAL_PREFILL, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
     model.set_attn_implementation(LOCAL_PREFILL)
+
+
+def forget_compiled(model) -> None:
+    """Drop a converted model's compiled decode step (CUDA graph and Dynamo caches) so that the next step compiles anew."""
+    runtime = model.lsa
+    if runtime.compiled is not None:
+        runtime.compiled.release()
+    runtime.compiled = None
+    runtime.compiled_modules.clear()
+    torch._dynamo.reset()
+    gc.collect()

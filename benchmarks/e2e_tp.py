@@ -60,7 +60,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import COPY_BANDWIDTH, DEVICE, environment, release_store, time_budget, use_local_prefill, write_json  # noqa: E402
+from common import COPY_BANDWIDTH, DEVICE, environment, forget_compiled, release_store, time_budget, use_local_prefill, write_json  # noqa: E402
 from e2e_decode import build_model, runtime_run  # noqa: E402
 
 import e2e_decode  # noqa: E402
@@ -96,16 +96,6 @@ TP_VARIANTS = {
     "concat": _concat,
     "gemv_concat": lambda program: _gemv(False)(_concat(program)),
 }
-
-
-def forget_compiled(model) -> None:
-    runtime = model.lsa
-    if runtime.compiled is not None:
-        runtime.compiled.release()
-    runtime.compiled = None
-    runtime.compiled_modules.clear()
-    torch._dynamo.reset()
-    gc.collect()
 
 
 @torch.no_grad()

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import sys
 import time
 from collections import defaultdict
@@ -46,7 +45,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import COPY_BANDWIDTH, DEVICE, environment, release_store, sync, time_budget, timed_prefill, use_local_prefill, write_json  # noqa: E402
+from common import COPY_BANDWIDTH, DEVICE, environment, forget_compiled, release_store, sync, time_budget, timed_prefill, use_local_prefill, write_json  # noqa: E402
 from e2e_decode import build_model, cache_kw  # noqa: E402
 
 import lsa_rewrite  # noqa: E402
@@ -240,16 +239,6 @@ def prefill(model, prompt: torch.Tensor, config: LSAConfig, steps: int, measures
         token = model(input_ids=token, **{kw: cache}).logits[:, -1:].argmax(-1)
     sync()
     return cache, token, round(prefill_s, 2), round(time.perf_counter() - t0, 2)
-
-
-def forget_compiled(model) -> None:
-    runtime = model.lsa
-    if runtime.compiled is not None:
-        runtime.compiled.release()
-    runtime.compiled = None
-    runtime.compiled_modules.clear()
-    torch._dynamo.reset()
-    gc.collect()
 
 
 @torch.no_grad()

@@ -12,11 +12,10 @@ a matrix-vector product bound by memory bandwidth. Inductor lowers them (with
 it fused into them: in the 8B step at 128K the down projection (silu * up computed inside it) read its
 weights at 2.9-3.5 TB/s and the o projection (a split reduction) at ~2.1 (benchmarks/NOTES.md, runs 68
 and 70); this kernel reads those two at 3.56 TB/s in the step (3.95 and 3.34 back to back), with a
-launch table per shape and a programmatic dependent launch that overlaps the previous kernel's tail. Alone, on plain inputs, run 70's
-launches were not faster than Inductor's reduction (3.3-4.5 TB/s against 3.3-4.6, but for k/v, 2.1 against
-1.3); run 74's narrower, longer tiles are, but for down (q/o 3.73 against run 70's Inductor 3.34, k/v 2.56
-against 1.30, gate/up 4.25 against 4.22, lm head 4.61 against 4.56; down 3.98 against 4.11).
-``LowerSmallMLinearPass`` (``passes/small_m_linear.py``) puts the op into the compiled decode step where
+launch table per shape and a programmatic dependent launch that overlaps the previous kernel's tail.
+Alone, on plain inputs, the table's launches beat Inductor's reduction at every 8B shape but down (q/o
+3.73 against 3.34 TB/s, k/v 2.56 against 1.30, gate/up 4.25 against 4.22, lm head 4.61 against 4.56;
+down 3.98 against 4.11; NOTES runs 70 and 74). ``LowerSmallMLinearPass`` (``passes/small_m_linear.py``) puts the op into the compiled decode step where
 that was measured to pay.
 
 Triton (CUDA tensors, fp16/bf16, x and weight of one dtype, K contiguous in both): one program per
@@ -99,9 +98,9 @@ class GemvConfig:
 # One-row launch configurations by (N, K), the Llama-3-8B projection shapes: q/o (4096, 4096), k/v with
 # 8 kv heads (1024, 4096), gate/up (14336, 4096), down (4096, 14336), lm head (128256, 4096): the fastest
 # of benchmarks/gemv.py's sweep on an H200 (run 74, results/gemv.json; graph-replayed back to back over
-# weights 4x the L2 cache, PDL on): 3.73, 2.56, 4.25, 3.98 and 4.61 TB/s (run 70's table, 4-8 x 512-1024
-# tiles: 3.34, 2.11, 3.97, 3.95, 4.46). Narrow, long tiles won (1-4 rows of 1024-4096): more programs,
-# each streaming long contiguous rows with the next tile in flight. Other shapes take ``default_config``.
+# weights 4x the L2 cache, PDL on): 3.73, 2.56, 4.25, 3.98 and 4.61 TB/s. Narrow, long tiles win (1-4
+# rows of 1024-4096; 4-8 x 512-1024 tiles were 3-20% slower): more programs, each streaming long
+# contiguous rows with the next tile in flight. Other shapes take ``default_config``.
 TABLE: dict[tuple[int, int], GemvConfig] = {
     (4096, 4096): GemvConfig(block_n=2, block_k=2048),
     (1024, 4096): GemvConfig(block_n=2, block_k=2048, num_warps=8),
@@ -334,6 +333,30 @@ def _check_config(config: GemvConfig, rows: int) -> None:
         raise ValueError(f"small_m_linear: {rows} rows need the dot path (dot=True); the reduction path takes one")
 
 
+def _launch_buffers(name: str, x: Tensor, rows: int, n: int, config: GemvConfig, out: Tensor | None):
+    """The output (``result`` in x's leading shape, ``out`` its ``[rows, n]`` view: a new tensor or the
+    caller's checked buffer), the split-K geometry (``k_split`` columns per split, ``splits``, ``blocks``
+    of ``config.block_n`` rows) and the split-K workspace (``part``, ``count``; ``out`` stands in, unused,
+    without splits) of one GEMV launch."""
+    k = x.shape[-1]
+    if out is None:
+        result = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
+        out = result.view(rows, n)
+    elif tuple(out.shape) != (rows, n) or out.dtype != x.dtype or out.stride(1) != 1:
+        raise ValueError(f"{name} (Triton): out must be a [{rows}, {n}] {x.dtype} buffer, got {tuple(out.shape)} {out.dtype}")
+    else:
+        result = out.view(*x.shape[:-1], n)
+    tiles = triton.cdiv(k, config.block_k)
+    k_split = triton.cdiv(tiles, config.split_k) * config.block_k
+    splits = triton.cdiv(k, k_split)
+    blocks = triton.cdiv(n, config.block_n)
+    if splits > 1:
+        part, count = _workspace(x.device, splits * rows * n, blocks)
+    else:
+        part, count = out, out  # unused
+    return result, out, k_split, splits, blocks, part, count
+
+
 def small_m_linear_triton(
     x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, config: GemvConfig | None = None,
     pdl: bool | None = None, out: Tensor | None = None,
@@ -363,21 +386,7 @@ def small_m_linear_triton(
     _check_config(config, rows)
     if pdl is None:
         pdl = _use_pdl(x.device)
-    if out is None:
-        result = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
-        out = result.view(rows, n)
-    elif tuple(out.shape) != (rows, n) or out.dtype != x.dtype or out.stride(1) != 1:
-        raise ValueError(f"small_m_linear (Triton): out must be a [{rows}, {n}] {x.dtype} buffer, got {tuple(out.shape)} {out.dtype}")
-    else:
-        result = out.view(*x.shape[:-1], n)
-    tiles = triton.cdiv(k, config.block_k)
-    k_split = triton.cdiv(tiles, config.split_k) * config.block_k
-    splits = triton.cdiv(k, k_split)
-    blocks = triton.cdiv(n, config.block_n)
-    if splits > 1:
-        part, count = _workspace(x.device, splits * rows * n, blocks)
-    else:
-        part, count = out, out  # unused
+    result, out, k_split, splits, blocks, part, count = _launch_buffers("small_m_linear", x, rows, n, config, out)
     block_m = _DOT_ROWS if config.dot else 1
     extra = {"launch_pdl": True} if pdl else {}
     _small_m_gemv_kernel[(blocks, splits)](
@@ -624,21 +633,7 @@ def small_m_linear_rmsnorm_triton(
         raise ValueError(f"small_m_linear_rmsnorm (Triton): the fused norm has the reduction path only (dot=False), got {config}")
     if pdl is None:
         pdl = _use_pdl(x.device)
-    if out is None:
-        result = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
-        out = result.view(1, n)
-    elif tuple(out.shape) != (1, n) or out.dtype != x.dtype or out.stride(1) != 1:
-        raise ValueError(f"small_m_linear_rmsnorm (Triton): out must be a [1, {n}] {x.dtype} buffer, got {tuple(out.shape)} {out.dtype}")
-    else:
-        result = out.view(*x.shape[:-1], n)
-    tiles = triton.cdiv(k, config.block_k)
-    k_split = triton.cdiv(tiles, config.split_k) * config.block_k
-    splits = triton.cdiv(k, k_split)
-    blocks = triton.cdiv(n, config.block_n)
-    if splits > 1:
-        part, count = _workspace(x.device, splits * n, blocks)
-    else:
-        part, count = out, out  # unused
+    result, out, k_split, splits, blocks, part, count = _launch_buffers("small_m_linear_rmsnorm", x, 1, n, config, out)
     extra = {"launch_pdl": True} if pdl else {}
     _small_m_gemv_rmsnorm_kernel[(blocks, splits)](
         x2, norm_weight, weight, bias if bias is not None else out, out, part, count,

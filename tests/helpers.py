@@ -39,3 +39,19 @@ def buffer_greedy(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int):
 
 def converted_copy(model: torch.nn.Module, config: LSAConfig) -> torch.nn.Module:
     return lsa_rewrite.convert(copy.deepcopy(model), config)
+
+
+def traced_with_values(module: torch.nn.Module, *args) -> "torch.fx.GraphModule":
+    """``module`` traced by FX, each node's value recorded in ``meta["val"]`` (as Dynamo records its example values)."""
+    from torch import fx
+
+    gm = fx.symbolic_trace(module)
+
+    class Record(fx.Interpreter):
+        def run_node(self, n):
+            result = super().run_node(n)
+            n.meta["val"] = result
+            return result
+
+    Record(gm).run(*args)
+    return gm

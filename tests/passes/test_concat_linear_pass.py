@@ -11,9 +11,8 @@ import functools
 
 import pytest
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
-from helpers import converted_copy, hf_greedy, no_eos
+from helpers import converted_copy, hf_greedy, no_eos, traced_with_values
 from zoo import make_model
 
 import lsa_rewrite
@@ -127,26 +126,14 @@ class _Mixed(torch.nn.Module):
         return a.sum() + b.sum() + v.sum() + c + s + self.shared.sum()
 
 
-def _traced_with_values(module, *args) -> fx.GraphModule:
-    gm = fx.symbolic_trace(module)
-
-    class Record(fx.Interpreter):
-        def run_node(self, n):
-            result = super().run_node(n)
-            n.meta["val"] = result
-            return result
-
-    Record(gm).run(*args)
-    return gm
-
 
 def test_only_bias_free_products_of_owned_parameters_are_grouped():
     module = _Mixed()
     gen = torch.Generator().manual_seed(1)
     x, y, z = (torch.randn(1, 16, generator=gen).bfloat16() for _ in range(3))
-    gm = _traced_with_values(module, x, y, z)
+    gm = traced_with_values(module, x, y, z)
     want = gm(x, y, z)
-    a1, a2 = module.a1.data_ptr(), module.a2.data_ptr()
+    a1 = module.a1.data_ptr()
     v1 = module.v1.data_ptr()
     shard = module.lsa_local_w1.data_ptr()
     assert ON_CPU()(gm) == 2  # a1 and a2 only
@@ -154,7 +141,7 @@ def test_only_bias_free_products_of_owned_parameters_are_grouped():
     assert module.v1.data_ptr() == v1 and module.lsa_local_w1.data_ptr() == shard
     assert torch.equal(gm(x, y, z), want)
     # tensor-parallel shards (benchmarks only): copied into the buffer, the shards themselves untouched
-    gm = _traced_with_values(module, x, y, z)
+    gm = traced_with_values(module, x, y, z)
     assert ON_CPU(local_shards=True)(gm) == 4
     assert module.lsa_local_w1.data_ptr() == shard
     assert torch.equal(gm(x, y, z), want)

@@ -11,9 +11,8 @@ import functools
 
 import pytest
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
-from helpers import converted_copy, hf_greedy, no_eos
+from helpers import converted_copy, hf_greedy, no_eos, traced_with_values
 from zoo import make_model
 
 import lsa_rewrite
@@ -96,25 +95,12 @@ class _Mixed(torch.nn.Module):
         return g.sum() + u.sum() + a.sum() + p.sum() + q.sum()
 
 
-def _traced_with_values(module, *args) -> fx.GraphModule:
-    """``module`` traced by FX, each node's value recorded in ``meta["val"]`` (as Dynamo records its example values)."""
-    gm = fx.symbolic_trace(module)
-
-    class Record(fx.Interpreter):
-        def run_node(self, n):
-            result = super().run_node(n)
-            n.meta["val"] = result
-            return result
-
-    Record(gm).run(*args)
-    return gm
-
 
 def test_only_weight_products_of_few_rows_are_lowered():
     module = _Mixed()
     x = torch.randn(2, 16).bfloat16()
     wide = torch.randn(32, 16).bfloat16()
-    gm = _traced_with_values(module, x, wide)
+    gm = traced_with_values(module, x, wide)
     want = gm(x, wide)
     assert ON_CPU()(gm) == 2
     lowered = [n for n in gm.graph.nodes if n.target is OP]

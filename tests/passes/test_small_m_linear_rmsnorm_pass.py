@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from helpers import converted_copy, hf_greedy, no_eos
+from helpers import converted_copy, hf_greedy, no_eos, traced_with_values
 
 import lsa_rewrite
 from lsa_rewrite import LSAConfig
@@ -110,23 +110,11 @@ class _Norms(torch.nn.Module):
         return a.sum() + b + c.sum() + d.sum()
 
 
-def _traced_with_values(module, *args) -> fx.GraphModule:
-    gm = fx.symbolic_trace(module)
-
-    class Record(fx.Interpreter):
-        def run_node(self, n):
-            result = super().run_node(n)
-            n.meta["val"] = result
-            return result
-
-    Record(gm).run(*args)
-    return gm
-
 
 def test_a_norm_with_other_users_stays_and_other_forms_are_left_alone():
     module = _Norms()
     x = (3 * torch.randn(1, 1, 16)).bfloat16()
-    gm = _traced_with_values(module, x)
+    gm = traced_with_values(module, x)
     want = gm(x)
     assert FUSING()(gm) == 1
     fused = [n for n in gm.graph.nodes if n.target is FUSED]
