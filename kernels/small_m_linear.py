@@ -99,7 +99,7 @@ class GemvConfig:
 # 8 kv heads (1024, 4096), gate/up (14336, 4096), down (4096, 14336), lm head (128256, 4096): the fastest
 # of benchmarks/gemv.py's sweep on an H200 (run 74, results/gemv.json; graph-replayed back to back over
 # weights 4x the L2 cache, PDL on): 3.73, 2.56, 4.25, 3.98 and 4.61 TB/s. Narrow, long tiles win (1-4
-# rows of 1024-4096; 4-8 x 512-1024 tiles were 3-20% slower): more programs, each streaming long
+# rows of 1024-4096; 4-8 x 512-1024 tiles were 1-18% slower): more programs, each streaming long
 # contiguous rows with the next tile in flight. Other shapes take ``default_config``.
 TABLE: dict[tuple[int, int], GemvConfig] = {
     (4096, 4096): GemvConfig(block_n=2, block_k=2048),
