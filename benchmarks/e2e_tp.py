@@ -40,6 +40,7 @@ shard through ``from_pretrained`` as a user would. JSON is written by rank 0 aft
     torchrun --nproc-per-node 2 benchmarks/e2e_tp.py --contexts 524288 --batches 1
     torchrun --nproc-per-node 2 benchmarks/e2e_tp.py --contexts 524288 --prefill-window 4096 --allreduce nccl,one-shot
     torchrun --nproc-per-node 2 benchmarks/e2e_tp.py --contexts 524288 --prefill-window 4096 --allreduce one-shot --tp-variants default,gemv
+    torchrun --nproc-per-node 2 benchmarks/e2e_tp.py --contexts 524288 --prefill-window 4096 --allreduce one-shot --paths lsa_tp --profile-replays 20 --tp-variants default,nccl,gemv_qkv
     torchrun --nproc-per-node 2 benchmarks/e2e_tp.py --tiny      # the script on a tiny model, CPU (gloo)
 """
 
@@ -84,6 +85,28 @@ def _concat(program):
     return program
 
 
+def _gemv_qkv(program):
+    """q/k/v shards concatenated (copies) and that one product lowered to the GEMV; o and down stay Inductor's
+    (they feed the all-reduces: run 73's ``gemv`` was 0.55 ms slower)."""
+    from lsa_rewrite.passes import LowerSmallMLinearPass
+    from lsa_rewrite.passes.concat_linear import BUFFER_PREFIX, ConcatSharedInputLinearPass
+    from lsa_rewrite.passes.small_m_linear import OP
+
+    ConcatSharedInputLinearPass(min_group=3, local_shards=True, devices=(DEVICE,))(program.module)
+    LowerSmallMLinearPass(max_rows=1, normed_inputs=False, normed_concat=True, devices=(DEVICE,))(program.module)
+    graph = program.module.graph
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is OP and not node.args[1].target.startswith(BUFFER_PREFIX):
+            node.target = torch._C._nn.linear  # same arguments (x, W, b)
+    program.module.recompile()
+    return program
+
+
+class _Nccl:
+    """A transform marker: the library's step with its all-reduces lowered to NCCL (Inductor's collective
+    auto-selection off while it compiles), for an A/B against the one-shot lowering on the same store."""
+
+
 # Graph transforms of a tensor-parallel rank's decode step (its weights are the rank's local shards), applied
 # to the library's program before compiling (``--tp-variants``):
 TP_VARIANTS = {
@@ -95,7 +118,105 @@ TP_VARIANTS = {
     # q/k/v and gate/up shards concatenated (copies: the DTensors keep theirs; not memory-neutral)
     "concat": _concat,
     "gemv_concat": lambda program: _gemv(False)(_concat(program)),
+    # q/k/v shards as one product (copies) lowered to the GEMV (3072x4096 per rank), o and down left to Inductor
+    "gemv_qkv": _gemv_qkv,
+    # the library's step with NCCL all-reduces (not the one-shot symmetric-memory kernels of --allreduce one-shot)
+    "nccl": _Nccl,
 }
+
+ALL_REDUCE_TAGS = ("all_reduce", "allreduce", "one_shot", "two_shot", "nccl", "multimem", "all_gather", "allgather", "reduce_scatter")
+
+
+def tp_kind_of(name: str) -> str:
+    """A kernel's kind in a tensor-parallel step's profile: collectives first, then ``step_breakdown.kind_of``'s kinds
+    with Inductor's reductions (the projections, norms) apart from its pointwise kernels."""
+    from step_breakdown import kind_of
+
+    low = name.lower()
+    if any(tag in low for tag in ALL_REDUCE_TAGS):
+        return "collective"
+    if low.startswith(("triton_red_", "triton_per_")):
+        return "inductor_reduction"
+    if low.startswith("triton_poi_"):
+        return "inductor_pointwise"
+    return kind_of(name)
+
+
+@torch.no_grad()
+def profile_step(model, replays: int) -> dict | None:
+    """This rank's compiled step (its CUDA graph, all-reduces inside) replayed back to back after a barrier
+    (``replay_ms``), then a profile of ``replays`` replays: kernel time per step by kind, the largest kernels,
+    the collectives' count and per-call times, and ``gap_ms`` = replay - kernel sum (idle between kernels on
+    the step's one stream). Every rank must call it (the replays run the collectives)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    compiled = model.lsa.compiled
+    graph = None if compiled is None else compiled.graph
+    ok = graph is not None and DEVICE == "cuda"
+    box = [None] * dist.get_world_size()
+    dist.all_gather_object(box, ok)
+    if not all(box):
+        return None
+    torch.cuda.synchronize()
+    dist.barrier()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    calls = max(20, replays)
+    start.record()
+    for _ in range(calls):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    replay = start.elapsed_time(end) / calls
+    dist.barrier()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    dist.barrier()
+    totals: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    calls_us: dict[str, list[float]] = {}
+    for evt in prof.key_averages():
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            totals[evt.key] = totals.get(evt.key, 0.0) + evt.self_device_time_total
+            counts[evt.key] = counts.get(evt.key, 0) + evt.count
+    for evt in prof.events():
+        if evt.device_type == torch.autograd.DeviceType.CUDA and tp_kind_of(evt.name) == "collective":
+            calls_us.setdefault(evt.name, []).append(evt.time_range.elapsed_us())
+    kinds: dict[str, float] = {}
+    for name, us in totals.items():
+        kind = tp_kind_of(name)
+        kinds[kind] = kinds.get(kind, 0.0) + us / replays / 1e3
+    kernel_sum = sum(kinds.values())
+    collectives = {}
+    for name, values in calls_us.items():
+        values = sorted(values)
+        collectives[name[:120]] = {"calls_per_step": round(len(values) / replays, 1), "min_us": round(values[0], 2),
+                                   "median_us": round(values[len(values) // 2], 2), "p90_us": round(values[int(len(values) * 0.9)], 2),
+                                   "max_us": round(values[-1], 2)}
+    top = sorted(totals.items(), key=lambda kv: -kv[1])[:24]
+    return {
+        "replay_ms": round(replay, 3), "kernels_sum_ms": round(kernel_sum, 3), "gap_ms": round(replay - kernel_sum, 3),
+        "kernels_ms_per_step": {k: round(v, 4) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+        "kernels_per_step": round(sum(counts.values()) / replays, 1), "collectives": collectives,
+        "top_kernels": [{"kernel": n[:140], "kind": tp_kind_of(n), "ms_per_step": round(us / replays / 1e3, 4),
+                         "calls_per_step": round(counts[n] / replays, 1)} for n, us in top],
+    }
+
+
+def profiled(model, replays: int, rank: int) -> list | None:
+    """``profile_step`` on every rank, gathered (rank order); printed on rank 0."""
+    mine = profile_step(model, replays) if replays else None
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    if rank == 0 and gathered[0] is not None:
+        for r, prof in enumerate(gathered):
+            print(f"  rank {r} profile:", {k: prof[k] for k in ("replay_ms", "kernels_sum_ms", "gap_ms", "kernels_per_step", "kernels_ms_per_step")}, flush=True)
+            for name, c in prof["collectives"].items():
+                print(f"    {name[:90]}: {c}", flush=True)
+    return gathered if gathered[0] is not None else None
 
 
 @torch.no_grad()
@@ -105,11 +226,16 @@ def time_variant(model, cache, token: torch.Tensor, select, transform, steps: in
     ``select``: the store's own selection (``runtime_run`` leaves one that syncs to time each window)."""
     from lsa_rewrite.runtime import compiled
 
+    import torch._inductor.config as inductor_config
+
     kw = e2e_decode.cache_kw(model)
     forget_compiled(model)
     cache.store.select = select
     clone = compiled.clone_program
-    if transform is not None:
+    auto_select = inductor_config._collective.auto_select
+    if transform is _Nccl:
+        inductor_config._collective.auto_select = False
+    elif transform is not None:
         compiled.clone_program = lambda program: transform(clone(program))
     try:
         t0 = time.perf_counter()
@@ -119,6 +245,7 @@ def time_variant(model, cache, token: torch.Tensor, select, transform, steps: in
         compile_s = time.perf_counter() - t0
     finally:
         compiled.clone_program = clone
+        inductor_config._collective.auto_select = auto_select
     t0 = time.perf_counter()
     for _ in range(steps - 3):
         token = model(input_ids=token, **{kw: cache}).logits[:, -1:].argmax(-1)
@@ -174,6 +301,9 @@ def main() -> None:
     parser.add_argument("--tp-variants", default="default",
                         help=f"decode-step variants timed on each lsa_tp path's store after its run, in order: {','.join(TP_VARIANTS)} "
                              "(only 'default': none)")
+    parser.add_argument("--profile-replays", type=int, default=0,
+                        help="per rank, after each two-GPU path (and each --tp-variants step): its CUDA graph replayed back to back "
+                             "and a profile of this many replays, kernels by kind (collectives, Inductor reductions, attention, ...)")
     parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU with gloo: checks the script, not a measurement")
     parser.add_argument("--out", default="benchmarks/results/e2e_tp.json")
     args = parser.parse_args()
@@ -340,6 +470,10 @@ def main() -> None:
         headroom[0] = len(variants) * (steps + 2 * cfg.interval)
         prefilled.clear()
         res = guarded(f"{name} {key}", lambda: runtime_run(model, prompt_of(ctx, batch, vocab), steps, cfg))
+        if agree(res is not None) and args.profile_replays:
+            prof = profiled(model, args.profile_replays, rank)
+            if res is not None and prof is not None:
+                res["profile_per_rank"] = prof
         if res is not None and variants:
             res["variants"] = {}
             token = prefilled["token"]
@@ -352,6 +486,10 @@ def main() -> None:
                     break
                 res["variants"][variant], token = out
                 print(f"{name} {key} @{variant}", res["variants"][variant], flush=True)
+                if args.profile_replays:
+                    prof = profiled(model, args.profile_replays, rank)
+                    if prof is not None:
+                        res["variants"][variant]["profile_per_rank"] = prof
             forget_compiled(model)  # the next path compiles the library's step
         prefilled.clear()
         gathered = [None] * world

@@ -21,6 +21,7 @@ time. ``--time-budget-s`` skips what would start after it; the JSON is written a
 
     python benchmarks/gemv.py --out benchmarks/results/gemv.json --time-budget-s 170
     python benchmarks/gemv.py --shapes tp2 --out benchmarks/results/gemv_tp2.json   # one rank's shards at TP 2
+    python benchmarks/gemv.py --shapes qkv --out benchmarks/results/gemv_qkv.json   # q/k/v as one product
     python benchmarks/gemv.py --tiny     # the script itself on tiny shapes, CPU, Triton's interpreter
 """
 
@@ -53,6 +54,8 @@ SHAPES = {"q_o": (4096, 4096), "k_v": (1024, 4096), "gate_up": (14336, 4096), "d
 # one rank's shards of the same model under tensor parallelism over 2 GPUs (benchmarks/e2e_tp.py): q, k/v,
 # gate/up split by rows, o and down by columns
 TP2_SHAPES = {"q_tp2": (2048, 4096), "k_v_tp2": (512, 4096), "o_tp2": (4096, 2048), "gate_up_tp2": (7168, 4096), "down_tp2": (4096, 7168)}
+# q/k/v as one product (``ConcatSharedInputLinearPass`` on the q/k/v group, then the GEMV): one GPU and one rank at TP 2
+QKV_SHAPES = {"qkv": (6144, 4096), "qkv_tp2": (3072, 4096)}
 TINY_SHAPES = {"a": (40, 96), "b": (24, 200)}
 DTYPE = torch.bfloat16
 L2_BYTES = 60 * 1024 * 1024
@@ -230,8 +233,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/gemv.json")
     parser.add_argument("--time-budget-s", type=float, default=None)
-    parser.add_argument("--shapes", default="8b", choices=("8b", "tp2"),
-                        help="8b: the Llama-3-8B projections; tp2: one rank's shards of them under tensor parallelism over 2 GPUs")
+    parser.add_argument("--shapes", default="8b", choices=("8b", "tp2", "qkv"),
+                        help="8b: the Llama-3-8B projections; tp2: one rank's shards of them under tensor parallelism over 2 GPUs; "
+                             "qkv: q/k/v concatenated (6144x4096, and 3072x4096 at TP 2)")
     parser.add_argument("--no-inductor", action="store_true", help="skip the torch.compile baseline")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU under Triton's interpreter: checks the script")
     args = parser.parse_args()
@@ -247,7 +251,7 @@ def main() -> int:
     cuda = torch.cuda.is_available() and not args.tiny
     device = "cuda" if cuda else "cpu"
     sms = torch.cuda.get_device_properties(0).multi_processor_count if cuda else 4
-    shapes = TINY_SHAPES if args.tiny else TP2_SHAPES if args.shapes == "tp2" else SHAPES
+    shapes = TINY_SHAPES if args.tiny else {"tp2": TP2_SHAPES, "qkv": QKV_SHAPES}.get(args.shapes, SHAPES)
     payload: dict = {"benchmark": "gemv", "environment": environment(), "dtype": str(DTYPE), "tiny": args.tiny, "shapes": args.shapes,
                      "skipped": [], "failures": [], "table": {}, "records": []}
 

@@ -30,6 +30,7 @@ step's true floor is lower by its bytes / 4.2 TB/s (``floor_ms_without_embedding
     python benchmarks/step_breakdown.py --lag-max 63 --prefill-window 4096 --variants default,cd_freezing,cd_concat,cd_concat_qkv
     python benchmarks/step_breakdown.py --lag-max 63 --prefill-window 4096 --variants default,cd_gemv_table,default --gemv-table gemv.json
     python benchmarks/step_breakdown.py --lag-max 63 --prefill-window 4096 --variants default,cd_gemv_norm,cd_gemv_norm_nolmhead
+    python benchmarks/step_breakdown.py --lag-max 63 --prefill-window 4096 --variants default,cd_gemv_qkv,default --gemv-table gemv_qkv.json
     python benchmarks/step_breakdown.py --tiny      # the script itself on a tiny model, CPU, seconds
 """
 
@@ -85,6 +86,10 @@ VARIANTS = {  # Inductor settings the decode step is compiled with, in place of 
     "cd_concat": {"coordinate_descent_tuning": True, GRAPH: "concat"},
     # the same for groups of three or more only: q/k/v (gate/up stay two products, silu * up fused into up's kernel)
     "cd_concat_qkv": {"coordinate_descent_tuning": True, GRAPH: "concat_qkv"},
+    # q/k/v as one product (`ConcatSharedInputLinearPass(min_group=3)`) lowered to the GEMV (one 6144 x 4096 launch
+    # a layer at the 8B shape; `LowerSmallMLinearPass(normed_concat=True)`), o and down as in the library; the
+    # norm before q/k/v is then a kernel of its own (fused with the residual add before it), gate/up stay Inductor's
+    "cd_gemv_qkv": {"coordinate_descent_tuning": True, GRAPH: "gemv_qkv"},
     # the library's step with the GEMV launch table of `--gemv-table` (which then applies to this variant only)
     "cd_gemv_table": {"coordinate_descent_tuning": True},
     # the library's step (o and down as the GEMV) with every product of a Llama-style RMSNorm's output (q/k/v,
@@ -375,10 +380,23 @@ def concat(program, min_group: int = 2):
     return program
 
 
+def gemv_qkv(program):
+    """``program`` (a clone) with q/k/v concatenated (``concat(program, 3)``) and that product lowered to
+    ``lsa::small_m_linear`` (``LowerSmallMLinearPass(max_rows=1, normed_inputs=False, normed_concat=True)``)."""
+    from lsa_rewrite.passes import LowerSmallMLinearPass
+
+    concat(program, 3)
+    notes = dict(TRANSFORM_NOTES)
+    lowered = LowerSmallMLinearPass(max_rows=1, normed_inputs=False, normed_concat=True, devices=(DEVICE,))(program.module)
+    TRANSFORM_NOTES.update(notes, gemv_lowered=lowered)
+    print("gemv_qkv:", TRANSFORM_NOTES, flush=True)
+    return program
+
+
 GRAPH_TRANSFORMS = {
     "visible_writes": visible_writes, "unfused_append": unfused_append, "no_gemv": no_gemv, "gemv_unnormed": gemv_unnormed,
     "gemv_all": gemv_all, "concat": concat, "concat_qkv": lambda program: concat(program, 3),
-    "gemv_norm": gemv_norm, "gemv_norm_nolmhead": lambda program: gemv_norm(program, lm_head=False),
+    "gemv_qkv": gemv_qkv, "gemv_norm": gemv_norm, "gemv_norm_nolmhead": lambda program: gemv_norm(program, lm_head=False),
 }
 
 

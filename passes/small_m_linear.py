@@ -24,6 +24,10 @@ A node is replaced when it is ``linear(x, W[, b])`` (``torch.nn.functional.linea
   Other norm forms (Gemma's ``x * (1 + w)`` in fp32, LayerNorm) are not matched and fall to
   ``normed_inputs``. Off in the library: the 8B step was 0.38 ms slower with it (run 76, variant
   ``cd_gemv_norm``: the fused kernel's prologue is not hidden yet).
+- with ``normed_concat=True`` (and ``normed_inputs=False``), a product of a norm's output whose weight is
+  a ``ConcatSharedInputLinearPass`` buffer (``lsa_concat_*``, e.g. q/k/v as one ``[6144, 4096]`` product) is
+  lowered all the same: the norm is then computed once for the group, by a kernel of its own (which
+  Inductor can fuse with the residual add before it), not once inside each of three reductions.
 Everything else (CPU programs, fp32 weights, activations times activations, prefill-sized inputs) is
 left alone: the CPU path and its exactness tests see the graph the rewrite made.
 
@@ -55,6 +59,7 @@ from lsa_rewrite import kernels  # noqa: F401  (registers lsa::small_m_linear)
 from lsa_rewrite.kernels.small_m_linear import MAX_ROWS, SUPPORTED_DTYPES
 
 from .capture import example_value
+from .concat_linear import BUFFER_PREFIX as CONCAT_PREFIX
 from .locate import GraphPass
 
 log = logging.getLogger("lsa_rewrite.passes")
@@ -232,17 +237,20 @@ class LowerSmallMLinearPass(GraphPass):
     whose weights are lowered (the op dispatches to Triton on CUDA only; a test may name ``"cpu"`` to see
     what the pass would do there); ``normed_inputs``: lower products whose x is a norm's output too;
     ``fuse_norm``: a one-row product of a Llama-style RMSNorm's output becomes ``lsa::small_m_linear_rmsnorm``
-    of the norm's input (whatever ``normed_inputs`` says).
+    of the norm's input (whatever ``normed_inputs`` says); ``normed_concat``: with ``normed_inputs=False``,
+    lower a product of a norm's output anyway when its weight is a ``ConcatSharedInputLinearPass`` buffer
+    (``lsa_concat_*``: q/k/v as one product, whose norm then is one kernel for the three).
     """
 
     def __init__(self, *, max_rows: int = MAX_ROWS, devices: tuple[str, ...] = ("cuda",), normed_inputs: bool = True,
-                 fuse_norm: bool = False):
+                 fuse_norm: bool = False, normed_concat: bool = False):
         if not 1 <= max_rows <= MAX_ROWS:
             raise ValueError(f"LowerSmallMLinearPass: max_rows must be 1..{MAX_ROWS}, got {max_rows}")
         self.max_rows = max_rows
         self.devices = tuple(devices)
         self.normed_inputs = normed_inputs
         self.fuse_norm = fuse_norm
+        self.normed_concat = normed_concat
 
     def _match(self, gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None, fx.Node | None, tuple | None] | None:
         """``(x, W, b, transpose node or None, norm)`` when ``node`` is to be lowered; ``norm``:
@@ -276,7 +284,8 @@ class LowerSmallMLinearPass(GraphPass):
             norm = rms_norm_match(gm, x.args[0] if index is not None else x)
             if norm is not None:
                 return x, weight, bias, transpose, (norm, index)
-        if not self.normed_inputs and normed(x):
+        concatenated = self.normed_concat and weight.target.startswith(CONCAT_PREFIX)
+        if not self.normed_inputs and not concatenated and normed(x):
             return None
         return x, weight, bias, transpose, None
 

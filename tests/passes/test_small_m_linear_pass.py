@@ -73,6 +73,38 @@ def test_normed_inputs_off_lowers_only_products_of_unnormed_inputs():
     assert count_targets(lowered.module.graph)["linear"] == 11
 
 
+def test_normed_concat_lowers_the_concatenated_q_k_v_too():
+    """``normed_concat=True`` after ``ConcatSharedInputLinearPass(min_group=3)``: the q/k/v product (a norm's
+    output times an ``lsa_concat_*`` buffer) is lowered with o and down; gate/up and the lm head stay ``linear``."""
+    from lsa_rewrite.passes import ConcatSharedInputLinearPass
+
+    program, _ = _program(torch.bfloat16)
+    lowered = clone_program(program)
+    assert ConcatSharedInputLinearPass(min_group=3, devices=("cpu",))(lowered.module) == 6
+    assert ON_CPU(normed_inputs=False, normed_concat=True)(lowered.module) == 6
+    weights = sorted(node.args[1].target for node in lowered.module.graph.nodes if node.target is OP)
+    assert [w for w in weights if w.startswith("lsa_concat_")] == ["lsa_concat_0", "lsa_concat_1"]
+    assert sorted(w.split(".")[-2] for w in weights if w.startswith("model.")) == ["down_proj", "down_proj", "o_proj", "o_proj"]
+    assert count_targets(lowered.module.graph)["linear"] == 5  # gate, up x 2 layers + lm head
+    without = clone_program(program)
+    ConcatSharedInputLinearPass(min_group=3, devices=("cpu",))(without.module)
+    assert ON_CPU(normed_inputs=False)(without.module) == 4  # the option is what lowers the normed concatenation
+
+
+def test_q_k_v_concatenated_and_lowered_decode_exactly_like_the_original(monkeypatch):
+    from lsa_rewrite.passes import ConcatSharedInputLinearPass
+
+    def factory(**options):
+        def run(module):
+            ConcatSharedInputLinearPass(min_group=3, devices=("cpu",))(module)
+            return LowerSmallMLinearPass(devices=("cpu",), **{**options, "normed_concat": True})(module)
+        return run
+
+    (seq_p, logits_p), (seq_l, logits_l), ops = _decode_with_pass(monkeypatch, factory)
+    assert ops == 6
+    assert torch.equal(seq_l, seq_p) and torch.equal(logits_l, logits_p)
+
+
 class _Mixed(torch.nn.Module):
     """Linear layers in the forms the pass takes, and products it must leave alone."""
 
