@@ -98,17 +98,23 @@ def _indexer(model: torch.nn.Module, config: LSAConfig, indexer: Any):
 
 
 def _check_indexer_taps(indexer, program) -> None:
-    """The graph's taps match what the indexer reads (hidden size, rotary or not)."""
+    """The graph's taps match what the indexer reads (hidden size, rotary or not), target layer by target layer."""
     cfg = indexer.config
+    position = {layer: i for i, layer in enumerate(cfg.target_layers)}
     for site in program.sites:
         tap = site.indexer
-        if tap is None:
+        if tap is None or site.layer not in position:
             continue
         if tap.hidden != cfg.hidden_size:
             raise ValueError(f"indexer reads hidden states of size {cfg.hidden_size}, layer {site.layer}'s query projection takes {tap.hidden}")
-        if bool(tap.rotary) != cfg.rope:
+        want = cfg.layer_rope(position[site.layer])
+        if bool(tap.rotary) != want:
             has = "applies" if tap.rotary else "does not apply"
-            raise ValueError(f"indexer was built with rope={cfg.rope}, but this model {has} rotary embeddings to queries at layer {site.layer}")
+            raise ValueError(
+                f"indexer was built with rope={want} at target layer {site.layer} (rope={cfg.rope}), but this model {has} rotary "
+                f"embeddings to queries at layer {site.layer}; build the indexer for this model (indexer_from_model, or calibrate "
+                "and train on it)"
+            )
 
 
 def inspect_model(model: torch.nn.Module, config: LSAConfig | None = None) -> list[dict[str, Any]]:

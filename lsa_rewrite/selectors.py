@@ -184,11 +184,10 @@ class IndexerSelector:
     def scores(self, layers: Sequence[LayerState], window: SelectionWindow) -> Tensor:
         by_layer = {layer.spec.layer: layer for layer in layers}
         cfg = self.indexer.config
-        rope = cfg.rope
         logits = []
         with torch.no_grad():
             for i, target in enumerate(cfg.target_layers):
-                layer = by_layer[target]
+                layer, rope = by_layer[target], cfg.layer_rope(i)  # rotary per target layer (SmolLM3 mixes)
                 q, w = self.indexer.query(i, layer.idx_x, layer.idx_cos if rope else None, layer.idx_sin if rope else None)
                 logits.append(self.indexer.head_sum(i, q, w, layer.kmin, layer.kmax, kv_heads=self.kv_heads))
             sums = torch.stack(logits)  # [Lt, B, N]

@@ -245,6 +245,10 @@ class _Recorder:
         self.targets = list(target_layers)
         self.sparse = list(sparse)
         self.chunk, self.interval = chunk, interval
+        # Per target layer: whether its attention applies the rotary embedding it is handed (``_probe_rope``);
+        # None while probing (records then carry no cos/sin).
+        self.rotary: dict[int, bool] | None = None
+        self.identity: set[int] = set()  # layers handed an identity rotation instead of theirs (the probe)
         self.original: str | None = None
         self.handles: list[Any] = []
         self.inner: Any = None
@@ -337,18 +341,25 @@ class _Recorder:
         return hook
 
     def _rope_hook(self, layer: int) -> Any:
-        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
             if not self.starts:
-                return
+                return None
             emb = kwargs.get("position_embeddings")
-            if emb is None and len(args) > 1 and isinstance(args[1], tuple):
+            positional = emb is None and len(args) > 1 and isinstance(args[1], tuple)
+            if positional:
                 emb = args[1]
             if emb is None:
-                return
+                return None
             cos, sin = emb
             seq = cos.shape[-2]
             pos = self._positions(cos.device)
             self.rope[layer] = tuple(v.reshape(-1, seq, v.shape[-1])[0, pos].detach().clone() for v in (cos, sin))
+            if layer not in self.identity:
+                return None
+            identity = (torch.ones_like(cos), torch.zeros_like(sin))  # a rotation by angle 0 at every position
+            if positional:
+                return (args[0], identity, *args[2:]), kwargs
+            return args, {**kwargs, "position_embeddings": identity}
 
         return hook
 
@@ -406,11 +417,15 @@ class _Recorder:
 
     def _records(self) -> list[dict[str, Tensor]]:
         records = []
-        cos_sin = self.rope.get(self.targets[0])
-        for layer in self.targets[1:]:
+        rotary = [layer for layer in self.targets if self.rotary is not None and self.rotary.get(layer)]
+        cos_sin = self.rope.get(rotary[0]) if rotary else None
+        for layer in rotary[1:]:
             other = self.rope.get(layer)
-            if (other is None) != (cos_sin is None) or (other is not None and not all(torch.equal(a, b) for a, b in zip(other, cos_sin))):
-                raise ValueError(f"target layers {self.targets} use different rotary embeddings; choose target layers of one attention type")
+            if other is None or not all(torch.equal(a, b) for a, b in zip(other, cos_sin)):
+                raise ValueError(
+                    f"target layers {rotary} apply different rotary embeddings (layer {layer}'s cos/sin differ from layer {rotary[0]}'s), "
+                    "and a calibration dump records one cos/sin per window; choose target layers of one attention type (target_layers=...)"
+                )
         for w in range(len(self.starts)):
             record = {
                 "hidden": torch.stack([self.hidden[layer][w] for layer in self.targets]),
@@ -648,7 +663,8 @@ def calibrate(
     split = _splits([doc for doc, _ in tokenized], float(heldout_fraction), seed)
 
     shape = _shape(model)
-    rope = _probe_rope(model, targets, sparse, chunk, interval)
+    rotary = _probe_rope(model, targets, sparse, chunk, interval)
+    rope = rotary[0] if len(set(rotary)) == 1 else list(rotary)  # one bool when every target layer agrees
     manifest = {
         "model": signature,
         "lsa_config": config.to_dict(),
@@ -666,6 +682,7 @@ def calibrate(
     with _Recorder(model, target_layers=targets, sparse=sparse, chunk=chunk, interval=interval) as recorder, _progress(
         progress, sum(len(ids) for _, ids in todo), len(tokenized)
     ) as bar:
+        recorder.rotary = dict(zip(targets, rotary))
         done = len(tokenized) - len(todo)
         for doc, ids in todo:
             rng = random.Random(f"windows:{seed}:{doc.id}")
@@ -699,21 +716,42 @@ def _run_document(recorder: _Recorder, ids: Tensor, starts: Sequence[int]) -> li
     return recorder.run(ids, starts)
 
 
-def _probe_rope(model: nn.Module, targets: Sequence[int], sparse: Sequence[int], chunk: int, interval: int) -> bool:
-    """Whether the model hands rotary cos/sin to its target layers (a pass over a few tokens), and that
-    the recording attention function sees every layer; refuses rotary over part of the head only."""
+def _probe_rope(model: nn.Module, targets: Sequence[int], sparse: Sequence[int], chunk: int, interval: int) -> tuple[bool, ...]:
+    """Per target layer, whether its attention applies the rotary embedding (a pass over a few tokens), and
+    that the recording attention function sees every layer; refuses rotary over part of the head only.
+
+    A layer handed ``position_embeddings`` may still not rotate its queries (SmolLM3's no-rope layers,
+    Cohere2's full-attention layers): the probe hands each such target layer an identity rotation in a
+    second pass, and the layer rotates when its recorded query changes."""
     head_dim = _shape(model)["head_dim"]
     length = 2 * chunk + interval
-    ids = torch.zeros(length, dtype=torch.long)
+    # Distinct tokens other than the padding one (whose embedding may be zero: a zero query rotates to itself).
+    vocab = model.get_input_embeddings().weight.shape[0]
+    pad = getattr(model.config, "pad_token_id", None)
+    ids = torch.tensor([t for t in range(min(vocab, length + 1)) if t != pad][:length], dtype=torch.long)
+    ids = ids.repeat(-(-length // len(ids)))[:length]
+    rotary = []
     with _Recorder(model, target_layers=targets, sparse=sparse, chunk=chunk, interval=interval) as recorder:
         recorder.run(ids[:length], [2 * chunk])
-        rope = recorder.rope.get(targets[0])
-    if rope is not None and rope[0].shape[-1] != head_dim:
-        raise ValueError(
-            f"{type(model).__name__} rotates {rope[0].shape[-1]} of {head_dim} head dimensions (partial rotary); "
-            "the indexer applies rotary embeddings over the whole head"
-        )
-    return rope is not None
+        rope = {layer: recorder.rope.get(layer) for layer in targets}
+        query = {layer: recorder.query[layer] for layer in targets}
+        for layer in targets:
+            if rope[layer] is None:
+                rotary.append(False)
+                continue
+            recorder.identity = {layer}
+            try:
+                recorder.run(ids[:length], [2 * chunk])
+            finally:
+                recorder.identity = set()
+            rotary.append(not torch.equal(recorder.query[layer], query[layer]))
+    for layer, rotates in zip(targets, rotary):
+        if rotates and rope[layer][0].shape[-1] != head_dim:
+            raise ValueError(
+                f"{type(model).__name__} rotates {rope[layer][0].shape[-1]} of {head_dim} head dimensions at layer {layer} (partial "
+                "rotary); the indexer applies rotary embeddings over the whole head"
+            )
+    return tuple(rotary)
 
 
 __all__ = ["calibrate", "default_target_layers", "model_signature", "sparse_layers", "window_masses", "window_starts"]

@@ -242,7 +242,8 @@ class DumpWriter:
             _write_json(self.dir / MANIFEST, self.manifest)
         self.finished: set[str] = {doc["id"] for doc in self.manifest["documents"]}
         shapes = self.manifest["shapes"]
-        self._rope = bool(shapes.get("rope", False))
+        rope = shapes.get("rope", False)  # one bool, or one per target layer (a model mixing rotary and none)
+        self._rope = any(rope) if isinstance(rope, list) else bool(rope)
         self._lt = len(self.manifest["target_layers"])
         sparse = self.manifest["model"].get("sparse_layers") if isinstance(self.manifest["model"], dict) else None
         self._ls = len(sparse) if sparse is not None else None

@@ -55,7 +55,8 @@ def indexer_from_model(
     hidden = first.indexer.hidden
     cfg = IndexerConfig(
         hidden_size=hidden, q_heads=first.q_heads, kv_heads=first.kv_heads, head_dim=first.head_dim,
-        rank=rank or default_rank(hidden, q_dim=rows), target_layers=layers, rope=bool(first.indexer.rotary),
+        rank=rank or default_rank(hidden, q_dim=rows), target_layers=layers,
+        rope=tuple(bool(by_layer[layer].indexer.rotary) for layer in layers),  # per layer: SmolLM3 mixes rotary and none
     )
     indexer = LSAIndexer.from_query_weights(cfg, weights)
     indexer.signature = model_signature(model) if is_hf_model(model) else {}

@@ -63,7 +63,10 @@ class IndexerConfig:
         target_layers: model layer indices the indexer reads (distinct, >= 0), in the order of its
             per-layer parameters and of the ``Lt`` axis of its inputs.
         ensemble: how target layers' probabilities combine: ``"max"`` (default) or ``"mean"``.
-        rope: queries get the model's rotary embedding (the cos/sin recorded at the query position).
+        rope: queries get the model's rotary embedding (the cos/sin recorded at the query position):
+            ``True``/``False`` for every target layer, or a tuple of bools, one per target layer, for
+            models whose layers mix rotary and no rotary (SmolLM3's no-rope layers). A tuple whose
+            values are all equal is stored as that bool (so the two spellings compare equal).
         threshold: probability above which a chunk is predicted to be attended.
         neighbour_margin: the span rule (``None``: off). A needle sentence often spans two or three
             chunks: each target layer's logit of a chunk is raised to its better neighbour's minus this
@@ -91,7 +94,7 @@ class IndexerConfig:
     rank: int
     target_layers: tuple[int, ...]
     ensemble: str = "max"
-    rope: bool = True
+    rope: bool | tuple[bool, ...] = True
     threshold: float = 0.5
     neighbour_margin: float | None = None
     neighbour_min_free: int = 0
@@ -114,8 +117,15 @@ class IndexerConfig:
             object.__setattr__(self, "target_layers", tuple(layers))
         if self.ensemble not in ENSEMBLES:
             raise ValueError(f"ensemble must be one of {ENSEMBLES}, got {self.ensemble!r}")
-        if not isinstance(self.rope, bool):
-            raise ValueError(f"rope must be True or False, got {self.rope!r}")
+        rope = self.rope
+        if isinstance(rope, (tuple, list)):
+            if len(rope) != len(layers) or not all(isinstance(r, bool) for r in rope):
+                raise ValueError(
+                    f"rope must be True, False or one bool per target layer ({len(layers)} for target_layers={list(layers)}), got {rope!r}"
+                )
+            object.__setattr__(self, "rope", rope[0] if len(set(rope)) == 1 else tuple(rope))
+        elif not isinstance(rope, bool):
+            raise ValueError(f"rope must be True, False or one bool per target layer, got {rope!r}")
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold must be a probability in (0, 1), got {self.threshold!r}")
         margin = self.neighbour_margin
@@ -129,6 +139,15 @@ class IndexerConfig:
             )
         if self.version != 1:
             raise ValueError(f"IndexerConfig version {self.version} is not supported by this lsa-rewrite (knows version 1)")
+
+    def layer_rope(self, i: int) -> bool:
+        """Whether target layer number ``i`` (an index into ``target_layers``) applies the rotary embedding."""
+        return self.rope if isinstance(self.rope, bool) else self.rope[i]
+
+    @property
+    def any_rope(self) -> bool:
+        """Whether some target layer applies the rotary embedding (its inputs then carry cos/sin)."""
+        return self.rope if isinstance(self.rope, bool) else any(self.rope)
 
     @property
     def group(self) -> int:
@@ -146,6 +165,8 @@ class IndexerConfig:
         data = dataclasses.asdict(self)
         version = data.pop("version")
         data["target_layers"] = list(self.target_layers)
+        if isinstance(self.rope, tuple):
+            data["rope"] = list(self.rope)
         return {"_type": "IndexerConfig", "_version": version, "_data": data}
 
     @classmethod
@@ -160,6 +181,8 @@ class IndexerConfig:
             raise ValueError(f"unknown IndexerConfig fields {unknown}; known fields are {sorted(known)}")
         if isinstance(data.get("target_layers"), list):
             data["target_layers"] = tuple(data["target_layers"])
+        if isinstance(data.get("rope"), list):
+            data["rope"] = tuple(data["rope"])
         return cls(**data, version=obj.get("_version", 1))
 
 
@@ -288,12 +311,17 @@ class LSAIndexer(nn.Module):
         u = F.linear(x, target.down)  # [B, r]
         u = u * torch.rsqrt(u.pow(2).mean(-1, keepdim=True) + RMS_EPS) * target.norm
         q = F.linear(u, target.up).view(x.shape[0], cfg.q_heads, cfg.head_dim)  # [B, Hq, D]
-        if cfg.rope:
+        if cfg.layer_rope(i):
             if cos is None or sin is None:
-                raise ValueError("this indexer applies rotary embeddings (rope=True): pass the cos/sin of the query position")
+                raise ValueError(
+                    f"target layer {cfg.target_layers[i]} of this indexer applies rotary embeddings (rope={cfg.rope}): "
+                    "pass the cos/sin of the query position"
+                )
             q = apply_rope(q, cos.float()[:, None], sin.float()[:, None])
         elif cos is not None or sin is not None:
-            raise ValueError("this indexer was built for a model without rotary embeddings (rope=False): cos/sin must be None")
+            raise ValueError(
+                f"target layer {cfg.target_layers[i]} of this indexer has no rotary embedding (rope={cfg.rope}): its cos/sin must be None"
+            )
         w = F.linear(x, target.head_weight, target.head_bias)  # [B, Hq]
         return q, w
 
@@ -345,11 +373,14 @@ class LSAIndexer(nn.Module):
         return probs.amax(1) if self.config.ensemble == "max" else probs.mean(1)
 
     def logits(self, x: Tensor, cos: Tensor | None, sin: Tensor | None, kmin: Tensor, kmax: Tensor) -> Tensor:
-        """All target layers: x [B, Lt, hidden], cos/sin [B, D], kmin/kmax [B, Lt, N, Hkv, D] -> logits [B, Lt, N]."""
+        """All target layers: x [B, Lt, hidden], cos/sin [B, D], kmin/kmax [B, Lt, N, Hkv, D] -> logits [B, Lt, N].
+        Under a per-layer ``rope`` the cos/sin go to the rotary layers only."""
         self._check_layers(x, kmin, kmax)
+        cfg = self.config
         out = []
         for i in range(len(self.layers)):
-            q, w = self.query(i, x[:, i], cos, sin)
+            rotary = isinstance(cfg.rope, bool) or cfg.layer_rope(i)
+            q, w = self.query(i, x[:, i], cos if rotary else None, sin if rotary else None)
             out.append(self.layer_logits(i, q, w, kmin[:, i], kmax[:, i]))
         return torch.stack(out, dim=1)
 

@@ -153,7 +153,7 @@ def train_indexer(
         rank=default_rank(hidden, q_dim=q_heads * head_dim) if rank is None else rank,
         target_layers=tuple(chosen),
         ensemble=ensemble,
-        rope=bool(shapes.get("rope", False)),
+        rope=_dump_rope(shapes.get("rope", False), select),
         neighbour_margin=neighbour_margin,
         neighbour_min_free=neighbour_min_free,
         neighbour_top=neighbour_top,
@@ -303,6 +303,8 @@ class _Windows:
         self.dumps = [dump] if isinstance(dump, CalibrationDump) else list(dump)
         self.dump, self.split, self.select = self.dumps[0], split, select
         self.label = dict(label or {})
+        rope = _dump_rope(self.dump.shapes.get("rope", False), select)
+        self.rotary = any(rope) if isinstance(rope, tuple) else rope  # cos/sin kept only when a chosen layer rotates
         self.reply_weight = int(reply_weight)
         self.count = sum(d.count(split) for d in self.dumps)
         self.reply_count = sum(d.count_replies(split) for d in self.dumps)
@@ -329,8 +331,8 @@ class _Windows:
             "golden": golden,
             "selectable": selectable,
             "mass": record["mass"],
-            "cos": record.get("cos"),
-            "sin": record.get("sin"),
+            "cos": record.get("cos") if self.rotary else None,
+            "sin": record.get("sin") if self.rotary else None,
             "reply": (dump or self.dump).at_reply(record),
         }
         if "query" in record:
@@ -412,6 +414,14 @@ def _initial_indexer(
     return LSAIndexer.random_init(config, generator=generator), "random"
 
 
+def _dump_rope(rope: bool | list[bool], select: list[int]) -> bool | tuple[bool, ...]:
+    """The indexer's ``rope`` for the chosen target layers (positions ``select`` in the dump's) from the dump
+    manifest's ``shapes["rope"]``: one bool, or one per dump target layer."""
+    if isinstance(rope, list):
+        return tuple(bool(rope[i]) for i in select)
+    return bool(rope)
+
+
 def _fit_query_weights(config: IndexerConfig, train: _Windows, *, block: int = 256) -> dict[int, Tensor]:
     """Ridge regression per target layer from hidden states [M, hidden] to pre-rotary queries [M, Hq * D]."""
     lt, h, qd = len(config.target_layers), config.hidden_size, config.q_heads * config.head_dim
@@ -428,8 +438,9 @@ def _fit_query_weights(config: IndexerConfig, train: _Windows, *, block: int = 2
     targets: list[Tensor] = []
     for record in train.ordered():
         q = record["query"].double()  # [Lt, Hq, D]
-        if config.rope:  # undo the rotation: R(theta)^-1 = R(-theta)
-            q = apply_rope(q, record["cos"].double(), -record["sin"].double())
+        if config.any_rope:  # undo the rotation on the rotary layers: R(theta)^-1 = R(-theta)
+            cos, sin = record["cos"].double(), -record["sin"].double()
+            q = torch.stack([apply_rope(q[i], cos, sin) if config.layer_rope(i) else q[i] for i in range(lt)])
         rows.append(record["hidden"].double())
         targets.append(q.reshape(lt, qd))
         if len(rows) == block:
@@ -618,7 +629,7 @@ def _model_queries(weights: dict[int, Tensor], layers: list[int], record: dict[s
     out = []
     for i, layer in enumerate(layers):
         q = (weights[layer].float() @ record["hidden"][i].float()).view(config.q_heads, config.head_dim)
-        if config.rope:
+        if config.layer_rope(i):
             q = apply_rope(q, record["cos"].float(), record["sin"].float())
         out.append(q)
     return torch.stack(out)

@@ -347,3 +347,33 @@ def test_default_documents_take_the_task_count(tmp_path, monkeypatch):
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="tasks must be an int >= 0"):
             _run(make_model("llama"), tmp_path / "bad", None, tasks=bad)
+
+
+def test_mixed_rotary_dump_trains_a_per_layer_rope_indexer(tmp_path):
+    """SmolLM3 hands its rotary cos/sin to every layer but layer 1 does not apply them: the dump records
+    rope per target layer (the probe), training reads it into the indexer's config, the file keeps it,
+    and the trained indexer converts the model (its taps agree layer by layer) and decodes exactly."""
+    import copy
+
+    import lsa_rewrite
+    from lsa_rewrite.indexer import LSAIndexer
+    from lsa_rewrite.indexer.train import train_indexer
+
+    model = make_model("smollm3").eval()
+    out = _run(model, tmp_path / "dump", _documents()[1:3], heldout_fraction=0.5)
+    dump = CalibrationDump(out)
+    assert dump.target_layers == [0, 1] and dump.shapes["rope"] == [True, False]
+    for record in dump.windows():
+        assert record["cos"].shape == record["sin"].shape == (16,)
+    indexer, _ = train_indexer(out, out=tmp_path / "ix.safetensors", epochs=1, progress=False)
+    assert indexer.config.rope == (True, False)
+    loaded = LSAIndexer.load(tmp_path / "ix.safetensors")
+    assert loaded.config.rope == (True, False)
+    config = LSAConfig(mode="dense", chunk_size=16, interval=16, selector="indexer")
+    converted = lsa_rewrite.convert(copy.deepcopy(model), config, indexer=tmp_path / "ix.safetensors")
+    ids = torch.randint(3, 250, (1, 80), generator=torch.Generator().manual_seed(0))
+    want = model.generate(ids, max_new_tokens=12, do_sample=False)
+    assert torch.equal(converted.generate(ids, max_new_tokens=12, do_sample=False), want)
+    only_plain, _ = train_indexer(out, target_layers=[1], epochs=1, progress=False)  # a no-rotary layer of the dump alone
+    assert only_plain.config.rope is False
+

@@ -84,7 +84,9 @@ def test_config_round_trip_and_tuple():
         ({"target_layers": (1, 1)}, "repeated layers"),
         ({"target_layers": (-1,)}, "layer indices >= 0"),
         ({"ensemble": "sum"}, "ensemble must be one of"),
-        ({"rope": 1}, "rope must be True or False"),
+        ({"rope": 1}, "rope must be True, False or one bool per target layer"),
+        ({"rope": (True,)}, "one bool per target layer \\(2 for target_layers"),
+        ({"rope": (True, 0)}, "rope must be True, False or one bool per target layer"),
         ({"threshold": 1.0}, "threshold must be a probability"),
         ({"version": 2}, "version 2 is not supported"),
         ({"neighbour_margin": -0.1}, "neighbour_margin must be None \\(off\\) or a finite number of logits >= 0"),
@@ -98,6 +100,66 @@ def test_config_round_trip_and_tuple():
 def test_config_checks(overrides, message):
     with pytest.raises(ValueError, match=message):
         make_config(**overrides)
+
+
+def test_per_layer_rope_round_trips_and_a_uniform_tuple_is_the_bool():
+    """``rope`` per target layer (a model mixing rotary and no-rotary layers); one bool stays one bool in
+    the dict form (files written before per-layer rope read and write the same)."""
+    mixed = make_config(rope=[False, True])
+    assert mixed.rope == (False, True) and mixed.any_rope
+    assert [mixed.layer_rope(i) for i in range(2)] == [False, True]
+    data = json.loads(json.dumps(mixed.to_dict()))
+    assert data["_data"]["rope"] == [False, True] and IndexerConfig.from_dict(data) == mixed
+    assert make_config(rope=(True, True)) == make_config(rope=True) and make_config(rope=(False, False)).rope is False
+    assert make_config().to_dict()["_data"]["rope"] is True
+    assert not make_config(rope=False).any_rope
+
+
+def test_per_layer_rope_rotates_only_the_rotary_layers():
+    """Under a mixed ``rope`` each target layer scores as an all-rotary or a no-rotary indexer with the
+    same weights would: cos/sin reach the rotary layers only."""
+    g = torch.Generator().manual_seed(3)
+    mixed = LSAIndexer.random_init(make_config(rope=(True, False)), generator=g)
+    x, cos, sin, kmin, kmax = random_inputs()
+    got = mixed.logits(x, cos, sin, kmin, kmax)
+    for rope, layers in ((True, [0]), (False, [1])):
+        same = LSAIndexer(make_config(rope=rope))
+        same.load_state_dict(mixed.state_dict())
+        want = same.logits(x, cos if rope else None, sin if rope else None, kmin, kmax)
+        assert torch.equal(got[:, layers], want[:, layers])
+    with pytest.raises(ValueError, match="target layer 3 of this indexer has no rotary embedding"):
+        mixed.query(1, x[:, 1], cos, sin)
+    with pytest.raises(ValueError, match="target layer 1 of this indexer applies rotary embeddings"):
+        mixed.query(0, x[:, 0], None, None)
+
+
+def test_shipped_indexer_file_loads_with_rope_for_every_layer():
+    """The shipped SmolLM2 indexer (written before per-layer rope) still loads, reads rope=True for every
+    target layer, and writes its config back as it was."""
+    import importlib.resources
+
+    path = importlib.resources.files("lsa_rewrite") / "data" / "smollm2-135m-instruct.indexer.safetensors"
+    indexer = LSAIndexer.load(path)
+    cfg = indexer.config
+    assert cfg.rope is True and all(cfg.layer_rope(i) for i in range(len(cfg.target_layers)))
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        stored = json.loads(f.metadata()["config"])
+    assert cfg.to_dict() == stored
+
+
+def test_old_format_file_with_one_rope_bool_loads(trained):
+    """A file whose config says ``rope: true`` (every file before per-layer rope) loads and scores as saved."""
+    indexer, path = trained
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        assert json.loads(f.metadata()["config"])["_data"]["rope"] is True
+    loaded = LSAIndexer.load(path)
+    assert loaded.config.rope is True
+    x, cos, sin, kmin, kmax = random_inputs()
+    assert torch.equal(loaded(x, cos, sin, kmin, kmax), indexer(x, cos, sin, kmin, kmax))
 
 
 def test_scoring_rules_round_trip_and_default_off():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from lsa_rewrite.indexer.calibrate import sparse_layers
 from lsa_rewrite.indexer.from_model import indexer_from_model
 from lsa_rewrite.selectors import IndexerSelector, QueryAwareSelector
 from planted import planted_config, planted_model
+from helpers import no_eos
 from zoo import HF_FAMILIES, make_model
 
 PROMPT = 200
@@ -40,6 +42,31 @@ def test_indexer_selector_at_a_covering_budget_is_dense(family):
     assert torch.equal(want.sequences, got.sequences)
     diff = max(float((a - b).abs().max()) for a, b in zip(want.logits, got.logits))
     assert diff <= 1e-4
+
+
+def test_mixed_rotary_layers_convert_with_a_per_layer_rope_indexer():
+    """SmolLM3 (every second layer without rotary): the indexer built from the model rotates at layer 0
+    only, converts with selector='indexer', and decodes the dense tokens and logits at a covering budget."""
+    base = no_eos(make_model("smollm3").eval())
+    # a covering budget in a store for twice the context: selections run while every chunk still fits
+    common = dict(chunk_size=16, interval=16, sink_tokens=16, recent_tokens=16, selector="indexer")
+    config = LSAConfig(budget=120 + 20 + 16, max_context=2 * (120 + 20), **common)
+    indexer = indexer_from_model(base, config)
+    assert indexer.config.target_layers == (0, 1) and indexer.config.rope == (True, False)
+    converted = lsa_rewrite.convert(copy.deepcopy(base), config, indexer=indexer)
+    ids = _ids(length=120)
+    want = base.generate(ids, max_new_tokens=20, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    got = converted.generate(ids, max_new_tokens=20, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    assert not converted.lsa.store.all_resident and converted.lsa.store.selections > 0
+    assert torch.equal(want.sequences, got.sequences)
+    assert max(float((a - b).abs().max()) for a, b in zip(want.logits, got.logits)) <= 1e-4
+    # An indexer whose rotary flag differs from the model's at a target layer is refused, naming the layer.
+    wrong = LSAIndexer(dataclasses.replace(indexer.config, rope=(True, True)))
+    with pytest.raises(ValueError, match="rope=True at target layer 1 .* does not apply rotary embeddings to queries at layer 1"):
+        lsa_rewrite.convert(copy.deepcopy(base), config, indexer=wrong)
+    wrong = LSAIndexer(dataclasses.replace(indexer.config, rope=(False, False)))
+    with pytest.raises(ValueError, match="rope=False at target layer 0 .* applies rotary embeddings to queries at layer 0"):
+        lsa_rewrite.convert(copy.deepcopy(base), config, indexer=wrong)
 
 
 @pytest.mark.parametrize("family", ["llama", "phi3", "gpt2"])
