@@ -115,6 +115,12 @@ def _check_indexer_taps(indexer, program) -> None:
                 f"embeddings to queries at layer {site.layer}; build the indexer for this model (indexer_from_model, or calibrate "
                 "and train on it)"
             )
+        if tap.rotary and tap.style != cfg.rope_style:
+            raise ValueError(
+                f"indexer rotates queries in the {cfg.rope_style!r} style, but this model's rotary at layer {site.layer} is "
+                f"{tap.style!r}; build the indexer from this model with indexer_from_model (an indexer calibrated on a model "
+                "whose attention reshapes its cos/sin is rotate-half: docs/models.md, Known limits)"
+            )
 
 
 def inspect_model(model: torch.nn.Module, config: LSAConfig | None = None) -> list[dict[str, Any]]:

@@ -56,6 +56,7 @@ class IndexerTap:
     transposed: bool  # weight is [in, out] (addmm / Conv1D), else [out, in]
     hidden: int = 0
     rotary: int = 0  # R: rotated channels per head (0: no rotary)
+    style: str = "half"  # how the R channels rotate (ROPE_STYLES); "half" where there is no rotary
     # The projection's output features that hold the query, in its (head, dim) order, where they are not
     # its first Hq * D (a fused qkv laid out per head or per KV group); None: the first ones.
     rows: torch.Tensor | None = None
@@ -80,32 +81,151 @@ def _has_neg(node: fx.Node) -> bool:
     return any(isinstance(a, fx.Node) and a.op == "call_function" and a.target in (torch.neg, operator.neg) for a in args)
 
 
-def _rope(q: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node] | None:
-    """``(q_before_rotation, cos, sin)`` when ``q`` is a rotate-half rotary embedding, else None."""
+ROPE_STYLES = ("half", "interleaved")  # rotate_half: cat(-x2, x1) of the two halves; interleaved: (-x1, x0) per channel pair
+
+
+def _rotation(r: int) -> dict[str, torch.Tensor]:
+    """The signed channel maps ``rotate(x)[j] = sign_j * x[perm_j]`` of each style over ``r`` channels, as
+    ``sign * (perm + 1)`` (what the ops give for an index input ``1..r``)."""
+    idx = torch.arange(1, r + 1, dtype=torch.float64)
+    half = torch.cat([-idx[r // 2 :], idx[: r // 2]])
+    interleaved = torch.stack([-idx[1::2], idx[0::2]], dim=-1).flatten()
+    return {"half": half, "interleaved": interleaved}
+
+
+def _rotation_style(step: CapturedStep, q0: fx.Node, rotated: fx.Node) -> str | None:
+    """The style of ``rotated`` as a function of ``q0`` (a signed permutation of its last axis), found by
+    running the ops between them on channel indices; None when it is neither style (or no permutation)."""
+    value = example_value(q0)
+    if not isinstance(value, torch.Tensor) or value.dim() < 1 or value.shape[-1] % 2:
+        return None
+    r = value.shape[-1]
+    index = torch.arange(1, r + 1, dtype=torch.float64, device=value.device).expand(value.shape).contiguous()
+    try:
+        found = evaluate_nodes(step, [rotated], given={q0: index})
+    except Exception:  # the ops between them do not run on an index tensor: not a channel permutation
+        return None
+    if not found or not isinstance(found[0], torch.Tensor) or tuple(found[0].shape) != tuple(value.shape):
+        return None
+    signed = found[0].reshape(-1, r).cpu()
+    if not bool((signed == signed[:1]).all()):
+        return None
+    return next((style for style, want in _rotation(r).items() if torch.equal(signed[0], want)), None)
+
+
+@dataclass
+class _Rope:
+    q0: fx.Node  # the query before rotation (the rotated channels only, under partial rotary)
+    cos: fx.Node  # the factors the model multiplies q0 and its rotation by
+    sin: fx.Node
+    style: str  # one of ROPE_STYLES
+
+
+def _match_rope(step: CapturedStep, node: fx.Node) -> _Rope | None:
+    """``q0 * cos + rotate(q0) * sin`` (either order, either style) at ``node``, else None."""
+    if not _is_add(node) or not all(_is_mul(a) for a in node.args[:2]):
+        return None
+    m1, m2 = node.args[:2]
+    for plain, turned in ((m1, m2), (m2, m1)):
+        for factor in (a for a in plain.args if isinstance(a, fx.Node)):
+            for rotated in (b for b in turned.args if isinstance(b, fx.Node) and b is not factor):
+                sources = set(_ancestors(rotated, 8))
+                # the query, or the tensor it was converted from (ERNIE rotates ``q.float()`` and ``rotate_half(q).float()``)
+                q0 = next((c for c in _conversions(factor) if c in sources), None)
+                if q0 is None:
+                    continue
+                cos = next((a for a in plain.args if a is not factor), None)
+                sin = next((b for b in turned.args if b is not rotated), None)
+                if not isinstance(cos, fx.Node) or not isinstance(sin, fx.Node):
+                    continue
+                style = _rotation_style(step, q0, rotated)
+                if style is not None:
+                    return _Rope(q0, cos, sin, style)
+    return None
+
+
+_CONVERSIONS = {"float", "to", "type", "type_as", "contiguous"}
+
+
+def _conversions(node: fx.Node) -> list[fx.Node]:
+    """``node`` and what it was converted from by dtype conversions or views (nearest first)."""
+    out = [node]
+    while True:
+        n = out[-1]
+        if n.op == "call_method" and n.target in _CONVERSIONS and n.args and isinstance(n.args[0], fx.Node):
+            out.append(n.args[0])
+        elif _is_view(n):
+            out.append(n.args[0])
+        else:
+            return out
+
+
+def _rope(step: CapturedStep, q: fx.Node, projection: fx.Node | None) -> _Rope | None:
+    """The rotary embedding applied to the attention's query ``q``: rotate-half or interleaved, over the
+    whole head or its leading channels (partial: ``cat([rotated part, pass-through part])``), possibly
+    followed by a norm (Hunyuan's q norm after rotary; the indexer then rotates the pre-norm query).
+    The search upstream stops at the query's ``projection`` (an earlier layer's rotary is not this one's)."""
     node, _ = _walk_views(q)
     if _is_cat(node):  # partial rotary: cat([rotated part, pass-through part])
         parts = node.args[0]
         node, _ = _walk_views(parts[0]) if parts else (node, [])
-    if not _is_add(node) or not all(_is_mul(a) for a in node.args[:2]):
+    found = _match_rope(step, node)
+    if found is not None:
+        return found
+    if _is_cat(node):
         return None
-    plain = rotated = None
-    for mul in node.args[:2]:
-        if any(isinstance(a, fx.Node) and _is_cat(a) and _has_neg(a) for a in mul.args):
-            rotated = mul
-        else:
-            plain = mul
-    if plain is None or rotated is None:
+    if projection is None:
         return None
-    rot_input = next(a for a in rotated.args if isinstance(a, fx.Node) and _is_cat(a))
-    sin = next(a for a in rotated.args if a is not rot_input)
-    sources = set(_ancestors(rot_input, 8))
-    q0 = next((a for a in plain.args if isinstance(a, fx.Node) and a in sources), None)
-    if q0 is None:
-        return None
-    cos = next(a for a in plain.args if a is not q0)
-    if not isinstance(cos, fx.Node) or not isinstance(sin, fx.Node):
-        return None
-    return q0, cos, sin
+    # a norm (or another elementwise op) after the rotation: the nearest rotary form upstream
+    seen, frontier = {projection}, [node]
+    while frontier and len(seen) < _SEARCH_LIMIT:
+        n = frontier.pop(0)
+        if n in seen:
+            continue
+        seen.add(n)
+        found = _match_rope(step, n)
+        if found is not None:
+            return found
+        frontier.extend(n.all_input_nodes)
+    return None
+
+
+def _outside_factor(step: CapturedStep, q: fx.Node, projection: fx.Node) -> fx.Node | None:
+    """A multiplication on the path from the query projection to ``q`` by a tensor that depends on the
+    step's inputs (positions) and not on the projection: a rotary-like position factor. None if none."""
+    inputs = {name for name, b in step.bindings.items() if b.kind != "param"}
+    between: set[fx.Node] = set()
+    frontier = [q]
+    while frontier and len(between) < 4 * _SEARCH_LIMIT:
+        n = frontier.pop()
+        if n in between or n is projection:
+            continue
+        between.add(n)
+        frontier.extend(n.all_input_nodes)
+    downstream = _descendants(projection, between) | {projection}
+    for n in between & downstream:
+        if not _is_mul(n) and not (n.op == "call_method" and n.target == "mul"):
+            continue
+        for a in n.args:
+            if not isinstance(a, fx.Node) or a in downstream:
+                continue
+            value = example_value(a)
+            if not isinstance(value, torch.Tensor) or value.numel() <= 1:
+                continue
+            if any(x.op == "placeholder" and x.name in inputs for x in [a, *_ancestors(a, 12)]):
+                return n
+    return None
+
+
+def _descendants(node: fx.Node, within: set[fx.Node]) -> set[fx.Node]:
+    out, frontier = set(), [node]
+    while frontier:
+        n = frontier.pop()
+        for user in n.users:
+            if user in within and user not in out:
+                out.add(user)
+                frontier.append(user)
+    return out
 
 
 def _walk_views(node):
@@ -184,7 +304,10 @@ def _whole_query(q0: fx.Node, site: AttentionSite) -> fx.Node | None:
     node = q0
     while isinstance(node, fx.Node):
         value = example_value(node)
-        if value is not None and tuple(value.shape) == (site.batch, site.q_heads, 1, site.head_dim):
+        # [B, Hq, 1, D], or [B, 1, Hq, D] before the heads are moved forward (GPT-J, CodeGen)
+        if isinstance(value, torch.Tensor) and tuple(value.shape) in (
+            (site.batch, site.q_heads, 1, site.head_dim), (site.batch, 1, site.q_heads, site.head_dim)
+        ):
             return node
         if not _is_view(node):
             return None
@@ -226,6 +349,23 @@ def _query_rows(step: CapturedStep, projection: fx.Node, q0: fx.Node, batch: int
     return None if torch.equal(rows, torch.arange(len(rows))) else rows
 
 
+def _leading_channels(step: CapturedStep, query: fx.Node | None, q0: fx.Node, site: AttentionSite) -> bool | list[int] | str:
+    """True when ``q0`` (the rotated channels) is the leading channels of each head of ``query`` (the whole
+    pre-rotary query), else the channels it holds (or a description when they cannot be found)."""
+    if query is None or query is q0:
+        return True
+    value = example_value(query)
+    index = torch.arange(site.head_dim, dtype=torch.float64, device=value.device).expand(value.shape).contiguous()
+    try:
+        found = evaluate_nodes(step, [q0], given={query: index})
+    except Exception:
+        found = None
+    if not found:
+        return "that could not be traced to the head's channels"
+    held = found[0].reshape(-1, found[0].shape[-1])[0].long().tolist()
+    return True if held == list(range(len(held))) else held
+
+
 class TapIndexerInputsPass(GraphPass):
     """Record, on each target site, the nodes the indexer taps (see module docstring)."""
 
@@ -240,8 +380,9 @@ class TapIndexerInputsPass(GraphPass):
             if site is None or site.action != "rewrite":
                 sparse = [s.layer for s in sites if s.action == "rewrite"]
                 raise LocateError(f"indexer target layer {layer} is not a sparsely attended layer of this model; those are {sparse}")
-            rope = _rope(site.q)
-            q0 = rope[0] if rope else site.q
+            nearest = _projection(site.q, params)
+            rope = _rope(step, site.q, nearest[0] if nearest else None)
+            q0 = rope.q0 if rope else site.q
             found = _projection(q0, params)
             if found is None:
                 raise LocateError(
@@ -249,12 +390,29 @@ class TapIndexerInputsPass(GraphPass):
                     "query, so the indexer has no hidden state to read; use selector='query-aware' for this model"
                 )
             projection, x, transposed = found
+            if rope is None:
+                factor = _outside_factor(step, site.q, projection)
+                if factor is not None:
+                    raise LocateError(
+                        f"layer {layer}: the query is multiplied by a position-dependent tensor (node {factor.name!r}: "
+                        f"{factor.format_node()}) that is not a rotary embedding the indexer taps recognise (q * cos + "
+                        "rotate(q) * sin with rotate-half or interleaved pairs over the leading channels of each head), "
+                        "so the indexer cannot reproduce the query; use selector='query-aware' for this model"
+                    )
             weight = step.bindings[_weight_name(projection, transposed).name].name
-            tap = IndexerTap(x=x, cos=rope[1] if rope else None, sin=rope[2] if rope else None, weight=weight, transposed=transposed)
+            tap = IndexerTap(x=x, cos=rope.cos if rope else None, sin=rope.sin if rope else None, weight=weight, transposed=transposed)
             query = _whole_query(q0, site)
+            if rope is not None:
+                tap.style = rope.style
+                leading = _leading_channels(step, query, q0, site)
+                if leading is not True:
+                    raise LocateError(
+                        f"layer {layer}: the rotary embedding rotates channels {leading} of each query head; the "
+                        "indexer rotates the leading channels only; use selector='query-aware' for this model"
+                    )
             tap.rows = _query_rows(step, projection, query, site.batch) if query is not None else None
             tap.hidden = example_value(x).numel() // site.batch
             if rope:
-                tap.rotary = example_value(rope[1]).numel() // site.batch
+                tap.rotary = example_value(rope.cos).numel() // site.batch
             site.indexer = tap
         log.info("TapIndexerInputsPass: taps at layers %s", list(self.target_layers))

@@ -53,10 +53,15 @@ def indexer_from_model(
     rows = first.q_heads * first.head_dim
     weights = {layer: by_layer[layer].indexer.query_weight(model, rows).float() for layer in layers}
     hidden = first.indexer.hidden
+    styles = {by_layer[layer].indexer.style for layer in layers if by_layer[layer].indexer.rotary}
+    if len(styles) > 1:
+        found = ", ".join(f"layer {layer}: {by_layer[layer].indexer.style}" for layer in layers if by_layer[layer].indexer.rotary)
+        raise ValueError(f"target layers {list(layers)} rotate their queries in different styles ({found}); choose target layers of one style")
     cfg = IndexerConfig(
         hidden_size=hidden, q_heads=first.q_heads, kv_heads=first.kv_heads, head_dim=first.head_dim,
         rank=rank or default_rank(hidden, q_dim=rows), target_layers=layers,
         rope=tuple(bool(by_layer[layer].indexer.rotary) for layer in layers),  # per layer: SmolLM3 mixes rotary and none
+        rope_style=styles.pop() if styles else "half",
     )
     indexer = LSAIndexer.from_query_weights(cfg, weights)
     indexer.signature = model_signature(model) if is_hf_model(model) else {}

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 ENSEMBLES = ("max", "mean")
+ROPE_STYLES = ("half", "interleaved")  # HF rotate_half over the two halves; GPT-J's rotate-every-two over channel pairs
 FILE_TYPE = "LSAIndexer"
 FILE_VERSION = 1
 # The model signature an indexer is trained for (docs/indexer.md), compared in this order.
@@ -67,6 +68,11 @@ class IndexerConfig:
             ``True``/``False`` for every target layer, or a tuple of bools, one per target layer, for
             models whose layers mix rotary and no rotary (SmolLM3's no-rope layers). A tuple whose
             values are all equal is stored as that bool (so the two spellings compare equal).
+        rope_style: how the model rotates a query's channels: ``"half"`` (HF ``rotate_half``: channel ``j``
+            pairs with ``j + R/2``; Llama, Qwen, ...) or ``"interleaved"`` (GPT-J's rotate-every-two:
+            channels ``2i`` and ``2i + 1`` pair; GPT-J, CodeGen, Cohere, GLM, Helium, ERNIE 4.5). The
+            rotary width ``R`` (partial rotary: the leading ``R`` channels of each head) is the width of
+            the cos/sin the indexer is handed. Files without the field: ``"half"``.
         threshold: probability above which a chunk is predicted to be attended.
         neighbour_margin: the span rule (``None``: off). A needle sentence often spans two or three
             chunks: each target layer's logit of a chunk is raised to its better neighbour's minus this
@@ -95,6 +101,7 @@ class IndexerConfig:
     target_layers: tuple[int, ...]
     ensemble: str = "max"
     rope: bool | tuple[bool, ...] = True
+    rope_style: str = "half"
     threshold: float = 0.5
     neighbour_margin: float | None = None
     neighbour_min_free: int = 0
@@ -126,6 +133,8 @@ class IndexerConfig:
             object.__setattr__(self, "rope", rope[0] if len(set(rope)) == 1 else tuple(rope))
         elif not isinstance(rope, bool):
             raise ValueError(f"rope must be True, False or one bool per target layer, got {rope!r}")
+        if self.rope_style not in ROPE_STYLES:
+            raise ValueError(f"rope_style must be one of {ROPE_STYLES}, got {self.rope_style!r}")
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold must be a probability in (0, 1), got {self.threshold!r}")
         margin = self.neighbour_margin
@@ -167,6 +176,8 @@ class IndexerConfig:
         data["target_layers"] = list(self.target_layers)
         if isinstance(self.rope, tuple):
             data["rope"] = list(self.rope)
+        if self.rope_style == "half":  # the default: left out, so files read by lsa-rewrite before the field stay readable
+            del data["rope_style"]
         return {"_type": "IndexerConfig", "_version": version, "_data": data}
 
     @classmethod
@@ -191,14 +202,22 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """HF rotate-half rotary embedding ``x * cos + rotate_half(x) * sin`` on the first ``cos.shape[-1]``
-    channels of ``x`` (all of them unless the model rotates only part of each head)."""
+def rotate_every_two(x: Tensor) -> Tensor:
+    """GPT-J's interleaved rotation: ``(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...)``."""
+    return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, style: str = "half") -> Tensor:
+    """Rotary embedding ``x * cos + rotate(x) * sin`` on the first ``cos.shape[-1]`` channels of ``x`` (all
+    of them unless the model rotates only part of each head); ``rotate`` is HF's ``rotate_half``
+    (``style="half"``) or GPT-J's ``rotate_every_two`` (``"interleaved"``). ``cos``/``sin`` are the factors
+    the model multiplies by, in its channel order."""
+    rotate = rotate_half if style == "half" else rotate_every_two
     rot = cos.shape[-1]
     if rot == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
+        return x * cos + rotate(x) * sin
     head, tail = x[..., :rot], x[..., rot:]
-    return torch.cat((head * cos + rotate_half(head) * sin, tail), dim=-1)
+    return torch.cat((head * cos + rotate(head) * sin, tail), dim=-1)
 
 
 class TargetLayerIndexer(nn.Module):
@@ -317,7 +336,7 @@ class LSAIndexer(nn.Module):
                     f"target layer {cfg.target_layers[i]} of this indexer applies rotary embeddings (rope={cfg.rope}): "
                     "pass the cos/sin of the query position"
                 )
-            q = apply_rope(q, cos.float()[:, None], sin.float()[:, None])
+            q = apply_rope(q, cos.float()[:, None], sin.float()[:, None], cfg.rope_style)
         elif cos is not None or sin is not None:
             raise ValueError(
                 f"target layer {cfg.target_layers[i]} of this indexer has no rotary embedding (rope={cfg.rope}): its cos/sin must be None"

@@ -440,7 +440,7 @@ def _fit_query_weights(config: IndexerConfig, train: _Windows, *, block: int = 2
         q = record["query"].double()  # [Lt, Hq, D]
         if config.any_rope:  # undo the rotation on the rotary layers: R(theta)^-1 = R(-theta)
             cos, sin = record["cos"].double(), -record["sin"].double()
-            q = torch.stack([apply_rope(q[i], cos, sin) if config.layer_rope(i) else q[i] for i in range(lt)])
+            q = torch.stack([apply_rope(q[i], cos, sin, config.rope_style) if config.layer_rope(i) else q[i] for i in range(lt)])
         rows.append(record["hidden"].double())
         targets.append(q.reshape(lt, qd))
         if len(rows) == block:
@@ -630,7 +630,7 @@ def _model_queries(weights: dict[int, Tensor], layers: list[int], record: dict[s
     for i, layer in enumerate(layers):
         q = (weights[layer].float() @ record["hidden"][i].float()).view(config.q_heads, config.head_dim)
         if config.layer_rope(i):
-            q = apply_rope(q, record["cos"].float(), record["sin"].float())
+            q = apply_rope(q, record["cos"].float(), record["sin"].float(), config.rope_style)
         out.append(q)
     return torch.stack(out)
 

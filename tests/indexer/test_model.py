@@ -112,6 +112,14 @@ def test_per_layer_rope_round_trips_and_a_uniform_tuple_is_the_bool():
     assert data["_data"]["rope"] == [False, True] and IndexerConfig.from_dict(data) == mixed
     assert make_config(rope=(True, True)) == make_config(rope=True) and make_config(rope=(False, False)).rope is False
     assert make_config().to_dict()["_data"]["rope"] is True
+    assert "rope_style" not in make_config().to_dict()["_data"]  # the default is left out: old readers read it
+    inter = make_config(rope_style="interleaved")
+    assert IndexerConfig.from_dict(json.loads(json.dumps(inter.to_dict()))) == inter
+    with pytest.raises(ValueError, match="rope_style must be one of"):
+        make_config(rope_style="gptj")
+    x = torch.arange(1.0, 5.0)
+    assert apply_rope(x, torch.zeros(4), torch.ones(4), "interleaved").tolist() == [-2.0, 1.0, -4.0, 3.0]
+    assert apply_rope(x, torch.zeros(4), torch.ones(4)).tolist() == [-3.0, -4.0, 1.0, 2.0]
     assert not make_config(rope=False).any_rope
 
 

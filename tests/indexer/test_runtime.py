@@ -117,10 +117,13 @@ def test_untrained_indexer_keeps_the_planted_needles():
         assert set(planted.needle_chunks[row]) <= resident
 
 
-def test_untrained_indexer_ranks_chunks_like_query_aware():
+# One family per rotary form: rotate-half (llama), interleaved over the leading channels in GPT-J's
+# [B, S, H, D] layout (gptj), partial interleaved with cos/sin repeated per pair (glm).
+@pytest.mark.parametrize("family", ["llama", "gptj", "glm"])
+def test_untrained_indexer_ranks_chunks_like_query_aware(family):
     """On a random model after a real prefill, the untrained indexer's chunk ranking agrees with the
     query-aware bound's far better than chance (Spearman); a random indexer's does not."""
-    base = make_model("llama").eval()
+    base = make_model(family).eval()
     config = LSAConfig(budget=96, chunk_size=16, interval=16, sink_tokens=16, recent_tokens=16, selector="indexer")
     indexer = indexer_from_model(base, config, target_layers=[0], rank=64)
     converted = lsa_rewrite.convert(base, config, indexer=indexer)
@@ -272,3 +275,44 @@ def test_span_rule_keeps_dense_exactness():
     ids = _ids()
     want = base.generate(ids, max_new_tokens=24, do_sample=False)
     assert torch.equal(converted.generate(ids, max_new_tokens=24, do_sample=False), want)
+
+
+@pytest.mark.parametrize(
+    "family, style, rotary",
+    [("llama", "half", 16), ("gpt_neox", "half", 4), ("glm", "interleaved", 8), ("gptj", "interleaved", 8),
+     ("codegen", "interleaved", 8), ("helium", "interleaved", 16), ("smollm3", "half", 16)],
+)
+def test_untrained_indexer_reproduces_the_model_query(family, style, rotary):
+    """The taps recognise each rotary form (style and rotated width): at full rank the untrained indexer's
+    query from the tapped input and cos/sin is the model's own post-rotary query up to a positive scale."""
+    base = make_model(family).eval()
+    config = LSAConfig(mode="dense", chunk_size=16, interval=16, selector="indexer")
+    indexer = indexer_from_model(base, config, rank=64)
+    converted = lsa_rewrite.convert(base, config, indexer=indexer)
+    converted.generate(_ids(length=40), max_new_tokens=2, do_sample=False)
+    cfg = indexer.config
+    assert cfg.rope_style == style
+    for i, target in enumerate(cfg.target_layers):
+        layer, rope = converted.lsa.store.layers[target], cfg.layer_rope(i)
+        tap = next(s for s in converted.lsa.sites if s.layer == target).indexer
+        assert tap.rotary == (rotary if rope else 0) and (not rope or tap.style == style)
+        q, _ = indexer.query(i, layer.idx_x, layer.idx_cos if rope else None, layer.idx_sin if rope else None)
+        similarity = torch.nn.functional.cosine_similarity(q.flatten(1), layer.q_tap.float().flatten(1))
+        assert float(similarity.min()) > 0.999, (target, similarity)
+
+
+def test_unrecognised_rotary_refuses_the_indexer_path_only(monkeypatch):
+    """A rotary form the taps do not know is refused by name on the indexer path (not approximated); the
+    default selector still converts the model."""
+    import lsa_rewrite.passes.indexer_taps as taps
+
+    base = make_model("gptj").eval()
+    config = LSAConfig(mode="dense", chunk_size=16, interval=16, selector="indexer")
+    monkeypatch.setattr(taps, "_rotation", lambda r: {"half": torch.zeros(r)})  # a form matching no input
+    with pytest.raises(Exception, match="layer 0: the query is multiplied by a position-dependent tensor .* not a rotary embedding"):
+        indexer_from_model(base, config)
+    monkeypatch.undo()
+    converted = lsa_rewrite.convert(copy.deepcopy(base), LSAConfig(mode="dense", chunk_size=16, interval=16))
+    ids = _ids(length=40)
+    assert torch.equal(converted.generate(ids, max_new_tokens=4, do_sample=False), base.generate(ids, max_new_tokens=4, do_sample=False))
+
