@@ -118,8 +118,7 @@ def _check_indexer_taps(indexer, program) -> None:
         if tap.rotary and tap.style != cfg.rope_style:
             raise ValueError(
                 f"indexer rotates queries in the {cfg.rope_style!r} style, but this model's rotary at layer {site.layer} is "
-                f"{tap.style!r}; build the indexer from this model with indexer_from_model (an indexer calibrated on a model "
-                "whose attention reshapes its cos/sin is rotate-half: docs/models.md, Known limits)"
+                f"{tap.style!r}; build the indexer for this model (indexer_from_model, or calibrate and train on it)"
             )
 
 

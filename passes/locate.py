@@ -258,8 +258,17 @@ def evaluate_nodes(step: CapturedStep, nodes: list[fx.Node], *, given: dict[fx.N
     running only the nodes they depend on (a mask is built from positions and lengths, a few ops);
     ``given`` replaces some nodes by values of the caller's (what they depend on is not run). None when
     that subgraph writes in place (its inputs were already updated by the capture run)."""
-    graph = step.graph_module.graph
     given = given or {}
+    function = node_function(step, nodes, list(given))
+    return None if function is None else function(*given.values())
+
+
+def node_function(step: CapturedStep, nodes: list[fx.Node], inputs: list[fx.Node]) -> "NodeFunction | None":
+    """``nodes`` as a function of ``inputs`` (nodes of the step whose values the caller passes; what they
+    depend on is not run): the subgraph that computes them, every other placeholder it needs taking its
+    example value from the capture. None when that subgraph writes in place."""
+    graph = step.graph_module.graph
+    fed = set(inputs)
     needed: set[fx.Node] = set()
     stack = list(nodes)
     while stack:
@@ -267,25 +276,36 @@ def evaluate_nodes(step: CapturedStep, nodes: list[fx.Node], *, given: dict[fx.N
         if n in needed:
             continue
         needed.add(n)
-        if n not in given:
+        if n not in fed:
             stack.extend(n.all_input_nodes)
-    if any(_writes_in_place(n) for n in needed if n not in given):
+    if any(_writes_in_place(n) for n in needed if n not in fed):
         return None
     sub = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
-    inputs = []
+    for n in inputs:
+        env[n] = sub.placeholder(f"given_{n.name}")
+    fixed: list[Any] = []
+    placeholders: list[fx.Node] = []
     for n in graph.nodes:
-        if n in given:
-            env[n] = sub.placeholder(f"given_{n.name}")
-            inputs.append(given[n])
-        elif n in needed:
+        if n in needed and n not in fed:
             env[n] = sub.node_copy(n, lambda a: env[a])
             if n.op == "placeholder":
-                inputs.append(step.examples[n.name])
+                fixed.append(step.examples[n.name])
+                placeholders.append(n)
     sub.output(tuple(env[n] for n in nodes))
-    module = fx.GraphModule(step.graph_module, sub)
-    with torch.no_grad():
-        return list(module(*inputs))
+    return NodeFunction(fx.GraphModule(step.graph_module, sub), fixed, placeholders)
+
+
+class NodeFunction:
+    """A subgraph of a captured step as a callable (``node_function``): ``f(*input_values) -> [values]``.
+    ``placeholders``: the step's placeholders it reads at their captured example values."""
+
+    def __init__(self, module: fx.GraphModule, fixed: list[Any], placeholders: list[fx.Node]):
+        self.module, self.fixed, self.placeholders = module, fixed, placeholders
+
+    def __call__(self, *values: Any) -> list[torch.Tensor]:
+        with torch.no_grad():
+            return list(self.module(*values, *self.fixed))
 
 
 def _writes_in_place(node: fx.Node) -> bool:

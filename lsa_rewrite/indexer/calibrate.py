@@ -7,9 +7,10 @@ ends at the document's end, and, for a task, windows at the start of its reply, 
 it records:
 
 - per target layer, the input of the query projection at ``t - 1`` (a forward pre-hook on ``q_proj``,
-  on the fused ``qkv_proj`` of Phi-3, or on GPT-2's ``c_attn``), the post-rotary query there, and the
-  rotary ``cos``/``sin`` the model applies at ``t - 1`` (a pre-hook reading the ``position_embeddings``
-  the decoder layer passes to its attention module; none for GPT-2);
+  on the fused ``qkv_proj`` of Phi-3 or ``query_key_value`` of GPT-NeoX and Falcon, or on GPT-2's
+  ``c_attn``) and the post-rotary query there; and the rotary ``cos``/``sin`` the model multiplies its
+  queries by at ``t - 1``, as the converted decode step applies them (``_GraphRotary``: the traced step's
+  own ops run for that position; rotate-half or interleaved, whole or partial heads; none for GPT-2);
 - per target layer, the key bounds ``kmin``/``kmax`` of the ``ceil(t / chunk)`` chunks before ``t``
   (elementwise min/max of the post-rotary keys over each chunk's tokens before ``t``, per KV head: what
   the runtime store's chunk index holds);
@@ -50,7 +51,7 @@ from .dump import MANIFEST, DumpWriter, golden_labels, label_rule, rule_name, se
 log = logging.getLogger(__name__)
 
 ATTN_IMPLEMENTATION = "lsa_calibrate"  # the name the recording attention function is registered under
-QUERY_PROJECTIONS = ("q_proj", "qkv_proj", "c_attn")  # separate, fused (Phi-3), GPT-2 Conv1D
+QUERY_PROJECTIONS = ("q_proj", "qkv_proj", "c_attn", "query_key_value")  # separate, fused (Phi-3), GPT-2 Conv1D, fused (GPT-NeoX, Falcon)
 DEFAULT_TARGET_COUNT = 3
 
 _ACTIVE: "_Recorder | None" = None  # the recorder the registered attention function reports to
@@ -245,10 +246,9 @@ class _Recorder:
         self.targets = list(target_layers)
         self.sparse = list(sparse)
         self.chunk, self.interval = chunk, interval
-        # Per target layer: whether its attention applies the rotary embedding it is handed (``_probe_rope``);
-        # None while probing (records then carry no cos/sin).
-        self.rotary: dict[int, bool] | None = None
-        self.identity: set[int] = set()  # layers handed an identity rotation instead of theirs (the probe)
+        # The target layers' rotary embedding as the decode step applies it (``_GraphRotary``); None: records
+        # carry no cos/sin.
+        self.rotary: _GraphRotary | None = None
         self.original: str | None = None
         self.handles: list[Any] = []
         self.inner: Any = None
@@ -261,7 +261,6 @@ class _Recorder:
 
     def _reset(self) -> None:
         self.hidden: dict[int, Tensor] = {}  # layer -> [W, hidden]
-        self.rope: dict[int, tuple[Tensor, Tensor]] = {}  # layer -> ([W, Dr], [W, Dr])
         self.query: dict[int, Tensor] = {}  # layer -> [W, Hq, D]
         self.bounds: dict[int, list[tuple[Tensor, Tensor]]] = {}  # layer -> W x ([N_w, Hkv, D], [N_w, Hkv, D])
         self.mass: dict[int, list[Tensor]] = {}  # layer -> W x [N_w]
@@ -288,7 +287,6 @@ class _Recorder:
             for layer in self.targets:
                 module = self.modules[layer]
                 self.handles.append(_query_projection(module).register_forward_pre_hook(self._hidden_hook(layer)))
-                self.handles.append(module.register_forward_pre_hook(self._rope_hook(layer), with_kwargs=True))
             _ACTIVE = self
             self.model.set_attn_implementation(ATTN_IMPLEMENTATION)
         except BaseException:
@@ -337,29 +335,6 @@ class _Recorder:
             if self.starts:
                 x = args[0]  # [1, S, hidden]
                 self.hidden[layer] = x[0, self._positions(x.device)].detach().clone()
-
-        return hook
-
-    def _rope_hook(self, layer: int) -> Any:
-        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-            if not self.starts:
-                return None
-            emb = kwargs.get("position_embeddings")
-            positional = emb is None and len(args) > 1 and isinstance(args[1], tuple)
-            if positional:
-                emb = args[1]
-            if emb is None:
-                return None
-            cos, sin = emb
-            seq = cos.shape[-2]
-            pos = self._positions(cos.device)
-            self.rope[layer] = tuple(v.reshape(-1, seq, v.shape[-1])[0, pos].detach().clone() for v in (cos, sin))
-            if layer not in self.identity:
-                return None
-            identity = (torch.ones_like(cos), torch.zeros_like(sin))  # a rotation by angle 0 at every position
-            if positional:
-                return (args[0], identity, *args[2:]), kwargs
-            return args, {**kwargs, "position_embeddings": identity}
 
         return hook
 
@@ -417,15 +392,8 @@ class _Recorder:
 
     def _records(self) -> list[dict[str, Tensor]]:
         records = []
-        rotary = [layer for layer in self.targets if self.rotary is not None and self.rotary.get(layer)]
-        cos_sin = self.rope.get(rotary[0]) if rotary else None
-        for layer in rotary[1:]:
-            other = self.rope.get(layer)
-            if other is None or not all(torch.equal(a, b) for a, b in zip(other, cos_sin)):
-                raise ValueError(
-                    f"target layers {rotary} apply different rotary embeddings (layer {layer}'s cos/sin differ from layer {rotary[0]}'s), "
-                    "and a calibration dump records one cos/sin per window; choose target layers of one attention type (target_layers=...)"
-                )
+        rotary = self.rotary
+        cos_sin = rotary.factors([t - 1 for t in self.starts]) if rotary is not None and rotary.rotates else None
         for w in range(len(self.starts)):
             record = {
                 "hidden": torch.stack([self.hidden[layer][w] for layer in self.targets]),
@@ -663,14 +631,19 @@ def calibrate(
     split = _splits([doc for doc, _ in tokenized], float(heldout_fraction), seed)
 
     shape = _shape(model)
-    rotary = _probe_rope(model, targets, sparse, chunk, interval)
-    rope = rotary[0] if len(set(rotary)) == 1 else list(rotary)  # one bool when every target layer agrees
+    rotary = _GraphRotary(model, config, targets)
+    rope = rotary.rope[0] if len(set(rotary.rope)) == 1 else list(rotary.rope)  # one bool when every target layer agrees
+    shapes = {**shape, "rope": rope}
+    if rotary.style != "half":  # left out when it is the default, so dumps written before the field resume unchanged
+        shapes["rope_style"] = rotary.style
+    if rotary.rotates and rotary.dims != shape["head_dim"]:
+        shapes["rotary_dims"] = rotary.dims  # partial rotary: cos/sin cover the leading channels of each head
     manifest = {
         "model": signature,
         "lsa_config": config.to_dict(),
         "target_layers": targets,
         "label": label_rule(len(sparse)),
-        "shapes": {**shape, "rope": rope},
+        "shapes": shapes,
     }
     if not resume and out.exists():
         _clear_dump(out)
@@ -682,7 +655,7 @@ def calibrate(
     with _Recorder(model, target_layers=targets, sparse=sparse, chunk=chunk, interval=interval) as recorder, _progress(
         progress, sum(len(ids) for _, ids in todo), len(tokenized)
     ) as bar:
-        recorder.rotary = dict(zip(targets, rotary))
+        recorder.rotary = rotary
         done = len(tokenized) - len(todo)
         for doc, ids in todo:
             rng = random.Random(f"windows:{seed}:{doc.id}")
@@ -716,42 +689,89 @@ def _run_document(recorder: _Recorder, ids: Tensor, starts: Sequence[int]) -> li
     return recorder.run(ids, starts)
 
 
-def _probe_rope(model: nn.Module, targets: Sequence[int], sparse: Sequence[int], chunk: int, interval: int) -> tuple[bool, ...]:
-    """Per target layer, whether its attention applies the rotary embedding (a pass over a few tokens), and
-    that the recording attention function sees every layer; refuses rotary over part of the head only.
+class _GraphRotary:
+    """The target layers' rotary embedding as the converted model's decode step applies it.
 
-    A layer handed ``position_embeddings`` may still not rotate its queries (SmolLM3's no-rope layers,
-    Cohere2's full-attention layers): the probe hands each such target layer an identity rotation in a
-    second pass, and the layer rotates when its recorded query changes."""
-    head_dim = _shape(model)["head_dim"]
-    length = 2 * chunk + interval
-    # Distinct tokens other than the padding one (whose embedding may be zero: a zero query rotates to itself).
-    vocab = model.get_input_embeddings().weight.shape[0]
-    pad = getattr(model.config, "pad_token_id", None)
-    ids = torch.tensor([t for t in range(min(vocab, length + 1)) if t != pad][:length], dtype=torch.long)
-    ids = ids.repeat(-(-length // len(ids)))[:length]
-    rotary = []
-    with _Recorder(model, target_layers=targets, sparse=sparse, chunk=chunk, interval=interval) as recorder:
-        recorder.run(ids[:length], [2 * chunk])
-        rope = {layer: recorder.rope.get(layer) for layer in targets}
-        query = {layer: recorder.query[layer] for layer in targets}
-        for layer in targets:
-            if rope[layer] is None:
-                rotary.append(False)
-                continue
-            recorder.identity = {layer}
-            try:
-                recorder.run(ids[:length], [2 * chunk])
-            finally:
-                recorder.identity = set()
-            rotary.append(not torch.equal(recorder.query[layer], query[layer]))
-    for layer, rotates in zip(targets, rotary):
-        if rotates and rope[layer][0].shape[-1] != head_dim:
+    The decode step is traced as ``convert`` traces it and ``TapIndexerInputsPass`` finds, per target
+    layer, the rotary form the runtime's indexer taps read: whether the layer rotates its queries at all
+    (SmolLM3's no-rope layers and Cohere2's full layers are handed cos/sin they do not apply), the style
+    (rotate-half or interleaved pairs) and the rotated leading channels of each head (partial rotary). The
+    ``cos``/``sin`` factors at any position come from running the step's own ops between its position
+    input and those factors (``node_function``), so a dump holds exactly the factors the runtime taps at
+    decode time, in the model's channel order, whatever shape its modelling code hands its attention.
+
+    Attributes: ``rope`` (one bool per target layer), ``rotates`` (any of them), ``style`` (``"half"`` or
+    ``"interleaved"``), ``dims`` (rotated channels per head; 0 without rotary).
+    """
+
+    def __init__(self, model: nn.Module, config: LSAConfig, targets: Sequence[int]):
+        from ..adapters import make_adapter
+        from ..passes import TapIndexerInputsPass, locate
+        from ..passes.locate import node_function
+
+        name = type(model).__name__
+        adapter = make_adapter(model, config)
+        step, _ = adapter.trace()
+        sites = locate(step, layer_windows=adapter.windows)
+        try:
+            TapIndexerInputsPass(tuple(targets))(step, sites)
+        except ValueError as err:
+            raise ValueError(f"{name}: the indexer cannot read target layers {list(targets)}: {err}") from None
+        taps = {site.layer: site.indexer for site in sites if site.layer in targets}
+        self.rope = tuple(taps[layer].cos is not None for layer in targets)
+        self.rotates = any(self.rope)
+        rotating = [layer for layer, rope in zip(targets, self.rope) if rope]
+        forms = {(taps[layer].style, taps[layer].rotary) for layer in rotating}
+        if len(forms) > 1:
             raise ValueError(
-                f"{type(model).__name__} rotates {rope[layer][0].shape[-1]} of {head_dim} head dimensions at layer {layer} (partial "
-                "rotary); the indexer applies rotary embeddings over the whole head"
+                f"{name}'s target layers {rotating} apply rotary embeddings of different forms {sorted(forms)} (style, rotated "
+                "channels), and a calibration dump records one cos/sin per window; choose target layers of one attention type (target_layers=...)"
             )
-    return tuple(rotary)
+        self.style, self.dims = forms.pop() if forms else ("half", 0)
+        self.layers = rotating
+        self._cache: dict[int, tuple[Tensor, Tensor]] = {}
+        self._function = None
+        if not rotating:
+            return
+        position = adapter.input_names[1]
+        found = [n for n in step.graph_module.graph.nodes if n.op == "placeholder" and step.bindings[n.name].kind == "input"
+                 and step.bindings[n.name].name == position]
+        nodes = [node for layer in rotating for node in (taps[layer].cos, taps[layer].sin)]
+        function = node_function(step, nodes, found) if found else None
+        other = [] if function is None else [
+            n.name for n in function.placeholders if step.bindings[n.name].kind not in ("param", "constant")
+        ]
+        if function is None or other:
+            why = f"they also depend on {other}" if other else f"they are not a function of the step's {position!r} input alone"
+            raise ValueError(
+                f"{name}: calibration computes the rotary cos/sin at each recorded position from the decode step's ops, but {why}; "
+                "build the indexer with indexer_from_model (untrained) for this model"
+            )
+        self._function = function
+        self._batch = int(step.examples[found[0].name].shape[0])
+        self._position = step.examples[found[0].name]
+
+    def factors(self, positions: Sequence[int]) -> tuple[Tensor, Tensor]:
+        """``cos``, ``sin`` ``[W, dims]`` at ``positions`` (the query positions of the windows), as the model
+        multiplies its queries by them; the same for every rotating target layer (checked)."""
+        cos, sin = [], []
+        for p in positions:
+            if p not in self._cache:
+                values = self._function(torch.full_like(self._position, int(p)))
+                pairs = [(c.reshape(self._batch, -1)[0], s.reshape(self._batch, -1)[0]) for c, s in zip(values[::2], values[1::2])]
+                first = pairs[0]
+                for layer, pair in zip(self.layers[1:], pairs[1:]):
+                    if not (torch.equal(pair[0], first[0]) and torch.equal(pair[1], first[1])):
+                        raise ValueError(
+                            f"target layers {self.layers} apply different rotary embeddings (layer {layer}'s cos/sin differ from layer "
+                            f"{self.layers[0]}'s), and a calibration dump records one cos/sin per window; choose target layers of one "
+                            "attention type (target_layers=...)"
+                        )
+                self._cache[p] = (first[0].detach().clone(), first[1].detach().clone())
+            c, s = self._cache[p]
+            cos.append(c)
+            sin.append(s)
+        return torch.stack(cos), torch.stack(sin)
 
 
 __all__ = ["calibrate", "default_target_layers", "model_signature", "sparse_layers", "window_masses", "window_starts"]

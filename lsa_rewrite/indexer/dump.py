@@ -345,7 +345,8 @@ class DumpWriter:
             "meta": (3,),
         }
         if self._rope:
-            expect["cos"] = expect["sin"] = (out["cos"].shape[-1],) if d is None else (d,)
+            dims = shapes.get("rotary_dims", d)  # partial rotary: the leading channels of each head only
+            expect["cos"] = expect["sin"] = (out["cos"].shape[-1],) if dims is None else (dims,)
         if "query" in out:
             expect["query"] = (lt, shapes.get("q_heads", out["query"].shape[1]), out["query"].shape[-1] if d is None else d)
         for name, shape in expect.items():

@@ -154,6 +154,7 @@ def train_indexer(
         target_layers=tuple(chosen),
         ensemble=ensemble,
         rope=_dump_rope(shapes.get("rope", False), select),
+        rope_style=shapes.get("rope_style", "half"),
         neighbour_margin=neighbour_margin,
         neighbour_min_free=neighbour_min_free,
         neighbour_top=neighbour_top,

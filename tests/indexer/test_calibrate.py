@@ -377,3 +377,50 @@ def test_mixed_rotary_dump_trains_a_per_layer_rope_indexer(tmp_path):
     only_plain, _ = train_indexer(out, target_layers=[1], epochs=1, progress=False)  # a no-rotary layer of the dump alone
     assert only_plain.config.rope is False
 
+
+
+ROTARY_FORMS = {  # family: (rope_style, rotated channels of the 16 per head) in the zoo's configs
+    "llama": ("half", 16),
+    "nemotron": ("half", 8),  # partial rotary
+    "gptj": ("interleaved", 8),  # rotate-every-two over a leading part
+    "glm": ("interleaved", 8),
+    "helium": ("interleaved", 16),
+}
+
+
+@pytest.mark.parametrize("family", sorted(ROTARY_FORMS))
+def test_recorded_rotary_reproduces_the_models_query(family, tmp_path):
+    """The dump's cos/sin are the factors the model multiplies its queries by, in its channel order and
+    over the channels it rotates (partial and interleaved rotary included: the decode step's own rotary
+    ops run for each position): the query projection of the recorded hidden state, rotated with them in
+    the recorded style, is the recorded post-rotary query; trained on the dump, the indexer carries the
+    style and converts the model exactly at a covering budget."""
+    import copy
+
+    import lsa_rewrite
+    from lsa_rewrite.indexer.model import apply_rope
+    from lsa_rewrite.indexer.train import train_indexer
+
+    style, dims = ROTARY_FORMS[family]
+    model = make_model(family).eval()
+    out = _run(model, tmp_path / "dump", _documents()[1:3], heldout_fraction=0.5)
+    dump = CalibrationDump(out)
+    manifest = json.loads((out / "manifest.json").read_text())["shapes"]
+    assert manifest.get("rope_style", "half") == style and manifest.get("rotary_dims", 16) == dims
+    heads = model.config.num_attention_heads
+    projections = [_query_projection(m) for m in _attention_modules(model)]
+    checked = 0
+    for record in dump.windows():
+        assert record["cos"].shape == record["sin"].shape == (dims,)
+        for i, layer in enumerate(dump.target_layers):
+            with torch.no_grad():
+                q = projections[layer](record["hidden"][i][None]).view(heads, -1)
+            torch.testing.assert_close(apply_rope(q, record["cos"], record["sin"], style), record["query"][i], atol=1e-5, rtol=1e-5)
+            checked += 1
+    assert checked > 0
+    indexer, _ = train_indexer(out, epochs=1, progress=False)
+    assert indexer.config.rope_style == style
+    config = LSAConfig(mode="dense", chunk_size=16, interval=16, selector="indexer")
+    converted = lsa_rewrite.convert(copy.deepcopy(model), config, indexer=indexer)
+    ids = torch.randint(3, 250, (1, 60), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(converted.generate(ids, max_new_tokens=8, do_sample=False), model.generate(ids, max_new_tokens=8, do_sample=False))

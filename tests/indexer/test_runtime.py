@@ -296,7 +296,8 @@ def test_untrained_indexer_reproduces_the_model_query(family, style, rotary):
         layer, rope = converted.lsa.store.layers[target], cfg.layer_rope(i)
         tap = next(s for s in converted.lsa.sites if s.layer == target).indexer
         assert tap.rotary == (rotary if rope else 0) and (not rope or tap.style == style)
-        q, _ = indexer.query(i, layer.idx_x, layer.idx_cos if rope else None, layer.idx_sin if rope else None)
+        with torch.no_grad():
+            q, _ = indexer.query(i, layer.idx_x, layer.idx_cos if rope else None, layer.idx_sin if rope else None)
         similarity = torch.nn.functional.cosine_similarity(q.flatten(1), layer.q_tap.float().flatten(1))
         assert float(similarity.min()) > 0.999, (target, similarity)
 
