@@ -582,7 +582,6 @@ def _evaluate(
     generator = torch.Generator().manual_seed(seed + 1)
     query_source = None
     windows = chunks = positives = 0
-    documents: set[int] = set()
     for record in heldout.ordered():
         batch = _collate([record], torch.device("cpu"))
         golden, mass, keep = record["golden"], record["mass"], record["selectable"]

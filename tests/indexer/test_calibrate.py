@@ -24,7 +24,7 @@ from lsa_rewrite.indexer.calibrate import (
 )
 from lsa_rewrite.indexer.documents import ByteTokenizer, Document, builtin_documents, calibration_tasks
 from lsa_rewrite.config import always_resident_chunks
-from lsa_rewrite.indexer.dump import CalibrationDump, default_min_layers, golden_labels
+from lsa_rewrite.indexer.dump import CalibrationDump, golden_labels
 from zoo import make_model
 
 TOK = ByteTokenizer()
