@@ -100,8 +100,12 @@ class GemvConfig:
 # of benchmarks/gemv.py's sweep on an H200 (run 74, results/gemv.json; graph-replayed back to back over
 # weights 4x the L2 cache, PDL on): 3.73, 2.56, 4.25, 3.98 and 4.61 TB/s. Narrow, long tiles win (1-4
 # rows of 1024-4096; 4-8 x 512-1024 tiles were 1-18% slower): more programs, each streaming long
-# contiguous rows with the next tile in flight. Other shapes take ``default_config``.
+# contiguous rows with the next tile in flight. q/k/v concatenated (6144, 4096; the library's batch-1 step
+# since run 77) and its TP-2 shard (3072, 4096): run 77's sweep (results/gemv_qkv.json), 3.87 and 3.44 TB/s
+# (the default 4 x 1024 launch: 3.36 and 2.66). Other shapes take ``default_config``.
 TABLE: dict[tuple[int, int], GemvConfig] = {
+    (6144, 4096): GemvConfig(block_n=2, block_k=2048),
+    (3072, 4096): GemvConfig(block_n=8, block_k=1024),
     (4096, 4096): GemvConfig(block_n=2, block_k=2048),
     (1024, 4096): GemvConfig(block_n=2, block_k=2048, num_warps=8),
     (14336, 4096): GemvConfig(block_n=2, block_k=2048),

@@ -6,6 +6,11 @@ A decode step reads each weight matrix once per token; where several projections
 weights is one larger reduction instead of two or three small ones (at the 8B shape k and v are 8 MB
 each, too small to reach the copy rate alone), and the norm is computed once instead of per product.
 
+``build_decode_program`` runs it with ``min_group=3`` on batch-1 CUDA steps (q/k/v, not gate/up) and lowers
+the concatenated product to the GEMV (``LowerSmallMLinearPass(normed_concat=True)``): 0.07-0.21 ms faster
+at 128K on an H200 (benchmarks/NOTES.md runs 77, 79). Left to Inductor, the concatenated products were
+slower (run 72: q/k/v +0.21 ms; gate/up lose the silu * up fusion into up's kernel).
+
 Memory-neutral: the weights are not copied. Each group's parameters are moved into one new buffer
 ``[sum N, K]`` and the parameters become its row blocks (``param.data = cat[a:b]``: the same
 ``nn.Parameter`` objects, the model's own forward and ``state_dict`` unchanged, the old storages freed),

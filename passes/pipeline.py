@@ -1,13 +1,15 @@
 """The ordered pass pipeline: captured step -> verified, bound decode program.
 
 ``LocateAttentionPass`` -> (``TapIndexerInputsPass``) -> ``RewriteAttentionPass`` -> ``VerifyRewritePass`` -> bind
--> ``LowerSmallMLinearPass``. Binding turns parameter placeholders into ``get_attr`` of ``model.<name>``
-(no copies: the program shares the model's parameters) and leaves as inputs only the step inputs and the
-store tensors. The last pass needs the bound weights (their device and dtype): in a batch-1 step whose
-weights are fp16/bf16 CUDA tensors it lowers the projections that do not read a norm's output (Llama: o
-and down) to ``lsa::small_m_linear``; a CPU program, a batched step and a tensor-parallel step are left
-as they are (see ``build_decode_program``). ``ConcatSharedInputLinearPass`` (q/k/v and gate/up as one
-product each) is not run: it measured slower (benchmarks/NOTES.md run 72).
+-> ``ConcatSharedInputLinearPass`` -> ``LowerSmallMLinearPass``. Binding turns parameter placeholders into
+``get_attr`` of ``model.<name>`` (no copies: the program shares the model's parameters) and leaves as inputs
+only the step inputs and the store tensors. The last two passes need the bound weights (their device and
+dtype): in a batch-1 step whose weights are fp16/bf16 CUDA tensors, the products of one input by three or
+more weights (Llama: q/k/v) become one product by their concatenation (the weights moved into one storage,
+no copy), and that product and the projections that do not read a norm's output (Llama: o and down) are
+lowered to ``lsa::small_m_linear``; a CPU program, a batched step and a tensor-parallel step are left as they
+are (see ``build_decode_program``). Gate/up are not concatenated: as one product under Inductor they lose
+the silu * up fusion (benchmarks/NOTES.md run 72).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch.fx as fx
 from lsa_rewrite.tensor_parallel import is_dtensor
 
 from .capture import CapturedStep
+from .concat_linear import ConcatSharedInputLinearPass
 from .indexer_taps import TapIndexerInputsPass
 from .locate import AttentionSite, LocateAttentionPass
 from .rewrite import RewriteAttentionPass
@@ -54,7 +57,8 @@ def build_decode_program(
     indexer_layers: tuple[int, ...] = (),
 ) -> DecodeProgram:
     """Locate, (tap the indexer's inputs at ``indexer_layers``,) rewrite, verify and bind ``step`` (its graph
-    is modified in place), then lower some projections of a CUDA fp16/bf16 batch-1 step to the GEMV op."""
+    is modified in place), then lower some projections of a CUDA fp16/bf16 batch-1 step to the GEMV op
+    (q/k/v first concatenated into one product)."""
     sites = LocateAttentionPass(layer_windows)(step)
     if indexer_layers:
         TapIndexerInputsPass(indexer_layers)(step, sites)
@@ -69,7 +73,12 @@ def build_decode_program(
         # likely because their outputs feed the all-reduces, which Inductor lowers over symmetric memory
         # only on buffers it allocates itself; not checked). ``fuse_norm`` (q/k/v, gate/up and the lm head
         # as the GEMV with the RMSNorm in its prologue) is off: the step was 0.38 ms slower with it (run 76).
-        LowerSmallMLinearPass(max_rows=1, normed_inputs=False)(module)
+        # q/k/v are the exception: concatenated (memory-neutral) they are one 6144 x 4096 GEMV a layer at the
+        # 8B shape, and their norm one kernel (fused with the residual add before it) instead of a part of
+        # three reductions: the 128K step 0.12-0.21 ms faster (run 77, variant cd_gemv_qkv). Gate/up stay
+        # Inductor's (their norm and silu * up fusions), as does the lm head.
+        ConcatSharedInputLinearPass(min_group=3, max_rows=1)(module)
+        LowerSmallMLinearPass(max_rows=1, normed_inputs=False, normed_concat=True)(module)
     batch = sites[0].batch
     return DecodeProgram(module, input_names, store_keys, sites, batch)
 

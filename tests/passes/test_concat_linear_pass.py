@@ -1,8 +1,8 @@
 """``ConcatSharedInputLinearPass``: which products become one, that the weights move into one storage
 without a copy left behind, and that the step decodes exactly as before.
 
-The pass takes CUDA weights by default (and the library does not run it: it measured slower on the H200,
-benchmarks/NOTES.md run 72); the tests name ``devices=("cpu",)`` to run it on this machine.
+The pass takes CUDA weights by default (the library runs it with ``min_group=3`` on batch-1 CUDA steps, q/k/v
+then lowered to the GEMV: benchmarks/NOTES.md run 77); the tests name ``devices=("cpu",)`` to run it on this machine.
 """
 
 from __future__ import annotations

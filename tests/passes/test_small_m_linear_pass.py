@@ -156,11 +156,36 @@ def _decode_with_pass(monkeypatch, factory):
 
 
 def test_the_pipeline_lowers_o_and_down_of_a_batch_1_step(monkeypatch):
-    """``build_decode_program``'s own options (one row, no norm outputs), the device check moved to the
-    CPU: o and down of both layers; same tokens and bit-identical logits (the op on CPU is F.linear)."""
+    """``build_decode_program``'s own GEMV options (one row, no norm outputs), the device check moved to the
+    CPU (q/k/v not concatenated: the pipeline's concat pass takes CUDA weights only): o and down of both
+    layers; same tokens and bit-identical logits (the op on CPU is F.linear)."""
     (seq_p, logits_p), (seq_l, logits_l), ops = _decode_with_pass(monkeypatch, functools.partial(LowerSmallMLinearPass, devices=("cpu",)))
     assert ops == 4
     assert torch.equal(seq_l, seq_p) and torch.equal(logits_l, logits_p)
+
+
+def test_the_pipeline_lowers_q_k_v_as_one_product_with_o_and_down(monkeypatch):
+    """``build_decode_program`` as it runs on CUDA bf16 weights, both passes' device checks moved to the CPU:
+    q/k/v concatenated and lowered (one op a layer), o and down lowered, gate/up and the lm head left as
+    ``linear``; the model's parameters keep their values; same tokens and bit-identical logits."""
+    from lsa_rewrite.passes import ConcatSharedInputLinearPass
+
+    monkeypatch.setattr(pipeline, "ConcatSharedInputLinearPass", functools.partial(ConcatSharedInputLinearPass, devices=("cpu",)))
+    model = no_eos(make_model("llama").to(torch.bfloat16))
+    want = {name: t.clone() for name, t in model.state_dict().items()}
+    (seq_p, logits_p), (seq_l, logits_l), ops = _decode_with_pass(monkeypatch, functools.partial(LowerSmallMLinearPass, devices=("cpu",)))
+    assert ops == 6  # (q/k/v, o, down) x 2 layers
+    assert torch.equal(seq_l, seq_p) and torch.equal(logits_l, logits_p)
+    program = lsa_rewrite.convert(model, LSAConfig(mode="dense")).lsa.program(1)
+    lowered = {n.args[1].target for n in program.module.graph.nodes if n.target is OP}
+    assert {t for t in lowered if t.startswith("lsa_concat_")} == {"lsa_concat_0", "lsa_concat_1"}
+    linear = sorted(n.args[1].target.split(".")[-2] for n in program.module.graph.nodes if n.op == "call_function" and n.target is not OP
+                    and n.target in (F.linear, torch._C._nn.linear))
+    assert linear == ["gate_proj", "gate_proj", "lm_head", "up_proj", "up_proj"]
+    got = model.state_dict()
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    assert count_targets(lsa_rewrite.convert(no_eos(make_model("llama").to(torch.bfloat16)), LSAConfig(mode="dense"))
+                         .lsa.program(2).module.graph).get("small_m_linear.default", 0) == 0  # batched: left alone
 
 
 def test_every_projection_lowered_decodes_exactly_like_the_original(monkeypatch):
