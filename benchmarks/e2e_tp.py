@@ -111,8 +111,8 @@ class _Nccl:
 # to the library's program before compiling (``--tp-variants``):
 TP_VARIANTS = {
     "default": None,  # the library's step (no GEMV for tensor-parallel steps: passes/pipeline.py)
-    # LowerSmallMLinearPass as the library runs it on one GPU: the one-row products whose x is not a norm's
-    # output (o and down: per rank 4096x2048 and 4096x7168) as lsa::small_m_linear
+    # LowerSmallMLinearPass as the library ran it on one GPU in runs 70-76: the one-row products whose x is not a
+    # norm's output (o and down: per rank 4096x2048 and 4096x7168) as lsa::small_m_linear
     "gemv": _gemv(False),
     "gemv_all": _gemv(True),  # every projection of the rank as the GEMV
     # q/k/v and gate/up shards concatenated (copies: the DTensors keep theirs; not memory-neutral)
@@ -133,6 +133,8 @@ def tp_kind_of(name: str) -> str:
     from step_breakdown import kind_of
 
     low = name.lower()
+    if low.startswith(("triton_red_", "triton_per_")) and "_mm_" in low and any(tag in low for tag in ALL_REDUCE_TAGS):
+        return "inductor_product_into_collective"  # o, down, the lm head: Inductor names the collective its output feeds
     if any(tag in low for tag in ALL_REDUCE_TAGS):
         return "collective"
     if low.startswith(("triton_red_", "triton_per_")):
@@ -170,7 +172,13 @@ def profile_step(model, replays: int) -> dict | None:
     torch.cuda.synchronize()
     replay = start.elapsed_time(end) / calls
     dist.barrier()
+    # the ranks enter the profiler at different times: a barrier inside it, before the recorded replays (in run
+    # 78 the first collective waited 8 ms for the other rank; run 79's profiler schedule recorded its step
+    # annotations as device events and ~5% more kernels than the replays)
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        torch.cuda.synchronize()
+        dist.barrier()
+        torch.cuda.synchronize()
         for _ in range(replays):
             graph.replay()
         torch.cuda.synchronize()
@@ -179,7 +187,7 @@ def profile_step(model, replays: int) -> dict | None:
     counts: dict[str, int] = {}
     calls_us: dict[str, list[float]] = {}
     for evt in prof.key_averages():
-        if evt.device_type == torch.autograd.DeviceType.CUDA:
+        if evt.device_type == torch.autograd.DeviceType.CUDA and not evt.key.startswith("ProfilerStep"):
             totals[evt.key] = totals.get(evt.key, 0.0) + evt.self_device_time_total
             counts[evt.key] = counts.get(evt.key, 0) + evt.count
     for evt in prof.events():
@@ -302,8 +310,8 @@ def main() -> None:
                         help=f"decode-step variants timed on each lsa_tp path's store after its run, in order: {','.join(TP_VARIANTS)} "
                              "(only 'default': none)")
     parser.add_argument("--profile-replays", type=int, default=0,
-                        help="per rank, after each two-GPU path (and each --tp-variants step): its CUDA graph replayed back to back "
-                             "and a profile of this many replays, kernels by kind (collectives, Inductor reductions, attention, ...)")
+                        help="per rank, after each --tp-variants step (name 'default' for the library's): its CUDA graph replayed back "
+                             "to back and a profile of this many replays, kernels by kind (collectives, Inductor reductions, attention, ...)")
     parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU with gloo: checks the script, not a measurement")
     parser.add_argument("--out", default="benchmarks/results/e2e_tp.json")
     args = parser.parse_args()
@@ -470,10 +478,6 @@ def main() -> None:
         headroom[0] = len(variants) * (steps + 2 * cfg.interval)
         prefilled.clear()
         res = guarded(f"{name} {key}", lambda: runtime_run(model, prompt_of(ctx, batch, vocab), steps, cfg))
-        if agree(res is not None) and args.profile_replays:
-            prof = profiled(model, args.profile_replays, rank)
-            if res is not None and prof is not None:
-                res["profile_per_rank"] = prof
         if res is not None and variants:
             res["variants"] = {}
             token = prefilled["token"]

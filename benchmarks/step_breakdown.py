@@ -30,7 +30,7 @@ step's true floor is lower by its bytes / 4.2 TB/s (``floor_ms_without_embedding
     python benchmarks/step_breakdown.py --lag-max 63 --prefill-window 4096 --variants default,cd_freezing,cd_concat,cd_concat_qkv
     python benchmarks/step_breakdown.py --lag-max 63 --prefill-window 4096 --variants default,cd_gemv_table,default --gemv-table gemv.json
     python benchmarks/step_breakdown.py --lag-max 63 --prefill-window 4096 --variants default,cd_gemv_norm,cd_gemv_norm_nolmhead
-    python benchmarks/step_breakdown.py --lag-max 63 --prefill-window 4096 --variants default,cd_gemv_qkv,default --gemv-table gemv_qkv.json
+    python benchmarks/step_breakdown.py --lag-max 63 --prefill-window 4096 --variants default,cd_gemv_od,default   # q/k/v as one GEMV (default) or three Inductor products
     python benchmarks/step_breakdown.py --tiny      # the script itself on a tiny model, CPU, seconds
 """
 
@@ -90,6 +90,9 @@ VARIANTS = {  # Inductor settings the decode step is compiled with, in place of 
     # a layer at the 8B shape; `LowerSmallMLinearPass(normed_concat=True)`), o and down as in the library; the
     # norm before q/k/v is then a kernel of its own (fused with the residual add before it), gate/up stay Inductor's
     "cd_gemv_qkv": {"coordinate_descent_tuning": True, GRAPH: "gemv_qkv"},
+    # q/k/v as three products again under Inductor (each with its norm inside), only o and down as the GEMV:
+    # the library's step of runs 70-76 (since run 77 the library concatenates q/k/v into one GEMV)
+    "cd_gemv_od": {"coordinate_descent_tuning": True, GRAPH: "gemv_od"},
     # the library's step with the GEMV launch table of `--gemv-table` (which then applies to this variant only)
     "cd_gemv_table": {"coordinate_descent_tuning": True},
     # the library's step (o and down as the GEMV) with every product of a Llama-style RMSNorm's output (q/k/v,
@@ -333,6 +336,41 @@ def gemv_unnormed(program):
     return program
 
 
+def gemv_od(program):
+    """``program`` (a clone) with q/k/v as three products again (each ``lsa_concat_*`` GEMV and its split as
+    ``F.linear`` of x by the buffer's row blocks, which Inductor lowers with the norm inside): only o and down as
+    the GEMV, the library's step of runs 70-76."""
+    gm = program.module
+    graph = gm.graph
+    op = torch.ops.lsa.small_m_linear.default
+    for node in list(graph.nodes):
+        if not (node.op == "call_function" and node.target is op and node.args[1].op == "get_attr"
+                and node.args[1].target.startswith("lsa_concat_")):
+            continue
+        x, w_node = node.args[0], node.args[1]
+        cat = getattr(gm, w_node.target)
+        (split,) = node.users
+        sizes = split.args[1]
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        for item in list(split.users):
+            i = item.args[1]
+            name = f"{w_node.target}_rows{i}"
+            gm.register_buffer(name, cat[starts[i]:starts[i] + sizes[i]], persistent=False)
+            with graph.inserting_before(item):
+                part = graph.get_attr(name)
+                product = graph.call_function(torch.nn.functional.linear, (x, part))
+            product.meta = dict(item.meta)
+            item.replace_all_uses_with(product)
+            graph.erase_node(item)
+        graph.erase_node(split)
+        graph.erase_node(node)
+        if not w_node.users:
+            graph.erase_node(w_node)
+    graph.lint()
+    gm.recompile()
+    return program
+
+
 def gemv_all(program):
     """``program`` (a clone) with every projection of a batch-1 to 16 step lowered to ``lsa::small_m_linear``."""
     from lsa_rewrite.passes import LowerSmallMLinearPass
@@ -396,7 +434,7 @@ def gemv_qkv(program):
 GRAPH_TRANSFORMS = {
     "visible_writes": visible_writes, "unfused_append": unfused_append, "no_gemv": no_gemv, "gemv_unnormed": gemv_unnormed,
     "gemv_all": gemv_all, "concat": concat, "concat_qkv": lambda program: concat(program, 3),
-    "gemv_qkv": gemv_qkv, "gemv_norm": gemv_norm, "gemv_norm_nolmhead": lambda program: gemv_norm(program, lm_head=False),
+    "gemv_qkv": gemv_qkv, "gemv_od": gemv_od, "gemv_norm": gemv_norm, "gemv_norm_nolmhead": lambda program: gemv_norm(program, lm_head=False),
 }
 
 
