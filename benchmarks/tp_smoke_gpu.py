@@ -84,6 +84,8 @@ def main() -> None:
             "compiled_cuda_graph": model.lsa.compiled is not None and model.lsa.compiled.graph is not None,
             "seconds": round(time.perf_counter() - t0, 2),
             "sites": [(s.q_heads, s.kv_heads) for s in model.lsa.sites],
+            # the library's collective lowering for this step (one-shot over symmetric memory on one host's GPUs)
+            "compile_options": model.lsa.adapter.tp.compile_options(model.lsa.store.device),
         }
         del model
         model = lsa_rewrite.convert(sharded(), QUARTER)
