@@ -241,8 +241,11 @@ def time_variant(model, cache, token: torch.Tensor, select, transform, steps: in
     cache.store.select = select
     clone = compiled.clone_program
     auto_select = inductor_config._collective.auto_select
+    tp = model.lsa.adapter.tp
+    options = tp._options
     if transform is _Nccl:
         inductor_config._collective.auto_select = False
+        tp._options = {}  # the library's own choice (TensorParallelPlan.compile_options) off too
     elif transform is not None:
         compiled.clone_program = lambda program: transform(clone(program))
     try:
@@ -254,6 +257,7 @@ def time_variant(model, cache, token: torch.Tensor, select, transform, steps: in
     finally:
         compiled.clone_program = clone
         inductor_config._collective.auto_select = auto_select
+        tp._options = options
     t0 = time.perf_counter()
     for _ in range(steps - 3):
         token = model(input_ids=token, **{kw: cache}).logits[:, -1:].argmax(-1)
@@ -302,7 +306,7 @@ def main() -> None:
     parser.add_argument("--prefill-window", type=int, default=0,
                         help="run prompts' attention over a local causal window of this many tokens (0: exact; decode is always exact)")
     parser.add_argument("--allreduce", default="nccl",
-                        help="how the compiled step's all-reduces are lowered, one or both in order: nccl, one-shot "
+                        help="how the compiled step's all-reduces are lowered, one or both in order: nccl (the library's choice set to NCCL), one-shot "
                              "(symmetric memory; CUDA only); the one-shot paths are named *_one_shot")
     parser.add_argument("--recall-lag-max", type=int, default=None,
                         help="LSAConfig.recall_lag_max of the LSA paths (recalled chunks join once their copies are done, by this step)")
@@ -453,6 +457,9 @@ def main() -> None:
             for reduce in allreduces for ctx in contexts for batch in batches
             for name, cfg in (("dense_tp", dense_config), ("lsa_tp", lsa_config)) if name in paths]
     lowering = "nccl"
+    # The library lowers a CUDA step's all-reduces one-shot where it can (TensorParallelPlan.compile_options);
+    # the nccl paths set that choice to NCCL, the one-shot paths let the library decide again.
+    model.lsa.adapter.tp._options = {}
     # the lsa_tp paths with variants: a store sized for their extra steps, and the prefill's cache and token kept
     timed_prefill, prefilled, headroom = e2e_decode.timed_prefill, {}, [0]
 
@@ -467,6 +474,7 @@ def main() -> None:
     for ctx, batch, name, cfg, reduce in runs:
         key = f"{ctx}/B{batch}"
         if reduce != lowering:
+            model.lsa.adapter.tp._options = None
             use_one_shot_all_reduce(model.lsa.adapter.tp.group_name)
             torch._dynamo.reset()  # the next compile lowers the step's all-reduces afresh
             model.lsa.compiled = None

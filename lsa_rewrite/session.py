@@ -243,10 +243,34 @@ class LSASession:
             if self.compiled is None or self.compiled.store is not store:
                 if self.compiled is not None:
                     self.compiled.release()  # the previous store's graph (on CUDA its memory pool goes back now)
-                key = (store.batch, backend)
-                graph = store.device.type == "cuda"
-                self.compiled = CompiledStep(program, store, compiled=self.compiled_modules.get(key), cuda_graph=graph, backend=backend)
-                self.compiled_modules[key] = self.compiled.compiled
-            if self.compiled.cuda_graph:
-                return self.compiled(inputs).clone()  # the graph's output buffer is reused by the next step
-            return self.compiled(inputs)
+                self.compiled = self._compiled_step(program, store, backend)
+                if self.compiled.compile_config and self.compiled.setup_s is None:
+                    try:
+                        return self._run_compiled(inputs)
+                    except Exception as exc:  # the settings' lowering failed to compile: the step without them
+                        log.warning(
+                            "compiling the tensor-parallel decode step with %s failed (%s: %s); compiling it with NCCL "
+                            "all-reduces instead", self.compiled.compile_config, type(exc).__name__, exc,
+                        )
+                        self.adapter.tp.use_nccl()
+                        self.compiled.release()
+                        self.compiled_modules.pop((store.batch, backend), None)
+                        self.compiled = self._compiled_step(program, store, backend)
+            return self._run_compiled(inputs)
+
+    def _compiled_step(self, program, store: KVStore, backend: str) -> CompiledStep:
+        """The store's compiled step (the compiled module shared by every store of the batch size)."""
+        key = (store.batch, backend)
+        tp = getattr(self.adapter, "tp", None)
+        settings = tp.compile_options(store.device) if tp is not None else None  # Inductor's settings (inert for other backends)
+        compiled = CompiledStep(
+            program, store, compiled=self.compiled_modules.get(key), cuda_graph=store.device.type == "cuda", backend=backend,
+            compile_config=settings,
+        )
+        self.compiled_modules[key] = compiled.compiled
+        return compiled
+
+    def _run_compiled(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.compiled.cuda_graph:
+            return self.compiled(inputs).clone()  # the graph's output buffer is reused by the next step
+        return self.compiled(inputs)

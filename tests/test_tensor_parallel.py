@@ -87,6 +87,28 @@ def _worker(rank: int, path: str, port: int, out: str, indexer) -> None:
         result["compiled"] = model.lsa.compiled is not None
         graph = model.lsa.programs[2].module.graph
         result["collectives"] = [str(n.target) for n in graph.nodes if "c10d_functional" in str(n.target)]
+        result["compile_options"] = model.lsa.adapter.tp.compile_options(torch.device("cpu"))
+        del model
+
+        # Compile settings that fail (as "_collective.auto_select" among torch.compile's options did on two
+        # H200s): the step is compiled again without them, the plan keeps NCCL from then on, decoding goes on.
+        from lsa_rewrite.runtime.compiled import CompiledStep
+
+        model = lsa_rewrite.convert(_load_sharded(path), COMPILED)
+        model.lsa.adapter.tp._options = {"max_autotune": False}  # stands for the one-shot lowering's settings
+        call = CompiledStep.__call__
+
+        def failing(self, inputs):
+            if self.compile_config:
+                raise RuntimeError("simulated compile failure")
+            return call(self, inputs)
+
+        CompiledStep.__call__ = failing
+        try:
+            result["fallback"] = hf_greedy(model, _prompt(2, SHORT, 0), NEW)
+        finally:
+            CompiledStep.__call__ = call
+        result["fallback_options"] = model.lsa.adapter.tp.compile_options(torch.device("cpu"))
         del model
 
         model = lsa_rewrite.convert(_load_sharded(path), QUARTER)
@@ -166,6 +188,17 @@ def test_each_rank_traces_and_stores_its_own_heads(ranks):
         assert r["collectives"].count("_c10d_functional.all_reduce") == 1 + 2 * model.config.num_hidden_layers
         assert r["collectives"].count("_c10d_functional.all_gather_into_tensor") == 1
         assert r["pool_heads"] == r["mirror_heads"] == r["index_heads"] == [kv // WORLD] * model.config.num_hidden_layers
+        assert r["compile_options"] == {}  # gloo on the CPU: the all-reduces stay the process group's (one-shot is CUDA's)
+
+
+def test_failing_compile_settings_fall_back_to_the_plain_step(ranks):
+    model, _, results = ranks
+    dense_seq, dense_logits = hf_greedy(model, _prompt(2, SHORT, 0), NEW)
+    for r in results:
+        seq, logits = r["fallback"]
+        assert torch.equal(seq, dense_seq)
+        torch.testing.assert_close(logits, dense_logits, atol=1e-4, rtol=1e-4)
+        assert r["fallback_options"] == {}  # NCCL (here gloo) for every later compile
 
 
 def test_covering_budget_equals_the_unsharded_dense_model(ranks):

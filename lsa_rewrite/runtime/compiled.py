@@ -26,6 +26,7 @@ Not here: whether to compile at all (``LSASession``, from ``LSAConfig.compile`` 
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -82,10 +83,18 @@ class CompiledStep:
     the module had not run yet, warm-up and capture), None before it.
     """
 
-    def __init__(self, program: DecodeProgram, store, *, compiled=None, cuda_graph: bool = True, backend: str = "inductor"):
+    def __init__(
+        self, program: DecodeProgram, store, *, compiled=None, cuda_graph: bool = True, backend: str = "inductor",
+        compile_config: dict | None = None,
+    ):
         self.program = program
         self.store = store
         self.compiled = compiled if compiled is not None else compile_program(program, backend=backend)
+        # Inductor settings in force while the step may compile (its warm-up and capture), e.g. a tensor-parallel
+        # step's collective lowering (TensorParallelPlan.compile_options). They are set around the calls rather
+        # than passed as torch.compile options: Dynamo fails to trace a step compiled with
+        # "_collective.auto_select" among its options (torch 2.11, benchmarks/NOTES.md run 81).
+        self.compile_config = dict(compile_config or {})
         self.cuda_graph = cuda_graph
         self.static_inputs: dict[str, torch.Tensor] | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -95,6 +104,14 @@ class CompiledStep:
             layer, name = program.store_keys[i]
             # maybe_: a size-1 dimension may be specialized (see the module docstring) instead of failing the compile
             torch._dynamo.maybe_mark_dynamic(store.tensor(layer, name), dims)
+
+    def _settings(self):
+        """``compile_config`` in force (nothing to do without one)."""
+        if not self.compile_config:
+            return contextlib.nullcontext()
+        import torch._inductor.config as inductor_config
+
+        return inductor_config.patch(self.compile_config)
 
     def release(self) -> None:
         """Free what this step holds for its store: the CUDA graph (``reset`` returns its private memory
@@ -124,19 +141,20 @@ class CompiledStep:
         for name in self.program.input_names:
             self.static_inputs[name].copy_(inputs[name], non_blocking=True)
         if not self.cuda_graph:
-            out = self.compiled(*self._args())
+            with self._settings():
+                out = self.compiled(*self._args())
             if first:
                 self.setup_s = time.perf_counter() - started
             return out
         if self.graph is None:
             side = _warmup_stream(torch.cuda.current_device())
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+            with torch.cuda.stream(side), self._settings():
                 for _ in range(3):  # compile + autotune + settle allocations before capture
                     self.compiled(*self._args())
             torch.cuda.current_stream().wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            with torch.cuda.graph(self.graph), self._settings():
                 self.output = self.compiled(*self._args())
             torch.cuda.current_stream().synchronize()
             self.setup_s = time.perf_counter() - started
