@@ -31,6 +31,7 @@ Not here: the documents themselves (``documents.py``), the dump format (``dump.p
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import math
@@ -706,12 +707,20 @@ class _GraphRotary:
 
     def __init__(self, model: nn.Module, config: LSAConfig, targets: Sequence[int]):
         from ..adapters import make_adapter
-        from ..passes import TapIndexerInputsPass, locate
+        from ..passes import CaptureError, TapIndexerInputsPass, locate
         from ..passes.locate import node_function
 
         name = type(model).__name__
         adapter = make_adapter(model, config)
-        step, _ = adapter.trace()
+        try:
+            step, _ = adapter.trace()
+        except CaptureError:
+            if config.capture_cache != "static":
+                raise
+            # Only the rotary is read from this trace: a model that traces over a DynamicCache only (BioGPT)
+            # is traced that way, whatever the dump's config says.
+            adapter = make_adapter(model, dataclasses.replace(config, capture_cache="dynamic"))
+            step, _ = adapter.trace()
         sites = locate(step, layer_windows=adapter.windows)
         try:
             TapIndexerInputsPass(tuple(targets))(step, sites)

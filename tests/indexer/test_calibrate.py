@@ -424,3 +424,17 @@ def test_recorded_rotary_reproduces_the_models_query(family, tmp_path):
     converted = lsa_rewrite.convert(copy.deepcopy(model), config, indexer=indexer)
     ids = torch.randint(3, 250, (1, 60), generator=torch.Generator().manual_seed(0))
     assert torch.equal(converted.generate(ids, max_new_tokens=8, do_sample=False), model.generate(ids, max_new_tokens=8, do_sample=False))
+
+
+def test_a_model_traced_over_a_dynamic_cache_only_calibrates_with_the_default_config(tmp_path):
+    """BioGPT's decode step traces over a DynamicCache only (``capture_cache="dynamic"``); calibration's
+    trace, which only reads the rotary form, takes that cache itself, and the dump keeps the given config."""
+    from transformers import AutoModelForCausalLM
+    from zoo import DYNAMIC_CAPTURE_ONLY
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(DYNAMIC_CAPTURE_ONLY["biogpt"]()).eval()
+    out = _run(model, tmp_path / "dump", _documents()[:2])
+    dump = CalibrationDump(out)
+    assert dump.shapes["rope"] is False and dump.count("train") + dump.count("heldout") > 0
+    assert dump.lsa_config == CFG.to_dict()
