@@ -757,7 +757,6 @@ class _GraphRotary:
                 "build the indexer with indexer_from_model (untrained) for this model"
             )
         self._function = function
-        self._batch = int(step.examples[found[0].name].shape[0])
         self._position = step.examples[found[0].name]
 
     def factors(self, positions: Sequence[int]) -> tuple[Tensor, Tensor]:
@@ -767,7 +766,8 @@ class _GraphRotary:
         for p in positions:
             if p not in self._cache:
                 values = self._function(torch.full_like(self._position, int(p)))
-                pairs = [(c.reshape(self._batch, -1)[0], s.reshape(self._batch, -1)[0]) for c, s in zip(values[::2], values[1::2])]
+                # every row of the traced batch is at position p: the first `dims` factors are the position's
+                pairs = [(c.reshape(-1)[: self.dims], s.reshape(-1)[: self.dims]) for c, s in zip(values[::2], values[1::2])]
                 first = pairs[0]
                 for layer, pair in zip(self.layers[1:], pairs[1:]):
                     if not (torch.equal(pair[0], first[0]) and torch.equal(pair[1], first[1])):
