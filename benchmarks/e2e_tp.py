@@ -459,7 +459,7 @@ def main() -> None:
     lowering = "nccl"
     # The library lowers a CUDA step's all-reduces one-shot where it can (TensorParallelPlan.compile_options);
     # the nccl paths set that choice to NCCL, the one-shot paths let the library decide again.
-    model.lsa.adapter.tp._options = {}
+    model.lsa.adapter.tp.use_nccl()
     # the lsa_tp paths with variants: a store sized for their extra steps, and the prefill's cache and token kept
     timed_prefill, prefilled, headroom = e2e_decode.timed_prefill, {}, [0]
 

@@ -170,6 +170,52 @@ def default_config(rows: int, n: int, k: int, device: torch.device) -> GemvConfi
 if triton is not None:
 
     @triton.jit
+    def _weight_tile(w_rows, cols, mask_n, k_stop, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
+        """The ``[BLOCK_N, BLOCK_K]`` weight tile of rows ``w_rows`` at columns ``cols``: masked past N unless
+        ``EVEN_N``, past ``k_stop`` unless ``EVEN_K``."""
+        if EVEN_K:
+            if EVEN_N:
+                w = tl.load(w_rows + cols[None, :])
+            else:
+                w = tl.load(w_rows + cols[None, :], mask=mask_n[:, None], other=0.0)
+        else:
+            w = tl.load(w_rows + cols[None, :], mask=mask_n[:, None] & (cols < k_stop)[None, :], other=0.0)
+        return w
+
+    @triton.jit
+    def _store_output(
+        acc, y_ptr, b_ptr, part_ptr, count_ptr, pid_n, pid_s, offs_n, offs_m, mask_n, mask_m, M, N, stride_ym,
+        BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ):
+        """``acc`` ``[BLOCK_N, BLOCK_M]`` (fp32) into ``y`` plus the bias: at once without split-K; else this
+        split's partial into the fp32 workspace, and the program that arrives last for block ``pid_n`` sums
+        the partials in split order, adds the bias, stores and resets the block's counter."""
+        mask = mask_n[:, None] & mask_m[None, :]
+        y_ptrs = y_ptr + offs_m.to(tl.int64)[None, :] * stride_ym + offs_n[:, None]
+        if SPLIT_K == 1:
+            out = acc
+            if HAS_BIAS:
+                out += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+            tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
+        else:
+            mn = M * N
+            part = part_ptr + offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]  # [SPLIT_K, M, N] fp32
+            tl.store(part + pid_s.to(tl.int64) * mn, acc, mask=mask)
+            # every thread's partial is out before one thread counts the program in (release, gpu scope)
+            tl.debug_barrier()
+            arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+            last = (offs_n * 0 + arrived) == SPLIT_K - 1  # [BLOCK_N] (vector form: the interpreter needs it)
+            mask_last = mask & last[:, None]
+            total = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+            for s in range(SPLIT_K):  # split order, whichever program arrived last
+                total += tl.load(part + s * mn, mask=mask_last, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(b_ptr + offs_n, mask=mask_n & last, other=0.0).to(tl.float32)[:, None]
+            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask_last)
+            # ready for the next call (one lane stores)
+            tl.store(count_ptr + pid_n + offs_n * 0, offs_n * 0, mask=last & (offs_n == pid_n * BLOCK_N))
+
+    @triton.jit
     def _small_m_gemv_kernel(
         x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr,
         M, N, K,
@@ -208,28 +254,17 @@ if triton is not None:
             acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
             for i in range(K_SPLIT // BLOCK_K):
                 cols = k_begin + i * BLOCK_K + offs_k
+                w = _weight_tile(w_rows, cols, mask_n, k_stop, EVEN_K, EVEN_N)
                 if EVEN_K:
-                    if EVEN_N:
-                        w = tl.load(w_rows + cols[None, :])
-                    else:
-                        w = tl.load(w_rows + cols[None, :], mask=mask_n[:, None], other=0.0)
                     xt = tl.load(x_rows + cols[None, :], mask=mask_m[:, None], other=0.0)
                 else:
-                    mask_k = cols < k_stop
-                    w = tl.load(w_rows + cols[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-                    xt = tl.load(x_rows + cols[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                    xt = tl.load(x_rows + cols[None, :], mask=mask_m[:, None] & (cols < k_stop)[None, :], other=0.0)
                 acc = tl.dot(w, tl.trans(xt), acc)  # [BLOCK_N, BLOCK_M]
         else:
             tl.static_assert(BLOCK_M == 1, "the reduction path takes one row of x")
             cols = k_begin + offs_k
             # The first tile before the PDL wait: the weights are no kernel's output.
-            if EVEN_K:
-                if EVEN_N:
-                    w = tl.load(w_rows + cols[None, :])
-                else:
-                    w = tl.load(w_rows + cols[None, :], mask=mask_n[:, None], other=0.0)
-            else:
-                w = tl.load(w_rows + cols[None, :], mask=mask_n[:, None] & (cols < k_stop)[None, :], other=0.0)
+            w = _weight_tile(w_rows, cols, mask_n, k_stop, EVEN_K, EVEN_N)
             if USE_PDL:
                 tl.extra.cuda.gdc_wait()
                 tl.extra.cuda.gdc_launch_dependents()
@@ -237,14 +272,10 @@ if triton is not None:
             for _ in range(1, K_SPLIT // BLOCK_K):
                 nxt = cols + BLOCK_K
                 # the next tile's load goes out before this tile's arithmetic
+                w_next = _weight_tile(w_rows, nxt, mask_n, k_stop, EVEN_K, EVEN_N)
                 if EVEN_K:
-                    if EVEN_N:
-                        w_next = tl.load(w_rows + nxt[None, :])
-                    else:
-                        w_next = tl.load(w_rows + nxt[None, :], mask=mask_n[:, None], other=0.0)
                     xv = tl.load(x_ptr + cols)
                 else:
-                    w_next = tl.load(w_rows + nxt[None, :], mask=mask_n[:, None] & (nxt < k_stop)[None, :], other=0.0)
                     xv = tl.load(x_ptr + cols, mask=cols < k_stop, other=0.0)
                 acc2 += w.to(tl.float32) * xv.to(tl.float32)[None, :]
                 w = w_next
@@ -256,30 +287,10 @@ if triton is not None:
             acc2 += w.to(tl.float32) * xv.to(tl.float32)[None, :]
             acc = tl.sum(acc2, 1)[:, None]  # [BLOCK_N, 1]
 
-        mask = mask_n[:, None] & mask_m[None, :]
-        y_ptrs = y_ptr + offs_m.to(tl.int64)[None, :] * stride_ym + offs_n[:, None]
-        if SPLIT_K == 1:
-            out = acc
-            if HAS_BIAS:
-                out += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
-            tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
-        else:
-            mn = M * N
-            part = part_ptr + offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]  # [SPLIT_K, M, N] fp32
-            tl.store(part + pid_s.to(tl.int64) * mn, acc, mask=mask)
-            # every thread's partial is out before one thread counts the program in (release, gpu scope)
-            tl.debug_barrier()
-            arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-            last = (offs_n * 0 + arrived) == SPLIT_K - 1  # [BLOCK_N] (vector form: the interpreter needs it)
-            mask_last = mask & last[:, None]
-            total = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-            for s in range(SPLIT_K):  # split order, whichever program arrived last
-                total += tl.load(part + s * mn, mask=mask_last, other=0.0, cache_modifier=".cg")
-            if HAS_BIAS:
-                total += tl.load(b_ptr + offs_n, mask=mask_n & last, other=0.0).to(tl.float32)[:, None]
-            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask_last)
-            # ready for the next call (one lane stores)
-            tl.store(count_ptr + pid_n + offs_n * 0, offs_n * 0, mask=last & (offs_n == pid_n * BLOCK_N))
+        _store_output(
+            acc, y_ptr, b_ptr, part_ptr, count_ptr, pid_n, pid_s, offs_n, offs_m, mask_n, mask_m, M, N, stride_ym,
+            BLOCK_N, BLOCK_M, SPLIT_K, HAS_BIAS,
+        )
 
 
 def _reachable_problem(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> str | None:
@@ -510,13 +521,7 @@ if triton is not None:
         w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
         cols = k_begin + offs_k
         # The first tile before the PDL wait: the weights are no kernel's output (x is: after it).
-        if EVEN_K:
-            if EVEN_N:
-                w = tl.load(w_rows + cols[None, :])
-            else:
-                w = tl.load(w_rows + cols[None, :], mask=mask_n[:, None], other=0.0)
-        else:
-            w = tl.load(w_rows + cols[None, :], mask=mask_n[:, None] & (cols < k_stop)[None, :], other=0.0)
+        w = _weight_tile(w_rows, cols, mask_n, k_stop, EVEN_K, EVEN_N)
         if USE_PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -539,15 +544,11 @@ if triton is not None:
         for _ in range(1, K_SPLIT // BLOCK_K):
             nxt = cols + BLOCK_K
             # the next tile's load goes out before this tile's arithmetic
+            w_next = _weight_tile(w_rows, nxt, mask_n, k_stop, EVEN_K, EVEN_N)
             if EVEN_K:
-                if EVEN_N:
-                    w_next = tl.load(w_rows + nxt[None, :])
-                else:
-                    w_next = tl.load(w_rows + nxt[None, :], mask=mask_n[:, None], other=0.0)
                 xv = tl.load(x_ptr + cols)
                 gv = tl.load(g_ptr + cols)
             else:
-                w_next = tl.load(w_rows + nxt[None, :], mask=mask_n[:, None] & (nxt < k_stop)[None, :], other=0.0)
                 xv = tl.load(x_ptr + cols, mask=cols < k_stop, other=0.0)
                 gv = tl.load(g_ptr + cols, mask=cols < k_stop, other=0.0)
             xn = (xv.to(tl.float32) * scale).to(dtype)
@@ -571,30 +572,12 @@ if triton is not None:
         xn = (xf * scale).to(dtype)
         xn = (gv.to(tl.float32) * xn.to(tl.float32)).to(dtype)
         acc2 += w.to(tl.float32) * xn.to(tl.float32)[None, :]
-        acc = tl.sum(acc2, 1)  # [BLOCK_N]
-
-        y_ptrs = y_ptr + offs_n
-        if SPLIT_K == 1:
-            out = acc
-            if HAS_BIAS:
-                out += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask_n)
-        else:
-            part = part_ptr + offs_n  # [SPLIT_K, 1, N] fp32
-            tl.store(part + pid_s.to(tl.int64) * N, acc, mask=mask_n)
-            # every thread's partial is out before one thread counts the program in (release, gpu scope)
-            tl.debug_barrier()
-            arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-            last = (offs_n * 0 + arrived) == SPLIT_K - 1  # [BLOCK_N] (vector form: the interpreter needs it)
-            mask_last = mask_n & last
-            total = tl.zeros([BLOCK_N], tl.float32)
-            for s in range(SPLIT_K):  # split order, whichever program arrived last
-                total += tl.load(part + s * N, mask=mask_last, other=0.0, cache_modifier=".cg")
-            if HAS_BIAS:
-                total += tl.load(b_ptr + offs_n, mask=mask_last, other=0.0).to(tl.float32)
-            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask_last)
-            # ready for the next call (one lane stores)
-            tl.store(count_ptr + pid_n + offs_n * 0, offs_n * 0, mask=last & (offs_n == pid_n * BLOCK_N))
+        acc = tl.sum(acc2, 1)[:, None]  # [BLOCK_N, 1]
+        row = tl.arange(0, 1)  # the one row of x (y is [1, N])
+        _store_output(
+            acc, y_ptr, b_ptr, part_ptr, count_ptr, pid_n, pid_s, offs_n, row, mask_n, row < 1, 1, N, N,
+            BLOCK_N, 1, SPLIT_K, HAS_BIAS,
+        )
 
 
 def small_m_linear_rmsnorm_problem(x: Tensor, norm_weight: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> str | None:

@@ -33,12 +33,16 @@ traced shapes).
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
+import socket
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 
 class TensorParallelError(ValueError):
@@ -212,12 +216,8 @@ class TensorParallelPlan:
 def _one_shot_options(plan: TensorParallelPlan, device: torch.device) -> dict[str, Any]:
     """``compile_options``: the one-shot all-reduce where every rank of the group is a CUDA device on one
     host with peer access to the others (all ranks must agree, so the facts are gathered first)."""
-    import logging
-    import socket
-
     import torch.distributed as dist
 
-    log = logging.getLogger(__name__)
     if device.type != "cuda" or dist.get_backend(plan.group) != "nccl":
         return {}
     try:
