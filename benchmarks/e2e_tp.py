@@ -38,6 +38,7 @@ shard through ``from_pretrained`` as a user would. JSON is written by rank 0 aft
 
     torchrun --nproc-per-node 2 benchmarks/e2e_tp.py --contexts 131072 --batches 1,4
     torchrun --nproc-per-node 2 benchmarks/e2e_tp.py --contexts 524288 --batches 1
+    torchrun --nproc-per-node 2 benchmarks/e2e_tp.py --contexts 524288 --prefill-window 4096 --allreduce library --recall-lag-max 63
     torchrun --nproc-per-node 2 benchmarks/e2e_tp.py --contexts 524288 --prefill-window 4096 --allreduce nccl,one-shot
     torchrun --nproc-per-node 2 benchmarks/e2e_tp.py --contexts 524288 --prefill-window 4096 --allreduce one-shot --tp-variants default,gemv
     torchrun --nproc-per-node 2 benchmarks/e2e_tp.py --contexts 524288 --prefill-window 4096 --allreduce one-shot --paths lsa_tp --profile-replays 20 --tp-variants default,nccl,gemv_qkv
@@ -306,8 +307,9 @@ def main() -> None:
     parser.add_argument("--prefill-window", type=int, default=0,
                         help="run prompts' attention over a local causal window of this many tokens (0: exact; decode is always exact)")
     parser.add_argument("--allreduce", default="nccl",
-                        help="how the compiled step's all-reduces are lowered, one or both in order: nccl (the library's choice set to NCCL), one-shot "
-                             "(symmetric memory; CUDA only); the one-shot paths are named *_one_shot")
+                        help="how the compiled step's all-reduces are lowered, one or more in order: nccl (the library's choice set to NCCL), one-shot "
+                             "(symmetric memory set globally, as before the library chose it; CUDA only), library (the library's own choice, "
+                             "TensorParallelPlan.compile_options); paths named *_one_shot and *_library")
     parser.add_argument("--recall-lag-max", type=int, default=None,
                         help="LSAConfig.recall_lag_max of the LSA paths (recalled chunks join once their copies are done, by this step)")
     parser.add_argument("--tp-variants", default="default",
@@ -335,10 +337,10 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown --paths {unknown}; choose from lsa_tp, dense_tp, lsa_1gpu")
     allreduces = args.allreduce.split(",")
-    if set(allreduces) - {"nccl", "one-shot"} or len(set(allreduces)) != len(allreduces):
-        raise SystemExit(f"--allreduce takes nccl and/or one-shot, got {args.allreduce!r}")
+    if set(allreduces) - {"nccl", "one-shot", "library"} or len(set(allreduces)) != len(allreduces):
+        raise SystemExit(f"--allreduce takes nccl, one-shot and/or library, got {args.allreduce!r}")
     if "one-shot" in allreduces and DEVICE != "cuda":
-        raise SystemExit("--allreduce one-shot needs CUDA GPUs (symmetric memory); use --allreduce nccl on the CPU")
+        raise SystemExit("--allreduce one-shot needs CUDA GPUs (symmetric memory); use --allreduce nccl or library on the CPU")
     tp_variants = args.tp_variants.split(",")
     if set(tp_variants) - set(TP_VARIANTS):
         raise SystemExit(f"unknown --tp-variants {sorted(set(tp_variants) - set(TP_VARIANTS))}; choose from {', '.join(TP_VARIANTS)}")
@@ -453,7 +455,8 @@ def main() -> None:
     weights = local_bytes(model)
     vocab = model.config.vocab_size
     lsa_rewrite.convert(model, lsa_config)
-    runs = [(ctx, batch, name + ("" if reduce == "nccl" else "_one_shot"), cfg, reduce)
+    suffix = {"nccl": "", "one-shot": "_one_shot", "library": "_library"}
+    runs = [(ctx, batch, name + suffix[reduce], cfg, reduce)
             for reduce in allreduces for ctx in contexts for batch in batches
             for name, cfg in (("dense_tp", dense_config), ("lsa_tp", lsa_config)) if name in paths]
     lowering = "nccl"
@@ -474,8 +477,17 @@ def main() -> None:
     for ctx, batch, name, cfg, reduce in runs:
         key = f"{ctx}/B{batch}"
         if reduce != lowering:
-            model.lsa.adapter.tp._options = None
-            use_one_shot_all_reduce(model.lsa.adapter.tp.group_name)
+            import torch._inductor.config as inductor_config
+
+            if reduce == "nccl":
+                model.lsa.adapter.tp.use_nccl()
+                inductor_config._collective.auto_select = False
+            else:  # both let the library decide again; one-shot also sets the global switch as before
+                model.lsa.adapter.tp._options = None
+                if reduce == "one-shot":
+                    use_one_shot_all_reduce(model.lsa.adapter.tp.group_name)
+                else:
+                    inductor_config._collective.auto_select = False
             torch._dynamo.reset()  # the next compile lowers the step's all-reduces afresh
             model.lsa.compiled = None
             model.lsa.compiled_modules.clear()

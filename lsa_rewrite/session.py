@@ -252,6 +252,7 @@ class LSASession:
                             "compiling the tensor-parallel decode step with %s failed (%s: %s); compiling it with NCCL "
                             "all-reduces instead", self.compiled.compile_config, type(exc).__name__, exc,
                         )
+                        log.debug("the failed compile of the tensor-parallel decode step", exc_info=True)
                         self.adapter.tp.use_nccl()
                         self.compiled.release()
                         self.compiled_modules.pop((store.batch, backend), None)

@@ -27,6 +27,8 @@ Not here: whether to compile at all (``LSASession``, from ``LSAConfig.compile`` 
 from __future__ import annotations
 
 import contextlib
+import os
+import random
 import time
 
 import torch
@@ -105,13 +107,26 @@ class CompiledStep:
             # maybe_: a size-1 dimension may be specialized (see the module docstring) instead of failing the compile
             torch._dynamo.maybe_mark_dynamic(store.tensor(layer, name), dims)
 
+    @contextlib.contextmanager
     def _settings(self):
-        """``compile_config`` in force (nothing to do without one)."""
+        """``compile_config`` in force (nothing to do without one), and Python's global random generator in a
+        fresh state while it is: Inductor names each symmetric-memory buffer of a step by a draw from that
+        generator (its ``alloc_id``), and Dynamo restores the generator's state after every compile, so two
+        steps compiled in one process (say batch 2, then batch 1) drew the same id and the second failed to
+        allocate its buffer of another size (torch 2.11, benchmarks/NOTES.md run 82). The caller's state is
+        restored afterwards."""
         if not self.compile_config:
-            return contextlib.nullcontext()
+            yield
+            return
         import torch._inductor.config as inductor_config
 
-        return inductor_config.patch(self.compile_config)
+        state = random.getstate()
+        random.seed(os.urandom(16))
+        try:
+            with inductor_config.patch(self.compile_config):
+                yield
+        finally:
+            random.setstate(state)
 
     def release(self) -> None:
         """Free what this step holds for its store: the CUDA graph (``reset`` returns its private memory

@@ -92,3 +92,40 @@ def test_new_prompt_lengths_reuse_the_compiled_step_when_sparse(llama):
     assert eager.lsa.compiled is None, "the CPU default (compile=True) should run the GraphModule"
     assert len({s for s, _ in shapes}) == 3 and len({n for _, n in shapes}) == 3, shapes
     assert counters["stats"]["unique_graphs"] == 1, f"the decode step compiled again: {dict(counters['stats'])}"
+
+
+def test_steps_compiled_with_settings_draw_distinct_random_numbers_and_restore_the_callers_state(llama):
+    """Inductor names a tensor-parallel step's symmetric-memory buffers by draws from Python's global random
+    generator, and Dynamo restores that generator after each compile: without a fresh state per compile, the
+    steps for batch 2 and batch 1 drew the same name and the second failed on two H200s (NOTES run 82). The
+    settings are in force while the step compiles, and neither they nor the caller's random stream leak out."""
+    import random
+
+    import torch._inductor.config as inductor_config
+
+    seen = []
+
+    def recorder(gm, example_inputs):
+        seen.append((random.getrandbits(64), inductor_config.max_autotune_gemm))
+        return gm.forward
+
+    converted = converted_copy(llama, LSAConfig(budget=0.5, chunk_size=16, interval=8, sink_tokens=16, recent_tokens=16))
+    settings = {"max_autotune_gemm": not inductor_config.max_autotune_gemm}
+    random.seed(1234)
+    with torch.no_grad():
+        for batch in (2, 1):
+            prompt = torch.randint(3, 250, (batch, 40), generator=torch.Generator().manual_seed(batch))
+            out = converted(input_ids=prompt, use_cache=True)
+            store = out[converted.lsa.adapter.cache_field].store
+            program = converted.lsa.program(batch)
+            step = CompiledStep(program, store, cuda_graph=False, backend=recorder, compile_config=settings)
+            position = (store.length - store.valid_start).view(-1, 1).expand(batch, 1)
+            store.before_step()
+            inputs = {"input_ids": out.logits[:, -1:].argmax(-1), "position_ids": position}
+            torch.testing.assert_close(step(inputs), program(inputs, store), rtol=0, atol=1e-5)
+            store.after_step()
+    assert len(seen) == 2
+    assert seen[0][0] != seen[1][0], "both compiles drew the same number (the same symmetric-memory alloc_id)"
+    assert all(flag == settings["max_autotune_gemm"] for _, flag in seen)
+    assert inductor_config.max_autotune_gemm != settings["max_autotune_gemm"]
+    assert random.random() == random.Random(1234).random()  # the caller's stream as if nothing had drawn
