@@ -31,7 +31,7 @@ from .config import LSAConfig
 INDEXER_FILE = "smollm2-135m-instruct.indexer.safetensors"
 INDEXER_COMMAND = (
     "lsa-rewrite calibrate $(python -c 'from lsa_rewrite.loading import find_smollm2_gguf as f; print(f())') "
-    "--out dump/ --seed 1 --tasks 360 && lsa-rewrite train dump/ --neighbour-margin 0.1 --neighbour-min-free 4 --neighbour-top 1 --out lsa_rewrite/data/" + INDEXER_FILE
+    "--out dump/ --seed 1 --tasks 360 --sink-tokens 64 --recent-tokens 128 && lsa-rewrite train dump/ --neighbour-margin 0.1 --neighbour-min-free 4 --neighbour-top 1 --out lsa_rewrite/data/" + INDEXER_FILE
 )
 CHUNK, INTERVAL, SINK, RECENT = 16, 16, 16, 32
 FRACTION = 0.135
