@@ -121,7 +121,7 @@ def calibrate_cmd(
     interval: int = typer.Option(16, help="lookahead window: decode steps between selections"),
     sink_tokens: int = typer.Option(
         64, help="first tokens left out of the labels (LSAConfig's default; on SmolLM2, 64 / 128 kept running-text KL at "
-        "half of 16 / 32's at 13.5% resident with the same task answers, even for a runtime with 16 / 32: README)",
+        "half of 16 / 32's at 13.5% resident with the same task answers, for a runtime with 16 / 32; no gain on Gemma-3: docs/indexer.md)",
     ),
     recent_tokens: int = typer.Option(128, help="most recent tokens left out of the labels (LSAConfig's default)"),
     documents: list[Path] = typer.Option(None, "--documents", help=".txt/.jsonl files or directories (default: built-in texts and tasks)"),
