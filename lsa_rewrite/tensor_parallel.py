@@ -116,7 +116,8 @@ class TensorParallelPlan:
         host and peer access).
 
         On two H200s, 8B shape, 512K, LSA 13.5%: 6.55 -> 5.82 ms/token (benchmarks/NOTES.md, run 55, set by
-        the benchmark); in runs 78-79 NCCL's all-reduces in today's step cost +0.9-1.2 ms per token. The
+        the benchmark); in runs 78-79 NCCL's all-reduces cost +0.9-1.2 ms per token; run 83 measures it set
+        by the library (4.53 ms/token). The
         settings are applied around the step's compile (``CompiledStep.compile_config``); if the step fails
         to compile with them, the session compiles it again with NCCL's (``use_nccl``) and goes on.
         """

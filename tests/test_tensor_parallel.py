@@ -90,8 +90,8 @@ def _worker(rank: int, path: str, port: int, out: str, indexer) -> None:
         result["compile_options"] = model.lsa.adapter.tp.compile_options(torch.device("cpu"))
         del model
 
-        # Compile settings that fail (as "_collective.auto_select" among torch.compile's options did on two
-        # H200s): the step is compiled again without them, the plan keeps NCCL from then on, decoding goes on.
+        # Compile settings that fail (say symmetric memory that cannot allocate): the step is compiled again
+        # without them, the plan keeps NCCL from then on, decoding goes on.
         from lsa_rewrite.runtime.compiled import CompiledStep
 
         model = lsa_rewrite.convert(_load_sharded(path), COMPILED)

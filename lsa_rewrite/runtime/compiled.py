@@ -93,9 +93,8 @@ class CompiledStep:
         self.store = store
         self.compiled = compiled if compiled is not None else compile_program(program, backend=backend)
         # Inductor settings in force while the step may compile (its warm-up and capture), e.g. a tensor-parallel
-        # step's collective lowering (TensorParallelPlan.compile_options). They are set around the calls rather
-        # than passed as torch.compile options: Dynamo fails to trace a step compiled with
-        # "_collective.auto_select" among its options (torch 2.11, benchmarks/NOTES.md run 81).
+        # step's collective lowering (TensorParallelPlan.compile_options); set around those calls, so they reach
+        # this step's compile and nothing else in the process.
         self.compile_config = dict(compile_config or {})
         self.cuda_graph = cuda_graph
         self.static_inputs: dict[str, torch.Tensor] | None = None
