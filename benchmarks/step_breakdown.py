@@ -6,6 +6,8 @@ One Llama-3-8B-shaped model (random bf16 weights), B=1, LSA 13.5% (chunk 64, int
 - ``loop``: the decode loop as ``e2e_decode.py`` times it (selection + recall every 64 steps included);
 - ``loop_no_select``: the same loop with the store's selection turned off (the resident set stays):
   the step and its per-token host work; ``loop - loop_no_select`` is what the windows cost per token;
+- ``loop_eager_select`` (when the store replays its selection as CUDA graphs, the default on CUDA):
+  the same loop with the selection queued op by op instead;
 - ``replay``: the compiled step's CUDA graph replayed back to back: the step's GPU time alone;
 - ``kernels``: a profile of 10 replays, kernel time per step by kind (GEMMs, decode attention, KV
   append, other Inductor kernels, the rest) with the bandwidth each achieves (weights / GEMM time,
@@ -191,6 +193,15 @@ def measure(model, kw: str, cache, token: torch.Tensor, steps: int, interval: in
     finally:
         store.select = original
     res["windows_ms_per_token"] = round(res["loop_ms"] - res["loop_no_select_ms"], 3)
+    res["selection_captured"] = store.selection_captured
+    if store.selection_captured:
+        # The same store selecting op by op (its captured graphs kept): what the capture saves per token.
+        width, store._graph_width = store._graph_width, 0
+        try:
+            res["loop_eager_select_ms"], token = timed_loop(model, kw, cache, token, steps)
+        finally:
+            store._graph_width = width
+        res["loop_eager_select_ms"] = round(res["loop_eager_select_ms"], 3)
     fp = lsa_rewrite.footprint(model)
     kv = fp["resident_kv_bytes"]
     floor = (weights + kv) / COPY_BANDWIDTH * 1e3

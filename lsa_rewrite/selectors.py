@@ -21,13 +21,75 @@ around another selector.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor
 
 from . import kernels  # noqa: F401  (registers lsa::chunk_scores)
+
+
+@dataclass(frozen=True)
+class WindowMasks:
+    """A window's chunk classes as device tensors, computed from a device-side position
+    (``window_masks``), so that a selection captured in a CUDA graph recomputes them for every window.
+
+    Args:
+        resident: ``[B, N]`` the sink and tail chunks (``config.always_resident_chunks``).
+        window: ``[B, N]`` the last token's chunk and every chunk the window writes (up to chunk N-1).
+        written: ``[B, N]`` chunks holding at least one token before the window.
+        padding: ``[B, N]`` chunks holding left padding only.
+        beyond: ``[]`` int64: chunks the window writes past chunk N-1 (the end of the store).
+    """
+
+    resident: Tensor
+    window: Tensor
+    written: Tensor
+    padding: Tensor
+    beyond: Tensor
+
+    def selectable(self) -> Tensor:
+        """``[B, N]`` written chunks that are neither sink nor tail nor left padding only."""
+        return self.written & ~self.padding & ~self.resident
+
+    def free_slots(self, slots: int) -> Tensor:
+        """``[]`` int64: ``slots`` less the most slots any sequence's sink, tail and window chunks take
+        (``SelectionWindow.free_slots`` computed on the device)."""
+        taken = (self.resident | self.window).sum(-1).amax() + self.beyond
+        return slots - taken
+
+
+def window_masks(
+    position: Tensor, valid_start: Tensor, *, num_chunks: int, chunk_size: int, interval: int, lag: int, sink_tokens: int, recent_tokens: int
+) -> WindowMasks:
+    """The chunk classes of the window starting at ``position`` (``[]`` or ``[1]`` int64 on the device)
+    for sequences whose real tokens start at ``valid_start`` (``[B]`` int64), in device ops only (no
+    host sync, no host-to-device copy): the same chunks as ``SelectionWindow``'s host-side methods.
+
+    Example::
+
+        >>> m = window_masks(torch.tensor(100), torch.tensor([0]), num_chunks=8, chunk_size=16, interval=16,
+        ...                  lag=0, sink_tokens=16, recent_tokens=32)
+        >>> m.resident[0].nonzero().flatten().tolist(), m.window[0].nonzero().flatten().tolist()
+        ([0, 4, 5, 6], [6, 7])
+    """
+    c = chunk_size
+    p = position.reshape(()).to(torch.long)
+    ids = torch.arange(num_chunks, device=valid_start.device)
+    vs = valid_start.to(torch.long).view(-1, 1)  # [B, 1]
+    resident = torch.zeros(vs.shape[0], num_chunks, dtype=torch.bool, device=valid_start.device)
+    if sink_tokens:
+        last = (torch.minimum(vs + sink_tokens, p) - 1).div(c, rounding_mode="floor")
+        resident |= (p > vs) & (ids >= vs // c) & (ids <= last)
+    tail_first = (p - max(recent_tokens, 1)).clamp_min(0) // c
+    resident |= (p > 0) & (ids >= tail_first) & (ids <= (p - 1).div(c, rounding_mode="floor"))
+    lo = (p - 1).clamp_min(0) // c
+    hi = (p + interval + lag - 1) // c
+    window = ((ids >= lo) & (ids <= hi)).expand_as(resident)
+    beyond = (hi - torch.maximum(lo, torch.full_like(lo, num_chunks)) + 1).clamp_min(0)
+    written = (ids < (p + c - 1) // c).expand_as(resident)
+    return WindowMasks(resident=resident, window=window, written=written, padding=ids < vs // c, beyond=beyond)
 
 
 @dataclass(frozen=True)
@@ -42,6 +104,9 @@ class SelectionWindow:
         valid_start: first real position of each sequence (left padding before it).
         slots: chunks the selection keeps per sequence, sink and tail included (``None``: not given).
         sink_tokens, recent_tokens: the always-resident sink and tail (``LSAConfig``; 0: not given).
+        masks: the same classes as device tensors (``WindowMasks``), when the selection policy gives
+            them: ``selectable``, ``unwritten`` and ``free_slots_tensor`` then read them, and a
+            selection captured in a CUDA graph (which replays them, not ``start``) stays exact.
     """
 
     start: int
@@ -52,6 +117,7 @@ class SelectionWindow:
     slots: int | None = None
     sink_tokens: int = 0
     recent_tokens: int = 0
+    masks: WindowMasks | None = field(default=None, compare=False, repr=False)
 
     @property
     def written_chunks(self) -> int:
@@ -79,12 +145,29 @@ class SelectionWindow:
     def selectable(self, num_chunks: int, device: torch.device | str | None = None) -> Tensor:
         """``[B, num_chunks]`` bool: written chunks that are neither sink nor tail nor left padding only
         (the chunks a selector chooses among; the policy keeps the others or cannot use them)."""
+        if self.masks is not None and self.masks.written.shape[-1] == num_chunks:
+            out = self.masks.selectable()
+            return out.to(device) if device is not None else out
         c = self.chunk_size
         out = torch.zeros(len(self.valid_start), num_chunks, dtype=torch.bool)
         for b, first in enumerate(self.valid_start):
             out[b, first // c : min(self.written_chunks, num_chunks)] = True
             out[b, [i for i in self.always_resident(first) if i < num_chunks]] = False
         return out.to(device) if device is not None else out
+
+    def unwritten(self, num_chunks: int, device: torch.device | str | None = None) -> Tensor:
+        """``[num_chunks]`` bool: chunks holding no token before the window."""
+        if self.masks is not None and self.masks.written.shape[-1] == num_chunks:
+            return ~self.masks.written[0]
+        return torch.arange(num_chunks, device=device) >= self.written_chunks
+
+    def free_slots_tensor(self, device: torch.device | str | None = None) -> Tensor | None:
+        """``free_slots`` as a ``[]`` int64 tensor (from ``masks`` on the device when given)."""
+        if self.slots is None:
+            return None
+        if self.masks is not None:
+            return self.masks.free_slots(self.slots)
+        return torch.tensor(self.free_slots, device=device)
 
 
 class LayerState(Protocol):
@@ -97,7 +180,15 @@ class LayerState(Protocol):
 
 @runtime_checkable
 class Selector(Protocol):
-    """``scores(layers, window) -> [L, B, N]`` float scores, on the layers' device."""
+    """``scores(layers, window) -> [L, B, N]`` float scores, on the layers' device.
+
+    A selector may also set ``graph_safe = True``: its ``scores`` queues device work only (no host sync,
+    no host-to-device copy, no collective), reads tensors that stay at fixed addresses (the layers'
+    state, its own parameters), and reads the window only through ``window.masks`` and the methods
+    that use them (``selectable``, ``unwritten``, ``free_slots_tensor``), not through ``start``. On CUDA
+    the store then captures whole selections in CUDA graphs and replays them (``KVStore``); without
+    the attribute a selection is queued op by op.
+    """
 
     name: str
 
@@ -126,6 +217,7 @@ class QueryAwareSelector(PerLayerSelector):
     """
 
     name = "query-aware"
+    graph_safe = True
 
     def layer_scores(self, layer: LayerState, window: SelectionWindow) -> Tensor:
         return torch.ops.lsa.chunk_scores(layer.q_tap, layer.kmin, layer.kmax)
@@ -135,6 +227,7 @@ class RecencySelector(PerLayerSelector):
     """Newer chunks score higher."""
 
     name = "recency"
+    graph_safe = True
 
     def layer_scores(self, layer: LayerState, window: SelectionWindow) -> Tensor:
         batch, num_chunks = layer.kmin.shape[:2]
@@ -173,6 +266,7 @@ class IndexerSelector:
         the unsharded model would (the query tower reads the full hidden state, which every rank has)."""
         self.indexer = indexer.eval()
         self.kv_heads, self.group = kv_heads, group
+        self.graph_safe = group is None  # an all-reduce of scores is not captured
 
     @property
     def threshold_score(self) -> float:
@@ -199,9 +293,10 @@ class IndexerSelector:
             if cfg.neighbour_margin is not None:
                 # Only selectable chunks lend their score to a neighbour: not the sink and tail (kept
                 # anyway), not chunks unwritten yet, which also take none.
-                lenders = window.selectable(stacked.shape[-1], stacked.device)  # [B, N]
-                unwritten = torch.arange(stacked.shape[-1], device=stacked.device) >= window.written_chunks
-                stacked = self.indexer.spread(stacked, slots=window.free_slots, lenders=lenders).masked_fill(unwritten, -torch.inf)
+                n = stacked.shape[-1]
+                lenders = window.selectable(n, stacked.device)  # [B, N]
+                free = window.free_slots_tensor(stacked.device)
+                stacked = self.indexer.spread(stacked, slots=free, lenders=lenders).masked_fill(window.unwritten(n, stacked.device), -torch.inf)
             # Ranked by logits where that is the same order: a sigmoid saturates to 1.0 in float32 (z > ~17)
             # and would leave the top chunks tied.
             scores = stacked.amax(0) if cfg.ensemble == "max" else torch.sigmoid(stacked).mean(0)
@@ -222,6 +317,8 @@ class AllReduceSelector:
         >>> sel = AllReduceSelector(QueryAwareSelector(), group=dist.group.WORLD)
         >>> sel.scores(store.chunk_layers, window)   # the same tensor on every rank
     """
+
+    graph_safe = False  # a collective per selection: queued op by op, never captured
 
     def __init__(self, inner: Selector, *, group, op: str = "max"):
         import torch.distributed as dist

@@ -373,7 +373,7 @@ class LSAIndexer(nn.Module):
         target = self.layers[i]
         return z * target.log_scale.exp() + target.bias
 
-    def spread(self, logits: Tensor, *, slots: int | None = None, lenders: Tensor | None = None) -> Tensor:
+    def spread(self, logits: Tensor, *, slots: int | Tensor | None = None, lenders: Tensor | None = None) -> Tensor:
         """The span rule (``config.neighbour_margin``) over the last axis of ``logits`` [..., N]: each chunk's
         logit raised to ``max(own, best lending neighbour - margin)``. ``lenders`` (bool, broadcast to
         ``logits``): the chunks whose score may raise a neighbour, the selectable ones (``None``: all);
@@ -503,7 +503,7 @@ def spread_neighbours(
     logits: Tensor,
     margin: float | None,
     *,
-    slots: int | None = None,
+    slots: int | Tensor | None = None,
     min_slots: int = 0,
     lenders: Tensor | None = None,
     top: int | None = None,
@@ -511,14 +511,16 @@ def spread_neighbours(
     """``max(own, max(left, right) - margin)`` along the last axis (chunks), where only ``lenders`` (bool,
     broadcast to ``logits``; ``None``: every chunk), and of those only the ``top`` highest (``None``: all),
     raise a neighbour; the first and last chunk have one neighbour. ``margin=None``, or ``slots`` given and
-    below ``min_slots``: ``logits`` unchanged.
+    below ``min_slots``: ``logits`` unchanged (``slots`` may be a ``[]`` tensor: decided on the device).
 
     Example::
 
         >>> spread_neighbours(torch.tensor([0.0, 5.0, 0.0, 1.0]), 1.0)
         tensor([4., 5., 4., 1.])
     """
-    if margin is None or (slots is not None and slots < min_slots) or logits.shape[-1] < 2:
+    if margin is None or logits.shape[-1] < 2:
+        return logits
+    if slots is not None and not isinstance(slots, Tensor) and slots < min_slots:
         return logits
     source = logits if lenders is None else logits.masked_fill(~lenders, -torch.inf)
     if top is not None and top < logits.shape[-1]:
@@ -527,7 +529,10 @@ def spread_neighbours(
     none = torch.full_like(source[..., :1], -torch.inf)
     after = torch.cat([source[..., 1:], none], dim=-1)  # the right neighbour's score
     before = torch.cat([none, source[..., :-1]], dim=-1)
-    return torch.maximum(logits, torch.maximum(after, before) - margin)
+    out = torch.maximum(logits, torch.maximum(after, before) - margin)
+    if isinstance(slots, Tensor):  # a device count (a selection captured in a CUDA graph): decided on the device
+        out = torch.where(slots >= min_slots, out, logits)
+    return out
 
 
 def lsa_fields(lsa: dict | None) -> dict[str, Any]:

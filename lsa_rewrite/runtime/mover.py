@@ -19,7 +19,8 @@ layer holds views) and the copy counters.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import Tensor
@@ -85,6 +86,23 @@ def reusable_mirrors(layers_of_other: dict | None, shapes: dict[int, tuple[tuple
     return found
 
 
+@dataclass
+class SelectionPlan:
+    """What ``MemoryMover.plan`` leaves for later: the tables ``[L, B, S]``/``[L, B, N]`` once the recall is
+    in; the write-back and recall copies as (destination rows, source rows ``[L, M]``, -1: no copy; count)."""
+
+    after: Tensor
+    after_inv: Tensor
+    write_back: tuple[Tensor, Tensor, Tensor] | None
+    recall: tuple[Tensor, Tensor, Tensor] | None
+
+    def copy_operands(self) -> list[Tensor]:
+        return [t for rows in (self.write_back, self.recall) if rows is not None for t in rows]
+
+    def after_tables(self) -> list[Tensor]:
+        return [self.after, self.after_inv]
+
+
 class MemoryMover:
     """Slot assignment and chunk copies for the chunk layers of one store.
 
@@ -113,10 +131,11 @@ class MemoryMover:
         # chunk copies mirror -> pool and pool -> mirror (summed over layers and sequences), on the device
         self.recalled = torch.zeros((), dtype=INDEX_DTYPE, device=device)
         self.written_back = torch.zeros((), dtype=INDEX_DTYPE, device=device)
-        # Recall copies run on a side stream (CUDA); the tables they complete wait in `pending` until
-        # decode step `swap_at`, when the main stream waits for them and installs the tables.
+        # Recall copies run on a side stream (CUDA); the tables they complete wait in `pending` (install,
+        # copies' event, the tensors it holds) until decode step `swap_at`, when the main stream waits for
+        # the event and installs the tables.
         self.side = torch.cuda.Stream(device) if side_stream and device.type == "cuda" else None
-        self.pending: tuple[list[tuple["ChunkLayer", Tensor, Tensor]], object] | None = None
+        self.pending: tuple[Callable[[], None], object, list[Tensor]] | None = None
         self.swap_at = self.swap_by = -1
 
     def layer_state(self, i: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -128,8 +147,7 @@ class MemoryMover:
         including the tables a pending recall installs later."""
         out = [self.row_seq, self.recalled, self.written_back]
         if self.pending is not None:
-            for _, slot_chunk, chunk_slot in self.pending[0]:
-                out += [slot_chunk, chunk_slot]
+            out += self.pending[2]
         return out
 
     @property
@@ -138,7 +156,8 @@ class MemoryMover:
 
     # -- installing a selection ---------------------------------------------------------------
     def apply(
-        self, chosen: Tensor, *, written: range, lag: int, evict: bool, step: int, recall: bool = True, lag_max: int | None = None
+        self, chosen: Tensor, *, written: range, lag: int, evict: bool, step: int, recall: bool = True, lag_max: int | None = None,
+        width: int = 0,
     ) -> None:
         """Install new resident sets ``[L, B, k]``: drops now, write-back + recall on the side stream, the rest after ``lag`` steps.
 
@@ -147,14 +166,37 @@ class MemoryMover:
         ``lag_max`` > ``lag``, at the first step from then on whose copies are done, and at
         ``step + lag_max`` at the latest: ``swap_due``);
         ``recall=False``: the incoming chunks are in their slots already (the first placement after a
-        prefill, which wrote them there), so nothing is copied from the mirror.
+        prefill, which wrote them there), so nothing is copied from the mirror;
+        ``width``: the write-back looks at ``max(len(written), width)`` chunks (the rest masked out): a
+        captured selection's width (``SelectionGraphs``), so that an eager selection warms up its kernels.
         """
+        write = (written.start, written.stop, max(len(written), width)) if len(written) else None
+        plan = self.plan(chosen, written=write, evict=evict, recall=recall)
         side = self.side
         main = torch.cuda.current_stream(self.device) if side is not None else None
+        if side is not None:
+            side.wait_stream(main)  # every step so far (their writes, their reads of the freed slots) and the plan
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            if side is not None:
+                for t in plan.copy_operands():
+                    t.record_stream(side)  # made on the main stream, read here
+            self.copies(plan)
+            done = torch.cuda.Event() if side is not None else None
+            if done is not None:
+                done.record(side)
+        self.defer(lambda: self.install(plan), done, plan.after_tables(), step=step, lag=lag, lag_max=lag_max)
+
+    def plan(self, chosen: Tensor, *, written: tuple | None, evict: bool, recall: bool = True) -> SelectionPlan:
+        """Plan the slots of ``chosen`` ``[L, B, k]`` and install the tables that change at once (kept chunks
+        stay, dropped ones leave, chunks with nothing to copy come in), as device work on the current
+        stream. ``written``: ``(first, stop, width)``: chunk ids ``first`` .. ``stop - 1`` (ints or ``[]``
+        device tensors; ``width``, an int >= stop - first, chunks looked at) decoded since the last
+        selection, to write back; None: none. Returns the copies and the tables to install once they
+        are done (``copies``, ``install``)."""
         layers = self.layers
         mirrored = self.mirrored
         count, batch = len(layers), self.batch
-        write_back = self._written_rows(written) if mirrored and len(written) else None  # before the plan: current slots
+        write_back = self._written_rows(*written) if mirrored and written is not None else None  # before the plan: current slots
         now, after, recall_dst, recall_src, recalled = self._plan(chosen, evict=evict, mirrored=mirrored and recall)
         now_inv, after_inv = inverse_table(now, self.num_chunks), inverse_table(after, self.num_chunks)
         # `after` tables wait `lag` steps: compact copies (scatter_spare's results are slices of a wider tensor)
@@ -164,27 +206,36 @@ class MemoryMover:
         for i, layer in enumerate(layers):
             layer.slot_chunk.copy_(now[i])
             layer.chunk_slot.copy_(now_inv[i])
-        if side is not None:
-            side.wait_stream(main)  # every step so far (their writes, their reads of the freed slots) and the plan
-        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            if side is not None:
-                for t in (recall_dst, recall_src, *(write_back or ())):
-                    t.record_stream(side)  # made on the main stream, read here
-            if write_back is not None:
-                dst, src, moved = write_back
-                write = pack_chunks_impl if self.compact else _copy
-                for i, layer in enumerate(layers):
-                    write(layer.mirror_k, layer.mirror_v, layer.k_pool, layer.v_pool, dst[i], src[i])
-                self.written_back += moved
-            if mirrored and recall:
-                copy = unpack_chunks_impl if self.compact else _copy
-                for i, layer in enumerate(layers):
-                    copy(layer.k_pool, layer.v_pool, layer.mirror_k, layer.mirror_v, recall_dst[i], recall_src[i])
-                self.recalled += recalled
-            done = torch.cuda.Event() if side is not None else None
-            if done is not None:
-                done.record(side)
-        self.pending = ([(layer, after[i], after_inv[i]) for i, layer in enumerate(layers)], done)
+        recall_rows = (recall_dst, recall_src, recalled) if mirrored and recall else None
+        return SelectionPlan(after=after, after_inv=after_inv, write_back=write_back, recall=recall_rows)
+
+    def copies(self, plan: SelectionPlan) -> None:
+        """The plan's write-back (pool -> mirror) and recall (mirror -> pool) copies, on the current stream."""
+        layers = self.layers
+        if plan.write_back is not None:
+            dst, src, moved = plan.write_back
+            write = pack_chunks_impl if self.compact else _copy
+            for i, layer in enumerate(layers):
+                write(layer.mirror_k, layer.mirror_v, layer.k_pool, layer.v_pool, dst[i], src[i])
+            self.written_back += moved
+        if plan.recall is not None:
+            dst, src, recalled = plan.recall
+            copy = unpack_chunks_impl if self.compact else _copy
+            for i, layer in enumerate(layers):
+                copy(layer.k_pool, layer.v_pool, layer.mirror_k, layer.mirror_v, dst[i], src[i])
+            self.recalled += recalled
+
+    def install(self, plan: SelectionPlan) -> None:
+        """The plan's tables once its recall copies are in (on the current stream)."""
+        for i, layer in enumerate(self.layers):
+            layer.slot_chunk.copy_(plan.after[i])
+            layer.chunk_slot.copy_(plan.after_inv[i])
+
+    def defer(self, install: Callable[[], None], done, tensors: list[Tensor], *, step: int, lag: int, lag_max: int | None) -> None:
+        """Hold ``install`` (the tables of a selection's recall) until decode step ``step + lag`` (``swap_due``),
+        the main stream waiting first for ``done`` (the copies' event; None: nothing to wait for).
+        ``tensors``: the device tensors it holds until then (counted by ``device_tensors``)."""
+        self.pending = (install, done, tensors)
         self.swap_at = step + lag
         self.swap_by = step + max(lag, lag if lag_max is None else lag_max)
         if lag == 0:
@@ -231,13 +282,16 @@ class MemoryMover:
         src = torch.where(copy, seq * n + ids, -1).view(layers, -1)
         return now, after, dst, src, copy.sum()
 
-    def _written_rows(self, chunks: range) -> tuple[Tensor, Tensor, Tensor]:
-        """Mirror rows, pool rows ``[L, B*W]`` (-1: not resident) and count: what a write-back copies."""
+    def _written_rows(self, first: int | Tensor, stop: int | Tensor, width: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Mirror rows, pool rows ``[L, B*width]`` (-1: no copy) and count: what a write-back copies, for
+        chunks ``first`` .. ``stop - 1`` (ints or ``[]`` device tensors) of those resident."""
         count = self.planned.shape[0]
         rows = count * self.batch
-        ids = torch.arange(chunks.start, chunks.stop, device=self.device).expand(rows, -1)  # [R, W]
+        ids = first + torch.arange(width, device=self.device)
+        inside = ids < stop
+        ids = ids.clamp(max=self.num_chunks - 1).expand(rows, -1)  # [R, W]
         slot = inverse_table(self.planned.view(rows, -1), self.num_chunks).gather(1, ids)
-        there = slot >= 0
+        there = (slot >= 0) & inside
         dst = torch.where(there, self.row_seq * self.num_chunks + ids, -1).view(count, -1)
         src = torch.where(there, self.row_seq * self.slots + slot, -1).view(count, -1)
         return dst, src, there.sum()
@@ -262,13 +316,11 @@ class MemoryMover:
         """Install the tables of the last selection once its recall copies are done (on the main stream)."""
         if self.pending is None:
             return
-        tables, done = self.pending
+        install, done, _ = self.pending
         self.pending = None
         if done is not None:
             torch.cuda.current_stream(self.device).wait_event(done)  # the GPU waits; the host does not
-        for layer, slot_chunk, chunk_slot in tables:
-            layer.slot_chunk.copy_(slot_chunk)
-            layer.chunk_slot.copy_(chunk_slot)
+        install()
 
     def synchronize(self) -> None:
         """Wait for outstanding recall and write-back copies (e.g. before reading the mirror on the host)."""

@@ -15,8 +15,7 @@ import torch
 from torch import Tensor
 
 from ..config import LSAConfig, always_resident_chunks
-from ..selectors import SelectionWindow, Selector
-from .host_memory import to_device
+from ..selectors import SelectionWindow, Selector, WindowMasks, window_masks
 from .state import INDEX_DTYPE
 
 
@@ -49,13 +48,25 @@ class SelectionPolicy:
         self.base_slots = slots if base_slots is None else base_slots
         self.widened = torch.zeros((), dtype=torch.long, device=device)  # layer-sequence selections that widened
         self.valid_start, self.device = list(valid_start), device
+        self.valid_start_device = torch.tensor(self.valid_start, dtype=torch.long, device=device)  # [B]
+        # The start of the window being chosen for, on the device: `choose` sets it, or (a selection captured
+        # in a CUDA graph) the store before each replay; the masks of must-keep and unusable chunks follow it.
+        self.position = torch.zeros((), dtype=torch.long, device=device)
         self.chunk, self.lag = config.chunk_size, config.lag
 
-    def window(self, pos: int) -> SelectionWindow:
+    def masks(self) -> WindowMasks:
+        """The chunk classes of the window at ``self.position`` (device ops only)."""
+        cfg = self.config
+        return window_masks(
+            self.position, self.valid_start_device, num_chunks=self.num_chunks, chunk_size=self.chunk, interval=cfg.interval,
+            lag=self.lag, sink_tokens=cfg.sink_tokens, recent_tokens=cfg.recent_tokens,
+        )
+
+    def window(self, pos: int, masks: WindowMasks | None = None) -> SelectionWindow:
         cfg = self.config
         return SelectionWindow(
             start=pos, interval=cfg.interval, lag=self.lag, chunk_size=self.chunk, valid_start=tuple(self.valid_start),
-            slots=self.base_slots, sink_tokens=cfg.sink_tokens, recent_tokens=cfg.recent_tokens,
+            slots=self.base_slots, sink_tokens=cfg.sink_tokens, recent_tokens=cfg.recent_tokens, masks=masks,
         )
 
     def must_keep(self, b: int, pos: int) -> list[int]:
@@ -66,21 +77,22 @@ class SelectionPolicy:
         keep += range(max(pos - 1, 0) // c, last + 1)  # the last token's chunk and every chunk the window writes
         return list(dict.fromkeys(keep))
 
-    def choose(self, layers: list, available: Tensor, pos: int) -> Tensor:
+    def choose(self, layers: list, available: Tensor, pos: int, *, set_position: bool = True) -> Tensor:
         """``[L, B, k]`` chunk ids to keep per layer (must-keep first, then by descending score; -1: none).
 
         ``available`` ``[L, B, N]``: chunks held in pool or mirror (evict mode drops the rest).
+        ``set_position=False``: ``self.position`` already holds ``pos`` (a captured selection: the store
+        sets it before each replay; ``pos`` is then only the host-side ``SelectionWindow.start``).
+        Device work only, no host sync.
         """
-        c, n = self.chunk, self.num_chunks
-        must = torch.zeros(self.batch, n, dtype=torch.bool)
-        blocked = torch.zeros(self.batch, n, dtype=torch.bool)
-        for b in range(self.batch):
-            must[b, self.must_keep(b, pos)] = True
-            blocked[b, math.ceil(pos / c) :] = True  # not yet written
-            blocked[b, : self.valid_start[b] // c] = True  # left padding only
-        must, blocked = to_device(must, self.device), to_device(blocked, self.device)
+        n = self.num_chunks
+        if set_position:
+            self.position.fill_(pos)
+        masks = self.masks()
+        must = masks.resident | masks.window  # sink, tail and the chunks the window writes
+        blocked = ~masks.written | masks.padding  # not yet written, or left padding only
         k = min(self.slots, n)
-        scores = self.selector.scores(layers, self.window(pos)).float()  # [L, B, N]
+        scores = self.selector.scores(layers, self.window(pos, masks)).float()  # [L, B, N]
         expected = (len(layers), self.batch, n)
         if tuple(scores.shape) != expected:
             raise ValueError(f"selector {self.selector.name!r} returned scores of shape {tuple(scores.shape)}; expected [L, B, N] = {expected}")

@@ -19,6 +19,9 @@ The store composes two parts that own the rest of the memory manager:
 - ``SelectionPolicy`` (``runtime/policy.py``): which chunks stay (sink, tail, window, selector scores);
 - ``MemoryMover`` (``runtime/mover.py``): slots, mirror, write-back and recall copies, streams.
 
+On CUDA a selection is captured once as CUDA graphs and replayed for every later window
+(``runtime/selection_graph.py``: a handful of launches instead of a few hundred).
+
 Schedule (outside the decode step): ``ingest`` takes each layer's prompt KV (for the whole batch, or
 for a few of its sequences at a time: ``LSAConfig.prefill_batch``), ``finish_prefill``
 places the first resident set, ``probe`` fills the query taps and runs the first selection, then
@@ -29,6 +32,7 @@ selection time.
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from dataclasses import dataclass
@@ -43,8 +47,11 @@ from ..kernels.compact_chunks import pack_fp8, unpack_fp8
 from .host_memory import to_device
 from .mover import MemoryMover, mirror_layout, new_mirrors, reusable_mirrors
 from .policy import SelectionPolicy, min_slots
+from .selection_graph import SelectionGraphs, write_back_width
 from .state import RING_LAYER_STATE, STORE_STATE, allocate, check_tensor, layout
 
+
+logger = logging.getLogger(__name__)
 
 class StoreError(ValueError):
     """A store cannot hold what was asked of it (capacity, budget, unsupported call order)."""
@@ -165,9 +172,13 @@ class KVStore:
         device: torch.device | str = "cpu",
         reuse: "KVStore | None" = None,
         selector: Selector | None = None,
+        capture_selection: bool | None = None,
     ):
         """``reuse``: an earlier store whose CPU mirror this one takes over when the shapes match (that
-        store is retired); ``selector``: scores chunks (default: the one ``config.selector`` names)."""
+        store is retired); ``selector``: scores chunks (default: the one ``config.selector`` names);
+        ``capture_selection``: replay the selection as CUDA graphs (``runtime/selection_graph.py``) once
+        it has run eagerly; ``None``: on CUDA when ``config.compile`` is on and the selector is
+        ``graph_safe``; ``True`` on another device, or with a selector that is not, is refused."""
         device = torch.device(device)
         self.retired: str | None = None  # why this store may no longer be used (its mirror went to a newer one)
         if capacity < 1:
@@ -228,6 +239,18 @@ class KVStore:
         self.next_selection = 1  # decode step before which the next selection runs
         self.lag = config.lag
         self.lag_max = config.lag_max
+        safe = bool(getattr(self.selector, "graph_safe", False))
+        if capture_selection and (device.type != "cuda" or not safe):
+            why = f"the store is on {device.type}" if device.type != "cuda" else f"selector {self.selector.name!r} is not graph_safe"
+            raise StoreError(f"capture_selection=True needs a CUDA store and a graph_safe selector, but {why}; pass capture_selection=None")
+        if capture_selection is None:
+            capture_selection = device.type == "cuda" and bool(config.compile) and safe
+        # The captured selection (runtime/selection_graph.py): None until captured; `_graph_width`: chunks its
+        # write-back looks at (0: never captured); `_graph_warm`: an eager selection has run its kernels.
+        self._graphs: SelectionGraphs | None = None
+        self._graph_width = write_back_width(config.interval, self.chunk) if capture_selection and not self.all_resident else 0
+        self._graph_warm = False
+        self.capture_note: str | None = None  # why a capture failed (the selection then stays eager)
         self._first_keeps: tuple[int, Tensor] | None = None  # (prompt length, first resident set) the ingest placed
         # (layer, rows, chunks), copy-done event, K, V: the next layer's history being read ahead (_stage_next)
         self._staged: tuple | None = None
@@ -254,6 +277,10 @@ class KVStore:
         self._drop_staged()
         self.retired = reason
         self.mover.pending = None
+        if self._graphs is not None:
+            self._graphs.release()
+            self._graphs = None
+        self._graph_width = 0
         for layer in self.layers.values():
             for t in layer.contract:
                 if t.graph:
@@ -684,10 +711,41 @@ class KVStore:
             return
         pos, c = self.length, self.chunk
         written = range(self.synced // c, math.ceil(pos / c))
-        chosen = self.policy.choose(layers, self.mover.available, pos)
-        self.mover.apply(chosen, written=written, lag=lag, lag_max=lag_max, evict=self.config.mode == "evict", step=self.steps)
+        graphs = self._captured(written)
+        if graphs is not None:
+            graphs.run(pos=pos, first=written.start, step=self.steps, lag=lag, lag_max=lag_max)
+        else:
+            chosen = self.policy.choose(layers, self.mover.available, pos)
+            self.mover.apply(
+                chosen, written=written, lag=lag, lag_max=lag_max, evict=self.config.mode == "evict", step=self.steps, width=self._graph_width
+            )
+            if self._graph_width and len(written) <= self._graph_width and (len(written) or not self.mover.mirrored):
+                self._graph_warm = True  # this selection ran every kernel a captured one runs
         self.synced = pos
         self.selections += 1
+
+    def _captured(self, written: range) -> SelectionGraphs | None:
+        """The captured selection for a window whose write-back is ``written``, capturing it when the eager
+        selection has warmed up; None: select eagerly (not captured, not warm yet, or not covered)."""
+        if not self._graph_width or len(written) > self._graph_width:
+            return None
+        if self._graphs is None:
+            if not self._graph_warm:
+                return None
+            try:
+                self._graphs = SelectionGraphs(self, width=self._graph_width)
+            except Exception as exc:  # the capture failed: this store selects eagerly from now on
+                self._graph_width = 0
+                self.capture_note = f"the selection was not captured in a CUDA graph ({type(exc).__name__}: {exc}); it runs eagerly"
+                logger.debug("selection capture failed", exc_info=True)
+                warnings.warn(self.capture_note, RuntimeWarning, stacklevel=3)
+                return None
+        return self._graphs
+
+    @property
+    def selection_captured(self) -> bool:
+        """Whether selections replay CUDA graphs now (``runtime/selection_graph.py``)."""
+        return self._graphs is not None
 
     def synchronize(self) -> None:
         """Wait for outstanding recall and write-back copies (e.g. before reading the mirror on the host)."""
