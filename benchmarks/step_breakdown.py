@@ -249,8 +249,8 @@ def prefill(model, prompt: torch.Tensor, config: LSAConfig, steps: int, measures
     runtime = model.lsa
     release_store(model)
     runtime.config = config
-    # each measurement decodes two loops and a window (plus a step per recompile)
-    runtime.pending_capacity = prompt.shape[1] + measures * (2 * steps + 2 * config.interval) + 4 * config.interval
+    # each measurement decodes three loops and a window (plus a step per recompile)
+    runtime.pending_capacity = prompt.shape[1] + measures * (3 * steps + 2 * config.interval) + 4 * config.interval
     cache, token, prefill_s = timed_prefill(model, prompt)
     kw = cache_kw(model)
     t0 = time.perf_counter()

@@ -167,10 +167,11 @@ class MemoryMover:
         ``step + lag_max`` at the latest: ``swap_due``);
         ``recall=False``: the incoming chunks are in their slots already (the first placement after a
         prefill, which wrote them there), so nothing is copied from the mirror;
-        ``width``: the write-back looks at ``max(len(written), width)`` chunks (the rest masked out): a
-        captured selection's width (``SelectionGraphs``), so that an eager selection warms up its kernels.
+        ``width``: the write-back looks at ``max(len(written), width)`` chunks (the rest masked out), even
+        with none written: a captured selection's width (``SelectionGraphs``), so that an eager selection
+        runs, and warms up, every kernel the captured one runs.
         """
-        write = (written.start, written.stop, max(len(written), width)) if len(written) else None
+        write = (written.start, written.stop, max(len(written), width)) if len(written) or width else None
         plan = self.plan(chosen, written=write, evict=evict, recall=recall)
         side = self.side
         main = torch.cuda.current_stream(self.device) if side is not None else None

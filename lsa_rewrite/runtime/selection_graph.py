@@ -39,11 +39,31 @@ def write_back_width(interval: int, chunk_size: int) -> int:
     return math.ceil(interval / chunk_size) + 1
 
 
+def _capture(fn, device: torch.device) -> tuple[torch.cuda.CUDAGraph, object]:
+    """``fn``'s device work captured in a new CUDA graph (nothing runs now), and what ``fn`` returned.
+
+    Captured on a stream of its own with nothing queued on it, without ``torch.cuda.graph``'s device
+    synchronize, garbage collection and cache flush: the capture is taken in the middle of a decode
+    loop, and the steps already queued keep the GPU busy while the host captures. Its allocations come
+    from the graph's private pool, so they never alias memory that queued work still uses.
+    ``thread_local``: another thread's CUDA calls (a read-ahead, a logger) do not invalidate it.
+    """
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(torch.cuda.Stream(device)):
+        graph.capture_begin(capture_error_mode="thread_local")
+        try:
+            out = fn()
+        finally:
+            graph.capture_end()
+    return graph, out
+
+
 class SelectionGraphs:
     """One store's selection, captured (``__init__``, on CUDA) and replayed (``run``).
 
     Args:
-        store: a CUDA ``KVStore`` whose eager selection has run at least once (its kernels are warm).
+        store: a CUDA ``KVStore`` whose eager selection has run at least once with the write-back width
+            below (its kernels are warm: nothing compiles or autotunes during the capture).
         width: chunks the write-back looks at (``write_back_width``); a window with more runs eagerly.
 
     Example::
@@ -65,16 +85,9 @@ class SelectionGraphs:
             stop = (policy.position + c - 1) // c  # chunks holding a token before the window
             return mover.plan(chosen, written=(self.first, stop, width), evict=evict)
 
-        # thread_local: another thread's CUDA calls (a prefetch, a logger) do not invalidate the capture
-        self.plan_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.plan_graph, capture_error_mode="thread_local"):
-            self.plan = plan()
-        self.copies_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.copies_graph, capture_error_mode="thread_local"):
-            mover.copies(self.plan)
-        self.install_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.install_graph, capture_error_mode="thread_local"):
-            mover.install(self.plan)
+        self.plan_graph, self.plan = _capture(plan, device)
+        self.copies_graph, _ = _capture(lambda: mover.copies(self.plan), device)
+        self.install_graph, _ = _capture(lambda: mover.install(self.plan), device)
 
     def covers(self, written: range) -> bool:
         """Whether a window whose write-back is ``written`` (chunk ids) fits the captured width."""

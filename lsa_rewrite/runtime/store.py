@@ -719,7 +719,7 @@ class KVStore:
             self.mover.apply(
                 chosen, written=written, lag=lag, lag_max=lag_max, evict=self.config.mode == "evict", step=self.steps, width=self._graph_width
             )
-            if self._graph_width and len(written) <= self._graph_width and (len(written) or not self.mover.mirrored):
+            if self._graph_width and len(written) <= self._graph_width:
                 self._graph_warm = True  # this selection ran every kernel a captured one runs
         self.synced = pos
         self.selections += 1

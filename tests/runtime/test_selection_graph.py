@@ -168,10 +168,12 @@ def _state(store: KVStore) -> dict[str, torch.Tensor]:
         held = layer.slot_chunk.reshape(-1) >= 0  # the rows of resident chunks (a freed slot keeps stale bytes)
         out[f"{i}.k_pool"] = layer.k_pool[held].clone()
         out[f"{i}.v_pool"] = layer.v_pool[held].clone()
-        if layer.mirror_k is not None:  # the chunks written so far (the rest is uninitialised host memory)
-            synced = math.ceil(store.synced / store.chunk)
-            out[f"{i}.mirror_k"] = layer.mirror_k[:, :synced].clone()
-            out[f"{i}.mirror_v"] = layer.mirror_v[:, :synced].clone()
+        if layer.mirror_k is not None:
+            # The positions written back so far. Beyond them: uninitialised host memory, and the rest of the
+            # last chunk, which the write-back copies while the next step writes it (written back again later).
+            for name in ("mirror_k", "mirror_v"):
+                mirror = getattr(layer, name)
+                out[f"{i}.{name}"] = mirror.flatten(1, 2)[:, : store.synced].clone()
     return out
 
 
