@@ -115,3 +115,38 @@ def test_locate_does_not_change_the_graph():
     before = str(step.graph_module.graph)
     locate(step, layer_windows=hf_layer_windows(model.config))
     assert str(step.graph_module.graph) == before
+
+
+def _layer_types_and_kwargs_before_5_2x(config):
+    """transformers' ``get_layer_types_and_kwargs`` as 5.17 has it (the H200 image's): the layer types, and one
+    kwargs dict for every layer holding the config's one sliding window."""
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        if getattr(config, "sliding_window", None) is not None:
+            types = ["sliding_attention"] * config.num_hidden_layers
+        else:
+            types = ["full_attention"] * config.num_hidden_layers
+    kwargs = {}
+    if "sliding_attention" in types:
+        kwargs["sliding_window"] = config.sliding_window
+    return types, kwargs
+
+
+@pytest.mark.parametrize("family", HF_FAMILIES)
+def test_layer_windows_read_the_same_from_the_older_transformers_helper(family, monkeypatch):
+    """transformers 5.17 returns one kwargs dict for all layers where later versions return one per layer:
+    both give every zoo family the same sliding-window layers."""
+    import transformers.cache_utils
+
+    model = make_model(family)
+    try:
+        want = hf_layer_windows(model.config)
+    except ValueError as exc:  # a family refused for its layer kinds is refused the same way
+        monkeypatch.setattr(transformers.cache_utils, "get_layer_types_and_kwargs", _layer_types_and_kwargs_before_5_2x)
+        with pytest.raises(ValueError, match=str(exc).split(":")[0]):
+            hf_layer_windows(model.config)
+        return
+    monkeypatch.setattr(transformers.cache_utils, "get_layer_types_and_kwargs", _layer_types_and_kwargs_before_5_2x)
+    assert hf_layer_windows(model.config) == want
+    if family in SLIDING_FAMILIES:
+        assert want
