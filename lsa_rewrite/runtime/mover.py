@@ -19,6 +19,7 @@ layer holds views) and the copy counters.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -84,6 +85,13 @@ def reusable_mirrors(layers_of_other: dict | None, shapes: dict[int, tuple[tuple
             return {}
         found[layer] = (other.mirror_k, other.mirror_v)
     return found
+
+
+def install_tables(layers: list["ChunkLayer"], plan: "SelectionPlan") -> None:
+    """Each layer's slot -> chunk and chunk -> slot tables from ``plan`` (after its recall copies)."""
+    for i, layer in enumerate(layers):
+        layer.slot_chunk.copy_(plan.after[i])
+        layer.chunk_slot.copy_(plan.after_inv[i])
 
 
 @dataclass
@@ -185,7 +193,8 @@ class MemoryMover:
             done = torch.cuda.Event() if side is not None else None
             if done is not None:
                 done.record(side)
-        self.defer(lambda: self.install(plan), done, plan.after_tables(), step=step, lag=lag, lag_max=lag_max)
+        # (a function of the layers and the plan, not a method: `pending` holds no reference back to the mover)
+        self.defer(functools.partial(install_tables, self.layers, plan), done, plan.after_tables(), step=step, lag=lag, lag_max=lag_max)
 
     def plan(self, chosen: Tensor, *, written: tuple | None, evict: bool, recall: bool = True) -> SelectionPlan:
         """Plan the slots of ``chosen`` ``[L, B, k]`` and install the tables that change at once (kept chunks
@@ -228,9 +237,7 @@ class MemoryMover:
 
     def install(self, plan: SelectionPlan) -> None:
         """The plan's tables once its recall copies are in (on the current stream)."""
-        for i, layer in enumerate(self.layers):
-            layer.slot_chunk.copy_(plan.after[i])
-            layer.chunk_slot.copy_(plan.after_inv[i])
+        install_tables(self.layers, plan)
 
     def defer(self, install: Callable[[], None], done, tensors: list[Tensor], *, step: int, lag: int, lag_max: int | None) -> None:
         """Hold ``install`` (the tables of a selection's recall) until decode step ``step + lag`` (``swap_due``),

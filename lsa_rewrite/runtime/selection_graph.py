@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .mover import MemoryMover
     from .store import KVStore
 
 
@@ -69,13 +70,14 @@ class SelectionGraphs:
     Example::
 
         >>> graphs = SelectionGraphs(store, width=2)   # after one eager store.select()
-        >>> graphs.run(pos=store.length, first=store.synced // store.chunk, step=store.steps, lag=4, lag_max=4)
+        >>> graphs.run(store.mover, pos=store.length, first=store.synced // store.chunk, step=store.steps, lag=4, lag_max=4)
     """
 
     def __init__(self, store: "KVStore", *, width: int):
-        self.store, self.width = store, width
-        mover, policy, c = store.mover, store.policy, store.chunk
-        device = store.device
+        # Only tensors and graphs are held, not the store or its mover: the mover's pending install holds this
+        # object's graph, and a reference back would keep a finished generation's pools alive until a GC pass.
+        mover, policy, c, device = store.mover, store.policy, store.chunk, store.device
+        self.position, self.device, self.width = policy.position, device, width
         self.first = torch.zeros((), dtype=torch.long, device=device)  # first chunk not yet written back
         evict = store.config.mode == "evict"
         pos = store.length  # the host-side window start at capture (graph-safe selectors do not read it)
@@ -89,22 +91,18 @@ class SelectionGraphs:
         self.copies_graph, _ = _capture(lambda: mover.copies(self.plan), device)
         self.install_graph, _ = _capture(lambda: mover.install(self.plan), device)
 
-    def covers(self, written: range) -> bool:
-        """Whether a window whose write-back is ``written`` (chunk ids) fits the captured width."""
-        return len(written) <= self.width
-
-    def run(self, *, pos: int, first: int, step: int, lag: int, lag_max: int | None) -> None:
+    def run(self, mover: "MemoryMover", *, pos: int, first: int, step: int, lag: int, lag_max: int | None) -> None:
         """Select for the window starting at ``pos`` (chunks from ``first`` on were decoded since the last
-        selection), as ``KVStore.select`` does eagerly: plan now, copies on the side stream, the tables
-        of the recall ``lag`` steps later (``MemoryMover.defer``)."""
-        mover = self.store.mover
-        self.store.policy.position.fill_(pos)
+        selection), as ``KVStore.select`` does eagerly: plan now, copies on ``mover``'s side stream (the
+        store's mover, which the graphs were captured from), the tables of the recall ``lag`` steps later
+        (``MemoryMover.defer``)."""
+        self.position.fill_(pos)
         self.first.fill_(first)
         self.plan_graph.replay()
         side = mover.side
         done = None
         if side is not None:
-            side.wait_stream(torch.cuda.current_stream(self.store.device))  # the steps so far and the plan
+            side.wait_stream(torch.cuda.current_stream(self.device))  # the steps so far and the plan
             with torch.cuda.stream(side):
                 self.copies_graph.replay()
                 done = torch.cuda.Event()

@@ -53,6 +53,7 @@ from .state import RING_LAYER_STATE, STORE_STATE, allocate, check_tensor, layout
 
 logger = logging.getLogger(__name__)
 
+
 class StoreError(ValueError):
     """A store cannot hold what was asked of it (capacity, budget, unsupported call order)."""
 
@@ -713,7 +714,7 @@ class KVStore:
         written = range(self.synced // c, math.ceil(pos / c))
         graphs = self._captured(written)
         if graphs is not None:
-            graphs.run(pos=pos, first=written.start, step=self.steps, lag=lag, lag_max=lag_max)
+            graphs.run(self.mover, pos=pos, first=written.start, step=self.steps, lag=lag, lag_max=lag_max)
         else:
             chosen = self.policy.choose(layers, self.mover.available, pos)
             self.mover.apply(

@@ -25,7 +25,7 @@ from lsa_rewrite.runtime.policy import SelectionPolicy
 from lsa_rewrite.runtime.selection_graph import write_back_width
 from lsa_rewrite.runtime.store import ChunkLayer, KVStore, LayerSpec, StoreError
 from lsa_rewrite.selectors import (
-    AllReduceSelector, IndexerSelector, QueryAwareSelector, RandomSelector, RecencySelector, SelectionWindow, make_selector,
+    AllReduceSelector, IndexerSelector, QueryAwareSelector, RandomSelector, RecencySelector, make_selector,
 )
 
 OPS = torch.ops.lsa
@@ -268,3 +268,24 @@ def test_an_irregular_window_runs_eagerly_and_the_capture_goes_on():
         _decode(store, hist, 40, torch.Generator().manual_seed(4))
     assert stores[1]._graphs is replays  # the same capture, replayed again
     _assert_same(_state(stores[0]), _state(stores[1]), "after regular windows again")
+
+
+def test_a_store_with_a_recall_pending_is_freed_without_a_gc_pass():
+    """The mover's pending install (the tables of a recall not yet in) holds no reference back to the mover or
+    the store: a finished generation's store, pools and mirror go when the last reference to it does, not at
+    the next cyclic garbage collection (device and pinned host memory would linger between generations)."""
+    import gc
+    import weakref
+
+    config = LSAConfig(budget=0.3, chunk_size=8, interval=8, sink_tokens=8, recent_tokens=8, recall_lag=3)
+    hist = _history(1, 400, "cpu")
+    store = KVStore(SPECS, config, batch=1, capacity=400)
+    _drive(store, hist, 300, 10, seed=5)  # the selection at step 9 installs its recall at step 12
+    assert store.mover.pending is not None
+    refs = [weakref.ref(x) for x in (store, store.mover, store.chunk_layers[0])]
+    gc.disable()
+    try:
+        del store
+        assert [r() for r in refs] == [None, None, None]
+    finally:
+        gc.enable()
