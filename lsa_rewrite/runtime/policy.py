@@ -54,6 +54,10 @@ class SelectionPolicy:
         self.position = torch.zeros((), dtype=torch.long, device=device)
         self.chunk, self.lag = config.chunk_size, config.lag
 
+    def device_tensors(self) -> list[Tensor]:
+        """The policy's own device tensors (counted by ``KVStore.footprint``)."""
+        return [self.widened, self.position, self.valid_start_device]
+
     def masks(self) -> WindowMasks:
         """The chunk classes of the window at ``self.position`` (device ops only)."""
         cfg = self.config

@@ -109,7 +109,15 @@ class SelectionGraphs:
                 done.record(side)
         else:
             self.copies_graph.replay()
-        mover.defer(self.install_graph.replay, done, self.plan.after_tables(), step=step, lag=lag, lag_max=lag_max)
+        mover.defer(self.install_graph.replay, done, [], step=step, lag=lag, lag_max=lag_max)  # tables counted in tensors()
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The device tensors the graphs keep between replays (counted by ``KVStore.footprint``): the plan's
+        tables and copy rows, and the write-back's first chunk. Not counted: the selection's intermediates
+        (scores, masks, ranks: a few ``[L, B, N]`` tensors) in the graphs' private pools."""
+        plan = self.plan
+        rows = [t for copy in (plan.write_back, plan.recall) if copy is not None for t in copy]
+        return [self.first, plan.after, plan.after_inv, *rows]
 
     def release(self) -> None:
         """Return the graphs' private memory pools to the allocator now."""

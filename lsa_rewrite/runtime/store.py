@@ -195,6 +195,13 @@ class KVStore:
         for t in STORE_STATE:
             check_tensor(t, getattr(self, t.name), {"1": 1, "B": batch}, kv_dtype=torch.float32, device=device, where="store")
         chunk_specs = [s for s in specs if s.window is None]
+        self.selector = selector if selector is not None else make_selector(config.selector, seed=config.seed)
+        safe = bool(getattr(self.selector, "graph_safe", False))
+        if capture_selection and (device.type != "cuda" or not safe):
+            why = f"the store is on {device.type}" if device.type != "cuda" else f"selector {self.selector.name!r} is not graph_safe"
+            raise StoreError(f"capture_selection=True needs a CUDA store and a graph_safe selector, but {why}; pass capture_selection=None")
+        # Decided before the sizing: a captured selection keeps its plan's tables and copy rows (see _plan_slots).
+        self._capture = device.type == "cuda" and bool(config.compile) and safe if capture_selection is None else capture_selection
         self.budget_note: str | None = None  # why the budget was not applied as asked (see _plan_slots)
         self.slots = self._plan_slots(chunk_specs)
         self.base_slots = self.slots  # what a selection keeps unless the needle fallback widens it
@@ -228,7 +235,6 @@ class KVStore:
             else:
                 layer = RingLayer(spec, {**dims, "W": spec.window}, device=device)
             self.layers[spec.layer] = layer
-        self.selector = selector if selector is not None else make_selector(config.selector, seed=config.seed)
         self.policy = SelectionPolicy(
             config, self.selector, batch=batch, slots=self.slots, num_chunks=self.num_chunks, capacity=capacity, base_slots=self.base_slots,
             valid_start=self.valid_start_host, device=device,
@@ -240,16 +246,10 @@ class KVStore:
         self.next_selection = 1  # decode step before which the next selection runs
         self.lag = config.lag
         self.lag_max = config.lag_max
-        safe = bool(getattr(self.selector, "graph_safe", False))
-        if capture_selection and (device.type != "cuda" or not safe):
-            why = f"the store is on {device.type}" if device.type != "cuda" else f"selector {self.selector.name!r} is not graph_safe"
-            raise StoreError(f"capture_selection=True needs a CUDA store and a graph_safe selector, but {why}; pass capture_selection=None")
-        if capture_selection is None:
-            capture_selection = device.type == "cuda" and bool(config.compile) and safe
         # The captured selection (runtime/selection_graph.py): None until captured; `_graph_width`: chunks its
         # write-back looks at (0: never captured); `_graph_warm`: an eager selection has run its kernels.
         self._graphs: SelectionGraphs | None = None
-        self._graph_width = write_back_width(config.interval, self.chunk) if capture_selection and not self.all_resident else 0
+        self._graph_width = write_back_width(config.interval, self.chunk) if self._capture and not self.all_resident else 0
         self._graph_warm = False
         self.capture_note: str | None = None  # why a capture failed (the selection then stays eager)
         self._first_keeps: tuple[int, Tensor] | None = None  # (prompt length, first resident set) the ingest placed
@@ -316,16 +316,20 @@ class KVStore:
         else:
             # Byte budget per sequence: pool + index + tables + query and indexer taps + the manager's
             # planned table and availability map + (recall_lag > 0) the tables a pending recall
-            # installs later <= budget x dense, summed over layers.
-            pending = 1 if cfg.lag else 0
+            # installs later <= budget x dense, summed over layers. A captured selection (on CUDA) keeps
+            # those tables always, and its copies' rows: recall (2 per slot) and write-back (2 per chunk
+            # of its width), int64.
+            pending = 1 if cfg.lag or self._capture else 0
+            copy_rows = 16 if self._capture else 0
+            width = write_back_width(cfg.interval, c) if self._capture else 0
             allowed = pool_chunk = fixed = 0.0
             for s in chunk_specs:
                 es = torch.empty((), dtype=s.dtype).element_size()
                 kv_token = 2 * s.kv_heads * s.head_dim * es
                 allowed += budget * self.capacity * kv_token
                 taps = s.q_heads * s.head_dim + (s.indexer_hidden + 2 * (s.indexer_rotary or s.head_dim) if s.indexer_hidden else 0)
-                fixed += n * kv_token + n * 8 * (1 + pending) + n + taps * es
-                pool_chunk += c * kv_token + 8 + 8 + 8 * pending
+                fixed += n * kv_token + n * 8 * (1 + pending) + n + taps * es + 16 * width
+                pool_chunk += c * kv_token + 8 + 8 + 8 * pending + copy_rows
             slots = math.floor((allowed - fixed) / pool_chunk)
         if slots >= n or (isinstance(budget, float) and budget >= 1.0):
             return n  # the budget covers the context: everything resident, the dense outputs
@@ -761,7 +765,9 @@ class KVStore:
 
     def device_tensors(self) -> list[Tensor]:
         """Every tensor the store holds on the device: the graph's inputs and the manager's state."""
-        out = [getattr(self, t.name) for t in STORE_STATE] + self.mover.device_tensors() + [self.policy.widened]
+        out = [getattr(self, t.name) for t in STORE_STATE] + self.mover.device_tensors() + self.policy.device_tensors()
+        if self._graphs is not None:
+            out += self._graphs.tensors()
         for layer in self.layers.values():
             out.extend(layer.device_tensors().values())
         return out
