@@ -200,7 +200,6 @@ class KVStore:
         if capture_selection and (device.type != "cuda" or not safe):
             why = f"the store is on {device.type}" if device.type != "cuda" else f"selector {self.selector.name!r} is not graph_safe"
             raise StoreError(f"capture_selection=True needs a CUDA store and a graph_safe selector, but {why}; pass capture_selection=None")
-        # Decided before the sizing: a captured selection keeps its plan's tables and copy rows (see _plan_slots).
         self._capture = device.type == "cuda" and bool(config.compile) and safe if capture_selection is None else capture_selection
         self.budget_note: str | None = None  # why the budget was not applied as asked (see _plan_slots)
         self.slots = self._plan_slots(chunk_specs)
@@ -316,20 +315,19 @@ class KVStore:
         else:
             # Byte budget per sequence: pool + index + tables + query and indexer taps + the manager's
             # planned table and availability map + (recall_lag > 0) the tables a pending recall
-            # installs later <= budget x dense, summed over layers. A captured selection (on CUDA) keeps
-            # those tables always, and its copies' rows: recall (2 per slot) and write-back (2 per chunk
-            # of its width), int64.
-            pending = 1 if cfg.lag or self._capture else 0
-            copy_rows = 16 if self._capture else 0
-            width = write_back_width(cfg.interval, c) if self._capture else 0
+            # installs later <= budget x dense, summed over layers. The same on every device, so a CPU
+            # and a CUDA conversion keep the same chunks: a captured selection's plan (on CUDA: those
+            # tables at recall_lag 0 too, and its copies' rows, 16 bytes per slot and layer) is counted
+            # by footprint() but not reserved here (at 128K, the 8B shape: 0.006% of the budget, 0.03% at recall_lag 0).
+            pending = 1 if cfg.lag else 0
             allowed = pool_chunk = fixed = 0.0
             for s in chunk_specs:
                 es = torch.empty((), dtype=s.dtype).element_size()
                 kv_token = 2 * s.kv_heads * s.head_dim * es
                 allowed += budget * self.capacity * kv_token
                 taps = s.q_heads * s.head_dim + (s.indexer_hidden + 2 * (s.indexer_rotary or s.head_dim) if s.indexer_hidden else 0)
-                fixed += n * kv_token + n * 8 * (1 + pending) + n + taps * es + 16 * width
-                pool_chunk += c * kv_token + 8 + 8 + 8 * pending + copy_rows
+                fixed += n * kv_token + n * 8 * (1 + pending) + n + taps * es
+                pool_chunk += c * kv_token + 8 + 8 + 8 * pending
             slots = math.floor((allowed - fixed) / pool_chunk)
         if slots >= n or (isinstance(budget, float) and budget >= 1.0):
             return n  # the budget covers the context: everything resident, the dense outputs

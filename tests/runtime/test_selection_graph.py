@@ -223,8 +223,8 @@ def test_captured_selection_matches_the_eager_one(selector, mode, mirror, lag):
     device = torch.device("cuda")
     batch, capacity, prompt, steps = 2, 1200, 900, 150
     config = LSAConfig(
-        budget=0.2, chunk_size=16, interval=16, sink_tokens=16, recent_tokens=32, recall_lag=lag, mode=mode, mirror=mirror, selector=selector,
-        fallback_budget=0.3 if selector == "indexer" else None,
+        budget=240, chunk_size=16, interval=16, sink_tokens=16, recent_tokens=32, recall_lag=lag, mode=mode, mirror=mirror, selector=selector,
+        fallback_budget=360 if selector == "indexer" else None,
     )
     hist = _history(batch, capacity, device)
     stores = []
@@ -252,7 +252,7 @@ def test_an_irregular_window_runs_eagerly_and_the_capture_goes_on():
     benchmarks/selection.py moves it) runs op by op, with the result of a store that never captured;
     the captured one replays again at the next regular window, with the same result too."""
     device = torch.device("cuda")
-    config = LSAConfig(budget=0.2, chunk_size=16, interval=16, sink_tokens=16, recent_tokens=32, recall_lag=0)
+    config = LSAConfig(budget=320, chunk_size=16, interval=16, sink_tokens=16, recent_tokens=32, recall_lag=0)
     hist = _history(1, 1600, device)
     stores = [KVStore(SPECS, config, batch=1, capacity=1600, device=device, capture_selection=c) for c in (False, True)]
     for store in stores:
