@@ -75,10 +75,11 @@ def _hf_layer_types(config: Any) -> list[tuple[str, int | None]] | None:
     except (AttributeError, TypeError, KeyError):  # pragma: no cover - a config the helper does not read
         return None
     if isinstance(kwargs, dict):
-        # transformers before 5.2x: one kwargs dict for every layer (its one sliding window), and the layers that
-        # share another layer's KV (Gemma3n) left off the end of the list instead of typed "dummy"
+        # transformers 5.17 (the H200 image's; 5.24 gives one dict per layer): one kwargs dict for every layer (its
+        # one sliding window), and the layers that share another layer's KV (Gemma3n) left off the end of the
+        # list instead of typed "dummy"
         window = kwargs.get("sliding_window")
-        out = [(str(t), window if str(t) in _SLIDING_TYPES | {"hybrid_sliding", "chunked_attention"} else None) for t in types]
+        out = [(str(t), window if str(t) in _SLIDING_TYPES else None) for t in types]
         return out + [("dummy", None)] * max(0, int(getattr(text, "num_hidden_layers", len(out))) - len(out))
     return [(str(t), kw.get("sliding_window")) for t, kw in zip(types, kwargs)]
 
