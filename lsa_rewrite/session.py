@@ -30,6 +30,7 @@ import torch
 
 from .config import LSAConfig
 from .passes import AttentionSite, DecodeProgram, build_decode_program
+from .prefill_taps import PrefillTaps
 from .runtime.compiled import CompiledStep
 from .runtime.state import check_program_inputs
 from .runtime.store import KVStore, LayerSpec, StoreError
@@ -206,16 +207,27 @@ class LSASession:
         self.store = previous if previous is not None and not previous.retired else None
         store.abandon("its prefill failed")
 
-    def finish_prefill(self, store: KVStore, length: int, last_token: dict[str, torch.Tensor] | None) -> None:
+    def prefill_taps(self, batch: int) -> PrefillTaps:
+        """Hooks that record the indexer's inputs at the last prompt token while the model's own prefill
+        of ``batch`` sequences runs (a context manager; ``lsa_rewrite.prefill_taps``); pass it to
+        ``finish_prefill``. Without the indexer it records nothing."""
+        return PrefillTaps(self.model, self.sites, batch)
+
+    def finish_prefill(
+        self, store: KVStore, length: int, last_token: dict[str, torch.Tensor] | None, taps: PrefillTaps | None = None
+    ) -> None:
         """The prompt's KV is in the store: place the first resident set and select with real queries.
 
         ``last_token``: step inputs of the last prompt token (the probe re-runs the step on it); None
         when they are unknown (a dense prefill adopted without them): the first decode step then runs
         over the first resident set (sink + newest chunks) and the first selection before step 1.
+        ``taps``: what ``prefill_taps`` recorded during the prefill; the probe's selection reads the
+        indexer's inputs from there (exact) rather than from its own step (approximate past the first
+        sparse layer).
         """
         store.finish_prefill(length)
         if last_token is not None:
-            store.probe(lambda: self.step(last_token, store))
+            store.probe(lambda: self.step(last_token, store), taps=taps.values() if taps is not None else None)
 
     # -- decode -------------------------------------------------------------------------------
     def decode(self, inputs: dict[str, torch.Tensor], store: KVStore) -> torch.Tensor:

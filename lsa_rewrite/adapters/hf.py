@@ -464,10 +464,11 @@ class HFAdapter:
         batch = store.batch
         kwargs["use_cache"] = True
         try:
-            with torch.no_grad():
+            with torch.no_grad(), session.prefill_taps(batch) as taps:
                 parts = []
                 size = session.config.prefill_chunk
                 for rows in session.prefill_pieces(batch):
+                    taps.rows = rows
                     whole = rows.stop - rows.start == batch
                     piece = dict(kwargs) if whole else {k: split_rows(v, rows, batch) for k, v in kwargs.items()}
                     if size is not None and history is None and length > size:
@@ -488,7 +489,7 @@ class HFAdapter:
         input_ids, position_ids = kwargs["input_ids"], kwargs.get("position_ids")
         if position_ids is None:
             position_ids = (length - 1 - store.valid_start).view(-1, 1)
-        session.finish_prefill(store, length, {"input_ids": input_ids[:, -1:], "position_ids": position_ids[:, -1:]})
+        session.finish_prefill(store, length, {"input_ids": input_ids[:, -1:], "position_ids": position_ids[:, -1:]}, taps)
         return out
 
     def _prefill_in_pieces(self, original, kwargs: dict, store, rows: slice | None, length: int, size: int):

@@ -197,10 +197,11 @@ class PlainDecoderAdapter:
         store = session.start_prefill(batch, prompt_len=length, valid_start=[0] * batch)
         try:
             parts = []
-            with torch.no_grad():
+            with torch.no_grad(), session.prefill_taps(batch) as taps:
                 # One forward per piece of rows (LSAConfig.prefill_batch), each with cache buffers of
                 # its own batch, re-created for it and released after its KV is in the store.
                 for rows in session.prefill_pieces(batch):
+                    taps.rows = rows
                     size = rows.stop - rows.start
                     buffers = self.set_cache_buffers(materialize=True, batch=None if size == batch else size)
                     if size == batch:
@@ -217,7 +218,7 @@ class PlainDecoderAdapter:
             raise
         finally:
             self.set_cache_buffers(materialize=False)
-        session.finish_prefill(store, length, {"input_ids": input_ids[:, -1:], "input_pos": input_pos[-1:]})
+        session.finish_prefill(store, length, {"input_ids": input_ids[:, -1:], "input_pos": input_pos[-1:]}, taps)
         return logits
 
     def _ingest(self, store, buffers: dict[str, torch.Tensor], length: int, *, rows: slice | None = None) -> None:

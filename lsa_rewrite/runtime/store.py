@@ -655,7 +655,7 @@ class KVStore:
             self.next_selection += self.config.interval
         self.pos.fill_(self.length)
 
-    def probe(self, run_step: Callable[[], object]) -> None:
+    def probe(self, run_step: Callable[[], object], taps: dict[int, Tensor] | None = None) -> None:
         """Choose the first window's resident set with the real queries of the last prompt token.
 
         The prefill (the model's own attention) leaves no queries behind, so right after it
@@ -665,6 +665,10 @@ class KVStore:
         prefill left it, and the first selection runs with those queries. The regular schedule then
         selects again before decode step 1 (with the first generated token's queries) and every
         ``interval`` steps after that.
+
+        ``taps``: ``{layer: [B, hidden]}``, the indexer's query-projection inputs at T-1 as the model's
+        own prefill computed them (``lsa_rewrite.prefill_taps``); they replace the step's ``idx_x`` of
+        those layers, which came from layers attending over the first resident set only.
         """
         if self.all_resident or not self.chunk_layers or self.steps or not self.length:
             return
@@ -689,6 +693,11 @@ class KVStore:
         for layer, slot, k, v in rings:
             layer.k_ring[:, slot] = k
             layer.v_ring[:, slot] = v
+        for index, x in (taps or {}).items():
+            tapped = self.tensor(index, "idx_x")
+            if x.shape != tapped.shape:
+                raise StoreError(f"layer {index}: the prefill's indexer input is {tuple(x.shape)}, the store's tap {tuple(tapped.shape)}")
+            tapped.copy_(x)
         self.select(lag=0)
         self.next_selection = 1  # and again once the first generated token has its own queries
 
