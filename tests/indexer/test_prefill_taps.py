@@ -75,6 +75,8 @@ def test_probe_reads_the_prefills_query_projection_input(family, options, padded
     assert not store.all_resident and store.selections == 1, "the probe's selection did not run on a sparse store"
     torch.testing.assert_close(store.layers[target].idx_x, want, atol=1e-5, rtol=1e-5)
 
+    if options or family != "llama":
+        return  # the contrast below once (two conversions per case cost CI time)
     # Without the prefill's values the probe's step taps an input computed over the first resident set
     # only: far from the dense one (the check above would fail).
     _step_taps_only(monkeypatch)
