@@ -11,10 +11,8 @@ forward pre-hook on each target layer's query projection (the module owning the 
 ``IndexerTap.weight``) that keeps the input at the last position, and the probe writes those values into
 ``idx_x`` after its step (the cos/sin the step tapped are exact: they depend on the position only).
 
-Measured on SmolLM2-135M-Instruct with the shipped indexer (``benchmarks/NOTES.md``, 2026-12-01): the
-same answers on the 12 held-out tasks at 5 and 13.5% resident, 6 / 11 of the 36 against 6 / 12 with the
-probe step's own taps (one task, within that benchmark's noise). It is kept because it gives the indexer
-the input it was trained on, not for a measured gain.
+It is there because the indexer was trained on the dense model's inputs, not for a measured task gain
+(docs/indexer.md gives the measurement).
 
 Where a prefill does not run the model's modules (the dense prefill the ``torch.compile`` backend adopts
 runs Dynamo's graph of the model's code), or a hook sees an input it cannot read (not ``[batch, tokens,
