@@ -162,14 +162,24 @@ def recall_section(indexer: LSAIndexer | None, dump: CalibrationDump, selectors:
     bound_selector = QueryAwareSelector()
     generator = torch.Generator().manual_seed(seed + 1)
     rule = label_of(indexer, dump)
+    # An indexer of layer groups (IndexerConfig.ensemble "group"): each target layer's ranking is measured
+    # against its own group's labels and masses, once per window and group, every selector alike.
+    group_rows = rule.get("rows")
     windows = chunks = positives = 0
     missing_query = False
     documents: set[int] = set()
     with torch.no_grad():
         for record in dump.windows("heldout"):
-            golden, keep = dump.labels(record, top_p=rule["top_p"], min_layers=rule["min_layers"], rule=rule["rule"])
             mass = record["mass"]
-            n = golden.numel()
+            options = dict(top_p=rule["top_p"], min_layers=rule["min_layers"], rule=rule["rule"])
+            if group_rows is None:
+                golden, keep = dump.labels(record, **options)
+                parts = [(None, golden, mass, slice(None))]
+            else:
+                labelled = [dump.labels(record, rows=rows, min_layers=None, top_p=rule["top_p"], rule=rule["rule"]) for rows in group_rows]
+                keep = labelled[0][1]
+                parts = [(i, g, mass[rows], slice(i, i + 1)) for i, ((g, _), rows) in enumerate(zip(labelled, group_rows))]
+            n = keep.numel()
             doc, start, _ = (int(v) for v in record["meta"])
             window = SelectionWindow(
                 start=start, interval=int(lsa["interval"]), lag=0, chunk_size=int(lsa["chunk_size"]), valid_start=(0,),
@@ -188,39 +198,50 @@ def recall_section(indexer: LSAIndexer | None, dump: CalibrationDump, selectors:
                 )
                 for layer, i in zip(targets, pick)
             ]
+            probs_all = None
             if index_selector is not None and "indexer" in scorers:
-                # IndexerSelector ranks by the ensembled logits (max) or probabilities (mean); the
-                # probabilities give the threshold metrics.
-                # k free slots (the budget's selectable chunks): slots = k + the sink, tail and window chunks
-                held = -dataclasses.replace(window, slots=0).free_slots
-                ranking = lambda k, layers=layers, window=window, held=held: index_selector.scores(  # noqa: E731
-                    layers, dataclasses.replace(window, slots=k + held)
-                )[0, 0]
-                probs = indexer(
+                probs_all = indexer(
                     record["hidden"][pick][None].float(),
                     record["cos"][None] if rope else None,
                     record["sin"][None] if rope else None,
                     record["kmin"][pick][None],
                     record["kmax"][pick][None],
                     lenders=keep[None],
-                )[0]
-                scorers["indexer"].add(ranking, golden, mass, probs=probs, selectable=keep)
-            if "query-aware" in scorers:
-                if "query" in record:
-                    bounds = bound_selector.scores(layers, window)[:, 0]  # [Lt, N]: max over query heads
-                    scorers["query-aware"].add(bounds.amax(0), golden, mass, selectable=keep)
-                    scorers[QA_MEAN_RANK].add(
-                        query_aware_scores(record["query"][pick], record["kmin"][pick], record["kmax"][pick]), golden, mass, selectable=keep
-                    )
-                else:
-                    missing_query = True
-            if "recency" in scorers:
-                scorers["recency"].add(recency_scores(n), golden, mass, selectable=keep)
-            if "random" in scorers:
-                scorers["random"].add(random_scores(n, generator=generator), golden, mass, selectable=keep)
+                )[0]  # [N], or [Lt, N] per target layer
+            # k free slots (the budget's selectable chunks): slots = k + the sink, tail and window chunks
+            held = -dataclasses.replace(window, slots=0).free_slots
+            for row, golden, part_mass, rows_qa in parts:
+                if probs_all is not None:
+                    # IndexerSelector ranks by the ensembled logits (max) or probabilities (mean), or by
+                    # each target layer's logits (group); the probabilities give the threshold metrics.
+                    if row is None:
+                        ranking = lambda k, layers=layers, window=window, held=held: index_selector.scores(  # noqa: E731
+                            layers, dataclasses.replace(window, slots=k + held)
+                        )[0, 0]
+                    else:
+                        ranking = lambda k, layers=layers, window=window, held=held, row=row: index_selector.target_scores(  # noqa: E731
+                            layers, dataclasses.replace(window, slots=k + held)
+                        )[row, 0]
+                    probs = probs_all if row is None else probs_all[row]
+                    scorers["indexer"].add(ranking, golden, part_mass, probs=probs, selectable=keep)
+                if "query-aware" in scorers:
+                    if "query" in record:
+                        bounds = bound_selector.scores(layers, window)[rows_qa, 0]  # [Lt, N]: max over query heads
+                        scorers["query-aware"].add(bounds.amax(0), golden, part_mass, selectable=keep)
+                        qa_pick = pick[rows_qa]
+                        scorers[QA_MEAN_RANK].add(
+                            query_aware_scores(record["query"][qa_pick], record["kmin"][qa_pick], record["kmax"][qa_pick]),
+                            golden, part_mass, selectable=keep,
+                        )
+                    else:
+                        missing_query = True
+                if "recency" in scorers:
+                    scorers["recency"].add(recency_scores(n), golden, part_mass, selectable=keep)
+                if "random" in scorers:
+                    scorers["random"].add(random_scores(n, generator=generator), golden, part_mass, selectable=keep)
+                positives += int(golden.sum())
+                chunks += int(keep.sum())
             windows += 1
-            chunks += int(keep.sum())
-            positives += int(golden.sum())
             documents.add(doc)
     out: dict[str, Any] = {
         "budgets_of_chunks": budgets,
@@ -246,7 +267,15 @@ def label_of(indexer: LSAIndexer | None, dump: CalibrationDump) -> dict[str, Any
     """The golden-label rule the indexer was trained with (its metadata), else the dump's."""
     trained = ((getattr(indexer, "metrics", None) or {}).get("train") or {}).get("label") if indexer is not None else None
     rule = trained or dump.label
-    return {"top_p": float(rule.get("top_p", 0.6)), "min_layers": int(rule.get("min_layers", 1)), "rule": rule_name(rule)}
+    out = {"top_p": float(rule.get("top_p", 0.6)), "min_layers": rule.get("min_layers", 1), "rule": rule_name(rule)}
+    groups = indexer.config.layer_groups if indexer is not None else None
+    if groups is not None:  # per target layer, the label of its own group's layers (rows of the dump's mass)
+        sparse = list(dump.signature.get("sparse_layers", []))
+        out["rows"] = [[sparse.index(layer) for layer in g] for g in groups]
+        out["min_layers"] = None  # under "vote": half of each group's layers, as in training
+    else:
+        out["min_layers"] = int(out["min_layers"])
+    return out
 
 
 def train_table(indexer: LSAIndexer, dump: CalibrationDump, pick: list[int], seed: int) -> dict[str, Any]:

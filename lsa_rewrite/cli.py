@@ -184,6 +184,9 @@ def train_cmd(
     min_layers: int = typer.Option(None, "--min-layers", help="golden-label layer vote of the 'vote' rule (default: the dump's)"),
     label_rule: str = typer.Option(None, "--label-rule", help="golden labels: 'mean' (nucleus of the layer-averaged attention) or 'vote' (per-layer nucleus + layer vote); default: the dump's"),
     trainable: str = typer.Option("all", help="all, or heads (the query projection stays the model's own)"),
+    ensemble: str = typer.Option(
+        "max", help="max or mean: one ranking from all target layers; group: each target layer ranks for its nearest layers, trained on their attention"
+    ),
     neighbour_margin: float = typer.Option(
         None, "--neighbour-margin",
         help="span rule saved with the indexer: a chunk's logit is raised to its best selectable neighbour's minus this margin (default: off)",
@@ -220,6 +223,8 @@ def train_cmd(
             raise ValueError(f"--label-rule must be one of {', '.join(LABEL_RULES)}, got {label_rule!r}")
         if trainable not in ("all", "heads"):
             raise ValueError(f"--trainable must be all or heads, got {trainable!r}")
+        if ensemble not in ("max", "mean", "group"):
+            raise ValueError(f"--ensemble must be max, mean or group, got {ensemble!r}")
         if neighbour_margin is not None and not 0.0 <= neighbour_margin < float("inf"):
             raise ValueError(f"--neighbour-margin must be a number of logits >= 0 (leave it out for no span rule), got {neighbour_margin}")
         if neighbour_min_free < 0:
@@ -235,7 +240,7 @@ def train_cmd(
 
         _, metrics = train_indexer(
             dump, out=out, epochs=epochs, lr=lr, loss=loss, rank=rank, seed=seed, device=device, top_p=top_p, min_layers=min_layers, label_rule=label_rule,
-            trainable=trainable, neighbour_margin=neighbour_margin, neighbour_min_free=neighbour_min_free,
+            trainable=trainable, ensemble=ensemble, neighbour_margin=neighbour_margin, neighbour_min_free=neighbour_min_free,
             neighbour_top=neighbour_top, reply_weight=reply_weight,
         )
     except (ValueError, FileNotFoundError, RuntimeError) as exc:

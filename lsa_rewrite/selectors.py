@@ -253,8 +253,10 @@ class IndexerSelector:
     At each target layer it runs the query tower on the tapped query-projection input (``idx_x``) and
     rotary ``idx_cos``/``idx_sin`` of the latest token, scores every chunk's key bounds (``kmin``/``kmax``)
     with the document tower, and ensembles the target layers; the one ``[B, N]`` map ranks chunks for
-    every layer. The indexer's span rule (``IndexerConfig.neighbour_margin``) applies to each target
-    layer's logits before the ensemble, with the selectable chunks of the window as lenders.
+    every layer. Under ``IndexerConfig.ensemble="group"`` there is no ensemble: each layer gets the
+    logits of the target layer whose group holds it (``layer_groups``), so layer groups keep resident
+    sets of their own. The indexer's span rule (``IndexerConfig.neighbour_margin``) applies to each
+    target layer's logits before the ensemble, with the selectable chunks of the window as lenders.
     """
 
     name = "indexer"
@@ -271,11 +273,24 @@ class IndexerSelector:
     @property
     def threshold_score(self) -> float:
         """The score above which a chunk passes the indexer's threshold (the needle fallback counts
-        them): its logit under the ``max`` ensemble (scores are logits), the probability under ``mean``."""
+        them): its logit under the ``max`` and ``group`` ensembles (scores are logits), the probability under ``mean``."""
         p = float(self.indexer.config.threshold)
-        return math.log(p / (1.0 - p)) if self.indexer.config.ensemble == "max" else p
+        return math.log(p / (1.0 - p)) if self.indexer.config.ensemble != "mean" else p
 
     def scores(self, layers: Sequence[LayerState], window: SelectionWindow) -> Tensor:
+        cfg = self.indexer.config
+        rows = self._rows(layers) if cfg.per_layer else None
+        stacked = self.target_scores(layers, window)
+        if rows is not None:  # each layer ranks by its group's target layer (views and a stack: graph-safe)
+            return torch.stack([stacked[i] for i in rows])
+        # Ranked by logits where that is the same order: a sigmoid saturates to 1.0 in float32 (z > ~17)
+        # and would leave the top chunks tied.
+        scores = stacked.amax(0) if cfg.ensemble == "max" else torch.sigmoid(stacked).mean(0)
+        return scores.expand(len(layers), -1, -1)
+
+    def target_scores(self, layers: Sequence[LayerState], window: SelectionWindow) -> Tensor:
+        """Each target layer's logits ``[Lt, B, N]`` before the ensemble, after the span rule where the
+        indexer has one (unwritten chunks then at ``-inf``); ``layers`` must include the target layers."""
         by_layer = {layer.spec.layer: layer for layer in layers}
         cfg = self.indexer.config
         logits = []
@@ -297,10 +312,19 @@ class IndexerSelector:
                 lenders = window.selectable(n, stacked.device)  # [B, N]
                 free = window.free_slots_tensor(stacked.device)
                 stacked = self.indexer.spread(stacked, slots=free, lenders=lenders).masked_fill(window.unwritten(n, stacked.device), -torch.inf)
-            # Ranked by logits where that is the same order: a sigmoid saturates to 1.0 in float32 (z > ~17)
-            # and would leave the top chunks tied.
-            scores = stacked.amax(0) if cfg.ensemble == "max" else torch.sigmoid(stacked).mean(0)
-        return scores.expand(len(layers), -1, -1)
+        return stacked
+
+    def _rows(self, layers: Sequence[LayerState]) -> list[int]:
+        """Under ``ensemble="group"``: the target layer number whose logits rank each of ``layers``."""
+        cfg = self.indexer.config
+        rows = [cfg.target_of(layer.spec.layer) for layer in layers]
+        if None in rows:
+            missing = [layer.spec.layer for layer, row in zip(layers, rows) if row is None]
+            raise ValueError(
+                f"indexer {self.indexer.source} chooses for layer groups {[list(g) for g in cfg.layer_groups or ()]}; "
+                f"layers {missing} are in none of them (convert() checks this for indexers trained for the model)"
+            )
+        return rows
 
 
 class AllReduceSelector:

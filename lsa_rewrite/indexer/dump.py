@@ -505,24 +505,36 @@ class CalibrationDump:
         return records
 
     def labels(
-        self, record: dict[str, Any], *, top_p: float | None = None, min_layers: int | None = None, rule: str | None = None
+        self,
+        record: dict[str, Any],
+        *,
+        top_p: float | None = None,
+        min_layers: int | None = None,
+        rule: str | None = None,
+        rows: list[int] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """``(golden, selectable)`` bool [N] of a window record under the label rule with the always-resident
         chunks left out (``golden_labels``, ``selectable_chunks``); ``top_p`` / ``min_layers`` / ``rule``
         default to the manifest's. The recorded labels are used as they are when none is given and the
         dump's rule already leaves those chunks out; otherwise (another rule, or a dump written before the
-        rule left them out) they are recomputed from the recorded masses."""
+        rule left them out) they are recomputed from the recorded masses. ``rows``: the label of those
+        rows of ``mass`` only (positions in the model's sparse layers: one layer group), recomputed."""
         stored = self.label
         mass = record["mass"]
         selectable = selectable_chunks(mass.shape[1], int(record["meta"][1]), self.lsa_config)
-        if top_p is None and min_layers is None and rule is None and stored.get("exclude") == "always-resident":
+        if rows is not None:
+            if not rows or min(rows) < 0 or max(rows) >= mass.shape[0]:
+                raise ValueError(f"rows must be positions among the dump's {mass.shape[0]} sparse layers, got {rows}")
+            mass = mass[list(rows)]
+        elif top_p is None and min_layers is None and rule is None and stored.get("exclude") == "always-resident":
             return record["golden"].bool() & selectable, selectable
         r = rule_name(stored) if rule is None else rule
         p = float(stored.get("top_p", DEFAULT_TOP_P)) if top_p is None else float(top_p)
         if min_layers is not None:
             k = int(min_layers)
         elif r == "vote":
-            k = int(stored.get("min_layers", 1)) if rule_name(stored) == "vote" else default_min_layers(mass.shape[0])
+            # the manifest's vote counts all sparse layers: a group's vote is half of its own layers
+            k = int(stored.get("min_layers", 1)) if rule_name(stored) == "vote" and rows is None else default_min_layers(mass.shape[0])
         else:
             k = 1
         return golden_labels(mass, p, k, selectable=selectable, rule=r), selectable

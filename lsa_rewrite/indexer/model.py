@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ENSEMBLES = ("max", "mean")
+ENSEMBLES = ("max", "mean", "group")
 ROPE_STYLES = ("half", "interleaved")  # HF rotate_half over the two halves; GPT-J's rotate-every-two over channel pairs
 FILE_TYPE = "LSAIndexer"
 FILE_VERSION = 1
@@ -63,7 +63,13 @@ class IndexerConfig:
         rank: width of the low-rank query projection (``default_rank``).
         target_layers: model layer indices the indexer reads (distinct, >= 0), in the order of its
             per-layer parameters and of the ``Lt`` axis of its inputs.
-        ensemble: how target layers' probabilities combine: ``"max"`` (default) or ``"mean"``.
+        ensemble: how target layers' scores rank chunks: ``"max"`` (default) or ``"mean"`` of their
+            probabilities (one resident set for every layer), or ``"group"``: no combination, each
+            target layer ranks the chunks of its own group of model layers (``layer_groups``), which
+            keep resident sets of their own; trained with labels from its group's attention only.
+        layer_groups: under ``ensemble="group"``, one tuple of model layer indices per target layer (in
+            the order of ``target_layers``, disjoint): the layers whose resident set it chooses
+            (``nearest_groups`` gives each sparse layer its nearest target layer). ``None`` otherwise.
         rope: queries get the model's rotary embedding (the cos/sin recorded at the query position):
             ``True``/``False`` for every target layer, or a tuple of bools, one per target layer, for
             models whose layers mix rotary and no rotary (SmolLM3's no-rope layers). A tuple whose
@@ -106,6 +112,7 @@ class IndexerConfig:
     neighbour_margin: float | None = None
     neighbour_min_free: int = 0
     neighbour_top: int | None = None
+    layer_groups: tuple[tuple[int, ...], ...] | None = None
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -124,6 +131,23 @@ class IndexerConfig:
             object.__setattr__(self, "target_layers", tuple(layers))
         if self.ensemble not in ENSEMBLES:
             raise ValueError(f"ensemble must be one of {ENSEMBLES}, got {self.ensemble!r}")
+        groups = self.layer_groups
+        if self.ensemble == "group":
+            if (
+                not isinstance(groups, (tuple, list))
+                or len(groups) != len(layers)
+                or not all(isinstance(g, (tuple, list)) and g and all(_is_int(i) and i >= 0 for i in g) for g in groups)
+            ):
+                raise ValueError(
+                    f"ensemble='group' needs layer_groups: one non-empty tuple of model layer indices per target layer "
+                    f"({len(layers)} for target_layers={list(layers)}; nearest_groups() makes them), got {groups!r}"
+                )
+            flat = [i for g in groups for i in g]
+            if len(set(flat)) != len(flat):
+                raise ValueError(f"layer_groups must be disjoint (each model layer chosen for by one target layer), got {groups!r}")
+            object.__setattr__(self, "layer_groups", tuple(tuple(sorted(g)) for g in groups))
+        elif groups is not None:
+            raise ValueError(f"layer_groups is only used with ensemble='group' (ensemble={self.ensemble!r}); got {groups!r}")
         rope = self.rope
         if isinstance(rope, (tuple, list)):
             if len(rope) != len(layers) or not all(isinstance(r, bool) for r in rope):
@@ -163,6 +187,18 @@ class IndexerConfig:
         """Query heads per KV head."""
         return self.q_heads // self.kv_heads
 
+    @property
+    def per_layer(self) -> bool:
+        """Whether each target layer ranks chunks for its own layer group (``ensemble="group"``)."""
+        return self.ensemble == "group"
+
+    def target_of(self, layer: int) -> int | None:
+        """Under ``ensemble="group"``: the number (index into ``target_layers``) of the target layer whose
+        group holds model layer ``layer``, ``None`` when no group does; else 0 (every layer shares one ranking)."""
+        if not self.per_layer:
+            return 0
+        return next((i for i, g in enumerate(self.layer_groups or ()) if layer in g), None)
+
     def num_parameters(self) -> int:
         """Parameters of an ``LSAIndexer`` with this config (without building it)."""
         h, r, hq, hkv, d = self.hidden_size, self.rank, self.q_heads, self.kv_heads, self.head_dim
@@ -178,6 +214,10 @@ class IndexerConfig:
             data["rope"] = list(self.rope)
         if self.rope_style == "half":  # the default: left out, so files read by lsa-rewrite before the field stay readable
             del data["rope_style"]
+        if self.layer_groups is None:  # likewise (only ensemble="group" has groups)
+            del data["layer_groups"]
+        else:
+            data["layer_groups"] = [list(g) for g in self.layer_groups]
         return {"_type": "IndexerConfig", "_version": version, "_data": data}
 
     @classmethod
@@ -194,7 +234,31 @@ class IndexerConfig:
             data["target_layers"] = tuple(data["target_layers"])
         if isinstance(data.get("rope"), list):
             data["rope"] = tuple(data["rope"])
+        if isinstance(data.get("layer_groups"), list):
+            data["layer_groups"] = tuple(tuple(g) if isinstance(g, list) else g for g in data["layer_groups"])
         return cls(**data, version=obj.get("_version", 1))
+
+
+def nearest_groups(target_layers: tuple[int, ...] | list[int], layers: list[int] | tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    """``layer_groups`` for ``ensemble="group"``: each of ``layers`` (the model's sparsely attended layers)
+    goes to its nearest target layer, a tie to the earlier one.
+
+    Example::
+
+        >>> nearest_groups((7, 15, 22), range(30))
+        ((0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11), (12, 13, 14, 15, 16, 17, 18), (19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29))
+    """
+    targets = list(target_layers)
+    if not targets:
+        raise ValueError("nearest_groups needs at least one target layer")
+    groups: list[list[int]] = [[] for _ in targets]
+    for layer in layers:
+        best = min(range(len(targets)), key=lambda i: (abs(targets[i] - layer), targets[i]))
+        groups[best].append(int(layer))
+    empty = [targets[i] for i, g in enumerate(groups) if not g]
+    if empty:
+        raise ValueError(f"target layers {empty} are nearest to none of the layers {list(layers)}: choose target layers among them")
+    return tuple(tuple(g) for g in groups)
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -248,6 +312,7 @@ class LSAIndexer(nn.Module):
         e_c,g  = s_g * centre_c,g + t_g * half_c,g    chunk c's key bounds, KV head g
         z_c    = scale * sum_h w_h * relu(q_h . e_c,g(h)) + bias
         p_c    = max (or mean) over target layers of sigmoid(z_c)
+                 (ensemble "group": sigmoid(z_c) per target layer, for its own group of model layers)
 
     The methods work one target layer at a time and batch-first (what the runtime calls at selection
     time): ``query`` -> ``layer_logits`` per layer, then ``ensemble``. ``forward`` chains them over all
@@ -386,9 +451,12 @@ class LSAIndexer(nn.Module):
         )
 
     def ensemble(self, logits_list: list[Tensor] | tuple[Tensor, ...] | Tensor) -> Tensor:
-        """Per-layer logits (a list of [B, N], or [B, Lt, N]) -> probabilities [B, N] (max or mean over layers)."""
+        """Per-layer logits (a list of [B, N], or [B, Lt, N]) -> probabilities [B, N] (max or mean over
+        layers); under ``ensemble="group"`` the per-target-layer probabilities [B, Lt, N], uncombined."""
         logits = torch.stack(list(logits_list), dim=1) if isinstance(logits_list, (list, tuple)) else logits_list
         probs = torch.sigmoid(logits)
+        if self.config.ensemble == "group":
+            return probs
         return probs.amax(1) if self.config.ensemble == "max" else probs.mean(1)
 
     def logits(self, x: Tensor, cos: Tensor | None, sin: Tensor | None, kmin: Tensor, kmax: Tensor) -> Tensor:
@@ -407,7 +475,7 @@ class LSAIndexer(nn.Module):
         self, x: Tensor, cos: Tensor | None, sin: Tensor | None, kmin: Tensor, kmax: Tensor, *, lenders: Tensor | None = None
     ) -> Tensor:
         """x [B, Lt, hidden], cos/sin [B, D] (or None), kmin/kmax [B, Lt, N, Hkv, D] -> probabilities [B, N]
-        (with the span rule of ``config.neighbour_margin``, as the runtime scores; ``logits`` is without it).
+        ([B, Lt, N] under ``ensemble="group"``: one row per target layer) (with the span rule of ``config.neighbour_margin``, as the runtime scores; ``logits`` is without it).
         ``lenders`` [B, N] bool: the selectable chunks (see ``spread``)."""
         return self.ensemble(self.spread(self.logits(x, cos, sin, kmin, kmax), lenders=None if lenders is None else lenders[:, None]))
 
@@ -595,6 +663,13 @@ def check_compatible(indexer: LSAIndexer, signature: dict, lsa: dict) -> None:
     if "target_layers" in wanted and sorted(wanted["target_layers"]) != sorted(layers):
         raise ValueError(f"indexer {source} reads target layers {layers}, but the runtime taps layers {sorted(wanted['target_layers'])}")
     sparse = model.get("sparse_layers")
+    if sparse is not None and cfg.per_layer:
+        uncovered = [layer for layer in sparse if cfg.target_of(layer) is None]
+        if uncovered:
+            raise ValueError(
+                f"indexer {source} chooses resident sets per layer group {[list(g) for g in cfg.layer_groups or ()]}, "
+                f"but sparse layers {uncovered} of this model are in none of them: train it for this model's layers"
+            )
     if sparse is not None:
         outside = [layer for layer in layers if layer not in sparse]
         if outside:

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .dump import DEFAULT_TOP_P, LABEL_RULES, CalibrationDump, default_min_layers, rule_name
 from .metrics import BUDGETS, SelectionMetrics, query_aware_scores, random_scores, recency_scores
-from .model import IndexerConfig, LSAIndexer, apply_rope, default_rank, lsa_fields
+from .model import IndexerConfig, LSAIndexer, apply_rope, default_rank, lsa_fields, nearest_groups
 
 LOSSES = ("bce", "focal", "bce+listwise")
 LISTWISE_WEIGHT = 0.1
@@ -58,6 +58,7 @@ def train_indexer(
     device: str | torch.device = "cpu",
     init_weights: dict[int, Tensor] | None = None,
     ensemble: str = "max",
+    layer_groups: Sequence[Sequence[int]] | None = None,
     pos_weight: float | None = None,
     weight_decay: float = 0.0,
     top_p: float | None = None,
@@ -92,7 +93,11 @@ def train_indexer(
         device: where training runs (``"cpu"`` or ``"cuda"``).
         init_weights: the model's query projections ``{layer: W_q [q_heads * head_dim, hidden]}``
             (see the module docstring for what happens without them).
-        ensemble: ``"max"`` or ``"mean"`` over target layers.
+        ensemble: ``"max"`` or ``"mean"`` over target layers, or ``"group"``: each target layer is
+            trained on the golden labels of its own group of sparse layers (the label rule over those
+            layers' masses only) and ranks chunks for them at run time (``IndexerConfig.layer_groups``).
+        layer_groups: under ``"group"``, the model layers of each target layer (one sequence per target
+            layer, disjoint, among the dump's sparse layers); ``None``: ``nearest_groups`` over the sparse layers.
         top_p, min_layers, label_rule: the golden-label rule (``dump.golden_labels``: ``"mean"`` or
             ``"vote"``, always-resident chunks left out), recomputed from the dump's recorded masses;
             ``None``: the dump's manifest values (``min_layers`` only counts under ``"vote"``).
@@ -144,6 +149,17 @@ def train_indexer(
     if absent:
         raise ValueError(f"target layers {absent} are not in the dump {dump.path} (it holds layers {layers_in_dump})")
     select = [layers_in_dump.index(layer) for layer in chosen]
+    groups: tuple[tuple[int, ...], ...] | None = None
+    group_rows: list[list[int]] | None = None  # per target layer: its group's rows of the dump's mass [Ls, N]
+    if ensemble == "group":
+        sparse = [int(layer) for layer in dump.signature.get("sparse_layers", [])]
+        groups = nearest_groups(chosen, sparse) if layer_groups is None else tuple(tuple(int(i) for i in g) for g in layer_groups)
+        unknown = sorted({layer for g in groups for layer in g} - set(sparse))
+        if unknown:
+            raise ValueError(f"layer_groups name layers {unknown} that are not sparse layers of the dump's model (sparse: {sparse})")
+        group_rows = [[sparse.index(layer) for layer in g] for g in groups]
+    elif layer_groups is not None:
+        raise ValueError(f"layer_groups is only used with ensemble='group' (ensemble={ensemble!r})")
     hidden, q_heads, head_dim = int(shapes["hidden"]), int(shapes["q_heads"]), int(shapes["head_dim"])
     config = IndexerConfig(
         hidden_size=hidden,
@@ -158,6 +174,7 @@ def train_indexer(
         neighbour_margin=neighbour_margin,
         neighbour_min_free=neighbour_min_free,
         neighbour_top=neighbour_top,
+        layer_groups=groups,
     )
 
     cache = sum(d.shard_nbytes() for d in dumps) <= CACHE_BYTES
@@ -165,9 +182,13 @@ def train_indexer(
     if label_rule is not None and label_rule not in LABEL_RULES:
         raise ValueError(f"label_rule must be one of {LABEL_RULES}, got {label_rule!r}")
     rule = stored_rule if label_rule is None else label_rule
-    relabel = top_p is not None or min_layers is not None or rule != stored_rule or dump.label.get("exclude") != "always-resident"
+    relabel = (
+        top_p is not None or min_layers is not None or rule != stored_rule or dump.label.get("exclude") != "always-resident" or groups is not None
+    )
     if min_layers is not None:
         layers_vote = int(min_layers)
+    elif rule == "vote" and groups is not None:
+        layers_vote = 1  # per group: half of its own layers (``CalibrationDump.labels``); recorded as "groups" below
     elif rule == "vote":
         layers_vote = int(dump.label.get("min_layers", 1)) if stored_rule == "vote" else default_min_layers(len(dump.signature.get("sparse_layers", [])) or 1)
     else:
@@ -179,9 +200,17 @@ def train_indexer(
         "exclude": "always-resident",
         "from": "recomputed from the recorded masses" if relabel else "the dump's labels",
     }
+    if groups is not None:  # each target layer's labels come from its own group's layers
+        label["groups"] = [list(g) for g in groups]
+        if rule == "vote" and min_layers is None:
+            label["min_layers"] = [default_min_layers(len(g)) for g in groups]
     if not 0.0 < label["top_p"] <= 1.0 or label["min_layers"] < 1:
         raise ValueError(f"the label rule needs top_p in (0, 1] and min_layers >= 1, got top_p={top_p!r}, min_layers={min_layers!r}")
-    overrides = {"top_p": label["top_p"], "min_layers": label["min_layers"], "rule": rule} if relabel else {}
+    overrides = {"top_p": label["top_p"], "min_layers": min_layers, "rule": rule} if relabel else {}
+    if relabel and groups is None:
+        overrides["min_layers"] = label["min_layers"]
+    if group_rows is not None:
+        overrides["rows"] = group_rows
     train = _Windows(dumps, TRAIN_SPLIT, select, cache=cache, label=overrides, reply_weight=reply_weight)
     heldout = _Windows(dumps, HELDOUT_SPLIT, select, cache=cache, label=overrides)
     if train.count == 0:
@@ -195,7 +224,7 @@ def train_indexer(
     untrained.load_state_dict(indexer.state_dict())
     indexer.to(device)
 
-    loss_fn = _make_loss(loss, pos_weight)
+    loss_fn = _make_loss(loss, pos_weight, group_rows)
     steps_per_epoch = math.ceil(train.epoch_count / batch_windows)
     total = epochs * steps_per_epoch
     if trainable not in TRAINABLE:
@@ -321,10 +350,13 @@ class _Windows:
         return [(d, j) for d in self.dumps for j in range(d.num_shards)]
 
     def _prepare(self, record: dict[str, Any], dump: CalibrationDump | None = None) -> dict[str, Any]:
-        sel = self.select
-        golden, selectable = (dump or self.dump).labels(
-            record, top_p=self.label.get("top_p"), min_layers=self.label.get("min_layers"), rule=self.label.get("rule")
-        )
+        sel, source = self.select, dump or self.dump
+        options = dict(top_p=self.label.get("top_p"), min_layers=self.label.get("min_layers"), rule=self.label.get("rule"))
+        if self.label.get("rows") is not None:  # ensemble "group": one label row per target layer, from its group
+            pairs = [source.labels(record, rows=rows, **options) for rows in self.label["rows"]]
+            golden, selectable = torch.stack([g for g, _ in pairs]), pairs[0][1]
+        else:
+            golden, selectable = source.labels(record, **options)
         out = {
             "hidden": record["hidden"][sel],
             "kmin": record["kmin"][sel],
@@ -334,7 +366,7 @@ class _Windows:
             "mass": record["mass"],
             "cos": record.get("cos") if self.rotary else None,
             "sin": record.get("sin") if self.rotary else None,
-            "reply": (dump or self.dump).at_reply(record),
+            "reply": source.at_reply(record),
         }
         if "query" in record:
             out["query"] = record["query"][sel]
@@ -364,19 +396,20 @@ class _Windows:
 
 
 def _collate(records: list[dict[str, Any]], device: torch.device) -> dict[str, Tensor | None]:
-    """Pad windows to the largest N: kmin/kmax [B, Lt, N, Hkv, D], golden [B, N], mask [B, N] (real and
-    selectable chunks: what the loss counts), mass [B, Ls, N]."""
-    batch, n = len(records), max(r["golden"].shape[0] for r in records)
+    """Pad windows to the largest N: kmin/kmax [B, Lt, N, Hkv, D], golden [B, N] (per target layer
+    [B, Lt, N] under ``ensemble="group"``), mask [B, N] (real and selectable chunks: what the loss counts),
+    mass [B, Ls, N]."""
+    batch, n = len(records), max(r["golden"].shape[-1] for r in records)
     lt, _, hkv, d = records[0]["kmin"].shape
     kmin = records[0]["kmin"].new_zeros(batch, lt, n, hkv, d)
     kmax = torch.zeros_like(kmin)
-    golden = torch.zeros(batch, n)
+    golden = torch.zeros(batch, *records[0]["golden"].shape[:-1], n)
     mask = torch.zeros(batch, n, dtype=torch.bool)
     mass = torch.zeros(batch, records[0]["mass"].shape[0], n)
     for b, r in enumerate(records):
-        size = r["golden"].shape[0]
+        size = r["golden"].shape[-1]
         kmin[b, :, :size], kmax[b, :, :size] = r["kmin"], r["kmax"]
-        golden[b, :size], mask[b, :size], mass[b, :, :size] = r["golden"].float(), r["selectable"], r["mass"]
+        golden[b, ..., :size], mask[b, :size], mass[b, :, :size] = r["golden"].float(), r["selectable"], r["mass"]
     out: dict[str, Tensor | None] = {
         "hidden": torch.stack([r["hidden"] for r in records]).float(),
         "kmin": kmin,
@@ -481,9 +514,9 @@ def _fit_scale_and_bias(indexer: LSAIndexer, train: _Windows) -> None:
         batch = _collate([record], torch.device("cpu"))
         keep = record["selectable"]
         raws.append(_raw_scores(indexer, batch)[0][:, keep])  # [Lt, N selectable]
-        labels.append(record["golden"][keep].float())
+        labels.append(record["golden"][..., keep].float().expand_as(raws[-1]))  # one row, or one per target layer
     raw = torch.cat(raws, dim=1)  # [Lt, M]
-    label = torch.cat(labels).expand_as(raw)
+    label = torch.cat(labels, dim=1)
     with torch.no_grad():
         for i, target in enumerate(indexer.layers):
             std = float(raw[i].std()) if raw.shape[1] > 1 else 0.0
@@ -508,14 +541,14 @@ def _fit_scale_and_bias(indexer: LSAIndexer, train: _Windows) -> None:
 # -- loss ---------------------------------------------------------------------------------------
 
 
-def _make_loss(kind: str, pos_weight: float | None):
+def _make_loss(kind: str, pos_weight: float | None, group_rows: list[list[int]] | None = None):
     weight = None if pos_weight is None else torch.tensor(float(pos_weight))
 
     def loss_fn(logits: Tensor, batch: dict[str, Tensor | None]) -> Tensor:
         """logits [B, Lt, N] -> mean over every layer's real selectable chunks (+ the listwise term)."""
         golden, mask = batch["golden"], batch["mask"]
         assert golden is not None and mask is not None
-        target = golden[:, None].expand_as(logits)
+        target = golden[:, None].expand_as(logits) if golden.dim() == 2 else golden  # [B, Lt, N] per target layer
         pw = weight.to(logits.device) if weight is not None else None
         per_chunk = F.binary_cross_entropy_with_logits(logits, target, reduction="none", pos_weight=pw)
         if kind == "focal":
@@ -527,28 +560,31 @@ def _make_loss(kind: str, pos_weight: float | None):
             return (logits * 0).sum()
         value = per_chunk.masked_select(m).mean()
         if kind == "bce+listwise":
-            value = value + LISTWISE_WEIGHT * _listwise(logits, batch["mass"], mask)
+            value = value + LISTWISE_WEIGHT * _listwise(logits, batch["mass"], mask, group_rows)
         return value
 
     return loss_fn
 
 
-def _listwise(logits: Tensor, mass: Tensor | None, mask: Tensor) -> Tensor:
+def _listwise(logits: Tensor, mass: Tensor | None, mask: Tensor, group_rows: list[list[int]] | None = None) -> Tensor:
     """KL(target || softmax(logits)) over each window's selectable chunks, per target layer; the target
-    is the layer-averaged share of the window's attention on those chunks (``golden_labels``' "mean")."""
+    is the layer-averaged share of the window's attention on those chunks (``golden_labels``' "mean"),
+    averaged over each target layer's own group of layers under ``ensemble="group"`` (``group_rows``)."""
     assert mass is not None
     share = mass * mask[:, None]
     share = share / share.sum(-1, keepdim=True).clamp_min(1e-12)
-    target = share.mean(1)  # [B, N]
-    rows = mask.any(-1) & (target.sum(-1) > 0)
-    if not bool(rows.any()):
+    if group_rows is None:
+        t = share.mean(1)[:, None].expand_as(logits)  # [B, Lt, N]
+    else:
+        t = torch.stack([share[:, rows].mean(1) for rows in group_rows], dim=1)
+    t = t / t.sum(-1, keepdim=True).clamp_min(1e-12)
+    live = mask.any(-1)[:, None] & (t.sum(-1) > 0)  # [B, Lt]
+    if not bool(live.any()):
         return (logits * 0).sum()
-    target = target / target.sum(-1, keepdim=True).clamp_min(1e-12)
     # a finite fill: a window without selectable chunks gives a finite (unused) row, not NaN gradients
     logp = torch.log_softmax(logits.masked_fill(~mask[:, None], torch.finfo(logits.dtype).min), dim=-1)  # [B, Lt, N]
-    t = target[:, None].expand_as(logp)
     kl = torch.where(t > 0, t * (torch.log(t.clamp_min(1e-12)) - logp), torch.zeros_like(logp)).sum(-1)  # [B, Lt]
-    return kl[rows].mean()
+    return kl[live].mean()
 
 
 @torch.no_grad()
@@ -575,36 +611,46 @@ def _evaluate(
     select_layers: list[int],
     seed: int,
 ) -> dict[str, Any]:
-    """Metrics over all chunks of every held-out window, for the indexer and the baselines."""
+    """Metrics over all chunks of every held-out window, for the indexer and the baselines.
+
+    Under ``ensemble="group"`` each window counts once per target layer: that layer's ranking against
+    its group's labels and masses (every selector alike), so a group weighs as much as any other."""
     threshold = indexer.config.threshold
     names = ("indexer", "untrained", "recency", "random", "query_aware")
     scorers = {name: SelectionMetrics(BUDGETS, threshold=threshold) for name in names}
     generator = torch.Generator().manual_seed(seed + 1)
     query_source = None
     windows = chunks = positives = 0
+    group_rows = heldout.label.get("rows")
     for record in heldout.ordered():
         batch = _collate([record], torch.device("cpu"))
         golden, mass, keep = record["golden"], record["mass"], record["selectable"]
-        n = golden.shape[0]
+        n = golden.shape[-1]
         args = (batch["hidden"], batch["cos"], batch["sin"], batch["kmin"], batch["kmax"])
-        for name, model in (("indexer", indexer), ("untrained", untrained)):
-            # The span rule as at run time: only selectable chunks raise a neighbour, and only when the
-            # budget's k chunks leave enough free slots (neighbour_min_free).
-            probs = model(*args, lenders=keep[None])[0]
-            scorers[name].add(_ranking(model, args, keep), golden, mass, probs=probs, selectable=keep)
-        scorers["recency"].add(recency_scores(n), golden, mass, selectable=keep)
-        scorers["random"].add(random_scores(n, generator=generator), golden, mass, selectable=keep)
         query = record.get("query")
         if query is not None:
             query_source = "dump"
         elif init_weights is not None:
             query_source = "query-weights"
             query = _model_queries(init_weights, select_layers, record, indexer.config)
-        if query is not None:
-            scorers["query_aware"].add(query_aware_scores(query, record["kmin"], record["kmax"]), golden, mass, selectable=keep)
+        # (row of the indexer's output, the labels, the masses, the query-aware layers) per ranking
+        parts = [(None, golden, mass, slice(None))]
+        if group_rows is not None:
+            parts = [(i, golden[i], mass[rows], slice(i, i + 1)) for i, rows in enumerate(group_rows)]
+        for row, gold, part_mass, layers in parts:
+            for name, model in (("indexer", indexer), ("untrained", untrained)):
+                # The span rule as at run time: only selectable chunks raise a neighbour, and only when the
+                # budget's k chunks leave enough free slots (neighbour_min_free).
+                probs = model(*args, lenders=keep[None])[0]
+                scorers[name].add(_ranking(model, args, keep, row), gold, part_mass, probs=probs if row is None else probs[row], selectable=keep)
+            scorers["recency"].add(recency_scores(n), gold, part_mass, selectable=keep)
+            scorers["random"].add(random_scores(n, generator=generator), gold, part_mass, selectable=keep)
+            if query is not None:
+                scores = query_aware_scores(query[layers], record["kmin"][layers], record["kmax"][layers])
+                scorers["query_aware"].add(scores, gold, part_mass, selectable=keep)
+            positives += int(gold.sum())
         windows += 1
-        chunks += int(keep.sum())
-        positives += int(golden.sum())
+        chunks += int(keep.sum()) * len(parts)
     out: dict[str, Any] = {
         "budgets": list(BUDGETS),
         "heldout": {"windows": windows, "chunks": chunks, "golden_rate": positives / chunks if chunks else None},
@@ -618,9 +664,12 @@ def _evaluate(
     return out
 
 
-def _ranking(indexer: LSAIndexer, args: tuple, keep: Tensor):
-    """``k -> [N]`` probabilities under the span rule for a selection of ``k`` free slots."""
+def _ranking(indexer: LSAIndexer, args: tuple, keep: Tensor, row: int | None = None):
+    """``k -> [N]`` probabilities under the span rule for a selection of ``k`` free slots (target layer
+    ``row``'s under ``ensemble="group"``)."""
     logits = indexer.logits(*args)  # [1, Lt, N]
+    if row is not None:
+        return lambda k: indexer.ensemble(indexer.spread(logits, slots=k, lenders=keep[None, None]))[0, row]
     return lambda k: indexer.ensemble(indexer.spread(logits, slots=k, lenders=keep[None, None]))[0]
 
 

@@ -95,6 +95,11 @@ def test_config_round_trip_and_tuple():
         ({"neighbour_min_free": -1}, "neighbour_min_free must be an int >= 0"),
         ({"neighbour_top": 0}, "neighbour_top must be None \\(every selectable chunk lends\\) or an int >= 1"),
         ({"neighbour_min_free": 2.0}, "neighbour_min_free must be an int >= 0"),
+        ({"ensemble": "group"}, "ensemble='group' needs layer_groups"),
+        ({"ensemble": "group", "layer_groups": ((0, 1),)}, "one non-empty tuple of model layer indices per target layer \\(2 for"),
+        ({"ensemble": "group", "layer_groups": ((0, 1), ())}, "ensemble='group' needs layer_groups"),
+        ({"ensemble": "group", "layer_groups": ((0, 1), (1, 2))}, "layer_groups must be disjoint"),
+        ({"layer_groups": ((0,), (1,))}, "layer_groups is only used with ensemble='group'"),
     ],
 )
 def test_config_checks(overrides, message):
@@ -482,3 +487,29 @@ def test_in_memory_indexer_is_checked_for_shape_and_layers_only():
         check_compatible(indexer, {**SIGNATURE, "num_layers": 3, "sparse_layers": None}, LSA)
     with pytest.raises(ValueError, match="must give the chunk_size"):
         indexer.save("unused.safetensors", signature=SIGNATURE, lsa={"interval": 16})
+
+
+def test_layer_groups_round_trip_and_nearest_groups():
+    from lsa_rewrite.indexer import nearest_groups
+
+    assert nearest_groups((7, 15, 22), range(30)) == (tuple(range(12)), tuple(range(12, 19)), tuple(range(19, 30)))
+    assert nearest_groups((2, 0), [0, 1, 2, 3]) == ((2, 3), (0, 1))  # a tie (layer 1) goes to the earlier target layer
+    with pytest.raises(ValueError, match="nearest to none of the layers"):
+        nearest_groups((0, 9), [0, 1])
+    cfg = make_config(ensemble="group", layer_groups=[[3, 0], [1, 2]])
+    assert cfg.layer_groups == ((0, 3), (1, 2)) and cfg.per_layer
+    assert [cfg.target_of(layer) for layer in range(5)] == [0, 1, 1, 0, None]
+    assert IndexerConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    plain = make_config()
+    assert "layer_groups" not in plain.to_dict()["_data"] and plain.target_of(9) == 0  # files without groups stay as they were
+
+
+def test_group_ensemble_keeps_one_probability_row_per_target_layer():
+    indexer = LSAIndexer.random_init(make_config(), generator=torch.Generator().manual_seed(4))
+    grouped = LSAIndexer(make_config(ensemble="group", layer_groups=((0, 1), (2, 3))))
+    grouped.load_state_dict(indexer.state_dict())
+    x, cos, sin, kmin, kmax = random_inputs()
+    probs = grouped(x, cos, sin, kmin, kmax)
+    assert probs.shape == (3, 2, 7)
+    torch.testing.assert_close(probs, torch.sigmoid(indexer.logits(x, cos, sin, kmin, kmax)))
+    torch.testing.assert_close(probs.amax(1), indexer(x, cos, sin, kmin, kmax))

@@ -317,3 +317,67 @@ def test_unrecognised_rotary_refuses_the_indexer_path_only(monkeypatch):
     ids = _ids(length=40)
     assert torch.equal(converted.generate(ids, max_new_tokens=4, do_sample=False), base.generate(ids, max_new_tokens=4, do_sample=False))
 
+
+
+# -- per-layer-group resident sets (IndexerConfig.ensemble="group") --
+
+
+def _grouped(indexer, groups=None):
+    from lsa_rewrite.indexer import nearest_groups
+
+    layers = indexer.signature.get("sparse_layers") or list(indexer.config.target_layers)
+    return _with_rules(indexer, ensemble="group", layer_groups=groups or nearest_groups(indexer.config.target_layers, layers))
+
+
+def test_group_selector_ranks_each_layer_by_its_groups_target_layer(llama_indexer):
+    grouped = _grouped(llama_indexer)
+    assert grouped.config.layer_groups == ((0,), (1,))
+    layers = _fake_layers(grouped, seed=5)
+    selector = IndexerSelector(grouped)
+    window = _window(160, slots=8)
+    per_target = selector.target_scores(layers, window)  # [Lt, B, N]
+    scores = selector.scores(layers[::-1], window)  # rows follow the order of the layers given
+    torch.testing.assert_close(scores, per_target.flip(0))
+    assert not torch.equal(per_target[0], per_target[1])
+    # each row is the target layer's own logit (no ensemble): the max ensemble of that layer alone
+    alone = IndexerSelector(llama_indexer).target_scores(layers, window)
+    torch.testing.assert_close(per_target, alone)
+    assert selector.threshold_score == IndexerSelector(llama_indexer).threshold_score  # a logit, as under max
+    narrow = _grouped(llama_indexer, groups=((0,), (5,)))
+    with pytest.raises(ValueError, match=r"layers \[1\] are in none of them"):
+        IndexerSelector(narrow).scores(layers, window)
+
+
+def test_group_indexer_converts_dense_exact_and_keeps_per_group_resident_sets():
+    """At a covering budget the group indexer decodes the dense tokens; at a small one the two layer
+    groups keep resident sets of their own (each its target layer's choice), and an indexer whose groups
+    leave a sparse layer out is refused at convert()."""
+    base = make_model("llama").eval()
+    common = dict(chunk_size=16, interval=16, sink_tokens=16, recent_tokens=16, selector="indexer")
+    indexer = _grouped(indexer_from_model(base, LSAConfig(**common), target_layers=[0, 1]))
+    ids = _ids(length=480, seed=4)
+    covering = lsa_rewrite.convert(copy.deepcopy(base), LSAConfig(budget=1024, **common), indexer=indexer)
+    want = base.generate(ids, max_new_tokens=20, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    got = covering.generate(ids, max_new_tokens=20, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(want.sequences, got.sequences)
+    assert max(float((a - b).abs().max()) for a, b in zip(want.logits, got.logits)) <= 1e-4
+    small = lsa_rewrite.convert(copy.deepcopy(base), LSAConfig(budget=96, **common), indexer=indexer)
+    small.generate(ids, max_new_tokens=2, do_sample=False)
+    store = small.lsa.store
+    assert store.selections > 0
+    resident = [{c for c in layer.host_slot_chunk[0] if c >= 0} for layer in store.chunk_layers]
+    assert resident[0] != resident[1]
+    # a selection now: each layer keeps its own target layer's top chunks beside the must-keep ones
+    policy, pos = store.policy, store.length
+    window = policy.window(pos)
+    per_target = IndexerSelector(indexer).target_scores(store.chunk_layers, window)[:, 0]  # [2, N]
+    available = torch.ones(len(resident), 1, policy.num_chunks, dtype=torch.bool)
+    ids = policy.choose(store.chunk_layers, available, pos)[:, 0]  # [L, k]
+    must = set(policy.must_keep(0, pos))
+    for i in range(len(resident)):
+        chosen = {c for c in ids[i].tolist() if c >= 0} - must
+        top = per_target[i].masked_fill(~window.selectable(policy.num_chunks)[0], -torch.inf).topk(len(chosen)).indices
+        assert chosen and chosen == set(top.tolist())
+    assert {c for c in ids[0].tolist()} != {c for c in ids[1].tolist()}
+    with pytest.raises(ValueError, match=r"sparse layers \[1\] of this model are in none of them"):
+        lsa_rewrite.convert(copy.deepcopy(base), LSAConfig(budget=96, **common), indexer=_grouped(indexer, groups=((0,), (7,))))

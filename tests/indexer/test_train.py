@@ -38,12 +38,14 @@ def true_query_weights(seed: int = 0) -> dict[int, torch.Tensor]:
     return weights
 
 
-def write_planted_dump(out, *, windows_per_doc=12, docs=(14, 4), record_query=False, rope=True, seed=0):
+def write_planted_dump(out, *, windows_per_doc=12, docs=(14, 4), record_query=False, rope=True, seed=0, split_groups=False):
     """Windows whose golden chunks have key centres along the rotated topic that the hidden state encodes.
 
     Hidden state x: random; topic v = W x (per target layer, pre-rotary); query position's rotation
     R (cos/sin); golden chunks (about a fifth) have key centres near R v in every KV head, the others
     random directions. Masses: golden chunks take most of each sparse layer's mass.
+    ``split_groups``: layers 0-1 (nearest to target layer 1) and 2-3 (nearest to target 2) attend two
+    independent chunk sets, each planted along its own target layer's topic only.
     """
     weights = true_query_weights()
     g = torch.Generator().manual_seed(seed + 1)
@@ -66,18 +68,25 @@ def write_planted_dump(out, *, windows_per_doc=12, docs=(14, 4), record_query=Fa
             cos, sin = torch.cat([theta.cos()] * 2), torch.cat([theta.sin()] * 2)
             golden = torch.rand(n, generator=g) < 0.2
             golden[int(torch.randint(0, n, (), generator=g))] = True
+            per_target = [golden, golden]
+            if split_groups:
+                other = torch.rand(n, generator=g) < 0.2
+                other[int(torch.randint(0, n, (), generator=g))] = True
+                per_target = [golden, other]
             kmin, kmax, queries = [], [], []
             for i, layer in enumerate(TARGETS):
+                golden_i = per_target[i]
                 v = (weights[layer] @ x[i]).view(HQ, D)[0]
                 rv = v * cos + rotate_half(v) * sin
                 queries.append((weights[layer] @ x[i]).view(HQ, D) * cos + rotate_half((weights[layer] @ x[i]).view(HQ, D)) * sin)
                 centre = torch.randn(n, HKV, D, generator=g) * 0.5
-                centre[golden] += 2.0 * rv / rv.norm()
-                centre[~golden] -= 0.5 * rv / rv.norm()  # the others lean away (a clean planted pattern)
+                centre[golden_i] += 2.0 * rv / rv.norm()
+                centre[~golden_i] -= 0.5 * rv / rv.norm()  # the others lean away (a clean planted pattern)
                 half = torch.rand(n, HKV, D, generator=g) * 0.3
                 kmin.append(centre - half)
                 kmax.append(centre + half)
-            mass = torch.where(golden, 1.0, 0.05) * torch.rand(len(SPARSE), n, generator=g).add(0.5)
+            attended = torch.stack([per_target[0], per_target[0], per_target[1], per_target[1]])  # [Ls, N]
+            mass = torch.where(attended, 1.0, 0.05) * torch.rand(len(SPARSE), n, generator=g).add(0.5)
             mass = mass / mass.sum(1, keepdim=True) * 0.8
             record = {
                 "hidden": x.half(),
@@ -86,7 +95,7 @@ def write_planted_dump(out, *, windows_per_doc=12, docs=(14, 4), record_query=Fa
                 "kmin": torch.stack(kmin).half(),
                 "kmax": torch.stack(kmax).half(),
                 "mass": mass,
-                "golden": golden,
+                "golden": per_target[0] | per_target[1],
                 "meta": torch.tensor([index, t, t - 1]),
             }
             if record_query:
@@ -459,3 +468,71 @@ def test_reply_weight_repeats_the_windows_at_a_reply(planted, tmp_path):
     assert json.loads(result.stdout[result.stdout.index("{"):])["train"]["reply_weight"] == 3
     bad = CliRunner().invoke(app, ["train", str(planted), "--out", str(out), "--reply-weight", "2"])
     assert bad.exit_code == 2 and "reply starts" in " ".join(bad.output.split())
+
+
+@pytest.fixture(scope="module")
+def planted_groups(tmp_path_factory):
+    return write_planted_dump(tmp_path_factory.mktemp("planted_groups") / "dump", split_groups=True, docs=(14, 3))
+
+
+def test_group_labels_come_from_each_groups_own_layers(planted_groups):
+    """ensemble='group': target layer i's labels are the rule over its group's rows of the mass only."""
+    from lsa_rewrite.indexer.dump import CalibrationDump, golden_labels
+    from lsa_rewrite.indexer.dump import selectable_chunks
+
+    dump = CalibrationDump(planted_groups)
+    rows = [[0, 1], [2, 3]]
+    windows = train_module._Windows(dump, "heldout", [0, 1], cache=True, label={"rule": "mean", "top_p": 0.6, "rows": rows})
+    record = next(dump.windows("heldout"))
+    prepared = next(windows.ordered())
+    keep = selectable_chunks(record["mass"].shape[1], int(record["meta"][1]), dump.lsa_config)
+    assert prepared["golden"].shape == (2, record["mass"].shape[1])
+    for i, r in enumerate(rows):
+        assert torch.equal(prepared["golden"][i], golden_labels(record["mass"][r], 0.6, selectable=keep, rule="mean"))
+    assert not torch.equal(prepared["golden"][0], prepared["golden"][1])  # the groups attend different chunks
+
+
+def test_group_training_learns_each_groups_chunks(planted_groups, tmp_path):
+    """Two layer groups attending different chunks: the group indexer learns each target layer's own set
+    (held-out recall against its group's labels), where one ranking for all layers cannot; the file
+    carries the groups, and the CLI trains the same indexer."""
+    from typer.testing import CliRunner
+
+    from lsa_rewrite.cli import app
+    from lsa_rewrite.indexer.dump import CalibrationDump
+    from lsa_rewrite.indexer.metrics import SelectionMetrics
+
+    options = dict(epochs=6, lr=1e-2, batch_windows=16, seed=0, label_rule="mean", top_p=0.6, progress=False)
+    grouped, m_group = train_indexer(planted_groups, ensemble="group", out=tmp_path / "g.safetensors", **options)
+    assert grouped.config.layer_groups == ((0, 1), (2, 3))
+    assert m_group["train"]["label"]["groups"] == [[0, 1], [2, 3]]
+    assert m_group["train"]["train_loss"][-1] < 0.6 * m_group["train"]["train_loss_initial"]
+    assert m_group["indexer"]["golden_recall"]["0.25"] > 0.9 > m_group["untrained"]["golden_recall"]["0.25"] + 0.2
+    assert m_group["heldout"]["windows"] == 3 * 12  # each window counted once per group
+    # The same data under one shared ranking (max), measured against each group's own labels: worse.
+    shared, _ = train_indexer(planted_groups, ensemble="max", **options)
+    rows = [[0, 1], [2, 3]]
+    heldout = train_module._Windows(CalibrationDump(planted_groups), "heldout", [0, 1], cache=True, label={"rule": "mean", "top_p": 0.6, "rows": rows})
+    one, own = SelectionMetrics(), SelectionMetrics()
+    with torch.no_grad():
+        for record in heldout.ordered():
+            batch = train_module._collate([record], torch.device("cpu"))
+            args = (batch["hidden"], batch["cos"], batch["sin"], batch["kmin"], batch["kmax"])
+            ranking, per_group = shared(*args)[0], grouped(*args)[0]  # [N] for every layer; [2, N] per group
+            for i, r in enumerate(rows):
+                one.add(ranking, record["golden"][i], record["mass"][r], selectable=record["selectable"])
+                own.add(per_group[i], record["golden"][i], record["mass"][r], selectable=record["selectable"])
+    for budget in ("0.05", "0.1", "0.135"):
+        assert own.result()["golden_recall"][budget] > one.result()["golden_recall"][budget] + 0.1
+    loaded = LSAIndexer.load(tmp_path / "g.safetensors")
+    assert loaded.config == grouped.config
+    out = tmp_path / "cli.safetensors"
+    result = CliRunner().invoke(app, ["train", str(planted_groups), "--out", str(out), "--epochs", "1", "--ensemble", "group"])
+    assert result.exit_code == 0, result.output
+    assert LSAIndexer.load(out).config.layer_groups == ((0, 1), (2, 3))
+    bad = CliRunner().invoke(app, ["train", str(planted_groups), "--out", str(out), "--ensemble", "sum"])
+    assert bad.exit_code == 2 and "--ensemble must be max, mean or group" in " ".join(bad.output.split())
+    with pytest.raises(ValueError, match="not sparse layers of the dump's model"):
+        train_indexer(planted_groups, ensemble="group", layer_groups=[[0, 1], [2, 7]], epochs=0, progress=False)
+    with pytest.raises(ValueError, match="only used with ensemble='group'"):
+        train_indexer(planted_groups, layer_groups=[[0, 1], [2, 3]], epochs=0, progress=False)
