@@ -6,7 +6,8 @@ full layers), with no download:
 1. **covering budget**: the converted model's greedy tokens and logits equal the dense model's (on
    CUDA through the compiled step replayed as a CUDA graph);
 2. **sparse decode at recall lags 0, 1 and 4** (query-aware selector; and lag 4 with an untrained
-   indexer, whose taps run in the compiled step): real selections with recalls from the mirror (on CUDA:
+   indexer, whose taps run in the compiled step, once ranking for all layers and once per layer group):
+   real selections with recalls from the mirror (on CUDA:
    the copy kernel on a side stream, the tables swapped ``lag`` steps later); every resident chunk is
    bit-identical to its mirror row, the mirror's prompt part equals the dense model's KV, and the
    logits equal the same conversion run on the CPU (PyTorch reference ops) within tolerance (for the
@@ -119,6 +120,20 @@ def _indexer_taps_match(model, base, config, indexer, ids, device: str) -> dict[
     return {"taps_max_abs_diff": taps, "scores_max_rel_diff": scores}
 
 
+def _grouped(indexer):
+    """The same weights with ``ensemble="group"``: each sparse layer selects by its nearest target layer."""
+    import dataclasses
+
+    from lsa_rewrite.indexer import LSAIndexer, nearest_groups
+
+    cfg = indexer.config
+    groups = nearest_groups(cfg.target_layers, indexer.signature["sparse_layers"])
+    grouped = LSAIndexer(dataclasses.replace(cfg, ensemble="group", layer_groups=groups))
+    grouped.load_state_dict(indexer.state_dict())
+    grouped.signature, grouped.lsa = indexer.signature, indexer.lsa
+    return grouped
+
+
 def run(device: str = "cuda", *, prompt: int = 768, new_tokens: int = 48, models: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
     """Every check on ``device`` (for ``models``, default all); one row per (model, check); a row's ``ok`` says whether it passed."""
     import lsa_rewrite
@@ -141,10 +156,14 @@ def run(device: str = "cuda", *, prompt: int = 768, new_tokens: int = 48, models
         rows.append({"model": name, "check": "covering", "max_abs_diff": diff, "same_tokens": bool(torch.equal(seq, want_seq)),
                      "compiled_cuda_graph": compiled, "seconds": round(time.perf_counter() - t0, 2), "ok": ok})
         long_ids = torch.randint(3, 250, (2, prompt), generator=torch.Generator().manual_seed(1))
-        for lag, selector in [(lag, "query-aware") for lag in LAGS] + [(LAGS[-1], "indexer")]:
+        variants = [(lag, "query-aware") for lag in LAGS] + [(LAGS[-1], "indexer"), (LAGS[-1], "indexer groups")]
+        for lag, variant in variants:
+            selector = variant.split()[0]
             config = LSAConfig(budget=192, chunk_size=16, interval=16, sink_tokens=16, recent_tokens=32, recall_lag=lag, selector=selector)
-            row: dict[str, Any] = {"model": name, "check": f"sparse lag {lag}" + (" indexer" if selector == "indexer" else "")}
+            row: dict[str, Any] = {"model": name, "check": f"sparse lag {lag}" + (f" {variant}" if selector == "indexer" else "")}
             indexer = indexer_from_model(base.to("cpu"), config) if selector == "indexer" else None
+            if variant == "indexer groups":  # per-layer-group resident sets (IndexerConfig.ensemble="group")
+                indexer = _grouped(indexer)
             model.to(device)
             try:
                 sparse = lsa_rewrite.convert(copy.deepcopy(model), config, indexer=copy.deepcopy(indexer))

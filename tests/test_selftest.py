@@ -10,7 +10,8 @@ from lsa_rewrite import selftest
 def test_selftest_passes_on_cpu():
     rows = selftest.run("cpu", prompt=320, new_tokens=20, models=("llama",))
     assert [r["check"] for r in rows] == [
-        "covering", "sparse lag 0", "sparse lag 1", "sparse lag 4", "sparse lag 4 indexer", "multi-turn exact prefill", "fp8 mirror recall"
+        "covering", "sparse lag 0", "sparse lag 1", "sparse lag 4", "sparse lag 4 indexer", "sparse lag 4 indexer groups",
+        "multi-turn exact prefill", "fp8 mirror recall",
     ]
     assert all(r["ok"] for r in rows), rows
     assert all(r["recalled_chunks"] > 0 and r["recall_checked"] > 0 for r in rows[1:-2])
