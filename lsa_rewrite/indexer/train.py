@@ -200,12 +200,12 @@ def train_indexer(
         "exclude": "always-resident",
         "from": "recomputed from the recorded masses" if relabel else "the dump's labels",
     }
+    if not 0.0 < label["top_p"] <= 1.0 or label["min_layers"] < 1:
+        raise ValueError(f"the label rule needs top_p in (0, 1] and min_layers >= 1, got top_p={top_p!r}, min_layers={min_layers!r}")
     if groups is not None:  # each target layer's labels come from its own group's layers
         label["groups"] = [list(g) for g in groups]
         if rule == "vote" and min_layers is None:
             label["min_layers"] = [default_min_layers(len(g)) for g in groups]
-    if not 0.0 < label["top_p"] <= 1.0 or label["min_layers"] < 1:
-        raise ValueError(f"the label rule needs top_p in (0, 1] and min_layers >= 1, got top_p={top_p!r}, min_layers={min_layers!r}")
     overrides = {"top_p": label["top_p"], "min_layers": min_layers, "rule": rule} if relabel else {}
     if relabel and groups is None:
         overrides["min_layers"] = label["min_layers"]

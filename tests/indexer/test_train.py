@@ -532,6 +532,8 @@ def test_group_training_learns_each_groups_chunks(planted_groups, tmp_path):
     assert LSAIndexer.load(out).config.layer_groups == ((0, 1), (2, 3))
     bad = CliRunner().invoke(app, ["train", str(planted_groups), "--out", str(out), "--ensemble", "sum"])
     assert bad.exit_code == 2 and "--ensemble must be max, mean or group" in " ".join(bad.output.split())
+    _, m_vote = train_indexer(planted_groups, ensemble="group", label_rule="vote", epochs=1, progress=False)
+    assert m_vote["train"]["label"]["min_layers"] == [1, 1]  # half of each group's two layers
     with pytest.raises(ValueError, match="not sparse layers of the dump's model"):
         train_indexer(planted_groups, ensemble="group", layer_groups=[[0, 1], [2, 7]], epochs=0, progress=False)
     with pytest.raises(ValueError, match="only used with ensemble='group'"):
