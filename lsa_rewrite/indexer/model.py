@@ -475,7 +475,8 @@ class LSAIndexer(nn.Module):
         self, x: Tensor, cos: Tensor | None, sin: Tensor | None, kmin: Tensor, kmax: Tensor, *, lenders: Tensor | None = None
     ) -> Tensor:
         """x [B, Lt, hidden], cos/sin [B, D] (or None), kmin/kmax [B, Lt, N, Hkv, D] -> probabilities [B, N]
-        ([B, Lt, N] under ``ensemble="group"``: one row per target layer) (with the span rule of ``config.neighbour_margin``, as the runtime scores; ``logits`` is without it).
+        (under ``ensemble="group"`` [B, Lt, N], one row per target layer), with the span rule of
+        ``config.neighbour_margin`` as the runtime scores (``logits`` is without it).
         ``lenders`` [B, N] bool: the selectable chunks (see ``spread``)."""
         return self.ensemble(self.spread(self.logits(x, cos, sin, kmin, kmax), lenders=None if lenders is None else lenders[:, None]))
 

@@ -508,7 +508,7 @@ def test_group_training_learns_each_groups_chunks(planted_groups, tmp_path):
     assert m_group["train"]["label"]["groups"] == [[0, 1], [2, 3]]
     assert m_group["train"]["train_loss"][-1] < 0.6 * m_group["train"]["train_loss_initial"]
     assert m_group["indexer"]["golden_recall"]["0.25"] > 0.9 > m_group["untrained"]["golden_recall"]["0.25"] + 0.2
-    assert m_group["heldout"]["windows"] == 3 * 12  # each window counted once per group
+    assert m_group["heldout"]["windows"] == 3 * 12  # 3 held-out documents x 12 windows (each scored once per group)
     # The same data under one shared ranking (max), measured against each group's own labels: worse.
     shared, _ = train_indexer(planted_groups, ensemble="max", **options)
     rows = [[0, 1], [2, 3]]
