@@ -3,7 +3,7 @@
 Two CPU processes over gloo load the tiny Llama with ``DistributedConfig(tp_size=2)`` and convert it.
 At a covering budget the greedy tokens and logits equal the unsharded dense model's; at budget 0.25
 every rank's store holds only its own KV head, within the budget, and the ranks keep the same
-resident set (query-aware scores all-reduced, or the indexer's per-head score sums); sampling (one seed on every rank) and a later turn on
+resident set (query-aware scores all-reduced, or the indexer's per-head score sums, per layer group too); sampling (one seed on every rank) and a later turn on
 the same cache agree across ranks and with the unsharded model. Plans the local view cannot run are refused before
 anything is converted.
 """
@@ -148,6 +148,12 @@ def _worker(rank: int, path: str, port: int, out: str, indexer) -> None:
         result["indexed_selector"] = (type(store.selector).__name__, store.selector.kv_heads)
         result["indexed_selections"] = store.selections
         del model, store
+        # the same weights as a layer-group indexer: each layer keeps its own target layer's choice, the
+        # per-target head sums all-reduced before each layer takes its group's row
+        model = lsa_rewrite.convert(_load_sharded(path), INDEXED, indexer=_grouped(indexer))
+        result["grouped"] = hf_greedy(model, _prompt(1, LONG, 5), NEW)
+        result["grouped_tables"] = [layer.chunk_slot.clone() for layer in model.lsa.store.chunk_layers]
+        del model
         torch.save(result, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -165,6 +171,16 @@ def ranks():
         mp.spawn(_worker, args=(path, _free_port(), tmp, indexer), nprocs=WORLD, join=True)
         results = [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     return model, indexer, results
+
+
+def _grouped(indexer):
+    """The same weights with ``ensemble="group"``: layer 0 chooses for itself, layer 1 for itself."""
+    from lsa_rewrite.indexer import LSAIndexer
+
+    other = LSAIndexer(dataclasses.replace(indexer.config, ensemble="group", layer_groups=((0,), (1,))))
+    other.load_state_dict(indexer.state_dict())
+    other.signature, other.lsa, other.metrics, other.source = indexer.signature, indexer.lsa, indexer.metrics, indexer.source
+    return other
 
 
 def _indexer(model):
@@ -276,3 +292,16 @@ def test_indexer_selector_sums_head_shares_across_ranks_like_the_unsharded_model
         assert torch.equal(tp_seq, seq)
         torch.testing.assert_close(tp_logits, logits, atol=1e-3, rtol=1e-3)
         assert all(torch.equal(a, b) for a, b in zip(r["indexed_tables"], tables))
+
+
+def test_group_indexer_keeps_per_layer_sets_agreed_across_ranks_like_the_unsharded_model(ranks):
+    model, indexer, results = ranks
+    single = no_eos(lsa_rewrite.convert(copy.deepcopy(model), INDEXED, indexer=_grouped(indexer)))
+    seq, logits = hf_greedy(single, _prompt(1, LONG, 5), NEW)
+    tables = [layer.chunk_slot for layer in single.lsa.store.chunk_layers]
+    assert not torch.equal(tables[0], tables[1])  # the two groups keep different resident sets
+    for r in results:
+        tp_seq, tp_logits = r["grouped"]
+        assert torch.equal(tp_seq, seq)
+        torch.testing.assert_close(tp_logits, logits, atol=1e-3, rtol=1e-3)
+        assert all(torch.equal(a, b) for a, b in zip(r["grouped_tables"], tables))
