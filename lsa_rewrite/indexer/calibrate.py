@@ -21,7 +21,11 @@ Post-rotary queries, keys and the real attention come from transformers' attenti
 for the duration of the run the model's attention implementation is switched to a registered function
 that computes the model's own attention (the implementation it had, with the mask that implementation
 gets) and, for the sampled window rows only, the softmax over keys (module scaling, softcap, causal
-mask, GQA, attention sinks). The original implementation is restored afterwards, also on errors.
+mask, GQA, attention sinks). Attention modules that do not go through the registry but call
+``torch.nn.functional.scaled_dot_product_attention`` themselves (Falcon) are recorded from that call
+instead: when the first document leaves layers unrecorded, the model is switched to its ``"sdpa"``
+implementation and each attention module's SDPA call is intercepted (``_SDPARecording``). The original
+implementation is restored afterwards, also on errors.
 
 The dump is written with ``DumpWriter`` (``dump.py``): an interrupted run resumes, skipping the
 documents already written.
@@ -31,6 +35,7 @@ Not here: the documents themselves (``documents.py``), the dump format (``dump.p
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import logging
@@ -43,7 +48,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from ..config import LSAConfig
 from .documents import Document, Task, default_documents, load_documents
@@ -255,6 +262,10 @@ class _Recorder:
         self.inner: Any = None
         self.starts: list[int] = []
         self.seen: set[int] = set()
+        # Recording from the attention modules' own SDPA calls (models whose attention bypasses the registry).
+        self.sdpa = False
+        self.current: int | None = None  # the layer whose attention module is running (SDPA recording only)
+        self.kv_heads = _shape(model)["kv_heads"]
         # Logits are not needed: keep the LM head to the last position (a [S, vocab] tensor otherwise).
         params = inspect.signature(model.forward).parameters
         self.forward_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
@@ -289,7 +300,11 @@ class _Recorder:
                 module = self.modules[layer]
                 self.handles.append(_query_projection(module).register_forward_pre_hook(self._hidden_hook(layer)))
             _ACTIVE = self
-            self.model.set_attn_implementation(ATTN_IMPLEMENTATION)
+            compatible = getattr(self.model, "is_backend_compatible", None)
+            if callable(compatible) and not compatible():
+                self._use_sdpa()  # the model says its attention bypasses the registry (Falcon)
+            else:
+                self.model.set_attn_implementation(ATTN_IMPLEMENTATION)
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -302,7 +317,7 @@ class _Recorder:
         self.handles.clear()
         if _ACTIVE is self:
             _ACTIVE = None
-        if getattr(self.model.config, "_attn_implementation", None) == ATTN_IMPLEMENTATION:
+        if getattr(self.model.config, "_attn_implementation", None) != self.original and self.original is not None:
             self.model.set_attn_implementation(self.original)
 
     def _inner_function(self, name: str) -> Any:
@@ -375,21 +390,102 @@ class _Recorder:
 
     def run(self, ids: Tensor, starts: Sequence[int]) -> list[dict[str, Tensor]]:
         """One forward pass over ``ids`` [S]; the window records (without ``golden``/``meta``) of ``starts``."""
-        device = next(self.model.parameters()).device
-        self._reset()
         self.starts = sorted(int(t) for t in starts)
         try:
-            with torch.no_grad():
-                self.model(input_ids=ids.view(1, -1).to(device), use_cache=False, **self.forward_kwargs)
-            missing = sorted((set(self.targets) | set(self.sparse)) - self.seen)
+            missing = self._forward(ids)
+            if missing and not self.sdpa:
+                # Some attention modules bypass the registry: record every layer from its SDPA call instead.
+                self._use_sdpa()
+                missing = self._forward(ids)
             if missing:
                 raise ValueError(
-                    f"layers {missing} of {type(self.model).__name__} did not call the registered attention function; "
-                    "calibration needs models whose attention goes through transformers' AttentionInterface"
+                    f"layers {missing} of {type(self.model).__name__} neither called transformers' registered attention "
+                    "function nor torch.nn.functional.scaled_dot_product_attention (once per forward); calibration "
+                    "records attention from one of the two (an attention written as matmul and softmax, like "
+                    "GPT-Neo's, is not recorded)"
                 )
             return self._records()
         finally:
             self.starts = []
+
+    def _forward(self, ids: Tensor) -> list[int]:
+        """One forward pass over ``ids`` recording the windows; the layers that recorded nothing."""
+        device = next(self.model.parameters()).device
+        self._reset()
+        with torch.no_grad(), (_SDPARecording(self) if self.sdpa else contextlib.nullcontext()):
+            self.model(input_ids=ids.view(1, -1).to(device), use_cache=False, **self.forward_kwargs)
+        return sorted((set(self.targets) | set(self.sparse)) - self.seen)
+
+    def _use_sdpa(self) -> None:
+        """Switch to recording the attention modules' own SDPA calls, under the model's ``"sdpa"`` implementation."""
+        name = type(self.model).__name__
+        if getattr(self.model.config, "_attn_implementation", None) != "sdpa":
+            if not getattr(self.model, "_supports_sdpa", False):
+                raise ValueError(
+                    f"{name}'s attention neither goes through transformers' attention registry nor supports SDPA, so "
+                    "calibration cannot record it; lsa_rewrite.indexer.from_model.indexer_from_model(model, config) "
+                    "builds an untrained indexer for it"
+                )
+            try:
+                self.model.set_attn_implementation("sdpa")
+            except (ValueError, ImportError) as exc:
+                raise ValueError(f"{name}: calibration records its attention under SDPA, and switching failed: {exc}") from exc
+            current = getattr(self.model.config, "_attn_implementation", None)
+            if current != "sdpa":
+                raise ValueError(
+                    f"{name} runs its {current!r} attention, which calibration cannot record, and cannot switch "
+                    "implementations at run time; load it with attn_implementation=\"sdpa\" (from_pretrained(..., "
+                    "attn_implementation=\"sdpa\")) and calibrate again"
+                )
+        self.sdpa = True
+        for layer, module in enumerate(self.modules):
+            self.handles.append(module.register_forward_pre_hook(self._enter_layer(layer)))
+            self.handles.append(module.register_forward_hook(self._leave_layer))
+        log.info("%s: recording attention from each layer's scaled_dot_product_attention call", type(self.model).__name__)
+
+    def _enter_layer(self, layer: int) -> Any:
+        def hook(_module: nn.Module, _args: tuple) -> None:
+            self.current = layer
+
+        return hook
+
+    def _leave_layer(self, _module: nn.Module, _args: tuple, _out: Any) -> None:
+        self.current = None
+
+    def sdpa_called(self, query: Tensor, key: Tensor, scale: float | None) -> None:
+        """An attention module's own SDPA call (``_SDPARecording``): record it for the running layer."""
+        layer = self.current
+        if layer is None or not self.starts:
+            return
+        if layer in self.seen:
+            raise ValueError(
+                f"layer {layer} of {type(self.model).__name__} called scaled_dot_product_attention more than once in a "
+                "forward; calibration cannot tell which call is its attention"
+            )
+        if query.dim() != 4 or key.dim() != 4 or key.shape[-2] != query.shape[-2]:
+            raise ValueError(
+                f"layer {layer}: scaled_dot_product_attention got query {tuple(query.shape)} and key {tuple(key.shape)}; "
+                "calibration records [batch, heads, tokens, head_dim] self-attention over the whole document"
+            )
+        key = self._kv_heads(layer, key)
+        self.seen.add(layer)
+        module = self.modules[layer]
+        with torch.no_grad():
+            self._record(layer, module, query, key, {"scaling": scale if scale is not None else query.shape[-1] ** -0.5})
+
+    def _kv_heads(self, layer: int, key: Tensor) -> Tensor:
+        """``key`` with the model's KV heads: a key expanded to the query heads before SDPA is folded back."""
+        heads, kv = key.shape[1], self.kv_heads
+        if heads == kv:
+            return key
+        if heads % kv == 0:
+            folded = key.unflatten(1, (kv, heads // kv))  # head h -> KV head h // group, as repeat_kv expands
+            if torch.equal(folded, folded[:, :, :1].expand_as(folded)):
+                return folded[:, :, 0]
+        raise ValueError(
+            f"layer {layer}: scaled_dot_product_attention got keys with {heads} heads, and the model's config says "
+            f"{kv} KV heads; calibration records keys per KV head, as the store keeps them"
+        )
 
     def _records(self) -> list[dict[str, Tensor]]:
         records = []
@@ -407,6 +503,30 @@ class _Recorder:
                 record["cos"], record["sin"] = cos_sin[0][w], cos_sin[1][w]
             records.append(record)
         return records
+
+
+class _SDPARecording(TorchFunctionMode):
+    """Reports each ``scaled_dot_product_attention`` call to the recorder (models that call it themselves)."""
+
+    def __init__(self, recorder: _Recorder):
+        super().__init__()
+        self.recorder = recorder
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is F.scaled_dot_product_attention:
+            bound = _SDPA_SIGNATURE.bind(*args, **kwargs)
+            self.recorder.sdpa_called(bound.arguments["query"], bound.arguments["key"], bound.arguments.get("scale"))
+        return out
+
+
+_SDPA_SIGNATURE = inspect.Signature(
+    [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default) for name, default in (
+        ("query", inspect.Parameter.empty), ("key", inspect.Parameter.empty), ("value", inspect.Parameter.empty),
+        ("attn_mask", None), ("dropout_p", 0.0), ("is_causal", False), ("scale", None), ("enable_gqa", False),
+    )]
+)
 
 
 def _recording_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Any, **kwargs: Any) -> Any:
@@ -646,33 +766,33 @@ def calibrate(
         "label": label_rule(len(sparse)),
         "shapes": shapes,
     }
-    if not resume and out.exists():
-        _clear_dump(out)
-    writer = DumpWriter(out, manifest, shard_windows=shard_windows)
-    label = writer.manifest["label"]
-    todo = [(doc, ids) for doc, ids in tokenized if doc.id not in writer.finished]
-    if len(todo) < len(tokenized):
-        log.info("resuming %s: %d of %d documents already written", out, len(tokenized) - len(todo), len(tokenized))
-    with _Recorder(model, target_layers=targets, sparse=sparse, chunk=chunk, interval=interval) as recorder, _progress(
-        progress, sum(len(ids) for _, ids in todo), len(tokenized)
-    ) as bar:
+    # The recorder first: a model whose attention cannot be recorded is refused before the dump is touched.
+    with _Recorder(model, target_layers=targets, sparse=sparse, chunk=chunk, interval=interval) as recorder:
         recorder.rotary = rotary
-        done = len(tokenized) - len(todo)
-        for doc, ids in todo:
-            rng = random.Random(f"windows:{seed}:{doc.id}")
-            answer = _answer_token(doc, tokenizer, len(ids))
-            starts = window_starts(len(ids), chunk=chunk, interval=interval, count=windows_per_document, rng=rng, answer=answer)
-            records = _run_document(recorder, ids, starts)
-            index = writer.add_document(doc.id, source=doc.source, tokens=len(ids), split=split[doc.id], answer=answer)
-            for t, record in zip(starts, records):
-                selectable = selectable_chunks(record["mass"].shape[1], t, manifest["lsa_config"])
-                record["golden"] = golden_labels(
-                    record["mass"], label["top_p"], label["min_layers"], selectable=selectable, rule=rule_name(label)
-                )
-                record["meta"] = torch.tensor([index, t, t - 1], dtype=torch.long)
-                writer.add_window(record)
-            done += 1
-            bar.advance(len(ids), done)
+        if not resume and out.exists():
+            _clear_dump(out)
+        writer = DumpWriter(out, manifest, shard_windows=shard_windows)
+        label = writer.manifest["label"]
+        todo = [(doc, ids) for doc, ids in tokenized if doc.id not in writer.finished]
+        if len(todo) < len(tokenized):
+            log.info("resuming %s: %d of %d documents already written", out, len(tokenized) - len(todo), len(tokenized))
+        with _progress(progress, sum(len(ids) for _, ids in todo), len(tokenized)) as bar:
+            done = len(tokenized) - len(todo)
+            for doc, ids in todo:
+                rng = random.Random(f"windows:{seed}:{doc.id}")
+                answer = _answer_token(doc, tokenizer, len(ids))
+                starts = window_starts(len(ids), chunk=chunk, interval=interval, count=windows_per_document, rng=rng, answer=answer)
+                records = _run_document(recorder, ids, starts)
+                index = writer.add_document(doc.id, source=doc.source, tokens=len(ids), split=split[doc.id], answer=answer)
+                for t, record in zip(starts, records):
+                    selectable = selectable_chunks(record["mass"].shape[1], t, manifest["lsa_config"])
+                    record["golden"] = golden_labels(
+                        record["mass"], label["top_p"], label["min_layers"], selectable=selectable, rule=rule_name(label)
+                    )
+                    record["meta"] = torch.tensor([index, t, t - 1], dtype=torch.long)
+                    writer.add_window(record)
+                done += 1
+                bar.advance(len(ids), done)
     writer.close()
     return out
 

@@ -438,3 +438,88 @@ def test_a_model_traced_over_a_dynamic_cache_only_calibrates_with_the_default_co
     dump = CalibrationDump(out)
     assert dump.shapes["rope"] is False and dump.count("train") + dump.count("heldout") > 0
     assert dump.lsa_config == CFG.to_dict()
+
+
+# ---------------------------------------------------------------- attention that bypasses the registry
+
+
+def _dump_tensors(path) -> list[dict]:
+    return [{k: v for k, v in r.items() if isinstance(v, torch.Tensor)} for r in CalibrationDump(path).windows()]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_recording_from_sdpa_calls_gives_the_registry_dump(family, tmp_path, monkeypatch):
+    """A model that says its attention bypasses transformers' registry is recorded from each attention module's
+    own scaled_dot_product_attention call; on a registry model (GQA: keys expanded to the query heads before
+    SDPA are folded back per KV head) that must give the very dump the registry recording gives."""
+    model = make_model(family)
+    docs = [_text(170, seed=3), _text(150, seed=4)]
+    want = _dump_tensors(_run(model, tmp_path / "registry", docs))
+    monkeypatch.setattr(type(model), "is_backend_compatible", classmethod(lambda cls: False))
+    got = _dump_tensors(_run(model, tmp_path / "sdpa", docs))
+    assert model.config._attn_implementation == "sdpa" and calibrate_module._ACTIVE is None
+    assert len(got) == len(want) > 0
+    for a, b in zip(got, want):
+        assert a.keys() == b.keys()
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("family", ["falcon", "falcon_mqa"])
+def test_falcon_calibrates_from_its_sdpa_calls(family, tmp_path):
+    """Falcon calls SDPA itself (no registry): masses equal its eager attention probabilities, key bounds are per
+    KV head as the store keeps them (one for multi-query), and the recorded hidden state is what
+    query_key_value sees; the model's attention implementation is left as it was."""
+    model = make_model(family)
+    eager = make_model(family, attn_implementation="eager")
+    doc = _text(170, seed=1)
+    ids = torch.tensor(TOK.encode(doc.text))
+    dump = CalibrationDump(_run(model, tmp_path / "dump", [doc], windows_per_document=5))
+    assert model.config._attn_implementation == "sdpa"
+    seen = {}
+    modules = _attention_modules(model)
+    hooks = [modules[layer].query_key_value.register_forward_pre_hook(lambda mod, args, layer=layer: seen.__setitem__(layer, args[0][0].clone()))
+             for layer in dump.target_layers]
+    with torch.no_grad():
+        attentions = eager(input_ids=ids[None], output_attentions=True).attentions
+        model(input_ids=ids[None])
+    for h in hooks:
+        h.remove()
+    kv_heads = 1 if family == "falcon_mqa" else model.config.num_attention_heads  # the new layout caches keys per query head
+    assert dump.shapes["kv_heads"] == kv_heads
+    windows = list(dump.windows())
+    assert len(windows) == 5
+    for record in windows:
+        t = int(record["meta"][1])
+        for j, layer in enumerate(dump.signature["sparse_layers"]):
+            torch.testing.assert_close(record["mass"][j], _chunk_mass(attentions[layer][0], t), atol=1e-5, rtol=1e-4)
+        assert record["kmin"].shape[2] == kv_heads and bool((record["kmin"] <= record["kmax"]).all())
+        for i, layer in enumerate(dump.target_layers):
+            assert torch.equal(record["hidden"][i], seen[layer][t - 1])
+
+
+def test_attention_that_cannot_be_recorded_is_refused_before_the_dump_is_written(tmp_path):
+    """GPT-Neo computes its attention as matmul and softmax (no registry, no SDPA); Falcon loaded with eager
+    attention cannot switch at run time: each is refused with what to do, and nothing is written."""
+    neo = make_model("gpt_neo")
+    with pytest.raises(ValueError, match="indexer_from_model"):
+        _run(neo, tmp_path / "neo", [_text(170)])
+    falcon = make_model("falcon", attn_implementation="eager")
+    with pytest.raises(ValueError, match='attn_implementation="sdpa"'):
+        _run(falcon, tmp_path / "falcon", [_text(170)])
+    assert not (tmp_path / "neo").exists() and not (tmp_path / "falcon").exists()
+    assert neo.config._attn_implementation == falcon.config._attn_implementation == "eager"
+    assert calibrate_module._ACTIVE is None
+
+
+def test_keys_expanded_to_the_query_heads_are_folded_back_per_kv_head():
+    model = make_model("llama")
+    recorder = calibrate_module._Recorder(model, target_layers=[1], sparse=[0, 1], chunk=C, interval=I)
+    kv, heads = recorder.kv_heads, model.config.num_attention_heads
+    assert kv < heads
+    key = torch.randn(1, kv, 40, 16)
+    expanded = key.repeat_interleave(heads // kv, dim=1)  # what repeat_kv hands SDPA
+    assert torch.equal(recorder._kv_heads(0, expanded), key)
+    assert recorder._kv_heads(0, key) is key
+    with pytest.raises(ValueError, match=f"{heads} heads.*{kv} KV heads"):
+        recorder._kv_heads(0, torch.randn(1, heads, 40, 16))  # distinct keys per query head: not an expansion
