@@ -57,7 +57,13 @@ def convert(model: torch.nn.Module, config: LSAConfig | None = None, *, indexer:
         raise ValueError("this model is already converted (it has `model.lsa`); convert the original model once")
     adapter = make_adapter(model, config)
     indexer = _indexer(model, config, indexer)
-    step, _ = adapter.trace()
+    step, sites = adapter.trace()
+    if indexer is not None and not is_hf_model(model):
+        from .indexer import check_compatible
+        from .indexer.calibrate import sites_signature
+
+        # a plain decoder has no config: its signature comes from the traced step
+        check_compatible(indexer, sites_signature(model, sites), config.to_dict())
     layers = tuple(indexer.config.target_layers) if indexer is not None else ()
     program = build_program(step, model, config, adapter.windows, layers)
     if indexer is not None:
@@ -87,12 +93,10 @@ def _indexer(model: torch.nn.Module, config: LSAConfig, indexer: Any):
         indexer = LSAIndexer.load(indexer)
     if not isinstance(indexer, LSAIndexer):
         raise TypeError(f"indexer must be a path to a .safetensors indexer or an LSAIndexer, got {type(indexer).__name__}")
-    signature = {}
-    if is_hf_model(model):
+    if is_hf_model(model):  # a plain decoder's signature comes from its traced step: checked in convert()
         from .indexer.calibrate import model_signature
 
-        signature = model_signature(model)
-    check_compatible(indexer, signature, config.to_dict())
+        check_compatible(indexer, model_signature(model), config.to_dict())
     device, _ = model_device_dtype(model)
     return indexer.to(device)
 

@@ -130,11 +130,19 @@ def _shape(model: nn.Module) -> dict[str, int]:
 def model_signature(model: nn.Module) -> dict[str, Any]:
     """What an indexer trained on this model's dump must match (docs/indexer.md, the dump manifest).
 
+    An HF model's from its config; a plain decoder's (no config) from its traced decode step
+    (``sites_signature``).
+
     Example::
 
         >>> model_signature(model)["sparse_layers"][:3]
         [0, 1, 2]
     """
+    from ..adapters import is_hf_model, make_adapter
+
+    if not is_hf_model(model):
+        _, sites = make_adapter(model, LSAConfig()).trace()
+        return sites_signature(model, sites)
     config = _text_config(model)
     shape = _shape(model)
     return {
@@ -147,6 +155,29 @@ def model_signature(model: nn.Module) -> dict[str, Any]:
         "head_dim": shape["head_dim"],
         "sparse_layers": sparse_layers(model),
         "vocab_size": int(getattr(config, "vocab_size", 0) or 0),
+    }
+
+
+def sites_signature(model: nn.Module, sites: Sequence[Any]) -> dict[str, Any]:
+    """A plain decoder's model signature, from the attention sites of its traced decode step: its class, layer
+    count, the head shape of its sparsely attended layers and which layers those are (``model_type`` None; no
+    hidden or vocabulary size: the taps check the hidden size at ``convert``).
+
+    Example::
+
+        >>> sites_signature(decoder, make_adapter(decoder, LSAConfig()).trace()[1])["sparse_layers"]
+        [0, 1]
+    """
+    sparse = [site.layer for site in sites if site.action == "rewrite"]
+    ref = next((site for site in sites if site.action == "rewrite"), sites[0])
+    return {
+        "class": type(model).__name__,
+        "model_type": None,
+        "num_layers": len(sites),
+        "q_heads": int(ref.q_heads),
+        "kv_heads": int(ref.kv_heads),
+        "head_dim": int(ref.head_dim),
+        "sparse_layers": sparse,
     }
 
 
@@ -247,9 +278,14 @@ def window_masses(
 class _Recorder:
     """Hooks and the recording attention function, installed on ``model`` for the calibration run."""
 
-    def __init__(self, model: nn.Module, *, target_layers: Sequence[int], sparse: Sequence[int], chunk: int, interval: int):
+    def __init__(
+        self, model: nn.Module, *, target_layers: Sequence[int], sparse: Sequence[int], chunk: int, interval: int,
+        plain: "_PlainDecoder | None" = None,
+    ):
         self.model = model
-        self.modules = _attention_modules(model)
+        # A plain decoder (no registry, no attention modules to name): its layers are its SDPA calls in order.
+        self.plain = plain
+        self.modules = _attention_modules(model) if plain is None else []
         self.layer_of = {id(m): i for i, m in enumerate(self.modules)}
         self.targets = list(target_layers)
         self.sparse = list(sparse)
@@ -265,7 +301,9 @@ class _Recorder:
         # Recording from the attention modules' own SDPA calls (models whose attention bypasses the registry).
         self.sdpa = False
         self.current: int | None = None  # the layer whose attention module is running (SDPA recording only)
-        self.kv_heads = _shape(model)["kv_heads"]
+        self.kv_heads = _shape(model)["kv_heads"] if plain is None else plain.kv_heads
+        self.calls = 0  # SDPA calls in the current forward (plain decoders)
+        self.buffers: dict[str, Tensor] = {}  # a plain decoder's buffers before the run (its caches are written)
         # Logits are not needed: keep the LM head to the last position (a [S, vocab] tensor otherwise).
         params = inspect.signature(model.forward).parameters
         self.forward_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
@@ -287,6 +325,8 @@ class _Recorder:
 
         if _ACTIVE is not None:
             raise RuntimeError("another calibration is already running in this process")
+        if self.plain is not None:
+            return self._enter_plain()
         config = self.model.config
         self.original = getattr(config, "_attn_implementation", None) or "eager"
         if not hasattr(self.model, "set_attn_implementation"):
@@ -310,6 +350,19 @@ class _Recorder:
             raise
         return self
 
+    def _enter_plain(self) -> "_Recorder":
+        global _ACTIVE
+        self.buffers = {name: b.clone() for name, b in self.model.named_buffers()}
+        try:
+            for layer in self.targets:
+                self.handles.append(self.plain.projections[layer].register_forward_pre_hook(self._hidden_hook(layer)))
+            _ACTIVE = self
+            self.sdpa = True
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
     def __exit__(self, *exc: Any) -> None:
         global _ACTIVE
         for handle in self.handles:
@@ -317,6 +370,12 @@ class _Recorder:
         self.handles.clear()
         if _ACTIVE is self:
             _ACTIVE = None
+        for name, value in self.buffers.items():  # a plain decoder's caches as they were
+            module_name, _, leaf = name.rpartition(".")
+            self.model.get_submodule(module_name)._buffers[leaf] = value
+        self.buffers = {}
+        if self.plain is not None:
+            return
         if getattr(self.model.config, "_attn_implementation", None) != self.original and self.original is not None:
             self.model.set_attn_implementation(self.original)
 
@@ -397,6 +456,12 @@ class _Recorder:
                 # Some attention modules bypass the registry: record every layer from its SDPA call instead.
                 self._use_sdpa()
                 missing = self._forward(ids)
+            if missing and self.plain is not None:
+                raise ValueError(
+                    f"{type(self.model).__name__} called torch.nn.functional.scaled_dot_product_attention {self.calls} times in "
+                    f"a forward, for {self.plain.num_layers} attention layers; calibration takes a plain decoder's layers to be "
+                    "its SDPA calls in order (an attention written as matmul and softmax is not recorded)"
+                )
             if missing:
                 raise ValueError(
                     f"layers {missing} of {type(self.model).__name__} neither called transformers' registered attention "
@@ -412,8 +477,16 @@ class _Recorder:
         """One forward pass over ``ids`` recording the windows; the layers that recorded nothing."""
         device = next(self.model.parameters()).device
         self._reset()
+        self.calls = 0
         with torch.no_grad(), (_SDPARecording(self) if self.sdpa else contextlib.nullcontext()):
-            self.model(input_ids=ids.view(1, -1).to(device), use_cache=False, **self.forward_kwargs)
+            if self.plain is not None:
+                # model(input_ids, input_pos) from position 0; the batch its cache buffers were set up for.
+                rows = ids.view(1, -1).to(device).expand(self.plain.batch, -1)
+                self.model(rows, torch.arange(ids.numel(), device=device))
+            else:
+                self.model(input_ids=ids.view(1, -1).to(device), use_cache=False, **self.forward_kwargs)
+        if self.plain is not None and self.calls != self.plain.num_layers:
+            return sorted(set(self.targets) | set(self.sparse))
         return sorted((set(self.targets) | set(self.sparse)) - self.seen)
 
     def _use_sdpa(self) -> None:
@@ -454,7 +527,14 @@ class _Recorder:
 
     def sdpa_called(self, query: Tensor, key: Tensor, scale: float | None) -> None:
         """An attention module's own SDPA call (``_SDPARecording``): record it for the running layer."""
-        layer = self.current
+        if self.plain is not None:
+            layer, self.calls = self.calls, self.calls + 1
+            if layer >= self.plain.num_layers or not self.starts:
+                return
+            # One row of the batch; a module-buffer cache holds the keys of positions [0, S) first.
+            query, key = query[:1], key[:1, :, : query.shape[-2]]
+        else:
+            layer = self.current
         if layer is None or not self.starts:
             return
         if layer in self.seen:
@@ -469,7 +549,7 @@ class _Recorder:
             )
         key = self._kv_heads(layer, key)
         self.seen.add(layer)
-        module = self.modules[layer]
+        module = self.modules[layer] if self.plain is None else None
         with torch.no_grad():
             self._record(layer, module, query, key, {"scaling": scale if scale is not None else query.shape[-1] ** -0.5})
 
@@ -488,6 +568,12 @@ class _Recorder:
         )
 
     def _records(self) -> list[dict[str, Tensor]]:
+        unread = [layer for layer in self.targets if layer not in self.hidden]
+        if unread:
+            raise ValueError(
+                f"target layers {unread} of {type(self.model).__name__}: the module owning the query projection did not run "
+                "(its weight is used by another module's code), so calibration has no hidden state to record"
+            )
         records = []
         rotary = self.rotary
         cos_sin = rotary.factors([t - 1 for t in self.starts]) if rotary is not None and rotary.rotates else None
@@ -503,6 +589,17 @@ class _Recorder:
                 record["cos"], record["sin"] = cos_sin[0][w], cos_sin[1][w]
             records.append(record)
         return records
+
+
+@dataclasses.dataclass
+class _PlainDecoder:
+    """What calibrating a plain decoder needs, from its traced decode step (``PlainDecoderAdapter``)."""
+
+    batch: int  # the batch its cache buffers were set up for
+    capacity: int  # tokens its cache buffers hold
+    num_layers: int
+    kv_heads: int
+    projections: dict[int, nn.Module]  # target layer -> the module owning its query projection's weight
 
 
 class _SDPARecording(TorchFunctionMode):
@@ -673,7 +770,10 @@ def calibrate(
     """Record the indexer's inputs and targets over long documents into a calibration dump at ``out_dir``.
 
     Args:
-        model: an HF causal LM (transformers 5.x), in eval mode, on any device and dtype.
+        model: an HF causal LM (transformers 5.x), in eval mode, on any device and dtype; or a plain decoder
+            called as ``model(input_ids, input_pos)`` with its module-buffer caches set up (documents are cut
+            to their length), whose attention calls ``torch.nn.functional.scaled_dot_product_attention``
+            once per layer; its buffers are put back afterwards.
         tokenizer: its tokenizer (``encode``; a chat template is used for tasks when it has one).
         out_dir: the dump directory (created; see docs/indexer.md for the format).
         config: the ``LSAConfig`` the indexer is for: its ``chunk_size`` and ``interval`` set the chunks and
@@ -720,7 +820,15 @@ def calibrate(
     chunk, interval = config.chunk_size, config.interval
     out = Path(out_dir)
 
-    signature = model_signature(model)
+    from ..adapters import is_hf_model, make_adapter
+
+    adapter = None
+    if is_hf_model(model):
+        signature = model_signature(model)
+    else:  # a plain decoder: its shape and sparse layers from its traced decode step
+        adapter = make_adapter(model, config)
+        _, sites = adapter.trace()
+        signature = sites_signature(model, sites)
     sparse = signature["sparse_layers"]
     if not sparse:
         raise ValueError(f"{type(model).__name__} has no sparsely attended layers (all are sliding-window): nothing to calibrate")
@@ -735,7 +843,11 @@ def calibrate(
         docs = default_documents(tokenizer, seed=seed, chat=chat, tasks=tasks)
     else:
         docs = _as_documents(documents, tokenizer, chat)
-    limit = max_tokens or _max_positions(model) or 1 << 30
+    if adapter is not None:  # a plain decoder runs over its cache buffers: documents fit them
+        capacity = min(shape[2] for shape, _, _ in adapter.cache_buffers.values())
+        limit = min(max_tokens or capacity, capacity)
+    else:
+        limit = max_tokens or _max_positions(model) or 1 << 30
     min_length = 2 * chunk + interval
     tokenized: list[tuple[Document, Tensor]] = []
     for doc in docs:
@@ -751,8 +863,16 @@ def calibrate(
         raise ValueError(f"no document holds a window ({min_length} tokens: two chunks of {chunk} and an interval of {interval})")
     split = _splits([doc for doc, _ in tokenized], float(heldout_fraction), seed)
 
-    shape = _shape(model)
     rotary = _GraphRotary(model, config, targets)
+    plain = None
+    if adapter is None:
+        shape = _shape(model)
+    else:
+        shape = {"hidden": rotary.taps[targets[0]].hidden, **{k: signature[k] for k in ("q_heads", "kv_heads", "head_dim")}}
+        plain = _PlainDecoder(
+            batch=adapter.batch, capacity=limit, num_layers=signature["num_layers"], kv_heads=signature["kv_heads"],
+            projections=_plain_projections(model, rotary.taps),
+        )
     rope = rotary.rope[0] if len(set(rotary.rope)) == 1 else list(rotary.rope)  # one bool when every target layer agrees
     shapes = {**shape, "rope": rope}
     if rotary.style != "half":  # left out when it is the default, so dumps written before the field resume unchanged
@@ -767,7 +887,7 @@ def calibrate(
         "shapes": shapes,
     }
     # The recorder first: a model whose attention cannot be recorded is refused before the dump is touched.
-    with _Recorder(model, target_layers=targets, sparse=sparse, chunk=chunk, interval=interval) as recorder:
+    with _Recorder(model, target_layers=targets, sparse=sparse, chunk=chunk, interval=interval, plain=plain) as recorder:
         recorder.rotary = rotary
         if not resume and out.exists():
             _clear_dump(out)
@@ -795,6 +915,22 @@ def calibrate(
                 bar.advance(len(ids), done)
     writer.close()
     return out
+
+
+def _plain_projections(model: nn.Module, taps: dict[int, Any]) -> dict[int, nn.Module]:
+    """Per target layer, the module owning its query projection's weight (its input is the recorded hidden state)."""
+    from ..prefill_taps import projection_module
+
+    found = {}
+    for layer, tap in taps.items():
+        module = projection_module(model, tap.weight)
+        if module is None:
+            raise ValueError(
+                f"{type(model).__name__}: layer {layer}'s query projection weight {tap.weight!r} is not a parameter of a module that "
+                "projects with it, so calibration cannot record its input; build the indexer with indexer_from_model (untrained)"
+            )
+        found[layer] = module
+    return found
 
 
 def _answer_token(doc: Document, tokenizer: Any, length: int) -> int | None:
@@ -847,6 +983,7 @@ class _GraphRotary:
         except ValueError as err:
             raise ValueError(f"{name}: the indexer cannot read target layers {list(targets)}: {err}") from None
         taps = {site.layer: site.indexer for site in sites if site.layer in targets}
+        self.taps = taps  # target layer -> IndexerTap (the query projection's input and weight)
         self.rope = tuple(taps[layer].cos is not None for layer in targets)
         self.rotates = any(self.rope)
         rotating = [layer for layer, rope in zip(targets, self.rope) if rope]

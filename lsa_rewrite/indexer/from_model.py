@@ -34,7 +34,7 @@ def indexer_from_model(
     """
     from ..adapters import is_hf_model, make_adapter
     from ..passes import TapIndexerInputsPass, locate
-    from .calibrate import default_target_layers, model_signature
+    from .calibrate import default_target_layers, model_signature, sites_signature
 
     config = config or LSAConfig()
     adapter = make_adapter(model, config)
@@ -64,6 +64,6 @@ def indexer_from_model(
         rope_style=styles.pop() if styles else "half",
     )
     indexer = LSAIndexer.from_query_weights(cfg, weights)
-    indexer.signature = model_signature(model) if is_hf_model(model) else {}
+    indexer.signature = model_signature(model) if is_hf_model(model) else sites_signature(model, sites)
     indexer.lsa = {"chunk_size": config.chunk_size, "interval": config.interval}
     return indexer

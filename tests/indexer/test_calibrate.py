@@ -523,3 +523,109 @@ def test_keys_expanded_to_the_query_heads_are_folded_back_per_kv_head():
     assert recorder._kv_heads(0, key) is key
     with pytest.raises(ValueError, match=f"{heads} heads.*{kv} KV heads"):
         recorder._kv_heads(0, torch.randn(1, heads, 40, 16))  # distinct keys per query head: not an expansion
+
+
+# ---------------------------------------------------------------- plain decoders
+
+
+def _rotate_half_rope(x, cos, sin):
+    """The buffer decoder's rotation written as HF writes it (``q * cos + rotate_half(q) * sin``): the form the
+    indexer's tap pass recognises."""
+    cos, sin = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+@pytest.fixture
+def plain_decoder(monkeypatch):
+    import buffer_decoder
+
+    monkeypatch.setattr(buffer_decoder, "apply_rope", _rotate_half_rope)
+    model = make_model("buffer")
+    model.setup_caches(max_batch_size=1, max_seq_length=512)
+    return model
+
+
+def _llama_twin(plain):
+    """An HF Llama with the buffer decoder's weights (q/k/v split out of wqkv): the same function."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    a = plain.args
+    config = LlamaConfig(
+        vocab_size=a.vocab_size, hidden_size=a.dim, intermediate_size=a.intermediate_size, num_hidden_layers=a.n_layer,
+        num_attention_heads=a.n_head, num_key_value_heads=a.n_kv_head, rms_norm_eps=a.norm_eps, rope_theta=a.rope_base,
+        max_position_embeddings=a.max_seq_len, tie_word_embeddings=False,
+    )
+    twin = LlamaForCausalLM(config).eval()
+    rows = [a.n_head * a.head_dim, a.n_kv_head * a.head_dim, a.n_kv_head * a.head_dim]
+    with torch.no_grad():
+        twin.model.embed_tokens.weight.copy_(plain.tok_embeddings.weight)
+        for block, layer in zip(plain.layers, twin.model.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            for proj, weight in zip((attn.q_proj, attn.k_proj, attn.v_proj), block.attention.wqkv.weight.split(rows)):
+                proj.weight.copy_(weight)
+            attn.o_proj.weight.copy_(block.attention.wo.weight)
+            mlp.gate_proj.weight.copy_(block.feed_forward.w1.weight)
+            mlp.up_proj.weight.copy_(block.feed_forward.w3.weight)
+            mlp.down_proj.weight.copy_(block.feed_forward.w2.weight)
+            layer.input_layernorm.weight.copy_(block.attention_norm.weight)
+            layer.post_attention_layernorm.weight.copy_(block.ffn_norm.weight)
+        twin.model.norm.weight.copy_(plain.norm.weight)
+        twin.lm_head.weight.copy_(plain.output.weight)
+    return twin
+
+
+def test_plain_decoder_calibrates_to_its_hf_twins_dump(plain_decoder, tmp_path):
+    """A plain decoder (module-buffer caches, SDPA, no HF config) is calibrated from its traced step's facts and its
+    SDPA calls: every recorded tensor equals the dump of an HF Llama with the same weights, its signature comes from
+    the trace, and its cache buffers are left as they were."""
+    twin = _llama_twin(plain_decoder)
+    ids = torch.randint(3, 250, (1, 100), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(plain_decoder(ids, torch.arange(100)), twin(ids).logits, atol=1e-5, rtol=1e-5)
+    docs = [_text(200, seed=5), _text(260, seed=6), _text(700, seed=7)]  # the last one is cut to the 512-token cache
+    before = {name: b.clone() for name, b in plain_decoder.named_buffers()}
+    plain = CalibrationDump(_run(plain_decoder, tmp_path / "plain", docs))
+    assert all(torch.equal(before[name], b) for name, b in plain_decoder.named_buffers())
+    hf = CalibrationDump(_run(twin, tmp_path / "hf", docs, max_tokens=512))
+    assert plain.signature == {
+        "class": "BufferDecoder", "model_type": None, "num_layers": 2, "q_heads": 4, "kv_heads": 2, "head_dim": 16, "sparse_layers": [0, 1],
+    }
+    assert plain.shapes == hf.shapes and plain.target_layers == hf.target_layers
+    assert [d["tokens"] for d in plain.documents] == [200, 260, 512]
+    want, got = _dump_tensors(hf.path), _dump_tensors(plain.path)
+    assert len(got) == len(want) == 9
+    for a, b in zip(got, want):
+        assert a.keys() == b.keys()
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_plain_decoder_trains_an_indexer_that_converts_it_and_only_it(plain_decoder, tmp_path):
+    """Backbone-free training on a plain decoder's dump; the indexer converts that decoder (dense exactness at a
+    covering budget) and is refused, with the field that differs, by a decoder of another shape and an HF model."""
+    import copy
+
+    import lsa_rewrite
+    from helpers import buffer_greedy
+    from lsa_rewrite.indexer.train import train_indexer
+
+    dump = _run(plain_decoder, tmp_path / "dump", _documents(), heldout_fraction=0.25)
+    indexer, _ = train_indexer(dump, epochs=1, progress=False)
+    assert indexer.signature["class"] == "BufferDecoder"
+    config = LSAConfig(mode="dense", chunk_size=C, interval=I, selector="indexer")
+    ids = torch.randint(3, 250, (1, 80), generator=torch.Generator().manual_seed(1))
+    dense = buffer_greedy(plain_decoder, ids, 8)
+    converted = lsa_rewrite.convert(copy.deepcopy(plain_decoder), config, indexer=indexer)
+    got = buffer_greedy(converted, ids, 8)
+    assert torch.equal(got[0], dense[0]) and float((got[1] - dense[1]).abs().max()) <= 1e-4
+
+    from buffer_decoder import BufferDecoder, BufferDecoderArgs
+
+    deeper = BufferDecoder(BufferDecoderArgs(n_layer=3)).eval()
+    deeper.setup_caches(max_batch_size=1, max_seq_length=256)
+    with pytest.raises(ValueError, match="num_layers=2, but this model has num_layers=3"):
+        lsa_rewrite.convert(deeper, config, indexer=indexer)
+    assert getattr(deeper, "lsa", None) is None
+    with pytest.raises(ValueError, match="class='BufferDecoder'"):
+        lsa_rewrite.convert(make_model("llama"), config, indexer=indexer)
