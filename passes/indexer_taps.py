@@ -37,6 +37,7 @@ import torch
 import torch.fx as fx
 
 from .capture import CapturedStep, example_value
+from .locate import CAT_FUNCS as _CAT_FUNCS
 from .locate import AttentionSite, GraphPass, LocateError, _is_cat, _is_view, evaluate_nodes
 
 log = logging.getLogger("lsa_rewrite.passes")
@@ -74,6 +75,10 @@ def _is_mul(node) -> bool:
 
 def _is_add(node) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target in (torch.add, operator.add)
+
+
+def _is_sub(node) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in (torch.sub, operator.sub)
 
 
 def _has_neg(node: fx.Node) -> bool:
@@ -144,6 +149,114 @@ def _match_rope(step: CapturedStep, node: fx.Node) -> _Rope | None:
     return None
 
 
+def _rotate(x: torch.Tensor, style: str) -> torch.Tensor:
+    """``rotate(x)`` of a style (ROPE_STYLES) over the last axis."""
+    if style == "half":
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([-x2, x1], dim=-1)
+    return torch.stack([-x[..., 1::2], x[..., 0::2]], dim=-1).flatten(-2)
+
+
+def _fake_like(reference: Any, value: torch.Tensor) -> torch.Tensor:
+    """An example value for a node this pass adds: ``value``'s shape and dtype, in ``reference``'s fake mode."""
+    mode = getattr(reference, "fake_mode", None)
+    device = reference.device if isinstance(reference, torch.Tensor) else value.device
+    if mode is not None:
+        with mode:
+            return torch.empty(value.shape, dtype=value.dtype, device=device)
+    return torch.empty(value.shape, dtype=value.dtype, device="meta")
+
+
+def _add_nodes(step: CapturedStep, after: fx.Node, build) -> list[fx.Node]:
+    """Nodes ``build(graph, node)`` adds right after ``after`` (each call gets the previous node), with example values."""
+    graph = step.graph_module.graph
+    added: list[fx.Node] = []
+    node = after
+    for make in build:
+        with graph.inserting_after(node):
+            node = make(graph, node)
+        added.append(node)
+    values = evaluate_nodes(step, added)
+    if values is None:
+        _drop(step, added)
+        return []
+    for n, v in zip(added, values):
+        n.meta["example_value"] = _fake_like(example_value(after), v)
+    return added
+
+
+def _drop(step: CapturedStep, nodes: list[fx.Node]) -> None:
+    for n in reversed(nodes):
+        if not n.users:
+            step.graph_module.graph.erase_node(n)
+
+
+def _match_split_rope(step: CapturedStep, node: fx.Node, projection: fx.Node | None) -> _Rope | None:
+    """The rotation written on the two halves or the channel pairs of the query, as plain decoders write it:
+    ``cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)`` (rotate-half; the halves ``x1``, ``x2`` and ``cos``/
+    ``sin`` of half the channels) or ``stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], -1)`` flattened
+    (interleaved pairs, gpt-fast). The factors the indexer taps are not nodes of the graph: this adds
+    ``cat([cos, cos], -1)`` (``stack(...).flatten(-2)`` for pairs) after each, and checks on a random query that
+    the model's rotation is ``q * cos + rotate(q) * sin`` with them (else removes them: None)."""
+    if projection is None or node.op != "call_function" or node.target not in (*_CAT_FUNCS, torch.stack):
+        return None
+    parts = node.args[0] if node.args else None
+    if not isinstance(parts, (list, tuple)) or len(parts) != 2 or not _is_sub(parts[0]) or not _is_add(parts[1]):
+        return None
+    muls = [*parts[0].args[:2], *parts[1].args[:2]]
+    if not all(_is_mul(m) for m in muls):
+        return None
+    out = example_value(node)
+    if not isinstance(out, torch.Tensor):
+        return None
+    stacked = node.target is torch.stack
+    style = "interleaved" if stacked else "half"
+    shape = (*out.shape[:-2], out.shape[-2] * 2) if stacked else tuple(out.shape)
+    # q0: the nearest tensor of the rotated shape that both terms come from, on the query projection's path
+    graph = step.graph_module.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    common = _upstream(parts[0], 24) & _upstream(parts[1], 24)
+    after = _descendants(projection, common | {projection}) | {projection}
+    candidates = [
+        n for n in common & after
+        if isinstance(example_value(n), torch.Tensor) and tuple(example_value(n).shape) == shape
+    ]
+    if not candidates:
+        return None
+    q0 = max(candidates, key=order.__getitem__)
+    derived = _descendants(q0, _upstream(node, 24))
+
+    def factor(m: fx.Node) -> fx.Node | None:
+        others = [a for a in m.args[:2] if isinstance(a, fx.Node) and a not in derived and a is not q0]
+        return others[0] if len(others) == 1 else None
+
+    cos, sin = factor(muls[0]), factor(muls[1])  # x1 * cos - x2 * sin: the first product's factor is the cos
+    if cos is None or sin is None:
+        return None
+    if stacked:
+        build = [lambda g, f: g.call_function(torch.stack, ([f, f], -1)), lambda g, n: g.call_method("flatten", (n, -2))]
+    else:
+        build = [lambda g, f: g.call_function(torch.cat, ([f, f], -1))]
+    cos_nodes = _add_nodes(step, cos, build)
+    sin_nodes = _add_nodes(step, sin, build)
+    added = cos_nodes + sin_nodes
+    if not cos_nodes or not sin_nodes:
+        _drop(step, added)
+        return None
+    x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).to(example_value(q0).device)
+    try:
+        found = evaluate_nodes(step, [node, cos_nodes[-1], sin_nodes[-1]], given={q0: x})
+    except Exception:  # the ops between them do not run on a float64 query: not a rotation this pass can check
+        found = None
+    if found is not None:
+        rotated, c, s = (v.double() for v in found)
+        want = x * c + _rotate(x, style) * s
+        if rotated.numel() == x.numel() and torch.allclose(rotated.reshape(shape), want, rtol=1e-5, atol=1e-6):
+            return _Rope(q0, cos_nodes[-1], sin_nodes[-1], style)
+    _drop(step, added)
+    return None
+
+
 _CONVERSIONS = {"float", "to", "type", "type_as", "contiguous"}
 
 
@@ -166,10 +279,13 @@ def _rope(step: CapturedStep, q: fx.Node, projection: fx.Node | None) -> _Rope |
     followed by a norm (Hunyuan's q norm after rotary; the indexer then rotates the pre-norm query).
     The search upstream stops at the query's ``projection`` (an earlier layer's rotary is not this one's)."""
     node, _ = _walk_views(q)
+    found = _match_split_rope(step, node, projection)  # the rotation as cat/stack of two terms (plain decoders)
+    if found is not None:
+        return found
     if _is_cat(node):  # partial rotary: cat([rotated part, pass-through part])
         parts = node.args[0]
         node, _ = _walk_views(parts[0]) if parts else (node, [])
-    found = _match_rope(step, node)
+    found = _match_rope(step, node) or _match_split_rope(step, node, projection)
     if found is not None:
         return found
     if _is_cat(node):
@@ -183,7 +299,7 @@ def _rope(step: CapturedStep, q: fx.Node, projection: fx.Node | None) -> _Rope |
         if n in seen:
             continue
         seen.add(n)
-        found = _match_rope(step, n)
+        found = _match_rope(step, n) or _match_split_rope(step, n, projection)
         if found is not None:
             return found
         frontier.extend(n.all_input_nodes)
@@ -234,6 +350,18 @@ def _walk_views(node):
         passed.append(node)
         node = node.args[0]
     return node, passed
+
+
+def _upstream(node: fx.Node, depth: int) -> set[fx.Node]:
+    """The nodes ``node`` depends on, up to ``depth`` ops back (each once)."""
+    seen: set[fx.Node] = set()
+    frontier = [node]
+    for _ in range(depth):
+        frontier = [a for n in frontier for a in n.all_input_nodes if a not in seen]
+        seen.update(frontier)
+        if not frontier:
+            break
+    return seen
 
 
 def _ancestors(node: fx.Node, depth: int) -> list[fx.Node]:
@@ -366,6 +494,22 @@ def _leading_channels(step: CapturedStep, query: fx.Node | None, q0: fx.Node, si
     return True if held == list(range(len(held))) else held
 
 
+def _batched_rotary(step: CapturedStep, tap: IndexerTap, site: AttentionSite) -> int:
+    """The rotated channels ``R``; where the model's cos/sin are one row shared by the batch (a plain decoder's
+    ``[T, R]`` table at one position), ``tap.cos``/``tap.sin`` become that row expanded to ``[B, R]`` (the tap copies
+    ``B * R`` values)."""
+    value = example_value(tap.cos)
+    batch, last = site.batch, value.shape[-1]
+    if value.numel() != last or batch == 1:
+        return value.numel() // batch
+    build = [lambda g, f: g.call_method("reshape", (f, 1, last)), lambda g, n: g.call_method("expand", (n, batch, last))]
+    expanded = [_add_nodes(step, node, build) for node in (tap.cos, tap.sin)]
+    if not all(expanded):
+        raise LocateError(f"layer {site.layer}: the rotary cos/sin ({tuple(value.shape)}) could not be expanded to the batch of {batch}")
+    tap.cos, tap.sin = expanded[0][-1], expanded[1][-1]
+    return last
+
+
 class TapIndexerInputsPass(GraphPass):
     """Record, on each target site, the nodes the indexer taps (see module docstring)."""
 
@@ -413,6 +557,6 @@ class TapIndexerInputsPass(GraphPass):
             tap.rows = _query_rows(step, projection, query, site.batch) if query is not None else None
             tap.hidden = example_value(x).numel() // site.batch
             if rope:
-                tap.rotary = example_value(rope.cos).numel() // site.batch
+                tap.rotary = _batched_rotary(step, tap, site)
             site.indexer = tap
         log.info("TapIndexerInputsPass: taps at layers %s", list(self.target_layers))

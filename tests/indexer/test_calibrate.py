@@ -528,19 +528,9 @@ def test_keys_expanded_to_the_query_heads_are_folded_back_per_kv_head():
 # ---------------------------------------------------------------- plain decoders
 
 
-def _rotate_half_rope(x, cos, sin):
-    """The buffer decoder's rotation written as HF writes it (``q * cos + rotate_half(q) * sin``): the form the
-    indexer's tap pass recognises."""
-    cos, sin = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], -1) * sin
-
-
 @pytest.fixture
-def plain_decoder(monkeypatch):
-    import buffer_decoder
-
-    monkeypatch.setattr(buffer_decoder, "apply_rope", _rotate_half_rope)
+def plain_decoder():
+    """The buffer decoder (gpt-fast style; its rotation written on the two halves with [T, D/2] cos/sin)."""
     model = make_model("buffer")
     model.setup_caches(max_batch_size=1, max_seq_length=512)
     return model

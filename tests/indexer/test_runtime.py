@@ -302,6 +302,50 @@ def test_untrained_indexer_reproduces_the_model_query(family, style, rotary):
         assert float(similarity.min()) > 0.999, (target, similarity)
 
 
+def _gpt_fast_rope(x, cos, sin):
+    """gpt-fast's apply_rotary_emb: interleaved channel pairs, the factors as a [T, D/2, 2] (cos, sin) table."""
+    freqs = torch.stack([cos, sin], -1)
+    xs = x.float().reshape(*x.shape[:-1], -1, 2)
+    freqs = freqs.view(1, 1, xs.size(2), xs.size(3), 2)
+    out = torch.stack(
+        [xs[..., 0] * freqs[..., 0] - xs[..., 1] * freqs[..., 1], xs[..., 1] * freqs[..., 0] + xs[..., 0] * freqs[..., 1]], -1
+    )
+    return out.flatten(3).type_as(x)
+
+
+@pytest.mark.parametrize("rope, style", [("halves", "half"), ("gpt-fast", "interleaved")])
+def test_plain_decoder_rotary_forms_reproduce_the_query(monkeypatch, rope, style):
+    """A plain decoder's rotation written on the two halves (cat of x1 cos - x2 sin and x2 cos + x1 sin, the
+    buffer decoder's own) or on channel pairs (gpt-fast's stack) is recognised: its [T, D/2] table at one position,
+    shared by a batch of 2, is tapped as [B, D] cos/sin, and the untrained indexer's query is the model's own
+    post-rotary query; decoding with the indexer equals dense."""
+    import buffer_decoder
+    from helpers import buffer_greedy
+
+    if rope == "gpt-fast":
+        monkeypatch.setattr(buffer_decoder, "apply_rope", _gpt_fast_rope)
+    base = make_model("buffer")
+    base.setup_caches(max_batch_size=2, max_seq_length=96)
+    config = LSAConfig(mode="dense", chunk_size=16, interval=16, selector="indexer")
+    indexer = indexer_from_model(base, config, rank=64)
+    assert indexer.config.rope_style == style and all(indexer.config.layer_rope(i) for i in range(len(indexer.config.target_layers)))
+    ids = torch.randint(3, 250, (2, 40), generator=torch.Generator().manual_seed(3))
+    dense = buffer_greedy(base, ids, 4)
+    converted = lsa_rewrite.convert(copy.deepcopy(base), config, indexer=indexer)
+    got = buffer_greedy(converted, ids, 4)
+    assert torch.equal(got[0], dense[0]) and float((got[1] - dense[1]).abs().max()) <= 1e-4
+    for i, target in enumerate(indexer.config.target_layers):
+        layer = converted.lsa.store.layers[target]
+        tap = next(s for s in converted.lsa.sites if s.layer == target).indexer
+        assert tap.rotary == 16 and tap.style == style and tuple(layer.idx_cos.shape) == (2, 16)
+        torch.testing.assert_close(layer.idx_cos.pow(2) + layer.idx_sin.pow(2), torch.ones_like(layer.idx_cos), atol=1e-5, rtol=1e-5)
+        assert torch.equal(layer.idx_cos[0], layer.idx_cos[1]) and not torch.all(layer.idx_sin == 0)
+        with torch.no_grad():
+            q, _ = indexer.query(i, layer.idx_x, layer.idx_cos, layer.idx_sin)
+        similarity = torch.nn.functional.cosine_similarity(q.flatten(1), layer.q_tap.float().flatten(1))
+        assert float(similarity.min()) > 0.999, (target, similarity)
+
+
 def test_unrecognised_rotary_refuses_the_indexer_path_only(monkeypatch):
     """A rotary form the taps do not know is refused by name on the indexer path (not approximated); the
     default selector still converts the model."""
