@@ -1,7 +1,9 @@
 """Calibration: teacher-forced dense passes that record the indexer's inputs and targets (docs/indexer.md).
 
-``calibrate(model, tokenizer, out_dir)`` runs an HF causal LM (transformers 5.x) over long documents,
-one document per forward pass (batch 1, no cache, ``torch.no_grad``). At sampled window starts ``t``
+``calibrate(model, tokenizer, out_dir)`` runs an HF causal LM (transformers 5.x), or a plain decoder
+(``model(input_ids, input_pos)`` with module-buffer caches), over long documents, one document per forward
+pass (``torch.no_grad``; an HF model at batch 1 without a cache, a plain decoder with the document in every
+row of the batch its caches were set up for). At sampled window starts ``t``
 (at least two chunks in; multiples of the chunk size, except the last window of each document, which
 ends at the document's end, and, for a task, windows at the start of its reply, see ``window_starts``)
 it records:
@@ -596,7 +598,6 @@ class _PlainDecoder:
     """What calibrating a plain decoder needs, from its traced decode step (``PlainDecoderAdapter``)."""
 
     batch: int  # the batch its cache buffers were set up for
-    capacity: int  # tokens its cache buffers hold
     num_layers: int
     kv_heads: int
     projections: dict[int, nn.Module]  # target layer -> the module owning its query projection's weight
@@ -844,7 +845,7 @@ def calibrate(
     else:
         docs = _as_documents(documents, tokenizer, chat)
     if adapter is not None:  # a plain decoder runs over its cache buffers: documents fit them
-        capacity = min(shape[2] for shape, _, _ in adapter.cache_buffers.values())
+        capacity = adapter.default_capacity()
         limit = min(max_tokens or capacity, capacity)
     else:
         limit = max_tokens or _max_positions(model) or 1 << 30
@@ -870,7 +871,7 @@ def calibrate(
     else:
         shape = {"hidden": rotary.taps[targets[0]].hidden, **{k: signature[k] for k in ("q_heads", "kv_heads", "head_dim")}}
         plain = _PlainDecoder(
-            batch=adapter.batch, capacity=limit, num_layers=signature["num_layers"], kv_heads=signature["kv_heads"],
+            batch=adapter.batch, num_layers=signature["num_layers"], kv_heads=signature["kv_heads"],
             projections=_plain_projections(model, rotary.taps),
         )
     rope = rotary.rope[0] if len(set(rotary.rope)) == 1 else list(rotary.rope)  # one bool when every target layer agrees
