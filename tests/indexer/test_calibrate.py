@@ -619,3 +619,39 @@ def test_plain_decoder_trains_an_indexer_that_converts_it_and_only_it(plain_deco
     assert getattr(deeper, "lsa", None) is None
     with pytest.raises(ValueError, match="class='BufferDecoder'"):
         lsa_rewrite.convert(make_model("llama"), config, indexer=indexer)
+
+
+def _repeat_kv_attention(self, x, cos, sin, mask, input_pos):
+    """The buffer decoder's attention as gpt-fast writes GQA: keys and values repeated to the query heads
+    (``repeat_interleave``) before a plain SDPA call."""
+    import buffer_decoder
+
+    B, T, _ = x.shape
+    q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+    q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+    q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+    k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+    v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+    q, k = buffer_decoder.apply_rope(q, cos, sin), buffer_decoder.apply_rope(k, cos, sin)
+    if self.kv_cache is not None:
+        k, v = self.kv_cache.update(input_pos, k, v)
+    group = self.n_head // self.n_kv_head
+    y = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), attn_mask=mask)
+    return self.wo(y.transpose(1, 2).reshape(B, T, q_size))
+
+
+def test_plain_decoder_with_keys_repeated_to_the_query_heads_records_per_kv_head(plain_decoder, tmp_path, monkeypatch):
+    """gpt-fast repeats keys to the query heads before SDPA: calibration folds them back per KV head (the store's
+    layout), giving the dump of the same decoder with grouped SDPA (enable_gqa)."""
+    import buffer_decoder
+
+    docs = [_text(200, seed=8), _text(230, seed=9)]
+    want = _dump_tensors(_run(plain_decoder, tmp_path / "gqa", docs))
+    monkeypatch.setattr(buffer_decoder.Attention, "forward", _repeat_kv_attention)
+    dump = CalibrationDump(_run(plain_decoder, tmp_path / "repeated", docs))
+    assert dump.shapes["kv_heads"] == 2
+    got = _dump_tensors(dump.path)
+    assert len(got) == len(want) > 0
+    for a, b in zip(got, want):
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
