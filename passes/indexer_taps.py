@@ -251,7 +251,8 @@ def _match_split_rope(step: CapturedStep, node: fx.Node, projection: fx.Node | N
     if found is not None:
         rotated, c, s = (v.double() for v in found)
         want = x * c + _rotate(x, style) * s
-        if rotated.numel() == x.numel() and torch.allclose(rotated.reshape(shape), want, rtol=1e-5, atol=1e-6):
+        # loose enough for a model that rounds inside the rotation (bf16), far below a wrong rotation's O(1) error
+        if rotated.numel() == x.numel() and torch.allclose(rotated.reshape(shape), want, rtol=1e-2, atol=1e-2):
             return _Rope(q0, cos_nodes[-1], sin_nodes[-1], style)
     _drop(step, added)
     return None
