@@ -26,8 +26,9 @@ gets) and, for the sampled window rows only, the softmax over keys (module scali
 mask, GQA, attention sinks). Attention modules that do not go through the registry but call
 ``torch.nn.functional.scaled_dot_product_attention`` themselves (Falcon) are recorded from that call
 instead: when the first document leaves layers unrecorded, the model is switched to its ``"sdpa"``
-implementation and each attention module's SDPA call is intercepted (``_SDPARecording``). The original
-implementation is restored afterwards, also on errors.
+implementation where it has one and each attention module's SDPA call is intercepted (``_SDPARecording``);
+a model without one (GPT-Neo, or a Falcon loaded eager) is recorded from the softmax over its ``q @ k^T``
+scores, the probabilities themselves. The original implementation is restored afterwards, also on errors.
 
 The dump is written with ``DumpWriter`` (``dump.py``): an interrupted run resumes, skipping the
 documents already written.
@@ -277,6 +278,28 @@ def window_masses(
     return out
 
 
+def probability_masses(probs: Tensor, starts: Sequence[int], *, chunk: int, interval: int) -> list[Tensor]:
+    """``window_masses`` from the attention probabilities themselves: ``probs`` [Hq, S, S_k] (rows: queries from
+    position 0; keys from position 0, ``S_k >= S``, any beyond ``S`` masked out). Per start ``t``: the mass rows
+    ``[t, t + interval)`` put on each chunk before ``t``, divided by ``Hq * rows``.
+
+    Example::
+
+        >>> probability_masses(torch.softmax(scores, -1), [64], chunk=16, interval=16)[0].shape
+        torch.Size([4])
+    """
+    hq, length, _ = probs.shape
+    out = []
+    for t in starts:
+        if not 0 < t < length:
+            raise ValueError(f"window start {t} is outside the sequence of {length} tokens")
+        rows = probs[:, t : min(t + interval, length), :t].float()
+        n = -(-t // chunk)
+        per_key = torch.nn.functional.pad(rows.sum(dim=(0, 1)), (0, n * chunk - t))
+        out.append(per_key.view(n, chunk).sum(1) / (hq * rows.shape[1]))
+    return out
+
+
 class _Recorder:
     """Hooks and the recording attention function, installed on ``model`` for the calibration run."""
 
@@ -304,7 +327,8 @@ class _Recorder:
         self.sdpa = False
         self.current: int | None = None  # the layer whose attention module is running (SDPA recording only)
         self.kv_heads = _shape(model)["kv_heads"] if plain is None else plain.kv_heads
-        self.calls = 0  # SDPA calls in the current forward (plain decoders)
+        self.calls = 0  # attention calls in the current forward (plain decoders)
+        self.scores: tuple[Tensor, Tensor, torch.Size] | None = None  # the last 4-D matmul (query, key^T, its shape)
         self.buffers: dict[str, Tensor] = {}  # a plain decoder's buffers before the run (its caches are written)
         # Logits are not needed: keep the LM head to the last position (a [S, vocab] tensor otherwise).
         params = inspect.signature(model.forward).parameters
@@ -435,7 +459,9 @@ class _Recorder:
                     bounds.append((lo[:whole].clone(), hi[:whole].clone()))
             self.bounds[layer] = bounds
             self.query[layer] = q[:, self._positions(q.device)].transpose(0, 1).clone()  # [W, Hq, D]
-        if layer in self.sparse:
+        if layer in self.sparse and kwargs.get("probs") is not None:  # the model's own softmax (eager attention)
+            self.mass[layer] = probability_masses(kwargs["probs"][0], self.starts, chunk=self.chunk, interval=self.interval)
+        elif layer in self.sparse:
             scaling = kwargs.get("scaling")
             if scaling is None:
                 scaling = getattr(module, "scaling", None) or q.shape[-1] ** -0.5
@@ -455,21 +481,21 @@ class _Recorder:
         try:
             missing = self._forward(ids)
             if missing and not self.sdpa:
-                # Some attention modules bypass the registry: record every layer from its SDPA call instead.
+                # Some attention modules bypass the registry: record every layer's attention as the model computes it.
                 self._use_sdpa()
                 missing = self._forward(ids)
             if missing and self.plain is not None:
                 raise ValueError(
-                    f"{type(self.model).__name__} called torch.nn.functional.scaled_dot_product_attention {self.calls} times in "
-                    f"a forward, for {self.plain.num_layers} attention layers; calibration takes a plain decoder's layers to be "
-                    "its SDPA calls in order (an attention written as matmul and softmax is not recorded)"
+                    f"{type(self.model).__name__} computed attention {self.calls} times in a forward (scaled_dot_product_attention "
+                    f"calls, or softmaxes over a q @ k^T matmul), for {self.plain.num_layers} attention layers; calibration takes "
+                    "a plain decoder's layers to be those, once each, in layer order"
                 )
             if missing:
                 raise ValueError(
                     f"layers {missing} of {type(self.model).__name__} neither called transformers' registered attention "
-                    "function nor torch.nn.functional.scaled_dot_product_attention (once per forward); calibration "
-                    "records attention from one of the two (an attention written as matmul and softmax, like "
-                    "GPT-Neo's, is not recorded)"
+                    "function, nor torch.nn.functional.scaled_dot_product_attention, nor a softmax over a q @ k^T matmul "
+                    "(torch.matmul or @), once per forward: calibration records attention from one of those; "
+                    "lsa_rewrite.indexer.from_model.indexer_from_model(model, config) builds an untrained indexer instead"
                 )
             return self._records()
         finally:
@@ -479,7 +505,7 @@ class _Recorder:
         """One forward pass over ``ids`` recording the windows; the layers that recorded nothing."""
         device = next(self.model.parameters()).device
         self._reset()
-        self.calls = 0
+        self.calls, self.scores = 0, None
         with torch.no_grad(), (_SDPARecording(self) if self.sdpa else contextlib.nullcontext()):
             if self.plain is not None:
                 # model(input_ids, input_pos) from position 0; the batch its cache buffers were set up for.
@@ -494,29 +520,18 @@ class _Recorder:
     def _use_sdpa(self) -> None:
         """Switch to recording the attention modules' own SDPA calls, under the model's ``"sdpa"`` implementation."""
         name = type(self.model).__name__
-        if getattr(self.model.config, "_attn_implementation", None) != "sdpa":
-            if not getattr(self.model, "_supports_sdpa", False):
-                raise ValueError(
-                    f"{name}'s attention neither goes through transformers' attention registry nor supports SDPA, so "
-                    "calibration cannot record it; lsa_rewrite.indexer.from_model.indexer_from_model(model, config) "
-                    "builds an untrained indexer for it"
-                )
+        current = getattr(self.model.config, "_attn_implementation", None)
+        if current != "sdpa" and getattr(self.model, "_supports_sdpa", False):
+            # SDPA where the model has it; else its own attention (matmul and softmax) is recorded as it runs
             try:
                 self.model.set_attn_implementation("sdpa")
             except (ValueError, ImportError) as exc:
-                raise ValueError(f"{name}: calibration records its attention under SDPA, and switching failed: {exc}") from exc
-            current = getattr(self.model.config, "_attn_implementation", None)
-            if current != "sdpa":
-                raise ValueError(
-                    f"{name} runs its {current!r} attention, which calibration cannot record, and cannot switch "
-                    "implementations at run time; load it with attn_implementation=\"sdpa\" (from_pretrained(..., "
-                    "attn_implementation=\"sdpa\")) and calibrate again"
-                )
+                log.info("%s: stays on its %r attention (switching to SDPA failed: %s)", name, current, exc)
         self.sdpa = True
         for layer, module in enumerate(self.modules):
             self.handles.append(module.register_forward_pre_hook(self._enter_layer(layer)))
             self.handles.append(module.register_forward_hook(self._leave_layer))
-        log.info("%s: recording attention from each layer's scaled_dot_product_attention call", type(self.model).__name__)
+        log.info("%s: recording attention from each layer's own SDPA call or softmax", name)
 
     def _enter_layer(self, layer: int) -> Any:
         def hook(_module: nn.Module, _args: tuple) -> None:
@@ -527,33 +542,52 @@ class _Recorder:
     def _leave_layer(self, _module: nn.Module, _args: tuple, _out: Any) -> None:
         self.current = None
 
+    def matmul_called(self, a: Tensor, b: Tensor, out: Tensor) -> None:
+        """A 4-D matmul while attention runs: kept as the scores ``query @ key^T`` a softmax may follow."""
+        if self.starts and (self.plain is not None or self.current is not None):
+            self.scores = (a, b, out.shape)
+
+    def softmax_called(self, probs: Tensor) -> None:
+        """A 4-D softmax over the matmul just before it (eager attention): the layer's attention probabilities."""
+        scores, self.scores = self.scores, None
+        if scores is None or scores[2] != probs.shape or not self.starts:
+            return
+        query, key_t, _ = scores
+        self.attention_called(query, key_t.transpose(-1, -2), probs=probs)
+
     def sdpa_called(self, query: Tensor, key: Tensor, scale: float | None) -> None:
         """An attention module's own SDPA call (``_SDPARecording``): record it for the running layer."""
+        self.attention_called(query, key, scale=scale)
+
+    def attention_called(self, query: Tensor, key: Tensor, *, scale: float | None = None, probs: Tensor | None = None) -> None:
+        """One layer's attention, from an SDPA call or from eager matmul and softmax: record it for its layer."""
         if self.plain is not None:
             layer, self.calls = self.calls, self.calls + 1
             if layer >= self.plain.num_layers or not self.starts:
                 return
             # One row of the batch; a module-buffer cache holds the keys of positions [0, S) first.
-            query, key = query[:1], key[:1, :, : query.shape[-2]]
+            length = query.shape[-2]
+            query, key = query[:1], key[:1, :, :length]
+            probs = None if probs is None else probs[:1, :, :, :length]
         else:
             layer = self.current
         if layer is None or not self.starts:
             return
         if layer in self.seen:
             raise ValueError(
-                f"layer {layer} of {type(self.model).__name__} called scaled_dot_product_attention more than once in a "
-                "forward; calibration cannot tell which call is its attention"
+                f"layer {layer} of {type(self.model).__name__} computed attention (SDPA, or a softmax over a matmul) more than "
+                "once in a forward; calibration cannot tell which is its attention"
             )
         if query.dim() != 4 or key.dim() != 4 or key.shape[-2] != query.shape[-2]:
             raise ValueError(
-                f"layer {layer}: scaled_dot_product_attention got query {tuple(query.shape)} and key {tuple(key.shape)}; "
-                "calibration records [batch, heads, tokens, head_dim] self-attention over the whole document"
+                f"layer {layer}: attention over query {tuple(query.shape)} and key {tuple(key.shape)}; calibration records "
+                "[batch, heads, tokens, head_dim] self-attention over the whole document"
             )
         key = self._kv_heads(layer, key)
         self.seen.add(layer)
         module = self.modules[layer] if self.plain is None else None
         with torch.no_grad():
-            self._record(layer, module, query, key, {"scaling": scale if scale is not None else query.shape[-1] ** -0.5})
+            self._record(layer, module, query, key, {"scaling": scale if scale is not None else query.shape[-1] ** -0.5, "probs": probs})
 
     def _kv_heads(self, layer: int, key: Tensor) -> Tensor:
         """``key`` with the model's KV heads: a key expanded to the query heads before SDPA is folded back."""
@@ -565,7 +599,7 @@ class _Recorder:
             if torch.equal(folded, folded[:, :, :1].expand_as(folded)):
                 return folded[:, :, 0]
         raise ValueError(
-            f"layer {layer}: scaled_dot_product_attention got keys with {heads} heads, and the model's config says "
+            f"layer {layer}: the attention's keys have {heads} heads, and the model's config says "
             f"{kv} KV heads; calibration records keys per KV head, as the store keeps them"
         )
 
@@ -603,8 +637,14 @@ class _PlainDecoder:
     projections: dict[int, nn.Module]  # target layer -> the module owning its query projection's weight
 
 
+_MATMULS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__}
+_SOFTMAXES = {torch.softmax, F.softmax, torch.Tensor.softmax}
+
+
 class _SDPARecording(TorchFunctionMode):
-    """Reports each ``scaled_dot_product_attention`` call to the recorder (models that call it themselves)."""
+    """Reports attention to the recorder as the model computes it itself: each ``scaled_dot_product_attention``
+    call, and each softmax over the last axis of a 4-D matmul's output (eager attention: ``q @ k^T``, then
+    the softmax of those scores, masked)."""
 
     def __init__(self, recorder: _Recorder):
         super().__init__()
@@ -616,6 +656,12 @@ class _SDPARecording(TorchFunctionMode):
         if func is F.scaled_dot_product_attention:
             bound = _SDPA_SIGNATURE.bind(*args, **kwargs)
             self.recorder.sdpa_called(bound.arguments["query"], bound.arguments["key"], bound.arguments.get("scale"))
+        elif func in _MATMULS and len(args) >= 2 and all(isinstance(a, Tensor) and a.dim() == 4 for a in args[:2]):
+            self.recorder.matmul_called(args[0], args[1], out)
+        elif func in _SOFTMAXES and isinstance(out, Tensor) and out.dim() == 4:
+            dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+            if dim in (-1, 3):
+                self.recorder.softmax_called(out)
         return out
 
 

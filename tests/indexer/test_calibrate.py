@@ -498,17 +498,33 @@ def test_falcon_calibrates_from_its_sdpa_calls(family, tmp_path):
             assert torch.equal(record["hidden"][i], seen[layer][t - 1])
 
 
-def test_attention_that_cannot_be_recorded_is_refused_before_the_dump_is_written(tmp_path):
-    """GPT-Neo computes its attention as matmul and softmax (no registry, no SDPA); Falcon loaded with eager
-    attention cannot switch at run time: each is refused with what to do, and nothing is written."""
-    neo = make_model("gpt_neo")
-    with pytest.raises(ValueError, match="indexer_from_model"):
-        _run(neo, tmp_path / "neo", [_text(170)])
-    falcon = make_model("falcon", attn_implementation="eager")
-    with pytest.raises(ValueError, match='attn_implementation="sdpa"'):
-        _run(falcon, tmp_path / "falcon", [_text(170)])
-    assert not (tmp_path / "neo").exists() and not (tmp_path / "falcon").exists()
-    assert neo.config._attn_implementation == falcon.config._attn_implementation == "eager"
+@pytest.mark.parametrize("family", ["gpt_neo", "falcon", "falcon_mqa"])
+def test_eager_attention_is_recorded_from_its_softmax(family, tmp_path):
+    """GPT-Neo computes attention as matmul and softmax (no registry, no SDPA), and a Falcon loaded with eager
+    attention cannot switch at run time: calibration records each layer's softmax over its q @ k^T scores, and the
+    masses equal the model's own attention probabilities; the implementation stays eager."""
+    model = make_model(family, attn_implementation="eager")
+    doc = _text(170, seed=1)
+    ids = torch.tensor(TOK.encode(doc.text))
+    dump = CalibrationDump(_run(model, tmp_path / "dump", [doc], windows_per_document=5))
+    assert model.config._attn_implementation == "eager" and calibrate_module._ACTIVE is None
+    with torch.no_grad():
+        attentions = model(input_ids=ids[None], output_attentions=True).attentions
+    windows = list(dump.windows())
+    assert len(windows) == 5 and dump.signature["sparse_layers"]
+    for record in windows:
+        t = int(record["meta"][1])
+        for j, layer in enumerate(dump.signature["sparse_layers"]):
+            torch.testing.assert_close(record["mass"][j], _chunk_mass(attentions[layer][0], t), atol=1e-5, rtol=1e-4)
+        assert record["kmin"].shape[2] == dump.shapes["kv_heads"]
+
+
+def test_attention_calibration_cannot_find_is_refused_with_the_layers(tmp_path, monkeypatch):
+    """A model whose layers compute attention neither through the registry, nor as an SDPA call, nor as a softmax
+    over a matmul (here: GPT-Neo with matmul hidden from the recorder) is refused, naming the layers."""
+    monkeypatch.setattr(calibrate_module, "_MATMULS", set())
+    with pytest.raises(ValueError, match=r"layers \[0\] of GPTNeoForCausalLM neither"):
+        _run(make_model("gpt_neo"), tmp_path / "neo", [_text(170)])
     assert calibrate_module._ACTIVE is None
 
 
@@ -651,6 +667,41 @@ def test_plain_decoder_with_keys_repeated_to_the_query_heads_records_per_kv_head
     dump = CalibrationDump(_run(plain_decoder, tmp_path / "repeated", docs))
     assert dump.shapes["kv_heads"] == 2
     got = _dump_tensors(dump.path)
+    assert len(got) == len(want) > 0
+    for a, b in zip(got, want):
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def _eager_attention(self, x, cos, sin, mask, input_pos):
+    """The buffer decoder's attention written out: scores ``q @ k^T`` over the whole cache, masked, softmax, ``@ v``."""
+    import buffer_decoder
+
+    B, T, _ = x.shape
+    q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+    q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+    q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+    k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+    v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+    q, k = buffer_decoder.apply_rope(q, cos, sin), buffer_decoder.apply_rope(k, cos, sin)
+    if self.kv_cache is not None:
+        k, v = self.kv_cache.update(input_pos, k, v)
+    group = self.n_head // self.n_kv_head
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = (q @ k.transpose(-2, -1)) * self.head_dim ** -0.5
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    return self.wo((probs @ v).transpose(1, 2).reshape(B, T, q_size))
+
+
+def test_plain_decoder_with_eager_attention_records_its_softmax(plain_decoder, tmp_path, monkeypatch):
+    """A plain decoder whose attention is written as matmul, mask and softmax over its cache is recorded from that
+    softmax: the dump of the same decoder with SDPA."""
+    import buffer_decoder
+
+    docs = [_text(200, seed=10), _text(230, seed=11)]
+    want = _dump_tensors(_run(plain_decoder, tmp_path / "sdpa", docs))
+    monkeypatch.setattr(buffer_decoder.Attention, "forward", _eager_attention)
+    got = _dump_tensors(_run(plain_decoder, tmp_path / "eager", docs))
     assert len(got) == len(want) > 0
     for a, b in zip(got, want):
         for name in a:
