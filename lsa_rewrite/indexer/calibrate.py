@@ -329,6 +329,7 @@ class _Recorder:
         self.kv_heads = _shape(model)["kv_heads"] if plain is None else plain.kv_heads
         self.calls = 0  # attention calls in the current forward (plain decoders)
         self.scores: tuple[Tensor, Tensor, torch.Size] | None = None  # the last 4-D matmul (query, key^T, its shape)
+        self.probs_id: int | None = None  # the last softmax's output: the next matmul, if of it (probs @ v), is not kept
         self.buffers: dict[str, Tensor] = {}  # a plain decoder's buffers before the run (its caches are written)
         # Logits are not needed: keep the LM head to the last position (a [S, vocab] tensor otherwise).
         params = inspect.signature(model.forward).parameters
@@ -506,13 +507,16 @@ class _Recorder:
         device = next(self.model.parameters()).device
         self._reset()
         self.calls, self.scores = 0, None
-        with torch.no_grad(), (_SDPARecording(self) if self.sdpa else contextlib.nullcontext()):
-            if self.plain is not None:
-                # model(input_ids, input_pos) from position 0; the batch its cache buffers were set up for.
-                rows = ids.view(1, -1).to(device).expand(self.plain.batch, -1)
-                self.model(rows, torch.arange(ids.numel(), device=device))
-            else:
-                self.model(input_ids=ids.view(1, -1).to(device), use_cache=False, **self.forward_kwargs)
+        try:
+            with torch.no_grad(), (_SDPARecording(self) if self.sdpa else contextlib.nullcontext()):
+                if self.plain is not None:
+                    # model(input_ids, input_pos) from position 0; the batch its cache buffers were set up for.
+                    rows = ids.view(1, -1).to(device).expand(self.plain.batch, -1)
+                    self.model(rows, torch.arange(ids.numel(), device=device))
+                else:
+                    self.model(input_ids=ids.view(1, -1).to(device), use_cache=False, **self.forward_kwargs)
+        finally:
+            self.scores, self.probs_id = None, None  # no [heads, S, S] tensor outlives the forward
         if self.plain is not None and self.calls != self.plain.num_layers:
             return sorted(set(self.targets) | set(self.sparse))
         return sorted((set(self.targets) | set(self.sparse)) - self.seen)
@@ -544,12 +548,13 @@ class _Recorder:
 
     def matmul_called(self, a: Tensor, b: Tensor, out: Tensor) -> None:
         """A 4-D matmul while attention runs: kept as the scores ``query @ key^T`` a softmax may follow."""
-        if self.starts and (self.plain is not None or self.current is not None):
+        after_softmax, self.probs_id = self.probs_id, None  # only the matmul right after a softmax can be probs @ v
+        if self.starts and (self.plain is not None or self.current is not None) and id(a) != after_softmax:
             self.scores = (a, b, out.shape)
 
     def softmax_called(self, probs: Tensor) -> None:
         """A 4-D softmax over the matmul just before it (eager attention): the layer's attention probabilities."""
-        scores, self.scores = self.scores, None
+        scores, self.scores, self.probs_id = self.scores, None, id(probs)
         if scores is None or scores[2] != probs.shape or not self.starts:
             return
         query, key_t, _ = scores
