@@ -450,8 +450,8 @@ def _dump_tensors(path) -> list[dict]:
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_recording_from_sdpa_calls_gives_the_registry_dump(family, tmp_path, monkeypatch):
     """A model that says its attention bypasses transformers' registry is recorded from each attention module's
-    own scaled_dot_product_attention call; on a registry model (GQA: keys expanded to the query heads before
-    SDPA are folded back per KV head) that must give the very dump the registry recording gives."""
+    own scaled_dot_product_attention call; on a registry model (GQA, keys per KV head) that must give the very
+    dump the registry recording gives."""
     model = make_model(family)
     docs = [_text(170, seed=3), _text(150, seed=4)]
     want = _dump_tensors(_run(model, tmp_path / "registry", docs))
