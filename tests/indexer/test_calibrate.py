@@ -609,7 +609,8 @@ def test_plain_decoder_calibrates_to_its_hf_twins_dump(plain_decoder, tmp_path):
 
 def test_plain_decoder_trains_an_indexer_that_converts_it_and_only_it(plain_decoder, tmp_path):
     """Backbone-free training on a plain decoder's dump; the indexer converts that decoder (dense exactness at a
-    covering budget) and is refused, with the field that differs, by a decoder of another shape and an HF model."""
+    covering budget; sparse, the same run through the torch.compile backend) and is refused, with the field that
+    differs, by a decoder of another shape and an HF model."""
     import copy
 
     import lsa_rewrite
@@ -625,6 +626,15 @@ def test_plain_decoder_trains_an_indexer_that_converts_it_and_only_it(plain_deco
     converted = lsa_rewrite.convert(copy.deepcopy(plain_decoder), config, indexer=indexer)
     got = buffer_greedy(converted, ids, 8)
     assert torch.equal(got[0], dense[0]) and float((got[1] - dense[1]).abs().max()) <= 1e-4
+    # through torch.compile(backend=lsa_rewrite.backend(..., indexer=...)): the converted model's sparse run
+    sparse = LSAConfig(budget=96, chunk_size=C, interval=I, sink_tokens=16, recent_tokens=16, selector="indexer")
+    long_ids = torch.randint(3, 250, (1, 200), generator=torch.Generator().manual_seed(4))
+    reference = lsa_rewrite.convert(copy.deepcopy(plain_decoder), sparse, indexer=indexer)
+    want = buffer_greedy(reference, long_ids, 40)
+    compiled = copy.deepcopy(plain_decoder)
+    got = buffer_greedy(torch.compile(compiled, backend=lsa_rewrite.backend(sparse, indexer=indexer)), long_ids, 40)
+    assert compiled.lsa.store.selections == reference.lsa.store.selections > 0
+    assert torch.equal(got[0], want[0]) and float((got[1] - want[1]).abs().max()) <= 1e-4
 
     from buffer_decoder import BufferDecoder, BufferDecoderArgs
 
