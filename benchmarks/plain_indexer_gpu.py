@@ -41,18 +41,7 @@ DEVICE = "cuda"
 PROMPT, NEW, SPARSE_NEW = 768, 24, 48
 
 
-def gpt_fast_rope(x, cos, sin):
-    """gpt-fast's apply_rotary_emb: interleaved channel pairs, the factors as a [T, D/2, 2] (cos, sin) table."""
-    freqs = torch.stack([cos, sin], -1)
-    xs = x.float().reshape(*x.shape[:-1], -1, 2)
-    freqs = freqs.view(1, 1, xs.size(2), xs.size(3), 2)
-    out = torch.stack(
-        [xs[..., 0] * freqs[..., 0] - xs[..., 1] * freqs[..., 1], xs[..., 1] * freqs[..., 0] + xs[..., 0] * freqs[..., 1]], -1
-    )
-    return out.flatten(3).type_as(x)
-
-
-FORMS = {"halves": buffer_decoder.apply_rope, "gpt-fast": gpt_fast_rope}
+FORMS = {"halves": buffer_decoder.apply_rope, "gpt-fast": buffer_decoder.gpt_fast_rope}
 
 
 @torch.no_grad()

@@ -64,6 +64,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
+def gpt_fast_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """gpt-fast's apply_rotary_emb, a drop-in for ``apply_rope``: interleaved channel pairs, the factors as a
+    [T, D/2, 2] (cos, sin) table."""
+    freqs = torch.stack([cos, sin], -1)
+    xs = x.float().reshape(*x.shape[:-1], -1, 2)
+    freqs = freqs.view(1, 1, xs.size(2), xs.size(3), 2)
+    out = torch.stack(
+        [xs[..., 0] * freqs[..., 0] - xs[..., 1] * freqs[..., 1], xs[..., 1] * freqs[..., 0] + xs[..., 0] * freqs[..., 1]], -1
+    )
+    return out.flatten(3).type_as(x)
+
+
 class Attention(nn.Module):
     def __init__(self, args: BufferDecoderArgs):
         super().__init__()

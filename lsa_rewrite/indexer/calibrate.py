@@ -26,7 +26,7 @@ gets) and, for the sampled window rows only, the softmax over keys (module scali
 mask, GQA, attention sinks). Attention modules that do not go through the registry but call
 ``torch.nn.functional.scaled_dot_product_attention`` themselves (Falcon) are recorded from that call
 instead: when the first document leaves layers unrecorded, the model is switched to its ``"sdpa"``
-implementation where it has one and each attention module's SDPA call is intercepted (``_SDPARecording``);
+implementation where it has one and each attention module's SDPA call is intercepted (``_CallRecording``);
 a model without one (GPT-Neo, or a Falcon loaded eager) is recorded from the softmax over its ``q @ k^T``
 scores, the probabilities themselves. The original implementation is restored afterwards, also on errors.
 
@@ -323,8 +323,8 @@ class _Recorder:
         self.inner: Any = None
         self.starts: list[int] = []
         self.seen: set[int] = set()
-        # Recording from the attention modules' own SDPA calls (models whose attention bypasses the registry).
-        self.sdpa = False
+        # Recording from the model's own attention calls, SDPA or softmax (models whose attention bypasses the registry).
+        self.own_calls = False
         self.current: int | None = None  # the layer whose attention module is running (SDPA recording only)
         self.kv_heads = _shape(model)["kv_heads"] if plain is None else plain.kv_heads
         self.calls = 0  # attention calls in the current forward (plain decoders)
@@ -369,7 +369,7 @@ class _Recorder:
             _ACTIVE = self
             compatible = getattr(self.model, "is_backend_compatible", None)
             if callable(compatible) and not compatible():
-                self._use_sdpa()  # the model says its attention bypasses the registry (Falcon)
+                self._record_own_calls()  # the model says its attention bypasses the registry (Falcon)
             else:
                 self.model.set_attn_implementation(ATTN_IMPLEMENTATION)
         except BaseException:
@@ -384,7 +384,7 @@ class _Recorder:
             for layer in self.targets:
                 self.handles.append(self.plain.projections[layer].register_forward_pre_hook(self._hidden_hook(layer)))
             _ACTIVE = self
-            self.sdpa = True
+            self.own_calls = True
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -481,9 +481,9 @@ class _Recorder:
         self.starts = sorted(int(t) for t in starts)
         try:
             missing = self._forward(ids)
-            if missing and not self.sdpa:
+            if missing and not self.own_calls:
                 # Some attention modules bypass the registry: record every layer's attention as the model computes it.
-                self._use_sdpa()
+                self._record_own_calls()
                 missing = self._forward(ids)
             if missing and self.plain is not None:
                 raise ValueError(
@@ -508,7 +508,7 @@ class _Recorder:
         self._reset()
         self.calls, self.scores = 0, None
         try:
-            with torch.no_grad(), (_SDPARecording(self) if self.sdpa else contextlib.nullcontext()):
+            with torch.no_grad(), (_CallRecording(self) if self.own_calls else contextlib.nullcontext()):
                 if self.plain is not None:
                     # model(input_ids, input_pos) from position 0; the batch its cache buffers were set up for.
                     rows = ids.view(1, -1).to(device).expand(self.plain.batch, -1)
@@ -521,7 +521,7 @@ class _Recorder:
             return sorted(set(self.targets) | set(self.sparse))
         return sorted((set(self.targets) | set(self.sparse)) - self.seen)
 
-    def _use_sdpa(self) -> None:
+    def _record_own_calls(self) -> None:
         """Switch to recording the attention modules' own SDPA calls, under the model's ``"sdpa"`` implementation."""
         name = type(self.model).__name__
         current = getattr(self.model.config, "_attn_implementation", None)
@@ -531,7 +531,7 @@ class _Recorder:
                 self.model.set_attn_implementation("sdpa")
             except (ValueError, ImportError) as exc:
                 log.info("%s: stays on its %r attention (switching to SDPA failed: %s)", name, current, exc)
-        self.sdpa = True
+        self.own_calls = True
         for layer, module in enumerate(self.modules):
             self.handles.append(module.register_forward_pre_hook(self._enter_layer(layer)))
             self.handles.append(module.register_forward_hook(self._leave_layer))
@@ -561,7 +561,7 @@ class _Recorder:
         self.attention_called(query, key_t.transpose(-1, -2), probs=probs)
 
     def sdpa_called(self, query: Tensor, key: Tensor, scale: float | None) -> None:
-        """An attention module's own SDPA call (``_SDPARecording``): record it for the running layer."""
+        """An attention module's own SDPA call (``_CallRecording``): record it for the running layer."""
         self.attention_called(query, key, scale=scale)
 
     def attention_called(self, query: Tensor, key: Tensor, *, scale: float | None = None, probs: Tensor | None = None) -> None:
@@ -646,7 +646,7 @@ _MATMULS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__}
 _SOFTMAXES = {torch.softmax, F.softmax, torch.Tensor.softmax}
 
 
-class _SDPARecording(TorchFunctionMode):
+class _CallRecording(TorchFunctionMode):
     """Reports attention to the recorder as the model computes it itself: each ``scaled_dot_product_attention``
     call, and each softmax over the last axis of a 4-D matmul's output (eager attention: ``q @ k^T``, then
     the softmax of those scores, masked)."""

@@ -447,6 +447,14 @@ def _dump_tensors(path) -> list[dict]:
     return [{k: v for k, v in r.items() if isinstance(v, torch.Tensor)} for r in CalibrationDump(path).windows()]
 
 
+def _assert_same_dumps(got: list[dict], want: list[dict]) -> None:
+    assert len(got) == len(want) > 0
+    for a, b in zip(got, want):
+        assert a.keys() == b.keys()
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_recording_from_sdpa_calls_gives_the_registry_dump(family, tmp_path, monkeypatch):
     """A model that says its attention bypasses transformers' registry is recorded from each attention module's
@@ -458,11 +466,7 @@ def test_recording_from_sdpa_calls_gives_the_registry_dump(family, tmp_path, mon
     monkeypatch.setattr(type(model), "is_backend_compatible", classmethod(lambda cls: False))
     got = _dump_tensors(_run(model, tmp_path / "sdpa", docs))
     assert model.config._attn_implementation == "sdpa" and calibrate_module._ACTIVE is None
-    assert len(got) == len(want) > 0
-    for a, b in zip(got, want):
-        assert a.keys() == b.keys()
-        for name in a:
-            torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+    _assert_same_dumps(got, want)
 
 
 @pytest.mark.parametrize("family", ["falcon", "falcon_mqa"])
@@ -600,11 +604,8 @@ def test_plain_decoder_calibrates_to_its_hf_twins_dump(plain_decoder, tmp_path):
     assert plain.shapes == hf.shapes and plain.target_layers == hf.target_layers
     assert [d["tokens"] for d in plain.documents] == [200, 260, 512]
     want, got = _dump_tensors(hf.path), _dump_tensors(plain.path)
-    assert len(got) == len(want) == 9
-    for a, b in zip(got, want):
-        assert a.keys() == b.keys()
-        for name in a:
-            torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+    assert len(got) == 9
+    _assert_same_dumps(got, want)
 
 
 def test_plain_decoder_trains_an_indexer_that_converts_it_and_only_it(plain_decoder, tmp_path):
@@ -647,23 +648,29 @@ def test_plain_decoder_trains_an_indexer_that_converts_it_and_only_it(plain_deco
         lsa_rewrite.convert(make_model("llama"), config, indexer=indexer)
 
 
-def _repeat_kv_attention(self, x, cos, sin, mask, input_pos):
-    """The buffer decoder's attention as gpt-fast writes GQA: keys and values repeated to the query heads
-    (``repeat_interleave``) before a plain SDPA call."""
+def _repeated_qkv(attn, x, cos, sin, input_pos):
+    """The buffer decoder's rotated q, k, v ``[B, H, S, D]`` after its cache update, keys and values repeated to the
+    query heads (``repeat_interleave``) as gpt-fast writes GQA."""
     import buffer_decoder
 
     B, T, _ = x.shape
-    q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
-    q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
-    q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-    k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-    v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+    q_size, kv_size = attn.n_head * attn.head_dim, attn.n_kv_head * attn.head_dim
+    q, k, v = attn.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+    q = q.view(B, T, attn.n_head, attn.head_dim).transpose(1, 2)
+    k = k.view(B, T, attn.n_kv_head, attn.head_dim).transpose(1, 2)
+    v = v.view(B, T, attn.n_kv_head, attn.head_dim).transpose(1, 2)
     q, k = buffer_decoder.apply_rope(q, cos, sin), buffer_decoder.apply_rope(k, cos, sin)
-    if self.kv_cache is not None:
-        k, v = self.kv_cache.update(input_pos, k, v)
-    group = self.n_head // self.n_kv_head
-    y = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), attn_mask=mask)
-    return self.wo(y.transpose(1, 2).reshape(B, T, q_size))
+    if attn.kv_cache is not None:
+        k, v = attn.kv_cache.update(input_pos, k, v)
+    group = attn.n_head // attn.n_kv_head
+    return q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+
+
+def _repeat_kv_attention(self, x, cos, sin, mask, input_pos):
+    """The buffer decoder's attention with keys and values repeated to the query heads before a plain SDPA call."""
+    q, k, v = _repeated_qkv(self, x, cos, sin, input_pos)
+    y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return self.wo(y.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
 
 
 def test_plain_decoder_with_keys_repeated_to_the_query_heads_records_per_kv_head(plain_decoder, tmp_path, monkeypatch):
@@ -677,30 +684,15 @@ def test_plain_decoder_with_keys_repeated_to_the_query_heads_records_per_kv_head
     dump = CalibrationDump(_run(plain_decoder, tmp_path / "repeated", docs))
     assert dump.shapes["kv_heads"] == 2
     got = _dump_tensors(dump.path)
-    assert len(got) == len(want) > 0
-    for a, b in zip(got, want):
-        for name in a:
-            torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+    _assert_same_dumps(got, want)
 
 
 def _eager_attention(self, x, cos, sin, mask, input_pos):
     """The buffer decoder's attention written out: scores ``q @ k^T`` over the whole cache, masked, softmax, ``@ v``."""
-    import buffer_decoder
-
-    B, T, _ = x.shape
-    q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
-    q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
-    q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-    k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-    v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-    q, k = buffer_decoder.apply_rope(q, cos, sin), buffer_decoder.apply_rope(k, cos, sin)
-    if self.kv_cache is not None:
-        k, v = self.kv_cache.update(input_pos, k, v)
-    group = self.n_head // self.n_kv_head
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    q, k, v = _repeated_qkv(self, x, cos, sin, input_pos)
     scores = (q @ k.transpose(-2, -1)) * self.head_dim ** -0.5
     probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
-    return self.wo((probs @ v).transpose(1, 2).reshape(B, T, q_size))
+    return self.wo((probs @ v).transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
 
 
 def test_plain_decoder_with_eager_attention_records_its_softmax(plain_decoder, tmp_path, monkeypatch):
@@ -712,7 +704,4 @@ def test_plain_decoder_with_eager_attention_records_its_softmax(plain_decoder, t
     want = _dump_tensors(_run(plain_decoder, tmp_path / "sdpa", docs))
     monkeypatch.setattr(buffer_decoder.Attention, "forward", _eager_attention)
     got = _dump_tensors(_run(plain_decoder, tmp_path / "eager", docs))
-    assert len(got) == len(want) > 0
-    for a, b in zip(got, want):
-        for name in a:
-            torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+    _assert_same_dumps(got, want)

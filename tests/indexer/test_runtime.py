@@ -302,17 +302,6 @@ def test_untrained_indexer_reproduces_the_model_query(family, style, rotary):
         assert float(similarity.min()) > 0.999, (target, similarity)
 
 
-def _gpt_fast_rope(x, cos, sin):
-    """gpt-fast's apply_rotary_emb: interleaved channel pairs, the factors as a [T, D/2, 2] (cos, sin) table."""
-    freqs = torch.stack([cos, sin], -1)
-    xs = x.float().reshape(*x.shape[:-1], -1, 2)
-    freqs = freqs.view(1, 1, xs.size(2), xs.size(3), 2)
-    out = torch.stack(
-        [xs[..., 0] * freqs[..., 0] - xs[..., 1] * freqs[..., 1], xs[..., 1] * freqs[..., 0] + xs[..., 0] * freqs[..., 1]], -1
-    )
-    return out.flatten(3).type_as(x)
-
-
 @pytest.mark.parametrize("rope, style", [("halves", "half"), ("gpt-fast", "interleaved")])
 def test_plain_decoder_rotary_forms_reproduce_the_query(monkeypatch, rope, style):
     """A plain decoder's rotation written on the two halves (cat of x1 cos - x2 sin and x2 cos + x1 sin, the
@@ -323,7 +312,7 @@ def test_plain_decoder_rotary_forms_reproduce_the_query(monkeypatch, rope, style
     from helpers import buffer_greedy
 
     if rope == "gpt-fast":
-        monkeypatch.setattr(buffer_decoder, "apply_rope", _gpt_fast_rope)
+        monkeypatch.setattr(buffer_decoder, "apply_rope", buffer_decoder.gpt_fast_rope)
     base = make_model("buffer")
     base.setup_caches(max_batch_size=2, max_seq_length=96)
     config = LSAConfig(mode="dense", chunk_size=16, interval=16, selector="indexer")
