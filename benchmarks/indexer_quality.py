@@ -548,6 +548,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--neighbour-margin", type=float, help="override the indexer's span rule (IndexerConfig.neighbour_margin, logits; negative: off)")
     parser.add_argument("--neighbour-min-free", type=int, help="override IndexerConfig.neighbour_min_free (free slots below which the span rule is off)")
     parser.add_argument("--neighbour-top", type=int, help="override IndexerConfig.neighbour_top (0: every selectable chunk lends)")
+    parser.add_argument("--group-shared", type=float,
+                        help="override a group indexer's IndexerConfig.group_shared (share of each selection's free slots from the shared ranking)")
     parser.add_argument("--fallback-factor", type=float,
                         help="indexer runs: LSAConfig.fallback_budget = this many times the budget's tokens (the needle fallback; default: off)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random selector")
@@ -589,7 +591,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def scoring_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The ``--neighbour-margin`` / ``--neighbour-min-free`` / ``--neighbour-top`` overrides of the indexer's saved span rule
-    (a negative margin: the rule off)."""
+    (a negative margin: the rule off) and ``--group-shared``'s of its union with the shared ranking."""
     rules: dict[str, Any] = {}
     if args.neighbour_margin is not None:
         rules["neighbour_margin"] = None if args.neighbour_margin < 0 else args.neighbour_margin
@@ -597,6 +599,8 @@ def scoring_overrides(args: argparse.Namespace) -> dict[str, Any]:
         rules["neighbour_min_free"] = args.neighbour_min_free
     if args.neighbour_top is not None:
         rules["neighbour_top"] = None if args.neighbour_top < 1 else args.neighbour_top
+    if args.group_shared is not None:
+        rules["group_shared"] = args.group_shared
     return rules
 
 

@@ -98,6 +98,8 @@ def main() -> None:
     parser.add_argument("--selectors", default="indexer,query-aware")
     parser.add_argument("--budgets", default="13.5", help="comma list of resident percentages")
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--group-shared", type=float,
+                        help="override a group indexer's IndexerConfig.group_shared (share of free slots from the shared ranking)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="benchmarks/results/multiturn.json")
     args = parser.parse_args()
@@ -115,6 +117,14 @@ def main() -> None:
         from lsa_rewrite.demo import shipped_indexer
 
         indexer = str(shipped_indexer())
+    indexer_source = indexer
+    if args.group_shared is not None:  # a variant of the saved selection rule (benchmark only)
+        import dataclasses
+
+        from lsa_rewrite.indexer import LSAIndexer
+
+        indexer = LSAIndexer.load(indexer)
+        indexer.config = dataclasses.replace(indexer.config, group_shared=args.group_shared)
     context = round(statistics.mean(r["prompt_tokens"] for r in rows))
     payload = {
         "benchmark": "multiturn",
@@ -123,7 +133,8 @@ def main() -> None:
         "model": path.name,
         "tasks": {"file": args.tasks, "count": len(rows), "context_for_budgets": context},
         "lsa": {"chunk_size": CHUNK, "interval": INTERVAL, "sink_tokens": SINK, "recent_tokens": RECENT, "recall_lag": 0, "mode": "offload"},
-        "indexer": indexer,
+        "indexer": indexer_source,
+        "group_shared": args.group_shared,
         "dense": None,
         "runs": [],
     }

@@ -197,6 +197,10 @@ def train_cmd(
     neighbour_top: int = typer.Option(
         None, "--neighbour-top", help="the span rule: only the N highest selectable chunks of each target layer lend (default: all)"
     ),
+    group_shared: float = typer.Option(
+        0.0, "--group-shared",
+        help="with --ensemble group: the share of each selection's free slots every layer fills from the shared ranking (max over target layers) first",
+    ),
     reply_weight: int = typer.Option(
         1, "--reply-weight",
         help="times per epoch each window at a task's reply (where the answer is read) is seen; the others once",
@@ -231,6 +235,8 @@ def train_cmd(
             raise ValueError(f"--neighbour-min-free must be >= 0, got {neighbour_min_free}")
         if neighbour_top is not None and neighbour_top < 1:
             raise ValueError(f"--neighbour-top must be >= 1 (leave it out for every selectable chunk), got {neighbour_top}")
+        if not 0.0 <= group_shared <= 1.0 or (group_shared and ensemble != "group"):
+            raise ValueError(f"--group-shared must be a share in [0, 1] and needs --ensemble group, got {group_shared} with --ensemble {ensemble}")
         if reply_weight < 1:
             raise ValueError(f"--reply-weight must be >= 1 (1: reply windows count like the others), got {reply_weight}")
         for path in dump:
@@ -241,7 +247,7 @@ def train_cmd(
         _, metrics = train_indexer(
             dump, out=out, epochs=epochs, lr=lr, loss=loss, rank=rank, seed=seed, device=device, top_p=top_p, min_layers=min_layers, label_rule=label_rule,
             trainable=trainable, ensemble=ensemble, neighbour_margin=neighbour_margin, neighbour_min_free=neighbour_min_free,
-            neighbour_top=neighbour_top, reply_weight=reply_weight,
+            neighbour_top=neighbour_top, group_shared=group_shared, reply_weight=reply_weight,
         )
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         _fail(console, exc, debug)

@@ -255,7 +255,8 @@ class IndexerSelector:
     with the document tower, and ensembles the target layers; the one ``[B, N]`` map ranks chunks for
     every layer. Under ``IndexerConfig.ensemble="group"`` there is no ensemble: each layer gets the
     logits of the target layer whose group holds it (``layer_groups``), so layer groups keep resident
-    sets of their own. The indexer's span rule (``IndexerConfig.neighbour_margin``) applies to each
+    sets of their own (with ``IndexerConfig.group_shared``, a share of each set from the shared ranking
+    first). The indexer's span rule (``IndexerConfig.neighbour_margin``) applies to each
     target layer's logits before the ensemble, with the selectable chunks of the window as lenders.
     """
 
@@ -305,13 +306,16 @@ class IndexerSelector:
 
                 dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.group)
             stacked = torch.stack([self.indexer.finish_logits(i, z) for i, z in enumerate(sums)])
-            if cfg.neighbour_margin is not None:
+            if cfg.neighbour_margin is not None or cfg.group_shared:
                 # Only selectable chunks lend their score to a neighbour: not the sink and tail (kept
                 # anyway), not chunks unwritten yet, which also take none.
                 n = stacked.shape[-1]
                 lenders = window.selectable(n, stacked.device)  # [B, N]
                 free = window.free_slots_tensor(stacked.device)
-                stacked = self.indexer.spread(stacked, slots=free, lenders=lenders).masked_fill(window.unwritten(n, stacked.device), -torch.inf)
+                if cfg.neighbour_margin is not None:
+                    stacked = self.indexer.spread(stacked, slots=free, lenders=lenders).masked_fill(window.unwritten(n, stacked.device), -torch.inf)
+                # group_shared: each layer's free slots start with the shared ranking's best (the groups' union)
+                stacked = self.indexer.share_slots(stacked.transpose(0, 1), slots=free, selectable=lenders).transpose(0, 1)
         return stacked
 
     def _rows(self, layers: Sequence[LayerState]) -> list[int]:

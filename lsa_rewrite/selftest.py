@@ -121,14 +121,16 @@ def _indexer_taps_match(model, base, config, indexer, ids, device: str) -> dict[
 
 
 def _grouped(indexer):
-    """The same weights with ``ensemble="group"``: each sparse layer selects by its nearest target layer."""
+    """The same weights with ``ensemble="group"``: each sparse layer selects by its nearest target layer,
+    half of its free slots first from the shared ranking (``group_shared=0.5``: the union's sort and scatter
+    run in the captured selection too)."""
     import dataclasses
 
     from lsa_rewrite.indexer import LSAIndexer, nearest_groups
 
     cfg = indexer.config
     groups = nearest_groups(cfg.target_layers, indexer.signature["sparse_layers"])
-    grouped = LSAIndexer(dataclasses.replace(cfg, ensemble="group", layer_groups=groups))
+    grouped = LSAIndexer(dataclasses.replace(cfg, ensemble="group", layer_groups=groups, group_shared=0.5))
     grouped.load_state_dict(indexer.state_dict())
     grouped.signature, grouped.lsa = indexer.signature, indexer.lsa
     return grouped

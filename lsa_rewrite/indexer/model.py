@@ -91,6 +91,12 @@ class IndexerConfig:
             slots per sequence (``SelectionWindow.free_slots``: slots beyond the sink, the tail and the
             window's own chunks): with one or two free slots a neighbour would take the place of the
             second-best candidate.
+        group_shared: under ``ensemble="group"``, the share of each selection's free slots (beyond the
+            sink, the tail and the window's own chunks) that every layer fills from one shared ranking,
+            the max of all target layers' logits, before its own group's ranking fills the rest
+            (``share_slots``): a union of the groups' sets and the set every group would keep. 0 (the
+            default): each group's ranking alone; 1: one ranking for every layer. A selection rule, not
+            a weight: it changes no parameter, and applies at run time and in the held-out metrics.
 
     Example::
 
@@ -113,6 +119,7 @@ class IndexerConfig:
     neighbour_min_free: int = 0
     neighbour_top: int | None = None
     layer_groups: tuple[tuple[int, ...], ...] | None = None
+    group_shared: float = 0.0
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -170,6 +177,15 @@ class IndexerConfig:
             raise ValueError(
                 f"neighbour_min_free must be an int >= 0 (free slots; 0: the span rule at every budget), got {self.neighbour_min_free!r}"
             )
+        share = self.group_shared
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
+            raise ValueError(f"group_shared must be a share of the free slots in [0, 1], got {share!r}")
+        if share and self.ensemble != "group":
+            raise ValueError(
+                f"group_shared={share} needs ensemble='group' (a shared ranking beside each layer group's own); ensemble={self.ensemble!r} "
+                "already gives every layer one ranking"
+            )
+        object.__setattr__(self, "group_shared", float(share))
         if self.version != 1:
             raise ValueError(f"IndexerConfig version {self.version} is not supported by this lsa-rewrite (knows version 1)")
 
@@ -218,6 +234,8 @@ class IndexerConfig:
             del data["layer_groups"]
         else:
             data["layer_groups"] = [list(g) for g in self.layer_groups]
+        if not self.group_shared:  # likewise (files written before the field read back equal)
+            del data["group_shared"]
         return {"_type": "IndexerConfig", "_version": version, "_data": data}
 
     @classmethod
@@ -450,6 +468,18 @@ class LSAIndexer(nn.Module):
             logits, cfg.neighbour_margin, slots=slots, min_slots=cfg.neighbour_min_free, lenders=lenders, top=cfg.neighbour_top
         )
 
+    def share_slots(self, logits: Tensor, *, slots: int | Tensor | None, selectable: Tensor) -> Tensor:
+        """Under ``ensemble="group"`` with ``config.group_shared`` > 0: target layer rows ``[..., Lt, N]`` in
+        which the top ``ceil(group_shared * slots)`` selectable chunks of the shared ranking (the max over
+        the rows) rank above every other chunk of each row, so a selection of ``slots`` chunks from a row
+        keeps them and fills the rest from the row's own ranking. Unchanged otherwise, or when ``slots``
+        is ``None`` (unknown). ``selectable`` (bool, broadcast to ``[..., N]``): the chunks the selection
+        chooses among (the sink, the tail and unwritten chunks take no shared slot)."""
+        share = self.config.group_shared
+        if not share or not self.config.per_layer or slots is None:
+            return logits
+        return share_ranking(logits, share, slots=slots, selectable=selectable)
+
     def ensemble(self, logits_list: list[Tensor] | tuple[Tensor, ...] | Tensor) -> Tensor:
         """Per-layer logits (a list of [B, N], or [B, Lt, N]) -> probabilities [B, N] (max or mean over
         layers); under ``ensemble="group"`` the per-target-layer probabilities [B, Lt, N], uncombined."""
@@ -602,6 +632,32 @@ def spread_neighbours(
     if isinstance(slots, Tensor):  # a device count (a selection captured in a CUDA graph): decided on the device
         out = torch.where(slots >= min_slots, out, logits)
     return out
+
+
+def share_ranking(logits: Tensor, share: float, *, slots: int | Tensor, selectable: Tensor) -> Tensor:
+    """``logits`` ``[..., Lt, N]`` with the top ``ceil(share * slots)`` ``selectable`` chunks of their max
+    over ``Lt`` raised in every row above that row's highest logit (in shared order), the other chunks
+    as they were. ``slots``: an int or a ``[]``/``[...]`` tensor (device work only: a selection captured in
+    a CUDA graph stays exact).
+
+    Example::
+
+        >>> rows = torch.tensor([[[3.0, 2.0, 0.0, 1.0], [0.0, 0.0, 5.0, 4.0]]])  # [B=1, Lt=2, N=4]
+        >>> share_ranking(rows, 0.5, slots=2, selectable=torch.ones(1, 4, dtype=torch.bool)).topk(2).indices
+        tensor([[[2, 0],
+                 [2, 3]]])
+    """
+    shared = logits.amax(-2).masked_fill(~selectable, -torch.inf)  # [..., N]
+    count = torch.as_tensor(slots, device=logits.device)
+    count = torch.ceil(count.to(torch.float32) * share).to(torch.long)
+    count = count.reshape(count.shape + (1,) * (shared.dim() - count.dim())) if count.dim() else count
+    order = shared.argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(shared.shape[-1], device=logits.device).expand_as(order))
+    picked = (rank < count) & torch.isfinite(shared)  # [..., N]
+    finite = logits.masked_fill(~torch.isfinite(logits), -torch.finfo(logits.dtype).max)
+    ceiling = finite.amax(-1, keepdim=True)  # [..., Lt, 1]: each row's highest logit
+    lifted = ceiling + 1.0 + (shared.shape[-1] - rank).to(logits.dtype).unsqueeze(-2)  # shared order among the picked
+    return torch.where(picked.unsqueeze(-2), lifted, logits)
 
 
 def lsa_fields(lsa: dict | None) -> dict[str, Any]:

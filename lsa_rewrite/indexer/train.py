@@ -68,6 +68,7 @@ def train_indexer(
     neighbour_margin: float | None = None,
     neighbour_min_free: int = 0,
     neighbour_top: int | None = None,
+    group_shared: float = 0.0,
     reply_weight: int = 1,
     progress: bool = True,
 ) -> tuple[LSAIndexer, dict[str, Any]]:
@@ -104,6 +105,9 @@ def train_indexer(
         neighbour_margin, neighbour_min_free, neighbour_top: the span rule, saved in the indexer's config
             (``IndexerConfig``); it does not change the loss, and the held-out metrics of the trained
             and the untrained indexer apply it.
+        group_shared: under ``"group"``, the share of each selection's free slots filled from the shared
+            ranking (the max over target layers) before each group's own (``IndexerConfig.group_shared``);
+            saved in the config, applied in the held-out metrics, not in the loss.
         reply_weight: each training window at a task's reply (``CalibrationDump.at_reply``: where the
             reply reads the answer out of the context) is seen this many times per epoch, the others
             once. 1: every window alike. Needs dumps that record reply positions (calibrated by this
@@ -175,6 +179,7 @@ def train_indexer(
         neighbour_min_free=neighbour_min_free,
         neighbour_top=neighbour_top,
         layer_groups=groups,
+        group_shared=group_shared,
     )
 
     cache = sum(d.shard_nbytes() for d in dumps) <= CACHE_BYTES
@@ -668,6 +673,9 @@ def _ranking(indexer: LSAIndexer, args: tuple, keep: Tensor, row: int | None = N
     """``k -> [N]`` probabilities under the span rule for a selection of ``k`` free slots (target layer
     ``row``'s under ``ensemble="group"``)."""
     logits = indexer.logits(*args)  # [1, Lt, N]
+    if row is not None and indexer.config.group_shared:
+        # the union with the shared ranking, as the runtime selects (in logits: lifted rows would saturate a sigmoid)
+        return lambda k: indexer.share_slots(indexer.spread(logits, slots=k, lenders=keep[None, None]), slots=k, selectable=keep[None])[0, row]
     if row is not None:
         return lambda k: indexer.ensemble(indexer.spread(logits, slots=k, lenders=keep[None, None]))[0, row]
     return lambda k: indexer.ensemble(indexer.spread(logits, slots=k, lenders=keep[None, None]))[0]

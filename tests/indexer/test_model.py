@@ -513,3 +513,53 @@ def test_group_ensemble_keeps_one_probability_row_per_target_layer():
     assert probs.shape == (3, 2, 7)
     torch.testing.assert_close(probs, torch.sigmoid(indexer.logits(x, cos, sin, kmin, kmax)))
     torch.testing.assert_close(probs.amax(1), indexer(x, cos, sin, kmin, kmax))
+
+
+def test_group_shared_ranking_is_the_union_of_the_shared_top_and_each_rows_own():
+    """Each row's top ``k`` under ``share_ranking``: the top ``ceil(share * k)`` selectable chunks of the max
+    over rows, then the row's own best among the rest (hand-computed per row, fresh random logits)."""
+    from lsa_rewrite.indexer.model import share_ranking
+
+    g = torch.Generator().manual_seed(11)
+    for trial in range(20):
+        b, lt, n = 2, 3, 12
+        logits = torch.randn(b, lt, n, generator=g) * 3
+        selectable = torch.rand(b, n, generator=g) > 0.25
+        logits[:, :, -2:] = -torch.inf  # unwritten chunks
+        selectable[:, -2:] = False
+        k, share = int(torch.randint(1, 8, (1,), generator=g)), [0.25, 0.5, 1.0][trial % 3]
+        out = share_ranking(logits, share, slots=torch.tensor(k), selectable=selectable)
+        m = math.ceil(share * k)
+        for i in range(b):
+            shared = logits[i].amax(0).masked_fill(~selectable[i], -torch.inf)
+            first = [c for c in shared.argsort(descending=True, stable=True).tolist() if selectable[i, c]][:m]
+            for row in range(lt):
+                own = logits[i, row].masked_fill(~selectable[i], -torch.inf)
+                rest = [c for c in own.argsort(descending=True, stable=True).tolist() if selectable[i, c] and c not in first]
+                want = set(first + rest[: k - len(first)])
+                got = out[i, row].masked_fill(~selectable[i], -torch.inf).topk(len(want)).indices.tolist()
+                assert set(got) == want, (trial, i, row)
+        changed = (out != logits).sum(-1)  # only the picked chunks move; the others keep their logits
+        assert int(changed.max()) <= m
+    # share 1: every row the same set, the shared ranking's top k
+    out = share_ranking(logits, 1.0, slots=4, selectable=selectable)
+    sets = [set(out[0, r].masked_fill(~selectable[0], -torch.inf).topk(4).indices.tolist()) for r in range(3)]
+    assert sets[0] == sets[1] == sets[2]
+
+
+def test_group_shared_config_is_checked_saved_and_applied_only_to_groups():
+    groups = dict(ensemble="group", layer_groups=((0, 1), (2, 3)))
+    cfg = make_config(group_shared=0.5, **groups)
+    assert IndexerConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert "group_shared" not in make_config(**groups).to_dict()["_data"]  # 0: files stay as lsa-rewrite wrote them before
+    with pytest.raises(ValueError, match="group_shared=0.5 needs ensemble='group'"):
+        make_config(group_shared=0.5)
+    with pytest.raises(ValueError, match=r"group_shared must be a share of the free slots in \[0, 1\], got 1.5"):
+        make_config(group_shared=1.5, **groups)
+    logits = torch.randn(2, 3, 7)
+    keep = torch.ones(2, 7, dtype=torch.bool)
+    plain = LSAIndexer(make_config(**groups))
+    assert plain.share_slots(logits, slots=3, selectable=keep) is logits  # off: unchanged
+    shared = LSAIndexer(cfg)
+    assert shared.share_slots(logits, slots=None, selectable=keep) is logits  # slots unknown: unchanged
+    assert not torch.equal(shared.share_slots(logits, slots=3, selectable=keep), logits)

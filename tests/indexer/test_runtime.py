@@ -414,3 +414,41 @@ def test_group_indexer_converts_dense_exact_and_keeps_per_group_resident_sets():
     assert {c for c in ids[0].tolist()} != {c for c in ids[1].tolist()}
     with pytest.raises(ValueError, match=r"sparse layers \[1\] of this model are in none of them"):
         lsa_rewrite.convert(copy.deepcopy(base), LSAConfig(budget=96, **common), indexer=_grouped(indexer, groups=((0,), (7,))))
+
+
+def test_group_shared_selection_keeps_the_shared_top_then_each_groups_own():
+    """With ``group_shared=0.5`` every layer's resident set (a real selection of a converted model) holds
+    the top half of the free slots by the shared ranking (the max over target layers), the rest by its
+    own group's; the sets still differ per group, and at a covering budget the tokens are dense's."""
+    import math
+
+    base = make_model("llama").eval()
+    common = dict(chunk_size=16, interval=16, sink_tokens=16, recent_tokens=16, selector="indexer")
+    indexer = _with_rules(_grouped(indexer_from_model(base, LSAConfig(**common), target_layers=[0, 1])), group_shared=0.5)
+    ids = _ids(length=480, seed=4)
+    covering = lsa_rewrite.convert(copy.deepcopy(base), LSAConfig(budget=1024, **common), indexer=indexer)
+    assert torch.equal(covering.generate(ids, max_new_tokens=8, do_sample=False), base.generate(ids, max_new_tokens=8, do_sample=False))
+    small = lsa_rewrite.convert(copy.deepcopy(base), LSAConfig(budget=128, **common), indexer=indexer)
+    small.generate(ids, max_new_tokens=2, do_sample=False)
+    store = small.lsa.store
+    policy, pos = store.policy, store.length
+    window = policy.window(pos)
+    plain = IndexerSelector(_with_rules(indexer, group_shared=0.0)).target_scores(store.chunk_layers, window)[:, 0]  # [2, N]
+    selectable = window.selectable(policy.num_chunks)[0]
+    free = window.free_slots
+    m = math.ceil(0.5 * free)
+    assert 0 < m < free
+    shared = plain.amax(0).masked_fill(~selectable, -torch.inf)
+    first = set(shared.topk(m).indices.tolist())
+    available = torch.ones(2, 1, policy.num_chunks, dtype=torch.bool)
+    chosen_ids = policy.choose(store.chunk_layers, available, pos)[:, 0]
+    must = set(policy.must_keep(0, pos))
+    sets = []
+    for i in range(2):
+        chosen = {c for c in chosen_ids[i].tolist() if c >= 0} - must
+        own = plain[i].masked_fill(~selectable, -torch.inf)
+        own[list(first)] = -torch.inf
+        want = first | set(own.topk(len(chosen) - m).indices.tolist())
+        assert chosen == want, i
+        sets.append(chosen)
+    assert sets[0] != sets[1]

@@ -538,3 +538,28 @@ def test_group_training_learns_each_groups_chunks(planted_groups, tmp_path):
         train_indexer(planted_groups, ensemble="group", layer_groups=[[0, 1], [2, 7]], epochs=0, progress=False)
     with pytest.raises(ValueError, match="only used with ensemble='group'"):
         train_indexer(planted_groups, layer_groups=[[0, 1], [2, 3]], epochs=0, progress=False)
+
+
+def test_group_shared_changes_no_weight_and_applies_in_the_heldout_metrics(planted_groups, tmp_path):
+    """``group_shared`` is a selection rule: the same weights as without it; its held-out metrics rank each
+    group by the union (at 1.0 the shared ranking alone, which misses the other group's chunks), and the CLI
+    saves it with the groups only."""
+    from typer.testing import CliRunner
+
+    from lsa_rewrite.cli import app
+
+    options = dict(ensemble="group", epochs=6, lr=1e-2, batch_windows=16, seed=0, label_rule="mean", top_p=0.6, progress=False)
+    own, m_own = train_indexer(planted_groups, **options)
+    union, m_union = train_indexer(planted_groups, group_shared=1.0, **options)
+    for name, tensor in own.state_dict().items():
+        assert torch.equal(tensor, union.state_dict()[name]), name
+    assert union.config.group_shared == 1.0
+    for budget in ("0.05", "0.1", "0.135"):
+        assert m_own["indexer"]["golden_recall"][budget] > m_union["indexer"]["golden_recall"][budget] + 0.1, budget
+    assert m_own["recency"] == m_union["recency"]  # the baselines are not the indexer's rule
+    out = tmp_path / "u.safetensors"
+    result = CliRunner().invoke(app, ["train", str(planted_groups), "--out", str(out), "--epochs", "1", "--ensemble", "group", "--group-shared", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert LSAIndexer.load(out).config.group_shared == 0.5
+    bad = CliRunner().invoke(app, ["train", str(planted_groups), "--out", str(out), "--group-shared", "0.5"])
+    assert bad.exit_code == 2 and "needs --ensemble group" in " ".join(bad.output.split())
