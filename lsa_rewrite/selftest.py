@@ -6,7 +6,8 @@ full layers), with no download:
 1. **covering budget**: the converted model's greedy tokens and logits equal the dense model's (on
    CUDA through the compiled step replayed as a CUDA graph);
 2. **sparse decode at recall lags 0, 1 and 4** (query-aware selector; and lag 4 with an untrained
-   indexer, whose taps run in the compiled step, once ranking for all layers and once per layer group):
+   indexer, whose taps run in the compiled step, once ranking for all layers and once per layer group,
+   half of each group's set from the shared ranking):
    real selections with recalls from the mirror (on CUDA:
    the copy kernel on a side stream, the tables swapped ``lag`` steps later); every resident chunk is
    bit-identical to its mirror row, the mirror's prompt part equals the dense model's KV, and the

@@ -107,9 +107,10 @@ def _history(batch, capacity, device, seed=0):
     return out
 
 
-def _indexer(device):
+def _indexer(device, groups=False):
     cfg = IndexerConfig(
         hidden_size=24, q_heads=4, kv_heads=2, head_dim=16, rank=8, target_layers=(0,), neighbour_margin=0.1, neighbour_min_free=2, neighbour_top=1,
+        **(dict(ensemble="group", layer_groups=((0, 2),), group_shared=0.5) if groups else {}),
     )
     torch.manual_seed(0)
     return LSAIndexer(cfg).to(device)
@@ -214,6 +215,7 @@ def test_a_wider_write_back_changes_nothing():
         ("query-aware", "offload", "fp8", 2),
         ("query-aware", "evict", "exact", 0),
         ("indexer", "offload", "exact", 2),
+        ("indexer groups shared", "offload", "exact", 2),
         ("recency", "offload", "exact", 1),
     ],
 )
@@ -222,6 +224,8 @@ def test_captured_selection_matches_the_eager_one(selector, mode, mirror, lag):
     captured selection: after every decode step the same tables, resident rows, mirror and counters."""
     device = torch.device("cuda")
     batch, capacity, prompt, steps = 2, 1200, 900, 150
+    groups = selector == "indexer groups shared"  # per-layer sets, half of each selection from the shared ranking
+    selector = "indexer" if groups else selector
     config = LSAConfig(
         budget=240, chunk_size=16, interval=16, sink_tokens=16, recent_tokens=32, recall_lag=lag, mode=mode, mirror=mirror, selector=selector,
         fallback_budget=360 if selector == "indexer" else None,
@@ -229,7 +233,7 @@ def test_captured_selection_matches_the_eager_one(selector, mode, mirror, lag):
     hist = _history(batch, capacity, device)
     stores = []
     for capture in (False, True):
-        chosen = IndexerSelector(_indexer(device)) if selector == "indexer" else None
+        chosen = IndexerSelector(_indexer(device, groups=groups)) if selector == "indexer" else None
         stores.append(KVStore(SPECS, config, batch=batch, capacity=capacity, valid_start=[0, 37], device=device, selector=chosen, capture_selection=capture))
     states = []
     for store in stores:
