@@ -154,6 +154,11 @@ def _worker(rank: int, path: str, port: int, out: str, indexer) -> None:
         result["grouped"] = hf_greedy(model, _prompt(1, LONG, 5), NEW)
         result["grouped_tables"] = [layer.chunk_slot.clone() for layer in model.lsa.store.chunk_layers]
         del model
+        # and with half of each selection from the shared ranking (group_shared), taken after the all-reduce
+        model = lsa_rewrite.convert(_load_sharded(path), INDEXED, indexer=_grouped(indexer, shared=0.5))
+        result["grouped_shared"] = hf_greedy(model, _prompt(1, LONG, 5), NEW)
+        result["grouped_shared_tables"] = [layer.chunk_slot.clone() for layer in model.lsa.store.chunk_layers]
+        del model
         torch.save(result, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -173,11 +178,12 @@ def ranks():
     return model, indexer, results
 
 
-def _grouped(indexer):
-    """The same weights with ``ensemble="group"``: layer 0 chooses for itself, layer 1 for itself."""
+def _grouped(indexer, shared=0.0):
+    """The same weights with ``ensemble="group"``: layer 0 chooses for itself, layer 1 for itself (with
+    ``shared`` of each selection's free slots first from the shared ranking: ``group_shared``)."""
     from lsa_rewrite.indexer import LSAIndexer
 
-    other = LSAIndexer(dataclasses.replace(indexer.config, ensemble="group", layer_groups=((0,), (1,))))
+    other = LSAIndexer(dataclasses.replace(indexer.config, ensemble="group", layer_groups=((0,), (1,)), group_shared=shared))
     other.load_state_dict(indexer.state_dict())
     other.signature, other.lsa, other.metrics, other.source = indexer.signature, indexer.lsa, indexer.metrics, indexer.source
     return other
@@ -305,3 +311,12 @@ def test_group_indexer_keeps_per_layer_sets_agreed_across_ranks_like_the_unshard
         assert torch.equal(tp_seq, seq)
         torch.testing.assert_close(tp_logits, logits, atol=1e-3, rtol=1e-3)
         assert all(torch.equal(a, b) for a, b in zip(r["grouped_tables"], tables))
+    shared = no_eos(lsa_rewrite.convert(copy.deepcopy(model), INDEXED, indexer=_grouped(indexer, shared=0.5)))
+    seq, logits = hf_greedy(shared, _prompt(1, LONG, 5), NEW)
+    shared_tables = [layer.chunk_slot for layer in shared.lsa.store.chunk_layers]
+    assert any(not torch.equal(a, b) for a, b in zip(shared_tables, tables))  # the union chose differently
+    for r in results:
+        tp_seq, tp_logits = r["grouped_shared"]
+        assert torch.equal(tp_seq, seq)
+        torch.testing.assert_close(tp_logits, logits, atol=1e-3, rtol=1e-3)
+        assert all(torch.equal(a, b) for a, b in zip(r["grouped_shared_tables"], shared_tables))
