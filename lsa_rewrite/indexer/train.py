@@ -670,8 +670,8 @@ def _evaluate(
 
 
 def _ranking(indexer: LSAIndexer, args: tuple, keep: Tensor, row: int | None = None):
-    """``k -> [N]`` probabilities under the span rule for a selection of ``k`` free slots (target layer
-    ``row``'s under ``ensemble="group"``)."""
+    """``k -> [N]`` scores under the span rule for a selection of ``k`` free slots (target layer ``row``'s
+    under ``ensemble="group"``): probabilities, or logits where ``group_shared`` raises the shared picks."""
     logits = indexer.logits(*args)  # [1, Lt, N]
     if row is not None and indexer.config.group_shared:
         # the union with the shared ranking, as the runtime selects (in logits: lifted rows would saturate a sigmoid)
