@@ -618,9 +618,14 @@ def main(argv: list[str] | None = None) -> None:
         indexer.config = dataclasses.replace(indexer.config, **rules)
     if indexer is not None:
         check_compatible(indexer, dump.signature, dump.lsa_config)  # the dump's model and chunk size
-        absent = [layer for layer in indexer.config.target_layers if layer not in dump.target_layers]
-        if absent:
-            raise SystemExit(f"indexer {args.indexer} reads target layers {absent} that the dump {args.dump} does not record ({dump.target_layers})")
+    absent = [] if indexer is None else [layer for layer in indexer.config.target_layers if layer not in dump.target_layers]
+    if absent:  # e.g. a merged indexer (merge_indexers): no dump records both of its target layer sets
+        print(f"note: indexer {args.indexer} reads target layers {absent} that the dump {args.dump} does not record "
+              f"({dump.target_layers}): its recall is not measured, its tasks and KL are", flush=True)
+        absent_reason = f"the dump does not record target layers {absent}"
+    elif indexer is not None and indexer.config.shared_layers is not None:
+        absent = list(indexer.config.shared_layers)
+        absent_reason = f"a merged indexer (target layers {absent} rank for the shared slots only): no group labels for them"
     lsa = dump.lsa_config.get("_data", dump.lsa_config)
     if (lsa.get("chunk_size"), lsa.get("interval")) != (CHUNK, INTERVAL):
         print(f"note: the dump was calibrated with chunk_size={lsa.get('chunk_size')}, interval={lsa.get('interval')}; "
@@ -662,7 +667,12 @@ def main(argv: list[str] | None = None) -> None:
 
     # 1. recall (needs no model)
     t0 = time.perf_counter()
-    payload["recall"] = recall_section(indexer, dump, args.selectors, args.budgets, args.seed)
+    if absent:
+        recall_selectors = [s for s in args.selectors if s != "indexer"]
+        payload["recall"] = recall_section(None, dump, recall_selectors, args.budgets, args.seed) if recall_selectors else {"windows": 0, "selectors": {}}
+        payload["recall"]["skipped"] = {"indexer": absent_reason}
+    else:
+        payload["recall"] = recall_section(indexer, dump, args.selectors, args.budgets, args.seed)
     payload["recall"]["seconds"] = round(time.perf_counter() - t0, 1)
     print(f"recall: {payload['recall']['windows']} held-out windows in {payload['recall']['seconds']} s", flush=True)
     save()

@@ -275,6 +275,35 @@ def train_cmd(
     console.print(f"wrote {out}")
 
 
+@app.command("merge")
+def merge_cmd(
+    shared: Path = typer.Argument(..., metavar="SHARED", help="indexer trained with --ensemble max: the shared ranking"),
+    groups: Path = typer.Argument(..., metavar="GROUPS", help="indexer trained with --ensemble group (on other target layers)"),
+    out: Path = typer.Option(..., "--out", "-o", help="indexer file to write (.safetensors)"),
+    share: float = typer.Option(..., "--share", help="share of each selection's free slots every layer group fills from SHARED's ranking first, in (0, 1]"),
+    debug: bool = typer.Option(False, "--debug", help="show the traceback on errors"),
+) -> None:
+    """One indexer from a max indexer and a group indexer: each layer group's resident set starts with the
+    top --share of SHARED's ranking and GROUPS fills the rest (weights unchanged; both files' target layers tapped)."""
+    console = Console(stderr=True)
+    try:
+        if out.suffix != ".safetensors":
+            raise ValueError(f"--out must name a .safetensors file, got {str(out)!r}")
+        if out.resolve() in (shared.resolve(), groups.resolve()):
+            raise ValueError(f"--out {str(out)!r} would overwrite an input indexer: write the merged one to another file")
+        from .indexer.model import LSAIndexer, merge_indexers
+
+        merged = merge_indexers(LSAIndexer.load(shared), LSAIndexer.load(groups), share=share)
+        merged.save(out, signature=merged.signature, lsa=merged.lsa, metrics=merged.metrics)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(console, exc, debug)
+    cfg = merged.config
+    console.print(
+        f"wrote {out}: target layers {list(cfg.target_layers)} ({merged.num_parameters():,} parameters), "
+        f"shared ranking from layers {list(cfg.shared_layers or ())}, share {cfg.group_shared}"
+    )
+
+
 # -- convert, generate, bench ---------------------------------------------------------------------
 # The LSA options the three commands share; None means "the saved setting of a converted MODEL,
 # else the LSAConfig default".

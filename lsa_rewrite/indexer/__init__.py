@@ -1,6 +1,6 @@
 """The lookahead indexer (docs/indexer.md): model, calibration dump, backbone-free training, metrics.
 
-- ``IndexerConfig``, ``LSAIndexer``, ``check_compatible``, ``default_rank``, ``nearest_groups`` (``model.py``);
+- ``IndexerConfig``, ``LSAIndexer``, ``check_compatible``, ``default_rank``, ``merge_indexers``, ``nearest_groups`` (``model.py``);
 - ``DumpWriter``, ``CalibrationDump``, ``golden_labels`` (``dump.py``);
 - ``train_indexer`` (``train.py``), ``SelectionMetrics`` (``metrics.py``).
 
@@ -16,7 +16,7 @@ Example::
 
 from .dump import CalibrationDump, DumpWriter, default_min_layers, golden_labels, label_rule
 from .metrics import BUDGETS, SelectionMetrics
-from .model import IndexerConfig, LSAIndexer, check_compatible, default_rank, nearest_groups
+from .model import IndexerConfig, LSAIndexer, check_compatible, default_rank, merge_indexers, nearest_groups
 from .train import train_indexer
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "default_rank",
     "golden_labels",
     "label_rule",
+    "merge_indexers",
     "nearest_groups",
     "train_indexer",
 ]

@@ -93,10 +93,15 @@ class IndexerConfig:
             second-best candidate.
         group_shared: under ``ensemble="group"``, the share of each selection's free slots (beyond the
             sink, the tail and the window's own chunks) that every layer fills from one shared ranking,
-            the max of all target layers' logits, before its own group's ranking fills the rest
+            the max of the target layers' logits (of ``shared_layers``; default all), before its own group's ranking fills the rest
             (``share_slots``): a union of the groups' sets and the set every group would keep. 0 (the
             default): each group's ranking alone; 1: one ranking for every layer. A selection rule, not
             a weight: it changes no parameter, and applies at run time and in the held-out metrics.
+        shared_layers: under ``group_shared`` > 0, the target layers (model layer indices, a subset of
+            ``target_layers``) whose max is the shared ranking; ``None`` (the default): every target
+            layer. A target layer listed here may have an empty group in ``layer_groups``: it then only
+            ranks for the shared slots (``merge_indexers`` builds such an indexer from a ``max``
+            indexer and a group one, each trained on its own dump).
 
     Example::
 
@@ -120,6 +125,7 @@ class IndexerConfig:
     neighbour_top: int | None = None
     layer_groups: tuple[tuple[int, ...], ...] | None = None
     group_shared: float = 0.0
+    shared_layers: tuple[int, ...] | None = None
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -138,17 +144,29 @@ class IndexerConfig:
             object.__setattr__(self, "target_layers", tuple(layers))
         if self.ensemble not in ENSEMBLES:
             raise ValueError(f"ensemble must be one of {ENSEMBLES}, got {self.ensemble!r}")
+        shared = self.shared_layers
+        if shared is not None:
+            if not isinstance(shared, (tuple, list)) or not shared or not all(_is_int(i) for i in shared) or len(set(shared)) != len(shared):
+                raise ValueError(f"shared_layers must be None or a non-empty tuple of distinct target layers, got {shared!r}")
+            outside = [i for i in shared if i not in layers]
+            if outside:
+                raise ValueError(f"shared_layers {list(shared)} must be target layers; {outside} are not in target_layers={list(layers)}")
+            object.__setattr__(self, "shared_layers", tuple(shared))
         groups = self.layer_groups
         if self.ensemble == "group":
-            if (
-                not isinstance(groups, (tuple, list))
-                or len(groups) != len(layers)
-                or not all(isinstance(g, (tuple, list)) and g and all(_is_int(i) and i >= 0 for i in g) for g in groups)
-            ):
+            # A target layer of the shared ranking may have an empty group: it only ranks for the shared slots.
+            def allowed(i: int, g: Any) -> bool:
+                members = isinstance(g, (tuple, list)) and all(_is_int(j) and j >= 0 for j in g)
+                return members and (bool(g) or (shared is not None and layers[i] in shared))
+
+            if not isinstance(groups, (tuple, list)) or len(groups) != len(layers) or not all(allowed(i, g) for i, g in enumerate(groups)):
                 raise ValueError(
                     f"ensemble='group' needs layer_groups: one non-empty tuple of model layer indices per target layer "
-                    f"({len(layers)} for target_layers={list(layers)}; nearest_groups() makes them), got {groups!r}"
+                    f"({len(layers)} for target_layers={list(layers)}; nearest_groups() makes them; only a target layer of "
+                    f"shared_layers may have an empty one), got {groups!r}"
                 )
+            if not any(groups):
+                raise ValueError(f"layer_groups {groups!r} are all empty: no model layer would be chosen for")
             flat = [i for g in groups for i in g]
             if len(set(flat)) != len(flat):
                 raise ValueError(f"layer_groups must be disjoint (each model layer chosen for by one target layer), got {groups!r}")
@@ -186,6 +204,11 @@ class IndexerConfig:
                 "already gives every layer one ranking"
             )
         object.__setattr__(self, "group_shared", float(share))
+        if self.shared_layers is not None and not share:
+            raise ValueError(
+                f"shared_layers={list(self.shared_layers)} names the target layers of the shared ranking, which needs group_shared > 0 "
+                f"(got group_shared={share!r})"
+            )
         if self.version != 1:
             raise ValueError(f"IndexerConfig version {self.version} is not supported by this lsa-rewrite (knows version 1)")
 
@@ -236,6 +259,10 @@ class IndexerConfig:
             data["layer_groups"] = [list(g) for g in self.layer_groups]
         if not self.group_shared:  # likewise (files written before the field read back equal)
             del data["group_shared"]
+        if self.shared_layers is None:  # likewise
+            del data["shared_layers"]
+        else:
+            data["shared_layers"] = list(self.shared_layers)
         return {"_type": "IndexerConfig", "_version": version, "_data": data}
 
     @classmethod
@@ -254,6 +281,8 @@ class IndexerConfig:
             data["rope"] = tuple(data["rope"])
         if isinstance(data.get("layer_groups"), list):
             data["layer_groups"] = tuple(tuple(g) if isinstance(g, list) else g for g in data["layer_groups"])
+        if isinstance(data.get("shared_layers"), list):
+            data["shared_layers"] = tuple(data["shared_layers"])
         return cls(**data, version=obj.get("_version", 1))
 
 
@@ -475,10 +504,16 @@ class LSAIndexer(nn.Module):
         keeps them and fills the rest from the row's own ranking. Unchanged otherwise, or when ``slots``
         is ``None`` (unknown). ``selectable`` (bool, broadcast to ``[..., N]``): the chunks the selection
         chooses among (the sink, the tail and unwritten chunks take no shared slot)."""
-        share = self.config.group_shared
-        if not share or not self.config.per_layer or slots is None:
+        cfg = self.config
+        if not cfg.group_shared or not cfg.per_layer or slots is None:
             return logits
-        return share_ranking(logits, share, slots=slots, selectable=selectable)
+        return share_ranking(logits, cfg.group_shared, slots=slots, selectable=selectable, rows=self.shared_rows)
+
+    @property
+    def shared_rows(self) -> list[int] | None:
+        """The rows (target layer numbers) whose max is the shared ranking (``config.shared_layers``); ``None``: all."""
+        shared = self.config.shared_layers
+        return None if shared is None else [self.config.target_layers.index(layer) for layer in shared]
 
     def ensemble(self, logits_list: list[Tensor] | tuple[Tensor, ...] | Tensor) -> Tensor:
         """Per-layer logits (a list of [B, N], or [B, Lt, N]) -> probabilities [B, N] (max or mean over
@@ -634,11 +669,13 @@ def spread_neighbours(
     return out
 
 
-def share_ranking(logits: Tensor, share: float, *, slots: int | Tensor, selectable: Tensor) -> Tensor:
+def share_ranking(
+    logits: Tensor, share: float, *, slots: int | Tensor, selectable: Tensor, rows: list[int] | None = None
+) -> Tensor:
     """``logits`` ``[..., Lt, N]`` with the top ``ceil(share * slots)`` ``selectable`` chunks of their max
-    over ``Lt`` raised in every row above that row's highest logit (in shared order), the other chunks
-    as they were. ``slots``: an int or a ``[]``/``[...]`` tensor (device work only: a selection captured in
-    a CUDA graph stays exact).
+    over ``Lt`` (over the rows ``rows`` of ``Lt`` only, when given) raised in every row above that row's
+    highest logit (in shared order), the other chunks as they were. ``slots``: an int or a ``[]``/``[...]``
+    tensor (device work only: a selection captured in a CUDA graph stays exact).
 
     Example::
 
@@ -647,7 +684,8 @@ def share_ranking(logits: Tensor, share: float, *, slots: int | Tensor, selectab
         tensor([[[2, 0],
                  [2, 3]]])
     """
-    shared = logits.amax(-2).masked_fill(~selectable, -torch.inf)  # [..., N]
+    source = logits if rows is None else logits[..., rows, :]
+    shared = source.amax(-2).masked_fill(~selectable, -torch.inf)  # [..., N]
     count = torch.as_tensor(slots, device=logits.device)
     count = torch.ceil(count.to(torch.float32) * share).to(torch.long)
     count = count.reshape(count.shape + (1,) * (shared.dim() - count.dim())) if count.dim() else count
@@ -658,6 +696,69 @@ def share_ranking(logits: Tensor, share: float, *, slots: int | Tensor, selectab
     ceiling = finite.amax(-1, keepdim=True)  # [..., Lt, 1]: each row's highest logit
     lifted = ceiling + 1.0 + (shared.shape[-1] - rank).to(logits.dtype).unsqueeze(-2)  # shared order among the picked
     return torch.where(picked.unsqueeze(-2), lifted, logits)
+
+
+def merge_indexers(shared: LSAIndexer, groups: LSAIndexer, *, share: float) -> LSAIndexer:
+    """One indexer whose layer groups take ``share`` of each selection's free slots from ``shared``'s
+    ranking: the union of a ``max`` indexer (one ranking for every layer) and a ``group`` indexer (a
+    ranking per layer group), each trained on its own calibration dump (its own target layers).
+
+    The result reads both indexers' target layers (they must be disjoint), with their trained weights
+    unchanged: ``groups``' target layers keep their groups, ``shared``'s have empty groups and form the
+    shared ranking (``IndexerConfig.shared_layers``, ``group_shared=share``). At a selection each layer
+    then ranks exactly as the two files would: the top ``ceil(share * free)`` of ``shared``'s ranking
+    (its span rule included) first, its group's own after. The two must be for the same model, chunk
+    size, query-tower rank, threshold and span rule; what differs is named. Held-out metrics are not
+    carried (no dump records both target layer sets); the sources' are kept under ``metrics["merged_from"]``.
+
+    Example::
+
+        >>> merged = merge_indexers(LSAIndexer.load("max.safetensors"), LSAIndexer.load("groups.safetensors"), share=0.25)
+        >>> merged.save("merged.safetensors", signature=merged.signature, lsa=merged.lsa, metrics=merged.metrics)
+    """
+    a, b = shared.config, groups.config
+    if a.ensemble != "max":
+        raise ValueError(f"the shared indexer ({shared.source}) must rank with ensemble='max' (one ranking for every layer), it has ensemble={a.ensemble!r}")
+    if b.ensemble != "group" or b.shared_layers is not None:
+        raise ValueError(
+            f"the group indexer ({groups.source}) must have ensemble='group' and no shared layers of its own, "
+            f"it has ensemble={b.ensemble!r}, shared_layers={b.shared_layers!r}"
+        )
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 < share <= 1.0:
+        raise ValueError(f"share must be in (0, 1] (the share of each selection's free slots from the shared ranking), got {share!r}")
+    for name in ("hidden_size", "q_heads", "kv_heads", "head_dim", "rank", "rope_style", "threshold", "neighbour_margin", "neighbour_min_free", "neighbour_top"):
+        if getattr(a, name) != getattr(b, name):
+            raise ValueError(
+                f"cannot merge {shared.source} and {groups.source}: {name} differs ({getattr(a, name)!r} against {getattr(b, name)!r}); "
+                "train both with the same value"
+            )
+    both = sorted(set(a.target_layers) & set(b.target_layers))
+    if both:
+        raise ValueError(f"cannot merge {shared.source} and {groups.source}: both read target layers {both}; calibrate one of them for other layers")
+    for name, left, right in (("model signature", shared.signature, groups.signature), ("chunk_size", shared.lsa.get("chunk_size"), groups.lsa.get("chunk_size"))):
+        if _plain(left) and _plain(right) and _plain(left) != _plain(right):
+            raise ValueError(f"cannot merge {shared.source} and {groups.source}: they were trained for another {name} ({left!r} against {right!r})")
+    sources = {layer: (groups, i) for i, layer in enumerate(b.target_layers)} | {layer: (shared, i) for i, layer in enumerate(a.target_layers)}
+    targets = tuple(sorted(sources))
+    rope = tuple(src.config.layer_rope(i) for src, i in (sources[layer] for layer in targets))
+    config = dataclasses.replace(
+        b,
+        target_layers=targets,
+        rope=rope,
+        layer_groups=tuple(b.layer_groups[i] if src is groups else () for src, i in (sources[layer] for layer in targets)),
+        group_shared=float(share),
+        shared_layers=tuple(sorted(a.target_layers)),
+    )
+    merged = LSAIndexer(config)
+    with torch.no_grad():
+        for k, layer in enumerate(targets):
+            src, i = sources[layer]
+            merged.layers[k].load_state_dict(src.layers[i].state_dict())
+    merged.signature = dict(groups.signature or shared.signature)
+    merged.lsa = dict(groups.lsa or shared.lsa)
+    merged.metrics = {"merged_from": {"shared": {"source": shared.source, "metrics": shared.metrics}, "groups": {"source": groups.source, "metrics": groups.metrics}}}
+    merged.source = f"<merged {shared.source} + {groups.source}>"
+    return merged.to(next(groups.parameters()).device)
 
 
 def lsa_fields(lsa: dict | None) -> dict[str, Any]:

@@ -563,3 +563,115 @@ def test_group_shared_config_is_checked_saved_and_applied_only_to_groups():
     shared = LSAIndexer(cfg)
     assert shared.share_slots(logits, slots=None, selectable=keep) is logits  # slots unknown: unchanged
     assert not torch.equal(shared.share_slots(logits, slots=3, selectable=keep), logits)
+
+
+def test_shared_rows_rank_the_shared_slots_alone():
+    """``share_ranking(rows=...)``: the shared picks are the top of the max over the given rows only
+    (hand-computed on fresh random logits); the other rows still rank their own rest."""
+    from lsa_rewrite.indexer.model import share_ranking
+
+    g = torch.Generator().manual_seed(12)
+    for trial in range(12):
+        logits = torch.randn(2, 4, 10, generator=g) * 3
+        selectable = torch.rand(2, 10, generator=g) > 0.2
+        k, share, rows = 5, [0.4, 0.6, 1.0][trial % 3], [[1, 3], [0], [2, 3]][trial % 3]
+        out = share_ranking(logits, share, slots=k, selectable=selectable, rows=rows)
+        m = math.ceil(share * k)
+        for i in range(2):
+            shared = logits[i, rows].amax(0).masked_fill(~selectable[i], -torch.inf)
+            first = [c for c in shared.argsort(descending=True, stable=True).tolist() if selectable[i, c]][:m]
+            for row in range(4):
+                own = logits[i, row].masked_fill(~selectable[i], -torch.inf)
+                rest = [c for c in own.argsort(descending=True, stable=True).tolist() if selectable[i, c] and c not in first]
+                want = set(first + rest[: k - len(first)])
+                got = out[i, row].masked_fill(~selectable[i], -torch.inf).topk(len(want)).indices.tolist()
+                assert set(got) == want, (trial, i, row)
+
+
+def test_shared_layers_config_is_checked_and_round_trips():
+    cfg = make_config(target_layers=(1, 3, 5), ensemble="group", layer_groups=((0, 1, 2), (), (3, 4, 5)), group_shared=0.25, shared_layers=[3])
+    assert cfg.shared_layers == (3,) and cfg.target_of(3) == 2 and cfg.target_of(1) == 0
+    assert IndexerConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert "shared_layers" not in make_config(ensemble="group", layer_groups=((0, 1), (2, 3)), group_shared=0.5).to_dict()["_data"]
+    assert LSAIndexer(cfg).shared_rows == [1]
+    with pytest.raises(ValueError, match="only a target layer of shared_layers may have an empty one"):
+        make_config(ensemble="group", layer_groups=((0, 1), ()), group_shared=0.5)
+    with pytest.raises(ValueError, match=r"\[7\] are not in target_layers"):
+        make_config(ensemble="group", layer_groups=((0, 1), (2, 3)), group_shared=0.5, shared_layers=(7,))
+    with pytest.raises(ValueError, match="needs group_shared > 0"):
+        make_config(ensemble="group", layer_groups=((0, 1), (2, 3)), shared_layers=(1,))
+    with pytest.raises(ValueError, match="are all empty"):
+        make_config(ensemble="group", layer_groups=((), ()), group_shared=0.5, shared_layers=(1, 3))
+
+
+def _merge_pair(seed: int = 21, **shared_overrides):
+    from lsa_rewrite.indexer.model import nearest_groups
+
+    g = torch.Generator().manual_seed(seed)
+    common = dict(neighbour_margin=0.5, neighbour_top=1)
+    shared = LSAIndexer.random_init(make_config(**{"target_layers": (2, 5), **common, **shared_overrides}), generator=g)
+    groups_cfg = make_config(target_layers=(1, 4), ensemble="group", layer_groups=nearest_groups((1, 4), range(6)), **common)
+    groups = LSAIndexer.random_init(groups_cfg, generator=g)
+    for indexer in (shared, groups):
+        indexer.signature, indexer.lsa = {"model_type": "llama", "num_layers": 6}, {"chunk_size": 16, "interval": 16}
+    return shared, groups
+
+
+def test_merged_indexer_ranks_each_group_by_the_shared_files_top_then_its_own(tmp_path):
+    """``merge_indexers``: the weights of both files unchanged, and each layer group's top-k equals the top
+    ``ceil(share * k)`` of the max indexer's own ranking (span rule included) plus the group indexer's rest,
+    each file scored alone on fresh random inputs."""
+    from lsa_rewrite.indexer.model import merge_indexers
+
+    shared, groups = _merge_pair()
+    merged = merge_indexers(shared, groups, share=0.5)
+    cfg = merged.config
+    assert cfg.target_layers == (1, 2, 4, 5) and cfg.shared_layers == (2, 5) and cfg.group_shared == 0.5
+    assert cfg.layer_groups == (groups.config.layer_groups[0], (), groups.config.layer_groups[1], ())
+    path = merged.save(tmp_path / "merged.safetensors", signature=merged.signature, lsa=merged.lsa, metrics=merged.metrics)
+    loaded = LSAIndexer.load(path)
+    assert loaded.config == cfg and loaded.signature == shared.signature and set(loaded.metrics["merged_from"]) == {"shared", "groups"}
+
+    def inputs(indexer, seed):
+        x, cos, sin, kmin, kmax = random_inputs(batch=2, chunks=12, seed=seed)
+        lt = len(indexer.config.target_layers)
+        return x[:, :1].expand(-1, lt, -1), cos, sin, kmin[:, :1].expand(-1, lt, -1, -1, -1), kmax[:, :1].expand(-1, lt, -1, -1, -1)
+
+    for seed in range(5):
+        # one hidden state and chunk index for every target layer (what the model would tap differs per
+        # layer, but the arithmetic is per layer, so one shared input tests the bookkeeping)
+        x, cos, sin, kmin, kmax = inputs(loaded, seed)
+        keep = torch.ones(2, 12, dtype=torch.bool)
+        k = 6
+        rows = loaded.share_slots(loaded.spread(loaded.logits(x, cos, sin, kmin, kmax), slots=k, lenders=keep[:, None]), slots=k, selectable=keep)
+        a_logits = shared.spread(shared.logits(*inputs(shared, seed)), slots=k, lenders=keep[:, None]).amax(1)  # [B, N]
+        b_logits = groups.spread(groups.logits(*inputs(groups, seed)), slots=k, lenders=keep[:, None])  # [B, 2, N]
+        m = math.ceil(0.5 * k)
+        for i in range(2):
+            first = a_logits[i].argsort(descending=True, stable=True)[:m].tolist()
+            for row, group_row in ((0, 0), (2, 1)):
+                own = b_logits[i, group_row].clone()
+                own[first] = -torch.inf
+                want = set(first) | set(own.topk(k - m).indices.tolist())
+                assert set(rows[i, row].topk(k).indices.tolist()) == want, (seed, i, row)
+
+
+def test_merge_refuses_what_cannot_be_one_indexer():
+    from lsa_rewrite.indexer.model import merge_indexers
+
+    shared, groups = _merge_pair()
+    with pytest.raises(ValueError, match="must rank with ensemble='max'"):
+        merge_indexers(groups, groups, share=0.5)
+    with pytest.raises(ValueError, match="must have ensemble='group'"):
+        merge_indexers(shared, shared, share=0.5)
+    with pytest.raises(ValueError, match=r"share must be in \(0, 1\]"):
+        merge_indexers(shared, groups, share=0.0)
+    other_rank, _ = _merge_pair(rank=8)
+    with pytest.raises(ValueError, match=r"rank differs \(8 against 16\)"):
+        merge_indexers(other_rank, groups, share=0.5)
+    overlapping, _ = _merge_pair(target_layers=(1, 5))
+    with pytest.raises(ValueError, match=r"both read target layers \[1\]"):
+        merge_indexers(overlapping, groups, share=0.5)
+    shared.lsa = {"chunk_size": 32, "interval": 16}
+    with pytest.raises(ValueError, match="another chunk_size"):
+        merge_indexers(shared, groups, share=0.5)

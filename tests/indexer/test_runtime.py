@@ -452,3 +452,59 @@ def test_group_shared_selection_keeps_the_shared_top_then_each_groups_own():
         assert chosen == want, i
         sets.append(chosen)
     assert sets[0] != sets[1]
+
+
+def test_merged_indexer_converts_dense_exact_and_selects_the_shared_files_top_first(tmp_path):
+    """A merged indexer (``lsa-rewrite merge``: a max indexer on layer 0, a group indexer on layer 1 choosing
+    for both layers) taps both target layers in a converted llama: at a covering budget it decodes
+    dense's tokens; at a small one every layer's real resident set is the top half of its free slots
+    by the max file's own ranking, then the group file's. The CLI writes the same indexer."""
+    import math
+
+    from typer.testing import CliRunner
+
+    from lsa_rewrite.cli import app
+    from lsa_rewrite.indexer.model import merge_indexers
+
+    base = make_model("llama").eval()
+    common = dict(chunk_size=16, interval=16, sink_tokens=16, recent_tokens=16, selector="indexer")
+    shared = indexer_from_model(base, LSAConfig(**common), target_layers=[0])
+    # the group file: layer 1's query tower, scaled so that its ranking is not the shared one's
+    groups = _with_rules(indexer_from_model(base, LSAConfig(**common), target_layers=[1]), ensemble="group", layer_groups=((0, 1),))
+    with torch.no_grad():
+        groups.layers[0].centre_gain.mul_(torch.linspace(-1.0, 1.0, groups.layers[0].centre_gain.numel()).view_as(groups.layers[0].centre_gain))
+    paths = [shared.save(tmp_path / "max.safetensors", signature=shared.signature, lsa=shared.lsa),
+             groups.save(tmp_path / "groups.safetensors", signature=groups.signature, lsa=groups.lsa)]
+    out = tmp_path / "merged.safetensors"
+    result = CliRunner().invoke(app, ["merge", str(paths[0]), str(paths[1]), "--share", "0.5", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    merged = LSAIndexer.load(out)
+    assert merged.config == merge_indexers(shared, groups, share=0.5).config
+    assert merged.config.target_layers == (0, 1) and merged.config.layer_groups == ((), (0, 1))
+    refused = CliRunner().invoke(app, ["merge", str(paths[0]), str(paths[1]), "--share", "0.5", "--out", str(paths[1])])
+    assert refused.exit_code != 0 and "would overwrite an input indexer" in refused.output
+
+    ids = _ids(length=480, seed=4)
+    covering = lsa_rewrite.convert(copy.deepcopy(base), LSAConfig(budget=1024, **common), indexer=merged)
+    assert torch.equal(covering.generate(ids, max_new_tokens=8, do_sample=False), base.generate(ids, max_new_tokens=8, do_sample=False))
+    small = lsa_rewrite.convert(copy.deepcopy(base), LSAConfig(budget=128, **common), indexer=merged)
+    small.generate(ids, max_new_tokens=2, do_sample=False)
+    store = small.lsa.store
+    policy, pos = store.policy, store.length
+    window = policy.window(pos)
+    selectable = window.selectable(policy.num_chunks)[0]
+    free = window.free_slots
+    m = math.ceil(0.5 * free)
+    assert 0 < m < free
+    a = IndexerSelector(shared).scores(store.chunk_layers, window)[0, 0].masked_fill(~selectable, -torch.inf)  # the max file alone
+    b = IndexerSelector(groups).scores(store.chunk_layers, window)[0, 0].masked_fill(~selectable, -torch.inf)  # the group file alone
+    first = set(a.topk(m).indices.tolist())
+    chosen_ids = policy.choose(store.chunk_layers, torch.ones(2, 1, policy.num_chunks, dtype=torch.bool), pos)[:, 0]
+    must = set(policy.must_keep(0, pos))
+    for i in range(2):
+        chosen = {c for c in chosen_ids[i].tolist() if c >= 0} - must
+        rest = b.clone()
+        rest[list(first)] = -torch.inf
+        want = first | set(rest.topk(len(chosen) - m).indices.tolist())
+        assert set(b.topk(len(chosen)).indices.tolist()) != want  # the shared slots change the group file's own choice
+        assert chosen == want, i
