@@ -124,14 +124,22 @@ def _indexer_taps_match(model, base, config, indexer, ids, device: str) -> dict[
 def _grouped(indexer):
     """The same weights with ``ensemble="group"``: each sparse layer selects by its nearest target layer,
     half of its free slots first from the shared ranking (``group_shared=0.5``: the union's sort and scatter
-    run in the captured selection too)."""
+    run in the captured selection too). With two or more target layers, the first one ranks for the shared
+    slots only, as in a merged indexer (``merge_indexers``: ``shared_layers``, an empty group)."""
     import dataclasses
 
     from lsa_rewrite.indexer import LSAIndexer, nearest_groups
 
     cfg = indexer.config
-    groups = nearest_groups(cfg.target_layers, indexer.signature["sparse_layers"])
-    grouped = LSAIndexer(dataclasses.replace(cfg, ensemble="group", layer_groups=groups, group_shared=0.5))
+    sparse = indexer.signature["sparse_layers"]
+    extra: dict[str, Any] = {}
+    if len(cfg.target_layers) >= 2:
+        first, rest = cfg.target_layers[0], cfg.target_layers[1:]
+        groups = ((),) + nearest_groups(rest, sparse)
+        extra = {"shared_layers": (first,)}
+    else:
+        groups = nearest_groups(cfg.target_layers, sparse)
+    grouped = LSAIndexer(dataclasses.replace(cfg, ensemble="group", layer_groups=groups, group_shared=0.5, **extra))
     grouped.load_state_dict(indexer.state_dict())
     grouped.signature, grouped.lsa = indexer.signature, indexer.lsa
     return grouped
