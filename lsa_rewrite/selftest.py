@@ -182,6 +182,8 @@ def run(device: str = "cuda", *, prompt: int = 768, new_tokens: int = 48, models
                 footprint = lsa_rewrite.footprint(sparse)
                 row.update(ratio=round(footprint["ratio"], 4), selections=footprint["selections"])
                 row.update(_recall_exact(sparse, model, long_ids.to(device)))
+                if device != "cpu":  # every selector here is graph_safe: its selection must replay a CUDA graph
+                    row["selection_captured"] = sparse.lsa.store.selection_captured
                 if device != "cpu":
                     reference = lsa_rewrite.convert(copy.deepcopy(base).to("cpu"), config, indexer=copy.deepcopy(indexer))
                     ref_seq, ref_logits = _greedy(reference, long_ids, new_tokens)
@@ -191,6 +193,7 @@ def run(device: str = "cuda", *, prompt: int = 768, new_tokens: int = 48, models
                     row["recall_mismatches"] == 0 and row["recall_checked"] > 0 and row["recalled_chunks"] > 0
                     and row["mirror_prompt_exact"] and row["mirror_pinned"] and row["selections"] >= 2
                     and (selector == "indexer" or row.get("reference_max_abs_diff", 0.0) <= REFERENCE_TOL)
+                    and row.get("selection_captured", True)
                 )
                 if selector == "indexer" and device != "cpu":
                     row.update(_indexer_taps_match(model, base, config, indexer, long_ids, device))

@@ -684,7 +684,8 @@ def share_ranking(
         tensor([[[2, 0],
                  [2, 3]]])
     """
-    source = logits if rows is None else logits[..., rows, :]
+    # the rows by integer views (a list index would copy a host tensor: refused in a CUDA graph capture)
+    source = logits if rows is None else torch.stack([logits[..., r, :] for r in rows], dim=-2)
     shared = source.amax(-2).masked_fill(~selectable, -torch.inf)  # [..., N]
     count = torch.as_tensor(slots, device=logits.device)
     count = torch.ceil(count.to(torch.float32) * share).to(torch.long)
