@@ -159,6 +159,11 @@ def _worker(rank: int, path: str, port: int, out: str, indexer) -> None:
         result["grouped_shared"] = hf_greedy(model, _prompt(1, LONG, 5), NEW)
         result["grouped_shared_tables"] = [layer.chunk_slot.clone() for layer in model.lsa.store.chunk_layers]
         del model
+        # a merged-form indexer: layer 0's target ranks the shared slots only, layer 1's chooses for both layers
+        model = lsa_rewrite.convert(_load_sharded(path), INDEXED, indexer=_grouped(indexer, shared=0.5, merged=True))
+        result["merged"] = hf_greedy(model, _prompt(1, LONG, 5), NEW)
+        result["merged_tables"] = [layer.chunk_slot.clone() for layer in model.lsa.store.chunk_layers]
+        del model
         torch.save(result, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -178,12 +183,15 @@ def ranks():
     return model, indexer, results
 
 
-def _grouped(indexer, shared=0.0):
+def _grouped(indexer, shared=0.0, merged=False):
     """The same weights with ``ensemble="group"``: layer 0 chooses for itself, layer 1 for itself (with
-    ``shared`` of each selection's free slots first from the shared ranking: ``group_shared``)."""
+    ``shared`` of each selection's free slots first from the shared ranking: ``group_shared``). ``merged``:
+    as ``merge_indexers`` builds them, target layer 0 ranks the shared slots only (``shared_layers``, an
+    empty group) and target layer 1 chooses for both layers."""
     from lsa_rewrite.indexer import LSAIndexer
 
-    other = LSAIndexer(dataclasses.replace(indexer.config, ensemble="group", layer_groups=((0,), (1,)), group_shared=shared))
+    groups = dict(layer_groups=((), (0, 1)), shared_layers=(0,)) if merged else dict(layer_groups=((0,), (1,)))
+    other = LSAIndexer(dataclasses.replace(indexer.config, ensemble="group", group_shared=shared, **groups))
     other.load_state_dict(indexer.state_dict())
     other.signature, other.lsa, other.metrics, other.source = indexer.signature, indexer.lsa, indexer.metrics, indexer.source
     return other
@@ -320,3 +328,12 @@ def test_group_indexer_keeps_per_layer_sets_agreed_across_ranks_like_the_unshard
         assert torch.equal(tp_seq, seq)
         torch.testing.assert_close(tp_logits, logits, atol=1e-3, rtol=1e-3)
         assert all(torch.equal(a, b) for a, b in zip(r["grouped_shared_tables"], shared_tables))
+    merged = no_eos(lsa_rewrite.convert(copy.deepcopy(model), INDEXED, indexer=_grouped(indexer, shared=0.5, merged=True)))
+    seq, logits = hf_greedy(merged, _prompt(1, LONG, 5), NEW)
+    merged_tables = [layer.chunk_slot for layer in merged.lsa.store.chunk_layers]
+    assert any(not torch.equal(a, b) for a, b in zip(merged_tables, shared_tables))  # other shared rows, other sets
+    for r in results:
+        tp_seq, tp_logits = r["merged"]
+        assert torch.equal(tp_seq, seq)
+        torch.testing.assert_close(tp_logits, logits, atol=1e-3, rtol=1e-3)
+        assert all(torch.equal(a, b) for a, b in zip(r["merged_tables"], merged_tables))
