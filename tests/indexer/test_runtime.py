@@ -416,28 +416,35 @@ def test_group_indexer_converts_dense_exact_and_keeps_per_group_resident_sets():
         lsa_rewrite.convert(copy.deepcopy(base), LSAConfig(budget=96, **common), indexer=_grouped(indexer, groups=((0,), (7,))))
 
 
-def test_group_shared_selection_keeps_the_shared_top_then_each_groups_own():
-    """With ``group_shared=0.5`` every layer's resident set (a real selection of a converted model) holds
-    the top half of the free slots by the shared ranking (the max over target layers), the rest by its
-    own group's; the sets still differ per group, and at a covering budget the tokens are dense's."""
+def _dense_then_half_shared(base, common, indexer):
+    """Convert ``base`` with ``indexer``: at a covering budget it must decode dense's tokens; at budget 128
+    it decodes two tokens. Returns the small store, its window now, the selectable chunks and
+    ``ceil(0.5 * free)``, the shared picks of ``group_shared=0.5`` (checked strictly between 0 and the free slots)."""
     import math
 
-    base = make_model("llama").eval()
-    common = dict(chunk_size=16, interval=16, sink_tokens=16, recent_tokens=16, selector="indexer")
-    indexer = _with_rules(_grouped(indexer_from_model(base, LSAConfig(**common), target_layers=[0, 1])), group_shared=0.5)
     ids = _ids(length=480, seed=4)
     covering = lsa_rewrite.convert(copy.deepcopy(base), LSAConfig(budget=1024, **common), indexer=indexer)
     assert torch.equal(covering.generate(ids, max_new_tokens=8, do_sample=False), base.generate(ids, max_new_tokens=8, do_sample=False))
     small = lsa_rewrite.convert(copy.deepcopy(base), LSAConfig(budget=128, **common), indexer=indexer)
     small.generate(ids, max_new_tokens=2, do_sample=False)
     store = small.lsa.store
-    policy, pos = store.policy, store.length
-    window = policy.window(pos)
-    plain = IndexerSelector(_with_rules(indexer, group_shared=0.0)).target_scores(store.chunk_layers, window)[:, 0]  # [2, N]
-    selectable = window.selectable(policy.num_chunks)[0]
+    window = store.policy.window(store.length)
     free = window.free_slots
     m = math.ceil(0.5 * free)
     assert 0 < m < free
+    return store, window, window.selectable(store.policy.num_chunks)[0], m
+
+
+def test_group_shared_selection_keeps_the_shared_top_then_each_groups_own():
+    """With ``group_shared=0.5`` every layer's resident set (a real selection of a converted model) holds
+    the top half of the free slots by the shared ranking (the max over target layers), the rest by its
+    own group's; the sets still differ per group, and at a covering budget the tokens are dense's."""
+    base = make_model("llama").eval()
+    common = dict(chunk_size=16, interval=16, sink_tokens=16, recent_tokens=16, selector="indexer")
+    indexer = _with_rules(_grouped(indexer_from_model(base, LSAConfig(**common), target_layers=[0, 1])), group_shared=0.5)
+    store, window, selectable, m = _dense_then_half_shared(base, common, indexer)
+    policy, pos = store.policy, store.length
+    plain = IndexerSelector(_with_rules(indexer, group_shared=0.0)).target_scores(store.chunk_layers, window)[:, 0]  # [2, N]
     shared = plain.amax(0).masked_fill(~selectable, -torch.inf)
     first = set(shared.topk(m).indices.tolist())
     available = torch.ones(2, 1, policy.num_chunks, dtype=torch.bool)
@@ -459,8 +466,6 @@ def test_merged_indexer_converts_dense_exact_and_selects_the_shared_files_top_fi
     for both layers) taps both target layers in a converted llama: at a covering budget it decodes
     dense's tokens; at a small one every layer's real resident set is the top half of its free slots
     by the max file's own ranking, then the group file's. The CLI writes the same indexer."""
-    import math
-
     from typer.testing import CliRunner
 
     from lsa_rewrite.cli import app
@@ -484,18 +489,8 @@ def test_merged_indexer_converts_dense_exact_and_selects_the_shared_files_top_fi
     refused = CliRunner().invoke(app, ["merge", str(paths[0]), str(paths[1]), "--share", "0.5", "--out", str(paths[1])])
     assert refused.exit_code != 0 and "would overwrite an input indexer" in refused.output
 
-    ids = _ids(length=480, seed=4)
-    covering = lsa_rewrite.convert(copy.deepcopy(base), LSAConfig(budget=1024, **common), indexer=merged)
-    assert torch.equal(covering.generate(ids, max_new_tokens=8, do_sample=False), base.generate(ids, max_new_tokens=8, do_sample=False))
-    small = lsa_rewrite.convert(copy.deepcopy(base), LSAConfig(budget=128, **common), indexer=merged)
-    small.generate(ids, max_new_tokens=2, do_sample=False)
-    store = small.lsa.store
+    store, window, selectable, m = _dense_then_half_shared(base, common, merged)
     policy, pos = store.policy, store.length
-    window = policy.window(pos)
-    selectable = window.selectable(policy.num_chunks)[0]
-    free = window.free_slots
-    m = math.ceil(0.5 * free)
-    assert 0 < m < free
     a = IndexerSelector(shared).scores(store.chunk_layers, window)[0, 0].masked_fill(~selectable, -torch.inf)  # the max file alone
     b = IndexerSelector(groups).scores(store.chunk_layers, window)[0, 0].masked_fill(~selectable, -torch.inf)  # the group file alone
     first = set(a.topk(m).indices.tolist())
