@@ -545,11 +545,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-tasks", action="store_true")
     parser.add_argument("--skip-kl", action="store_true")
     parser.add_argument("--quick", action="store_true", help="3 tasks, 1 KL text, 16 KL steps, budgets 5 and 13.5 (explicit options win)")
-    parser.add_argument("--neighbour-margin", type=float, help="override the indexer's span rule (IndexerConfig.neighbour_margin, logits; negative: off)")
-    parser.add_argument("--neighbour-min-free", type=int, help="override IndexerConfig.neighbour_min_free (free slots below which the span rule is off)")
-    parser.add_argument("--neighbour-top", type=int, help="override IndexerConfig.neighbour_top (0: every selectable chunk lends)")
-    parser.add_argument("--group-shared", type=float,
-                        help="override a group indexer's IndexerConfig.group_shared (share of each selection's free slots from the shared ranking)")
+    add_scoring_arguments(parser)
     parser.add_argument("--fallback-factor", type=float,
                         help="indexer runs: LSAConfig.fallback_budget = this many times the budget's tokens (the needle fallback; default: off)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random selector")
@@ -587,6 +583,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.indexer and not Path(args.indexer).is_file():
         parser.error(f"--indexer {args.indexer}: no such file")
     return args
+
+
+def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that override the indexer's saved selection rules (``scoring_overrides``; also ``multiturn.py``'s)."""
+    parser.add_argument("--neighbour-margin", type=float, help="override the indexer's span rule (IndexerConfig.neighbour_margin, logits; negative: off)")
+    parser.add_argument("--neighbour-min-free", type=int, help="override IndexerConfig.neighbour_min_free (free slots below which the span rule is off)")
+    parser.add_argument("--neighbour-top", type=int, help="override IndexerConfig.neighbour_top (0: every selectable chunk lends)")
+    parser.add_argument("--group-shared", type=float,
+                        help="override a group indexer's IndexerConfig.group_shared (share of each selection's free slots from the shared ranking)")
 
 
 def scoring_overrides(args: argparse.Namespace) -> dict[str, Any]:

@@ -39,6 +39,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write_json  # noqa: E402
+from indexer_quality import add_scoring_arguments, scoring_overrides  # noqa: E402
 
 import lsa_rewrite  # noqa: E402
 from lsa_rewrite import LSAConfig  # noqa: E402
@@ -98,8 +99,7 @@ def main() -> None:
     parser.add_argument("--selectors", default="indexer,query-aware")
     parser.add_argument("--budgets", default="13.5", help="comma list of resident percentages")
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--group-shared", type=float,
-                        help="override a group indexer's IndexerConfig.group_shared (share of free slots from the shared ranking)")
+    add_scoring_arguments(parser)  # --neighbour-margin / --neighbour-min-free / --neighbour-top / --group-shared
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="benchmarks/results/multiturn.json")
     args = parser.parse_args()
@@ -118,13 +118,14 @@ def main() -> None:
 
         indexer = str(shipped_indexer())
     indexer_source = indexer
-    if args.group_shared is not None:  # a variant of the saved selection rule (benchmark only)
+    rules = scoring_overrides(args)
+    if rules:  # a variant of the saved selection rules (benchmark only)
         import dataclasses
 
         from lsa_rewrite.indexer import LSAIndexer
 
         indexer = LSAIndexer.load(indexer)
-        indexer.config = dataclasses.replace(indexer.config, group_shared=args.group_shared)
+        indexer.config = dataclasses.replace(indexer.config, **rules)
     context = round(statistics.mean(r["prompt_tokens"] for r in rows))
     payload = {
         "benchmark": "multiturn",
@@ -134,7 +135,7 @@ def main() -> None:
         "tasks": {"file": args.tasks, "count": len(rows), "context_for_budgets": context},
         "lsa": {"chunk_size": CHUNK, "interval": INTERVAL, "sink_tokens": SINK, "recent_tokens": RECENT, "recall_lag": 0, "mode": "offload"},
         "indexer": indexer_source,
-        "group_shared": args.group_shared,
+        "scoring_overrides": rules,
         "dense": None,
         "runs": [],
     }
