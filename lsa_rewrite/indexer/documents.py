@@ -656,7 +656,7 @@ def default_documents(
     Texts of ``min_tokens``-``max_tokens`` tokens; tasks of ``task_tokens`` (``None``: the texts' range).
     Many short tasks rather than a few long ones: what the indexer must learn to find (the chunk an
     answer is read from) shows up once per task, in the windows at its reply, so the number of tasks,
-    not their length, is what it generalises from (README, "The lookahead indexer").
+    not their length, is what it generalises from (docs/indexer_results.md).
 
     Example::
 
